@@ -1,0 +1,1 @@
+"""The ``fastws`` command line (installed as ``fastws.cli``)."""

@@ -1,0 +1,1157 @@
+# cython: language_level=3
+"""fastws hot path: the RFC 6455 frame engine and the connection protocol.
+
+Two layers live here, and only the second one touches a transport:
+
+* ``Engine``: sans-I/O, server side.  Bytes in, events and bytes-to-send out.
+  Its Python interface is the contract written in ``fastws/core.py``; the
+  wsproto-backed twin in ``fastws/_wsproto_engine.py`` implements the same one
+  and every protocol test runs against both.
+* ``Connection(Engine)``: the ``asyncio.BufferedProtocol`` that uvloop drives.
+  It moves bytes between the transport and the engine, runs the opening
+  handshake (``fastws/handshake.py`` decides), dispatches messages to the
+  route's callbacks and coalesces writes: one write per connection per loop
+  iteration, whatever the number of frames queued in it.
+
+Theory of operation of the receive buffer
+-----------------------------------------
+All connections of a process read into ONE shared buffer (``_READ_BUFFER``,
+256 KiB), handed to the transport by ``get_buffer``.  That is safe because the
+loop calls ``get_buffer``, reads, then ``buffer_updated`` synchronously, and
+``buffer_updated`` consumes every byte before it returns: nothing refers to
+the shared buffer afterwards.  So an idle connection owns no read buffer.
+
+The parser is a streaming state machine, so a frame never has to be
+contiguous in memory:
+
+* a frame header (2 to 14 bytes) cut by a read boundary is kept in the
+  engine's fixed 14-byte ``_hdr`` array until it is complete;
+* payload bytes are unmasked in place in the shared buffer (a machine word at
+  a time) as they arrive, UTF-8-checked incrementally for text, and appended
+  to the message buffer ``_mbuf`` (malloc'd, grown by doubling up to the
+  declared size, freed when the message is delivered: it exists only while a
+  message is incomplete);
+* the common case, a whole unfragmented frame inside one read, skips ``_mbuf``
+  entirely: the ``bytes``/``str`` handed to the application is built straight
+  from the shared buffer.
+
+Worst case per connection: 14 header bytes + one message buffer of at most
+``max_message_size`` (the size limits are checked from the frame header,
+before any payload is buffered).  Everything handed to user code is an owned
+``bytes`` or ``str``; nothing borrows the shared buffer past the callback.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+import logging as _logging
+import zlib as _zlib
+
+from .errors import CLOSE_REASONS as _CLOSE_REASONS, ConnectionClosed, HandshakeError
+
+_log = _logging.getLogger("fastws")
+
+# ---------------------------------------------------------------- constants
+
+DEF HDR_MAX = 14
+
+cdef enum:
+    OP_CONT = 0x0
+    OP_TEXT = 0x1
+    OP_BINARY = 0x2
+    OP_CLOSE = 0x8
+    OP_PING = 0x9
+    OP_PONG = 0xA
+    EV_ERROR = 0x10
+
+cdef enum EngineState:
+    S_OPEN = 0
+    S_CLOSING = 1      # we sent a close frame, waiting for the peer's
+    S_CLOSED = 2       # close exchange finished, or protocol error
+
+cdef enum FrameState:
+    F_HEADER = 0
+    F_PAYLOAD = 1
+
+CONT = OP_CONT
+TEXT = OP_TEXT
+BINARY = OP_BINARY
+CLOSE = OP_CLOSE
+PING = OP_PING
+PONG = OP_PONG
+ERROR = EV_ERROR
+OPEN = S_OPEN
+CLOSING = S_CLOSING
+CLOSED = S_CLOSED
+
+cdef bytes _EMPTY = b""
+cdef bytes _DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+# ---------------------------------------------------------------- UTF-8
+# Incremental validator: the DFA of Bjoern Hoehrmann ("Flexible and
+# Economical UTF-8 Decoder"), byte classes then transitions; state 0 accepts,
+# state 1 rejects.  ASCII runs are skipped eight bytes at a time.
+
+cdef uint8_t _UTF8_CLASS[256]
+cdef uint8_t _UTF8_TRANS[108]
+
+cdef void _init_utf8_tables():
+    cdef int i
+    for i in range(256):
+        if i < 0x80:
+            _UTF8_CLASS[i] = 0
+        elif i < 0x90:
+            _UTF8_CLASS[i] = 1
+        elif i < 0xA0:
+            _UTF8_CLASS[i] = 9
+        elif i < 0xC0:
+            _UTF8_CLASS[i] = 7
+        elif i < 0xC2:
+            _UTF8_CLASS[i] = 8
+        elif i < 0xE0:
+            _UTF8_CLASS[i] = 2
+        elif i == 0xE0:
+            _UTF8_CLASS[i] = 10
+        elif i < 0xED:
+            _UTF8_CLASS[i] = 3
+        elif i == 0xED:
+            _UTF8_CLASS[i] = 4
+        elif i < 0xF0:
+            _UTF8_CLASS[i] = 3
+        elif i == 0xF0:
+            _UTF8_CLASS[i] = 11
+        elif i < 0xF4:
+            _UTF8_CLASS[i] = 6
+        elif i == 0xF4:
+            _UTF8_CLASS[i] = 5
+        else:
+            _UTF8_CLASS[i] = 8
+    # states are multiples of 12: 0 accept, 12 reject, 24.. intermediate
+    cdef uint8_t trans[108]
+    trans[:] = [
+        0, 12, 24, 36, 60, 96, 84, 12, 12, 12, 48, 72,
+        12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12,
+        12, 0, 12, 12, 12, 12, 12, 0, 12, 0, 12, 12,
+        12, 24, 12, 12, 12, 12, 12, 24, 12, 24, 12, 12,
+        12, 12, 12, 12, 12, 12, 12, 24, 12, 12, 12, 12,
+        12, 24, 12, 12, 12, 12, 12, 12, 12, 24, 12, 12,
+        12, 12, 12, 12, 12, 12, 12, 36, 12, 36, 12, 12,
+        12, 36, 12, 12, 12, 12, 12, 36, 12, 36, 12, 12,
+        12, 36, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12,
+    ]
+    for i in range(108):
+        _UTF8_TRANS[i] = trans[i]
+
+_init_utf8_tables()
+
+DEF UTF8_ACCEPT = 0
+DEF UTF8_REJECT = 12
+
+
+cdef inline uint32_t _utf8_run(uint32_t state, const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    """Advance the DFA over ``n`` bytes; returns the new state (12 = invalid)."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t w
+    while i < n:
+        if state == UTF8_ACCEPT:
+            # skip ASCII eight bytes at a time
+            while i + 8 <= n:
+                memcpy(&w, p + i, 8)
+                if w & 0x8080808080808080ULL:
+                    break
+                i += 8
+            if i >= n:
+                break
+        state = _UTF8_TRANS[state + _UTF8_CLASS[p[i]]]
+        if state == UTF8_REJECT:
+            return state
+        i += 1
+    return state
+
+
+def utf8_valid(data):
+    """True if ``data`` (bytes-like) is complete, valid UTF-8 (test helper)."""
+    cdef const uint8_t[:] v = data
+    if v.shape[0] == 0:
+        return True
+    return _utf8_run(0, &v[0], v.shape[0]) == UTF8_ACCEPT
+
+# ---------------------------------------------------------------- masking
+
+cdef inline void _unmask(uint8_t* p, Py_ssize_t n, const uint8_t* key, uint32_t offset) noexcept nogil:
+    """XOR ``n`` bytes at ``p`` in place with the 4-byte ``key`` rotated by
+    ``offset`` (the position of ``p`` in the frame payload, mod 4): eight
+    bytes per step, then the tail byte by byte."""
+    cdef uint8_t k[8]
+    cdef Py_ssize_t i
+    cdef uint64_t w, kw
+    for i in range(8):
+        k[i] = key[(offset + i) & 3]
+    memcpy(&kw, k, 8)
+    i = 0
+    while i + 32 <= n:
+        memcpy(&w, p + i, 8); w ^= kw; memcpy(p + i, &w, 8)
+        memcpy(&w, p + i + 8, 8); w ^= kw; memcpy(p + i + 8, &w, 8)
+        memcpy(&w, p + i + 16, 8); w ^= kw; memcpy(p + i + 16, &w, 8)
+        memcpy(&w, p + i + 24, 8); w ^= kw; memcpy(p + i + 24, &w, 8)
+        i += 32
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        w ^= kw
+        memcpy(p + i, &w, 8)
+        i += 8
+    while i < n:
+        p[i] ^= k[i & 7]
+        i += 1
+
+# ---------------------------------------------------------------- encoding
+
+cdef bytes _encode(int opcode, const uint8_t* payload, Py_ssize_t n, bint fin,
+                   const uint8_t* mask, bint rsv1):
+    """One frame, header + payload, in a single new bytes object."""
+    cdef Py_ssize_t hlen = 2
+    if n > 65535:
+        hlen = 10
+    elif n > 125:
+        hlen = 4
+    if mask != NULL:
+        hlen += 4
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, hlen + n)
+    cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
+    o[0] = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | (opcode & 0x0F)
+    cdef uint8_t mbit = 0x80 if mask != NULL else 0
+    cdef Py_ssize_t pos
+    cdef uint64_t ln = <uint64_t>n
+    if n > 65535:
+        o[1] = mbit | 127
+        for pos in range(8):
+            o[2 + pos] = (ln >> (56 - 8 * pos)) & 0xFF
+        pos = 10
+    elif n > 125:
+        o[1] = mbit | 126
+        o[2] = (n >> 8) & 0xFF
+        o[3] = n & 0xFF
+        pos = 4
+    else:
+        o[1] = mbit | <uint8_t>n
+        pos = 2
+    if mask != NULL:
+        memcpy(o + pos, mask, 4)
+        pos += 4
+    if n:
+        memcpy(o + pos, payload, n)
+        if mask != NULL:
+            _unmask(o + pos, n, mask, 0)
+    return out
+
+
+def encode_frame(int opcode, payload, bint fin=True, mask=None, bint rsv1=False):
+    """Encode one frame.  ``mask`` (4 bytes) makes a masked client frame;
+    ``None`` an unmasked server frame.  ``payload`` is bytes-like or str."""
+    if isinstance(payload, str):
+        payload = (<str>payload).encode("utf-8")
+    cdef const uint8_t[:] pv = payload
+    cdef const uint8_t[:] mv
+    cdef const uint8_t* mp = NULL
+    cdef const uint8_t* pp = NULL
+    if pv.shape[0]:
+        pp = &pv[0]
+    if mask is not None:
+        mv = mask
+        if mv.shape[0] != 4:
+            raise ValueError("mask must be 4 bytes")
+        mp = &mv[0]
+    return _encode(opcode, pp, pv.shape[0], fin, mp, rsv1)
+
+
+cdef inline bytes _encode_bytes(int opcode, bytes payload):
+    return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(payload),
+                   PyBytes_GET_SIZE(payload), True, NULL, False)
+
+
+cdef bytes _close_payload(int code, str reason):
+    if code == 1005:
+        return _EMPTY
+    cdef bytes r = reason.encode("utf-8") if reason else _EMPTY
+    return bytes(((code >> 8) & 0xFF, code & 0xFF)) + r
+
+
+cdef inline bint _valid_close_code(int code) noexcept:
+    return (1000 <= code <= 1003) or (1007 <= code <= 1014) or (3000 <= code <= 4999)
+
+# ---------------------------------------------------------------- engine
+
+
+cdef class Engine:
+    """Sans-I/O RFC 6455 engine, server side.  See ``fastws/core.py``."""
+
+    # -- receive state (fields are owned by the engine) --
+    cdef public int state              # EngineState
+    cdef public object close_code      # int once the close is known, else None
+    cdef public object close_reason    # str once known
+    cdef int _fstate                   # FrameState
+    cdef uint8_t _hdr[HDR_MAX]         # a header cut by a read boundary
+    cdef int _hdr_len                  # bytes of it held in _hdr
+    cdef int _opcode                   # opcode of the frame being read
+    cdef bint _fin
+    cdef bint _rsv1                    # compressed message (permessage-deflate)
+    cdef uint8_t _mask[4]
+    cdef uint64_t _flen                # payload length of the current frame
+    cdef uint64_t _fpos                # payload bytes of it consumed so far
+    cdef int _msg_opcode               # TEXT/BINARY while a message is open, else 0
+    cdef bint _msg_compressed
+    cdef uint32_t _utf8                # incremental UTF-8 DFA state for the message
+    cdef uint8_t* _mbuf                # message (or control payload) accumulation
+    cdef Py_ssize_t _mlen, _mcap
+    cdef Py_ssize_t _ctrl_start        # where the control payload starts in _mbuf
+    # -- limits --
+    cdef public Py_ssize_t max_message_size    # 0 = unlimited
+    cdef public Py_ssize_t max_frame_size      # 0 = unlimited
+    # -- permessage-deflate (None when not negotiated) --
+    cdef object _deflate_params
+    cdef object _inflater
+    cdef object _deflater
+    # -- output and events for the Python-level interface --
+    cdef list _out                     # frames queued by the engine itself
+    cdef list _events                  # events collected by receive()
+
+    def __cinit__(self):
+        self._mbuf = NULL
+        self.close_code = None
+        self.close_reason = None
+
+    def __init__(self, *, max_message_size=1 << 20, max_frame_size=0, deflate=None):
+        self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
+        self._set_deflate(deflate)
+
+    def __dealloc__(self):
+        if self._mbuf != NULL:
+            PyMem_Free(self._mbuf)
+            self._mbuf = NULL
+
+    cdef _set_deflate(self, object params):
+        self._deflate_params = params
+        self._inflater = None
+        self._deflater = None
+
+    # ---------------------------------------------------------- hooks
+    # Subclasses (Connection) override these to act instead of collecting.
+
+    cdef int _on_message(self, int opcode, object payload) except -1:
+        self._events.append((opcode, payload))
+        return 0
+
+    cdef int _on_event(self, tuple event) except -1:
+        self._events.append(event)
+        return 0
+
+    cdef int _queue(self, bytes frame) except -1:
+        if self._out is None:
+            self._out = [frame]
+        else:
+            self._out.append(frame)
+        return 0
+
+    # ---------------------------------------------------------- Python API
+
+    def receive(self, data):
+        """Feed bytes from the peer; return the list of events they complete."""
+        self._events = []
+        cdef bytearray buf = bytearray(data)   # writable copy: unmasked in place
+        if len(buf):
+            self._feed(<uint8_t*><char*>buf, len(buf))
+        ev = self._events
+        self._events = None
+        return ev
+
+    def data_to_send(self):
+        """Bytes the engine queued itself (pongs, close echo, error close)."""
+        if not self._out:
+            return _EMPTY
+        out = b"".join(self._out)
+        self._out = None
+        return out
+
+    def send(self, message):
+        """Frame ``message``: str as text, bytes-like as binary."""
+        if self.state != S_OPEN:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        return self._frame_message(message)
+
+    def ping(self, payload=b""):
+        if self.state != S_OPEN:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        payload = bytes(payload)
+        if len(payload) > 125:
+            raise ValueError("ping payload is limited to 125 bytes")
+        return _encode_bytes(OP_PING, payload)
+
+    def close(self, int code=1000, str reason=""):
+        """Start the closing handshake; returns the close frame to send."""
+        if self.state != S_OPEN:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        return self._start_close(code, reason)
+
+    # ---------------------------------------------------------- internals
+
+    cdef bytes _start_close(self, int code, str reason):
+        cdef bytes payload = _close_payload(code, reason)
+        if len(payload) > 125:
+            raise ValueError("close reason is limited to 123 bytes of UTF-8")
+        self.state = S_CLOSING
+        return _encode_bytes(OP_CLOSE, payload)
+
+    cdef bytes _frame_message(self, object message):
+        cdef bytes data
+        cdef int opcode
+        if type(message) is str:
+            data = (<str>message).encode("utf-8")
+            opcode = OP_TEXT
+        elif type(message) is bytes:
+            data = <bytes>message
+            opcode = OP_BINARY
+        elif isinstance(message, (bytearray, memoryview)):
+            data = bytes(message)
+            opcode = OP_BINARY
+        else:
+            raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
+        if self._deflate_params is not None:
+            return self._compress(opcode, data)
+        return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(data),
+                       PyBytes_GET_SIZE(data), True, NULL, False)
+
+    cdef bytes _compress(self, int opcode, bytes data):
+        p = self._deflate_params
+        if self._deflater is None:
+            self._deflater = _zlib.compressobj(
+                _zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -p.server_max_window_bits)
+        out = self._deflater.compress(data) + self._deflater.flush(_zlib.Z_SYNC_FLUSH)
+        if out.endswith(_DEFLATE_TAIL):
+            out = out[:len(out) - 4]
+        if p.server_no_context_takeover:
+            self._deflater = None
+        return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(out),
+                       PyBytes_GET_SIZE(out), True, NULL, True)
+
+    cdef int _fail(self, int code, str detail) except -1:
+        """The one place a protocol violation turns into a close frame."""
+        if self.state == S_OPEN:
+            self._queue(_encode_bytes(OP_CLOSE, _close_payload(code, _CLOSE_REASONS.get(code, ""))))
+        self.state = S_CLOSED
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = detail
+        self._release_message()
+        self._on_event((EV_ERROR, code, detail))
+        return 0
+
+    cdef void _release_message(self) noexcept:
+        if self._mbuf != NULL:
+            PyMem_Free(self._mbuf)
+            self._mbuf = NULL
+        self._mlen = 0
+        self._mcap = 0
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self._mlen + extra
+        cdef Py_ssize_t cap
+        cdef uint8_t* nb
+        if need <= self._mcap:
+            return 0
+        cap = self._mcap * 2 if self._mcap else 256
+        if cap < need:
+            cap = need
+        nb = <uint8_t*>PyMem_Realloc(self._mbuf, cap)
+        if nb == NULL:
+            raise MemoryError()
+        self._mbuf = nb
+        self._mcap = cap
+        return 0
+
+    cdef int _append(self, const uint8_t* p, Py_ssize_t n) except -1:
+        if n:
+            self._reserve(n)
+            memcpy(self._mbuf + self._mlen, p, n)
+            self._mlen += n
+        return 0
+
+    cdef int _feed(self, uint8_t* p, Py_ssize_t n) except -1:
+        """Parse ``n`` bytes at ``p`` (unmasked in place).  Stops at CLOSED."""
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t avail, take, hl, need
+        cdef uint8_t* h
+        cdef object payload
+        while pos < n:
+            if self.state == S_CLOSED:
+                return 0
+            if self._fstate == F_HEADER:
+                avail = n - pos
+                if self._hdr_len == 0 and avail >= 2:
+                    h = p + pos
+                    hl = self._header_size(h)
+                    if avail >= hl:
+                        # whole header in this read: parse it in place
+                        if self._parse_header(h) < 0:
+                            return 0
+                        pos += hl
+                        # fast path: the whole unfragmented, uncompressed data
+                        # frame is in this read, no message is open
+                        if (self._fin and self._msg_opcode == 0 and not self._rsv1
+                                and (self._opcode == OP_TEXT or self._opcode == OP_BINARY)
+                                and <uint64_t>(n - pos) >= self._flen):
+                            take = <Py_ssize_t>self._flen
+                            _unmask(p + pos, take, self._mask, 0)
+                            if self._opcode == OP_TEXT:
+                                try:
+                                    payload = PyUnicode_DecodeUTF8(<char*>(p + pos), take, NULL)
+                                except UnicodeDecodeError:
+                                    self._fail(1007, "invalid UTF-8 in text message")
+                                    return 0
+                            else:
+                                payload = PyBytes_FromStringAndSize(<char*>(p + pos), take)
+                            pos += take
+                            self._fstate = F_HEADER
+                            self._on_message(self._opcode, payload)
+                            continue
+                        self._begin_payload()
+                        if self.state == S_CLOSED:
+                            return 0
+                        continue
+                # header cut by the read boundary: accumulate in _hdr
+                self._hdr[self._hdr_len] = p[pos]
+                self._hdr_len += 1
+                pos += 1
+                if self._hdr_len >= 2:
+                    hl = self._header_size(self._hdr)
+                    if self._hdr_len == hl:
+                        self._hdr_len = 0
+                        if self._parse_header(self._hdr) < 0:
+                            return 0
+                        self._begin_payload()
+                continue
+            # F_PAYLOAD
+            take = n - pos
+            if <uint64_t>take > self._flen - self._fpos:
+                take = <Py_ssize_t>(self._flen - self._fpos)
+            if self._consume_payload(p + pos, take) < 0:
+                return 0
+            pos += take
+            if self._fpos == self._flen:
+                self._fstate = F_HEADER
+                self._end_frame()
+        return 0
+
+    cdef inline Py_ssize_t _header_size(self, const uint8_t* h) noexcept:
+        cdef uint8_t l7 = h[1] & 0x7F
+        cdef Py_ssize_t s = 2
+        if l7 == 126:
+            s = 4
+        elif l7 == 127:
+            s = 10
+        if h[1] & 0x80:
+            s += 4
+        return s
+
+    cdef int _parse_header(self, const uint8_t* h) except -1:
+        """Validate a complete header; set up the frame.  -1 never (raises);
+        returns -2 (after _fail) when the frame is refused."""
+        cdef uint8_t b0 = h[0], b1 = h[1]
+        cdef int opcode = b0 & 0x0F
+        cdef bint fin = (b0 & 0x80) != 0
+        cdef bint rsv1 = (b0 & 0x40) != 0
+        cdef uint64_t ln = b1 & 0x7F
+        cdef int off = 2
+        cdef int i
+        cdef bint control = opcode >= 8
+        if opcode not in (0, 1, 2, 8, 9, 10):
+            self._fail(1002, "unknown opcode %d" % opcode)
+            return -2
+        if b0 & 0x30:
+            self._fail(1002, "reserved bits set")
+            return -2
+        if rsv1:
+            if self._deflate_params is None:
+                self._fail(1002, "RSV1 set without a negotiated extension")
+                return -2
+            if control or opcode == OP_CONT:
+                self._fail(1002, "RSV1 set on a control or continuation frame")
+                return -2
+        if control:
+            if not fin:
+                self._fail(1002, "fragmented control frame")
+                return -2
+            if ln > 125:
+                self._fail(1002, "control frame payload over 125 bytes")
+                return -2
+        if ln == 126:
+            ln = (<uint64_t>h[2] << 8) | h[3]
+            off = 4
+        elif ln == 127:
+            ln = 0
+            for i in range(8):
+                ln = (ln << 8) | h[2 + i]
+            off = 10
+            if ln >> 63:
+                self._fail(1002, "payload length with the most significant bit set")
+                return -2
+        if not (b1 & 0x80):
+            self._fail(1002, "unmasked client frame")
+            return -2
+        memcpy(self._mask, h + off, 4)
+        if not control:
+            if opcode == OP_CONT:
+                if self._msg_opcode == 0:
+                    self._fail(1002, "continuation frame without a message to continue")
+                    return -2
+            elif self._msg_opcode != 0:
+                self._fail(1002, "new data frame inside a fragmented message")
+                return -2
+            if self.max_frame_size and ln > <uint64_t>self.max_frame_size:
+                self._fail(1009, "frame of %d bytes over max_frame_size" % ln)
+                return -2
+            if (self.max_message_size and
+                    <uint64_t>self._mlen + ln > <uint64_t>self.max_message_size):
+                self._fail(1009, "message over max_message_size")
+                return -2
+        self._opcode = opcode
+        self._fin = fin
+        self._rsv1 = rsv1
+        self._flen = ln
+        self._fpos = 0
+        return 0
+
+    cdef int _begin_payload(self) except -1:
+        """After a header: open the message for a first data frame, then
+        either read the payload or (empty frame) finish at once."""
+        if self._opcode == OP_TEXT or self._opcode == OP_BINARY:
+            self._msg_opcode = self._opcode
+            self._msg_compressed = self._rsv1
+            self._utf8 = UTF8_ACCEPT
+            self._mlen = 0
+        if self._opcode >= 8:
+            self._ctrl_start = self._mlen
+        elif self.max_message_size and not self._msg_compressed:
+            # reserve up front what the header declares (bounded by the limit)
+            self._reserve(<Py_ssize_t>self._flen)
+        if self._flen == 0:
+            self._fstate = F_HEADER
+            self._end_frame()
+        else:
+            self._fstate = F_PAYLOAD
+        return 0
+
+    cdef int _consume_payload(self, uint8_t* p, Py_ssize_t n) except -1:
+        _unmask(p, n, self._mask, <uint32_t>(self._fpos & 3))
+        self._fpos += n
+        if self._opcode < 8 and self._msg_opcode == OP_TEXT and not self._msg_compressed:
+            self._utf8 = _utf8_run(self._utf8, p, n)
+            if self._utf8 == UTF8_REJECT:
+                self._fail(1007, "invalid UTF-8 in text message")
+                return -2
+        self._append(p, n)
+        return 0
+
+    cdef int _end_frame(self) except -1:
+        cdef object payload
+        cdef int opcode = self._opcode
+        if opcode >= 8:
+            payload = PyBytes_FromStringAndSize(<char*>(self._mbuf + self._ctrl_start),
+                                                self._mlen - self._ctrl_start)
+            self._mlen = self._ctrl_start
+            if self._msg_opcode == 0:
+                self._release_message()
+            return self._control(opcode, <bytes>payload)
+        if self._msg_compressed:
+            if self._inflate_frame() < 0:
+                return 0
+        if not self._fin:
+            return 0
+        # message complete
+        opcode = self._msg_opcode
+        self._msg_opcode = 0
+        if opcode == OP_TEXT:
+            if self._msg_compressed:
+                try:
+                    payload = PyUnicode_DecodeUTF8(<char*>self._mbuf, self._mlen, NULL)
+                except UnicodeDecodeError:
+                    self._fail(1007, "invalid UTF-8 in text message")
+                    return 0
+            else:
+                if self._utf8 != UTF8_ACCEPT:
+                    self._fail(1007, "text message ends inside a UTF-8 sequence")
+                    return 0
+                payload = PyUnicode_DecodeUTF8(<char*>self._mbuf, self._mlen, NULL) if self._mlen else ""
+        else:
+            payload = PyBytes_FromStringAndSize(<char*>self._mbuf, self._mlen) if self._mlen else _EMPTY
+        self._release_message()
+        self._on_message(opcode, payload)
+        return 0
+
+    cdef int _inflate_frame(self) except -1:
+        """Decompress the compressed bytes of the frame just finished, which
+        sit at the end of _mbuf, in place of themselves; at FIN, append the
+        RFC 7692 tail.  The decompressed size is bounded by the limit."""
+        p = self._deflate_params
+        cdef Py_ssize_t start = self._mlen - <Py_ssize_t>self._flen
+        data = PyBytes_FromStringAndSize(<char*>(self._mbuf + start), <Py_ssize_t>self._flen)
+        if self._fin:
+            data += _DEFLATE_TAIL
+        self._mlen = start
+        if self._inflater is None:
+            self._inflater = _zlib.decompressobj(-p.client_max_window_bits)
+        cdef bint limited = self.max_message_size != 0
+        cdef Py_ssize_t room = self.max_message_size - self._mlen if limited else 0
+        try:
+            if limited:
+                out = self._inflater.decompress(data, room + 1)
+            else:
+                out = self._inflater.decompress(data)
+        except _zlib.error as exc:
+            self._fail(1007, "invalid deflate data: %s" % exc)
+            return -2
+        if limited and (len(out) > room or self._inflater.unconsumed_tail):
+            self._fail(1009, "decompressed message over max_message_size")
+            return -2
+        self._append(<const uint8_t*>PyBytes_AS_STRING(out), len(out))
+        if self._fin and p.client_no_context_takeover:
+            self._inflater = None
+        return 0
+
+    cdef int _control(self, int opcode, bytes payload) except -1:
+        cdef int code
+        cdef str reason
+        if opcode == OP_PING:
+            if self.state == S_OPEN:
+                self._queue(_encode_bytes(OP_PONG, payload))
+            self._on_event((OP_PING, payload))
+        elif opcode == OP_PONG:
+            self._on_event((OP_PONG, payload))
+        else:
+            n = len(payload)
+            if n == 0:
+                code = 1005
+                reason = ""
+            elif n == 1:
+                self._fail(1002, "close frame with a 1-byte payload")
+                return 0
+            else:
+                code = (payload[0] << 8) | payload[1]
+                if not _valid_close_code(code):
+                    self._fail(1002, "invalid close code %d" % code)
+                    return 0
+                try:
+                    reason = payload[2:].decode("utf-8")
+                except UnicodeDecodeError:
+                    self._fail(1007, "invalid UTF-8 in close reason")
+                    return 0
+            if self.state == S_OPEN:
+                self._queue(_encode_bytes(OP_CLOSE, _close_payload(code, "")))
+            self.state = S_CLOSED
+            if self.close_code is None:
+                self.close_code = code
+                self.close_reason = reason
+            self._release_message()
+            self._on_event((OP_CLOSE, code, reason))
+        return 0
+
+# ---------------------------------------------------------------- connection
+
+# One read buffer for every connection of the process (see the module
+# docstring for why that is safe).  256 KiB: large reads amortise syscalls.
+cdef bytearray _READ_BUFFER = bytearray(256 * 1024)
+
+cdef enum Phase:
+    P_HANDSHAKE = 0    # collecting the request head
+    P_DECIDING = 1     # head handed to the handshake, answer pending (async on_connect)
+    P_OPEN = 2         # upgraded: frames flow
+    P_DONE = 3         # transport lost
+
+DEF MAX_FLUSH_JOIN = 65536  # below this many queued bytes, join frames into one buffer
+
+
+cdef class Hub:
+    """Per-server state shared by its connections: limits, the handshake,
+    the registry of open connections and the per-loop write coalescer."""
+
+    cdef public object loop
+    cdef public object handshake       # callable(conn, head: bytes) -> None; must call
+                                       # conn._hs_accept(...) or conn._hs_reject(...)
+    cdef public dict connections       # id -> Connection, upgraded and not lost
+    cdef public Py_ssize_t max_message_size
+    cdef public Py_ssize_t max_frame_size
+    cdef public Py_ssize_t max_head_size
+    cdef public double close_timeout
+    cdef public object on_callback_error   # callable(conn, exc): log it
+    cdef unsigned long long _next_id
+    cdef list _dirty                   # connections with frames queued this tick
+    cdef bint _scheduled               # a flush is scheduled with call_soon
+
+    def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
+                 max_head_size=8192, close_timeout=5.0, on_callback_error=None):
+        self.loop = loop
+        self.handshake = handshake
+        self.connections = {}
+        self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
+        self.max_head_size = max_head_size
+        self.close_timeout = close_timeout
+        self.on_callback_error = on_callback_error
+        self._next_id = 0
+        self._dirty = []
+        self._scheduled = False
+
+    def connection_factory(self):
+        """The protocol factory to hand to ``loop.create_server``."""
+        return Connection(self)
+
+    cdef inline void _mark_dirty(self, Connection c):
+        self._dirty.append(c)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush_all)
+
+    def _flush_all(self):
+        cdef Connection c
+        cdef list dirty = self._dirty
+        self._dirty = []
+        self._scheduled = False
+        for c in dirty:
+            c._flush()
+
+    def broadcast(self, message, connections, exclude=None):
+        """Encode ``message`` once and queue the same frame on every
+        connection in ``connections`` (an iterable of Connection) except
+        ``exclude``.  Returns the number of connections it was queued on."""
+        cdef Connection c
+        cdef bytes frame
+        cdef int n = 0
+        if type(message) is str:
+            data = (<str>message).encode("utf-8")
+            frame = _encode(OP_TEXT, <const uint8_t*>PyBytes_AS_STRING(data),
+                            PyBytes_GET_SIZE(data), True, NULL, False)
+        else:
+            data = bytes(message)
+            frame = _encode(OP_BINARY, <const uint8_t*>PyBytes_AS_STRING(data),
+                            PyBytes_GET_SIZE(data), True, NULL, False)
+        for c in connections:
+            if c is exclude or c.state != S_OPEN or c._phase != P_OPEN:
+                continue
+            if c._deflate_params is not None:
+                c._queue(c._frame_message(message))
+            else:
+                c._queue(frame)
+            n += 1
+        return n
+
+    @property
+    def open_connections(self):
+        return len(self.connections)
+
+
+cdef class Connection(Engine):
+    """One WebSocket connection: the protocol uvloop drives and the object
+    the application's callbacks receive as ``conn``.
+
+    Public API: ``send(message)``, ``close(code=1000, reason="")``,
+    ``ping(payload=b"")``, ``id``, ``path``, ``query_string``,
+    ``subprotocol``, ``remote_address``, ``store`` (a dict created on first
+    use, for the application's per-connection state), ``closed``.
+    """
+
+    cdef Hub _hub
+    cdef object transport
+    cdef public object id              # process-unique int, set at upgrade
+    cdef public str path
+    cdef public str query_string
+    cdef public object subprotocol
+    cdef public object route           # the route object (callbacks), set at upgrade
+    cdef object _on_message_cb         # route.on_message, cached for the hot path
+    cdef bint _msg_async               # on_message is a coroutine function
+    cdef int _phase                    # Phase
+    cdef bytearray _head               # request head until the handshake is decided
+    cdef list _wq                      # frames queued for the next flush (None = empty)
+    cdef bint _dirty                   # registered in the hub's dirty list
+    cdef bint _close_after_flush       # close the transport once _wq is written
+    cdef object _store                 # user dict, created lazily
+    cdef object _close_timer           # TimerHandle while waiting for the peer's close
+    cdef bint _reported                # on_disconnect has run
+
+    def __init__(self, Hub hub):
+        self._hub = hub
+        self.max_message_size = hub.max_message_size
+        self.max_frame_size = hub.max_frame_size
+        self._phase = P_HANDSHAKE
+
+    # ---------------------------------------------------------- asyncio protocol
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return _READ_BUFFER
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if self._phase == P_OPEN:
+            self._feed(<uint8_t*><char*>_READ_BUFFER, nbytes)
+            self._after_input()
+        elif self._phase == P_HANDSHAKE:
+            self._head_data(nbytes)
+        elif self._phase == P_DECIDING:
+            # bytes behind the request head while an async on_connect runs
+            self._head.extend(memoryview(_READ_BUFFER)[:nbytes])
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        cdef int phase = self._phase
+        self._phase = P_DONE
+        self._wq = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if phase == P_OPEN or phase == P_DONE:
+            self._hub.connections.pop(self.id, None)
+        if self.close_code is None:
+            self.close_code = 1006
+            self.close_reason = ""
+        if self.state != S_CLOSED:
+            self.state = S_CLOSED
+        self._release_message()
+        if phase == P_OPEN and not self._reported:
+            self._reported = True
+            self._call_disconnect()
+        self.transport = None
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    # ---------------------------------------------------------- handshake
+
+    cdef int _head_data(self, Py_ssize_t nbytes) except -1:
+        if self._head is None:
+            self._head = bytearray()
+        cdef Py_ssize_t start = len(self._head) - 3
+        if start < 0:
+            start = 0
+        self._head.extend(memoryview(_READ_BUFFER)[:nbytes])
+        cdef Py_ssize_t end = self._head.find(b"\r\n\r\n", start)
+        if end < 0:
+            if len(self._head) > self._hub.max_head_size:
+                self._phase = P_DECIDING
+                self._hub.handshake(self, None)
+            return 0
+        end += 4
+        if end > self._hub.max_head_size:
+            self._phase = P_DECIDING
+            self._hub.handshake(self, None)
+            return 0
+        head = bytes(self._head[:end])
+        del self._head[:end]
+        self._phase = P_DECIDING
+        self._hub.handshake(self, head)
+        return 0
+
+    def _hs_accept(self, bytes response, route, str path, str query_string,
+                   subprotocol=None, deflate=None):
+        """Called by the handshake: send the 101 response and start framing."""
+        if self._phase != P_DECIDING or self.transport is None:
+            return False
+        self.transport.write(response)
+        self.route = route
+        self.path = path
+        self.query_string = query_string
+        self.subprotocol = subprotocol
+        self._on_message_cb = route.on_message
+        self._msg_async = route.message_is_async
+        if deflate is not None:
+            self._set_deflate(deflate)
+        self._hub._next_id += 1
+        self.id = self._hub._next_id
+        self._hub.connections[self.id] = self
+        self._phase = P_OPEN
+        cdef bytearray rest = self._head
+        self._head = None
+        if self.transport.is_reading() is False:
+            self.transport.resume_reading()
+        if rest:
+            self._feed(<uint8_t*><char*>rest, len(rest))
+            self._after_input()
+        return True
+
+    def _hs_reject(self, bytes response):
+        """Called by the handshake: answer with an HTTP error and close."""
+        self._head = None
+        if self.transport is not None:
+            self.transport.write(response)
+            self.transport.close()
+
+    def _hs_pause(self):
+        """Stop reading while an async on_connect decides."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    # ---------------------------------------------------------- engine hooks
+
+    cdef int _on_message(self, int opcode, object payload) except -1:
+        cb = self._on_message_cb
+        if cb is None:
+            return 0
+        if self._msg_async:
+            task = self._hub.loop.create_task(cb(self, payload))
+            task.add_done_callback(self._task_done)
+            return 0
+        try:
+            cb(self, payload)
+        except Exception as exc:
+            self._callback_failed(exc)
+        return 0
+
+    cdef int _on_event(self, tuple event) except -1:
+        return 0
+
+    cdef int _queue(self, bytes frame) except -1:
+        if self._phase != P_OPEN:
+            return 0
+        if self._wq is None:
+            self._wq = [frame]
+        else:
+            self._wq.append(frame)
+        if not self._dirty:
+            self._dirty = True
+            self._hub._mark_dirty(self)
+        return 0
+
+    cdef inline int _after_input(self) except -1:
+        if self.state == S_CLOSED and self._phase == P_OPEN:
+            # close exchange finished or protocol error: write what is queued
+            # (the echo or the error close frame), then close the transport
+            self._close_after_flush = True
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+                self._close_timer = None
+        if self._dirty:
+            self._flush()
+        elif self._close_after_flush and self.transport is not None:
+            self.transport.close()
+        return 0
+
+    cdef int _flush(self) except -1:
+        self._dirty = False
+        cdef list wq = self._wq
+        cdef object t = self.transport
+        if wq is not None:
+            self._wq = None
+            if t is not None:
+                if len(wq) == 1:
+                    t.write(wq[0])
+                elif len(wq) < 64:
+                    t.write(b"".join(wq))
+                else:
+                    t.writelines(wq)
+        if self._close_after_flush and t is not None:
+            t.close()
+        return 0
+
+    def _task_done(self, task):
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._callback_failed(exc)
+
+    cdef _callback_failed(self, exc):
+        """An exception in user code: logged once, connection closed 1011."""
+        handler = self._hub.on_callback_error
+        if handler is not None:
+            handler(self, exc)
+        else:
+            _log.error("fastws: exception in a callback", exc_info=exc)
+        if self.state == S_OPEN and self._phase == P_OPEN:
+            self._queue(self._start_close(1011, _CLOSE_REASONS[1011]))
+            self._arm_close_timer()
+
+    cdef _call_disconnect(self):
+        route = self.route
+        if route is None or route.on_disconnect is None:
+            return
+        try:
+            res = route.on_disconnect(self, self.close_code, self.close_reason or "")
+            if route.disconnect_is_async:
+                task = self._hub.loop.create_task(res)
+                task.add_done_callback(_log_task_error)
+        except Exception as exc:
+            _log.error("fastws: exception in on_disconnect", exc_info=exc)
+
+    cdef _arm_close_timer(self):
+        if self._close_timer is None and self._hub.close_timeout > 0:
+            self._close_timer = self._hub.loop.call_later(self._hub.close_timeout, self._close_timeout)
+
+    def _close_timeout(self):
+        self._close_timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---------------------------------------------------------- public API
+
+    def send(self, message):
+        """Queue ``message`` (str: text frame; bytes: binary frame).  It is
+        written with everything else queued in this loop iteration.
+        Raises ConnectionClosed once the connection is closing or closed."""
+        if self.state != S_OPEN or self._phase != P_OPEN:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        self._queue(self._frame_message(message))
+
+    def send_frame(self, bytes frame):
+        """Queue an already encoded frame (see ``encode_frame``)."""
+        if self.state != S_OPEN or self._phase != P_OPEN:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        self._queue(frame)
+
+    def ping(self, payload=b""):
+        """Queue a ping frame."""
+        self._queue(Engine.ping(self, payload))
+
+    def close(self, int code=1000, str reason=""):
+        """Start the closing handshake; the transport closes when the peer
+        answers, or after ``close_timeout`` seconds.  No-op when closed."""
+        if self.state != S_OPEN or self._phase != P_OPEN:
+            return
+        self._queue(self._start_close(code, reason))
+        self._arm_close_timer()
+
+    def abort(self):
+        """Drop the TCP connection at once, without a close handshake."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def remote_address(self):
+        if self.transport is None:
+            return None
+        return self.transport.get_extra_info("peername")
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = {}
+        return self._store
+
+    @property
+    def closed(self):
+        return self.state != S_OPEN or self._phase != P_OPEN
+
+    def __repr__(self):
+        return f"<fastws.Connection id={self.id} path={self.path!r} state={self.state}>"
+
+
+def _log_task_error(task):
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("fastws: exception in a callback", exc_info=task.exception())

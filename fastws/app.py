@@ -1,0 +1,186 @@
+"""The public API: an :class:`App` maps paths to callbacks.
+
+Example::
+
+    import fastws
+
+    app = fastws.App()
+
+    @app.on_message("/echo")
+    def echo(conn, data):          # data: str for text, bytes for binary
+        conn.send(data)
+
+    @app.on_connect("/echo")
+    def check(request):            # optional: accept (None), Accept(...), Reject(...)
+        if request.query.get("token") != "secret":
+            return fastws.Reject(403, "bad token")
+
+    fastws.run(app, host="127.0.0.1", port=8000)   # or: fastws serve module:app
+
+Callbacks may be plain functions or ``async def``; only an async one costs a
+task per call.  The path ``"*"`` is the fallback route for every path that has
+no route of its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Accept:
+    """Returned by ``on_connect`` to accept with a subprotocol and/or extra
+    response headers (a list of ``(name, value)``)."""
+
+    subprotocol: str | None = None
+    headers: list = field(default_factory=list)
+
+
+@dataclass
+class Reject(Exception):
+    """Returned (or raised) by ``on_connect`` to refuse the upgrade with an
+    HTTP ``status`` and a plain-text ``body``."""
+
+    status: int = 403
+    body: str = ""
+    headers: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        Exception.__init__(self, self.status, self.body)
+
+
+class Route:
+    """The callbacks of one path.  Flags are computed once, not per message."""
+
+    __slots__ = (
+        "path",
+        "on_connect",
+        "on_message",
+        "on_disconnect",
+        "connect_is_async",
+        "message_is_async",
+        "disconnect_is_async",
+    )
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.on_connect = None
+        self.on_message = None
+        self.on_disconnect = None
+        self.connect_is_async = False
+        self.message_is_async = False
+        self.disconnect_is_async = False
+
+    def set(self, kind: str, fn) -> None:
+        if not callable(fn):
+            raise TypeError(f"{kind} callback must be callable, got {fn!r}")
+        setattr(self, kind, fn)
+        setattr(self, kind.replace("on_", "") + "_is_async", inspect.iscoroutinefunction(fn))
+
+
+class App:
+    """A fastws application: routes by path, each with up to three callbacks.
+
+    ``on_connect(request)`` decides the upgrade; ``on_message(conn, data)``
+    gets every complete message (``str`` for text, ``bytes`` for binary);
+    ``on_disconnect(conn, code, reason)`` runs once per upgraded connection
+    whatever ended it (1006 when the TCP connection was lost without a close
+    frame).
+    """
+
+    def __init__(self, *, allowed_origins=None, server_no_context_takeover=False,
+                 client_no_context_takeover=False) -> None:
+        self.routes: dict[str, Route] = {}
+        #: Origins allowed to connect (None: any).  A request without an
+        #: Origin header (not a browser) is always allowed.
+        self.allowed_origins = set(allowed_origins) if allowed_origins else None
+        self.server_no_context_takeover = server_no_context_takeover
+        self.client_no_context_takeover = client_no_context_takeover
+        self.server = None  # the running fastws.server.Server, once serving
+
+    # -- registration -------------------------------------------------------
+
+    def _route(self, path: str) -> Route:
+        if path != "*" and not path.startswith("/"):
+            raise ValueError(f"route path must start with '/' or be '*', got {path!r}")
+        r = self.routes.get(path)
+        if r is None:
+            r = self.routes[path] = Route(path)
+        return r
+
+    def route(self, path: str, *, on_connect=None, on_message=None, on_disconnect=None) -> Route:
+        """Register callbacks for ``path`` without decorators."""
+        r = self._route(path)
+        for kind, fn in (("on_connect", on_connect), ("on_message", on_message),
+                         ("on_disconnect", on_disconnect)):
+            if fn is not None:
+                r.set(kind, fn)
+        return r
+
+    def on_connect(self, path: str):
+        """Decorator: ``fn(request) -> None | Accept | Reject`` (may be async)."""
+        def deco(fn):
+            self._route(path).set("on_connect", fn)
+            return fn
+        return deco
+
+    def on_message(self, path: str):
+        """Decorator: ``fn(conn, data)`` for every complete message."""
+        def deco(fn):
+            self._route(path).set("on_message", fn)
+            return fn
+        return deco
+
+    def on_disconnect(self, path: str):
+        """Decorator: ``fn(conn, code, reason)`` once per connection."""
+        def deco(fn):
+            self._route(path).set("on_disconnect", fn)
+            return fn
+        return deco
+
+    def match(self, path: str) -> Route | None:
+        return self.routes.get(path) or self.routes.get("*")
+
+    # -- running ------------------------------------------------------------
+
+    @property
+    def connections(self) -> dict:
+        """Open connections of this process by id (empty when not serving)."""
+        return self.server.hub.connections if self.server is not None else {}
+
+    def broadcast(self, message, connections=None, exclude=None) -> int:
+        """Send ``message`` to ``connections`` (default: every open connection)
+        encoded once; returns how many it was queued on."""
+        if self.server is None:
+            return 0
+        hub = self.server.hub
+        return hub.broadcast(message, hub.connections.values() if connections is None else connections,
+                             exclude)
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+        """Serve until cancelled, inside an already running asyncio loop."""
+        from .config import Config
+        from .server import Server
+
+        server = Server(self, Config(host=host, port=port, **options))
+        await server.start()
+        try:
+            await server.serve_forever()
+        finally:
+            await server.shutdown()
+
+    def run(self, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+        """Blocking: serve on uvloop until SIGINT/SIGTERM."""
+        from .config import Config
+        from .server import run_server
+
+        run_server(self, Config(host=host, port=port, **options))
+
+
+def run(app: App, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve ``app`` (blocking) on uvloop; same options as ``fastws serve``."""
+    app.run(host=host, port=port, **options)
+
+
+__all__ = ["App", "Accept", "Reject", "Route", "run"]

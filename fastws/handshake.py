@@ -1,0 +1,280 @@
+"""The opening handshake (RFC 6455 section 4.2): parse, validate, answer.
+
+wsproto defines the semantics.  Two parsers produce the same answer:
+
+* :func:`parse_fast` handles the plain, common request (``GET``, HTTP/1.1,
+  one line per header, no duplicated WebSocket headers) with a few bytes
+  operations;
+* :func:`parse_wsproto` hands anything else to wsproto's ``H11Handshake``.
+
+:func:`parse_request` tries the fast path and falls back.  Both return a
+:class:`Request` or raise :class:`~fastws.errors.HandshakeError` with the
+status wsproto would answer with (400; 426 for a wrong version, with
+``Sec-WebSocket-Version: 13``); a differential test feeds the same requests to
+both.  fastws adds one check wsproto does not make: the key must be the
+base64 encoding of 16 bytes (RFC 6455 4.2.1 item 5), else 400.
+
+Nothing from wsproto or h11 outlives the handshake: the Request holds plain
+strings.  The 101 response is written by :func:`accept_response` for both.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs
+
+from .errors import HandshakeError
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_VERSION_HEADER = [("Sec-WebSocket-Version", "13")]
+
+# Headers whose duplication changes the meaning; the fast path leaves those
+# requests to wsproto.
+_WS_HEADERS = frozenset(
+    (
+        b"connection",
+        b"upgrade",
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+    )
+)
+
+
+@dataclass(slots=True)
+class Request:
+    """An upgrade request, as the application's ``on_connect`` sees it.
+
+    ``headers`` is a list of ``(name, value)`` with lower-case names, in
+    request order; ``header(name)`` returns the first value or None.
+    """
+
+    path: str
+    query_string: str
+    headers: list
+    key: str
+    subprotocols: list = field(default_factory=list)
+    extensions: list = field(default_factory=list)
+    remote_address: object = None
+
+    def header(self, name: str, default=None):
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return default
+
+    @property
+    def query(self) -> dict:
+        """Query parameters, first value of each."""
+        return {k: v[0] for k, v in parse_qs(self.query_string).items()}
+
+    @property
+    def origin(self):
+        return self.header("origin")
+
+
+def _split_tokens(value: str) -> list:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _check_key(key: str) -> None:
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raw = b""
+    if len(raw) != 16:
+        raise HandshakeError(400, "Sec-WebSocket-Key is not 16 base64-encoded bytes")
+
+
+def _validate(method, connection, version, key, upgrade, host):
+    """The checks, in wsproto's order, with wsproto's statuses."""
+    if method != "GET":
+        raise HandshakeError(400, "Request method must be GET")
+    if connection is None or not any(t.lower() == "upgrade" for t in _split_tokens(connection)):
+        raise HandshakeError(400, "Missing header, 'Connection: Upgrade'")
+    if version != "13":
+        raise HandshakeError(
+            426 if version else 400, "Missing header, 'Sec-WebSocket-Version'", list(_VERSION_HEADER)
+        )
+    if key is None:
+        raise HandshakeError(400, "Missing header, 'Sec-WebSocket-Key'")
+    if (upgrade or "").lower() != "websocket":
+        raise HandshakeError(400, "Missing header, 'Upgrade: websocket'")
+    if host is None:
+        raise HandshakeError(400, "Missing header, 'Host'")
+    _check_key(key)
+
+
+def _split_target(target: str):
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def parse_fast(head: bytes):
+    """Parse a plain upgrade request; None if it is not plain (use wsproto)."""
+    if not head.startswith(b"GET ") or not head.endswith(b"\r\n\r\n"):
+        return None
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not parts[1].startswith(b"/"):
+        return None
+    headers = []
+    seen = set()
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+            return None
+        lname = name.lower()
+        if lname in _WS_HEADERS:
+            if lname in seen:
+                return None
+            seen.add(lname)
+        try:
+            headers.append((lname.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+        except UnicodeDecodeError:
+            return None
+    try:
+        target = parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if any(c in target for c in " \t\x7f") or any(ord(c) < 32 for c in target):
+        return None
+    h = dict(headers)
+    _validate(
+        "GET",
+        h.get("connection"),
+        h.get("sec-websocket-version"),
+        h.get("sec-websocket-key"),
+        h.get("upgrade"),
+        h.get("host"),
+    )
+    path, query = _split_target(target)
+    return Request(
+        path=path,
+        query_string=query,
+        headers=headers,
+        key=h["sec-websocket-key"],
+        subprotocols=_split_tokens(h.get("sec-websocket-protocol", "")),
+        extensions=_split_tokens(h.get("sec-websocket-extensions", "")),
+    )
+
+
+def parse_wsproto(head: bytes) -> Request:
+    """Parse any upgrade request with wsproto's server handshake."""
+    import h11
+    from wsproto import ConnectionType
+    from wsproto.events import Request as WsRequest
+    from wsproto.handshake import H11Handshake
+    from wsproto.utilities import RemoteProtocolError
+
+    hs = H11Handshake(ConnectionType.SERVER)
+    try:
+        hs.receive_data(head)
+        events = list(hs.events())
+    except RemoteProtocolError as exc:
+        hint = exc.event_hint
+        status = getattr(hint, "status_code", 400) or 400
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in (getattr(hint, "headers", None) or [])]
+        raise HandshakeError(status, str(exc), headers) from None
+    except (h11.RemoteProtocolError, ValueError, UnicodeError) as exc:
+        raise HandshakeError(400, f"malformed request: {exc}") from None
+    req = next((e for e in events if isinstance(e, WsRequest)), None)
+    if req is None:
+        raise HandshakeError(400, "incomplete request")
+    headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in req.extra_headers]
+    key = dict(headers).get("sec-websocket-key", "")
+    _check_key(key)
+    path, query = _split_target(req.target)
+    # wsproto drops these from extra_headers; keep them visible to the app.
+    headers.append(("host", req.host))
+    return Request(
+        path=path,
+        query_string=query,
+        headers=headers,
+        key=key,
+        subprotocols=list(req.subprotocols),
+        extensions=list(req.extensions),
+    )
+
+
+def parse_request(head: bytes) -> Request:
+    """Fast path for the plain request, wsproto for everything else."""
+    req = parse_fast(head)
+    if req is None:
+        req = parse_wsproto(head)
+    return req
+
+
+def accept_key(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+def negotiate_deflate(offers: list, *, server_no_context_takeover=False,
+                      client_no_context_takeover=False):
+    """Run wsproto's permessage-deflate negotiation on the client's offers.
+
+    Returns ``(header_value_or_None, DeflateParams_or_None)``.
+    """
+    if not offers:
+        return None, None
+    from wsproto.extensions import PerMessageDeflate
+    from wsproto.handshake import server_extensions_handshake
+
+    from .core import DeflateParams
+
+    ext = PerMessageDeflate(
+        client_no_context_takeover=client_no_context_takeover,
+        server_no_context_takeover=server_no_context_takeover,
+    )
+    header = server_extensions_handshake(offers, [ext])
+    if header is None or not ext.enabled():
+        return None, None
+    params = DeflateParams(
+        server_no_context_takeover=ext.server_no_context_takeover,
+        client_no_context_takeover=ext.client_no_context_takeover,
+        server_max_window_bits=ext.server_max_window_bits,
+        client_max_window_bits=ext.client_max_window_bits,
+    )
+    return header.decode("ascii"), params
+
+
+def accept_response(request: Request, subprotocol=None, extensions_header=None, headers=()) -> bytes:
+    """The 101 Switching Protocols response."""
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Accept: " + accept_key(request.key),
+    ]
+    if subprotocol:
+        lines.append("Sec-WebSocket-Protocol: " + subprotocol)
+    if extensions_header:
+        lines.append("Sec-WebSocket-Extensions: " + extensions_header)
+    for k, v in headers:
+        lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def error_response(status: int, body: str = "", headers=()) -> bytes:
+    """A plain-text HTTP error response that closes the connection."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    payload = (body or phrase).encode("utf-8") + b"\n"
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(payload)}",
+        "Connection: close",
+    ]
+    for k, v in headers:
+        lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload

@@ -1,0 +1,219 @@
+"""Listeners, the loop, the handshake decision and shutdown.
+
+``Server`` composes its collaborators:
+
+* ``hub``     - the engine-side registry and write coalescer (``_core.Hub``, or
+                ``_pyconn.Hub`` on the wsproto engine), one per server;
+* ``app``     - the routes and callbacks (``fastws.App``);
+* ``config``  - every knob (``fastws.Config``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+
+from . import core
+from .app import Accept, App, Reject
+from .config import Config
+from .errors import HandshakeError
+from .handshake import accept_response, error_response, negotiate_deflate, parse_request
+
+log = logging.getLogger("fastws")
+
+
+def _hub_class():
+    if core.IMPLEMENTATION == "cython":
+        from ._core import Hub
+    else:
+        from ._pyconn import Hub
+    return Hub
+
+
+class ServerStartError(Exception):
+    """The server could not start (port in use, bad address): one clear line."""
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServerStartError(f"cannot listen on {host}:{port}: address already in use") from None
+        raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """One listening fastws server in the running loop."""
+
+    def __init__(self, app: App, config: Config) -> None:
+        self.app = app            # routes and callbacks
+        self.config = config      # every knob
+        self.hub = None           # engine-side connection registry, set by start()
+        self._server = None       # the asyncio Server
+        self._loop = None
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        c = self.config
+        self.hub = _hub_class()(
+            loop,
+            self._handshake,
+            max_message_size=c.max_message_size,
+            max_frame_size=c.max_frame_size,
+            max_head_size=c.max_head_size,
+            close_timeout=c.close_timeout,
+            on_callback_error=self._callback_error,
+        )
+        if sock is None:
+            sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
+        self._server = await loop.create_server(self.hub.connection_factory, sock=sock, backlog=c.backlog)
+        self.app.server = self
+        log.info("fastws: listening on ws://%s:%d (engine=%s)", c.host, self.port, core.IMPLEMENTATION)
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def shutdown(self, code: int = 1001, reason: str = "server shutting down") -> None:
+        """Stop accepting, close every connection with ``code``, wait for the
+        close handshakes up to ``shutdown_timeout``, then drop the rest."""
+        if self._server is None:
+            return
+        self._server.close()
+        conns = list(self.hub.connections.values())
+        for conn in conns:
+            conn.close(code, reason)
+        deadline = self._loop.time() + self.config.shutdown_timeout
+        while self.hub.connections and self._loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.hub.connections.values()):
+            conn.abort()
+        await asyncio.sleep(0)
+        self.app.server = None
+        log.info("fastws: stopped")
+
+    # -- the handshake decision (called by the hub with the request head) ----
+
+    def _handshake(self, conn, head) -> None:
+        if head is None:
+            conn._hs_reject(error_response(431, "request head too large"))
+            return
+        try:
+            req = parse_request(head)
+        except HandshakeError as exc:
+            conn._hs_reject(error_response(exc.status, exc.detail, exc.headers))
+            return
+        req.remote_address = conn.remote_address
+        route = self.app.match(req.path)
+        if route is None:
+            conn._hs_reject(error_response(404, f"no WebSocket route for {req.path}"))
+            return
+        allowed = self.app.allowed_origins
+        if allowed is not None and req.origin is not None and req.origin not in allowed:
+            conn._hs_reject(error_response(403, "origin not allowed"))
+            return
+        if route.on_connect is None:
+            self._decide(conn, req, route, None)
+        elif route.connect_is_async:
+            conn._hs_pause()
+            task = self._loop.create_task(route.on_connect(req))
+            task.add_done_callback(lambda t: self._async_decided(t, conn, req, route))
+        else:
+            try:
+                decision = route.on_connect(req)
+            except Reject as r:
+                decision = r
+            except Exception as exc:  # the app's bug: 500, logged once
+                log.error("fastws: exception in on_connect", exc_info=exc)
+                conn._hs_reject(error_response(500, "internal error"))
+                return
+            self._decide(conn, req, route, decision)
+
+    def _async_decided(self, task, conn, req, route) -> None:
+        if task.cancelled():
+            conn._hs_reject(error_response(503, "server shutting down"))
+            return
+        exc = task.exception()
+        if isinstance(exc, Reject):
+            self._decide(conn, req, route, exc)
+        elif exc is not None:
+            log.error("fastws: exception in on_connect", exc_info=exc)
+            conn._hs_reject(error_response(500, "internal error"))
+        else:
+            self._decide(conn, req, route, task.result())
+
+    def _decide(self, conn, req, route, decision) -> None:
+        if isinstance(decision, Reject):
+            conn._hs_reject(error_response(decision.status, decision.body, decision.headers))
+            return
+        if decision is False:
+            conn._hs_reject(error_response(403, "connection refused"))
+            return
+        subprotocol = None
+        headers = ()
+        if isinstance(decision, Accept):
+            subprotocol = decision.subprotocol
+            headers = decision.headers
+            if subprotocol is not None and subprotocol not in req.subprotocols:
+                log.error("fastws: on_connect chose subprotocol %r the client did not offer", subprotocol)
+                conn._hs_reject(error_response(500, "internal error"))
+                return
+        elif isinstance(decision, str):
+            subprotocol = decision if decision in req.subprotocols else None
+        ext_header = deflate = None
+        if self.config.compression:
+            ext_header, deflate = negotiate_deflate(
+                req.extensions,
+                server_no_context_takeover=self.app.server_no_context_takeover,
+                client_no_context_takeover=self.app.client_no_context_takeover,
+            )
+        response = accept_response(req, subprotocol, ext_header, headers)
+        conn._hs_accept(response, route, req.path, req.query_string, subprotocol, deflate)
+
+    def _callback_error(self, conn, exc) -> None:
+        log.error("fastws: exception in a callback for connection %s; closing it with 1011",
+                  conn.id, exc_info=exc)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+
+
+def run_server(app: App, config: Config, sock: socket.socket | None = None) -> None:
+    """Run on uvloop until SIGINT/SIGTERM, then shut down gracefully."""
+    import uvloop
+
+    configure_logging(config.log_level)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(app, config)
+    stop = asyncio.Event()
+
+    async def main():
+        await server.start(sock)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("fastws: shutting down")
+        await server.shutdown()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
