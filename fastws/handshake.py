@@ -23,11 +23,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from .errors import HandshakeError
+
+# RFC 9110 token and field-value characters; anything else goes to h11.
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_FIELD_VALUE = re.compile(rb"[\x20-\x7e\t]*\Z")
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _VERSION_HEADER = [("Sec-WebSocket-Version", "13")]
@@ -81,7 +86,8 @@ class Request:
 
 
 def _split_tokens(value: str) -> list:
-    return [t.strip() for t in value.split(",") if t.strip()]
+    # wsproto's split_comma_header: empty pieces are kept, as wsproto does
+    return [t.strip() for t in value.split(",")]
 
 
 def _check_key(key: str) -> None:
@@ -94,7 +100,9 @@ def _check_key(key: str) -> None:
 
 
 def _validate(method, connection, version, key, upgrade, host):
-    """The checks, in wsproto's order, with wsproto's statuses."""
+    """The checks, in h11's then wsproto's order, with wsproto's statuses."""
+    if host is None:  # h11 refuses an HTTP/1.1 request without Host first
+        raise HandshakeError(400, "Missing mandatory Host: header")
     if method != "GET":
         raise HandshakeError(400, "Request method must be GET")
     if connection is None or not any(t.lower() == "upgrade" for t in _split_tokens(connection)):
@@ -107,8 +115,6 @@ def _validate(method, connection, version, key, upgrade, host):
         raise HandshakeError(400, "Missing header, 'Sec-WebSocket-Key'")
     if (upgrade or "").lower() != "websocket":
         raise HandshakeError(400, "Missing header, 'Upgrade: websocket'")
-    if host is None:
-        raise HandshakeError(400, "Missing header, 'Host'")
     _check_key(key)
 
 
@@ -131,13 +137,15 @@ def parse_fast(head: bytes):
         name, sep, value = line.partition(b":")
         if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
             return None
+        if not _TOKEN.match(name) or not _FIELD_VALUE.match(value):
+            return None
         lname = name.lower()
         if lname in _WS_HEADERS:
             if lname in seen:
                 return None
             seen.add(lname)
         try:
-            headers.append((lname.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+            headers.append((lname.decode("ascii"), value.strip(b" \t").decode("ascii")))
         except UnicodeDecodeError:
             return None
     try:
@@ -161,8 +169,8 @@ def parse_fast(head: bytes):
         query_string=query,
         headers=headers,
         key=h["sec-websocket-key"],
-        subprotocols=_split_tokens(h.get("sec-websocket-protocol", "")),
-        extensions=_split_tokens(h.get("sec-websocket-extensions", "")),
+        subprotocols=_split_tokens(h["sec-websocket-protocol"]) if "sec-websocket-protocol" in h else [],
+        extensions=_split_tokens(h["sec-websocket-extensions"]) if "sec-websocket-extensions" in h else [],
     )
 
 

@@ -1,0 +1,326 @@
+"""Pure-Python twin of ``_core.Hub`` and ``_core.Connection``.
+
+Used when the Cython extension is not built (or ``FASTWS_NO_EXTENSIONS=1``):
+the same connection protocol, driven by the wsproto-backed engine through the
+sans-I/O interface of ``fastws/core.py``.  Same public API and behaviour as
+the Cython classes; slower, and it keeps a small per-connection read buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import _wsproto_engine as engine_mod
+from .errors import CLOSE_REASONS, ConnectionClosed
+
+_log = logging.getLogger("fastws")
+
+TEXT, BINARY, CLOSE, PING, PONG, ERROR = 0x1, 0x2, 0x8, 0x9, 0xA, 0x10
+OPEN, CLOSING, CLOSED = 0, 1, 2
+P_HANDSHAKE, P_DECIDING, P_OPEN, P_DONE = 0, 1, 2, 3
+
+
+class Hub:
+    """Per-server state: limits, handshake, registry, write coalescing."""
+
+    def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
+                 max_head_size=8192, close_timeout=5.0, on_callback_error=None):
+        self.loop = loop
+        self.handshake = handshake
+        self.connections = {}
+        self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
+        self.max_head_size = max_head_size
+        self.close_timeout = close_timeout
+        self.on_callback_error = on_callback_error
+        self._next_id = 0
+        self._dirty = []
+        self._scheduled = False
+
+    def connection_factory(self):
+        return Connection(self)
+
+    def _mark_dirty(self, conn):
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush_all)
+
+    def _flush_all(self):
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for c in dirty:
+            c._flush()
+
+    def broadcast(self, message, connections, exclude=None):
+        n = 0
+        for c in connections:
+            if c is exclude or c.closed:
+                continue
+            c._queue(c._engine.send(message))
+            n += 1
+        return n
+
+    @property
+    def open_connections(self):
+        return len(self.connections)
+
+
+class Connection:
+    """One WebSocket connection (see ``_core.Connection`` for the API)."""
+
+    def __init__(self, hub: Hub):
+        self._hub = hub
+        self._engine = None
+        self.transport = None
+        self.id = None
+        self.path = None
+        self.query_string = None
+        self.subprotocol = None
+        self.route = None
+        self._phase = P_HANDSHAKE
+        self._head = bytearray()
+        self._buf = bytearray(65536)
+        self._wq = None
+        self._dirty = False
+        self._close_after_flush = False
+        self._store = None
+        self._close_timer = None
+        self._reported = False
+        self.close_code = None
+        self.close_reason = None
+
+    # -- asyncio protocol ------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        return self._buf
+
+    def buffer_updated(self, nbytes):
+        data = bytes(self._buf[:nbytes])
+        if self._phase == P_OPEN:
+            self._input(data)
+        elif self._phase == P_HANDSHAKE:
+            self._head_data(data)
+        elif self._phase == P_DECIDING:
+            self._head.extend(data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        phase = self._phase
+        self._phase = P_DONE
+        self._wq = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if phase == P_OPEN:
+            self._hub.connections.pop(self.id, None)
+        if self.close_code is None:
+            self.close_code = 1006
+            self.close_reason = ""
+        if phase == P_OPEN and not self._reported:
+            self._reported = True
+            self._call_disconnect()
+        self.transport = None
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    # -- handshake -------------------------------------------------------------
+
+    def _head_data(self, data):
+        start = max(len(self._head) - 3, 0)
+        self._head.extend(data)
+        end = self._head.find(b"\r\n\r\n", start)
+        limit = self._hub.max_head_size
+        if end < 0 or end + 4 > limit:
+            if end >= 0 or len(self._head) > limit:
+                self._phase = P_DECIDING
+                self._hub.handshake(self, None)
+            return
+        end += 4
+        head = bytes(self._head[:end])
+        del self._head[:end]
+        self._phase = P_DECIDING
+        self._hub.handshake(self, head)
+
+    def _hs_accept(self, response, route, path, query_string, subprotocol=None, deflate=None):
+        if self._phase != P_DECIDING or self.transport is None:
+            return False
+        self.transport.write(response)
+        self._engine = engine_mod.Engine(
+            max_message_size=self._hub.max_message_size,
+            max_frame_size=self._hub.max_frame_size,
+            deflate=deflate,
+        )
+        self.route = route
+        self.path = path
+        self.query_string = query_string
+        self.subprotocol = subprotocol
+        self._hub._next_id += 1
+        self.id = self._hub._next_id
+        self._hub.connections[self.id] = self
+        self._phase = P_OPEN
+        rest, self._head = bytes(self._head), None
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
+        if rest:
+            self._input(rest)
+        return True
+
+    def _hs_reject(self, response):
+        self._head = None
+        if self.transport is not None:
+            self.transport.write(response)
+            self.transport.close()
+
+    def _hs_pause(self):
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    # -- frames ----------------------------------------------------------------
+
+    def _input(self, data):
+        eng = self._engine
+        for ev in eng.receive(data):
+            kind = ev[0]
+            if kind == TEXT or kind == BINARY:
+                self._dispatch(ev[1])
+            elif kind == CLOSE or kind == ERROR:
+                if self.close_code is None:
+                    self.close_code, self.close_reason = ev[1], ev[2]
+        out = eng.data_to_send()
+        if out:
+            self._queue(out)
+        if eng.state == CLOSED and self._phase == P_OPEN:
+            self._close_after_flush = True
+            if self.close_code is None:
+                self.close_code, self.close_reason = eng.close_code, eng.close_reason
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+                self._close_timer = None
+        if self._dirty:
+            self._flush()
+        elif self._close_after_flush and self.transport is not None:
+            self.transport.close()
+
+    def _dispatch(self, payload):
+        route = self.route
+        cb = route.on_message
+        if cb is None:
+            return
+        if route.message_is_async:
+            task = self._hub.loop.create_task(cb(self, payload))
+            task.add_done_callback(self._task_done)
+            return
+        try:
+            cb(self, payload)
+        except Exception as exc:
+            self._callback_failed(exc)
+
+    def _queue(self, frame):
+        if self._phase != P_OPEN:
+            return
+        if self._wq is None:
+            self._wq = [frame]
+        else:
+            self._wq.append(frame)
+        if not self._dirty:
+            self._dirty = True
+            self._hub._mark_dirty(self)
+
+    def _flush(self):
+        self._dirty = False
+        wq, self._wq = self._wq, None
+        t = self.transport
+        if wq and t is not None:
+            t.write(b"".join(wq))
+        if self._close_after_flush and t is not None:
+            t.close()
+
+    def _task_done(self, task):
+        if not task.cancelled() and task.exception() is not None:
+            self._callback_failed(task.exception())
+
+    def _callback_failed(self, exc):
+        handler = self._hub.on_callback_error
+        if handler is not None:
+            handler(self, exc)
+        else:
+            _log.error("fastws: exception in a callback", exc_info=exc)
+        if not self.closed:
+            self._queue(self._engine.close(1011, CLOSE_REASONS[1011]))
+            self._arm_close_timer()
+
+    def _call_disconnect(self):
+        route = self.route
+        if route is None or route.on_disconnect is None:
+            return
+        try:
+            res = route.on_disconnect(self, self.close_code, self.close_reason or "")
+            if route.disconnect_is_async:
+                self._hub.loop.create_task(res)
+        except Exception as exc:
+            _log.error("fastws: exception in on_disconnect", exc_info=exc)
+
+    def _arm_close_timer(self):
+        if self._close_timer is None and self._hub.close_timeout > 0:
+            self._close_timer = self._hub.loop.call_later(self._hub.close_timeout, self._close_timeout)
+
+    def _close_timeout(self):
+        self._close_timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- public API ------------------------------------------------------------
+
+    @property
+    def state(self):
+        return self._engine.state if self._engine is not None else OPEN
+
+    @property
+    def closed(self):
+        return self._phase != P_OPEN or self._engine.state != OPEN
+
+    def send(self, message):
+        if self.closed:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        self._queue(self._engine.send(message))
+
+    def send_frame(self, frame: bytes):
+        if self.closed:
+            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        self._queue(frame)
+
+    def ping(self, payload=b""):
+        self._queue(self._engine.ping(payload))
+
+    def close(self, code=1000, reason=""):
+        if self.closed:
+            return
+        self._queue(self._engine.close(code, reason))
+        self._arm_close_timer()
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def remote_address(self):
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = {}
+        return self._store
+
+    def __repr__(self):
+        return f"<fastws.Connection id={self.id} path={self.path!r} state={self.state}>"
