@@ -44,6 +44,7 @@ before any payload is buffered).  Everything handed to user code is an owned
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.buffer cimport PyBuffer_FillInfo
 from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -57,6 +58,10 @@ _log = _logging.getLogger("fastws")
 # ---------------------------------------------------------------- constants
 
 DEF HDR_MAX = 14
+DEF DIRECT_MIN = 4096      # single-frame messages at least this big are read into
+                           # their final bytes object (no reassembly copy)
+DEF DIRECT_READ_MIN = 65536  # and the kernel reads straight into it past this
+DEF SPLIT_SEND_MIN = 16384   # larger sends queue header and payload separately
 
 cdef enum:
     OP_CONT = 0x0
@@ -267,6 +272,47 @@ def encode_frame(int opcode, payload, bint fin=True, mask=None, bint rsv1=False)
     return _encode(opcode, pp, pv.shape[0], fin, mp, rsv1)
 
 
+cdef bytes _encode_header(int opcode, Py_ssize_t n):
+    """Only the (unmasked, FIN) header of a frame of ``n`` payload bytes."""
+    cdef bytes out
+    cdef uint8_t* o
+    cdef int i
+    cdef uint64_t ln = <uint64_t>n
+    if n > 65535:
+        out = PyBytes_FromStringAndSize(NULL, 10)
+        o = <uint8_t*>PyBytes_AS_STRING(out)
+        o[1] = 127
+        for i in range(8):
+            o[2 + i] = (ln >> (56 - 8 * i)) & 0xFF
+    elif n > 125:
+        out = PyBytes_FromStringAndSize(NULL, 4)
+        o = <uint8_t*>PyBytes_AS_STRING(out)
+        o[1] = 126
+        o[2] = (n >> 8) & 0xFF
+        o[3] = n & 0xFF
+    else:
+        out = PyBytes_FromStringAndSize(NULL, 2)
+        o = <uint8_t*>PyBytes_AS_STRING(out)
+        o[1] = <uint8_t>n
+    o[0] = 0x80 | (opcode & 0x0F)
+    return out
+
+
+cdef class _RawBuffer:
+    """A writable buffer over memory owned by ``owner`` (a bytes object the
+    engine is still filling and nobody else has seen): lets the transport read
+    a large frame's payload straight into the message's final bytes."""
+    cdef char* ptr
+    cdef Py_ssize_t size
+    cdef object owner
+
+    def __getbuffer__(self, Py_buffer* buf, int flags):
+        PyBuffer_FillInfo(buf, self, self.ptr, self.size, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer* buf):
+        pass
+
+
 cdef inline bytes _encode_bytes(int opcode, bytes payload):
     return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(payload),
                    PyBytes_GET_SIZE(payload), True, NULL, False)
@@ -306,6 +352,8 @@ cdef class Engine:
     cdef uint32_t _utf8                # incremental UTF-8 DFA state for the message
     cdef uint8_t* _mbuf                # message (or control payload) accumulation
     cdef Py_ssize_t _mlen, _mcap
+    cdef bint _direct                  # _mbuf is the storage of _mobj (not malloc'd)
+    cdef object _mobj                  # bytes being filled in direct mode, else None
     cdef Py_ssize_t _ctrl_start        # where the control payload starts in _mbuf
     # -- limits --
     cdef public Py_ssize_t max_message_size    # 0 = unlimited
@@ -329,9 +377,9 @@ cdef class Engine:
         self._set_deflate(deflate)
 
     def __dealloc__(self):
-        if self._mbuf != NULL:
+        if self._mbuf != NULL and not self._direct:
             PyMem_Free(self._mbuf)
-            self._mbuf = NULL
+        self._mbuf = NULL
 
     cdef _set_deflate(self, object params):
         self._deflate_params = params
@@ -444,15 +492,18 @@ cdef class Engine:
         self.state = S_CLOSED
         if self.close_code is None:
             self.close_code = code
-            self.close_reason = detail
+            self.close_reason = _CLOSE_REASONS.get(code, "")   # what went on the wire
         self._release_message()
         self._on_event((EV_ERROR, code, detail))
         return 0
 
     cdef void _release_message(self) noexcept:
-        if self._mbuf != NULL:
+        if self._direct:
+            self._direct = False
+            self._mobj = None
+        elif self._mbuf != NULL:
             PyMem_Free(self._mbuf)
-            self._mbuf = NULL
+        self._mbuf = NULL
         self._mlen = 0
         self._mcap = 0
 
@@ -462,6 +513,8 @@ cdef class Engine:
         cdef uint8_t* nb
         if need <= self._mcap:
             return 0
+        if self._direct:  # sized exactly from the header: cannot happen
+            raise AssertionError("direct message buffer overflow")
         cap = self._mcap * 2 if self._mcap else 256
         if cap < need:
             cap = need
@@ -634,6 +687,15 @@ cdef class Engine:
             self._mlen = 0
         if self._opcode >= 8:
             self._ctrl_start = self._mlen
+        elif (self._fin and self._opcode != OP_CONT and not self._msg_compressed
+                and self._flen >= DIRECT_MIN and
+                (not self.max_message_size or self._flen <= <uint64_t>self.max_message_size)):
+            # a single-frame message: fill its final bytes object directly
+            self._release_message()
+            self._mobj = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self._flen)
+            self._mbuf = <uint8_t*>PyBytes_AS_STRING(self._mobj)
+            self._mcap = <Py_ssize_t>self._flen
+            self._direct = True
         elif self.max_message_size and not self._msg_compressed:
             # reserve up front what the header declares (bounded by the limit)
             self._reserve(<Py_ssize_t>self._flen)
@@ -644,7 +706,9 @@ cdef class Engine:
             self._fstate = F_PAYLOAD
         return 0
 
-    cdef int _consume_payload(self, uint8_t* p, Py_ssize_t n) except -1:
+    cdef int _consume_payload(self, uint8_t* p, Py_ssize_t n, bint in_place=False) except -1:
+        """Unmask and check ``n`` payload bytes at ``p``; append them to the
+        message unless they were read there already (``in_place``)."""
         _unmask(p, n, self._mask, <uint32_t>(self._fpos & 3))
         self._fpos += n
         if self._opcode < 8 and self._msg_opcode == OP_TEXT and not self._msg_compressed:
@@ -652,7 +716,10 @@ cdef class Engine:
             if self._utf8 == UTF8_REJECT:
                 self._fail(1007, "invalid UTF-8 in text message")
                 return -2
-        self._append(p, n)
+        if in_place:
+            self._mlen += n
+        else:
+            self._append(p, n)
         return 0
 
     cdef int _end_frame(self) except -1:
@@ -685,6 +752,8 @@ cdef class Engine:
                     self._fail(1007, "text message ends inside a UTF-8 sequence")
                     return 0
                 payload = PyUnicode_DecodeUTF8(<char*>self._mbuf, self._mlen, NULL) if self._mlen else ""
+        elif self._direct:
+            payload = self._mobj
         else:
             payload = PyBytes_FromStringAndSize(<char*>self._mbuf, self._mlen) if self._mlen else _EMPTY
         self._release_message()
@@ -874,6 +943,8 @@ cdef class Connection(Engine):
     cdef int _phase                    # Phase
     cdef bytearray _head               # request head until the handshake is decided
     cdef list _wq                      # frames queued for the next flush (None = empty)
+    cdef Py_ssize_t _wq_size           # bytes in _wq
+    cdef bint _read_direct             # the last get_buffer handed out the message itself
     cdef bint _dirty                   # registered in the hub's dirty list
     cdef bint _close_after_flush       # close the transport once _wq is written
     cdef object _store                 # user dict, created lazily
@@ -892,10 +963,28 @@ cdef class Connection(Engine):
         self.transport = transport
 
     def get_buffer(self, Py_ssize_t sizehint):
+        cdef _RawBuffer rb
+        if (self._direct and self._fstate == F_PAYLOAD
+                and self._flen - self._fpos >= DIRECT_READ_MIN):
+            # a large frame's payload: let the kernel write it in place
+            rb = _RawBuffer.__new__(_RawBuffer)
+            rb.owner = self._mobj
+            rb.ptr = <char*>(self._mbuf + self._mlen)
+            rb.size = <Py_ssize_t>(self._flen - self._fpos)
+            self._read_direct = True
+            return rb
+        self._read_direct = False
         return _READ_BUFFER
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        if self._phase == P_OPEN:
+        if self._read_direct:
+            self._read_direct = False
+            if self._consume_payload(self._mbuf + self._mlen, nbytes, True) == 0:
+                if self._fpos == self._flen:
+                    self._fstate = F_HEADER
+                    self._end_frame()
+            self._after_input()
+        elif self._phase == P_OPEN:
             self._feed(<uint8_t*><char*>_READ_BUFFER, nbytes)
             self._after_input()
         elif self._phase == P_HANDSHAKE:
@@ -1024,6 +1113,7 @@ cdef class Connection(Engine):
             self._wq = [frame]
         else:
             self._wq.append(frame)
+        self._wq_size += PyBytes_GET_SIZE(frame)
         if not self._dirty:
             self._dirty = True
             self._hub._mark_dirty(self)
@@ -1047,15 +1137,17 @@ cdef class Connection(Engine):
         self._dirty = False
         cdef list wq = self._wq
         cdef object t = self.transport
+        cdef Py_ssize_t size = self._wq_size
         if wq is not None:
             self._wq = None
+            self._wq_size = 0
             if t is not None:
                 if len(wq) == 1:
                     t.write(wq[0])
-                elif len(wq) < 64:
-                    t.write(b"".join(wq))
+                elif size <= MAX_FLUSH_JOIN:
+                    t.write(b"".join(wq))   # small frames: one contiguous buffer
                 else:
-                    t.writelines(wq)
+                    t.writelines(wq)        # large ones: writev, no copy
         if self._close_after_flush and t is not None:
             t.close()
         return 0
@@ -1107,6 +1199,12 @@ cdef class Connection(Engine):
         Raises ConnectionClosed once the connection is closing or closed."""
         if self.state != S_OPEN or self._phase != P_OPEN:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        if (type(message) is bytes and PyBytes_GET_SIZE(message) >= SPLIT_SEND_MIN
+                and self._deflate_params is None):
+            # large binary: header and payload go out by writev, no copy
+            self._queue(_encode_header(OP_BINARY, PyBytes_GET_SIZE(message)))
+            self._queue(<bytes>message)
+            return
         self._queue(self._frame_message(message))
 
     def send_frame(self, bytes frame):
