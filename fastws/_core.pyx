@@ -330,6 +330,17 @@ cdef inline bint _valid_close_code(int code) noexcept:
 
 # ---------------------------------------------------------------- engine
 
+cdef inline Py_ssize_t _length_size(const uint8_t* h) noexcept:
+    """Header bytes up to the end of the (extended) length."""
+    cdef uint8_t l7 = h[1] & 0x7F
+    return 4 if l7 == 126 else (10 if l7 == 127 else 2)
+
+
+cdef inline Py_ssize_t _header_size(const uint8_t* h) noexcept:
+    """Whole header size, masking key included, from its first two bytes."""
+    return _length_size(h) + (4 if h[1] & 0x80 else 0)
+
+
 
 cdef class Engine:
     """Sans-I/O RFC 6455 engine, server side.  See ``fastws/core.py``."""
@@ -365,6 +376,8 @@ cdef class Engine:
     # -- output and events for the Python-level interface --
     cdef list _out                     # frames queued by the engine itself
     cdef list _events                  # events collected by receive()
+    cdef int _sent_code                # the code of the close frame we sent, 0 if none
+    cdef str _sent_reason
 
     def __cinit__(self):
         self._mbuf = NULL
@@ -427,31 +440,50 @@ cdef class Engine:
     def send(self, message):
         """Frame ``message``: str as text, bytes-like as binary."""
         if self.state != S_OPEN:
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+            self._raise_closed()
         return self._frame_message(message)
 
     def ping(self, payload=b""):
         if self.state != S_OPEN:
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+            self._raise_closed()
         payload = bytes(payload)
         if len(payload) > 125:
             raise ValueError("ping payload is limited to 125 bytes")
         return _encode_bytes(OP_PING, payload)
 
     def close(self, int code=1000, str reason=""):
-        """Start the closing handshake; returns the close frame to send."""
+        """Start the closing handshake; returns the close frame to send.
+        1005 sends an empty close frame (no reason allowed); otherwise the
+        code must be one a peer may receive.  The reason is cut to 123 bytes
+        of UTF-8 on a character boundary."""
         if self.state != S_OPEN:
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+            self._raise_closed()
         return self._start_close(code, reason)
+
+    cdef _raise_closed(self):
+        if self.close_code is not None:
+            raise ConnectionClosed(self.close_code, self.close_reason or "")
+        if self._sent_code:
+            raise ConnectionClosed(self._sent_code, self._sent_reason or "")
+        raise ConnectionClosed(1006, "")
 
     # ---------------------------------------------------------- internals
 
     cdef bytes _start_close(self, int code, str reason):
-        cdef bytes payload = _close_payload(code, reason)
-        if len(payload) > 125:
-            raise ValueError("close reason is limited to 123 bytes of UTF-8")
+        cdef bytes r
+        if code == 1005:
+            if reason:
+                raise ValueError("a close frame without a code has no reason")
+        elif not _valid_close_code(code):
+            raise ValueError(f"{code} is not a close code that can be sent")
+        if reason:
+            r = reason.encode("utf-8")
+            if len(r) > 123:
+                reason = r[:123].decode("utf-8", "ignore")
         self.state = S_CLOSING
-        return _encode_bytes(OP_CLOSE, payload)
+        self._sent_code = code
+        self._sent_reason = reason
+        return _encode_bytes(OP_CLOSE, _close_payload(code, reason))
 
     cdef bytes _frame_message(self, object message):
         cdef bytes data
@@ -475,8 +507,9 @@ cdef class Engine:
     cdef bytes _compress(self, int opcode, bytes data):
         p = self._deflate_params
         if self._deflater is None:
+            # zlib cannot deflate with a raw 8-bit window; 9 is what it uses
             self._deflater = _zlib.compressobj(
-                _zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -p.server_max_window_bits)
+                _zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -max(9, p.server_max_window_bits))
         out = self._deflater.compress(data) + self._deflater.flush(_zlib.Z_SYNC_FLUSH)
         if out.endswith(_DEFLATE_TAIL):
             out = out[:len(out) - 4]
@@ -535,7 +568,7 @@ cdef class Engine:
     cdef int _feed(self, uint8_t* p, Py_ssize_t n) except -1:
         """Parse ``n`` bytes at ``p`` (unmasked in place).  Stops at CLOSED."""
         cdef Py_ssize_t pos = 0
-        cdef Py_ssize_t avail, take, hl, need
+        cdef Py_ssize_t avail, take, hl
         cdef uint8_t* h
         cdef object payload
         while pos < n:
@@ -545,10 +578,11 @@ cdef class Engine:
                 avail = n - pos
                 if self._hdr_len == 0 and avail >= 2:
                     h = p + pos
-                    hl = self._header_size(h)
+                    hl = _header_size(h)
                     if avail >= hl:
-                        # whole header in this read: parse it in place
-                        if self._parse_header(h) < 0:
+                        # whole header in this read: check and parse it in place
+                        if (self._check_start(h) < 0 or self._check_length(h) < 0
+                                or self._check_frame(h) < 0):
                             return 0
                         pos += hl
                         # fast path: the whole unfragmented, uncompressed data
@@ -567,24 +601,26 @@ cdef class Engine:
                             else:
                                 payload = PyBytes_FromStringAndSize(<char*>(p + pos), take)
                             pos += take
-                            self._fstate = F_HEADER
                             self._on_message(self._opcode, payload)
                             continue
                         self._begin_payload()
-                        if self.state == S_CLOSED:
-                            return 0
                         continue
-                # header cut by the read boundary: accumulate in _hdr
+                # a header cut by the read boundary: collect it in _hdr, with
+                # each check made as soon as the bytes it needs are in
                 self._hdr[self._hdr_len] = p[pos]
                 self._hdr_len += 1
                 pos += 1
-                if self._hdr_len >= 2:
-                    hl = self._header_size(self._hdr)
-                    if self._hdr_len == hl:
-                        self._hdr_len = 0
-                        if self._parse_header(self._hdr) < 0:
-                            return 0
-                        self._begin_payload()
+                if self._hdr_len < 2:
+                    continue
+                if self._hdr_len == 2 and self._check_start(self._hdr) < 0:
+                    return 0
+                if self._hdr_len == _length_size(self._hdr) and self._check_length(self._hdr) < 0:
+                    return 0
+                if self._hdr_len == _header_size(self._hdr):
+                    self._hdr_len = 0
+                    if self._check_frame(self._hdr) < 0:
+                        return 0
+                    self._begin_payload()
                 continue
             # F_PAYLOAD
             take = n - pos
@@ -598,48 +634,66 @@ cdef class Engine:
                 self._end_frame()
         return 0
 
-    cdef inline Py_ssize_t _header_size(self, const uint8_t* h) noexcept:
-        cdef uint8_t l7 = h[1] & 0x7F
-        cdef Py_ssize_t s = 2
-        if l7 == 126:
-            s = 4
-        elif l7 == 127:
-            s = 10
-        if h[1] & 0x80:
-            s += 4
-        return s
+    # Header checks, in three stages, each run as soon as its bytes are in
+    # (the order the wsproto engine documents; the differential test holds
+    # both to it).  Each returns -2 after _fail() when the frame is refused.
 
-    cdef int _parse_header(self, const uint8_t* h) except -1:
-        """Validate a complete header; set up the frame.  -1 never (raises);
-        returns -2 (after _fail) when the frame is refused."""
-        cdef uint8_t b0 = h[0], b1 = h[1]
-        cdef int opcode = b0 & 0x0F
-        cdef bint fin = (b0 & 0x80) != 0
-        cdef bint rsv1 = (b0 & 0x40) != 0
-        cdef uint64_t ln = b1 & 0x7F
-        cdef int off = 2
-        cdef int i
+    cdef int _check_start(self, const uint8_t* h) except -1:
+        """Stage 1, the first two bytes: opcode and control-frame rules."""
+        cdef int opcode = h[0] & 0x0F
         cdef bint control = opcode >= 8
-        if opcode not in (0, 1, 2, 8, 9, 10):
+        if opcode > 2 and opcode < 8 or opcode > 10:
             self._fail(1002, "unknown opcode %d" % opcode)
             return -2
-        if b0 & 0x30:
+        if control and not (h[0] & 0x80):
+            self._fail(1002, "fragmented control frame")
+            return -2
+        if control and (h[1] & 0x7F) > 125:
+            self._fail(1002, "control frame payload over 125 bytes")
+            return -2
+        return 0
+
+    cdef int _check_length(self, const uint8_t* h) except -1:
+        """Stage 2, extended length read: minimal encoding, RSV bits, mask."""
+        cdef uint64_t ln = h[1] & 0x7F
+        cdef int i, opcode = h[0] & 0x0F
+        if ln == 126:
+            ln = (<uint64_t>h[2] << 8) | h[3]
+            if ln < 126:
+                self._fail(1002, "16-bit length used for a payload under 126 bytes")
+                return -2
+        elif ln == 127:
+            ln = 0
+            for i in range(8):
+                ln = (ln << 8) | h[2 + i]
+            if ln >> 63:
+                self._fail(1002, "payload length with the most significant bit set")
+                return -2
+            if ln < 65536:
+                self._fail(1002, "64-bit length used for a payload under 65536 bytes")
+                return -2
+        if h[0] & 0x30:
             self._fail(1002, "reserved bits set")
             return -2
-        if rsv1:
+        if h[0] & 0x40:
             if self._deflate_params is None:
                 self._fail(1002, "RSV1 set without a negotiated extension")
                 return -2
-            if control or opcode == OP_CONT:
+            if opcode >= 8 or opcode == OP_CONT:
                 self._fail(1002, "RSV1 set on a control or continuation frame")
                 return -2
-        if control:
-            if not fin:
-                self._fail(1002, "fragmented control frame")
-                return -2
-            if ln > 125:
-                self._fail(1002, "control frame payload over 125 bytes")
-                return -2
+        if not (h[1] & 0x80):
+            self._fail(1002, "unmasked client frame")
+            return -2
+        return 0
+
+    cdef int _check_frame(self, const uint8_t* h) except -1:
+        """Stage 3, masking key read: fragment sequence and size limits; then
+        set the frame up."""
+        cdef int opcode = h[0] & 0x0F
+        cdef uint64_t ln = h[1] & 0x7F
+        cdef int off = 2
+        cdef int i
         if ln == 126:
             ln = (<uint64_t>h[2] << 8) | h[3]
             off = 4
@@ -648,14 +702,7 @@ cdef class Engine:
             for i in range(8):
                 ln = (ln << 8) | h[2 + i]
             off = 10
-            if ln >> 63:
-                self._fail(1002, "payload length with the most significant bit set")
-                return -2
-        if not (b1 & 0x80):
-            self._fail(1002, "unmasked client frame")
-            return -2
-        memcpy(self._mask, h + off, 4)
-        if not control:
+        if opcode < 8:
             if opcode == OP_CONT:
                 if self._msg_opcode == 0:
                     self._fail(1002, "continuation frame without a message to continue")
@@ -666,13 +713,16 @@ cdef class Engine:
             if self.max_frame_size and ln > <uint64_t>self.max_frame_size:
                 self._fail(1009, "frame of %d bytes over max_frame_size" % ln)
                 return -2
-            if (self.max_message_size and
-                    <uint64_t>self._mlen + ln > <uint64_t>self.max_message_size):
+            if (self.max_message_size and not (h[0] & 0x40) and
+                    not (opcode == OP_CONT and self._msg_compressed) and
+                    <uint64_t>(self._mlen if opcode == OP_CONT else 0) + ln
+                    > <uint64_t>self.max_message_size):
                 self._fail(1009, "message over max_message_size")
                 return -2
+        memcpy(self._mask, h + off, 4)
         self._opcode = opcode
-        self._fin = fin
-        self._rsv1 = rsv1
+        self._fin = (h[0] & 0x80) != 0
+        self._rsv1 = (h[0] & 0x40) != 0
         self._flen = ln
         self._fpos = 0
         return 0
@@ -741,17 +791,10 @@ cdef class Engine:
         opcode = self._msg_opcode
         self._msg_opcode = 0
         if opcode == OP_TEXT:
-            if self._msg_compressed:
-                try:
-                    payload = PyUnicode_DecodeUTF8(<char*>self._mbuf, self._mlen, NULL)
-                except UnicodeDecodeError:
-                    self._fail(1007, "invalid UTF-8 in text message")
-                    return 0
-            else:
-                if self._utf8 != UTF8_ACCEPT:
-                    self._fail(1007, "text message ends inside a UTF-8 sequence")
-                    return 0
-                payload = PyUnicode_DecodeUTF8(<char*>self._mbuf, self._mlen, NULL) if self._mlen else ""
+            if self._utf8 != UTF8_ACCEPT:
+                self._fail(1007, "text message ends inside a UTF-8 sequence")
+                return 0
+            payload = PyUnicode_DecodeUTF8(<char*>self._mbuf, self._mlen, NULL) if self._mlen else ""
         elif self._direct:
             payload = self._mobj
         else:
@@ -785,6 +828,11 @@ cdef class Engine:
         if limited and (len(out) > room or self._inflater.unconsumed_tail):
             self._fail(1009, "decompressed message over max_message_size")
             return -2
+        if self._msg_opcode == OP_TEXT and len(out):
+            self._utf8 = _utf8_run(self._utf8, <const uint8_t*>PyBytes_AS_STRING(out), len(out))
+            if self._utf8 == UTF8_REJECT:
+                self._fail(1007, "invalid UTF-8 in text message")
+                return -2
         self._append(<const uint8_t*>PyBytes_AS_STRING(out), len(out))
         if self._fin and p.client_no_context_takeover:
             self._inflater = None
@@ -794,8 +842,8 @@ cdef class Engine:
         cdef int code
         cdef str reason
         if opcode == OP_PING:
-            if self.state == S_OPEN:
-                self._queue(_encode_bytes(OP_PONG, payload))
+            # answered while CLOSING too: only a *received* close ends pongs
+            self._queue(_encode_bytes(OP_PONG, payload))
             self._on_event((OP_PING, payload))
         elif opcode == OP_PONG:
             self._on_event((OP_PONG, payload))
@@ -1198,7 +1246,7 @@ cdef class Connection(Engine):
         written with everything else queued in this loop iteration.
         Raises ConnectionClosed once the connection is closing or closed."""
         if self.state != S_OPEN or self._phase != P_OPEN:
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+            self._raise_closed()
         if (type(message) is bytes and PyBytes_GET_SIZE(message) >= SPLIT_SEND_MIN
                 and self._deflate_params is None):
             # large binary: header and payload go out by writev, no copy
@@ -1210,7 +1258,7 @@ cdef class Connection(Engine):
     def send_frame(self, bytes frame):
         """Queue an already encoded frame (see ``encode_frame``)."""
         if self.state != S_OPEN or self._phase != P_OPEN:
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+            self._raise_closed()
         self._queue(frame)
 
     def ping(self, payload=b""):
