@@ -881,6 +881,14 @@ cdef class Engine:
 # docstring for why that is safe).  256 KiB: large reads amortise syscalls.
 cdef bytearray _READ_BUFFER = bytearray(256 * 1024)
 
+cdef enum EndMode:
+    END_NONE = 0
+    END_CLOSE = 1      # close exchange complete: close the TCP connection
+    END_LINGER = 2     # we sent an error close: half-close, discard input until
+                       # the peer's EOF or close_timeout (closing at once would
+                       # reset a peer still sending, and it would lose our close)
+    END_EOF_SENT = 3   # lingering, FIN already sent
+
 cdef enum Phase:
     P_HANDSHAKE = 0    # collecting the request head
     P_DECIDING = 1     # head handed to the handshake, answer pending (async on_connect)
@@ -994,7 +1002,8 @@ cdef class Connection(Engine):
     cdef Py_ssize_t _wq_size           # bytes in _wq
     cdef bint _read_direct             # the last get_buffer handed out the message itself
     cdef bint _dirty                   # registered in the hub's dirty list
-    cdef bint _close_after_flush       # close the transport once _wq is written
+    cdef int _end_mode                 # END_*: what to do with the transport once _wq is written
+    cdef bint _errored                 # we closed because the peer broke the protocol
     cdef object _store                 # user dict, created lazily
     cdef object _close_timer           # TimerHandle while waiting for the peer's close
     cdef bint _reported                # on_disconnect has run
@@ -1152,6 +1161,8 @@ cdef class Connection(Engine):
         return 0
 
     cdef int _on_event(self, tuple event) except -1:
+        if event[0] == EV_ERROR:
+            self._errored = True
         return 0
 
     cdef int _queue(self, bytes frame) except -1:
@@ -1168,17 +1179,35 @@ cdef class Connection(Engine):
         return 0
 
     cdef inline int _after_input(self) except -1:
-        if self.state == S_CLOSED and self._phase == P_OPEN:
-            # close exchange finished or protocol error: write what is queued
-            # (the echo or the error close frame), then close the transport
-            self._close_after_flush = True
-            if self._close_timer is not None:
-                self._close_timer.cancel()
-                self._close_timer = None
+        if self.state == S_CLOSED and self._phase == P_OPEN and self._end_mode == END_NONE:
+            # close exchange finished, or protocol error: write what is queued
+            # (the echo or the error close frame), then end the transport
+            if self._errored:
+                self._end_mode = END_LINGER
+                self._arm_close_timer()
+            else:
+                self._end_mode = END_CLOSE
+                if self._close_timer is not None:
+                    self._close_timer.cancel()
+                    self._close_timer = None
         if self._dirty:
             self._flush()
-        elif self._close_after_flush and self.transport is not None:
-            self.transport.close()
+        elif self._end_mode != END_NONE:
+            self._end_transport()
+        return 0
+
+    cdef int _end_transport(self) except -1:
+        cdef object t = self.transport
+        if t is None:
+            return 0
+        if self._end_mode == END_CLOSE:
+            t.close()
+        elif self._end_mode == END_LINGER:
+            self._end_mode = END_EOF_SENT
+            if t.can_write_eof():
+                t.write_eof()
+            else:
+                t.close()
         return 0
 
     cdef int _flush(self) except -1:
@@ -1196,8 +1225,8 @@ cdef class Connection(Engine):
                     t.write(b"".join(wq))   # small frames: one contiguous buffer
                 else:
                     t.writelines(wq)        # large ones: writev, no copy
-        if self._close_after_flush and t is not None:
-            t.close()
+        if self._end_mode != END_NONE:
+            self._end_transport()
         return 0
 
     def _task_done(self, task):

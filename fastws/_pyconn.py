@@ -83,7 +83,8 @@ class Connection:
         self._buf = bytearray(65536)
         self._wq = None
         self._dirty = False
-        self._close_after_flush = False
+        self._end_mode = 0        # 0 none, 1 close, 2 linger, 3 linger with FIN sent
+        self._errored = False
         self._store = None
         self._close_timer = None
         self._reported = False
@@ -191,25 +192,44 @@ class Connection:
         eng = self._engine
         for ev in eng.receive(data):
             kind = ev[0]
+            # what the engine queued (a pong) goes out before later replies
+            out = eng.data_to_send()
+            if out:
+                self._queue(out)
             if kind == TEXT or kind == BINARY:
                 self._dispatch(ev[1])
-            elif kind == CLOSE or kind == ERROR:
-                if self.close_code is None:
-                    self.close_code, self.close_reason = ev[1], ev[2]
+            elif kind == ERROR:
+                self._errored = True
         out = eng.data_to_send()
         if out:
             self._queue(out)
-        if eng.state == CLOSED and self._phase == P_OPEN:
-            self._close_after_flush = True
-            if self.close_code is None:
-                self.close_code, self.close_reason = eng.close_code, eng.close_reason
-            if self._close_timer is not None:
-                self._close_timer.cancel()
-                self._close_timer = None
+        if eng.state == CLOSED and self._phase == P_OPEN and self._end_mode == 0:
+            self.close_code, self.close_reason = eng.close_code, eng.close_reason
+            if self._errored:
+                self._end_mode = 2
+                self._arm_close_timer()
+            else:
+                self._end_mode = 1
+                if self._close_timer is not None:
+                    self._close_timer.cancel()
+                    self._close_timer = None
         if self._dirty:
             self._flush()
-        elif self._close_after_flush and self.transport is not None:
-            self.transport.close()
+        elif self._end_mode:
+            self._end_transport()
+
+    def _end_transport(self):
+        t = self.transport
+        if t is None:
+            return
+        if self._end_mode == 1:
+            t.close()
+        elif self._end_mode == 2:
+            self._end_mode = 3
+            if t.can_write_eof():
+                t.write_eof()
+            else:
+                t.close()
 
     def _dispatch(self, payload):
         route = self.route
@@ -242,8 +262,8 @@ class Connection:
         t = self.transport
         if wq and t is not None:
             t.write(b"".join(wq))
-        if self._close_after_flush and t is not None:
-            t.close()
+        if self._end_mode:
+            self._end_transport()
 
     def _task_done(self, task):
         if not task.cancelled() and task.exception() is not None:
