@@ -17,8 +17,12 @@ EXIT_USAGE = 2
 EXIT_LISTEN = 1
 
 
-def load_app(path: str):
-    """Import ``module:attribute`` (the current directory is importable)."""
+def load_app(path: str, interface: str = "auto"):
+    """Import ``module:attribute`` (the current directory is importable).
+
+    Returns ``(kind, obj)``: kind is "fastws" for a fastws.App, "asgi" for an
+    ASGI 3 application (any other callable, or ``--interface asgi``).
+    """
     from fastws.app import App
 
     module_name, sep, attr = path.partition(":")
@@ -34,9 +38,13 @@ def load_app(path: str):
         app = getattr(module, attr)
     except AttributeError:
         raise click.ClickException(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(app, App):
+    if isinstance(app, App) and interface in ("auto", "fastws"):
+        return "fastws", app
+    if interface == "fastws":
         raise click.ClickException(f"{path} is {type(app).__name__}, not a fastws.App")
-    return app
+    if callable(app):
+        return "asgi", app
+    raise click.ClickException(f"{path} is {type(app).__name__}: neither a fastws.App nor an ASGI app")
 
 
 @click.group()
@@ -57,13 +65,16 @@ def cli() -> None:
               help="Negotiate permessage-deflate (RFC 7692).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(app, host, port, max_message_size, max_frame_size, compression, log_level):
-    """Serve the fastws App at APP (MODULE:ATTRIBUTE)."""
+@click.option("--interface", default="auto", show_default=True,
+              type=click.Choice(["auto", "fastws", "asgi"]),
+              help="What APP is: a fastws.App, an ASGI 3 app, or detect it.")
+def serve(app, host, port, max_message_size, max_frame_size, compression, log_level, interface):
+    """Serve APP (MODULE:ATTRIBUTE): a fastws.App or an ASGI application."""
     from fastws.config import Config
     from fastws.errors import ConfigError
     from fastws.server import ServerStartError, run_server
 
-    application = load_app(app)
+    kind, application = load_app(app, interface)
     try:
         config = Config(host=host, port=port, max_message_size=max_message_size,
                         max_frame_size=max_frame_size, compression=compression,
@@ -72,7 +83,12 @@ def serve(app, host, port, max_message_size, max_frame_size, compression, log_le
         click.echo(f"fastws: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     try:
-        run_server(application, config)
+        if kind == "asgi":
+            from fastws.asgi import run_asgi
+
+            run_asgi(application, config)
+        else:
+            run_server(application, config)
     except ServerStartError as exc:
         click.echo(f"fastws: {exc}", err=True)
         sys.exit(EXIT_LISTEN)

@@ -1007,6 +1007,8 @@ cdef class Connection(Engine):
     cdef object _store                 # user dict, created lazily
     cdef object _close_timer           # TimerHandle while waiting for the peer's close
     cdef bint _reported                # on_disconnect has run
+    cdef object _body_cb               # plain HTTP: callback(body) once _body_size bytes are in
+    cdef Py_ssize_t _body_size
 
     def __init__(self, Hub hub):
         self._hub = hub
@@ -1045,10 +1047,42 @@ cdef class Connection(Engine):
             self._feed(<uint8_t*><char*>_READ_BUFFER, nbytes)
             self._after_input()
         elif self._phase == P_HANDSHAKE:
-            self._head_data(nbytes)
+            self._head_data(memoryview(_READ_BUFFER)[:nbytes])
         elif self._phase == P_DECIDING:
-            # bytes behind the request head while an async on_connect runs
+            # bytes behind the request head while the server decides
             self._head.extend(memoryview(_READ_BUFFER)[:nbytes])
+            self._check_body()
+
+    def feed(self, data):
+        """Process ``data`` as if it had been read from the transport: for a
+        protocol that hands its transport (and the bytes it already read, the
+        request head included) over to a fastws Connection."""
+        cdef bytearray buf
+        if self._phase == P_HANDSHAKE:
+            self._head_data(data)
+        elif self._phase == P_DECIDING:
+            self._head.extend(data)
+            self._check_body()
+        elif self._phase == P_OPEN:
+            buf = bytearray(data)
+            if len(buf):
+                self._feed(<uint8_t*><char*>buf, len(buf))
+            self._after_input()
+
+    def _hs_read_body(self, Py_ssize_t size, callback):
+        """While deciding (a plain HTTP request): call ``callback(body)``
+        once ``size`` bytes behind the head are in."""
+        self._body_size = size
+        self._body_cb = callback
+        self._check_body()
+
+    cdef _check_body(self):
+        cb = self._body_cb
+        if cb is not None and self._head is not None and len(self._head) >= self._body_size:
+            self._body_cb = None
+            body = bytes(self._head[:self._body_size])
+            del self._head[:self._body_size]
+            cb(body)
 
     def eof_received(self):
         return False
@@ -1081,13 +1115,13 @@ cdef class Connection(Engine):
 
     # ---------------------------------------------------------- handshake
 
-    cdef int _head_data(self, Py_ssize_t nbytes) except -1:
+    cdef int _head_data(self, object data) except -1:
         if self._head is None:
             self._head = bytearray()
         cdef Py_ssize_t start = len(self._head) - 3
         if start < 0:
             start = 0
-        self._head.extend(memoryview(_READ_BUFFER)[:nbytes])
+        self._head.extend(data)
         cdef Py_ssize_t end = self._head.find(b"\r\n\r\n", start)
         if end < 0:
             if len(self._head) > self._hub.max_head_size:

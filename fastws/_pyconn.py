@@ -88,6 +88,8 @@ class Connection:
         self._store = None
         self._close_timer = None
         self._reported = False
+        self._body_cb = None
+        self._body_size = 0
         self.close_code = None
         self.close_reason = None
 
@@ -107,6 +109,31 @@ class Connection:
             self._head_data(data)
         elif self._phase == P_DECIDING:
             self._head.extend(data)
+            self._check_body()
+
+    def feed(self, data):
+        """Process ``data`` as if read from the transport (protocol hand-over)."""
+        data = bytes(data)
+        if self._phase == P_OPEN:
+            self._input(data)
+        elif self._phase == P_HANDSHAKE:
+            self._head_data(data)
+        elif self._phase == P_DECIDING:
+            self._head.extend(data)
+            self._check_body()
+
+    def _hs_read_body(self, size, callback):
+        self._body_size = size
+        self._body_cb = callback
+        self._check_body()
+
+    def _check_body(self):
+        cb = self._body_cb
+        if cb is not None and self._head is not None and len(self._head) >= self._body_size:
+            self._body_cb = None
+            body = bytes(self._head[:self._body_size])
+            del self._head[:self._body_size]
+            cb(body)
 
     def eof_received(self):
         return False

@@ -220,6 +220,70 @@ def parse_request(head: bytes) -> Request:
     return req
 
 
+@dataclass(slots=True)
+class HttpRequest:
+    """A plain (non-upgrade) HTTP request to one of the server's HTTP routes
+    (``/health``, ``/metrics``, ``POST /publish`` ...)."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: list
+    body: bytes = b""
+    remote_address: object = None
+
+    def header(self, name: str, default=None):
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return default
+
+    @property
+    def query(self) -> dict:
+        return {k: v[0] for k, v in parse_qs(self.query_string).items()}
+
+
+def parse_http_head(head: bytes):
+    """Method, target and lower-cased headers of a request head, or None if
+    it is not a well-formed HTTP/1.x request head."""
+    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else None
+    if not lines:
+        return None
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not _TOKEN.match(parts[0]):
+        return None
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name) or not _FIELD_VALUE.match(value.strip(b" \t")):
+            return None
+        headers.append((name.lower().decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    try:
+        target = parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return parts[0].decode("ascii"), target, headers
+
+
+def http_response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
+                  headers=()) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Status"
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    for k, v in headers:
+        lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
 

@@ -20,7 +20,15 @@ from . import core
 from .app import Accept, App, Reject
 from .config import Config
 from .errors import HandshakeError
-from .handshake import accept_response, error_response, negotiate_deflate, parse_request
+from .handshake import (
+    HttpRequest,
+    accept_response,
+    error_response,
+    http_response,
+    negotiate_deflate,
+    parse_http_head,
+    parse_request,
+)
 
 log = logging.getLogger("fastws")
 
@@ -62,8 +70,20 @@ class Server:
         self.app = app            # routes and callbacks
         self.config = config      # every knob
         self.hub = None           # engine-side connection registry, set by start()
+        self.http_routes = {}     # (method, path) -> handler for plain HTTP requests
         self._server = None       # the asyncio Server
         self._loop = None
+
+    def add_http_route(self, method: str, path: str, handler) -> None:
+        """Serve plain HTTP ``method path`` on the WebSocket port.
+
+        ``handler(request: HttpRequest)`` (sync or async) returns
+        ``(status, body_bytes, content_type)`` or
+        ``(status, body_bytes, content_type, extra_headers)``.  The response
+        closes the connection.  Bodies are read up to ``max_message_size``
+        (413 beyond).
+        """
+        self.http_routes[(method.upper(), path)] = handler
 
     @property
     def port(self) -> int:
@@ -113,6 +133,8 @@ class Server:
     def _handshake(self, conn, head) -> None:
         if head is None:
             conn._hs_reject(error_response(431, "request head too large"))
+            return
+        if self.http_routes and self._maybe_http(conn, head):
             return
         try:
             req = parse_request(head)
@@ -185,6 +207,83 @@ class Server:
             )
         response = accept_response(req, subprotocol, ext_header, headers)
         conn._hs_accept(response, route, req.path, req.query_string, subprotocol, deflate)
+
+    # -- plain HTTP on the same port ------------------------------------------
+
+    def _maybe_http(self, conn, head) -> bool:
+        """Serve ``head`` as plain HTTP if it targets an HTTP route and is no
+        upgrade request; False to go on with the WebSocket handshake."""
+        parsed = parse_http_head(head)
+        if parsed is None:
+            return False
+        method, target, headers = parsed
+        path, _, query = target.partition("?")
+        handler = self.http_routes.get((method, path))
+        if handler is None:
+            if not any(p == path for (_, p) in self.http_routes):
+                return False
+            if any(k == "upgrade" for k, _ in headers):
+                return False
+            allowed = sorted(m for (m, p) in self.http_routes if p == path)
+            conn._hs_reject(http_response(405, b"method not allowed\n",
+                                          headers=[("Allow", ", ".join(allowed))]))
+            return True
+        if any(k == "upgrade" for k, _ in headers):
+            return False
+        request = HttpRequest(method, path, query, headers, b"", conn.remote_address)
+        length = dict(headers).get("content-length")
+        if dict(headers).get("transfer-encoding"):
+            conn._hs_reject(http_response(411, b"send a Content-Length\n"))
+            return True
+        if length:
+            try:
+                size = int(length)
+                if size < 0:
+                    raise ValueError
+            except ValueError:
+                conn._hs_reject(http_response(400, b"bad Content-Length\n"))
+                return True
+            limit = self.config.max_message_size
+            if limit and size > limit:
+                conn._hs_reject(http_response(413, b"body over max_message_size\n"))
+                return True
+
+            def got_body(body, request=request):
+                request.body = body
+                self._run_http(conn, handler, request)
+
+            conn._hs_read_body(size, got_body)
+        else:
+            self._run_http(conn, handler, request)
+        return True
+
+    def _run_http(self, conn, handler, request) -> None:
+        try:
+            result = handler(request)
+        except Exception as exc:
+            log.error("fastws: exception in HTTP handler %s", request.path, exc_info=exc)
+            conn._hs_reject(http_response(500, b"internal error\n"))
+            return
+        if asyncio.iscoroutine(result):
+            task = self._loop.create_task(result)
+            task.add_done_callback(lambda t: self._http_done(conn, request, t))
+        else:
+            self._send_http(conn, result)
+
+    def _http_done(self, conn, request, task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.error("fastws: exception in HTTP handler %s", request.path, exc_info=task.exception())
+            conn._hs_reject(http_response(500, b"internal error\n"))
+            return
+        self._send_http(conn, task.result())
+
+    @staticmethod
+    def _send_http(conn, result) -> None:
+        status, body, ctype, *rest = result
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        conn._hs_reject(http_response(status, body, ctype, rest[0] if rest else ()))
 
     def _callback_error(self, conn, exc) -> None:
         log.error("fastws: exception in a callback for connection %s; closing it with 1011",
