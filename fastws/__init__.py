@@ -16,6 +16,7 @@ See README.md for the CLI, rooms and deployment.
 from .app import Accept, App, Reject, run
 from .config import Config
 from .core import IMPLEMENTATION
+from .delivery import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 from .errors import (
     ConfigError,
     ConnectionClosed,
@@ -35,6 +36,9 @@ __all__ = [
     "Config",
     "run",
     "IMPLEMENTATION",
+    "PRIORITY_LOW",
+    "PRIORITY_NORMAL",
+    "PRIORITY_HIGH",
     "FastWSError",
     "ProtocolError",
     "HandshakeError",

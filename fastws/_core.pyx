@@ -898,9 +898,30 @@ cdef enum Phase:
 DEF MAX_FLUSH_JOIN = 65536  # below this many queued bytes, join frames into one buffer
 
 
+# Delivery priorities of published messages (fastws.delivery documents the policy).
+PRIORITY_LOW = 0       # dropped first, as soon as a connection's socket is backed up
+PRIORITY_NORMAL = 1    # dropped once the connection's own queue is half full
+PRIORITY_HIGH = 2      # never dropped; past the hard cap the connection is closed
+
+
 cdef class Hub:
     """Per-server state shared by its connections: limits, the handshake,
-    the registry of open connections and the per-loop write coalescer."""
+    the registry of open connections, the per-loop write coalescer, the
+    delivery policy and the frame-level counters.
+
+    Delivery policy (theory of operation).  Each connection's send budget is
+    the transport's write buffer (``high_water`` bytes, after which the
+    transport calls ``pause_writing``) plus fastws's own queue of frames not
+    yet handed to the transport (at most ``max_queue`` bytes).  While a
+    connection is paused its frames stay in that queue; a published message
+    of LOW priority is dropped for it, NORMAL is dropped once the queue is
+    half full, HIGH and control frames are kept.  A connection whose queue
+    passes ``max_queue``, or that stays paused longer than ``slow_grace``
+    seconds while messages keep coming, is closed with 1008 "slow consumer".
+    A paused connection is not read either, which paces a client that floods
+    the server faster than it reads the answers.  So a connection never holds
+    more than ``high_water + max_queue`` bytes of output, whatever it does.
+    """
 
     cdef public object loop
     cdef public object handshake       # callable(conn, head: bytes) -> None; must call
@@ -911,13 +932,31 @@ cdef class Hub:
     cdef public Py_ssize_t max_head_size
     cdef public double close_timeout
     cdef public object on_callback_error   # callable(conn, exc): log it
+    cdef public object on_lost         # callable(conn) for a lost connection that joined rooms
+    cdef public object rooms           # the fastws.rooms.Rooms registry of this server
+    # -- delivery policy --
+    cdef public Py_ssize_t high_water  # transport write-buffer high-water mark, bytes
+    cdef public Py_ssize_t max_queue   # hard cap on fastws's own per-connection queue, bytes
+    cdef public double slow_grace      # seconds a connection may stay backed up
+    # -- counters (exported by fastws.metrics) --
+    cdef public unsigned long long messages_in, messages_out, bytes_in, bytes_out
+    cdef public unsigned long long slow_consumer_closes
+    cdef public dict closes            # close code -> count
+    cdef public dict dropped           # (reason, priority) -> count
     cdef unsigned long long _next_id
     cdef list _dirty                   # connections with frames queued this tick
     cdef bint _scheduled               # a flush is scheduled with call_soon
 
     def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
-                 max_head_size=8192, close_timeout=5.0, on_callback_error=None):
+                 max_head_size=8192, close_timeout=5.0, on_callback_error=None,
+                 high_water=65536, max_queue=1 << 20, slow_grace=5.0):
         self.loop = loop
+        self.high_water = high_water
+        self.max_queue = max_queue
+        self.slow_grace = slow_grace
+        self.closes = {}
+        self.dropped = {}
+        self.on_lost = None
         self.handshake = handshake
         self.connections = {}
         self.max_message_size = max_message_size
@@ -947,13 +986,43 @@ cdef class Hub:
         for c in dirty:
             c._flush()
 
-    def broadcast(self, message, connections, exclude=None):
+    def stats(self):
+        """Counters and gauges for metrics (a new dict; O(connections))."""
+        cdef Connection c
+        cdef Py_ssize_t total = 0, largest = 0, q
+        for c in self.connections.values():
+            q = c._wq_size
+            if c.transport is not None and c._wpaused:
+                q += c.transport.get_write_buffer_size()
+            total += q
+            if q > largest:
+                largest = q
+        return {
+            "connections": len(self.connections),
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "closes": dict(self.closes),
+            "dropped": dict(self.dropped),
+            "slow_consumer_closes": self.slow_consumer_closes,
+            "queued_bytes_total": total,
+            "queued_bytes_max": largest,
+        }
+
+    cdef void _count_drop(self, str reason, int priority):
+        key = (reason, priority)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+
+    def broadcast(self, message, connections, exclude=None, int priority=PRIORITY_NORMAL):
         """Encode ``message`` once and queue the same frame on every
         connection in ``connections`` (an iterable of Connection) except
-        ``exclude``.  Returns the number of connections it was queued on."""
+        ``exclude``, applying the delivery policy for ``priority``.
+        Returns the number of connections it was queued on."""
         cdef Connection c
         cdef bytes frame
         cdef int n = 0
+        cdef Py_ssize_t flen
         if type(message) is str:
             data = (<str>message).encode("utf-8")
             frame = _encode(OP_TEXT, <const uint8_t*>PyBytes_AS_STRING(data),
@@ -962,14 +1031,18 @@ cdef class Hub:
             data = bytes(message)
             frame = _encode(OP_BINARY, <const uint8_t*>PyBytes_AS_STRING(data),
                             PyBytes_GET_SIZE(data), True, NULL, False)
+        flen = PyBytes_GET_SIZE(frame)
         for c in connections:
             if c is exclude or c.state != S_OPEN or c._phase != P_OPEN:
+                continue
+            if c._wpaused and not c._admit(priority):
                 continue
             if c._deflate_params is not None:
                 c._queue(c._frame_message(message))
             else:
                 c._queue(frame)
             n += 1
+        self.messages_out += n
         return n
 
     @property
@@ -1008,6 +1081,10 @@ cdef class Connection(Engine):
     cdef object _close_timer           # TimerHandle while waiting for the peer's close
     cdef bint _reported                # on_disconnect has run
     cdef object _body_cb               # plain HTTP: callback(body) once _body_size bytes are in
+    cdef public object rooms           # set of room keys joined (fastws.rooms), None if none
+    cdef bint _wpaused                 # the transport asked us to stop writing
+    cdef double _paused_at             # loop time of pause_writing
+    cdef public unsigned long dropped  # messages dropped for this connection
     cdef Py_ssize_t _body_size
 
     def __init__(self, Hub hub):
@@ -1020,6 +1097,8 @@ cdef class Connection(Engine):
 
     def connection_made(self, transport):
         self.transport = transport
+        if self._hub.high_water != 65536:
+            transport.set_write_buffer_limits(high=self._hub.high_water)
 
     def get_buffer(self, Py_ssize_t sizehint):
         cdef _RawBuffer rb
@@ -1036,6 +1115,7 @@ cdef class Connection(Engine):
         return _READ_BUFFER
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        self._hub.bytes_in += nbytes
         if self._read_direct:
             self._read_direct = False
             if self._consume_payload(self._mbuf + self._mlen, nbytes, True) == 0:
@@ -1097,21 +1177,71 @@ cdef class Connection(Engine):
         if phase == P_OPEN or phase == P_DONE:
             self._hub.connections.pop(self.id, None)
         if self.close_code is None:
-            self.close_code = 1006
-            self.close_reason = ""
+            if self._sent_code:
+                # we closed (e.g. slow consumer) and the peer never answered
+                self.close_code = self._sent_code
+                self.close_reason = self._sent_reason or ""
+            else:
+                self.close_code = 1006
+                self.close_reason = ""
         if self.state != S_CLOSED:
             self.state = S_CLOSED
         self._release_message()
+        if phase == P_OPEN:
+            code = self.close_code
+            self._hub.closes[code] = self._hub.closes.get(code, 0) + 1
+            if self.rooms and self._hub.on_lost is not None:
+                try:
+                    self._hub.on_lost(self)
+                except Exception as exc:
+                    _log.error("fastws: leaving rooms failed", exc_info=exc)
         if phase == P_OPEN and not self._reported:
             self._reported = True
             self._call_disconnect()
         self.transport = None
 
     def pause_writing(self):
-        pass
+        """The transport's buffer is over high water: keep frames in our own
+        queue, and stop reading this peer until it drains."""
+        self._wpaused = True
+        self._paused_at = self._hub.loop.time()
+        if self.transport is not None and self._phase == P_OPEN:
+            self.transport.pause_reading()
 
     def resume_writing(self):
-        pass
+        self._wpaused = False
+        if self.transport is not None and self._phase == P_OPEN:
+            self.transport.resume_reading()
+            if self._wq is not None:
+                self._flush()
+
+    cdef bint _admit(self, int priority):
+        """Delivery policy for a published message to a paused connection:
+        True to queue it, False if it is dropped (counted) or the connection
+        is being closed as a slow consumer."""
+        cdef Hub hub = self._hub
+        if (self._wq_size > hub.max_queue or
+                (hub.slow_grace > 0 and hub.loop.time() - self._paused_at > hub.slow_grace)):
+            self._slow_consumer()
+            return False
+        if priority <= PRIORITY_LOW or (priority == PRIORITY_NORMAL and self._wq_size * 2 > hub.max_queue):
+            self.dropped += 1
+            hub._count_drop("backpressure", priority)
+            return False
+        return True
+
+    cdef _slow_consumer(self):
+        """Close with 1008: discard what is queued, send the close frame past
+        the pause, drop the TCP connection after close_timeout."""
+        if self.state != S_OPEN:
+            return
+        self._hub.slow_consumer_closes += 1
+        self._wq = None
+        self._wq_size = 0
+        frame = self._start_close(1008, "slow consumer")
+        if self.transport is not None:
+            self.transport.write(frame)
+        self._arm_close_timer()
 
     # ---------------------------------------------------------- handshake
 
@@ -1181,6 +1311,7 @@ cdef class Connection(Engine):
     # ---------------------------------------------------------- engine hooks
 
     cdef int _on_message(self, int opcode, object payload) except -1:
+        self._hub.messages_in += 1
         cb = self._on_message_cb
         if cb is None:
             return 0
@@ -1207,6 +1338,10 @@ cdef class Connection(Engine):
         else:
             self._wq.append(frame)
         self._wq_size += PyBytes_GET_SIZE(frame)
+        if self._wpaused:
+            if self._wq_size > self._hub.max_queue and self.state == S_OPEN:
+                self._slow_consumer()
+            return 0
         if not self._dirty:
             self._dirty = True
             self._hub._mark_dirty(self)
@@ -1246,6 +1381,8 @@ cdef class Connection(Engine):
 
     cdef int _flush(self) except -1:
         self._dirty = False
+        if self._wpaused and self._end_mode == END_NONE:
+            return 0      # held until resume_writing (see Hub's delivery policy)
         cdef list wq = self._wq
         cdef object t = self.transport
         cdef Py_ssize_t size = self._wq_size
@@ -1253,6 +1390,7 @@ cdef class Connection(Engine):
             self._wq = None
             self._wq_size = 0
             if t is not None:
+                self._hub.bytes_out += size
                 if len(wq) == 1:
                     t.write(wq[0])
                 elif size <= MAX_FLUSH_JOIN:
@@ -1310,6 +1448,7 @@ cdef class Connection(Engine):
         Raises ConnectionClosed once the connection is closing or closed."""
         if self.state != S_OPEN or self._phase != P_OPEN:
             self._raise_closed()
+        self._hub.messages_out += 1
         if (type(message) is bytes and PyBytes_GET_SIZE(message) >= SPLIT_SEND_MIN
                 and self._deflate_params is None):
             # large binary: header and payload go out by writev, no copy
@@ -1335,6 +1474,14 @@ cdef class Connection(Engine):
             return
         self._queue(self._start_close(code, reason))
         self._arm_close_timer()
+
+    def join(self, room, namespace=None):
+        """Join ``room`` (in the route's namespace unless given)."""
+        self._hub.rooms.join(self, room, namespace)
+
+    def leave(self, room, namespace=None):
+        """Leave ``room``; no-op if not a member."""
+        self._hub.rooms.leave(self, room, namespace)
 
     def abort(self):
         """Drop the TCP connection at once, without a close handshake."""

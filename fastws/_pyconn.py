@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from . import _wsproto_engine as engine_mod
+from .delivery import PRIORITY_LOW, PRIORITY_NORMAL
 from .errors import CLOSE_REASONS, ConnectionClosed
 
 _log = logging.getLogger("fastws")
@@ -24,8 +25,18 @@ class Hub:
     """Per-server state: limits, handshake, registry, write coalescing."""
 
     def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
-                 max_head_size=8192, close_timeout=5.0, on_callback_error=None):
+                 max_head_size=8192, close_timeout=5.0, on_callback_error=None,
+                 high_water=65536, max_queue=1 << 20, slow_grace=5.0):
         self.loop = loop
+        self.high_water = high_water
+        self.max_queue = max_queue
+        self.slow_grace = slow_grace
+        self.on_lost = None
+        self.rooms = None
+        self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
+        self.slow_consumer_closes = 0
+        self.closes = {}
+        self.dropped = {}
         self.handshake = handshake
         self.connections = {}
         self.max_message_size = max_message_size
@@ -52,14 +63,44 @@ class Hub:
         for c in dirty:
             c._flush()
 
-    def broadcast(self, message, connections, exclude=None):
+    def broadcast(self, message, connections, exclude=None, priority=PRIORITY_NORMAL):
         n = 0
+        frame = None
         for c in connections:
             if c is exclude or c.closed:
                 continue
-            c._queue(c._engine.send(message))
+            if c._wpaused and not c._admit(priority):
+                continue
+            if c._deflate is not None:  # compressed per connection
+                c._queue(c._engine.send(message))
+            else:
+                if frame is None:
+                    frame = c._engine.send(message)
+                c._queue(frame)
             n += 1
+        self.messages_out += n
         return n
+
+    def stats(self):
+        total = largest = 0
+        for c in self.connections.values():
+            q = c._wq_size
+            if c.transport is not None and c._wpaused:
+                q += c.transport.get_write_buffer_size()
+            total += q
+            largest = max(largest, q)
+        return {
+            "connections": len(self.connections),
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "closes": dict(self.closes),
+            "dropped": dict(self.dropped),
+            "slow_consumer_closes": self.slow_consumer_closes,
+            "queued_bytes_total": total,
+            "queued_bytes_max": largest,
+        }
 
     @property
     def open_connections(self):
@@ -90,6 +131,12 @@ class Connection:
         self._reported = False
         self._body_cb = None
         self._body_size = 0
+        self._wq_size = 0
+        self._wpaused = False
+        self._paused_at = 0.0
+        self.rooms = None
+        self.dropped = 0
+        self._deflate = None
         self.close_code = None
         self.close_reason = None
 
@@ -97,11 +144,14 @@ class Connection:
 
     def connection_made(self, transport):
         self.transport = transport
+        if self._hub.high_water != 65536:
+            transport.set_write_buffer_limits(high=self._hub.high_water)
 
     def get_buffer(self, sizehint):
         return self._buf
 
     def buffer_updated(self, nbytes):
+        self._hub.bytes_in += nbytes
         data = bytes(self._buf[:nbytes])
         if self._phase == P_OPEN:
             self._input(data)
@@ -148,18 +198,57 @@ class Connection:
         if phase == P_OPEN:
             self._hub.connections.pop(self.id, None)
         if self.close_code is None:
-            self.close_code = 1006
-            self.close_reason = ""
+            sent = getattr(self._engine, "_sent_close", None) if self._engine is not None else None
+            self.close_code, self.close_reason = sent if sent else (1006, "")
+        if phase == P_OPEN:
+            hub = self._hub
+            hub.closes[self.close_code] = hub.closes.get(self.close_code, 0) + 1
+            if self.rooms and hub.on_lost is not None:
+                try:
+                    hub.on_lost(self)
+                except Exception as exc:
+                    _log.error("fastws: leaving rooms failed", exc_info=exc)
         if phase == P_OPEN and not self._reported:
             self._reported = True
             self._call_disconnect()
         self.transport = None
 
     def pause_writing(self):
-        pass
+        self._wpaused = True
+        self._paused_at = self._hub.loop.time()
+        if self.transport is not None and self._phase == P_OPEN:
+            self.transport.pause_reading()
 
     def resume_writing(self):
-        pass
+        self._wpaused = False
+        if self.transport is not None and self._phase == P_OPEN:
+            self.transport.resume_reading()
+            if self._wq is not None:
+                self._flush()
+
+    def _admit(self, priority):
+        hub = self._hub
+        if self._wq_size > hub.max_queue or (
+                hub.slow_grace > 0 and hub.loop.time() - self._paused_at > hub.slow_grace):
+            self._slow_consumer()
+            return False
+        if priority <= PRIORITY_LOW or (priority == PRIORITY_NORMAL and self._wq_size * 2 > hub.max_queue):
+            self.dropped += 1
+            key = ("backpressure", priority)
+            hub.dropped[key] = hub.dropped.get(key, 0) + 1
+            return False
+        return True
+
+    def _slow_consumer(self):
+        if self.closed:
+            return
+        self._hub.slow_consumer_closes += 1
+        self._wq = None
+        self._wq_size = 0
+        frame = self._engine.close(1008, "slow consumer")
+        if self.transport is not None:
+            self.transport.write(frame)
+        self._arm_close_timer()
 
     # -- handshake -------------------------------------------------------------
 
@@ -188,6 +277,7 @@ class Connection:
             max_frame_size=self._hub.max_frame_size,
             deflate=deflate,
         )
+        self._deflate = deflate
         self.route = route
         self.path = path
         self.query_string = query_string
@@ -224,6 +314,7 @@ class Connection:
             if out:
                 self._queue(out)
             if kind == TEXT or kind == BINARY:
+                self._hub.messages_in += 1
                 self._dispatch(ev[1])
             elif kind == ERROR:
                 self._errored = True
@@ -279,15 +370,24 @@ class Connection:
             self._wq = [frame]
         else:
             self._wq.append(frame)
+        self._wq_size += len(frame)
+        if self._wpaused:
+            if self._wq_size > self._hub.max_queue and not self.closed:
+                self._slow_consumer()
+            return
         if not self._dirty:
             self._dirty = True
             self._hub._mark_dirty(self)
 
     def _flush(self):
         self._dirty = False
+        if self._wpaused and not self._end_mode:
+            return
         wq, self._wq = self._wq, None
+        size, self._wq_size = self._wq_size, 0
         t = self.transport
         if wq and t is not None:
+            self._hub.bytes_out += size
             t.write(b"".join(wq))
         if self._end_mode:
             self._end_transport()
@@ -338,8 +438,17 @@ class Connection:
 
     def send(self, message):
         if self.closed:
+            if self._engine is not None and self._engine.state != OPEN:
+                self._engine.send(message)  # raises ConnectionClosed with the known code
             raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        self._hub.messages_out += 1
         self._queue(self._engine.send(message))
+
+    def join(self, room, namespace=None):
+        self._hub.rooms.join(self, room, namespace)
+
+    def leave(self, room, namespace=None):
+        self._hub.rooms.leave(self, room, namespace)
 
     def send_frame(self, frame: bytes):
         if self.closed:

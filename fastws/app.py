@@ -25,6 +25,8 @@ no route of its own.
 from __future__ import annotations
 
 import inspect
+
+from .delivery import PRIORITY_NORMAL
 from dataclasses import dataclass, field
 
 
@@ -55,6 +57,7 @@ class Route:
 
     __slots__ = (
         "path",
+        "namespace",
         "on_connect",
         "on_message",
         "on_disconnect",
@@ -65,6 +68,7 @@ class Route:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.namespace = ""       # rooms joined from this route live here
         self.on_connect = None
         self.on_message = None
         self.on_disconnect = None
@@ -90,8 +94,15 @@ class App:
     """
 
     def __init__(self, *, allowed_origins=None, server_no_context_takeover=False,
-                 client_no_context_takeover=False) -> None:
+                 client_no_context_takeover=False, high_water=None, max_queue=None,
+                 slow_grace=None) -> None:
         self.routes: dict[str, Route] = {}
+        #: delivery policy overrides (see fastws.delivery): high_water,
+        #: max_queue (bytes), slow_grace (seconds)
+        self.delivery = {k: v for k, v in (("high_water", high_water), ("max_queue", max_queue),
+                                           ("slow_grace", slow_grace)) if v is not None}
+        #: plain HTTP routes served on the same port: (METHOD, path) -> handler
+        self.http_routes: dict = {}
         #: Origins allowed to connect (None: any).  A request without an
         #: Origin header (not a browser) is always allowed.
         self.allowed_origins = set(allowed_origins) if allowed_origins else None
@@ -109,9 +120,14 @@ class App:
             r = self.routes[path] = Route(path)
         return r
 
-    def route(self, path: str, *, on_connect=None, on_message=None, on_disconnect=None) -> Route:
-        """Register callbacks for ``path`` without decorators."""
+    def route(self, path: str, *, on_connect=None, on_message=None, on_disconnect=None,
+              namespace: str | None = None) -> Route:
+        """Register callbacks for ``path`` without decorators.  ``namespace``
+        keeps this route's rooms apart from other routes' (default: the
+        shared namespace "")."""
         r = self._route(path)
+        if namespace is not None:
+            r.namespace = namespace
         for kind, fn in (("on_connect", on_connect), ("on_message", on_message),
                          ("on_disconnect", on_disconnect)):
             if fn is not None:
@@ -139,6 +155,18 @@ class App:
             return fn
         return deco
 
+    def http(self, method: str, path: str):
+        """Decorator: serve plain HTTP ``method path`` on the WebSocket port.
+
+        The handler gets a :class:`fastws.handshake.HttpRequest` and returns
+        ``(status, body, content_type)``; it may be async.  The response
+        closes the connection (no keep-alive: this is for pages, health
+        checks and pushes, not for a web app; use ASGI mode for that)."""
+        def deco(fn):
+            self.http_routes[(method.upper(), path)] = fn
+            return fn
+        return deco
+
     def match(self, path: str) -> Route | None:
         return self.routes.get(path) or self.routes.get("*")
 
@@ -149,14 +177,44 @@ class App:
         """Open connections of this process by id (empty when not serving)."""
         return self.server.hub.connections if self.server is not None else {}
 
-    def broadcast(self, message, connections=None, exclude=None) -> int:
+    def broadcast(self, message, connections=None, exclude=None, priority: int = PRIORITY_NORMAL) -> int:
         """Send ``message`` to ``connections`` (default: every open connection)
         encoded once; returns how many it was queued on."""
         if self.server is None:
             return 0
         hub = self.server.hub
         return hub.broadcast(message, hub.connections.values() if connections is None else connections,
-                             exclude)
+                             exclude, priority)
+
+    @property
+    def rooms(self):
+        """The server's :class:`fastws.rooms.Rooms` (None when not serving)."""
+        return self.server.rooms if self.server is not None else None
+
+    def publish(self, room: str, message, *, namespace: str = "", exclude=None,
+                priority: int = PRIORITY_NORMAL) -> int:
+        """Send ``message`` to every member of ``room``, encoded once.
+
+        ``exclude``: a connection that does not get it (e.g. the sender).
+        ``priority``: ``fastws.PRIORITY_LOW``/``NORMAL``/``HIGH``, see
+        :mod:`fastws.delivery` for what happens to backed-up members.
+        Returns the room's sequence number for this message (0 if the room
+        has no members here).
+        """
+        if self.server is None:
+            return 0
+        seq, _ = self.server.rooms.publish(room, message, namespace=namespace,
+                                           exclude=exclude, priority=priority)
+        return seq
+
+    def send_to(self, conn_id, message) -> bool:
+        """Send ``message`` to the connection with id ``conn_id`` on this
+        node; False if there is no such open connection."""
+        conn = self.connections.get(conn_id)
+        if conn is None or conn.closed:
+            return False
+        conn.send(message)
+        return True
 
     async def serve(self, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
         """Serve until cancelled, inside an already running asyncio loop."""

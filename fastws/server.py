@@ -20,6 +20,7 @@ from . import core
 from .app import Accept, App, Reject
 from .config import Config
 from .errors import HandshakeError
+from .rooms import Rooms
 from .handshake import (
     HttpRequest,
     accept_response,
@@ -100,7 +101,11 @@ class Server:
             max_head_size=c.max_head_size,
             close_timeout=c.close_timeout,
             on_callback_error=self._callback_error,
+            **self.app.delivery,
         )
+        self.rooms = Rooms(self.hub)   # local room registry (fastws.rooms)
+        for (method, path), handler in self.app.http_routes.items():
+            self.add_http_route(method, path, handler)
         if sock is None:
             sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
         self._server = await loop.create_server(self.hub.connection_factory, sock=sock, backlog=c.backlog)

@@ -98,6 +98,7 @@ class Server:
     proc: subprocess.Popen | None = None
     cmd: list[str] = field(default_factory=list)
     stopped: bool = False
+    app: str = APP
 
     @property
     def address(self) -> tuple[str, int]:
@@ -140,7 +141,7 @@ class Server:
             self.cmd = [
                 *fastws_command(),
                 "serve",
-                APP,
+                self.app,
                 "--host",
                 self.host,
                 "--port",
@@ -255,8 +256,8 @@ def _server_pool(engine, tmp_path_factory):
     pool: dict[tuple, Server] = {}
     logdir = tmp_path_factory.mktemp(f"fastws-{engine}")
 
-    def get(args: tuple[str, ...], env: dict[str, str]) -> Server:
-        key = (args, tuple(sorted(env.items())))
+    def get(args: tuple[str, ...], env: dict[str, str], app: str = APP) -> Server:
+        key = (app, args, tuple(sorted(env.items())))
         server = pool.get(key)
         if server is not None and server.alive():
             return server
@@ -268,6 +269,7 @@ def _server_pool(engine, tmp_path_factory):
             args=args,
             env=full_env,
             log_path=logdir / f"server-{len(pool)}.log",
+            app=app,
         )
         server.start()
         pool[key] = server
@@ -283,8 +285,8 @@ def server_factory(_server_pool, request):
     used: list[Server] = []
     _active_servers[request.node.nodeid] = used
 
-    def factory(*args: str, env: dict[str, str] | None = None) -> Server:
-        server = _server_pool(tuple(args), dict(env or {}))
+    def factory(*args: str, env: dict[str, str] | None = None, app: str = APP) -> Server:
+        server = _server_pool(tuple(args), dict(env or {}), app)
         if server not in used:
             used.append(server)
         return server
