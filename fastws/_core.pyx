@@ -895,6 +895,15 @@ cdef enum Phase:
     P_OPEN = 2         # upgraded: frames flow
     P_DONE = 3         # transport lost
 
+DEF WHEEL_SIZE = 512       # slots of the timer wheel
+
+cdef enum TimerKind:
+    T_NONE = 0
+    T_HANDSHAKE = 1    # the opening handshake must be done by then
+    T_PING = 2         # time to check activity and maybe ping
+    T_PONG = 3         # a ping is out: proof of life must have come by then
+    T_CLOSE = 4        # the peer must have answered our close by then
+
 DEF MAX_FLUSH_JOIN = 65536  # below this many queued bytes, join frames into one buffer
 
 
@@ -943,14 +952,39 @@ cdef class Hub:
     cdef public unsigned long long slow_consumer_closes
     cdef public dict closes            # close code -> count
     cdef public dict dropped           # (reason, priority) -> count
+    cdef public unsigned long long handshake_timeouts, ping_timeouts, idle_timeouts
+    # -- timers: one wheel per hub (see _on_tick) --
+    cdef public double ping_interval   # seconds between server pings (0: no pings)
+    cdef public double ping_timeout    # seconds to wait for proof of life after a ping
+    cdef public double idle_timeout    # close after this long without a message (0: never)
+    cdef public double handshake_timeout  # seconds to complete the opening handshake
+    cdef public double tick            # wheel granularity, seconds
+    cdef list _slots                   # WHEEL_SIZE sets of Connection
+    cdef long _tick_no                 # ticks since start; the wheel's clock
+    cdef object _tick_handle           # the one TimerHandle of the wheel
     cdef unsigned long long _next_id
     cdef list _dirty                   # connections with frames queued this tick
     cdef bint _scheduled               # a flush is scheduled with call_soon
 
     def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
-                 high_water=65536, max_queue=1 << 20, slow_grace=5.0):
+                 high_water=65536, max_queue=1 << 20, slow_grace=5.0,
+                 ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
+                 handshake_timeout=10.0, tick=None):
         self.loop = loop
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        if tick is None:
+            # fine enough for the shortest timeout configured, at most 1 s
+            shortest = min([t for t in (ping_interval, ping_timeout, idle_timeout,
+                                        handshake_timeout, close_timeout) if t > 0] or [1.0])
+            tick = max(0.05, min(1.0, shortest / 4))
+        self.tick = tick
+        self._slots = [set() for _ in range(WHEEL_SIZE)]
+        self._tick_no = 0
+        self._tick_handle = None
         self.high_water = high_water
         self.max_queue = max_queue
         self.slow_grace = slow_grace
@@ -971,6 +1005,67 @@ cdef class Hub:
     def connection_factory(self):
         """The protocol factory to hand to ``loop.create_server``."""
         return Connection(self)
+
+    # -- the timer wheel ------------------------------------------------------
+    # Theory of operation: one TimerHandle per hub, whatever the number of
+    # connections.  Every ``tick`` seconds the wheel advances one slot; a
+    # connection waiting for something (handshake end, next ping, proof of
+    # life after a ping, the peer's close) sits in the slot of its due tick
+    # (slot = due % WHEEL_SIZE; a due tick more than one turn away stays in
+    # place until its turn).  A connection is in at most one slot, so the
+    # cost is one set entry per waiting connection.  Activity does not move
+    # a connection: reads just stamp the current tick number, checked when
+    # the connection's slot comes round.
+
+    cdef void _schedule(self, Connection c, double delay, int kind):
+        cdef long due = self._tick_no + <long>(delay / self.tick + 0.999999)
+        if due <= self._tick_no:
+            due = self._tick_no + 1
+        if c._due_tick >= 0:
+            (<set>self._slots[c._due_tick % WHEEL_SIZE]).discard(c)
+        c._due_tick = due
+        c._due_kind = kind
+        (<set>self._slots[due % WHEEL_SIZE]).add(c)
+        if self._tick_handle is None:
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+
+    cdef void _unschedule(self, Connection c):
+        if c._due_tick >= 0:
+            (<set>self._slots[c._due_tick % WHEEL_SIZE]).discard(c)
+            c._due_tick = -1
+            c._due_kind = T_NONE
+
+    def _on_tick(self):
+        cdef Connection c
+        cdef set slot
+        cdef list due
+        self._tick_handle = None
+        self._tick_no += 1
+        slot = <set>self._slots[self._tick_no % WHEEL_SIZE]
+        if slot:
+            due = [c for c in slot if c._due_tick <= self._tick_no]
+            for c in due:
+                slot.discard(c)
+                c._due_tick = -1
+                try:
+                    c._timer_fired()
+                except Exception as exc:
+                    _log.error("fastws: timer callback failed", exc_info=exc)
+        if self._tick_handle is None:   # (a callback above may have re-armed it)
+            for slot in self._slots:
+                if slot:
+                    self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+                    break
+
+    def stop_timers(self):
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+
+    @property
+    def scheduled(self):
+        """How many connections wait in the timer wheel (for tests)."""
+        return sum(len(s) for s in self._slots)
 
     cdef inline void _mark_dirty(self, Connection c):
         self._dirty.append(c)
@@ -1078,7 +1173,11 @@ cdef class Connection(Engine):
     cdef int _end_mode                 # END_*: what to do with the transport once _wq is written
     cdef bint _errored                 # we closed because the peer broke the protocol
     cdef object _store                 # user dict, created lazily
-    cdef object _close_timer           # TimerHandle while waiting for the peer's close
+    cdef long _due_tick                # the wheel tick this connection waits for, -1 if none
+    cdef int _due_kind                 # TimerKind
+    cdef long _rx_tick                 # wheel tick of the last read (proof of life)
+    cdef long _msg_tick                # wheel tick of the last complete message
+    cdef long _ping_tick               # wheel tick our last ping went out
     cdef bint _reported                # on_disconnect has run
     cdef object _body_cb               # plain HTTP: callback(body) once _body_size bytes are in
     cdef public object rooms           # set of room keys joined (fastws.rooms), None if none
@@ -1089,6 +1188,7 @@ cdef class Connection(Engine):
 
     def __init__(self, Hub hub):
         self._hub = hub
+        self._due_tick = -1
         self.max_message_size = hub.max_message_size
         self.max_frame_size = hub.max_frame_size
         self._phase = P_HANDSHAKE
@@ -1097,6 +1197,8 @@ cdef class Connection(Engine):
 
     def connection_made(self, transport):
         self.transport = transport
+        if self._hub.handshake_timeout > 0:
+            self._hub._schedule(self, self._hub.handshake_timeout, T_HANDSHAKE)
         if self._hub.high_water != 65536:
             transport.set_write_buffer_limits(high=self._hub.high_water)
 
@@ -1116,6 +1218,7 @@ cdef class Connection(Engine):
 
     def buffer_updated(self, Py_ssize_t nbytes):
         self._hub.bytes_in += nbytes
+        self._rx_tick = self._hub._tick_no
         if self._read_direct:
             self._read_direct = False
             if self._consume_payload(self._mbuf + self._mlen, nbytes, True) == 0:
@@ -1132,6 +1235,13 @@ cdef class Connection(Engine):
             # bytes behind the request head while the server decides
             self._head.extend(memoryview(_READ_BUFFER)[:nbytes])
             self._check_body()
+
+    def data_received(self, data):
+        """For transports that do not use the buffered-protocol path (the
+        stdlib loop's, TLS on some loops): same as bytes read by get_buffer."""
+        self._hub.bytes_in += len(data)
+        self._rx_tick = self._hub._tick_no
+        self.feed(data)
 
     def feed(self, data):
         """Process ``data`` as if it had been read from the transport: for a
@@ -1171,9 +1281,7 @@ cdef class Connection(Engine):
         cdef int phase = self._phase
         self._phase = P_DONE
         self._wq = None
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        self._hub._unschedule(self)
         if phase == P_OPEN or phase == P_DONE:
             self._hub.connections.pop(self.id, None)
         if self.close_code is None:
@@ -1287,6 +1395,8 @@ cdef class Connection(Engine):
         self.id = self._hub._next_id
         self._hub.connections[self.id] = self
         self._phase = P_OPEN
+        self._rx_tick = self._msg_tick = self._hub._tick_no
+        self._schedule_heartbeat()
         cdef bytearray rest = self._head
         self._head = None
         if self.transport.is_reading() is False:
@@ -1312,6 +1422,7 @@ cdef class Connection(Engine):
 
     cdef int _on_message(self, int opcode, object payload) except -1:
         self._hub.messages_in += 1
+        self._msg_tick = self._hub._tick_no
         cb = self._on_message_cb
         if cb is None:
             return 0
@@ -1356,9 +1467,7 @@ cdef class Connection(Engine):
                 self._arm_close_timer()
             else:
                 self._end_mode = END_CLOSE
-                if self._close_timer is not None:
-                    self._close_timer.cancel()
-                    self._close_timer = None
+                self._hub._unschedule(self)
         if self._dirty:
             self._flush()
         elif self._end_mode != END_NONE:
@@ -1432,13 +1541,55 @@ cdef class Connection(Engine):
             _log.error("fastws: exception in on_disconnect", exc_info=exc)
 
     cdef _arm_close_timer(self):
-        if self._close_timer is None and self._hub.close_timeout > 0:
-            self._close_timer = self._hub.loop.call_later(self._hub.close_timeout, self._close_timeout)
+        if self._due_kind != T_CLOSE and self._hub.close_timeout > 0:
+            self._hub._schedule(self, self._hub.close_timeout, T_CLOSE)
 
-    def _close_timeout(self):
-        self._close_timer = None
-        if self.transport is not None:
-            self.transport.abort()
+    cdef _timer_fired(self):
+        """The wheel reached this connection's due tick."""
+        cdef Hub hub = self._hub
+        cdef int kind = self._due_kind
+        self._due_kind = T_NONE
+        if self.transport is None:
+            return
+        if kind == T_HANDSHAKE:
+            if self._phase == P_HANDSHAKE or self._phase == P_DECIDING:
+                hub.handshake_timeouts += 1
+                self.transport.abort()     # slow or silent client (slowloris)
+            return
+        if kind == T_CLOSE:
+            self.transport.abort()         # the peer never answered our close
+            return
+        if self._phase != P_OPEN or self.state != S_OPEN:
+            return
+        cdef long now = hub._tick_no
+        if hub.idle_timeout > 0 and (now - self._msg_tick) * hub.tick >= hub.idle_timeout:
+            hub.idle_timeouts += 1
+            self.close(1000, "idle timeout")
+            return
+        if kind == T_PONG:
+            if self._rx_tick >= self._ping_tick:
+                self._schedule_heartbeat()   # alive: the pong (or data) came
+            else:
+                hub.ping_timeouts += 1
+                self.close(1011, "ping timeout")
+            return
+        # T_PING: ping only a connection that has been quiet for an interval
+        if hub.ping_interval > 0 and (now - self._rx_tick) * hub.tick >= hub.ping_interval * 0.999:
+            self._ping_tick = now          # anything read from now on is proof of life
+            self._queue(_encode_bytes(OP_PING, _EMPTY))
+            hub._schedule(self, hub.ping_timeout, T_PONG)
+        else:
+            self._schedule_heartbeat()
+
+    cdef _schedule_heartbeat(self):
+        cdef Hub hub = self._hub
+        cdef double d = hub.ping_interval
+        if hub.idle_timeout > 0 and (d <= 0 or hub.idle_timeout < d):
+            d = hub.idle_timeout
+        if d > 0:
+            hub._schedule(self, d, T_PING)
+        else:
+            hub._unschedule(self)
 
     # ---------------------------------------------------------- public API
 
@@ -1493,6 +1644,12 @@ cdef class Connection(Engine):
         if self.transport is None:
             return None
         return self.transport.get_extra_info("peername")
+
+    @property
+    def timer_state(self):
+        """(due tick, timer kind, last read tick, last ping tick, hub tick):
+        for tests and debugging."""
+        return (self._due_tick, self._due_kind, self._rx_tick, self._ping_tick, self._hub._tick_no)
 
     @property
     def store(self):

@@ -26,7 +26,17 @@ class Hub:
 
     def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
-                 high_water=65536, max_queue=1 << 20, slow_grace=5.0):
+                 high_water=65536, max_queue=1 << 20, slow_grace=5.0,
+                 ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
+                 handshake_timeout=10.0, tick=None):
+        # the pure-Python twin uses one loop timer per waiting connection
+        # instead of the Cython hub's timer wheel: it is the fallback, not
+        # the engine for 100,000 connections
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.handshake_timeouts = self.ping_timeouts = self.idle_timeouts = 0
         self.loop = loop
         self.high_water = high_water
         self.max_queue = max_queue
@@ -127,7 +137,10 @@ class Connection:
         self._end_mode = 0        # 0 none, 1 close, 2 linger, 3 linger with FIN sent
         self._errored = False
         self._store = None
-        self._close_timer = None
+        self._close_timer = None     # the one loop timer of this connection
+        self._timer_kind = None
+        self._ping_at = 0.0
+        self._last_rx = self._last_msg = 0.0
         self._reported = False
         self._body_cb = None
         self._body_size = 0
@@ -144,6 +157,9 @@ class Connection:
 
     def connection_made(self, transport):
         self.transport = transport
+        self._last_rx = self._last_msg = self._hub.loop.time()
+        if self._hub.handshake_timeout > 0:
+            self._set_timer(self._hub.handshake_timeout, self._handshake_expired)
         if self._hub.high_water != 65536:
             transport.set_write_buffer_limits(high=self._hub.high_water)
 
@@ -152,6 +168,7 @@ class Connection:
 
     def buffer_updated(self, nbytes):
         self._hub.bytes_in += nbytes
+        self._last_rx = self._hub.loop.time()
         data = bytes(self._buf[:nbytes])
         if self._phase == P_OPEN:
             self._input(data)
@@ -160,6 +177,11 @@ class Connection:
         elif self._phase == P_DECIDING:
             self._head.extend(data)
             self._check_body()
+
+    def data_received(self, data):
+        self._hub.bytes_in += len(data)
+        self._last_rx = self._hub.loop.time()
+        self.feed(data)
 
     def feed(self, data):
         """Process ``data`` as if read from the transport (protocol hand-over)."""
@@ -286,6 +308,7 @@ class Connection:
         self.id = self._hub._next_id
         self._hub.connections[self.id] = self
         self._phase = P_OPEN
+        self._heartbeat()
         rest, self._head = bytes(self._head), None
         if not self.transport.is_reading():
             self.transport.resume_reading()
@@ -315,6 +338,7 @@ class Connection:
                 self._queue(out)
             if kind == TEXT or kind == BINARY:
                 self._hub.messages_in += 1
+                self._last_msg = self._last_rx
                 self._dispatch(ev[1])
             elif kind == ERROR:
                 self._errored = True
@@ -417,14 +441,65 @@ class Connection:
         except Exception as exc:
             _log.error("fastws: exception in on_disconnect", exc_info=exc)
 
+    def _set_timer(self, delay, fn):
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._close_timer = self._hub.loop.call_later(delay, fn)
+
     def _arm_close_timer(self):
-        if self._close_timer is None and self._hub.close_timeout > 0:
-            self._close_timer = self._hub.loop.call_later(self._hub.close_timeout, self._close_timeout)
+        if self._hub.close_timeout > 0 and self._timer_kind != "close":
+            self._timer_kind = "close"
+            self._set_timer(self._hub.close_timeout, self._close_timeout)
 
     def _close_timeout(self):
         self._close_timer = None
         if self.transport is not None:
             self.transport.abort()
+
+    def _handshake_expired(self):
+        self._close_timer = None
+        if self.transport is not None and self._phase in (P_HANDSHAKE, P_DECIDING):
+            self._hub.handshake_timeouts += 1
+            self.transport.abort()
+
+    def _heartbeat(self):
+        hub = self._hub
+        d = hub.ping_interval
+        if hub.idle_timeout > 0 and (d <= 0 or hub.idle_timeout < d):
+            d = hub.idle_timeout
+        self._timer_kind = "ping"
+        if d > 0:
+            self._set_timer(d, self._ping_due)
+        elif self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+
+    def _ping_due(self):
+        self._close_timer = None
+        if self.closed or self.transport is None:
+            return
+        hub = self._hub
+        now = hub.loop.time()
+        if hub.idle_timeout > 0 and now - self._last_msg >= hub.idle_timeout:
+            hub.idle_timeouts += 1
+            self.close(1000, "idle timeout")
+            return
+        if hub.ping_interval > 0 and now - self._last_rx >= hub.ping_interval * 0.999:
+            self._ping_at = now
+            self._queue(self._engine.ping(b""))
+            self._set_timer(hub.ping_timeout, self._pong_due)
+        else:
+            self._heartbeat()
+
+    def _pong_due(self):
+        self._close_timer = None
+        if self.closed or self.transport is None:
+            return
+        if self._last_rx >= self._ping_at:
+            self._heartbeat()
+        else:
+            self._hub.ping_timeouts += 1
+            self.close(1011, "ping timeout")
 
     # -- public API ------------------------------------------------------------
 

@@ -5,16 +5,21 @@
 * ``hub``     - the engine-side registry and write coalescer (``_core.Hub``, or
                 ``_pyconn.Hub`` on the wsproto engine), one per server;
 * ``app``     - the routes and callbacks (``fastws.App``);
-* ``config``  - every knob (``fastws.Config``).
+* ``config``  - every knob (``fastws.Config``);
+* ``health``  - /health, /livez and the checks registry (``fastws.health``);
+* ``metrics`` - /metrics (``fastws.metrics``), ``stats_page`` - /stats (``fastws.stats``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import signal
 import socket
+import ssl
+import time
 
 from . import core
 from .app import Accept, App, Reject
@@ -30,6 +35,7 @@ from .handshake import (
     parse_http_head,
     parse_request,
 )
+from .health import Health
 
 log = logging.getLogger("fastws")
 
@@ -74,6 +80,11 @@ class Server:
         self.http_routes = {}     # (method, path) -> handler for plain HTTP requests
         self._server = None       # the asyncio Server
         self._loop = None
+        self.handshakes = {}      # HTTP status of each upgrade decision -> count (metrics)
+        self.draining = False     # set by shutdown(): /health says 503, upgrades get 503
+        self.health = None        # /health, /livez and the checks registry
+        self.metrics = None       # /metrics, when config.metrics
+        self.stats_page = None    # /stats, when config.stats
 
     def add_http_route(self, method: str, path: str, handler) -> None:
         """Serve plain HTTP ``method path`` on the WebSocket port.
@@ -101,16 +112,48 @@ class Server:
             max_head_size=c.max_head_size,
             close_timeout=c.close_timeout,
             on_callback_error=self._callback_error,
-            **self.app.delivery,
+            **self._hub_options(),
         )
         self.rooms = Rooms(self.hub)   # local room registry (fastws.rooms)
         for (method, path), handler in self.app.http_routes.items():
             self.add_http_route(method, path, handler)
+        self._start_operations()
+        tls = ssl_context(c)
         if sock is None:
             sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
-        self._server = await loop.create_server(self.hub.connection_factory, sock=sock, backlog=c.backlog)
+        self._server = await loop.create_server(self.hub.connection_factory, sock=sock, backlog=c.backlog,
+                                                ssl=tls)
         self.app.server = self
-        log.info("fastws: listening on ws://%s:%d (engine=%s)", c.host, self.port, core.IMPLEMENTATION)
+        log.info("fastws: listening on %s://%s:%d (engine=%s)", "wss" if tls else "ws", c.host, self.port,
+                 core.IMPLEMENTATION)
+
+    def _start_operations(self) -> None:
+        """/health + /livez (and the checks registry), /metrics, /stats, per config."""
+        c = self.config
+        self.health = Health(self)
+        self.health.start()
+        if c.metrics:
+            try:
+                from .metrics import Metrics
+            except ImportError as exc:
+                raise ServerStartError(f"metrics need prometheus_client ({exc}); install it or "
+                                       "pass --no-metrics") from None
+            self.metrics = Metrics(self)
+        if c.stats:
+            from .stats import StatsPage
+
+            self.stats_page = StatsPage(self)
+            self.stats_page.start()
+
+    def _hub_options(self) -> dict:
+        """Delivery-policy and timer knobs: Config, then App overrides."""
+        opts = {}
+        for key in ("high_water", "max_queue", "slow_grace", "ping_interval", "ping_timeout",
+                    "idle_timeout", "handshake_timeout"):
+            if hasattr(self.config, key):
+                opts[key] = getattr(self.config, key)
+        opts.update(self.app.delivery)
+        return opts
 
     async def serve_forever(self) -> None:
         await self._server.serve_forever()
@@ -120,6 +163,11 @@ class Server:
         close handshakes up to ``shutdown_timeout``, then drop the rest."""
         if self._server is None:
             return
+        self.draining = True
+        if self.config.drain_delay > 0:
+            log.info("fastws: draining for %gs (/health says 503) before closing %d connections",
+                     self.config.drain_delay, len(self.hub.connections))
+            await asyncio.sleep(self.config.drain_delay)
         self._server.close()
         conns = list(self.hub.connections.values())
         for conn in conns:
@@ -130,6 +178,9 @@ class Server:
         for conn in list(self.hub.connections.values()):
             conn.abort()
         await asyncio.sleep(0)
+        self.health.stop()
+        if self.stats_page is not None:
+            self.stats_page.stop()
         self.app.server = None
         log.info("fastws: stopped")
 
@@ -137,23 +188,26 @@ class Server:
 
     def _handshake(self, conn, head) -> None:
         if head is None:
-            conn._hs_reject(error_response(431, "request head too large"))
+            self._reject(conn, 431, "request head too large")
             return
         if self.http_routes and self._maybe_http(conn, head):
+            return
+        if self.draining:
+            self._reject(conn, 503, "server shutting down")
             return
         try:
             req = parse_request(head)
         except HandshakeError as exc:
-            conn._hs_reject(error_response(exc.status, exc.detail, exc.headers))
+            self._reject(conn, exc.status, exc.detail, exc.headers)
             return
         req.remote_address = conn.remote_address
         route = self.app.match(req.path)
         if route is None:
-            conn._hs_reject(error_response(404, f"no WebSocket route for {req.path}"))
+            self._reject(conn, 404, f"no WebSocket route for {req.path}")
             return
         allowed = self.app.allowed_origins
         if allowed is not None and req.origin is not None and req.origin not in allowed:
-            conn._hs_reject(error_response(403, "origin not allowed"))
+            self._reject(conn, 403, "origin not allowed")
             return
         if route.on_connect is None:
             self._decide(conn, req, route, None)
@@ -168,29 +222,36 @@ class Server:
                 decision = r
             except Exception as exc:  # the app's bug: 500, logged once
                 log.error("fastws: exception in on_connect", exc_info=exc)
-                conn._hs_reject(error_response(500, "internal error"))
+                self._reject(conn, 500, "internal error")
                 return
             self._decide(conn, req, route, decision)
 
+    def _reject(self, conn, status: int, detail: str, headers=()) -> None:
+        """Refuse the upgrade with ``status``, counted for the metrics."""
+        self.handshakes[status] = self.handshakes.get(status, 0) + 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fastws: handshake from %s refused: %d %s", conn.remote_address, status, detail)
+        conn._hs_reject(error_response(status, detail, headers))
+
     def _async_decided(self, task, conn, req, route) -> None:
         if task.cancelled():
-            conn._hs_reject(error_response(503, "server shutting down"))
+            self._reject(conn, 503, "server shutting down")
             return
         exc = task.exception()
         if isinstance(exc, Reject):
             self._decide(conn, req, route, exc)
         elif exc is not None:
             log.error("fastws: exception in on_connect", exc_info=exc)
-            conn._hs_reject(error_response(500, "internal error"))
+            self._reject(conn, 500, "internal error")
         else:
             self._decide(conn, req, route, task.result())
 
     def _decide(self, conn, req, route, decision) -> None:
         if isinstance(decision, Reject):
-            conn._hs_reject(error_response(decision.status, decision.body, decision.headers))
+            self._reject(conn, decision.status, decision.body, decision.headers)
             return
         if decision is False:
-            conn._hs_reject(error_response(403, "connection refused"))
+            self._reject(conn, 403, "connection refused")
             return
         subprotocol = None
         headers = ()
@@ -199,7 +260,7 @@ class Server:
             headers = decision.headers
             if subprotocol is not None and subprotocol not in req.subprotocols:
                 log.error("fastws: on_connect chose subprotocol %r the client did not offer", subprotocol)
-                conn._hs_reject(error_response(500, "internal error"))
+                self._reject(conn, 500, "internal error")
                 return
         elif isinstance(decision, str):
             subprotocol = decision if decision in req.subprotocols else None
@@ -211,6 +272,9 @@ class Server:
                 client_no_context_takeover=self.app.client_no_context_takeover,
             )
         response = accept_response(req, subprotocol, ext_header, headers)
+        self.handshakes[101] = self.handshakes.get(101, 0) + 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fastws: %s upgraded on %s", conn.remote_address, req.path)
         conn._hs_accept(response, route, req.path, req.query_string, subprotocol, deflate)
 
     # -- plain HTTP on the same port ------------------------------------------
@@ -295,15 +359,49 @@ class Server:
                   conn.id, exc_info=exc)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The server-side TLS context for ``ssl_certfile``/``ssl_keyfile``, or None."""
+    if not config.ssl_certfile:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ServerStartError(f"cannot load TLS certificate {config.ssl_certfile} / key "
+                               f"{config.ssl_keyfile}: {exc}") from None
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if fmt == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def run_server(app: App, config: Config, sock: socket.socket | None = None) -> None:
     """Run on uvloop until SIGINT/SIGTERM, then shut down gracefully."""
     import uvloop
 
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(app, config)

@@ -1,0 +1,176 @@
+"""Heartbeats and timeouts (one timer wheel per hub), against real sockets.
+
+The server runs in-process (same loop as the raw-socket clients) so the test
+can set sub-second timeouts; verdicts never depend on timing beyond bounded
+waits for something to happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+
+import pytest
+import uvloop
+
+import fastws
+from fastws import core
+from fastws.config import Config
+from fastws.server import Server
+
+ENGINES = ["cython", "wsproto"]
+
+
+def make_app():
+    app = fastws.App()
+    closed = []
+
+    @app.on_message("*")
+    def echo(conn, data):
+        conn.send(data)
+
+    @app.on_disconnect("*")
+    def gone(conn, code, reason):
+        closed.append((code, reason))
+
+    return app, closed
+
+
+async def start(engine, monkeypatch, **timers):
+    if engine == "wsproto":
+        monkeypatch.setattr(core, "IMPLEMENTATION", "wsproto")
+    else:
+        assert core.IMPLEMENTATION == "cython"
+    app, closed = make_app()
+    cfg = Config(host="127.0.0.1", port=0, close_timeout=0.5)
+    for k, v in timers.items():
+        setattr(cfg, k, v)
+    server = Server(app, cfg)
+    await server.start()
+    return server, closed
+
+
+async def upgrade(port):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    w.write((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = await r.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    return r, w
+
+
+async def read_frame(r):
+    b0, b1 = await r.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", await r.readexactly(2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", await r.readexactly(8))[0]
+    return b0 & 0x0F, await r.readexactly(n)
+
+
+def masked(opcode, payload):
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(
+        b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ping_timeout_closes_silent_client_with_1011(engine, monkeypatch):
+    async def main():
+        server, closed = await start(engine, monkeypatch, ping_interval=0.3, ping_timeout=0.3)
+        r, w = await upgrade(server.port)
+        op, payload = await asyncio.wait_for(read_frame(r), 5)
+        assert op == 0x9  # the server's ping; we do not answer
+        op, payload = await asyncio.wait_for(read_frame(r), 5)
+        assert op == 0x8
+        assert struct.unpack("!H", payload[:2])[0] == 1011
+        assert payload[2:] == b"ping timeout"
+        # we never answer the close either: the server drops the TCP link
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        for _ in range(50):
+            if closed:
+                break
+            await asyncio.sleep(0.05)
+        assert closed == [(1011, "ping timeout")]
+        await server.shutdown()
+
+    uvloop.run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_client_answering_pings_stays_open(engine, monkeypatch):
+    async def main():
+        server, closed = await start(engine, monkeypatch, ping_interval=0.2, ping_timeout=0.2)
+        r, w = await upgrade(server.port)
+        pings = 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.5
+        while loop.time() < end:
+            try:
+                op, payload = await asyncio.wait_for(read_frame(r), end - loop.time())
+            except asyncio.TimeoutError:
+                break
+            assert op == 0x9, (op, payload)
+            pings += 1
+            w.write(masked(0xA, payload))
+        assert pings >= 2
+        w.write(masked(0x1, b"still here"))
+        assert await asyncio.wait_for(read_frame(r), 5) == (0x1, b"still here")
+        assert closed == []
+        await server.shutdown()
+
+    uvloop.run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_half_request_head_dropped_after_handshake_timeout(engine, monkeypatch):
+    async def main():
+        server, closed = await start(engine, monkeypatch, handshake_timeout=0.3)
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")  # ... and stop
+        got = await asyncio.wait_for(r.read(), 5)
+        assert got == b""  # dropped, no response
+        assert server.hub.handshake_timeouts == 1
+        # a silent client is dropped the same way
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        await server.shutdown()
+
+    uvloop.run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_idle_timeout(engine, monkeypatch):
+    async def main():
+        server, closed = await start(engine, monkeypatch, ping_interval=0, idle_timeout=0.4)
+        r, w = await upgrade(server.port)
+        op, payload = await asyncio.wait_for(read_frame(r), 5)
+        assert op == 0x8 and payload == struct.pack("!H", 1000) + b"idle timeout"
+        w.write(masked(0x8, struct.pack("!H", 1000)))
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        await server.shutdown()
+
+    uvloop.run(main())
+
+
+def test_timer_wheel_holds_no_handle_per_connection(monkeypatch):
+    """1,000 open connections wait in the wheel: one set entry each, and the
+    hub owns a single TimerHandle."""
+    async def main():
+        server, closed = await start("cython", monkeypatch, ping_interval=30, ping_timeout=30)
+        conns = [await upgrade(server.port) for _ in range(1000)]
+        assert server.hub.scheduled == 1000
+        for r, w in conns:
+            w.close()
+        for _ in range(100):
+            if server.hub.scheduled == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.hub.scheduled == 0
+        await server.shutdown()
+
+    uvloop.run(main())
