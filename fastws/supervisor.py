@@ -1,0 +1,112 @@
+"""``fastws serve --workers N``: N worker processes sharing one port.
+
+Each worker is a forked child running its own uvloop loop and its own
+listening socket bound with SO_REUSEPORT, so the kernel spreads new
+connections over them. The supervisor (the parent) does no network work:
+
+* it starts the workers and, when one dies unexpectedly (a crash, SIGKILL),
+  logs it and starts a replacement (with a back-off if it keeps dying fast);
+* SIGTERM / SIGINT to the supervisor reach every worker (each drains
+  gracefully), the supervisor waits for them up to a deadline, kills any
+  straggler, and exits 0;
+* optionally it runs a service shared by the workers on its own thread
+  (``shared_service``), e.g. the embedded broker over a Unix socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+
+log = logging.getLogger("fastws")
+
+RESPAWN_FAST = 1.0      # a worker that dies within this many seconds of starting ...
+RESPAWN_BACKOFF_MAX = 10.0   # ... is restarted after a growing delay, up to this
+
+
+class Supervisor:
+    """Start, watch and stop ``workers`` processes running ``target(index)``."""
+
+    def __init__(self, target, workers: int, *, stop_timeout: float = 30.0) -> None:
+        self.target = target            # callable(worker_index) run in each child
+        self.workers = workers
+        self.stop_timeout = stop_timeout  # seconds to wait for workers after SIGTERM
+        self.procs: dict[int, multiprocessing.Process] = {}   # index -> process
+        self.started_at: dict[int, float] = {}
+        self.backoff: dict[int, float] = {}
+        self.restarts = 0
+        self._stopping = False
+        self._ctx = multiprocessing.get_context("fork")
+
+    def _spawn(self, index: int) -> None:
+        p = self._ctx.Process(target=_child, args=(self.target, index), name=f"fastws-worker-{index}")
+        p.daemon = False
+        p.start()
+        self.procs[index] = p
+        self.started_at[index] = time.monotonic()
+        log.info("fastws: worker %d started (pid %d)", index, p.pid)
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self._stopping:
+            log.info("fastws: supervisor got %s; stopping %d workers", signal.Signals(signum).name,
+                     len(self.procs))
+        self._stopping = True
+        for p in self.procs.values():
+            if p.pid and p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for i in range(self.workers):
+            self._spawn(i)
+        pending: dict[int, float] = {}   # index -> when to respawn
+        while not self._stopping:
+            time.sleep(0.1)
+            now = time.monotonic()
+            for index, p in list(self.procs.items()):
+                if p.exitcode is None or self._stopping:
+                    continue
+                lived = now - self.started_at[index]
+                delay = 0.0
+                if lived < RESPAWN_FAST:
+                    delay = min(RESPAWN_BACKOFF_MAX, max(0.5, self.backoff.get(index, 0.25) * 2))
+                self.backoff[index] = delay
+                log.error("fastws: worker %d (pid %d) exited with code %s after %.1fs; restarting%s",
+                          index, p.pid, p.exitcode, lived, f" in {delay:.1f}s" if delay else "")
+                del self.procs[index]
+                pending[index] = now + delay
+            for index, when in list(pending.items()):
+                if now >= when and not self._stopping:
+                    del pending[index]
+                    self.restarts += 1
+                    self._spawn(index)
+        deadline = time.monotonic() + self.stop_timeout
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        for index, p in self.procs.items():
+            if p.is_alive():
+                log.error("fastws: worker %d (pid %d) did not stop in time; killing it", index, p.pid)
+                p.kill()
+                p.join(5)
+        log.info("fastws: all workers stopped")
+        return 0
+
+
+def _child(target, index: int) -> None:
+    # the child must not run the supervisor's handlers; the worker's loop
+    # installs its own
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    os.environ["FASTWS_WORKER"] = str(index)
+    target(index)
