@@ -1,0 +1,94 @@
+"""Rooms for Starlette / FastAPI WebSocket endpoints.
+
+    from fastws import asgi_rooms as rooms
+
+    @app.websocket("/chat/{room}")
+    async def chat(websocket: WebSocket, room: str):
+        await websocket.accept()
+        await rooms.join(websocket, room)
+        async for text in websocket.iter_text():
+            await rooms.publish(websocket, room, text)     # every member, once-encoded
+
+Served by ``fastws serve``, these call the ``fastws.rooms`` scope extension
+(see docs/asgi.md): the server keeps the members, encodes a published
+message once and queues the same frame on every member; members leave their
+rooms automatically when they disconnect.
+
+Served by anything else (uvicorn, hypercorn, Starlette's ``TestClient``) the
+extension is absent and a per-process fallback does what FastAPI's
+``ConnectionManager`` does (a set of sockets, one ``send`` each), so the same
+application runs and tests unchanged everywhere.
+
+``websocket`` is anything with a ``scope`` (Starlette's ``WebSocket``); for
+``publish`` it may also be an HTTP ``Request`` (a backend route pushing to a
+room).  This module imports nothing from the server.
+"""
+
+from __future__ import annotations
+
+_fallback: dict = {}   # room -> set of framework WebSocket objects (fallback only)
+
+
+def _extension(obj):
+    return obj.scope.get("extensions", {}).get("fastws.rooms")
+
+
+def available(obj) -> bool:
+    """True when ``obj`` (a WebSocket or Request) is served with the
+    ``fastws.rooms`` extension (encode-once fan-out by the server)."""
+    return _extension(obj) is not None
+
+
+async def join(websocket, room: str) -> None:
+    """Add ``websocket`` (accepted) to ``room``."""
+    ext = _extension(websocket)
+    if ext is not None:
+        ext["join"](room)
+    else:
+        _fallback.setdefault(room, set()).add(websocket)
+
+
+async def leave(websocket, room: str) -> None:
+    """Remove ``websocket`` from ``room`` (no-op if it is not a member)."""
+    ext = _extension(websocket)
+    if ext is not None:
+        ext["leave"](room)
+        return
+    members = _fallback.get(room)
+    if members is not None:
+        members.discard(websocket)
+        if not members:
+            del _fallback[room]
+
+
+async def publish(sender, room: str, message, *, exclude_self: bool = False) -> int:
+    """Send ``message`` (str: text frame, bytes: binary frame) to every member
+    of ``room``; returns the number of members it was queued on.
+
+    ``exclude_self`` skips ``sender`` when it is a member."""
+    ext = _extension(sender)
+    if ext is not None:
+        if exclude_self:
+            return ext["publish"](room, message, True)
+        return ext["publish"](room, message)
+    members = _fallback.get(room)
+    if not members:
+        return 0
+    n = 0
+    for ws in list(members):
+        if exclude_self and ws is sender:
+            continue
+        try:
+            if isinstance(message, str):
+                await ws.send_text(message)
+            else:
+                await ws.send_bytes(bytes(message))
+            n += 1
+        except Exception:  # noqa: BLE001 - a member that went away leaves the room
+            members.discard(ws)
+    if not members:
+        _fallback.pop(room, None)
+    return n
+
+
+__all__ = ["available", "join", "leave", "publish"]
