@@ -1,0 +1,1301 @@
+"""A neutral WebSocket load generator: raw uvloop sockets, no fastws code.
+
+It shares nothing with the server it measures. It writes its own upgrade
+request, sends frames that were masked once in advance, and checks every frame
+it receives:
+
+* echo-type scenarios compare the reply stream byte for byte with the frame a
+  correct server must send back (header + payload, unmasked, minimal length
+  encoding); a mismatch falls back to ``FrameParser``, a minimal RFC 6455
+  client-side parser (RSV bits, opcodes, control-frame rules, fragments,
+  masking), so a server that fragments or pings is still judged correctly;
+* fan-out subscribers parse every frame and check the sequence number.
+
+One scenario per command, one JSON line on stdout::
+
+    python -m fastws.bench.loadgen echo --port 9001 [--conns 64 --window 16 --size 32]
+    python -m fastws.bench.loadgen latency --port 9001
+    python -m fastws.bench.loadgen fanout --port 9001 --subscribers 1000
+    python -m fastws.bench.loadgen memory --port 9001 --conns 10000 --server-pid PID
+    python -m fastws.bench.loadgen handshake --port 9001 --conns 5000
+    python -m fastws.bench.loadgen large --port 9001 --size 65536
+
+Every loop is bounded by a count and by a duration and stops by itself. All
+traffic goes to the loopback host given (127.0.0.1 by default); with many
+connections the generator spreads them over processes (``--procs``) and over
+loopback source addresses 127.0.0.2, 127.0.0.3, ... (``--src-addrs``).
+
+The handshake uses one fixed ``Sec-WebSocket-Key`` for every connection, so
+the request is built once and the raw uvloop peer can answer with a fixed
+101; the ``Sec-WebSocket-Accept`` of every answer is still checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import resource
+import socket
+import struct
+import sys
+import time
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+ACCEPT = base64.b64encode(
+    hashlib.sha1((KEY + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+)
+
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+CONNS_PER_SOURCE = 20000  # below the 28k ephemeral ports of one (src, dst) pair
+
+now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: comparable across processes
+
+
+# --------------------------------------------------------------------- frames
+
+
+def upgrade_request(host: str, port: int, path: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {KEY}\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "\r\n"
+    ).encode()
+
+
+def xor_mask(payload: bytes, mask: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little"
+    )
+
+
+def _header(opcode: int, n: int, masked: bool) -> bytes:
+    b0 = 0x80 | opcode
+    m = 0x80 if masked else 0
+    if n < 126:
+        return struct.pack("!BB", b0, m | n)
+    if n < 65536:
+        return struct.pack("!BBH", b0, m | 126, n)
+    return struct.pack("!BBQ", b0, m | 127, n)
+
+
+def client_frame(opcode: int, payload: bytes, mask: bytes) -> bytes:
+    """A masked, final frame as a client must send it."""
+    return _header(opcode, len(payload), True) + mask + xor_mask(payload, mask)
+
+
+def server_frame(opcode: int, payload: bytes) -> bytes:
+    """The unmasked, final frame a server must send for ``payload``."""
+    return _header(opcode, len(payload), False) + payload
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class FrameParser:
+    """Minimal RFC 6455 parser for frames a server sends to a client.
+
+    ``feed(data)`` returns complete messages and control frames as
+    ``(opcode, payload)``; any violation raises ``ProtocolError``. Masked
+    frames are refused unless ``allow_masked`` (the raw echo peer sends the
+    client's own masked frames back).
+    """
+
+    def __init__(self, allow_masked: bool = False) -> None:
+        self.buf = bytearray()
+        self.allow_masked = allow_masked
+        self.frag_op: int | None = None
+        self.frags: list[bytes] = []
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self.buf
+        buf += data
+        out = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 & 0x70:
+                raise ProtocolError("reserved bits set")
+            op = b0 & 0x0F
+            fin = b0 & 0x80
+            ln = b1 & 0x7F
+            hl = 2
+            if ln == 126:
+                if n - pos < 4:
+                    break
+                ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                hl = 4
+            elif ln == 127:
+                if n - pos < 10:
+                    break
+                ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                hl = 10
+            masked = b1 & 0x80
+            if masked:
+                if not self.allow_masked:
+                    raise ProtocolError("masked frame from the server")
+                hl += 4
+            if n - pos < hl + ln:
+                break
+            payload = bytes(buf[pos + hl : pos + hl + ln])
+            if masked:
+                payload = xor_mask(payload, bytes(buf[pos + hl - 4 : pos + hl]))
+            pos += hl + ln
+            if op >= 8:
+                if op not in (CLOSE, PING, PONG):
+                    raise ProtocolError(f"unknown control opcode {op:#x}")
+                if not fin or ln > 125:
+                    raise ProtocolError("bad control frame")
+                out.append((op, payload))
+            elif op == 0:
+                if self.frag_op is None:
+                    raise ProtocolError("continuation without a start")
+                self.frags.append(payload)
+                if fin:
+                    out.append((self.frag_op, b"".join(self.frags)))
+                    self.frag_op = None
+                    self.frags = []
+            elif op in (TEXT, BINARY):
+                if self.frag_op is not None:
+                    raise ProtocolError("new data frame inside a fragmented message")
+                if fin:
+                    out.append((op, payload))
+                else:
+                    self.frag_op = op
+                    self.frags = [payload]
+            else:
+                raise ProtocolError(f"unknown opcode {op:#x}")
+        del buf[:pos]
+        return out
+
+
+# ------------------------------------------------------------------ clients
+
+
+class Stats:
+    """Errors shared by all clients of one process (first few kept)."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.first_errors: list[str] = []
+        self.lost = 0
+
+    def error(self, msg: str) -> None:
+        self.errors += 1
+        if len(self.first_errors) < 5:
+            self.first_errors.append(msg)
+
+
+class Client(asyncio.Protocol):
+    """Upgrade, then hand every received chunk to ``on_data``."""
+
+    def __init__(self, request: bytes, stats: Stats, mask: bytes) -> None:
+        self.request = request
+        self.stats = stats
+        self.mask = mask
+        self.transport = None
+        self.upgraded = False
+        self.closed = False
+        self.closing = False
+        self.head = b""
+        self.opened = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            self.on_data(data)
+            return
+        head = self.head + data
+        i = head.find(b"\r\n\r\n")
+        if i < 0:
+            if len(head) > 16384:
+                self.fail("response head too long")
+            self.head = head
+            return
+        self.head = b""
+        status, _, rest = head[:i].partition(b"\r\n")
+        if not status.startswith(b"HTTP/1.1 101"):
+            self.fail(f"upgrade refused: {status[:60]!r}")
+            return
+        accept = None
+        for line in rest.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-accept":
+                accept = value.strip()
+        if accept != ACCEPT:
+            self.fail(f"bad Sec-WebSocket-Accept {accept!r}")
+            return
+        self.upgraded = True
+        if not self.opened.done():
+            self.opened.set_result(self)
+        tail = head[i + 4 :]
+        if tail:
+            self.on_data(tail)
+
+    def on_data(self, data: bytes) -> None:  # pragma: no cover - overridden
+        pass
+
+    def handle_control(self, op: int, payload: bytes) -> bool:
+        """Answer pings, ignore pongs; a close from the server is an error."""
+        if op == PING:
+            self.transport.write(client_frame(PONG, payload, self.mask))
+            return True
+        if op == PONG:
+            return True
+        if op == CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            if not self.closing:
+                self.stats.error(f"server closed the connection: {code} {payload[2:80]!r}")
+            self.closing = True
+            self.transport.close()
+            return True
+        return False
+
+    def fail(self, msg: str) -> None:
+        self.stats.error(msg)
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(msg))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Send a close frame (1000) and close our side."""
+        if self.transport is not None and not self.closed:
+            self.closing = True
+            try:
+                self.transport.write(client_frame(CLOSE, b"\x03\xe8", self.mask))
+                self.transport.close()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"connection lost: {exc}"))
+        elif not self.closing:
+            self.stats.lost += 1
+
+
+class EchoClient(Client):
+    """Keeps ``window`` identical messages in flight; checks each echo.
+
+    Fast path: the received bytes must equal k copies of the expected server
+    frame (one bytes comparison). Anything else goes through FrameParser.
+    """
+
+    def __init__(self, request, stats, mask, frame, expect, window, allow_masked):
+        super().__init__(request, stats, mask)
+        self.frame = frame
+        self.expect = expect
+        self.flen = len(expect)
+        self.window = window
+        self.send_blocks = [frame * k for k in range(window + 1)]
+        self.expect_blocks = [expect * k for k in range(window + 1)]
+        self.tail = b""
+        self.sent = 0
+        self.received = 0
+        self.running = True
+        self.parser: FrameParser | None = None
+        self.allow_masked = allow_masked
+        self.payload = None
+
+    def start(self) -> None:
+        self.transport.write(self.send_blocks[self.window])
+        self.sent += self.window
+
+    def on_data(self, data: bytes) -> None:
+        if self.parser is None:
+            if self.tail:
+                data = self.tail + data
+            flen = self.flen
+            k = len(data) // flen
+            end = k * flen
+            if k <= self.window and (
+                (data if end == len(data) else data[:end]) == self.expect_blocks[k]
+            ):
+                self.tail = data[end:] if end != len(data) else b""
+                if k:
+                    self.got(k)
+                return
+            # Not the canonical byte stream: parse and check frame by frame.
+            self.parser = FrameParser(self.allow_masked)
+            self.payload = FrameParser(True).feed(self.expect)[0]
+            self.tail = b""
+        try:
+            msgs = self.parser.feed(data)
+        except ProtocolError as e:
+            self.fail(f"protocol error: {e}")
+            return
+        k = 0
+        for op, payload in msgs:
+            if op >= 8:
+                self.handle_control(op, payload)
+            elif (op, payload) == self.payload:
+                k += 1
+            else:
+                self.fail(f"wrong echo: opcode {op}, {len(payload)} bytes")
+                return
+        if k:
+            self.got(k)
+
+    def got(self, k: int) -> None:
+        self.received += k
+        if self.received > self.sent:
+            self.fail("more echoes than messages sent")
+            return
+        if self.running:
+            while k > self.window:
+                self.transport.write(self.send_blocks[self.window])
+                k -= self.window
+                self.sent += self.window
+            self.transport.write(self.send_blocks[k])
+            self.sent += k
+
+
+class PingPongClient(EchoClient):
+    """One message in flight; records every round trip (after warm-up)."""
+
+    def __init__(self, *a, max_rounds, deadline_ns, warmup):
+        super().__init__(*a)
+        self.samples = array.array("q")
+        self.max_rounds = max_rounds
+        self.deadline_ns = deadline_ns
+        self.warmup = warmup
+        self.t0 = 0
+        self.done = asyncio.get_running_loop().create_future()
+
+    def start(self) -> None:
+        self.t0 = now_ns()
+        self.transport.write(self.frame)
+        self.sent = 1
+
+    def got(self, k: int) -> None:
+        t = now_ns()
+        self.received += k
+        if k != 1 or self.received > self.sent:
+            self.fail("more echoes than messages sent")
+            return
+        if self.received > self.warmup:
+            self.samples.append(t - self.t0)
+        if len(self.samples) >= self.max_rounds or t >= self.deadline_ns:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self.t0 = now_ns()
+        self.transport.write(self.frame)
+        self.sent += 1
+
+
+class LargeClient(EchoClient):
+    """One large message in flight; the reply is compared as a byte stream."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.off = 0
+
+    def start(self) -> None:
+        self.transport.write(self.frame)
+        self.sent = 1
+
+    def on_data(self, data: bytes) -> None:
+        if self.parser is not None:
+            return EchoClient.on_data(self, data)
+        expect = self.expect
+        flen = self.flen
+        pos = 0
+        n = len(data)
+        while pos < n:
+            take = min(n - pos, flen - self.off)
+            chunk = data if (pos == 0 and take == n) else data[pos : pos + take]
+            if chunk != expect[self.off : self.off + take]:
+                # Fall back to the parser from the start of this message.
+                self.parser = FrameParser(self.allow_masked)
+                self.payload = FrameParser(True).feed(expect)[0]
+                self.parser.feed(expect[: self.off])
+                self.off = 0
+                return EchoClient.on_data(self, data[pos:])
+            self.off += take
+            pos += take
+            if self.off == flen:
+                self.off = 0
+                self.got(1)
+
+    def got(self, k: int) -> None:
+        self.received += k
+        if self.received > self.sent:
+            self.fail("more echoes than messages sent")
+            return
+        if self.running:
+            self.transport.write(self.frame)
+            self.sent += 1
+
+
+_FRAME_STRUCTS: dict = {}
+
+
+class Subscriber(Client):
+    """Counts relayed messages: payload = seq (u64) + publish time (u64) + filler."""
+
+    def __init__(self, request, stats, mask, expect_len, sample):
+        super().__init__(request, stats, mask)
+        self.parser = FrameParser()
+        self.next_seq = 0
+        self.expect_len = expect_len
+        self.sample = sample  # array to record latencies into, or None
+        self.last_ns = 0
+        self.waiter = None  # (count, future): resolved when next_seq reaches count
+        self.slow = expect_len < 16 or expect_len > 125
+        self.rest = b""
+        self.head2 = bytes([0x82, expect_len]) if not self.slow else b""
+
+    def on_data(self, data: bytes) -> None:
+        t = now_ns()
+        if not self.slow:
+            # Fast path: whole frames of the expected shape, checked by one
+            # struct unpack per read (header bytes, length, sequence).
+            if self.rest:
+                data = self.rest + data
+            flen = self.expect_len + 2
+            n = len(data) // flen
+            end = n * flen
+            if n:
+                st = _FRAME_STRUCTS.get((n, self.expect_len))
+                if st is None:
+                    st = _FRAME_STRUCTS[(n, self.expect_len)] = struct.Struct(
+                        "<" + f"BBQQ{self.expect_len - 16}x" * n
+                    )
+                vals = st.unpack_from(data)
+                seq0 = self.next_seq
+                if (
+                    vals[0::4].count(0x82) == n
+                    and vals[1::4].count(self.expect_len) == n
+                    and vals[2::4] == tuple(range(seq0, seq0 + n))
+                ):
+                    self.next_seq = seq0 + n
+                    if self.sample is not None:
+                        for sent_ns in vals[3::4]:
+                            self.sample.append(t - sent_ns)
+                    self.rest = data[end:] if end != len(data) else b""
+                    self.last_ns = t
+                    self.on_delivered()
+                    return
+            elif len(data) < flen and (len(data) < 2 or data[:2] == self.head2):
+                self.rest = data
+                return
+            # Anything else (control frames, fragments, errors): full parser.
+            self.slow = True
+            self.rest = b""
+        try:
+            msgs = self.parser.feed(data)
+        except ProtocolError as e:
+            self.fail(f"protocol error: {e}")
+            return
+        for op, payload in msgs:
+            if op >= 8:
+                self.handle_control(op, payload)
+                continue
+            if op != BINARY or len(payload) != self.expect_len:
+                self.fail(f"unexpected message: opcode {op}, {len(payload)} bytes")
+                return
+            seq, sent_ns = struct.unpack_from("<QQ", payload)
+            if seq != self.next_seq:
+                self.fail(f"out of order or missing: got seq {seq}, expected {self.next_seq}")
+                return
+            self.next_seq = seq + 1
+            if self.sample is not None:
+                self.sample.append(t - sent_ns)
+        self.last_ns = t
+        self.on_delivered()
+
+    def on_delivered(self) -> None:
+        w = self.waiter
+        if w is not None and self.next_seq >= w[0] and not w[1].done():
+            w[1].set_result(None)
+
+
+class Publisher(Subscriber):
+    """A subscriber that publishes; its own copies are acknowledgements."""
+
+    def __init__(self, *a, window, size, max_msgs, deadline_ns, rate):
+        super().__init__(*a)
+        self.window = window
+        self.filler = bytes(size - 16)
+        self.max_msgs = max_msgs
+        self.deadline_ns = deadline_ns
+        self.rate = rate
+        self.published = 0
+        self.first_ns = 0
+        self.finished = asyncio.get_running_loop().create_future()
+        self.timer = None
+
+    def publish_one(self) -> None:
+        t = now_ns()
+        if self.published >= self.max_msgs or t >= self.deadline_ns:
+            if not self.finished.done():
+                self.finished.set_result(self.published)
+            return
+        if not self.published:
+            self.first_ns = t
+        payload = struct.pack("<QQ", self.published, t) + self.filler
+        self.transport.write(client_frame(BINARY, payload, self.mask))
+        self.published += 1
+
+    def start(self) -> None:
+        if self.rate:
+            self.interval = 1e9 / self.rate
+            self.tick()
+        else:
+            for _ in range(self.window):
+                self.publish_one()
+
+    def tick(self) -> None:
+        if self.finished.done():
+            return
+        self.publish_one()
+        if not self.finished.done():
+            due = self.first_ns + self.published * self.interval
+            delay = max(0.0, (due - now_ns()) / 1e9)
+            self.timer = asyncio.get_running_loop().call_later(delay, self.tick)
+
+    def on_delivered(self) -> None:
+        if not self.rate and not self.finished.done():
+            while self.published - self.next_seq < self.window and not self.finished.done():
+                self.publish_one()
+        super().on_delivered()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def percentile(sorted_vals, q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    i = min(len(sorted_vals) - 1, max(0, math.ceil(q / 100 * len(sorted_vals)) - 1))
+    return sorted_vals[i]
+
+
+def proc_cpu_ticks(pid: int) -> int:
+    """utime + stime of a process and its descendants, in clock ticks."""
+    total = 0
+    for p in [pid] + descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+        for k in kids:
+            out.append(k)
+            out.extend(descendants(k))
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process plus its descendants (workers), in bytes."""
+    total = 0
+    for p in [pid] + descendants(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
+
+
+class CpuMeter:
+    """CPU used by the server (from /proc) and by this load generator."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.pid = server_pid
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.s0 = proc_cpu_ticks(self.pid) if self.pid else 0
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.c0 = r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+    def stop(self) -> dict:
+        dt = max(1e-9, time.monotonic() - self.t0)
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = {"client_cpu": round((r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime - self.c0) / dt, 3)}
+        if self.pid:
+            out["server_cpu"] = round((proc_cpu_ticks(self.pid) - self.s0) / self.hz / dt, 3)
+        return out
+
+
+def source_addresses(n_conns: int, explicit: int) -> list[str | None]:
+    """Loopback source addresses: 127.0.0.1 (no bind) up to CONNS_PER_SOURCE."""
+    n = explicit or max(1, math.ceil(n_conns / CONNS_PER_SOURCE))
+    if n == 1:
+        return [None]
+    return [f"127.0.0.{2 + i}" for i in range(n)]
+
+
+async def open_one(loop, factory, host, port, src):
+    if src is None:
+        _, proto = await loop.create_connection(factory, host, port)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((src, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        _, proto = await loop.create_connection(factory, sock=sock)
+    await proto.opened
+    return proto
+
+
+async def open_many(n, factory, host, port, *, concurrency=100, deadline_ns=None, srcs=(None,), stats=None):
+    """Open n upgraded connections, ``concurrency`` handshakes at a time."""
+    loop = asyncio.get_running_loop()
+    out: list = []
+    nxt = 0
+
+    async def worker():
+        nonlocal nxt
+        while nxt < n and (deadline_ns is None or now_ns() < deadline_ns):
+            i = nxt
+            nxt += 1
+            try:
+                out.append(await open_one(loop, factory, host, port, srcs[i % len(srcs)]))
+            except (OSError, ConnectionError) as e:
+                if stats is not None:
+                    stats.error(f"connect failed: {e}")
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
+    return out
+
+
+async def close_all(clients, wait: float = 0.5) -> None:
+    for c in clients:
+        c.close()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and not all(c.closed for c in clients):
+        await asyncio.sleep(0.02)
+    for c in clients:
+        if not c.closed and c.transport is not None:
+            c.transport.abort()
+
+
+def mask_from(rng: random.Random) -> bytes:
+    return bytes(rng.getrandbits(8) for _ in range(4))
+
+
+def result_base(a, scenario: str) -> dict:
+    return {"scenario": scenario, "host": a.host, "port": a.port, "path": a.path, "seed": a.seed}
+
+
+def finish(res: dict, stats: Stats, extra_ok: bool = True) -> dict:
+    res["errors"] = stats.errors
+    if stats.first_errors:
+        res["first_errors"] = stats.first_errors
+    res["lost_connections"] = stats.lost
+    res["ok"] = bool(extra_ok and stats.errors == 0 and stats.lost == 0)
+    return res
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+async def run_echo(a) -> dict:
+    """C connections x W identical small messages in flight; messages/s echoed."""
+    rng = random.Random(a.seed)
+    stats = Stats()
+    mask = mask_from(rng)
+    opcode = BINARY if a.binary else TEXT
+    payload = bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(a.size))
+    frame = client_frame(opcode, payload, mask)
+    expect = frame if a.raw else server_frame(opcode, payload)
+    req = upgrade_request(a.host, a.port, a.path)
+    srcs = source_addresses(a.conns, a.src_addrs)
+    clients = await open_many(
+        a.conns,
+        lambda: EchoClient(req, stats, mask, frame, expect, a.window, a.raw),
+        a.host, a.port, srcs=srcs, stats=stats,
+    )
+    res = result_base(a, "echo")
+    res.update(conns=a.conns, window=a.window, size=a.size, opcode=opcode)
+    if len(clients) < a.conns:
+        res["value"] = 0
+        return finish(res, stats, False)
+    for c in clients:
+        c.start()
+    await asyncio.sleep(a.warmup)
+    cpu = CpuMeter(a.server_pid)
+    t0 = time.monotonic()
+    cpu.start()
+    r0 = sum(c.received for c in clients)
+    deadline = t0 + a.duration
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        if sum(c.received for c in clients) - r0 >= a.max_messages:
+            break
+    r1 = sum(c.received for c in clients)
+    t1 = time.monotonic()
+    res.update(cpu.stop())
+    for c in clients:
+        c.running = False
+    drained = await wait_until(lambda: all(c.received == c.sent or c.closed for c in clients), 5.0)
+    complete = drained and all(c.received == c.sent for c in clients)
+    res.update(
+        value=round((r1 - r0) / (t1 - t0)),
+        unit="messages/s",
+        seconds=round(t1 - t0, 3),
+        messages=r1 - r0,
+        sent_total=sum(c.sent for c in clients),
+        echoed_total=sum(c.received for c in clients),
+        parser_fallbacks=sum(1 for c in clients if c.parser is not None),
+    )
+    await close_all(clients)
+    return finish(res, stats, complete)
+
+
+async def wait_until(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def run_latency(a) -> dict:
+    """One connection, one message in flight: round-trip percentiles (µs)."""
+    rng = random.Random(a.seed)
+    stats = Stats()
+    mask = mask_from(rng)
+    opcode = BINARY if a.binary else TEXT
+    payload = bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(a.size))
+    frame = client_frame(opcode, payload, mask)
+    expect = frame if a.raw else server_frame(opcode, payload)
+    req = upgrade_request(a.host, a.port, a.path)
+    deadline_ns = now_ns() + int((a.duration + a.warmup + 2) * 1e9)
+    res = result_base(a, "latency")
+    clients = await open_many(
+        1,
+        lambda: PingPongClient(
+            req, stats, mask, frame, expect, 1, a.raw,
+            max_rounds=a.rounds, deadline_ns=deadline_ns, warmup=a.warmup_rounds,
+        ),
+        a.host, a.port, stats=stats,
+    )
+    if not clients:
+        res["value"] = None
+        return finish(res, stats, False)
+    c = clients[0]
+    cpu = CpuMeter(a.server_pid)
+    cpu.start()
+    c.start()
+    try:
+        await asyncio.wait_for(asyncio.shield(c.done), a.duration + a.warmup + 5)
+    except asyncio.TimeoutError:
+        stats.error("latency run did not finish")
+    res.update(cpu.stop())
+    s = sorted(c.samples)
+    us = lambda v: round(v / 1000, 2)  # noqa: E731
+    res.update(
+        size=a.size,
+        rounds=len(s),
+        value=us(percentile(s, 50)),
+        unit="µs p50",
+        p50_us=us(percentile(s, 50)),
+        p99_us=us(percentile(s, 99)),
+        p999_us=us(percentile(s, 99.9)),
+        mean_us=us(sum(s) / len(s)) if s else None,
+        min_us=us(s[0]) if s else None,
+        max_us=us(s[-1]) if s else None,
+    )
+    await close_all(clients)
+    return finish(res, stats, bool(s))
+
+
+async def run_large(a) -> dict:
+    """One connection, one large binary message in flight: MB/s echoed."""
+    rng = random.Random(a.seed)
+    stats = Stats()
+    mask = mask_from(rng)
+    payload = rng.randbytes(a.size)
+    frame = client_frame(BINARY, payload, mask)
+    expect = frame if a.raw else server_frame(BINARY, payload)
+    req = upgrade_request(a.host, a.port, a.path)
+    res = result_base(a, "large")
+    clients = await open_many(
+        a.conns, lambda: LargeClient(req, stats, mask, frame, expect, 1, a.raw),
+        a.host, a.port, stats=stats,
+    )
+    if len(clients) < a.conns:
+        res["value"] = 0
+        return finish(res, stats, False)
+    for c in clients:
+        c.start()
+    await asyncio.sleep(a.warmup)
+    cpu = CpuMeter(a.server_pid)
+    cpu.start()
+    t0 = time.monotonic()
+    r0 = sum(c.received for c in clients)
+    deadline = t0 + a.duration
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        if sum(c.received for c in clients) - r0 >= a.max_messages:
+            break
+    r1 = sum(c.received for c in clients)
+    t1 = time.monotonic()
+    res.update(cpu.stop())
+    for c in clients:
+        c.running = False
+    drained = await wait_until(lambda: all(c.received == c.sent or c.closed for c in clients), 10.0)
+    msgs = r1 - r0
+    res.update(
+        conns=a.conns,
+        size=a.size,
+        value=round(msgs * a.size / (t1 - t0) / 1e6, 1),
+        unit="MB/s",
+        messages=msgs,
+        messages_per_s=round(msgs / (t1 - t0), 1),
+        seconds=round(t1 - t0, 3),
+        parser_fallbacks=sum(1 for c in clients if c.parser is not None),
+    )
+    await close_all(clients)
+    return finish(res, stats, drained and msgs > 0 and all(c.received == c.sent for c in clients))
+
+
+async def run_handshake(a) -> dict:
+    """Open N connections (``--concurrency`` handshakes at a time): opened/s."""
+    stats = Stats()
+    mask = mask_from(random.Random(a.seed))
+    req = upgrade_request(a.host, a.port, a.path)
+    srcs = source_addresses(a.conns, a.src_addrs)
+    deadline_ns = now_ns() + int(a.duration * 1e9)
+    cpu = CpuMeter(a.server_pid)
+    cpu.start()
+    t0 = time.monotonic()
+    clients = await open_many(
+        a.conns, lambda: Client(req, stats, mask), a.host, a.port,
+        concurrency=a.concurrency, deadline_ns=deadline_ns, srcs=srcs, stats=stats,
+    )
+    t1 = time.monotonic()
+    res = result_base(a, "handshake")
+    res.update(cpu.stop())
+    res.update(
+        value=round(len(clients) / (t1 - t0)),
+        unit="connections/s",
+        opened=len(clients),
+        requested=a.conns,
+        concurrency=a.concurrency,
+        seconds=round(t1 - t0, 3),
+        source_addresses=len(srcs),
+    )
+    await close_all(clients, 1.0)
+    return finish(res, stats, len(clients) == a.conns)
+
+
+def _memory_child(a, n, conn, srcs):
+    """Child process: hold n idle echo connections until told to check them."""
+
+    async def main():
+        stats = Stats()
+        rng = random.Random(a.seed + n)
+        mask = mask_from(rng)
+        payload = b"idle-check"
+        frame = client_frame(TEXT, payload, mask)
+        expect = frame if a.raw else server_frame(TEXT, payload)
+        req = upgrade_request(a.host, a.port, a.path)
+        clients = await open_many(
+            n, lambda: EchoClient(req, stats, mask, frame, expect, 1, a.raw),
+            a.host, a.port, srcs=srcs, stats=stats,
+        )
+        conn.send(("open", len(clients)))
+        await read_pipe(conn)  # "check"
+        for c in clients:
+            c.running = False
+            c.start()
+        ok = await wait_until(lambda: all(c.received == 1 or c.closed for c in clients), 10.0)
+        ok = ok and all(c.received == 1 for c in clients)
+        conn.send(("checked", ok, stats.errors, stats.first_errors, stats.lost))
+        await read_pipe(conn)  # "close"
+        await close_all(clients, 1.0)
+
+    run_loop(main())
+
+
+async def read_pipe(conn):
+    """Await one object from a multiprocessing pipe without blocking the loop.
+
+    A worker thread does the blocking read (the loop's add_reader would make
+    the pipe non-blocking, which multiprocessing does not support).
+    """
+    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+
+def spread(total: int, procs: int) -> list[int]:
+    base, extra = divmod(total, procs)
+    return [base + (1 if i < extra else 0) for i in range(procs)]
+
+
+def run_memory(a) -> dict:
+    """Server RSS delta / K for K idle, upgraded connections (VmRSS)."""
+    if not a.server_pid:
+        raise SystemExit("memory needs --server-pid")
+    procs = a.procs or max(1, math.ceil(a.conns / 15000))
+    ctx = multiprocessing.get_context("fork")
+    srcs_all = source_addresses(a.conns, a.src_addrs)
+    time.sleep(a.settle)
+    rss0 = rss_bytes(a.server_pid)
+    pipes, children = [], []
+    t0 = time.monotonic()
+    for i, n in enumerate(spread(a.conns, procs)):
+        parent, child = ctx.Pipe()
+        srcs = srcs_all[i::procs] or srcs_all
+        p = ctx.Process(target=_memory_child, args=(a, n, child, srcs), daemon=True)
+        p.start()
+        pipes.append(parent)
+        children.append(p)
+    deadline = time.monotonic() + a.duration + 60
+    opened = 0
+    for pipe in pipes:
+        if pipe.poll(max(0.1, deadline - time.monotonic())):
+            opened += pipe.recv()[1]
+    t_open = time.monotonic() - t0
+    time.sleep(a.settle)
+    if a.settle > 0:
+        wait_quiet(a.server_pid, 3.0)
+    rss1 = rss_bytes(a.server_pid)
+    for pipe in pipes:
+        pipe.send("check")
+    ok = opened == a.conns
+    errors, first, lost = 0, [], 0
+    for pipe in pipes:
+        if pipe.poll(max(0.1, deadline - time.monotonic())):
+            _, cok, e, fe, lo = pipe.recv()
+            ok = ok and cok
+            errors += e
+            first += fe
+            lost += lo
+        else:
+            ok = False
+    for pipe in pipes:
+        pipe.send("close")
+    for p in children:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    res = result_base(a, "memory")
+    per = (rss1 - rss0) / max(1, opened)
+    res.update(
+        value=round(per),
+        unit="bytes/conn",
+        kib_per_conn=round(per / 1024, 2),
+        conns=a.conns,
+        opened=opened,
+        rss_before=rss0,
+        rss_after=rss1,
+        open_seconds=round(t_open, 3),
+        procs=procs,
+        source_addresses=len(srcs_all),
+        errors=errors,
+        lost_connections=lost,
+        ok=bool(ok and errors == 0 and lost == 0),
+    )
+    if first:
+        res["first_errors"] = first[:5]
+    return res
+
+
+def wait_quiet(pid: int, timeout: float) -> None:
+    """Wait until the server has used (almost) no CPU for 100 ms."""
+    deadline = time.monotonic() + timeout
+    hz = os.sysconf("SC_CLK_TCK")
+    while time.monotonic() < deadline:
+        c0 = proc_cpu_ticks(pid)
+        time.sleep(0.1)
+        if proc_cpu_ticks(pid) - c0 <= 0.01 * hz:
+            return
+
+
+def _fanout_child(a, n, conn, srcs, sample_every, index0):
+    async def main():
+        stats = Stats()
+        mask = mask_from(random.Random(a.seed + index0))
+        req = upgrade_request(a.host, a.port, a.path)
+        samples = array.array("q")
+        idx = [index0]
+
+        def factory():
+            i = idx[0]
+            idx[0] += 1
+            return Subscriber(req, stats, mask, a.size, samples if i % sample_every == 0 else None)
+
+        clients = await open_many(n, factory, a.host, a.port, srcs=srcs, stats=stats)
+        conn.send(("open", len(clients)))
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        w0 = time.monotonic()
+        msg = await read_pipe(conn)  # ("count", M, timeout)
+        count, timeout = msg[1], msg[2]
+        loop = asyncio.get_running_loop()
+        futs = []
+        for c in clients:
+            c.waiter = (count, loop.create_future())
+            c.on_delivered()
+            futs.append(c.waiter[1])
+        if futs:
+            await asyncio.wait(futs, timeout=timeout)
+        complete = sum(1 for c in clients if c.next_seq == count)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / max(1e-9, time.monotonic() - w0)
+        conn.send((
+            "done", complete, len(clients), sum(c.next_seq for c in clients),
+            max((c.last_ns for c in clients), default=0), samples.tobytes(),
+            stats.errors, stats.first_errors, stats.lost, round(cpu, 3),
+        ))
+        await read_pipe(conn)  # "close"
+        await close_all(clients, 1.0)
+
+    run_loop(main())
+
+
+def run_fanout(a) -> dict:
+    """N subscribers (one of them publishes); deliveries/s and latency."""
+    n_subs = a.subscribers
+    procs = a.procs or max(1, math.ceil(n_subs / 15000))
+    ctx = multiprocessing.get_context("fork")
+    srcs_all = source_addresses(n_subs, a.src_addrs)
+    sample_every = max(1, n_subs // 200)
+    pipes, children = [], []
+    start = 1  # subscriber 0 is the publisher, in this process
+    for i, n in enumerate(spread(n_subs - 1, procs)):
+        parent, child = ctx.Pipe()
+        srcs = srcs_all[i::procs] or srcs_all
+        p = ctx.Process(target=_fanout_child, args=(a, n, child, srcs, sample_every, start), daemon=True)
+        start += n
+        p.start()
+        pipes.append(parent)
+        children.append(p)
+    opened = 1
+    deadline = time.monotonic() + 60 + n_subs / 500
+    for pipe in pipes:
+        if pipe.poll(max(0.1, deadline - time.monotonic())):
+            opened += pipe.recv()[1]
+
+    async def publish():
+        stats = Stats()
+        mask = mask_from(random.Random(a.seed))
+        req = upgrade_request(a.host, a.port, a.path)
+        samples = array.array("q")
+        deadline_ns = now_ns() + int(a.duration * 1e9)
+        pubs = await open_many(
+            1,
+            lambda: Publisher(
+                req, stats, mask, a.size, samples, window=a.window, size=a.size,
+                max_msgs=a.max_messages, deadline_ns=deadline_ns, rate=a.rate,
+            ),
+            a.host, a.port, stats=stats,
+        )
+        if not pubs:
+            return None, stats, 0, samples, 0, 0
+        pub = pubs[0]
+        await asyncio.sleep(min(0.2, a.duration))  # let the server register the last subscribers
+        pub.deadline_ns = now_ns() + int(a.duration * 1e9)
+        cpu = CpuMeter(a.server_pid)
+        cpu.start()
+        pub.start()
+        try:
+            published = await asyncio.wait_for(asyncio.shield(pub.finished), a.duration + 30)
+        except asyncio.TimeoutError:
+            stats.error("publisher stalled (its own copies stopped arriving)")
+            published = pub.published
+            pub.finished.cancel()
+        if pub.timer:
+            pub.timer.cancel()
+        timeout = 15.0 + published * n_subs / 20000
+        for pipe in pipes:
+            pipe.send(("count", published, timeout))
+        pub.waiter = (published, asyncio.get_running_loop().create_future())
+        pub.on_delivered()
+        try:
+            await asyncio.wait_for(pub.waiter[1], timeout)
+        except asyncio.TimeoutError:
+            pass
+        results = [await read_pipe(p) for p in pipes]
+        cpu_res = cpu.stop()
+        own = pub.next_seq
+        await close_all(pubs, 0.5)
+        return (published, stats, pub.first_ns, samples, results, cpu_res, own, pub.last_ns)
+
+    out = run_loop(publish())
+    res = result_base(a, "fanout")
+    res.update(subscribers=n_subs, opened=opened, size=a.size, window=a.window, rate=a.rate, procs=procs,
+               source_addresses=len(srcs_all))
+    if out[0] is None:
+        for pipe in pipes:
+            try:
+                pipe.send(("count", 0, 0.1))
+            except OSError:
+                pass
+        res["value"] = 0
+        return finish(res, out[1], False)
+    published, stats, first_ns, samples, results, cpu_res, own, pub_last = out
+    own_ok = own == published
+    for pipe in pipes:
+        pipe.send("close")
+    for p in children:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    complete = (1 if own_ok else 0) + sum(r[1] for r in results)
+    delivered = own + sum(r[3] for r in results)
+    last_ns = max([pub_last] + [r[4] for r in results])
+    for r in results:
+        samples.frombytes(r[5])
+        stats.errors += r[6]
+        for e in r[7]:
+            if len(stats.first_errors) < 5:
+                stats.first_errors.append(e)
+        stats.lost += r[8]
+    s = sorted(samples)
+    secs = max(1e-9, (last_ns - first_ns) / 1e9)
+    us = lambda v: round(v / 1000, 1)  # noqa: E731
+    res.update(cpu_res)
+    # CPU of each subscriber process, from its last connection open to its last delivery.
+    res["subscriber_procs_cpu"] = [r[9] for r in results]
+    res.update(
+        value=round(delivered / secs) if a.rate == 0 else us(percentile(s, 99)),
+        unit="deliveries/s" if a.rate == 0 else "µs p99",
+        deliveries_per_s=round(delivered / secs),
+        published=published,
+        deliveries=delivered,
+        expected_deliveries=published * n_subs,
+        subscribers_complete=complete,
+        seconds=round(secs, 3),
+        latency_samples=len(s),
+        p50_us=us(percentile(s, 50)),
+        p99_us=us(percentile(s, 99)),
+        max_us=us(s[-1]) if s else None,
+    )
+    ok = opened == n_subs and complete == n_subs and published > 0
+    return finish(res, stats, ok)
+
+
+# ---------------------------------------------------------------- command
+
+
+def run_loop(coro):
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+DEFAULTS = {
+    "echo": dict(path="/echo", conns=64, window=16, size=32, duration=3.0),
+    "latency": dict(path="/echo", conns=1, size=32, duration=3.0),
+    "large": dict(path="/echo", conns=1, size=65536, duration=3.0),
+    "handshake": dict(path="/echo", conns=5000, duration=20.0),
+    "memory": dict(path="/echo", conns=10000, duration=60.0),
+    "fanout": dict(path="/room", subscribers=1000, size=64, duration=3.0, window=8),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastws.bench.loadgen", description=__doc__.split("\n")[0])
+    p.add_argument("scenario", choices=sorted(DEFAULTS))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path")
+    p.add_argument("--conns", type=int)
+    p.add_argument("--window", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--duration", type=float, help="measuring time bound, seconds")
+    p.add_argument("--warmup", type=float, default=0.5)
+    p.add_argument("--max-messages", type=int, default=50_000_000, help="count bound")
+    p.add_argument("--rounds", type=int, default=100_000, help="latency: round trips (count bound)")
+    p.add_argument("--warmup-rounds", type=int, default=1000)
+    p.add_argument("--subscribers", type=int)
+    p.add_argument("--rate", type=float, default=0.0, help="fanout: publish at a fixed rate (msg/s)")
+    p.add_argument("--concurrency", type=int, default=100, help="handshake: in flight")
+    p.add_argument("--procs", type=int, default=0, help="processes (0 = as many as needed)")
+    p.add_argument("--src-addrs", type=int, default=0, help="loopback source addresses (0 = auto)")
+    p.add_argument("--server-pid", type=int, default=0)
+    p.add_argument("--settle", type=float, default=0.5, help="memory: settle time before RSS reads")
+    p.add_argument("--binary", action="store_true", help="echo/latency: binary instead of text")
+    p.add_argument("--raw", action="store_true", help="server echoes raw bytes (our masked frames)")
+    p.add_argument("--seed", type=int, default=1)
+    a = p.parse_args(argv)
+    for k, v in DEFAULTS[a.scenario].items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    for k in ("conns", "window", "size", "subscribers"):
+        if getattr(a, k, None) is None:
+            setattr(a, k, 1)
+    return a
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    raise_nofile()
+    if a.scenario == "memory":
+        res = run_memory(a)
+    elif a.scenario == "fanout":
+        res = run_fanout(a)
+    else:
+        fn = {"echo": run_echo, "latency": run_latency, "large": run_large, "handshake": run_handshake}[a.scenario]
+        res = run_loop(fn(a))
+    print(json.dumps(res), flush=True)
+    return 0 if res.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

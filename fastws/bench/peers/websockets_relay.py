@@ -1,0 +1,36 @@
+"""The relay app on ``websockets`` (new asyncio API), fan-out with ``broadcast``."""
+
+from __future__ import annotations
+
+import uvloop
+from websockets.asyncio.server import broadcast, serve
+
+from fastws.bench.peers._common import MAX_SIZE, parse_args
+
+SUBSCRIBERS: set = set()
+
+
+async def handler(ws):
+    if ws.request.path == "/echo":
+        async for message in ws:
+            await ws.send(message)
+        return
+    SUBSCRIBERS.add(ws)
+    try:
+        async for message in ws:
+            broadcast(SUBSCRIBERS, message)
+    finally:
+        SUBSCRIBERS.discard(ws)
+
+
+async def main(host: str, port: int) -> None:
+    async with serve(
+        handler, host, port, compression=None, max_size=MAX_SIZE,
+        ping_interval=None, backlog=4096,
+    ) as server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    a = parse_args(__doc__.splitlines()[0])
+    uvloop.run(main(a.host, a.port))

@@ -1,0 +1,23 @@
+// The relay app on Node's `ws` (npm). Usage: node ws_relay.js PORT [HOST]
+'use strict';
+const { WebSocketServer } = require('ws');
+
+const port = parseInt(process.argv[2], 10);
+const host = process.argv[3] || '127.0.0.1';
+const subscribers = new Set();
+
+const wss = new WebSocketServer({ port, host, backlog: 4096, perMessageDeflate: false, maxPayload: 16 * 1024 * 1024 });
+wss.on('connection', (ws, req) => {
+  if (req.url === '/echo') {
+    ws.on('message', (data, isBinary) => ws.send(data, { binary: isBinary }));
+    return;
+  }
+  subscribers.add(ws);
+  ws.on('message', (data, isBinary) => {
+    for (const s of subscribers) {
+      if (s.readyState === 1) s.send(data, { binary: isBinary });
+    }
+  });
+  ws.on('close', () => subscribers.delete(ws));
+});
+wss.on('listening', () => console.log(`ws relay on ${host}:${port}`));

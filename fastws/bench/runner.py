@@ -1,0 +1,623 @@
+"""The benchmark runner: fastws and its peers, side by side, same load generator.
+
+``fastws bench``, ``python -m fastws.bench`` and (in the repo) ``python -m
+bench`` all end here. For each scenario, for each repeat, the servers are
+measured one after another in an order that rotates with the repeat, so slow
+drifts of the machine spread over all of them. Each measurement is one run of
+``python -m fastws.bench.loadgen SCENARIO ...`` (a separate process) that
+prints one JSON line. The runner keeps every line, reports the median and
+min/max per server, each peer's ratio to fastws, and writes a JSON results
+file, a markdown table and PNG bar charts.
+
+``--quick`` is the smoke mode for the test suite: tiny sizes, one repeat, and
+it fails when any run was not correct (every message echoed, every subscriber
+got every broadcast, every connection upgraded); timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from fastws.bench.loadgen import proc_cpu_ticks  # /proc helpers only
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+HOST = "127.0.0.1"
+
+
+# ------------------------------------------------------------------ servers
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    label: str
+    argv: callable  # (port) -> list[str]
+    raw: bool = False  # echoes raw bytes (the ceiling), cannot relay
+    env: dict = field(default_factory=dict)
+    cwd: str | None = None
+    skip: str | None = None  # reason it cannot run here
+
+
+def _py(module: str, *extra: str):
+    return lambda port: [sys.executable, "-m", module, "--host", HOST, "--port", str(port), *extra]
+
+
+def _node_env() -> tuple[str | None, dict]:
+    """Find node and the ws module: NODE_PATH, ./node_modules, npm root -g."""
+    node = shutil.which("node")
+    if not node:
+        return "node is not installed", {}
+    paths = [p for p in os.environ.get("NODE_PATH", "").split(os.pathsep) if p]
+    paths.append(str(Path.cwd() / "node_modules"))
+    npm = shutil.which("npm")
+    if npm:
+        try:
+            out = subprocess.run([npm, "root", "-g"], capture_output=True, text=True, timeout=20)
+            if out.returncode == 0 and out.stdout.strip():
+                paths.append(out.stdout.strip())
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    env = {"NODE_PATH": os.pathsep.join(paths)}
+    try:
+        r = subprocess.run(
+            [node, "-e", "require.resolve('ws')"], env={**os.environ, **env},
+            capture_output=True, timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"node failed: {e}", {}
+    if r.returncode != 0:
+        return "the npm module 'ws' is not found (npm install ws, or set NODE_PATH)", {}
+    return None, env
+
+
+def _fastws_spec() -> ServerSpec:
+    """fastws serve examples.relay:app (repo) or the shipped copy of the relay."""
+    if Path("examples/relay.py").is_file():
+        app, cwd = "examples.relay:app", str(Path.cwd())
+    else:
+        app, cwd = "fastws.bench.peers.fastws_relay:app", None
+    argv = lambda port: [  # noqa: E731
+        sys.executable, "-m", "fastws.cli.main", "serve", app, "--host", HOST, "--port", str(port),
+        "--max-message-size", str(16 * 1024 * 1024), "--log-level", "warning",
+    ]
+    skip = None
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "fastws.cli.main", "serve", "--help"],
+            capture_output=True, text=True, timeout=30, cwd=cwd,
+        )
+        if r.returncode != 0:
+            skip = "`fastws serve` is not available yet: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        skip = f"`fastws serve` did not answer: {e}"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))} if cwd else {}
+    return ServerSpec("fastws", f"fastws ({app})", argv, env=env, cwd=cwd, skip=skip)
+
+
+def _missing(*modules: str) -> str | None:
+    gone = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(gone)} (pip install \"fastws[bench]\")" if gone else None
+
+
+NEEDS = {
+    "websockets": ("websockets",), "aiohttp": ("aiohttp",), "picows": ("picows",),
+    "uvicorn-websockets": ("uvicorn", "starlette", "websockets"),
+    "uvicorn-wsproto": ("uvicorn", "starlette", "wsproto"),
+}
+
+
+def server_specs(wanted: list[str]) -> list[ServerSpec]:
+    specs = []
+    for name in wanted:
+        if name == "fastws":
+            specs.append(_fastws_spec())
+        elif name == "raw":
+            specs.append(ServerSpec("raw", "raw uvloop echo (ceiling)", _py("fastws.bench.peers.raw_uvloop"), raw=True))
+        elif name == "websockets":
+            specs.append(ServerSpec(name, "websockets (broadcast)", _py("fastws.bench.peers.websockets_relay")))
+        elif name == "aiohttp":
+            specs.append(ServerSpec(name, "aiohttp", _py("fastws.bench.peers.aiohttp_relay")))
+        elif name == "picows":
+            specs.append(ServerSpec(name, "picows", _py("fastws.bench.peers.picows_relay")))
+        elif name == "uvicorn-websockets":
+            specs.append(ServerSpec(name, "uvicorn+starlette, websockets", _py("fastws.bench.peers.starlette_relay", "--ws", "websockets")))
+        elif name == "uvicorn-wsproto":
+            specs.append(ServerSpec(name, "uvicorn+starlette, wsproto", _py("fastws.bench.peers.starlette_relay", "--ws", "wsproto")))
+        elif name == "socketify":
+            skip = None if importlib.util.find_spec("socketify") else "socketify is not installed (pip install socketify)"
+            specs.append(ServerSpec(name, "socketify (uWebSockets)", _py("fastws.bench.peers.socketify_relay"), skip=skip))
+        elif name == "node-ws":
+            skip, env = _node_env()
+            js = str(PEERS_DIR / "ws_relay.js")
+            specs.append(ServerSpec(name, "Node ws", lambda port: ["node", js, str(port), HOST], env=env, skip=skip))
+        else:
+            raise click.BadParameter(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")
+        if name in NEEDS and specs[-1].skip is None:
+            specs[-1].skip = _missing(*NEEDS[name])
+    return specs
+
+
+ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws", "socketify"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, spec: ServerSpec, logdir: Path) -> None:
+        self.spec = spec
+        self.logdir = logdir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.stop()
+        self.port = free_port()
+        self.starts += 1
+        log = open(self.logdir / f"{self.spec.name}.{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.spec.env}, cwd=self.spec.cwd, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.spec.name} did not listen on port {self.port} within {timeout:.0f}s")
+
+    def log_tail(self, n: int = 3) -> str:
+        try:
+            lines = (self.logdir / f"{self.spec.name}.{self.starts}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+        self.proc = None
+
+    def wait_quiet(self, timeout: float = 3.0) -> None:
+        """Until the server used < 2% of a core for 100 ms (bounded)."""
+        if not self.alive():
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            c0 = proc_cpu_ticks(self.pid)
+            time.sleep(0.1)
+            if proc_cpu_ticks(self.pid) - c0 <= max(1, hz // 100):
+                return
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Scenario:
+    name: str
+    kind: str  # the loadgen scenario
+    title: str
+    full: list[str]
+    quick: list[str]
+    higher_is_better: bool = True
+    relay: bool = False  # needs the relay (not the raw ceiling)
+    fresh: bool = False  # restart the server before each measurement
+    timeout: float = 180.0
+
+
+SCENARIOS = [
+    Scenario("echo", "echo", "Echo throughput, 64 conns x 16 in flight, 32 B text",
+             ["--conns", "64", "--window", "16", "--size", "32", "--duration", "3"],
+             ["--conns", "8", "--window", "4", "--size", "32", "--duration", "0.15", "--warmup", "0.05"]),
+    Scenario("latency", "latency", "Ping-pong latency, 1 conn, 32 B text (p50; p99, p99.9 in JSON)",
+             ["--size", "32", "--duration", "3", "--rounds", "30000"],
+             ["--size", "32", "--duration", "1", "--rounds", "100", "--warmup-rounds", "10"],
+             higher_is_better=False),
+    Scenario("fanout-1k", "fanout", "Fan-out to 1,000 subscribers, 64 B binary",
+             ["--subscribers", "1000", "--size", "64", "--duration", "3"],
+             ["--subscribers", "50", "--size", "64", "--duration", "0.15"], relay=True),
+    Scenario("fanout-10k", "fanout", "Fan-out to 10,000 subscribers, 64 B binary",
+             ["--subscribers", "10000", "--size", "64", "--duration", "3"],
+             ["--subscribers", "200", "--size", "64", "--duration", "0.15"], relay=True, timeout=300),
+    Scenario("fanout-latency", "fanout", "Fan-out latency at a fixed 10 msg/s to 1,000 subscribers (p99)",
+             ["--subscribers", "1000", "--size", "64", "--duration", "3", "--rate", "10"],
+             ["--subscribers", "50", "--size", "64", "--duration", "0.15", "--rate", "40"],
+             higher_is_better=False, relay=True),
+    Scenario("memory", "memory", "Idle memory per upgraded connection, K = 10,000 (VmRSS delta / K)",
+             ["--conns", "10000"], ["--conns", "200", "--settle", "0"],
+             higher_is_better=False, fresh=True, timeout=300),
+    Scenario("handshake", "handshake", "Handshake rate, 5,000 connections, 100 at a time",
+             ["--conns", "5000", "--concurrency", "100"], ["--conns", "200", "--concurrency", "20"]),
+    Scenario("large-64k", "large", "Large-message echo, 64 KiB binary, 1 conn, 1 in flight",
+             ["--size", "65536", "--duration", "3"], ["--size", "65536", "--duration", "0.15", "--warmup", "0.05"]),
+    Scenario("large-1m", "large", "Large-message echo, 1 MiB binary, 1 conn, 1 in flight",
+             ["--size", "1048576", "--duration", "3"], ["--size", "1048576", "--duration", "0.15", "--warmup", "0.05"]),
+]
+SCENARIO_NAMES = [s.name for s in SCENARIOS]
+
+
+def run_loadgen(sc: Scenario, server: RunningServer, quick: bool, seed: int) -> dict:
+    argv = [sys.executable, "-m", "fastws.bench.loadgen", sc.kind, "--host", HOST, "--port", str(server.port),
+            "--server-pid", str(server.pid), "--seed", str(seed), *(sc.quick if quick else sc.full)]
+    if server.spec.raw:
+        argv.append("--raw")
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=sc.timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "value": None, "first_errors": [f"load generator timed out after {sc.timeout:.0f}s"]}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "value": None, "first_errors": [f"load generator failed: {err}"]}
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------ records
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(specs: list[ServerSpec]) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    versions = {d: _version(d) for d in (
+        "fastws", "uvloop", "websockets", "aiohttp", "picows", "wsproto", "uvicorn", "starlette",
+        "socketify", "httptools", "click", "matplotlib", "Cython")}
+    node = next((s for s in specs if s.name == "node-ws"), None)
+    if shutil.which("node"):
+        try:
+            versions["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+            if node and not node.skip:
+                versions["ws (npm)"] = subprocess.run(
+                    ["node", "-e", "console.log(require('ws/package.json').version)"], capture_output=True, text=True,
+                    timeout=10, env={**os.environ, **node.env}).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        import fastws.core as core
+        implementation = getattr(core, "IMPLEMENTATION", None)
+    except Exception as e:  # noqa: BLE001 - report, do not fail the run
+        implementation = f"unavailable: {e}"
+    commit = None
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if r.returncode == 0:
+            commit = r.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+            if dirty.stdout.strip():
+                commit += "-dirty"
+        else:
+            commit = "none (no git commit)"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "commit": commit,
+        "implementation": implementation,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": load,
+        "versions": versions,
+    }
+
+
+def summarize(runs: list[dict]) -> dict | None:
+    vals = [r["value"] for r in runs if r.get("ok") and isinstance(r.get("value"), (int, float))]
+    if not vals:
+        return {"n": 0, "ok": all(r.get("ok") for r in runs), "median": None, "min": None, "max": None}
+    return {
+        "n": len(vals),
+        "ok": all(r.get("ok") for r in runs),
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "unit": next((r.get("unit") for r in runs if r.get("unit")), None),
+    }
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and abs(v) < 1000:
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:,.2f}"
+    return f"{v:,.0f}"
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    out = [
+        f"Run {results['started']} - {results['finished']} ({'quick' if results['quick'] else 'full'}), "
+        f"repeat {results['repeat']}, seed {results['seed']}",
+        f"CPU {env['cpu']} x {env['cores']}, Python {env['python']}, kernel {env['kernel']}, "
+        f"fastws commit {env['commit']}, engine {env['implementation']}",
+        "",
+        *(["QUICK smoke run: tiny sizes (see the args in the JSON), numbers not comparable.", ""]
+          if results["quick"] else []),
+        "| scenario | server | median | min | max | unit | ratio to fastws | runs ok |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for sc in results["scenarios"].values():
+        fast = sc["summary"].get("fastws", {}).get("median")
+        for name, s in sc["summary"].items():
+            ratio = "-"
+            if fast and s.get("median") is not None and name != "fastws":
+                ratio = f"{s['median'] / fast:.2f}"
+            elif name == "fastws" and fast:
+                ratio = "1.00"
+            ok = f"{s['n']}/{len(sc['runs'][name])}" + ("" if s["ok"] else " FAILED")
+            out.append(f"| {sc['name']} | {name} | {fmt(s.get('median'))} | {fmt(s.get('min'))} | "
+                       f"{fmt(s.get('max'))} | {s.get('unit') or ''} | {ratio} | {ok} |")
+    lat = results["scenarios"].get("latency")
+    if lat:
+        out += ["", "Latency percentiles (median over repeats, µs):", "",
+                "| server | p50 | p99 | p99.9 |", "|---|---:|---:|---:|"]
+        for name, runs in lat["runs"].items():
+            good = [r for r in runs if r.get("ok")]
+            if good:
+                med = lambda k: statistics.median(r[k] for r in good)  # noqa: E731
+                out.append(f"| {name} | {fmt(med('p50_us'))} | {fmt(med('p99_us'))} | {fmt(med('p999_us'))} |")
+    for key in ("fanout-latency", "fanout-1k", "fanout-10k"):
+        fo = results["scenarios"].get(key)
+        if fo:
+            how = "at a fixed rate" if key == "fanout-latency" else "while saturated (queueing included)"
+            out += ["", f"{key}: publish-to-receive latency {how} (median over repeats, µs):", "",
+                    "| server | p50 | p99 |", "|---|---:|---:|"]
+            for name, runs in fo["runs"].items():
+                good = [r for r in runs if r.get("ok")]
+                if good:
+                    out.append(f"| {name} | {fmt(statistics.median(r['p50_us'] for r in good))} | "
+                               f"{fmt(statistics.median(r['p99_us'] for r in good))} |")
+    if results["skipped"]:
+        out += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in results["skipped"].items()]
+    return "\n".join(out) + "\n"
+
+
+def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        click.echo("matplotlib is not installed: no charts (pip install matplotlib)", err=True)
+        return []
+    files = []
+    for sc in results["scenarios"].values():
+        rows = [(n, s) for n, s in sc["summary"].items() if s.get("median") is not None]
+        if not rows:
+            continue
+        rows.sort(key=lambda r: r[1]["median"], reverse=not sc["higher_is_better"])
+        names = [n for n, _ in rows]
+        med = [s["median"] for _, s in rows]
+        lo = [s["median"] - s["min"] for _, s in rows]
+        hi = [s["max"] - s["median"] for _, s in rows]
+        colors = ["#d62728" if n == "fastws" else "#7f7f7f" if n == "raw" else "#1f77b4" for n in names]
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.3))
+        ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=3)
+        for i, (_, st) in enumerate(rows):
+            ax.text(st["max"], i, "  " + fmt(st["median"]), va="center", fontsize=8)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: fmt(x)))
+        unit = rows[0][1].get("unit") or ""
+        better = "higher is better" if sc["higher_is_better"] else "lower is better"
+        ax.set_xlabel(f"{unit} ({better}; bars: median, whiskers: min-max)")
+        ax.set_title(sc["title"], fontsize=10)
+        ax.margins(x=0.22)
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{sc['name']}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+# ------------------------------------------------------------------- runner
+
+
+def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path | None, seed: int) -> int:
+    names = ["fastws"] + [n for n in vs if n != "fastws"]
+    specs = server_specs(names)
+    skipped = {}
+    for s in specs:
+        if s.skip:
+            click.echo(f"skip {s.name}: {s.skip}", err=True)
+            skipped[s.name] = s.skip
+    chosen = [s for s in SCENARIOS if s.name in scenarios]
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    env = environment(specs)
+    logdir = Path(tempfile.mkdtemp(prefix="fastws-bench-logs-"))
+    servers = {s.name: RunningServer(s, logdir) for s in specs if not s.skip}
+    results = {
+        "fastws_bench": 1, "started": started, "finished": None, "quick": quick, "repeat": repeat,
+        "seed": seed, "command": sys.argv, "environment": env, "host": HOST, "skipped": skipped,
+        "server_logs": str(logdir), "scenarios": {},
+    }
+    total = sum(repeat * sum(1 for n in servers if not (sc.relay and servers[n].spec.raw)) for sc in chosen)
+    done = 0
+    failures = []
+    t_start = time.monotonic()
+    click.echo(f"fastws bench: {len(chosen)} scenarios x {len(servers)} servers x {repeat} repeats "
+               f"= {total} runs; server logs in {logdir}", err=True)
+    try:
+        for sc in chosen:
+            entry = results["scenarios"][sc.name] = {
+                "name": sc.name, "title": sc.title, "loadgen": sc.kind,
+                "args": sc.quick if quick else sc.full, "higher_is_better": sc.higher_is_better,
+                "runs": {}, "summary": {},
+            }
+            order = [n for n in servers if not (sc.relay and servers[n].spec.raw)]
+            for rep in range(repeat):
+                k = rep % len(order) if order else 0
+                for name in order[k:] + order[:k]:
+                    srv = servers[name]
+                    done += 1
+                    res = None
+                    try:
+                        if (sc.fresh and not quick) or not srv.alive():
+                            srv.start()
+                    except RuntimeError as e:
+                        res = {"ok": False, "value": None, "first_errors": [str(e)]}
+                    if res is None:
+                        load = os.getloadavg()[0]
+                        res = run_loadgen(sc, srv, quick, seed)
+                        res["loadavg_1min"] = load
+                        if not srv.alive():
+                            res["ok"] = False
+                            res.setdefault("first_errors", []).append(f"server died: {srv.log_tail()}")
+                    res["repeat"] = rep
+                    entry["runs"].setdefault(name, []).append(res)
+                    status = "ok" if res.get("ok") else "FAILED " + "; ".join(res.get("first_errors", [])[:2])
+                    if not res.get("ok"):
+                        failures.append(f"{sc.name}/{name}: {status}")
+                    click.echo(f"[{done:>3}/{total}] {time.monotonic() - t_start:6.1f}s  {sc.name:<11} "
+                               f"{name:<19} rep {rep + 1}/{repeat}  {fmt(res.get('value')):>12} "
+                               f"{res.get('unit') or '':<14} {status}", err=True)
+                    if not quick:
+                        srv.wait_quiet()
+            for name, runs in entry["runs"].items():
+                entry["summary"][name] = summarize(runs)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    results["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="fastws-bench-")) if quick else default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = ("quick-" if quick else "") + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    table = markdown(results)
+    (out / f"{stem}.md").write_text(table)
+    pngs = charts(results, out, stem)
+    click.echo("")
+    click.echo(table)
+    click.echo(f"results: {out / (stem + '.json')}, table: {out / (stem + '.md')}, charts: {len(pngs)} PNG in {out}")
+    if failures:
+        click.echo(f"{len(failures)} run(s) failed:", err=True)
+        for f in failures:
+            click.echo("  " + f, err=True)
+        return 1
+    return 0
+
+
+def default_out() -> Path:
+    """bench/results in the repo, else ./fastws-bench-results."""
+    if Path("bench/README.md").is_file() or Path("bench/results").is_dir():
+        return Path("bench/results")
+    return Path("fastws-bench-results")
+
+
+def _split(value: str | None, known: list[str], what: str) -> list[str]:
+    if not value or value == "all":
+        return list(known)
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    for v in items:
+        if v not in known:
+            raise click.BadParameter(f"unknown {what} {v!r}; known: {', '.join(known)}")
+    return items
+
+
+@click.command("bench")
+@click.option("--vs", "vs", default="all", show_default=True,
+              help=f"comma-separated peers to compare with fastws: {', '.join(ALL_SERVERS[1:])}")
+@click.option("--scenario", "scenario", default="all", show_default=True,
+              help=f"comma-separated scenarios: {', '.join(SCENARIO_NAMES)}")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--quick", is_flag=True, help="smoke run (< 1 min): tiny sizes, 1 repeat, asserts correctness only")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="results directory (default: bench/results in the repo, else ./fastws-bench-results)")
+@click.option("--seed", default=1, show_default=True, type=int, help="seed of message contents and masks")
+@click.option("--list", "list_", is_flag=True, help="list servers and scenarios, then exit")
+def bench_command(vs, scenario, repeat, quick, out, seed, list_):
+    """Benchmark fastws against its peers with a neutral load generator."""
+    if list_:
+        click.echo("servers: " + ", ".join(ALL_SERVERS))
+        for s in SCENARIOS:
+            click.echo(f"  {s.name:<11} {s.title}")
+        return
+    if quick and repeat == 3:
+        repeat = 1
+    code = run(_split(vs, ALL_SERVERS, "server"), _split(scenario, SCENARIO_NAMES, "scenario"),
+               repeat, quick, out, seed)
+    sys.exit(code)
+
+
+def main(argv=None) -> None:
+    bench_command.main(args=argv, prog_name="python -m fastws.bench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""``fastws bench --quick``: every scenario against fastws and every peer.
+
+The smoke mode uses tiny sizes and asserts correctness only (every message
+echoed byte for byte, every subscriber got every broadcast in order, every
+connection upgraded); it never asserts a timing. A peer whose library is not
+installed is skipped by the runner with a line saying so; with
+``FASTWS_CI=1`` only socketify (optional, not in ``[bench]``) may be skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_MODULES = REPO / "tests" / "integration" / "node" / "node_modules"
+
+
+def _app_body(path: Path) -> str:
+    return "".join(line for line in path.read_text().splitlines(True) if not line.startswith("# "))
+
+
+def test_shipped_relay_is_the_example():
+    shipped = REPO / "fastws" / "bench" / "peers" / "fastws_relay.py"
+    assert _app_body(shipped) == _app_body(REPO / "examples" / "relay.py"), (
+        "fastws/bench/peers/fastws_relay.py must stay a copy of examples/relay.py"
+    )
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick(tmp_path):
+    env = dict(os.environ)
+    if NODE_MODULES.is_dir():
+        env["NODE_PATH"] = os.pathsep.join(filter(None, [str(NODE_MODULES), env.get("NODE_PATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastws.bench", "--quick", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+    )
+    report = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, report
+    files = sorted(tmp_path.glob("quick-*.json"))
+    assert files, report
+    results = json.loads(files[-1].read_text())
+
+    skipped = results["skipped"]
+    assert "fastws" not in skipped, skipped
+    if os.environ.get("FASTWS_CI") == "1":
+        assert set(skipped) <= {"socketify"}, skipped
+
+    from fastws.bench.runner import SCENARIO_NAMES
+
+    assert set(results["scenarios"]) == set(SCENARIO_NAMES)
+    for name, sc in results["scenarios"].items():
+        assert "fastws" in sc["runs"], name
+        for server, runs in sc["runs"].items():
+            for r in runs:
+                assert r["ok"], (name, server, r)
+                assert r["errors"] == 0 and r["lost_connections"] == 0, (name, server, r)
+                if r["scenario"] == "echo":
+                    assert r["echoed_total"] == r["sent_total"] > 0, r
+                elif r["scenario"] == "fanout":
+                    assert r["deliveries"] == r["expected_deliveries"] > 0, r
+                    assert r["subscribers_complete"] == r["subscribers"], r
+                elif r["scenario"] in ("memory", "handshake"):
+                    assert r["opened"] == r["conns" if r["scenario"] == "memory" else "requested"], r
+    assert list(tmp_path.glob("quick-*.md")), report
+    assert list(tmp_path.glob("quick-*-echo.png")), report
