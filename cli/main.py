@@ -53,35 +53,59 @@ def cli() -> None:
     """fastws: a fast WebSocket server for Python."""
 
 
-@cli.command()
-@click.argument("app")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
-@click.option("--max-message-size", default=1 << 20, show_default=True, type=int,
-              help="Largest message in bytes; larger ones close with 1009 (0 = no limit).")
-@click.option("--max-frame-size", default=0, show_default=True, type=int,
-              help="Largest frame in bytes (0 = bounded by --max-message-size only).")
-@click.option("--compression/--no-compression", default=False, show_default=True,
-              help="Negotiate permessage-deflate (RFC 7692).")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--interface", default="auto", show_default=True,
-              type=click.Choice(["auto", "fastws", "asgi"]),
-              help="What APP is: a fastws.App, an ASGI 3 app, or detect it.")
-def serve(app, host, port, max_message_size, max_frame_size, compression, log_level, interface):
-    """Serve APP (MODULE:ATTRIBUTE): a fastws.App or an ASGI application."""
+def _config_options(fn):
+    """One CLI option per Config field (``max_message_size`` -> ``--max-message-size``).
+
+    Every option defaults to None (= not given, the lower layers decide) and
+    takes its value as a string that ``Config.load`` parses and checks, so a
+    bad value gets the same one-line error from every layer."""
+    from fastws.config import Config
+
+    for name, default, meta in reversed(Config.knobs()):
+        flag = "--" + name.replace("_", "-")
+        shown = "no" if default is None else default
+        if meta.get("secret"):
+            shown = "none"
+        help_text = f"{meta['help']} [default: {str(shown).lower() if isinstance(shown, bool) else shown}]"
+        if meta["kind"] == "bool":
+            fn = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(fn)
+        else:
+            metavar = {"int": "INTEGER", "bytes": "BYTES", "float": "NUMBER", "seconds": "SECONDS",
+                       "path": "FILE", "choice": "[" + "|".join(meta["choices"]) + "]"}.get(meta["kind"], "TEXT")
+            fn = click.option(flag, name, default=None, metavar=metavar, help=help_text)(fn)
+    return fn
+
+
+def build_config(config_file, overrides):
+    """Config.load with the CLI's overrides; a bad value -> one line, exit 2."""
     from fastws.config import Config
     from fastws.errors import ConfigError
-    from fastws.server import ServerStartError, run_server
 
-    kind, application = load_app(app, interface)
     try:
-        config = Config(host=host, port=port, max_message_size=max_message_size,
-                        max_frame_size=max_frame_size, compression=compression,
-                        log_level=log_level)
+        return Config.load(file=config_file, overrides=overrides)
     except ConfigError as exc:
         click.echo(f"fastws: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+
+
+@cli.command(context_settings={"max_content_width": 120})
+@click.argument("app")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="TOML file of settings (also $FASTWS_CONFIG); FASTWS_* env vars and flags override it.")
+@click.option("--interface", default="auto", show_default=True,
+              type=click.Choice(["auto", "fastws", "asgi"]),
+              help="What APP is: a fastws.App, an ASGI 3 app, or detect it.")
+@_config_options
+def serve(app, config_file, interface, **overrides):
+    """Serve APP (MODULE:ATTRIBUTE): a fastws.App or an ASGI application.
+
+    Settings: defaults < --config FILE < FASTWS_* environment < these flags.
+    Sizes take units (64KiB, 1MiB), durations too (500ms, 2s, 1m).
+    """
+    from fastws.server import ServerStartError, run_server
+
+    config = build_config(config_file, overrides)
+    kind, application = load_app(app, interface)
     try:
         if kind == "asgi":
             from fastws.asgi import run_asgi
@@ -92,6 +116,20 @@ def serve(app, host, port, max_message_size, max_frame_size, compression, log_le
     except ServerStartError as exc:
         click.echo(f"fastws: {exc}", err=True)
         sys.exit(EXIT_LISTEN)
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="TOML file of settings (also $FASTWS_CONFIG).")
+def config_show(config_file):
+    """Print the effective settings (as TOML) and where each came from."""
+    config = build_config(config_file, {})
+    click.echo(config.to_toml(), nl=False)
 
 
 def _register_optional() -> None:

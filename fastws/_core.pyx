@@ -312,6 +312,9 @@ cdef class _RawBuffer:
     def __releasebuffer__(self, Py_buffer* buf):
         pass
 
+    def __len__(self):          # uvloop's TLS layer asks
+        return self.size
+
 
 cdef inline bytes _encode_bytes(int opcode, bytes payload):
     return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(payload),
@@ -1382,6 +1385,7 @@ cdef class Connection(Engine):
         """Called by the handshake: send the 101 response and start framing."""
         if self._phase != P_DECIDING or self.transport is None:
             return False
+        self._hub.bytes_out += len(response)
         self.transport.write(response)
         self.route = route
         self.path = path
@@ -1397,6 +1401,8 @@ cdef class Connection(Engine):
         self._phase = P_OPEN
         self._rx_tick = self._msg_tick = self._hub._tick_no
         self._schedule_heartbeat()
+        if route.on_open is not None:
+            self._call_open()
         cdef bytearray rest = self._head
         self._head = None
         if self.transport.is_reading() is False:
@@ -1410,6 +1416,7 @@ cdef class Connection(Engine):
         """Called by the handshake: answer with an HTTP error and close."""
         self._head = None
         if self.transport is not None:
+            self._hub.bytes_out += len(response)
             self.transport.write(response)
             self.transport.close()
 
@@ -1527,6 +1534,16 @@ cdef class Connection(Engine):
         if self.state == S_OPEN and self._phase == P_OPEN:
             self._queue(self._start_close(1011, _CLOSE_REASONS[1011]))
             self._arm_close_timer()
+
+    cdef _call_open(self):
+        route = self.route
+        try:
+            res = route.on_open(self)
+            if route.open_is_async:
+                task = self._hub.loop.create_task(res)
+                task.add_done_callback(self._task_done)
+        except Exception as exc:
+            self._callback_failed(exc)
 
     cdef _call_disconnect(self):
         route = self.route

@@ -309,6 +309,13 @@ class Connection:
         self._hub.connections[self.id] = self
         self._phase = P_OPEN
         self._heartbeat()
+        if route.on_open is not None:
+            try:
+                res = route.on_open(self)
+                if route.open_is_async:
+                    self._hub.loop.create_task(res).add_done_callback(self._task_done)
+            except Exception as exc:
+                self._callback_failed(exc)
         rest, self._head = bytes(self._head), None
         if not self.transport.is_reading():
             self.transport.resume_reading()

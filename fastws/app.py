@@ -59,9 +59,11 @@ class Route:
         "path",
         "namespace",
         "on_connect",
+        "on_open",
         "on_message",
         "on_disconnect",
         "connect_is_async",
+        "open_is_async",
         "message_is_async",
         "disconnect_is_async",
     )
@@ -70,9 +72,11 @@ class Route:
         self.path = path
         self.namespace = ""       # rooms joined from this route live here
         self.on_connect = None
+        self.on_open = None
         self.on_message = None
         self.on_disconnect = None
         self.connect_is_async = False
+        self.open_is_async = False
         self.message_is_async = False
         self.disconnect_is_async = False
 
@@ -120,16 +124,16 @@ class App:
             r = self.routes[path] = Route(path)
         return r
 
-    def route(self, path: str, *, on_connect=None, on_message=None, on_disconnect=None,
-              namespace: str | None = None) -> Route:
+    def route(self, path: str, *, on_connect=None, on_open=None, on_message=None,
+              on_disconnect=None, namespace: str | None = None) -> Route:
         """Register callbacks for ``path`` without decorators.  ``namespace``
         keeps this route's rooms apart from other routes' (default: the
         shared namespace "")."""
         r = self._route(path)
         if namespace is not None:
             r.namespace = namespace
-        for kind, fn in (("on_connect", on_connect), ("on_message", on_message),
-                         ("on_disconnect", on_disconnect)):
+        for kind, fn in (("on_connect", on_connect), ("on_open", on_open),
+                         ("on_message", on_message), ("on_disconnect", on_disconnect)):
             if fn is not None:
                 r.set(kind, fn)
         return r
@@ -138,6 +142,14 @@ class App:
         """Decorator: ``fn(request) -> None | Accept | Reject`` (may be async)."""
         def deco(fn):
             self._route(path).set("on_connect", fn)
+            return fn
+        return deco
+
+    def on_open(self, path: str):
+        """Decorator: ``fn(conn)`` once the connection is upgraded, before
+        its first message (the place to ``conn.join`` rooms)."""
+        def deco(fn):
+            self._route(path).set("on_open", fn)
             return fn
         return deco
 

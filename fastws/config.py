@@ -1,57 +1,342 @@
 """One Config for the CLI and the library: every knob, its default and check.
 
-Layering (defaults < TOML file < FASTWS_* environment < CLI flags) is the
-operations issue's work; today the CLI and ``App.serve``/``fastws.run`` both
-build this same object from keywords, and every value is validated here with
-an error that names the key, the value and what is allowed.
+Every setting is a field of :class:`Config` with its default, its kind (which
+fixes the type, the unit and how a string is parsed), what values are allowed,
+and a help line.  The CLI options of ``fastws serve`` are generated from these
+fields, so the two cannot drift apart.
+
+Layering, lowest first::
+
+    defaults  <  TOML file (--config F, or FASTWS_CONFIG)  <  FASTWS_* env  <  CLI flags
+
+:meth:`Config.load` applies the layers and records in ``config.sources``
+where each value came from (``fastws config show`` prints it).  The keyword
+constructor ``Config(host=..., port=...)`` (used by ``fastws.run`` and
+``App.serve``) validates the same way.  Any bad value raises
+:class:`~fastws.errors.ConfigError` naming the key, the value and what is
+allowed; the CLI turns it into one line and exit code 2.
+
+String values (environment, CLI, or strings in the TOML file) are parsed by
+kind: ``bytes`` accepts ``65536``, ``64KiB``, ``1MiB``, ``2GiB`` (also ``k``,
+``M``, ``G``: all binary); ``seconds`` accepts ``2.5``, ``500ms``, ``2s``,
+``1m``; ``bool`` accepts ``true/false``, ``1/0``, ``yes/no``, ``on/off``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+import re
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Mapping
 
 from .errors import ConfigError
+
+ENV_PREFIX = "FASTWS_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def knob(default, help: str, *, kind: str, allowed: str = "", check=None,
+         choices: tuple = (), flag: str | None = None, secret: bool = False):
+    """A Config field.  ``kind``: int, bytes, float, seconds, bool, str,
+    choice or path; ``check(value) -> bool`` on the typed value, with
+    ``allowed`` describing what passes."""
+    if choices:
+        allowed = allowed or "one of " + ", ".join(choices)
+        check = check or (lambda v, c=choices: v in c)
+    return field(default=default, metadata={
+        "help": help, "kind": kind, "allowed": allowed, "check": check,
+        "choices": choices, "flag": flag, "secret": secret,
+    })
+
+
+_KIND_ALLOWED = {
+    "int": "an integer",
+    "bytes": "a size in bytes (e.g. 65536, 64KiB, 1MiB)",
+    "float": "a number",
+    "seconds": "a duration in seconds (e.g. 2.5, 500ms, 1m)",
+    "bool": "true or false",
+    "str": "a string",
+    "choice": "a string",
+    "path": "a path to a readable file",
+}
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+               "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+               "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(|ms|s|m)\s*$", re.I)
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass
 class Config:
-    host: str = "127.0.0.1"                  # address to listen on
-    port: int = 8000                         # TCP port (0: pick a free one)
-    max_message_size: int = 1 << 20          # bytes; larger messages close with 1009; 0 = no limit
-    max_frame_size: int = 0                  # bytes; 0 = same as max_message_size
-    max_head_size: int = 8192                # bytes of HTTP request head; larger -> 431
-    compression: bool = False                # negotiate permessage-deflate (RFC 7692)
-    close_timeout: float = 5.0               # seconds to wait for the peer's close frame
-    backlog: int = 4096                      # listen(2) backlog
-    reuse_port: bool = False                 # SO_REUSEPORT (several processes on one port)
-    log_level: str = "info"                  # debug, info, warning, error
-    shutdown_timeout: float = 10.0           # seconds a graceful shutdown waits
+    # -- listening -------------------------------------------------------
+    host: str = knob("127.0.0.1", "Address to listen on.", kind="str",
+                     check=bool, allowed="a non-empty address")
+    port: int = knob(8000, "TCP port (0: pick a free one).", kind="int",
+                     check=lambda v: 0 <= v <= 65535, allowed="an integer 0..65535")
+    backlog: int = knob(4096, "listen(2) backlog.", kind="int",
+                        check=lambda v: v > 0, allowed="an integer > 0")
+    reuse_port: bool = knob(False, "SO_REUSEPORT: several processes share the port.", kind="bool")
+    ssl_certfile: str | None = knob(None, "TLS certificate chain (PEM): serve wss://.", kind="path")
+    ssl_keyfile: str | None = knob(None, "TLS private key (PEM) for --ssl-certfile.", kind="path")
+    # -- protocol limits ---------------------------------------------------
+    max_message_size: int = knob(1 << 20, "Largest message in bytes; larger ones close with 1009 "
+                                 "(0 = no limit).", kind="bytes", check=lambda v: v >= 0,
+                                 allowed="bytes >= 0 (0 = no limit)")
+    max_frame_size: int = knob(0, "Largest frame in bytes (0 = bounded by --max-message-size only).",
+                               kind="bytes", check=lambda v: v >= 0, allowed="bytes >= 0 (0 = no limit)")
+    max_head_size: int = knob(8192, "Largest HTTP request head in bytes; larger ones get 431.",
+                              kind="bytes", check=lambda v: v >= 256, allowed="bytes >= 256")
+    compression: bool = knob(False, "Negotiate permessage-deflate (RFC 7692).", kind="bool")
+    close_timeout: float = knob(5.0, "Seconds to wait for the peer's close frame.", kind="seconds",
+                                check=lambda v: v >= 0, allowed="seconds >= 0")
+    # -- delivery policy (per-connection send budget, see fastws._core.Hub) --
+    high_water: int = knob(65536, "Transport write-buffer high-water mark per connection, bytes.",
+                           kind="bytes", check=lambda v: v >= 1024, allowed="bytes >= 1024")
+    max_queue: int = knob(1 << 20, "Hard cap on a connection's queued output, bytes; past it the "
+                          "connection is closed as a slow consumer.", kind="bytes",
+                          check=lambda v: v >= 1024, allowed="bytes >= 1024")
+    slow_grace: float = knob(5.0, "Seconds a connection may stay backed up before it is closed.",
+                             kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
+    # -- timers (one timer wheel per hub, nothing per connection) -------------
+    ping_interval: float = knob(20.0, "Seconds between server pings to each connection (0 = no pings).",
+                                kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0 (0 = off)")
+    ping_timeout: float = knob(20.0, "Seconds to wait for any sign of life after a ping; then close 1011.",
+                               kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
+    idle_timeout: float = knob(0.0, "Close a connection after this long without a message (0 = never).",
+                               kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0 (0 = never)")
+    handshake_timeout: float = knob(10.0, "Seconds a client has to complete the opening handshake.",
+                                    kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
+    # -- lifecycle -----------------------------------------------------------
+    shutdown_timeout: float = knob(10.0, "Seconds a graceful shutdown waits for close handshakes.",
+                                   kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0")
+    drain_delay: float = knob(0.0, "Seconds to keep listening after SIGTERM while /health says 503 "
+                              "and new upgrades get 503, so a load balancer can stop sending "
+                              "(0 = close at once).", kind="seconds",
+                              check=lambda v: 0 <= v <= 3600, allowed="seconds 0..3600")
+    # -- logging ---------------------------------------------------------------
+    log_level: str = knob("info", "Log level: lifecycle events at info, per-connection at debug.",
+                          kind="choice", choices=LOG_LEVELS)
+    log_format: str = knob("text", "Log line format.", kind="choice", choices=LOG_FORMATS)
+    # -- metrics -----------------------------------------------------------------
+    metrics: bool = knob(True, "Serve Prometheus metrics at GET /metrics on the same port.", kind="bool")
+    region: str = knob("", "Value of the 'region' label of the metrics.", kind="str")
+    server_id: str = knob("", "Value of the 'server_id' label (empty: the host name).", kind="str")
+    # -- health --------------------------------------------------------------------
+    health: bool = knob(True, "Serve GET /health (readiness) and GET /livez (liveness).", kind="bool")
+    health_max_loop_lag: float = knob(1.0, "Event-loop lag above which /health says 503 (0 = no check).",
+                                      kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0")
+    health_max_memory: int = knob(0, "Resident memory above which /health says 503 (0 = no check).",
+                                  kind="bytes", check=lambda v: v >= 0, allowed="bytes >= 0 (0 = no check)")
+    # -- live stats page ---------------------------------------------------------------
+    stats: bool = knob(False, "Serve the live stats page at GET /stats (needs --stats-token).", kind="bool")
+    stats_token: str | None = knob(None, "Token for /stats: ?token=... or 'Authorization: Bearer ...'.",
+                                   kind="str", check=lambda v: v is None or len(v) >= 8,
+                                   allowed="a string of at least 8 characters", secret=True)
+    stats_window: float = knob(300.0, "Seconds of history the stats page shows.", kind="seconds",
+                               check=lambda v: 10 <= v <= 86400, allowed="seconds 10..86400")
+    stats_interval: float = knob(2.0, "Seconds between two samples of the stats page.", kind="seconds",
+                                 check=lambda v: 0.1 <= v <= 60, allowed="seconds 0.1..60")
 
     def __post_init__(self) -> None:
+        #: key -> where its value came from ("default", "argument", "file F",
+        #: "env FASTWS_X", "cli --x"); filled in by load().
+        self.sources: dict[str, str] = {
+            f.name: "default" if getattr(self, f.name) == f.default else "argument"
+            for f in fields(self)
+        }
         self.validate()
 
-    def validate(self) -> None:
-        def need(cond, key, allowed):
-            if not cond:
-                raise ConfigError(key, getattr(self, key), allowed)
+    # -- validation -------------------------------------------------------------
 
+    def validate(self) -> None:
         for f in fields(self):
-            v = getattr(self, f.name)
-            t = f.type
-            if t == "int":
-                need(isinstance(v, int) and not isinstance(v, bool), f.name, "an integer")
-            elif t == "float":
-                need(isinstance(v, (int, float)) and not isinstance(v, bool), f.name, "a number")
-            elif t == "bool":
-                need(isinstance(v, bool), f.name, "true or false")
-            elif t == "str":
-                need(isinstance(v, str), f.name, "a string")
-        need(0 <= self.port <= 65535, "port", "0..65535")
-        need(self.max_message_size >= 0, "max_message_size", "bytes >= 0 (0 = no limit)")
-        need(self.max_frame_size >= 0, "max_frame_size", "bytes >= 0 (0 = no limit)")
-        need(self.max_head_size >= 256, "max_head_size", "bytes >= 256")
-        need(self.close_timeout >= 0, "close_timeout", "seconds >= 0")
-        need(self.shutdown_timeout >= 0, "shutdown_timeout", "seconds >= 0")
-        need(self.backlog > 0, "backlog", "an integer > 0")
-        need(self.log_level in ("debug", "info", "warning", "error"), "log_level",
-             "one of debug, info, warning, error")
+            value = getattr(self, f.name)
+            typed = _coerce(f, value)
+            if typed is not value:
+                setattr(self, f.name, typed)
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            key = "ssl_keyfile" if self.ssl_certfile else "ssl_certfile"
+            raise ConfigError(key, getattr(self, key), "both ssl_certfile and ssl_keyfile, or neither")
+        if self.stats and not self.stats_token:
+            raise ConfigError("stats_token", self.stats_token,
+                              "a token of at least 8 characters when stats is on")
+
+    # -- layering ---------------------------------------------------------------
+
+    @classmethod
+    def load(cls, file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None, *, override_source: str = "cli") -> Config:
+        """defaults < TOML ``file`` (or ``$FASTWS_CONFIG``) < ``FASTWS_*`` in
+        ``env`` < ``overrides`` (CLI flags, by field name; None = not given)."""
+        env = os.environ if env is None else env
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {name: "default" for name in known}
+
+        if file is None:
+            file = env.get(ENV_PREFIX + "CONFIG") or None
+        if file is not None:
+            for key, value in _read_toml(os.fspath(file)).items():
+                name = key.replace("-", "_")
+                if name not in known:
+                    raise ConfigError(key, value, "a known setting (see: fastws config show)")
+                values[name] = _coerce(known[name], value)
+                sources[name] = f"file {os.fspath(file)}"
+
+        for name, f in known.items():
+            var = ENV_PREFIX + name.upper()
+            if var in env:
+                values[name] = _coerce(f, env[var])
+                sources[name] = f"env {var}"
+
+        for name, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if name not in known:
+                raise ConfigError(name, value, "a known setting (see: fastws config show)")
+            values[name] = _coerce(known[name], value)
+            flag = known[name].metadata.get("flag") or "--" + name.replace("_", "-")
+            sources[name] = f"{override_source} {flag}" if override_source == "cli" else override_source
+
+        config = cls(**values)
+        config.sources = sources
+        return config
+
+    def replace(self, **changes) -> Config:
+        """A copy with ``changes`` applied (validated), sources kept."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        new = type(self)(**values)
+        new.sources = dict(self.sources, **{k: "argument" for k in changes})
+        return new
+
+    # -- introspection ------------------------------------------------------------
+
+    @classmethod
+    def knobs(cls):
+        """(name, default, metadata) of every setting, in declaration order."""
+        return [(f.name, f.default, f.metadata) for f in fields(cls)]
+
+    def items(self):
+        """(name, value, source) of every setting; secrets masked."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "********"
+            out.append((f.name, value, self.sources.get(f.name, "default")))
+        return out
+
+    def to_toml(self) -> str:
+        """The effective settings as TOML, each line commented with its source."""
+        lines = []
+        for name, value, source in self.items():
+            text = f"{name} = {_toml_value(value)}"
+            lines.append(f"{text:<40} # {source}")
+        return "\n".join(lines) + "\n"
+
+
+# -- parsing and checking --------------------------------------------------------
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config", path, f"a readable TOML file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", path, f"valid TOML ({exc})") from None
+    # Settings may sit at the top level or in a [fastws] table.
+    table = data.pop("fastws", None)
+    if isinstance(table, dict):
+        data.update(table)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(key, value, "a setting, not a table (only [fastws] is allowed)")
+    return data
+
+
+def _coerce(f, value):
+    """The typed value of field ``f`` from ``value`` (a string from env/CLI,
+    or a native value); ConfigError when it is not allowed."""
+    meta = f.metadata
+    kind = meta["kind"]
+    name = f.name
+    allowed = meta.get("allowed") or _KIND_ALLOWED[kind]
+    optional = f.default is None and f.default is not MISSING
+
+    def bad():
+        return ConfigError(name, value, allowed)
+
+    v = value
+    if v is None or (optional and v == ""):
+        if optional:
+            return None
+        raise bad()
+    if kind in ("int", "bytes"):
+        if isinstance(v, str):
+            m = _SIZE.match(v) if kind == "bytes" else re.match(r"^\s*[+-]?\d+\s*$", v)
+            if not m:
+                raise bad()
+            v = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()] if kind == "bytes" else int(v)
+        elif isinstance(v, bool) or not isinstance(v, int):
+            raise bad()
+    elif kind in ("float", "seconds"):
+        if isinstance(v, str):
+            m = _DURATION.match(v) if kind == "seconds" else None
+            try:
+                v = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()] if m else float(v)
+            except ValueError:
+                raise bad() from None
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad()
+        v = float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise bad()
+    elif kind == "bool":
+        if isinstance(v, str):
+            low = v.strip().lower()
+            if low in _TRUE:
+                v = True
+            elif low in _FALSE:
+                v = False
+            else:
+                raise bad()
+        elif not isinstance(v, bool):
+            raise bad()
+    elif kind in ("str", "choice"):
+        if not isinstance(v, str):
+            raise bad()
+        if kind == "choice":
+            v = v.strip().lower()
+    elif kind == "path":
+        if not isinstance(v, str):
+            raise bad()
+        if not os.path.isfile(v) or not os.access(v, os.R_OK):
+            raise ConfigError(name, value, "a path to a readable file")
+    check = meta.get("check")
+    if check is not None and not check(v):
+        raise bad()
+    if v == value and type(v) is type(value):
+        return value
+    return v
+
+
+def _toml_value(value) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+__all__ = ["Config", "ConfigError", "ENV_PREFIX", "LOG_LEVELS", "LOG_FORMATS"]

@@ -22,10 +22,13 @@ def echo(conn, data):
     conn.send(data)
 
 
+@app.on_open("*")
+def subscribe(conn):
+    # every connection on a path other than /echo is a subscriber
+    conn.join("relay")
+
+
 @app.on_message("*")
 def relay(conn, data):
-    # TODO(rooms): once rooms land, join every subscriber to one room on
-    # connect and replace this with app.publish(room, data). Until then the
-    # subscribers are the open connections whose path is not /echo, and
-    # app.broadcast frames the message once and queues it on each of them.
-    app.broadcast(data, [c for c in app.connections.values() if c.path != "/echo"])
+    # framed once, the same frame queued on every member (sender included)
+    app.publish("relay", data)

@@ -1,0 +1,169 @@
+"""Readiness (``GET /health``), liveness (``GET /livez``) and the checks registry.
+
+``/health`` answers 200 with JSON ``{status, connections, memory, checks}``
+when every check passes and 503 when one fails, so a load balancer stops
+sending new clients to a node that is draining, whose loop is lagging, whose
+memory is over its limit or whose broker is unreachable.  ``/livez`` answers
+200 as long as the event loop runs, draining or not: an orchestrator restarts
+a process only when it is stuck, never because it is shutting down cleanly.
+
+Checks are a registry that other parts add to::
+
+    server.health.add_check("broker", broker.ping)   # the broker, once it exists
+
+A check is ``fn() -> bool | (bool, detail)`` or an ``async`` function
+returning the same; an exception or a timeout counts as a failure.  Built-in
+checks: ``draining`` (always), ``loop_lag`` (``health_max_loop_lag``),
+``memory`` (``health_max_memory``).
+
+:class:`LoopMonitor` measures event-loop lag with one repeating timer (four
+wake-ups a second, nothing per connection or per message); the metrics and
+the stats page read it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import resource
+from collections import deque
+
+log = logging.getLogger("fastws")
+
+CHECK_TIMEOUT = 2.0  # seconds an async check may take before it counts as failed
+JSON = "application/json"
+NO_CACHE = [("Cache-Control", "no-store")]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process, bytes (peak RSS where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LoopMonitor:
+    """Event-loop lag: how late a timer due every ``interval`` seconds fires.
+
+    ``lag`` is the largest lateness over the last ``window`` seconds, so a
+    stall shows in /health and /metrics for a while after it ended."""
+
+    def __init__(self, loop, interval: float = 0.25, window: float = 5.0) -> None:
+        self.loop = loop
+        self.interval = interval
+        self._samples = deque(maxlen=max(1, int(window / interval)))
+        self._due = 0.0
+        self._handle = None
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._due = self.loop.time() + self.interval
+            self._handle = self.loop.call_at(self._due, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        self._samples.append(max(0.0, now - self._due))
+        self._due = now + self.interval
+        self._handle = self.loop.call_at(self._due, self._tick)
+
+    @property
+    def lag(self) -> float:
+        """Seconds: the worst lag seen over the window (0.0 before the first tick)."""
+        return max(self._samples, default=0.0)
+
+
+class Health:
+    """The checks registry and the /health and /livez handlers of one server."""
+
+    def __init__(self, server) -> None:
+        self.server = server                          # the fastws Server it watches
+        self.checks: dict[str, object] = {}           # name -> check function
+        self.monitor = LoopMonitor(server._loop)      # event-loop lag, also read by metrics
+        c = server.config
+        self.add_check("draining", self._check_draining)
+        if c.health_max_loop_lag > 0:
+            self.add_check("loop_lag", self._check_loop_lag)
+        if c.health_max_memory > 0:
+            self.add_check("memory", self._check_memory)
+
+    # -- the registry -----------------------------------------------------------
+
+    def add_check(self, name: str, fn) -> None:
+        """Register ``fn`` (sync or async; -> bool or (bool, detail)) as ``name``."""
+        if not callable(fn):
+            raise TypeError(f"health check {name!r} must be callable, got {fn!r}")
+        self.checks[name] = fn
+
+    def remove_check(self, name: str) -> None:
+        self.checks.pop(name, None)
+
+    async def run_checks(self) -> tuple[bool, dict]:
+        """Run every check; (all passed, {name: {"ok": bool, "detail": ...}})."""
+        results = {}
+        for name, fn in list(self.checks.items()):
+            try:
+                outcome = fn()
+                if inspect.isawaitable(outcome):
+                    outcome = await asyncio.wait_for(outcome, CHECK_TIMEOUT)
+            except asyncio.TimeoutError:
+                outcome = (False, f"no answer within {CHECK_TIMEOUT:g}s")
+            except Exception as exc:  # a failing check is a result, not a crash
+                outcome = (False, f"{type(exc).__name__}: {exc}")
+            ok, detail = outcome if isinstance(outcome, tuple) else (bool(outcome), None)
+            results[name] = {"ok": bool(ok), "detail": detail}
+        return all(r["ok"] for r in results.values()), results
+
+    # -- built-in checks ----------------------------------------------------------
+
+    def _check_draining(self):
+        draining = getattr(self.server, "draining", False)
+        return (not draining, "draining: not taking new connections" if draining else "accepting")
+
+    def _check_loop_lag(self):
+        lag, limit = self.monitor.lag, self.server.config.health_max_loop_lag
+        return (lag <= limit, {"lag_ms": round(lag * 1000, 3), "threshold_ms": round(limit * 1000, 3)})
+
+    def _check_memory(self):
+        rss, limit = rss_bytes(), self.server.config.health_max_memory
+        return (rss <= limit, {"rss_bytes": rss, "limit_bytes": limit})
+
+    # -- lifecycle and HTTP ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.monitor.start()
+        if self.server.config.health:
+            if ("GET", "/health") not in self.server.http_routes:   # the app's own route wins
+                self.server.add_http_route("GET", "/health", self.handle_health)
+            if ("GET", "/livez") not in self.server.http_routes:   # the app's own route wins
+                self.server.add_http_route("GET", "/livez", self.handle_livez)
+
+    def stop(self) -> None:
+        self.monitor.stop()
+
+    async def handle_health(self, request):
+        ok, checks = await self.run_checks()
+        hub = self.server.hub
+        body = {
+            "status": "healthy" if ok else ("draining" if getattr(self.server, "draining", False)
+                                              else "unhealthy"),
+            "connections": len(hub.connections) if hub is not None else 0,
+            "memory": {"rss_bytes": rss_bytes(), "limit_bytes": self.server.config.health_max_memory},
+            "loop_lag_ms": round(self.monitor.lag * 1000, 3),
+            "checks": checks,
+        }
+        return (200 if ok else 503), json.dumps(body).encode(), JSON, NO_CACHE
+
+    def handle_livez(self, request):
+        return 200, b'{"status": "alive"}', JSON, NO_CACHE
