@@ -118,6 +118,67 @@ def serve(app, config_file, interface, **overrides):
         sys.exit(EXIT_LISTEN)
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+@cli.command()
+@click.option("--connections", "-n", default=100_000, show_default=True, type=int,
+              help="How many concurrent connections you plan for.")
+@click.option("--bytes-per-connection", default=2048, show_default=True, type=int,
+              help="Server memory per idle connection (see bench/README.md).")
+def check(connections, bytes_per_connection):
+    """Print the host limits that bound capacity, and what to change for N connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    somaxconn = _read("/proc/sys/net/core/somaxconn")
+    ports = _read("/proc/sys/net/ipv4/ip_local_port_range").split()
+    tcp_mem = _read("/proc/sys/net/ipv4/tcp_mem")
+    file_max = _read("/proc/sys/fs/file-max")
+    nr_open = _read("/proc/sys/fs/nr_open")
+    page = os.sysconf("SC_PAGE_SIZE")
+    n = connections
+    click.echo(f"open files (this process)   soft {soft}  hard {hard}  (fastws raises soft to hard at start)")
+    click.echo(f"fs.nr_open / fs.file-max     {nr_open} / {file_max}")
+    click.echo(f"net.core.somaxconn           {somaxconn}")
+    if len(ports) == 2 and ports[0].isdigit():
+        span = int(ports[1]) - int(ports[0]) + 1
+        click.echo(f"ip_local_port_range          {ports[0]}-{ports[1]}  ({span} ports per client address "
+                   f"and server address:port)")
+    click.echo(f"net.ipv4.tcp_mem (pages)     {tcp_mem}  (page = {page} bytes)")
+    click.echo("")
+    click.echo(f"for {n:,} connections:")
+    advice = []
+    if hard < n:
+        workers = -(-n // max(1, hard - 1000))
+        advice.append(f"- hard open-file limit {hard} < {n:,}: raise it (LimitNOFILE={n + 10000} in systemd, "
+                      f"`ulimit -Hn {n + 10000}`) or run --workers {workers} (each worker holds "
+                      f"at most {hard - 1000:,})")
+    if somaxconn.isdigit() and int(somaxconn) < 4096:
+        advice.append("- sysctl -w net.core.somaxconn=65535 (accept backlog for connection bursts)")
+    if nr_open.isdigit() and int(nr_open) < n:
+        advice.append(f"- sysctl -w fs.nr_open={n + 10000}")
+    if len(ports) == 2 and ports[0].isdigit() and int(ports[1]) - int(ports[0]) + 1 < n:
+        advice.append("- clients (or a proxy in front) need several source addresses, or a wider "
+                      "net.ipv4.ip_local_port_range, to open that many connections to one address:port")
+    fields_ = tcp_mem.split()
+    if len(fields_) == 3 and fields_[2].isdigit():
+        need_pages = n * 8192 // page   # ~8 KiB of kernel buffers per mostly idle socket
+        if int(fields_[2]) < need_pages:
+            advice.append(f"- net.ipv4.tcp_mem max {fields_[2]} pages < ~{need_pages} pages for {n:,} "
+                          f"sockets: raise it")
+    mem = n * bytes_per_connection
+    advice.append(f"- fastws itself: ~{mem / 2**20:,.0f} MiB of RSS at {bytes_per_connection} B per idle "
+                  f"connection, plus kernel socket buffers")
+    for line in advice:
+        click.echo(line)
+
+
 @cli.group("config")
 def config_group() -> None:
     """Inspect the configuration."""

@@ -112,6 +112,21 @@ class Config:
                                kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0 (0 = never)")
     handshake_timeout: float = knob(10.0, "Seconds a client has to complete the opening handshake.",
                                     kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
+    # -- admission (limits that protect the server, see fastws.limits) ----------
+    max_connections: int = knob(0, "Open connections at most; past it upgrades get 503 with a jittered "
+                                "Retry-After (0 = no limit).", kind="int", check=lambda v: v >= 0,
+                                allowed="an integer >= 0 (0 = no limit)")
+    handshake_rate: float = knob(0.0, "Upgrades accepted per second (token bucket); excess gets 503 "
+                                 "with a jittered Retry-After (0 = no limit).", kind="float",
+                                 check=lambda v: v >= 0, allowed="a number >= 0 (0 = no limit)")
+    handshake_burst: int = knob(0, "Burst of the handshake token bucket (0 = one second's worth).",
+                                kind="int", check=lambda v: v >= 0, allowed="an integer >= 0")
+    retry_after: float = knob(5.0, "Base of the Retry-After hint on 503, seconds (jittered up to twice it).",
+                              kind="seconds", check=lambda v: v >= 1, allowed="seconds >= 1")
+    # -- workers ----------------------------------------------------------------
+    workers: int = knob(1, "Worker processes sharing the port with SO_REUSEPORT, supervised "
+                        "(1 = a single process, no supervisor).", kind="int",
+                        check=lambda v: 1 <= v <= 256, allowed="an integer 1..256")
     # -- lifecycle -----------------------------------------------------------
     shutdown_timeout: float = knob(10.0, "Seconds a graceful shutdown waits for close handshakes.",
                                    kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0")
@@ -119,6 +134,12 @@ class Config:
                               "and new upgrades get 503, so a load balancer can stop sending "
                               "(0 = close at once).", kind="seconds",
                               check=lambda v: 0 <= v <= 3600, allowed="seconds 0..3600")
+    drain_rate: float = knob(0.0, "Connections closed per second during a graceful shutdown "
+                             "(0 = all at once).", kind="float", check=lambda v: v >= 0,
+                             allowed="a number >= 0 (0 = all at once)")
+    reconnect_delay: float = knob(1.0, "Close reason on shutdown tells each client to reconnect after "
+                                  "this many seconds, spread with jitter up to twice it.",
+                                  kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0")
     # -- logging ---------------------------------------------------------------
     log_level: str = knob("info", "Log level: lifecycle events at info, per-connection at debug.",
                           kind="choice", choices=LOG_LEVELS)

@@ -25,6 +25,7 @@ from . import core
 from .app import Accept, App, Reject
 from .config import Config
 from .errors import HandshakeError
+from .limits import Admission, raise_nofile_limit, reconnect_hint
 from .rooms import Rooms
 from .handshake import (
     HttpRequest,
@@ -52,7 +53,8 @@ class ServerStartError(Exception):
     """The server could not start (port in use, bad address): one clear line."""
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096) -> socket.socket:
+def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096,
+                listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,7 +67,8 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
         if exc.errno == errno.EADDRINUSE:
             raise ServerStartError(f"cannot listen on {host}:{port}: address already in use") from None
         raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(backlog)
+    if listen:
+        sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
@@ -82,6 +85,9 @@ class Server:
         self._loop = None
         self.handshakes = {}      # HTTP status of each upgrade decision -> count (metrics)
         self.draining = False     # set by shutdown(): /health says 503, upgrades get 503
+        self.admission = Admission(
+            getattr(config, "max_connections", 0), getattr(config, "handshake_rate", 0.0),
+            getattr(config, "handshake_burst", 0) or None, getattr(config, "retry_after", 5.0))
         self.health = None        # /health, /livez and the checks registry
         self.metrics = None       # /metrics, when config.metrics
         self.stats_page = None    # /stats, when config.stats
@@ -169,10 +175,8 @@ class Server:
                      self.config.drain_delay, len(self.hub.connections))
             await asyncio.sleep(self.config.drain_delay)
         self._server.close()
-        conns = list(self.hub.connections.values())
-        for conn in conns:
-            conn.close(code, reason)
         deadline = self._loop.time() + self.config.shutdown_timeout
+        await self._close_all(code, reason, deadline)
         while self.hub.connections and self._loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.hub.connections.values()):
@@ -184,6 +188,28 @@ class Server:
         self.app.server = None
         log.info("fastws: stopped")
 
+    async def _close_all(self, code: int, reason: str, deadline: float) -> None:
+        """Close every connection with ``code``, ``drain_rate`` per second
+        (all at once when 0), each with a reason telling the client when to
+        come back (spread with jitter, so they do not return together)."""
+        rate = getattr(self.config, "drain_rate", 0.0)
+        base = getattr(self.config, "reconnect_delay", 0.0)
+        conns = list(self.hub.connections.values())
+        log.info("fastws: closing %d connections with %d%s", len(conns), code,
+                 f" at {rate:g}/s" if rate else "")
+        step = max(1, int(rate * 0.05)) if rate else len(conns) or 1
+        for i in range(0, len(conns), step):
+            for conn in conns[i:i + step]:
+                if base > 0 and code == 1001:
+                    _, why = reconnect_hint(base, base)
+                else:
+                    why = reason
+                conn.close(code, why)
+            if rate and i + step < len(conns):
+                if self._loop.time() >= deadline:
+                    break
+                await asyncio.sleep(step / rate)
+
     # -- the handshake decision (called by the hub with the request head) ----
 
     def _handshake(self, conn, head) -> None:
@@ -194,6 +220,11 @@ class Server:
             return
         if self.draining:
             self._reject(conn, 503, "server shutting down")
+            return
+        refused = self.admission.check(len(self.hub.connections))
+        if refused is not None:
+            reason, retry = refused
+            self._reject(conn, 503, reason, [("Retry-After", str(retry))])
             return
         try:
             req = parse_request(head)
@@ -398,10 +429,21 @@ def configure_logging(level: str, fmt: str = "text") -> None:
 
 
 def run_server(app: App, config: Config, sock: socket.socket | None = None) -> None:
-    """Run on uvloop until SIGINT/SIGTERM, then shut down gracefully."""
+    """Run on uvloop until SIGINT/SIGTERM, then shut down gracefully; with
+    ``config.workers > 1`` as a supervisor of that many worker processes."""
+    configure_logging(config.log_level, config.log_format)
+    if getattr(config, "workers", 1) > 1 and sock is None:
+        from .supervisor import run_workers
+
+        raise SystemExit(run_workers(lambda index: _run_one(app, config, None), config))
+    _run_one(app, config, sock)
+
+
+def _run_one(app: App, config: Config, sock) -> None:
     import uvloop
 
-    configure_logging(config.log_level, config.log_format)
+    soft, hard = raise_nofile_limit()
+    log.info("fastws: open files limit %d (hard %d)", soft, hard)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(app, config)

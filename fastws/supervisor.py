@@ -110,3 +110,20 @@ def _child(target, index: int) -> None:
         pass
     os.environ["FASTWS_WORKER"] = str(index)
     target(index)
+
+
+def run_workers(target, config) -> int:
+    """Check the port can be bound, then supervise ``config.workers``
+    processes, each running ``target(index)`` with SO_REUSEPORT on."""
+    from .server import bind_socket
+
+    config.reuse_port = True
+    # fail fast, in the supervisor, if the port is taken by something else
+    probe = bind_socket(config.host, config.port, reuse_port=True, backlog=1, listen=False)
+    if config.port == 0:
+        config.port = probe.getsockname()[1]
+    probe.close()
+    log.info("fastws: supervisor (pid %d) starting %d workers on %s:%d", os.getpid(),
+             config.workers, config.host, config.port)
+    timeout = getattr(config, "shutdown_timeout", 10.0) + getattr(config, "drain_delay", 0.0) + 5.0
+    return Supervisor(target, config.workers, stop_timeout=timeout).run()
