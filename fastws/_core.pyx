@@ -46,6 +46,12 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.string cimport memcpy
+from libc.errno cimport errno, EAGAIN, EINTR
+
+cdef extern from "<errno.h>":
+    int EWOULDBLOCK
+from posix.unistd cimport write as c_write
+from posix.uio cimport iovec, writev as c_writev
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 import logging as _logging
@@ -1169,7 +1175,10 @@ cdef class Connection(Engine):
     cdef bint _msg_async               # on_message is a coroutine function
     cdef int _phase                    # Phase
     cdef bytearray _head               # request head until the handshake is decided
-    cdef list _wq                      # frames queued for the next flush (None = empty)
+    cdef object _wq                    # frames queued for the next flush: None, one bytes,
+                                       # or a list of bytes (no list for the common single frame)
+    cdef int _fd                       # socket fd for direct writes, -1 when not allowed (TLS ...)
+    cdef bint _tpending                # the transport may hold unsent bytes of ours
     cdef Py_ssize_t _wq_size           # bytes in _wq
     cdef bint _read_direct             # the last get_buffer handed out the message itself
     cdef bint _dirty                   # registered in the hub's dirty list
@@ -1191,6 +1200,7 @@ cdef class Connection(Engine):
 
     def __init__(self, Hub hub):
         self._hub = hub
+        self._fd = -1
         self._due_tick = -1
         self.max_message_size = hub.max_message_size
         self.max_frame_size = hub.max_frame_size
@@ -1200,6 +1210,10 @@ cdef class Connection(Engine):
 
     def connection_made(self, transport):
         self.transport = transport
+        if transport.get_extra_info("sslcontext") is None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self._fd = sock.fileno()
         if self._hub.handshake_timeout > 0:
             self._hub._schedule(self, self._hub.handshake_timeout, T_HANDSHAKE)
         if self._hub.high_water != 65536:
@@ -1352,6 +1366,7 @@ cdef class Connection(Engine):
         frame = self._start_close(1008, "slow consumer")
         if self.transport is not None:
             self.transport.write(frame)
+            self._tpending = True
         self._arm_close_timer()
 
     # ---------------------------------------------------------- handshake
@@ -1387,6 +1402,7 @@ cdef class Connection(Engine):
             return False
         self._hub.bytes_out += len(response)
         self.transport.write(response)
+        self._tpending = True
         self.route = route
         self.path = path
         self.query_string = query_string
@@ -1451,10 +1467,13 @@ cdef class Connection(Engine):
     cdef int _queue(self, bytes frame) except -1:
         if self._phase != P_OPEN:
             return 0
-        if self._wq is None:
-            self._wq = [frame]
+        cdef object w = self._wq
+        if w is None:
+            self._wq = frame
+        elif type(w) is list:
+            (<list>w).append(frame)
         else:
-            self._wq.append(frame)
+            self._wq = [w, frame]
         self._wq_size += PyBytes_GET_SIZE(frame)
         if self._wpaused:
             if self._wq_size > self._hub.max_queue and self.state == S_OPEN:
@@ -1499,7 +1518,7 @@ cdef class Connection(Engine):
         self._dirty = False
         if self._wpaused and self._end_mode == END_NONE:
             return 0      # held until resume_writing (see Hub's delivery policy)
-        cdef list wq = self._wq
+        cdef object wq = self._wq
         cdef object t = self.transport
         cdef Py_ssize_t size = self._wq_size
         if wq is not None:
@@ -1507,8 +1526,10 @@ cdef class Connection(Engine):
             self._wq_size = 0
             if t is not None:
                 self._hub.bytes_out += size
-                if len(wq) == 1:
-                    t.write(wq[0])
+                if self._fd >= 0 and self._write_direct(wq, size):
+                    pass                    # the kernel took it all
+                elif type(wq) is bytes:
+                    t.write(wq)
                 elif size <= MAX_FLUSH_JOIN:
                     t.write(b"".join(wq))   # small frames: one contiguous buffer
                 else:
@@ -1516,6 +1537,45 @@ cdef class Connection(Engine):
         if self._end_mode != END_NONE:
             self._end_transport()
         return 0
+
+    cdef bint _write_direct(self, object wq, Py_ssize_t size) except -1:
+        """Write ``wq`` with one write(2)/writev(2) on the socket, skipping
+        the transport's Python-level machinery, when the transport holds
+        nothing of ours (so order is kept).  True if the kernel took every
+        byte; otherwise the unwritten rest has been handed to the transport
+        (which then owns flow control) and True is returned as well; False
+        only when the direct path does not apply."""
+        cdef Py_ssize_t n, i, cnt
+        cdef iovec iov[64]
+        cdef bytes b
+        if self._tpending:
+            if self.transport.get_write_buffer_size():
+                return False
+            self._tpending = False
+        if type(wq) is bytes:
+            n = c_write(self._fd, PyBytes_AS_STRING(<bytes>wq), PyBytes_GET_SIZE(<bytes>wq))
+        else:
+            cnt = len(<list>wq)
+            if cnt > 64:
+                return False
+            for i in range(cnt):
+                b = <bytes>(<list>wq)[i]
+                iov[i].iov_base = PyBytes_AS_STRING(b)
+                iov[i].iov_len = PyBytes_GET_SIZE(b)
+            n = c_writev(self._fd, iov, <int>cnt)
+        if n == size:
+            return True
+        if n < 0:
+            if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                # a dead socket: let the transport meet the error itself and
+                # report connection_lost the usual way
+                return False
+            n = 0
+        # partial write: the transport takes the rest and its flow control
+        rest = wq if type(wq) is bytes else b"".join(wq)
+        self.transport.write(rest[n:] if n else rest)
+        self._tpending = True
+        return True
 
     def _task_done(self, task):
         if task.cancelled():

@@ -81,6 +81,7 @@ class Server:
         self.config = config      # every knob
         self.hub = None           # engine-side connection registry, set by start()
         self.http_routes = {}     # (method, path) -> handler for plain HTTP requests
+        self._http_paths = set()  # the paths of http_routes, for a cheap first test
         self._server = None       # the asyncio Server
         self._loop = None
         self.handshakes = {}      # HTTP status of each upgrade decision -> count (metrics)
@@ -102,6 +103,7 @@ class Server:
         (413 beyond).
         """
         self.http_routes[(method.upper(), path)] = handler
+        self._http_paths = {p for (_, p) in self.http_routes}
 
     @property
     def port(self) -> int:
@@ -313,6 +315,13 @@ class Server:
     def _maybe_http(self, conn, head) -> bool:
         """Serve ``head`` as plain HTTP if it targets an HTTP route and is no
         upgrade request; False to go on with the WebSocket handshake."""
+        # cheap test first: most heads are upgrades to a WebSocket route
+        sp = head.find(b" ")
+        end = head.find(b" ", sp + 1)
+        target = head[sp + 1:end]
+        q = target.find(b"?")
+        if (target[:q] if q >= 0 else target).decode("latin-1") not in self._http_paths:
+            return False
         parsed = parse_http_head(head)
         if parsed is None:
             return False
