@@ -452,7 +452,6 @@ def _run_one(app: App, config: Config, sock) -> None:
     import uvloop
 
     soft, hard = raise_nofile_limit()
-    log.info("fastws: open files limit %d (hard %d)", soft, hard)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(app, config)
@@ -460,6 +459,7 @@ def _run_one(app: App, config: Config, sock) -> None:
 
     async def main():
         await server.start(sock)
+        log.info("fastws: open files limit %d (hard %d)", soft, hard)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
