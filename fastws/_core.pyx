@@ -45,6 +45,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.buffer cimport PyBuffer_FillInfo
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(object)
 from libc.string cimport memcpy
 from libc.errno cimport errno, EAGAIN, EINTR
 
@@ -1468,12 +1471,17 @@ cdef class Connection(Engine):
         if self._phase != P_OPEN:
             return 0
         cdef object w = self._wq
+        cdef list lst
         if w is None:
             self._wq = frame
         elif type(w) is list:
             (<list>w).append(frame)
         else:
-            self._wq = [w, frame]
+            lst = [w, frame]
+            # a list of bytes cannot be in a reference cycle: keep it away
+            # from the cyclic GC, which otherwise scans one per member per tick
+            PyObject_GC_UnTrack(lst)
+            self._wq = lst
         self._wq_size += PyBytes_GET_SIZE(frame)
         if self._wpaused:
             if self._wq_size > self._hub.max_queue and self.state == S_OPEN:
