@@ -971,7 +971,8 @@ cdef class Hub:
     cdef public double idle_timeout    # close after this long without a message (0: never)
     cdef public double handshake_timeout  # seconds to complete the opening handshake
     cdef public double tick            # wheel granularity, seconds
-    cdef list _slots                   # WHEEL_SIZE sets of Connection
+    cdef list _slots                   # WHEEL_SIZE heads of intrusive lists of Connection
+    cdef Py_ssize_t _waiting           # connections in the wheel
     cdef long _tick_no                 # ticks since start; the wheel's clock
     cdef object _tick_handle           # the one TimerHandle of the wheel
     cdef unsigned long long _next_id
@@ -994,7 +995,8 @@ cdef class Hub:
                                         handshake_timeout, close_timeout) if t > 0] or [1.0])
             tick = max(0.05, min(1.0, shortest / 4))
         self.tick = tick
-        self._slots = [set() for _ in range(WHEEL_SIZE)]
+        self._slots = [None] * WHEEL_SIZE
+        self._waiting = 0
         self._tick_no = 0
         self._tick_handle = None
         self.high_water = high_water
@@ -1024,50 +1026,69 @@ cdef class Hub:
     # connection waiting for something (handshake end, next ping, proof of
     # life after a ping, the peer's close) sits in the slot of its due tick
     # (slot = due % WHEEL_SIZE; a due tick more than one turn away stays in
-    # place until its turn).  A connection is in at most one slot, so the
-    # cost is one set entry per waiting connection.  Activity does not move
-    # a connection: reads just stamp the current tick number, checked when
-    # the connection's slot comes round.
+    # place until its turn), linked through its own _wnext/_wprev fields:
+    # no allocation and O(1) to add or remove.  A connection is in at most
+    # one slot.  Activity does not move a connection: reads just stamp the
+    # current tick number, checked when the connection's slot comes round.
 
     cdef void _schedule(self, Connection c, double delay, int kind):
         cdef long due = self._tick_no + <long>(delay / self.tick + 0.999999)
+        cdef Py_ssize_t idx
         if due <= self._tick_no:
             due = self._tick_no + 1
         if c._due_tick >= 0:
-            (<set>self._slots[c._due_tick % WHEEL_SIZE]).discard(c)
+            self._unlink(c)
         c._due_tick = due
         c._due_kind = kind
-        (<set>self._slots[due % WHEEL_SIZE]).add(c)
+        idx = due % WHEEL_SIZE
+        head = self._slots[idx]
+        c._wprev = None
+        c._wnext = head
+        if head is not None:
+            (<Connection>head)._wprev = c
+        self._slots[idx] = c
+        self._waiting += 1
         if self._tick_handle is None:
             self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
 
+    cdef void _unlink(self, Connection c):
+        if c._wprev is not None:
+            c._wprev._wnext = c._wnext
+        else:
+            self._slots[c._due_tick % WHEEL_SIZE] = c._wnext
+        if c._wnext is not None:
+            c._wnext._wprev = c._wprev
+        c._wnext = None
+        c._wprev = None
+        self._waiting -= 1
+
     cdef void _unschedule(self, Connection c):
         if c._due_tick >= 0:
-            (<set>self._slots[c._due_tick % WHEEL_SIZE]).discard(c)
+            self._unlink(c)
             c._due_tick = -1
             c._due_kind = T_NONE
 
     def _on_tick(self):
-        cdef Connection c
-        cdef set slot
-        cdef list due
+        cdef Connection c, nxt
+        cdef list due = []
         self._tick_handle = None
         self._tick_no += 1
-        slot = <set>self._slots[self._tick_no % WHEEL_SIZE]
-        if slot:
-            due = [c for c in slot if c._due_tick <= self._tick_no]
-            for c in due:
-                slot.discard(c)
+        head = self._slots[self._tick_no % WHEEL_SIZE]
+        c = <Connection>head if head is not None else None
+        while c is not None:
+            nxt = c._wnext
+            if c._due_tick <= self._tick_no:
+                self._unlink(c)
                 c._due_tick = -1
-                try:
-                    c._timer_fired()
-                except Exception as exc:
-                    _log.error("fastws: timer callback failed", exc_info=exc)
-        if self._tick_handle is None:   # (a callback above may have re-armed it)
-            for slot in self._slots:
-                if slot:
-                    self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
-                    break
+                due.append(c)
+            c = nxt
+        for c in due:
+            try:
+                c._timer_fired()
+            except Exception as exc:
+                _log.error("fastws: timer callback failed", exc_info=exc)
+        if self._tick_handle is None and self._waiting > 0:
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
 
     def stop_timers(self):
         if self._tick_handle is not None:
@@ -1077,7 +1098,7 @@ cdef class Hub:
     @property
     def scheduled(self):
         """How many connections wait in the timer wheel (for tests)."""
-        return sum(len(s) for s in self._slots)
+        return self._waiting
 
     cdef inline void _mark_dirty(self, Connection c):
         self._dirty.append(c)
@@ -1189,6 +1210,7 @@ cdef class Connection(Engine):
     cdef bint _errored                 # we closed because the peer broke the protocol
     cdef object _store                 # user dict, created lazily
     cdef long _due_tick                # the wheel tick this connection waits for, -1 if none
+    cdef Connection _wnext, _wprev     # neighbours in the wheel slot's list
     cdef int _due_kind                 # TimerKind
     cdef long _rx_tick                 # wheel tick of the last read (proof of life)
     cdef long _msg_tick                # wheel tick of the last complete message
