@@ -52,9 +52,9 @@ def _cython_built() -> bool:
 def backend(request):
     name = request.param
     if name == "cython" and not _cython_built():
-        pytest.skip("fastws._core is not built")
+        pytest.fail("fastws._core (the Cython engine) is not built", pytrace=False)
     if name == "uvicorn" and importlib.util.find_spec("uvicorn") is None:
-        pytest.skip("uvicorn is not installed")
+        pytest.fail("uvicorn is not installed (pip install -e '.[test]')", pytrace=False)
     return name
 
 
@@ -90,11 +90,6 @@ def chat_server(servers):
     server = servers(FASTAPI)
     yield server
     assert server.alive(), f"the server died during the test\n{server.log()[-4000:]}"
-
-
-def fastws_only(backend):
-    if backend == "uvicorn":
-        pytest.skip("fastws-specific behaviour")
 
 
 def raw_exchange(port: int, data: bytes, *, until_close=True, timeout=5.0) -> bytes:
@@ -194,14 +189,14 @@ def test_http_malformed_request_is_400(app_server):
     assert out.startswith(b"HTTP/1.1 400"), out
 
 
+@pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
 def test_http_head_too_large(app_server, backend):
-    fastws_only(backend)
     out = raw_exchange(app_server.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 431"), out[:200]
 
 
+@pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
 def test_ws_broken_upgrade_is_400(app_server, backend):
-    fastws_only(backend)   # fastws's handshake rules, before the app runs
     out = raw_exchange(app_server.port, b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400"), out[:200]
@@ -435,8 +430,8 @@ def test_fastapi_http_publish_to_room(chat_server):
 # ---------------------------------------------------------------- process behaviour (fastws only)
 
 
+@pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
 def test_shutdown_closes_websockets_with_1001(backend, tmp_path):
-    fastws_only(backend)
     server = AsgiProcess(STARLETTE, backend, tmp_path / "server.log").start()
     try:
         async def main():
@@ -454,8 +449,8 @@ def test_shutdown_closes_websockets_with_1001(backend, tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
 def test_lifespan_startup_failure_is_fatal(backend, tmp_path):
-    fastws_only(backend)
     server = AsgiProcess(STARLETTE, backend, tmp_path / "server.log", env={"FAIL_STARTUP": "1"})
     proc = server.spawn()
     code = proc.wait(TIMEOUT)
@@ -466,8 +461,8 @@ def test_lifespan_startup_failure_is_fatal(backend, tmp_path):
     assert "Traceback" not in log, log
 
 
+@pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
 def test_port_in_use(backend, tmp_path):
-    fastws_only(backend)
     with socket.socket() as busy:
         busy.bind((HOST, 0))
         busy.listen()
