@@ -1733,9 +1733,10 @@ cdef class Connection(Engine):
         self._queue(self._start_close(code, reason))
         self._arm_close_timer()
 
-    def join(self, room, namespace=None):
-        """Join ``room`` (in the route's namespace unless given)."""
-        self._hub.rooms.join(self, room, namespace)
+    def join(self, room, namespace=None, batch=False):
+        """Join ``room`` (in the route's namespace unless given); ``batch``:
+        receive the room's batch envelope when it batches (fastws.rooms)."""
+        self._hub.rooms.join(self, room, namespace, batch)
 
     def leave(self, room, namespace=None):
         """Leave ``room``; no-op if not a member."""

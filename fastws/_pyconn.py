@@ -526,8 +526,8 @@ class Connection:
         self._hub.messages_out += 1
         self._queue(self._engine.send(message))
 
-    def join(self, room, namespace=None):
-        self._hub.rooms.join(self, room, namespace)
+    def join(self, room, namespace=None, batch=False):
+        self._hub.rooms.join(self, room, namespace, batch)
 
     def leave(self, room, namespace=None):
         self._hub.rooms.leave(self, room, namespace)

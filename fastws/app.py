@@ -215,6 +215,10 @@ class App:
         """
         if self.server is None:
             return 0
+        bridge = self.server.bridge
+        if bridge is not None:   # and to the other workers/nodes, through the broker
+            return bridge.publish_nowait(room, message, namespace=namespace, exclude=exclude,
+                                         priority=priority)
         seq, _ = self.server.rooms.publish(room, message, namespace=namespace,
                                            exclude=exclude, priority=priority)
         return seq

@@ -123,6 +123,17 @@ class Config:
                                 kind="int", check=lambda v: v >= 0, allowed="an integer >= 0")
     retry_after: float = knob(5.0, "Base of the Retry-After hint on 503, seconds (jittered up to twice it).",
                               kind="seconds", check=lambda v: v >= 1, allowed="seconds >= 1")
+    # -- scale-out (fastws.broker) ------------------------------------------------
+    broker: str = knob("", "Broker URL for rooms across workers and nodes: redis://host:port/db, "
+                       "rediss://..., redis+cluster://host:port[,host:port], unix:///path.sock, "
+                       "memory:// (empty: rooms are local to the process; with --workers an "
+                       "embedded broker joins the workers).", kind="str")
+    broker_prefix: str = knob("", "Prefix of the broker's channel names (several apps on one Redis).",
+                              kind="str")
+    publish_token: str | None = knob(None, "Bearer token of the HTTP publish API (POST /publish, "
+                                     "POST /connections/{id}); unset: the API is off.", kind="str",
+                                     check=lambda v: v is None or len(v) >= 8,
+                                     allowed="a string of at least 8 characters", secret=True)
     # -- workers ----------------------------------------------------------------
     workers: int = knob(1, "Worker processes sharing the port with SO_REUSEPORT, supervised "
                         "(1 = a single process, no supervisor).", kind="int",

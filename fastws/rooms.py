@@ -10,6 +10,20 @@ member in ``_core`` (``Hub.broadcast``): Python code never loops over members
 per message. Membership is removed when a connection leaves or is lost, and
 a room with no members disappears (no leak).
 
+Batching (opt-in, per room): ``rooms.set_batching(room, max_batch=50,
+max_delay=0.05)`` makes the room collect published messages and send them
+when ``max_batch`` are waiting or ``max_delay`` seconds after the first, like
+the article's MessageBatcher. Members that joined with ``batch=True`` get
+one text frame per batch, the JSON envelope::
+
+    {"room": "lobby", "seq": 41, "messages": ["m41", "m42", "m43"]}
+
+(``seq`` is the sequence number of the first message; the others follow
+consecutively); every other member gets the batch's messages as usual, one
+frame each, in order. Messages published to a batched room must be ``str``.
+Whatever the batching, every connection's frames of one loop iteration go out
+in one write.
+
 Ordering: each room has a sequence number, incremented by every publish on
 this node; a client never sees one room's messages out of order from one
 server, because frames are queued in publish order and written in order.
@@ -19,6 +33,8 @@ sequence number; messages from two nodes interleave in arrival order.
 
 from __future__ import annotations
 
+import json
+
 from .delivery import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 
 __all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH"]
@@ -27,12 +43,16 @@ __all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH"]
 class Room:
     """One room on this node: its local members and its sequence number."""
 
-    __slots__ = ("key", "members", "seq")
+    __slots__ = ("key", "members", "seq", "batched", "pending", "first_seq", "timer")
 
     def __init__(self, key) -> None:
         self.key = key
         self.members: set = set()   # open Connections of this node
         self.seq = 0                # last sequence number published here
+        self.batched = None         # members that want the batch envelope (set), if any
+        self.pending = None         # messages waiting for the batch flush (list), if batching
+        self.first_seq = 0          # sequence number of pending[0]
+        self.timer = None           # TimerHandle of the max_delay flush
 
 
 class Rooms:
@@ -46,6 +66,8 @@ class Rooms:
         #: callables(key, joined: bool) told when a room gains its first or
         #: loses its last local member (a broker subscribes/unsubscribes).
         self.listeners: list = []
+        #: (namespace, name) -> (max_batch, max_delay) for rooms that batch
+        self.batching: dict = {}
 
     @staticmethod
     def _key(conn, room, namespace):
@@ -56,7 +78,24 @@ class Rooms:
             namespace = getattr(route, "namespace", "") if route is not None else ""
         return (namespace, room)
 
-    def join(self, conn, room: str, namespace=None) -> None:
+    def set_batching(self, room: str, max_batch: int = 50, max_delay: float = 0.05,
+                     namespace: str = "") -> None:
+        """Batch ``room``'s messages (see the module docstring); ``max_batch``
+        0 turns batching off again (after sending what is waiting)."""
+        key = (namespace, room)
+        r = self._rooms.get(key)
+        if r is not None and r.pending:
+            self._flush_batch(r)
+        if max_batch <= 0:
+            self.batching.pop(key, None)
+            return
+        if max_delay <= 0:
+            raise ValueError("max_delay must be > 0 seconds")
+        self.batching[key] = (int(max_batch), float(max_delay))
+
+    def join(self, conn, room: str, namespace=None, batch: bool = False) -> None:
+        """Add ``conn`` to ``room``; ``batch=True``: it wants the batch envelope
+        when the room batches."""
         if conn.closed:
             return
         key = self._key(conn, room, namespace)
@@ -66,6 +105,10 @@ class Rooms:
             for cb in self.listeners:
                 cb(key, True)
         r.members.add(conn)
+        if batch:
+            if r.batched is None:
+                r.batched = set()
+            r.batched.add(conn)
         if conn.rooms is None:
             conn.rooms = {key}
         else:
@@ -81,7 +124,11 @@ class Rooms:
         if r is None:
             return
         r.members.discard(conn)
+        if r.batched is not None:
+            r.batched.discard(conn)
         if not r.members:
+            if r.timer is not None:
+                r.timer.cancel()
             del self._rooms[key]
             for cb in self.listeners:
                 cb(key, False)
@@ -97,11 +144,44 @@ class Rooms:
         """Send ``message`` (str: text, bytes: binary) to the local members of
         ``room``. Returns ``(seq, delivered)``: the room's sequence number for
         this message and how many connections it was queued on."""
-        r = self._rooms.get((namespace, room))
+        key = (namespace, room)
+        r = self._rooms.get(key)
         if r is None:
             return 0, 0
         r.seq += 1
-        return r.seq, self.hub.broadcast(message, r.members, exclude, priority)
+        policy = self.batching.get(key)
+        if policy is None:
+            return r.seq, self.hub.broadcast(message, r.members, exclude, priority)
+        if not isinstance(message, str):
+            raise TypeError("messages published to a batched room must be str")
+        if r.pending is None:
+            r.pending = []
+        if not r.pending:
+            r.first_seq = r.seq
+            r.timer = self.hub.loop.call_later(policy[1], self._flush_batch, r)
+        r.pending.append(message)
+        if len(r.pending) >= policy[0]:
+            self._flush_batch(r)
+        return r.seq, len(r.members)
+
+    def _flush_batch(self, r: Room) -> None:
+        """Send what ``r`` collected: the envelope to batch members, the
+        messages one by one to the others."""
+        if r.timer is not None:
+            r.timer.cancel()
+            r.timer = None
+        pending, r.pending = r.pending, []
+        if not pending:
+            return
+        batched = r.batched or ()
+        if batched:
+            envelope = json.dumps({"room": r.key[1], "seq": r.first_seq, "messages": pending},
+                                  separators=(",", ":"))
+            self.hub.broadcast(envelope, batched)
+        others = r.members - batched if batched else r.members
+        if others:
+            for message in pending:
+                self.hub.broadcast(message, others)
 
     def count(self, room: str, namespace: str = "") -> int:
         r = self._rooms.get((namespace, room))

@@ -82,6 +82,7 @@ class Server:
         self.hub = None           # engine-side connection registry, set by start()
         self.http_routes = {}     # (method, path) -> handler for plain HTTP requests
         self._http_paths = set()  # the paths of http_routes, for a cheap first test
+        self._http_prefixes = []  # (method, path prefix, handler) for routes like /connections/{id}
         self._server = None       # the asyncio Server
         self._loop = None
         self.handshakes = {}      # HTTP status of each upgrade decision -> count (metrics)
@@ -93,7 +94,7 @@ class Server:
         self.metrics = None       # /metrics, when config.metrics
         self.stats_page = None    # /stats, when config.stats
 
-    def add_http_route(self, method: str, path: str, handler) -> None:
+    def add_http_route(self, method: str, path: str, handler, *, prefix: bool = False) -> None:
         """Serve plain HTTP ``method path`` on the WebSocket port.
 
         ``handler(request: HttpRequest)`` (sync or async) returns
@@ -102,6 +103,9 @@ class Server:
         closes the connection.  Bodies are read up to ``max_message_size``
         (413 beyond).
         """
+        if prefix:
+            self._http_prefixes.append((method.upper(), path, handler))
+            return
         self.http_routes[(method.upper(), path)] = handler
         self._http_paths = {p for (_, p) in self.http_routes}
 
@@ -123,9 +127,13 @@ class Server:
             **self._hub_options(),
         )
         self.rooms = Rooms(self.hub)   # local room registry (fastws.rooms)
+        self.broker = None             # fastws.broker.Broker when config.broker is set
+        self.bridge = None             # fastws.broker.bridge.Bridge: rooms <-> broker
         for (method, path), handler in self.app.http_routes.items():
             self.add_http_route(method, path, handler)
         self._start_operations()
+        if c.broker:
+            await self._start_broker()
         tls = ssl_context(c)
         if sock is None:
             sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
@@ -134,6 +142,26 @@ class Server:
         self.app.server = self
         log.info("fastws: listening on %s://%s:%d (engine=%s)", "wss" if tls else "ws", c.host, self.port,
                  core.IMPLEMENTATION)
+
+    async def _start_broker(self) -> None:
+        """Rooms across workers and nodes: subscribe to a room's channel while
+        it has local members, publish once to the broker, deliver what other
+        nodes publish (fastws.broker.bridge)."""
+        from .broker import create_broker
+        from .broker.bridge import attach
+
+        c = self.config
+        try:
+            self.broker = create_broker(c.broker, prefix=c.broker_prefix)
+        except (ValueError, ImportError) as exc:
+            raise ServerStartError(f"broker {c.broker!r}: {exc}") from None
+        self.bridge = await attach(self.rooms, self.broker)   # never raises if Redis is down
+        self.health.add_check("broker", self.broker.ping)
+        if c.publish_token:
+            from . import publish_api
+
+            publish_api.register(self, self.bridge, c.publish_token)
+        log.info("fastws: broker %s (node %s)", c.broker.split("@")[-1], self.broker.node_id)
 
     def _start_operations(self) -> None:
         """/health + /livez (and the checks registry), /metrics, /stats, per config."""
@@ -184,6 +212,9 @@ class Server:
         for conn in list(self.hub.connections.values()):
             conn.abort()
         await asyncio.sleep(0)
+        if self.bridge is not None:
+            await self.bridge.detach()
+            await self.broker.close()
         self.health.stop()
         if self.stats_page is not None:
             self.stats_page.stop()
@@ -218,7 +249,7 @@ class Server:
         if head is None:
             self._reject(conn, 431, "request head too large")
             return
-        if self.http_routes and self._maybe_http(conn, head):
+        if (self.http_routes or self._http_prefixes) and self._maybe_http(conn, head):
             return
         if self.draining:
             self._reject(conn, 503, "server shutting down")
@@ -320,7 +351,8 @@ class Server:
         end = head.find(b" ", sp + 1)
         target = head[sp + 1:end]
         q = target.find(b"?")
-        if (target[:q] if q >= 0 else target).decode("latin-1") not in self._http_paths:
+        first = (target[:q] if q >= 0 else target).decode("latin-1")
+        if first not in self._http_paths and not any(first.startswith(p) for _, p, _ in self._http_prefixes):
             return False
         parsed = parse_http_head(head)
         if parsed is None:
@@ -328,6 +360,11 @@ class Server:
         method, target, headers = parsed
         path, _, query = target.partition("?")
         handler = self.http_routes.get((method, path))
+        if handler is None:
+            for m, p, h in self._http_prefixes:
+                if m == method and path.startswith(p):
+                    handler = h
+                    break
         if handler is None:
             if not any(p == path for (_, p) in self.http_routes):
                 return False

@@ -126,4 +126,21 @@ def run_workers(target, config) -> int:
     log.info("fastws: supervisor (pid %d) starting %d workers on %s:%d", os.getpid(),
              config.workers, config.host, config.port)
     timeout = getattr(config, "shutdown_timeout", 10.0) + getattr(config, "drain_delay", 0.0) + 5.0
-    return Supervisor(target, config.workers, stop_timeout=timeout).run()
+    hub = None
+    if not getattr(config, "broker", ""):
+        # no broker given: the workers share an embedded one, run here, so a
+        # room message reaches members on every worker with nothing else to run
+        import tempfile
+
+        from .broker.embedded import EmbeddedHub
+
+        path = os.path.join(tempfile.gettempdir(), f"fastws-{os.getpid()}.sock")
+        hub = EmbeddedHub(path)
+        hub.run_in_thread()
+        config.broker = f"unix://{path}"
+        log.info("fastws: embedded broker for the workers at %s", path)
+    try:
+        return Supervisor(target, config.workers, stop_timeout=timeout).run()
+    finally:
+        if hub is not None:
+            hub.stop_thread()

@@ -207,3 +207,52 @@ def test_fastws_check_prints_limits():
     assert out.returncode == 0
     assert "open files" in out.stdout and "somaxconn" in out.stdout
     assert "for 100,000 connections" in out.stdout
+
+
+def test_workers_share_rooms_through_the_embedded_broker():
+    """--workers 2 without a broker URL: a room message reaches members on
+    every worker (the supervisor runs the embedded broker)."""
+    import json
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [*fastws_command(), "serve", "tests.integration.apps.rooms_app:app", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        time.sleep(1.0)   # both workers listening
+
+        async def main():
+            clients = []
+            pids = set()
+            for _ in range(40):
+                ws = await websockets.connect(f"ws://127.0.0.1:{port}/room")
+                await ws.send(json.dumps({"hello": {"room": "w"}}))
+                pids.add(json.loads(await ws.recv())["pid"])
+                clients.append(ws)
+                if len(pids) == 2 and len(clients) >= 4:
+                    break
+            assert len(pids) == 2, pids     # members on both workers
+            await asyncio.sleep(0.3)
+            await clients[0].send(json.dumps({"publish": "w", "count": 50, "pub": 0}))
+            for ws in clients:
+                got = []
+                while len(got) < 50:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if msg.get("pub") == 0:
+                        got.append(msg["i"])
+                assert got == list(range(50))
+            for ws in clients:
+                await ws.close()
+
+        asyncio.run(main())
+    finally:
+        assert stop(proc) == 0

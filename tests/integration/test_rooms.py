@@ -25,9 +25,9 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-async def hello(url, room, ns=""):
+async def hello(url, room, ns="", batch=False):
     ws = await websockets.connect(url + "room", max_size=None)
-    await ws.send(json.dumps({"hello": {"room": room, "ns": ns}}))
+    await ws.send(json.dumps({"hello": {"room": room, "ns": ns, "batch": batch}}))
     reply = json.loads(await ws.recv())
     assert reply["joined"] == room
     return ws
@@ -232,5 +232,37 @@ def test_rss_bounded_for_a_client_that_never_reads(server_factory):
         # high_water + max_queue (~1.06 MiB) plus allocator slack
         assert peak - before < 16 * 1024 * 1024, (before, peak)
         assert st["hub"]["slow_consumer_closes"] >= 1
+
+    run(main())
+
+
+def test_batching_envelope_for_members_that_ask_and_single_frames_for_others(server_factory):
+    srv = server_factory(app=APP)
+
+    async def main():
+        ctl = await hello(srv.url, "ctl-room")
+        await ctl.send(json.dumps({"batching": "b-room", "max_batch": 7, "max_delay": 0.05}))
+        assert json.loads(await ctl.recv()) == {"batching": "b-room"}
+        batched = await hello(srv.url, "b-room", batch=True)
+        plain = await hello(srv.url, "b-room")
+        await ctl.send(json.dumps({"publish": "b-room", "count": 100, "size": 48}))
+        # the batch member: envelopes of at most 7, seq consecutive, nothing lost
+        seqs = []
+        envelopes = 0
+        while len(seqs) < 100:
+            env = json.loads(await batched.recv())
+            assert set(env) == {"room", "seq", "messages"} and env["room"] == "b-room"
+            assert 1 <= len(env["messages"]) <= 7
+            assert env["seq"] == len(seqs) + 1
+            for i, m in enumerate(env["messages"]):
+                assert json.loads(m)["seq"] == env["seq"] + i
+            seqs += [env["seq"] + i for i in range(len(env["messages"]))]
+            envelopes += 1
+        assert seqs == list(range(1, 101)) and envelopes >= 100 // 7
+        # the other member: every message as its own frame, in order
+        got = [json.loads(await plain.recv())["seq"] for _ in range(100)]
+        assert got == list(range(1, 101))
+        for w in (ctl, batched, plain):
+            await w.close()
 
     run(main())

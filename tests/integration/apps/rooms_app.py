@@ -38,11 +38,12 @@ def _rss():
     return 0
 
 
-def _publish_many(room, count, size, priority, ns=""):
+def _publish_many(room, count, size, priority, ns="", pub=None):
     pad = "x" * max(0, size - 40)
     for i in range(count):
         seq = app.rooms.seq(room, ns) + 1
-        app.publish(room, json.dumps({"seq": seq, "i": i, "pad": pad}), namespace=ns, priority=priority)
+        app.publish(room, json.dumps({"seq": seq, "i": i, "pub": pub, "pad": pad}), namespace=ns,
+                    priority=priority)
 
 
 async def _flow(room, rate, seconds, size, priority):
@@ -68,15 +69,18 @@ def message(conn, data):
     cmd = json.loads(data)
     if "hello" in cmd:
         q = cmd["hello"]
-        conn.join(q["room"], q.get("ns", ""))
-        conn.send(json.dumps({"id": conn.id, "joined": q["room"]}))
+        conn.join(q["room"], q.get("ns", ""), q.get("batch", False))
+        conn.send(json.dumps({"id": conn.id, "joined": q["room"], "pid": os.getpid()}))
+    elif "batching" in cmd:
+        app.rooms.set_batching(cmd["batching"], cmd.get("max_batch", 50), cmd.get("max_delay", 0.05))
+        conn.send(json.dumps({"batching": cmd["batching"]}))
     elif "join" in cmd:
         conn.join(cmd["join"], cmd.get("ns", ""))
     elif "leave" in cmd:
         conn.leave(cmd["leave"], cmd.get("ns", ""))
     elif "publish" in cmd:
         _publish_many(cmd["publish"], cmd.get("count", 1), cmd.get("size", 64),
-                      cmd.get("priority", fastws.PRIORITY_NORMAL), cmd.get("ns", ""))
+                      cmd.get("priority", fastws.PRIORITY_NORMAL), cmd.get("ns", ""), cmd.get("pub"))
         conn.send(json.dumps({"published": cmd.get("count", 1)}))
     elif "flow" in cmd:
         asyncio.get_running_loop().create_task(

@@ -1,0 +1,247 @@
+"""Wiring a node's rooms to a broker: ``bridge = attach(server.rooms, broker)``.
+
+* Interest: a ``rooms.listeners`` callback subscribes the broker to a room's
+  key when its first local member joins and unsubscribes when the last one
+  leaves; changes made during one loop iteration go in one
+  ``subscribe``/``unsubscribe`` call (a room joined and left in the same
+  iteration costs nothing).
+* Fan-in: a message another node published is delivered to the local members
+  with ``rooms.publish`` (text stays text, bytes stay bytes, the priority is
+  kept); the origin node's own echo is dropped by the broker.
+* Fan-out: :meth:`Bridge.publish` delivers locally and sends the message to
+  the broker once.
+* One connection anywhere: :func:`global_id` names a connection across nodes
+  (``"{node_id}:{conn.id}"``); every node subscribes to its own node key, and
+  :meth:`Bridge.send_to` delivers locally or through the owning node, which
+  answers whether the connection existed.
+
+The bridge's part of the payload (after the broker's envelope, see
+:mod:`fastws.broker`) is ``struct("!BB")`` ``kind, flags`` then:
+
+* ``ROOM``: the message (flags: bit 0 binary, bits 4-7 priority);
+* ``DIRECT``: ``u32 request id, u64 connection id`` then the message;
+* ``REPLY``: ``u32 request id`` (flags bit 1: delivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+
+from ..delivery import PRIORITY_NORMAL
+from . import PublishError
+
+log = logging.getLogger("fastws.broker")
+
+__all__ = ["Bridge", "attach", "global_id"]
+
+_HEAD = struct.Struct("!BB")
+_DIRECT = struct.Struct("!BBIQ")
+_REPLY = struct.Struct("!BBI")
+ROOM, DIRECT, REPLY = 1, 2, 3
+F_BINARY, F_OK = 1, 2
+REPLY_TIMEOUT = 2.0   # seconds send_to waits for the owning node's answer
+
+_bridges: list = []   # attached bridges of this process (usually one)
+
+
+def _flags(message, priority: int) -> int:
+    if isinstance(message, str):
+        return (priority & 0x0F) << 4
+    return F_BINARY | (priority & 0x0F) << 4
+
+
+def _encode(message) -> bytes:
+    return message.encode("utf-8") if isinstance(message, str) else bytes(message)
+
+
+def _decode(flags: int, body: bytes):
+    return body if flags & F_BINARY else body.decode("utf-8")
+
+
+class Bridge:
+    """One node's link between its :class:`~fastws.rooms.Rooms` and a broker."""
+
+    def __init__(self, rooms, broker) -> None:
+        self.rooms = rooms                  # the local room registry
+        self.broker = broker                # the Broker (already started or not)
+        self.node_id = broker.node_id
+        self._interest: dict = {}           # key -> joined?, changes of this loop iteration
+        self._flush_handle = None
+        self._tasks: set = set()            # running subscribe/unsubscribe calls
+        self._replies: dict = {}            # request id -> future (send_to)
+        self._req_ids = itertools.count(1)
+        self.counters = {"remote_publishes": 0, "remote_failures": 0, "received": 0,
+                         "direct_in": 0, "direct_out": 0}
+
+    # -- interest -----------------------------------------------------------------
+
+    def _on_room(self, key, joined: bool) -> None:
+        """rooms listener: ``key`` got its first (joined) / lost its last member."""
+        self._interest[key] = joined
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        changes, self._interest = self._interest, {}
+        subs = [k for k, j in changes.items() if j]
+        unsubs = [k for k, j in changes.items() if not j]   # the broker skips keys it never held
+        for coro in ((self.broker.subscribe(subs) if subs else None),
+                     (self.broker.unsubscribe(unsubs) if unsubs else None)):
+            if coro is not None:
+                t = asyncio.ensure_future(coro)
+                self._tasks.add(t)
+                t.add_done_callback(self._task_done)
+
+    def _task_done(self, t) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("fastws: broker (un)subscribe failed", exc_info=t.exception())
+
+    async def sync(self) -> None:
+        """Wait until every membership change so far is applied at the broker."""
+        for _ in range(100):
+            if self._flush_handle is None and not self._tasks:
+                return
+            if self._flush_handle is not None:
+                await asyncio.sleep(0)
+                continue
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- messages from other nodes ----------------------------------------------------
+
+    def _on_message(self, key, payload: bytes, origin: str) -> None:
+        kind, flags = _HEAD.unpack_from(payload, 0)
+        if kind == ROOM:
+            self.counters["received"] += 1
+            ns, name = key
+            self.rooms.publish(name, _decode(flags, payload[2:]), namespace=ns,
+                               priority=flags >> 4)
+        elif kind == DIRECT:
+            _, _, rid, cid = _DIRECT.unpack_from(payload, 0)
+            self.counters["direct_in"] += 1
+            ok = self._send_local(cid, _decode(flags, payload[_DIRECT.size:]))
+            if rid:
+                reply = _REPLY.pack(REPLY, F_OK if ok else 0, rid)
+                self.broker.publish_nowait(origin, reply)
+        elif kind == REPLY:
+            _, _, rid = _REPLY.unpack_from(payload, 0)
+            fut = self._replies.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(bool(flags & F_OK))
+
+    def _send_local(self, conn_id, message) -> bool:
+        conn = self.rooms.hub.connections.get(conn_id)
+        if conn is None or conn.closed:
+            return False
+        conn.send(message)
+        return True
+
+    # -- the API ------------------------------------------------------------------------
+
+    def _payload(self, message, priority) -> bytes:
+        return _HEAD.pack(ROOM, _flags(message, priority)) + _encode(message)
+
+    async def publish(self, room: str, message, namespace: str = "", exclude=None,
+                      priority: int = PRIORITY_NORMAL) -> tuple:
+        """Deliver to the local members and send to the other nodes once.
+        Returns ``(seq, sent)``: this node's sequence number for the room and
+        whether the broker took the message (False: other nodes missed it;
+        counted in ``counters["remote_failures"]`` and the broker's stats)."""
+        seq, _ = self.rooms.publish(room, message, namespace=namespace, exclude=exclude,
+                                    priority=priority)
+        self.counters["remote_publishes"] += 1
+        try:
+            await self.broker.publish((namespace, room), self._payload(message, priority))
+        except PublishError:
+            self.counters["remote_failures"] += 1
+            return seq, False
+        return seq, True
+
+    def publish_nowait(self, room: str, message, namespace: str = "", exclude=None,
+                       priority: int = PRIORITY_NORMAL) -> int:
+        """:meth:`publish` for synchronous code (``App.publish``): returns the
+        local seq; the remote send goes out in call order, a failure is
+        counted by the broker."""
+        seq, _ = self.rooms.publish(room, message, namespace=namespace, exclude=exclude,
+                                    priority=priority)
+        self.counters["remote_publishes"] += 1
+        self.broker.publish_nowait((namespace, room), self._payload(message, priority))
+        return seq
+
+    def global_id(self, conn) -> str:
+        """The id of ``conn`` valid on every node: ``"{node_id}:{conn.id}"``."""
+        return f"{self.node_id}:{conn.id}"
+
+    async def send_to(self, gid: str, message, timeout: float = REPLY_TIMEOUT):
+        """Send ``message`` to the connection ``gid`` (a :func:`global_id`)
+        wherever it is. True: queued on it; False: no such open connection
+        (or malformed id); None: its node did not answer in ``timeout``
+        (unknown node, broker down)."""
+        node, _, cid = str(gid).rpartition(":")
+        try:
+            cid = int(cid)
+        except ValueError:
+            return False
+        if not node or node == self.node_id:
+            return self._send_local(cid, message)
+        rid = next(self._req_ids) & 0xFFFFFFFF or 1
+        payload = _DIRECT.pack(DIRECT, _flags(message, PRIORITY_NORMAL), rid, cid) + _encode(message)
+        fut = self._replies[rid] = asyncio.get_running_loop().create_future()
+        self.counters["direct_out"] += 1
+        try:
+            receivers = await self.broker.publish(node, payload)
+            if receivers == 0:      # the backend knows nobody listens: no such node
+                return False
+            return await asyncio.wait_for(fut, timeout)
+        except (PublishError, asyncio.TimeoutError):
+            return None
+        finally:
+            self._replies.pop(rid, None)
+
+    def stats(self) -> dict:
+        return dict(self.counters, broker=self.broker.stats())
+
+    async def detach(self) -> None:
+        """Undo :func:`attach` (the broker stays open; close it yourself)."""
+        if self._on_room in self.rooms.listeners:
+            self.rooms.listeners.remove(self._on_room)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self in _bridges:
+            _bridges.remove(self)
+        self.broker.set_handler(None)
+        if getattr(self.rooms, "bridge", None) is self:
+            self.rooms.bridge = None
+
+
+async def attach(rooms, broker, *, start: bool = True) -> Bridge:
+    """Connect ``rooms`` (one server's registry) to ``broker``: start it
+    (unless ``start=False``), subscribe to the node key and to every room
+    that already has members, and keep that up to date. Returns the bridge;
+    ``rooms.bridge`` is set to it too."""
+    bridge = Bridge(rooms, broker)
+    broker.set_handler(bridge._on_message)
+    if start:
+        await broker.start()
+    rooms.listeners.append(bridge._on_room)
+    keys = [broker.node_id] + [r.key for r in list(rooms._rooms.values())]
+    await broker.subscribe(keys)
+    rooms.bridge = bridge
+    _bridges.append(bridge)
+    return bridge
+
+
+def global_id(conn) -> str:
+    """``conn``'s id across nodes (``"{node_id}:{conn.id}"``), from the bridge
+    of the server that holds it; the plain local id if no bridge is attached."""
+    for b in _bridges:
+        if b.rooms.hub.connections.get(conn.id) is conn:
+            return b.global_id(conn)
+    if len(_bridges) == 1:
+        return _bridges[0].global_id(conn)
+    return str(conn.id)

@@ -1,0 +1,575 @@
+"""The Redis pub/sub broker (``redis://host:port/db``, ``rediss://`` for TLS).
+
+Two connections per node: one for publishing (commands pipelined, replies
+matched in order, so a publish is one ``PUBLISH`` command, sent in call
+order, and its failure is known exactly) and one subscriber connection.
+Replies are parsed with ``hiredis`` when it is installed (the pure-Python
+parser below otherwise). The connections are this module's own small RESP
+client on asyncio rather than ``redis.asyncio``'s pool and ``PubSub``: a
+pool spreads consecutive publishes over connections (no order), and
+``PubSub`` reconnects and re-subscribes on its own terms, which would hide
+outages from ``state`` and from the failure count.
+
+Interest-based routing: the node subscribes only to channels of rooms that
+have local members (the bridge tells it, see
+:mod:`fastws.broker.bridge`). Every ``subscribe``/``unsubscribe`` call made
+during one loop iteration is coalesced into one ``SUBSCRIBE`` /
+``UNSUBSCRIBE`` command (chunks of ``CHUNK`` channels, one write).
+
+Outages: when a connection is lost, ``state`` becomes ``"disconnected"``,
+publishes fail at once (:class:`~fastws.broker.PublishError`, counted in
+``stats()["failures"]``), and the broker reconnects by itself with
+exponential backoff and full jitter (``backoff_min`` .. ``backoff_max``),
+re-subscribes every key it still holds, then says ``"connected"``. A
+subscriber link that goes silent is detected by a ``PING`` every
+``ping_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl as _ssl
+from collections import deque
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import Broker, PublishError
+
+log = logging.getLogger("fastws.broker")
+
+CHUNK = 1024          # channels per SUBSCRIBE command (all chunks go in one write)
+STABLE = 1.0          # seconds a link must hold before the reconnect backoff starts over
+ACK_TIMEOUT = 5.0     # how long subscribe()/unsubscribe() wait for Redis' acks
+
+
+class ReplyError(Exception):
+    """An error reply from Redis (``-ERR ...``, ``-MOVED ...``)."""
+
+
+class ProtocolError(Exception):
+    """Bytes that are not RESP."""
+
+
+try:
+    import hiredis
+
+    def _reader():
+        return hiredis.Reader(protocolError=ProtocolError, replyError=ReplyError)
+except ImportError:  # pragma: no cover - hiredis is in the "redis" extra
+    hiredis = None
+
+    def _reader():
+        return _PyReader()
+
+
+class _PyReader:
+    """RESP2 parser with hiredis.Reader's interface (feed / gets -> False)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data) -> None:
+        self.buf += data
+
+    def gets(self):
+        r = self._parse(0)
+        if r is None:
+            return False
+        value, pos = r
+        del self.buf[:pos]
+        return value
+
+    def _line(self, pos):
+        end = self.buf.find(b"\r\n", pos)
+        return (None, None) if end < 0 else (bytes(self.buf[pos + 1:end]), end + 2)
+
+    def _parse(self, pos):
+        if pos >= len(self.buf):
+            return None
+        t = self.buf[pos:pos + 1]
+        line, nxt = self._line(pos)
+        if line is None:
+            return None
+        if t == b"+":
+            return line, nxt
+        if t == b"-":
+            return ReplyError(line.decode("utf-8", "replace")), nxt
+        if t == b":":
+            return int(line), nxt
+        if t == b"$":
+            n = int(line)
+            if n < 0:
+                return None, nxt
+            if len(self.buf) < nxt + n + 2:
+                return None
+            return bytes(self.buf[nxt:nxt + n]), nxt + n + 2
+        if t == b"*":
+            n = int(line)
+            if n < 0:
+                return None, nxt
+            out = []
+            for _ in range(n):
+                r = self._parse(nxt)
+                if r is None:
+                    return None
+                v, nxt = r
+                out.append(v)
+            return out, nxt
+        raise ProtocolError(f"bad RESP type byte {t!r}")
+
+
+def encode_command(args) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int):
+            a = b"%d" % a
+        out.append(b"$%d\r\n" % len(a))
+        out.append(a)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+class RespConn(asyncio.Protocol):
+    """One Redis connection. ``send`` writes a command at once and returns a
+    future for its reply (replies are matched in order). In ``push_mode``
+    (a subscriber connection) every reply goes to ``on_push`` instead."""
+
+    def __init__(self, on_push=None, on_lost=None) -> None:
+        self.transport = None
+        self.closed = False
+        self.push_mode = False
+        self.on_push = on_push        # on_push(reply) in push mode
+        self.on_lost = on_lost        # on_lost(exc) once, when the connection ends
+        self._pending: deque = deque()
+        self._parser = _reader()
+        self._loop = asyncio.get_event_loop()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data) -> None:
+        self._parser.feed(data)
+        try:
+            while True:
+                r = self._parser.gets()
+                if r is False:
+                    break
+                if self._pending and not (self.push_mode and isinstance(r, list)):
+                    fut = self._pending.popleft()
+                    if fut is not None and not fut.done():
+                        fut.set_result(r)
+                elif self.on_push is not None:
+                    self.on_push(r)
+        except ProtocolError as exc:
+            log.error("fastws: bad reply from Redis: %s", exc)
+            self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        err = ConnectionError(f"connection to Redis lost: {exc or 'closed'}")
+        while self._pending:
+            fut = self._pending.popleft()
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+        if self.on_lost is not None:
+            cb, self.on_lost = self.on_lost, None
+            cb(err)
+
+    def send(self, *args, reply: bool = True):
+        """Write one command; a future for its reply (None if ``reply`` is
+        False: push-mode commands whose answers come as pushes)."""
+        if self.closed:
+            raise ConnectionError("connection to Redis is closed")
+        self.transport.write(encode_command(args))
+        if not reply:
+            return None
+        fut = self._loop.create_future()
+        self._pending.append(fut)
+        return fut
+
+    def send_many(self, commands) -> None:
+        """Write several push-mode commands in one write."""
+        if self.closed:
+            raise ConnectionError("connection to Redis is closed")
+        self.transport.write(b"".join(encode_command(c) for c in commands))
+
+    @property
+    def backlog(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport else 0
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+def parse_redis_url(url: str) -> dict:
+    """host, port, db, username, password, ssl context of a redis:// URL."""
+    u = urlsplit(url)
+    q = {k: v[0] for k, v in parse_qs(u.query).items()}
+    tls = None
+    if u.scheme.startswith("rediss"):
+        tls = _ssl.create_default_context(cafile=q.get("ssl_ca_certs"))
+        if q.get("ssl_cert_reqs", "").lower() in ("none", "cert_none"):
+            tls.check_hostname = False
+            tls.verify_mode = _ssl.CERT_NONE
+    db = u.path.strip("/")
+    return {
+        "host": u.hostname or "127.0.0.1",
+        "port": u.port or 6379,
+        "db": int(db) if db else int(q.get("db", 0)),
+        "username": unquote(u.username) if u.username else None,
+        "password": unquote(u.password) if u.password else None,
+        "ssl": tls,
+    }
+
+
+async def open_conn(host, port, *, ssl=None, username=None, password=None, db=0, timeout=2.0,
+                    on_push=None) -> RespConn:
+    """Connect, authenticate and select ``db``; raises on failure."""
+    loop = asyncio.get_running_loop()
+    _, conn = await asyncio.wait_for(
+        loop.create_connection(lambda: RespConn(on_push), host, port, ssl=ssl,
+                               server_hostname=host if ssl else None), timeout)
+    try:
+        if password is not None:
+            args = ("AUTH", username, password) if username else ("AUTH", password)
+            r = await asyncio.wait_for(conn.send(*args), timeout)
+            if isinstance(r, ReplyError):
+                raise r
+        if db:
+            r = await asyncio.wait_for(conn.send("SELECT", db), timeout)
+            if isinstance(r, ReplyError):
+                raise r
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def backoff_delay(attempt: int, lo: float, hi: float) -> float:
+    """Exponential backoff with jitter: uniform in [d/2, d], d = lo * 2**attempt <= hi."""
+    d = min(hi, lo * (2 ** min(attempt, 30)))
+    return random.uniform(d / 2, d)
+
+
+class RedisBroker(Broker):
+    """Redis pub/sub. ``url``: ``redis://[user:password@]host:port/db``."""
+
+    PUBLISH = b"PUBLISH"
+    SUBSCRIBE = b"SUBSCRIBE"
+    UNSUBSCRIBE = b"UNSUBSCRIBE"
+    MESSAGE = b"message"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, node_id=None, prefix: str = "",
+                 connect_timeout: float = 2.0, backoff_min: float = 0.05, backoff_max: float = 5.0,
+                 ping_interval: float = 5.0, max_backlog: int = 64 << 20) -> None:
+        super().__init__(node_id=node_id, prefix=prefix)
+        self.url = url
+        self.conn_opts = parse_redis_url(url)
+        self.connect_timeout = connect_timeout   # per connection attempt; start() waits this long
+        self.backoff_min = backoff_min           # first retry delay (seconds) ...
+        self.backoff_max = backoff_max           # ... doubling up to this, with jitter
+        self.ping_interval = ping_interval       # liveness check of the links
+        self.max_backlog = max_backlog           # unsent bytes to Redis past which publishes fail
+        self._pub = None                         # RespConn for PUBLISH
+        self._sub = None                         # RespConn in push mode
+        self._task = None
+        self._closing = False
+        self._connected = None                   # asyncio.Event
+        self._to_sub: set = set()                # channels to SUBSCRIBE at the next flush
+        self._to_unsub: set = set()
+        self._flush_fut = None                   # the pending coalesced flush
+        self._sub_waiters: dict = {}             # channel -> [futures] waiting for the ack
+        self._unsub_waiters: dict = {}
+        self._ever_connected = False
+        self._last_rx = 0.0
+        self._pong = None                        # the subscriber link's first PING answer
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._connected = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._task = self._loop.create_task(self._run())
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.connect_timeout + 1.0)
+        except asyncio.TimeoutError:
+            log.warning("fastws: broker %s not reachable yet; retrying in the background", self.url)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._wakeup.set()
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._drop_links()
+        self._release_waiters()
+        self._set_state("closed")
+
+    async def _connect(self):
+        o = self.conn_opts
+        return await open_conn(o["host"], o["port"], ssl=o["ssl"], username=o["username"],
+                               password=o["password"], db=o["db"], timeout=self.connect_timeout)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            self._set_state("connecting")
+            try:
+                pub = await self._connect()
+                try:
+                    sub = await self._connect()
+                except BaseException:
+                    pub.close()
+                    raise
+            except (OSError, asyncio.TimeoutError, ReplyError, ConnectionError) as exc:
+                log.debug("fastws: broker connect to %s failed: %s", self.url, exc)
+            else:
+                began = self._loop.time()
+                # the backoff starts over only after a link that held for a while:
+                # a backend that accepts and drops at once is not hammered
+                if await self._serve(pub, sub) and self._loop.time() - began >= STABLE:
+                    attempt = 0
+            if self._closing:
+                break
+            self._set_state("disconnected")
+            delay = backoff_delay(attempt, self.backoff_min, self.backoff_max)
+            attempt += 1
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _serve(self, pub, sub) -> bool:
+        """Use ``pub``/``sub`` until one of them is lost; True if it got to
+        "connected" (the backoff starts over)."""
+        lost = self._loop.create_future()
+
+        def on_lost(exc):
+            if not lost.done():
+                lost.set_result(exc)
+            if self.state == "connected" and not self._closing:
+                log.warning("fastws: lost the broker at %s (%s); reconnecting", self.url, exc)
+                self._set_state("disconnected")     # at once: publishes fail from now on
+            self._release_waiters()
+
+        pub.on_lost = sub.on_lost = on_lost
+        sub.on_push = self._on_push
+        sub.push_mode = True
+        self._pub, self._sub = pub, sub
+        self._last_rx = self._loop.time()
+        reached = False
+        try:
+            # both links answer before anything else (a proxy may accept and drop)
+            self._pong = self._loop.create_future()
+            sub.send(b"PING", reply=False)
+            r = await asyncio.wait_for(pub.send(b"PING"), self.connect_timeout)
+            if isinstance(r, ReplyError):
+                raise ConnectionError(f"PING answered {r}")
+            await asyncio.wait_for(self._pong, self.connect_timeout)
+            # re-subscribe every key still held (all of them on first connect)
+            chans = list(self._keys)
+            self._to_sub.difference_update(chans)
+            if chans:
+                waiters = self._send_subs(chans)
+                await asyncio.wait_for(asyncio.gather(*waiters), ACK_TIMEOUT)
+            if lost.done():
+                return False
+            if self._ever_connected:
+                self.counters["reconnects"] += 1
+                log.warning("fastws: broker reconnected to %s (%d keys re-subscribed)", self.url, len(chans))
+            self._ever_connected = True
+            reached = True
+            self._set_state("connected")
+            self._connected.set()
+            while not lost.done():
+                await asyncio.wait([lost], timeout=self.ping_interval)
+                if lost.done():
+                    break
+                if self._loop.time() - self._last_rx > 2.5 * self.ping_interval:
+                    log.warning("fastws: broker subscriber link silent; reconnecting")
+                    break
+                sub.send(b"PING", reply=False)
+                try:
+                    r = await asyncio.wait_for(asyncio.shield(pub.send(b"PING")), self.ping_interval)
+                except (asyncio.TimeoutError, ConnectionError):
+                    break
+                if isinstance(r, ReplyError):
+                    log.warning("fastws: broker PING answered %s", r)
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            log.debug("fastws: broker link to %s failed: %s", self.url, exc)
+        finally:
+            self._connected.clear()
+            self._drop_links()
+            self._release_waiters()
+        return reached
+
+    def _drop_links(self) -> None:
+        for c in (self._pub, self._sub):
+            if c is not None:
+                c.on_lost = None
+                c.close()
+        self._pub = self._sub = None
+
+    def _release_waiters(self) -> None:
+        """Disconnected: the interest is recorded; re-subscribed on reconnect."""
+        for d in (self._sub_waiters, self._unsub_waiters):
+            for futs in d.values():
+                for f in futs:
+                    if not f.done():
+                        f.set_result(None)
+            d.clear()
+
+    # -- subscriptions ------------------------------------------------------------
+
+    def _on_push(self, r) -> None:
+        self._last_rx = self._loop.time()
+        if isinstance(r, list) and r:
+            kind = r[0]
+            if kind == self.MESSAGE:
+                self._deliver(r[1], r[2])
+                return
+            if kind in (b"subscribe", b"ssubscribe"):
+                self._ack(self._sub_waiters, r[1])
+                return
+            if kind in (b"unsubscribe", b"sunsubscribe"):
+                self._ack(self._unsub_waiters, r[1])
+                return
+            if kind == b"pong":
+                if self._pong is not None and not self._pong.done():
+                    self._pong.set_result(None)
+                return
+        elif r == b"PONG":       # PING outside subscribed mode (no channels yet)
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(None)
+        elif isinstance(r, ReplyError):
+            log.warning("fastws: broker subscriber got an error: %s", r)
+
+    @staticmethod
+    def _ack(waiters: dict, channel) -> None:
+        for f in waiters.pop(channel, ()):
+            if not f.done():
+                f.set_result(None)
+
+    def _send_subs(self, chans, cmd=None, waiters=None) -> list:
+        """Write SUBSCRIBE (or ``cmd``) for ``chans`` in one write; futures for the acks."""
+        cmd = cmd or self.SUBSCRIBE
+        waiters = self._sub_waiters if waiters is None else waiters
+        futs = []
+        for ch in chans:
+            f = self._loop.create_future()
+            waiters.setdefault(ch, []).append(f)
+            futs.append(f)
+        self._sub.send_many([(cmd, *chans[i:i + CHUNK]) for i in range(0, len(chans), CHUNK)])
+        return futs
+
+    def _schedule_flush(self):
+        """Coalesce: one flush per loop iteration; a future resolved after it."""
+        if self._flush_fut is None:
+            self._flush_fut = self._loop.create_future()
+            self._loop.call_soon(self._flush)
+        return self._flush_fut
+
+    def _flush(self) -> None:
+        """One SUBSCRIBE and one UNSUBSCRIBE for everything asked this tick."""
+        done, self._flush_fut = self._flush_fut, None
+        to_sub = [c for c in self._to_sub if c in self._keys]
+        to_unsub = [c for c in self._to_unsub if c not in self._keys]
+        self._to_sub.clear()
+        self._to_unsub.clear()
+        sub = self._sub
+        try:
+            if sub is not None and not sub.closed:
+                if to_sub:
+                    self._send_subs(to_sub)
+                if to_unsub:
+                    self._send_subs(to_unsub, self.UNSUBSCRIBE, self._unsub_waiters)
+        except ConnectionError:
+            self._release_waiters()
+        done.set_result(None)
+
+    async def _wait(self, chans, waiters: dict) -> None:
+        await self._schedule_flush()
+        acks = [f for ch in chans for f in waiters.get(ch, ())]
+        if acks:
+            try:
+                await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning("fastws: broker did not ack %d (un)subscriptions in %ss", len(acks), ACK_TIMEOUT)
+
+    async def subscribe(self, keys) -> None:
+        chans = []
+        for key in keys:
+            ch = self.channel(key)
+            self._keys[ch] = key
+            self._to_unsub.discard(ch)
+            self._to_sub.add(ch)
+            chans.append(ch)
+        if chans and self._task is not None and not self._closing:
+            await self._wait(chans, self._sub_waiters)
+
+    async def unsubscribe(self, keys) -> None:
+        chans = []
+        for key in keys:
+            ch = self.channel(key)
+            if self._keys.pop(ch, None) is None:
+                continue
+            self._to_sub.discard(ch)
+            self._to_unsub.add(ch)
+            chans.append(ch)
+        if chans and self._task is not None and not self._closing:
+            await self._wait(chans, self._unsub_waiters)
+
+    # -- publishing ---------------------------------------------------------------
+
+    def _send_publish(self, key, payload: bytes):
+        self.counters["publishes"] += 1
+        pub = self._pub
+        if pub is None or pub.closed or self.state != "connected":
+            raise self._fail("not connected")
+        if pub.backlog > self.max_backlog:
+            raise self._fail("too much unsent data")
+        fut = self._publish_cmd(pub, self.channel(key), self._envelope(payload))
+        fut.add_done_callback(self._count_result)
+        return fut
+
+    def _publish_cmd(self, pub, ch, data):
+        return pub.send(self.PUBLISH, ch, data)
+
+    def _count_result(self, fut) -> None:
+        if fut.cancelled() or fut.exception() is not None or isinstance(fut.result(), ReplyError):
+            self.counters["failures"] += 1
+
+    async def publish(self, key, payload: bytes):
+        fut = self._send_publish(key, payload)
+        try:
+            r = await fut
+        except ConnectionError as exc:
+            raise PublishError(f"broker publish failed: {exc}") from None
+        if isinstance(r, ReplyError):
+            raise PublishError(f"broker publish failed: {r}")
+        return r
+
+    def publish_nowait(self, key, payload: bytes):
+        try:
+            return self._send_publish(key, payload)
+        except PublishError:
+            return None
+
+    async def ping(self):
+        pub = self._pub
+        if pub is None or pub.closed or self.state != "connected":
+            return False, self.state
+        try:
+            r = await asyncio.wait_for(asyncio.shield(pub.send(b"PING")), 1.0)
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            return False, f"ping failed: {exc}"
+        return not isinstance(r, ReplyError), self.state

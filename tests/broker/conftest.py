@@ -1,0 +1,120 @@
+"""Fixtures of the broker suite: real backends only.
+
+``backend``        parametrized: "memory", "embedded" (an EmbeddedHub on a
+                   temporary Unix socket, in-process), "redis" (the local
+                   server at 127.0.0.1:6379), "cluster" (a 3-master Redis
+                   Cluster of our own ``redis-server`` processes).
+``make_broker``    ``await make_broker(**opts)``: a started broker of the
+                   current backend; every broker of one test shares a prefix
+                   unique to the test; all are closed after the test.
+``redis_cluster``  session-scoped: the cluster's ``[(host, port)]`` (started
+                   on free ports, stopped at the end of the session).
+``TcpProxy``       a small asyncio TCP proxy to inject faults (not a mock).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from brokerutil import REDIS_URL, free_port, need_redis, redis_cli
+
+BACKENDS = ["memory", "embedded", "redis", "cluster"]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.skip("redis-server / redis-cli not installed")
+    workdir = tempfile.mkdtemp(prefix="fastws-cluster-")
+    ports = []
+    while len(ports) < 3:
+        p = free_port(bus=True)
+        if p not in ports:
+            ports.append(p)
+    procs = [subprocess.Popen(
+        ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+         "--cluster-config-file", f"nodes-{p}.conf", "--cluster-node-timeout", "3000",
+         "--save", "", "--appendonly", "no", "--dir", workdir, "--logfile", f"redis-{p}.log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+    try:
+        deadline = time.monotonic() + 15
+        for p in ports:
+            while "PONG" not in redis_cli(p, "PING"):
+                assert time.monotonic() < deadline, f"redis-server on {p} did not start"
+                time.sleep(0.05)
+        out = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                              "--cluster-replicas", "0", "--cluster-yes"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        for p in ports:
+            while "cluster_state:ok" not in redis_cli(p, "CLUSTER", "INFO"):
+                assert time.monotonic() < deadline + 30, "cluster did not become ok"
+                time.sleep(0.1)
+        yield [("127.0.0.1", p) for p in ports]
+    finally:
+        for pr in procs:
+            pr.terminate()
+        for pr in procs:
+            try:
+                pr.wait(10)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param in ("redis",):
+        need_redis()
+    if request.param == "cluster":
+        request.getfixturevalue("redis_cluster")
+    return request.param
+
+
+@pytest.fixture
+def make_broker(backend, request):
+    """An async factory of started brokers of ``backend`` sharing a per-test prefix."""
+    from fastws.broker import create_broker
+    from fastws.broker.embedded import EmbeddedHub
+
+    prefix = "t" + uuid.uuid4().hex[:12]
+    state = {"brokers": [], "hub": None, "path": None}
+    cluster = request.getfixturevalue("redis_cluster") if backend == "cluster" else None
+
+    async def factory(**opts):
+        opts.setdefault("prefix", prefix)
+        if backend == "memory":
+            b = create_broker(f"memory://{prefix}", **opts)
+        elif backend == "embedded":
+            if state["hub"] is None:
+                state["path"] = os.path.join(tempfile.mkdtemp(prefix="fws-"), "hub.sock")
+                state["hub"] = EmbeddedHub(state["path"])
+                await state["hub"].start()
+            b = create_broker("unix://" + state["path"], **opts)
+        elif backend == "redis":
+            b = create_broker(REDIS_URL, **opts)
+        else:
+            b = create_broker("redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster), **opts)
+        await b.start()
+        assert b.state == "connected", f"{backend} broker did not connect"
+        state["brokers"].append(b)
+        return b
+
+    async def cleanup():
+        for b in state["brokers"]:
+            await b.close()
+        if state["hub"] is not None:
+            await state["hub"].close()
+
+    factory.backend = backend
+    factory.prefix = prefix
+    factory.cleanup = cleanup
+    factory.state = state
+    return factory
