@@ -2,31 +2,9 @@
 
     fastws serve examples.relay:app --port 8000
 
-On ``/echo`` every text or binary message is sent back unchanged (same
-opcode: ``str`` stays text, ``bytes`` stays binary). On any other path the
-connection is a subscriber: a message from any client is relayed to every
-connected subscriber, the sender included (a publisher counts its own copy
-as an acknowledgement). ``fastws bench`` runs this app against the same app
-written for each peer (``fastws/bench/peers/``).
+The app itself ships inside the package (``fastws/bench/peers/fastws_relay.py``)
+so that ``fastws bench`` works outside this repository; this module is the
+same app under the name the README and the issues use.
 """
 
-import fastws
-
-app = fastws.App()
-
-
-@app.on_message("/echo")
-def echo(conn, data):
-    conn.send(data)
-
-
-@app.on_open("*")
-def subscribe(conn):
-    # every connection on a path other than /echo is a subscriber
-    conn.join("relay")
-
-
-@app.on_message("*")
-def relay(conn, data):
-    # framed once, the same frame queued on every member (sender included)
-    app.publish("relay", data)
+from fastws.bench.peers.fastws_relay import app  # noqa: F401  (re-exported)

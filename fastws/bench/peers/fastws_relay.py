@@ -1,5 +1,5 @@
-# A copy of examples/relay.py shipped inside the package, so that `fastws bench`
-# works outside the repo; tests/integration/test_bench_quick.py keeps the two equal.
+# Shipped inside the package so that `fastws bench` works outside the repo;
+# examples/relay.py re-exports this app.
 """The neutral benchmark app: echo on ``/echo``, relay everywhere else.
 
     fastws serve examples.relay:app --port 8000
