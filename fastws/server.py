@@ -83,6 +83,7 @@ class Server:
         self.http_routes = {}     # (method, path) -> handler for plain HTTP requests
         self._http_paths = set()  # the paths of http_routes, for a cheap first test
         self._http_prefixes = []  # (method, path prefix, handler) for routes like /connections/{id}
+        self._paths = {}          # interned request paths (bounded), shared by connections
         self._server = None       # the asyncio Server
         self._loop = None
         self.handshakes = {}      # HTTP status of each upgrade decision -> count (metrics)
@@ -339,7 +340,13 @@ class Server:
         self.handshakes[101] = self.handshakes.get(101, 0) + 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fastws: %s upgraded on %s", conn.remote_address, req.path)
-        conn._hs_accept(response, route, req.path, req.query_string, subprotocol, deflate)
+        # one shared str per distinct path: ~50 B less per connection
+        path = self._paths.get(req.path)
+        if path is None:
+            path = req.path
+            if len(self._paths) < 4096:
+                self._paths[path] = path
+        conn._hs_accept(response, route, path, req.query_string or "", subprotocol, deflate)
 
     # -- plain HTTP on the same port ------------------------------------------
 
