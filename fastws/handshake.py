@@ -66,7 +66,12 @@ class Request:
     key: str
     subprotocols: list = field(default_factory=list)
     extensions: list = field(default_factory=list)
-    remote_address: object = None
+    conn: object = field(default=None, repr=False)   # the connection asking (for remote_address)
+
+    @property
+    def remote_address(self):
+        """The peer's (host, port), looked up on first use (a syscall)."""
+        return self.conn.remote_address if self.conn is not None else None
 
     def header(self, name: str, default=None):
         name = name.lower()

@@ -265,7 +265,7 @@ class Server:
         except HandshakeError as exc:
             self._reject(conn, exc.status, exc.detail, exc.headers)
             return
-        req.remote_address = conn.remote_address
+        req.conn = conn                     # remote_address is looked up only if used
         route = self.app.match(req.path)
         if route is None:
             self._reject(conn, 404, f"no WebSocket route for {req.path}")
