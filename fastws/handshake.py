@@ -20,7 +20,6 @@ strings.  The 101 response is written by :func:`accept_response` for both.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import re
@@ -97,7 +96,7 @@ def _split_tokens(value: str) -> list:
 
 def _check_key(key: str) -> None:
     try:
-        raw = base64.b64decode(key.encode("ascii"), validate=True)
+        raw = binascii.a2b_base64(key.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raw = b""
     if len(raw) != 16:
@@ -290,7 +289,8 @@ def http_response(status: int, body: bytes = b"", content_type: str = "text/plai
 
 
 def accept_key(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+    return binascii.b2a_base64(hashlib.sha1(key.encode("ascii") + _GUID).digest(),
+                               newline=False).decode("ascii")
 
 
 def negotiate_deflate(offers: list, *, server_no_context_takeover=False,

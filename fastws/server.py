@@ -83,6 +83,7 @@ class Server:
         self.http_routes = {}     # (method, path) -> handler for plain HTTP requests
         self._http_paths = set()  # the paths of http_routes, for a cheap first test
         self._http_prefixes = []  # (method, path prefix, handler) for routes like /connections/{id}
+        self._http_prefix_paths = ()  # their path prefixes, for str.startswith
         self._paths = {}          # interned request paths (bounded), shared by connections
         self._server = None       # the asyncio Server
         self._loop = None
@@ -106,6 +107,7 @@ class Server:
         """
         if prefix:
             self._http_prefixes.append((method.upper(), path, handler))
+            self._http_prefix_paths = tuple(p for _, p, _ in self._http_prefixes)
             return
         self.http_routes[(method.upper(), path)] = handler
         self._http_paths = {p for (_, p) in self.http_routes}
@@ -359,7 +361,8 @@ class Server:
         target = head[sp + 1:end]
         q = target.find(b"?")
         first = (target[:q] if q >= 0 else target).decode("latin-1")
-        if first not in self._http_paths and not any(first.startswith(p) for _, p, _ in self._http_prefixes):
+        if first not in self._http_paths and not (self._http_prefix_paths
+                                                   and first.startswith(self._http_prefix_paths)):
             return False
         parsed = parse_http_head(head)
         if parsed is None:
