@@ -1217,7 +1217,7 @@ cdef class Connection(Engine):
     cdef long _ping_tick               # wheel tick our last ping went out
     cdef bint _reported                # on_disconnect has run
     cdef object _body_cb               # plain HTTP: callback(body) once _body_size bytes are in
-    cdef public object rooms           # set of room keys joined (fastws.rooms), None if none
+    cdef public object rooms           # list of room keys joined (fastws.rooms), None if none
     cdef bint _wpaused                 # the transport asked us to stop writing
     cdef double _paused_at             # loop time of pause_writing
     cdef public unsigned long dropped  # messages dropped for this connection

@@ -109,15 +109,17 @@ class Rooms:
             if r.batched is None:
                 r.batched = set()
             r.batched.add(conn)
+        # a connection's rooms: a short list (a set costs ~200 B per connection)
         if conn.rooms is None:
-            conn.rooms = {key}
-        else:
-            conn.rooms.add(key)
+            conn.rooms = [key]
+        elif key not in conn.rooms:
+            conn.rooms.append(key)
 
     def leave(self, conn, room: str, namespace=None) -> None:
-        self._remove(conn, self._key(conn, room, namespace))
-        if conn.rooms is not None:
-            conn.rooms.discard(self._key(conn, room, namespace))
+        key = self._key(conn, room, namespace)
+        self._remove(conn, key)
+        if conn.rooms is not None and key in conn.rooms:
+            conn.rooms.remove(key)
 
     def _remove(self, conn, key) -> None:
         r = self._rooms.get(key)
