@@ -71,6 +71,8 @@ DEF DIRECT_MIN = 4096      # single-frame messages at least this big are read in
                            # their final bytes object (no reassembly copy)
 DEF DIRECT_READ_MIN = 65536  # and the kernel reads straight into it past this
 DEF SPLIT_SEND_MIN = 16384   # larger sends queue header and payload separately
+DEF DIRECT_MAX = 67108864    # ... up to this size (a header alone never allocates more)
+DEF RESERVE_MAX = 1048576    # otherwise reserve at most this much from a header
 
 cdef enum:
     OP_CONT = 0x0
@@ -750,17 +752,20 @@ cdef class Engine:
         if self._opcode >= 8:
             self._ctrl_start = self._mlen
         elif (self._fin and self._opcode != OP_CONT and not self._msg_compressed
-                and self._flen >= DIRECT_MIN and
+                and self._flen >= DIRECT_MIN and self._flen <= DIRECT_MAX and
                 (not self.max_message_size or self._flen <= <uint64_t>self.max_message_size)):
             # a single-frame message: fill its final bytes object directly
+            # (never more than DIRECT_MAX on the header's word alone: with no
+            # size limit, a bigger frame grows its buffer as payload arrives)
             self._release_message()
             self._mobj = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self._flen)
             self._mbuf = <uint8_t*>PyBytes_AS_STRING(self._mobj)
             self._mcap = <Py_ssize_t>self._flen
             self._direct = True
-        elif self.max_message_size and not self._msg_compressed:
-            # reserve up front what the header declares (bounded by the limit)
-            self._reserve(<Py_ssize_t>self._flen)
+        elif not self._msg_compressed:
+            # reserve up front part of what the header declares; the rest
+            # grows by doubling as the payload really arrives
+            self._reserve(<Py_ssize_t>(self._flen if self._flen < RESERVE_MAX else RESERVE_MAX))
         if self._flen == 0:
             self._fstate = F_HEADER
             self._end_frame()
