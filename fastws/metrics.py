@@ -9,7 +9,7 @@ registry of our own (two servers in one process do not collide).
 Exported (``{...}`` are labels)::
 
     websocket_connections_total{region,server_id}        gauge   open connections
-    websocket_message_latency_ms                         histogram  buckets 1..1000 ms
+    websocket_message_latency_ms                         histogram  buckets 1..1000 ms (see below)
     websocket_messages_total{direction=inbound|outbound} counter
     websocket_bytes_total{direction=inbound|outbound}    counter  bytes on the wire
     websocket_handshakes_total{result="101"|"400"|...}   counter  HTTP status of the upgrade
@@ -26,6 +26,33 @@ Exported (``{...}`` are labels)::
     websocket_event_loop_lag_seconds                     gauge    worst lag over the last 5 s
     fastws_info{version,engine,region,server_id}         gauge    1
     process_*                                            prometheus_client's process collector
+
+``websocket_message_latency_ms`` is the time a message that has just arrived
+waits before the server can read and answer it, i.e. the event loop's
+queueing delay: :class:`fastws.health.LoopMonitor` schedules a timer four
+times a second and records how late it runs (uvloop's clock has 1 ms
+resolution, so most samples of an idle loop land in the 1 ms bucket).  It is
+sampled, not measured per message: it costs nothing on the hot path, and its
+``_count`` grows by 4 a second whether or not messages flow.  A hub whose
+``stats()`` returns ``latency_ms_buckets`` (per-message timing in ``_core``)
+takes precedence.
+
+With ``--workers N`` (the supervisor sets ``FASTWS_METRICS_DIR`` and each
+worker ``FASTWS_WORKER``) every worker writes its snapshot to
+``$FASTWS_METRICS_DIR/worker-<i>.json`` once a second, and whichever worker
+answers a scrape adds up its own live snapshot and the latest snapshot of
+every other live worker: counters, ``connections``, queued bytes, rooms and
+the latency histogram are summed, ``queued_bytes_max`` and the loop lag are
+the worst worker's.  Per-worker values are exported as extra families with a
+``worker`` label (``websocket_worker_connections``,
+``websocket_worker_messages_total``, ``websocket_worker_event_loop_lag_seconds``,
+``fastws_worker_snapshot_age_seconds``) plus ``fastws_workers``; the totals
+above carry no ``worker`` label, so ``sum()`` over them never double-counts.
+Other workers' numbers are up to ~1 s old; a restarted worker starts its
+counters from zero (Prometheus' ``rate()`` treats that as a counter reset);
+``process_*`` describe the answering process only.  ``websocket_rooms`` is
+the sum of each worker's local rooms (a room with members on two workers
+counts twice).
 
 Where each number comes from, so another component can feed it:
 
@@ -44,14 +71,23 @@ Where each number comes from, so another component can feed it:
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import socket
+import time
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-#: The article's latency buckets, milliseconds.
-LATENCY_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000)
+from .health import LATENCY_BUCKETS_MS  # noqa: F401  (the article's buckets, ms; re-exported)
+from .supervisor import METRICS_DIR_ENV, worker_metrics_file
+
+log = logging.getLogger("fastws")
+
+#: Seconds between two snapshots a worker writes for the others (``--workers N``).
+WRITE_INTERVAL = 1.0
 PRIORITY_NAMES = {0: "low", 1: "normal", 2: "high"}
 #: The classic text format every Prometheus version reads (what generate_latest writes).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -87,15 +123,130 @@ def snapshot(server) -> dict:
         snap["broker_" + key] = bstats.get(key, 0)
     health = getattr(server, "health", None)
     snap["loop_lag"] = health.monitor.lag if health is not None else 0.0
+    if "latency_ms_buckets" not in snap and health is not None:   # sampled loop delay (see above)
+        snap["latency_ms_buckets"] = list(health.monitor.latency_ms_buckets)
+        snap["latency_ms_sum"] = health.monitor.latency_ms_sum
     snap["dropped_total"] = sum(snap["dropped"].values())
     return snap
+
+
+# -- aggregation over workers -------------------------------------------------------
+
+_SUMMED = ("connections", "messages_in", "messages_out", "bytes_in", "bytes_out", "slow_consumer_closes",
+           "queued_bytes_total", "rooms", "broker_publishes", "broker_failures", "broker_reconnects",
+           "dropped_total", "latency_ms_sum")
+_WORST = ("queued_bytes_max", "loop_lag")
+
+
+def portable(snap: dict) -> dict:
+    """``snap`` as plain JSON (string keys; ``dropped`` as ``[[reason, priority, n], ...]``)."""
+    out = {k: snap.get(k, 0) for k in _SUMMED + _WORST}
+    out["closes"] = {str(k): v for k, v in snap.get("closes", {}).items()}
+    out["handshakes"] = {str(k): v for k, v in snap.get("handshakes", {}).items()}
+    out["timeouts"] = dict(snap.get("timeouts", {}))
+    out["dropped"] = [[str(r), p, n] for (r, p), n in snap.get("dropped", {}).items()]
+    out["latency_ms_buckets"] = list(snap.get("latency_ms_buckets") or [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    return out
+
+
+def merge(snaps: list[dict]) -> dict:
+    """One snapshot (the collector's shape) from several :func:`portable` ones."""
+    out = {k: 0 for k in _SUMMED}
+    out.update({k: 0 for k in _WORST})
+    closes, handshakes, timeouts, dropped = {}, {}, {}, {}
+    buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    for s in snaps:
+        for k in _SUMMED:
+            out[k] += s.get(k, 0)
+        for k in _WORST:
+            out[k] = max(out[k], s.get(k, 0))
+        for src, dst in ((s.get("closes", {}), closes), (s.get("handshakes", {}), handshakes),
+                         (s.get("timeouts", {}), timeouts)):
+            for key, n in src.items():
+                dst[key] = dst.get(key, 0) + n
+        for reason, prio, n in s.get("dropped", ()):
+            dropped[(reason, prio)] = dropped.get((reason, prio), 0) + n
+        for i, n in enumerate(s.get("latency_ms_buckets", ())[:len(buckets)]):
+            buckets[i] += n
+    out.update(closes=closes, handshakes=handshakes, timeouts=timeouts, dropped=dropped,
+               latency_ms_buckets=buckets)
+    return out
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return isinstance(pid, int)
+    return True
+
+
+class WorkerSnapshots:
+    """This worker's side of the aggregation: writes its snapshot every
+    :data:`WRITE_INTERVAL` seconds, reads the other workers' at scrape time."""
+
+    def __init__(self, server, directory: str, worker: str) -> None:
+        self.server = server
+        self.directory = directory
+        self.worker = worker
+        self.path = worker_metrics_file(directory, worker)
+        self._handle = None
+        self._warned = False
+
+    def start(self) -> None:
+        self._handle = self.server._loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        self._handle = self.server._loop.call_later(WRITE_INTERVAL, self._tick)
+        self.write()
+
+    def write(self) -> None:
+        doc = {"worker": self.worker, "pid": os.getpid(), "time": time.time(),
+               "snap": portable(snapshot(self.server))}
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh, separators=(",", ":"))
+            os.replace(tmp, self.path)            # readers never see half a file
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("fastws: cannot write metrics snapshot %s: %s", self.path, exc)
+
+    def others(self) -> list[dict]:
+        """The latest snapshot document of every other live worker."""
+        docs = []
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return docs
+        own = os.path.basename(self.path)
+        for name in names:
+            if name == own or not name.startswith("worker-") or not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.directory, name)) as fh:
+                    doc = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("snap"), dict) and _pid_alive(doc.get("pid")):
+                docs.append(doc)
+        return docs
 
 
 class FastwsCollector:
     """Reads :func:`snapshot` at scrape time and yields the metric families."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server, workers: WorkerSnapshots | None = None) -> None:
         self.server = server
+        self.workers = workers        # set with --workers N: aggregate over every worker
         c = server.config
         self.region = c.region
         self.server_id = c.server_id or socket.gethostname()
@@ -106,7 +257,14 @@ class FastwsCollector:
     def collect(self):
         from . import __version__, core
 
-        s = snapshot(self.server)
+        per_worker = None
+        if self.workers is None:
+            s = snapshot(self.server)
+        else:
+            now = time.time()
+            per_worker = [{"worker": self.workers.worker, "pid": os.getpid(), "time": now,
+                           "snap": portable(snapshot(self.server))}] + self.workers.others()
+            s = merge([d["snap"] for d in per_worker])
         info = GaugeMetricFamily("fastws_info", "fastws build and identity",
                                  labels=["version", "engine", "region", "server_id"])
         info.add_metric([__version__, core.IMPLEMENTATION, self.region, self.server_id], 1)
@@ -123,7 +281,9 @@ class FastwsCollector:
             acc += buckets[i] if buckets else 0
             cumulative.append((floatToGoString(le), acc))   # "1.0" ... "+Inf", as Histogram writes them
         yield HistogramMetricFamily("websocket_message_latency_ms",
-                                    "Time from a message's arrival to its reply being written, ms",
+                                    "Time a message that has just arrived waits before the server can "
+                                    "handle it, ms: the event loop's queueing delay, sampled 4 times a "
+                                    "second as the lateness of a timer (not timed per message)",
                                     buckets=cumulative, sum_value=s.get("latency_ms_sum", 0.0))
 
         m = CounterMetricFamily("websocket_messages", "WebSocket messages", labels=["direction"])
@@ -174,6 +334,33 @@ class FastwsCollector:
                                   value=s["broker_reconnects"])
         yield GaugeMetricFamily("websocket_event_loop_lag_seconds", "Worst event-loop lag over "
                                 "the last 5 seconds", value=s["loop_lag"])
+        if per_worker is not None:
+            yield from self._per_worker(per_worker, now)
+
+    @staticmethod
+    def _per_worker(docs, now):
+        docs = sorted(docs, key=lambda d: str(d.get("worker")))
+        yield GaugeMetricFamily("fastws_workers", "Worker processes whose numbers this scrape adds up",
+                                value=len(docs))
+        conns = GaugeMetricFamily("websocket_worker_connections", "Open WebSocket connections per "
+                                  "worker", labels=["worker"])
+        msgs = CounterMetricFamily("websocket_worker_messages", "WebSocket messages per worker",
+                                   labels=["worker", "direction"])
+        lag = GaugeMetricFamily("websocket_worker_event_loop_lag_seconds", "Worst event-loop lag "
+                                "over the last 5 seconds per worker", labels=["worker"])
+        age = GaugeMetricFamily("fastws_worker_snapshot_age_seconds", "Age of the worker's numbers "
+                                "in this scrape (0 for the worker that answered)", labels=["worker"])
+        for d in docs:
+            w, snap = str(d.get("worker")), d["snap"]
+            conns.add_metric([w], snap.get("connections", 0))
+            msgs.add_metric([w, "inbound"], snap.get("messages_in", 0))
+            msgs.add_metric([w, "outbound"], snap.get("messages_out", 0))
+            lag.add_metric([w], snap.get("loop_lag", 0.0))
+            age.add_metric([w], max(0.0, now - d.get("time", now)))
+        yield conns
+        yield msgs
+        yield lag
+        yield age
 
 
 class Metrics:
@@ -181,10 +368,19 @@ class Metrics:
 
     def __init__(self, server) -> None:
         self.registry = CollectorRegistry(auto_describe=False)   # ours, not the global one
-        self.registry.register(FastwsCollector(server))
+        self.workers = None
+        directory, worker = os.environ.get(METRICS_DIR_ENV), os.environ.get("FASTWS_WORKER")
+        if directory and worker is not None and os.path.isdir(directory):   # under the supervisor
+            self.workers = WorkerSnapshots(server, directory, worker)
+            self.workers.start()
+        self.registry.register(FastwsCollector(server, self.workers))
         ProcessCollector(registry=self.registry)                 # process_resident_memory_bytes, fds, cpu
         if ("GET", "/metrics") not in server.http_routes:   # the app's own route wins
             server.add_http_route("GET", "/metrics", self.handle)
+
+    def stop(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

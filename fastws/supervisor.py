@@ -10,7 +10,11 @@ connections over them. The supervisor (the parent) does no network work:
   gracefully), the supervisor waits for them up to a deadline, kills any
   straggler, and exits 0;
 * optionally it runs a service shared by the workers on its own thread
-  (``shared_service``), e.g. the embedded broker over a Unix socket.
+  (``shared_service``), e.g. the embedded broker over a Unix socket;
+* it makes the directory where the workers leave their metric snapshots
+  (``FASTWS_METRICS_DIR``, see :mod:`fastws.metrics`) so that one scrape of
+  /metrics shows every worker, removes a dead worker's snapshot before it
+  starts the replacement, and removes the directory when it exits.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 
 log = logging.getLogger("fastws")
@@ -26,12 +32,22 @@ log = logging.getLogger("fastws")
 RESPAWN_FAST = 1.0      # a worker that dies within this many seconds of starting ...
 RESPAWN_BACKOFF_MAX = 10.0   # ... is restarted after a growing delay, up to this
 
+#: Environment variable naming the directory of the workers' metric snapshots.
+METRICS_DIR_ENV = "FASTWS_METRICS_DIR"
+
+
+def worker_metrics_file(directory: str, index) -> str:
+    """Where worker ``index`` writes its metric snapshot."""
+    return os.path.join(directory, f"worker-{index}.json")
+
 
 class Supervisor:
     """Start, watch and stop ``workers`` processes running ``target(index)``."""
 
-    def __init__(self, target, workers: int, *, stop_timeout: float = 30.0) -> None:
+    def __init__(self, target, workers: int, *, stop_timeout: float = 30.0,
+                 metrics_dir: str | None = None) -> None:
         self.target = target            # callable(worker_index) run in each child
+        self.metrics_dir = metrics_dir  # the workers' metric snapshots, or None
         self.workers = workers
         self.stop_timeout = stop_timeout  # seconds to wait for workers after SIGTERM
         self.procs: dict[int, multiprocessing.Process] = {}   # index -> process
@@ -41,7 +57,20 @@ class Supervisor:
         self._stopping = False
         self._ctx = multiprocessing.get_context("fork")
 
+    def _forget_metrics(self, index: int) -> None:
+        """Remove a dead worker's snapshot: its numbers leave the totals."""
+        if self.metrics_dir:
+            path = worker_metrics_file(self.metrics_dir, index)
+            for name in (path, path + ".tmp"):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("fastws: cannot remove %s: %s", name, exc)
+
     def _spawn(self, index: int) -> None:
+        self._forget_metrics(index)
         p = self._ctx.Process(target=_child, args=(self.target, index), name=f"fastws-worker-{index}")
         p.daemon = False
         p.start()
@@ -81,6 +110,7 @@ class Supervisor:
                 log.error("fastws: worker %d (pid %d) exited with code %s after %.1fs; restarting%s",
                           index, p.pid, p.exitcode, lived, f" in {delay:.1f}s" if delay else "")
                 del self.procs[index]
+                self._forget_metrics(index)
                 pending[index] = now + delay
             for index, when in list(pending.items()):
                 if now >= when and not self._stopping:
@@ -139,8 +169,17 @@ def run_workers(target, config) -> int:
         hub.run_in_thread()
         config.broker = f"unix://{path}"
         log.info("fastws: embedded broker for the workers at %s", path)
+    # the workers' metric snapshots: one scrape of any worker shows them all
+    metrics_dir = tempfile.mkdtemp(prefix=f"fastws-metrics-{os.getpid()}-")
+    previous = os.environ.get(METRICS_DIR_ENV)
+    os.environ[METRICS_DIR_ENV] = metrics_dir      # inherited by every forked worker
     try:
-        return Supervisor(target, config.workers, stop_timeout=timeout).run()
+        return Supervisor(target, config.workers, stop_timeout=timeout, metrics_dir=metrics_dir).run()
     finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(METRICS_DIR_ENV, None)
+        else:
+            os.environ[METRICS_DIR_ENV] = previous
         if hub is not None:
             hub.stop_thread()

@@ -176,6 +176,29 @@ def test_metrics_families_and_labels(server_factory):
         assert (name, frozenset()) in m, name
 
 
+def test_message_latency_histogram_is_fed(server_factory):
+    """websocket_message_latency_ms: the loop's queueing delay, sampled 4x/s
+    (no per-message cost), in the article's buckets, cumulative, count growing."""
+    server = server_factory()
+    status, body, _ = http_get(server, "/metrics")
+    assert status == 200
+    help_text = [line for line in body.decode().splitlines()
+                 if line.startswith("# HELP websocket_message_latency_ms ")]
+    assert help_text and "waits before the server can handle it" in help_text[0], help_text
+    first = wait_for(lambda: (lambda m: m if metric(m, "websocket_message_latency_ms_count") > 0
+                              else None)(scrape(server)), timeout=5)
+    assert first, "the latency histogram never got a sample"
+    time.sleep(1.6)
+    second = scrape(server)
+    c1, c2 = metric(first, "websocket_message_latency_ms_count"), metric(second, "websocket_message_latency_ms_count")
+    assert c1 > 0 and 4 <= c2 - c1 <= 9, (c1, c2)           # 4 samples a second
+    les = ["1.0", "5.0", "10.0", "25.0", "50.0", "100.0", "250.0", "500.0", "1000.0", "+Inf"]
+    counts = [metric(second, "websocket_message_latency_ms_bucket", le=le) for le in les]
+    assert counts == sorted(counts) and counts[-1] == c2       # cumulative, +Inf == _count
+    assert counts[les.index("100.0")] == c2                    # an idle loop is never 100 ms late
+    assert 0 <= metric(second, "websocket_message_latency_ms_sum") <= c2 * 100
+
+
 def test_no_metrics_flag(server_factory):
     server = server_factory("--no-metrics")
     status, _, _ = http_get(server, "/metrics")
@@ -271,6 +294,75 @@ def test_drain_health_503_livez_200_then_exit(engine, tmp_path):
         assert "draining for 3s" in server.log()
     finally:
         server.stop()
+
+
+class OwnRedis:
+    """A redis-server of this test's own on a free port (the shared one is never stopped)."""
+
+    def __init__(self, tmp_path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.tmp_path = tmp_path
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.tmp_path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        assert wait_for(lambda: _can_connect(("127.0.0.1", self.port)), timeout=10), "redis did not start"
+
+    def terminate(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def test_health_503_while_redis_is_down_200_after(engine, tmp_path, missing_client):
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        missing_client("redis-server is not installed")
+    redis = OwnRedis(tmp_path)
+    server = None
+    try:
+        server = OwnServer(engine, tmp_path, "--broker", f"redis://127.0.0.1:{redis.port}/0")
+        livez = []
+
+        def health():
+            livez.append(http_get(server, "/livez")[0])          # liveness, polled all along
+            status, body, _ = http_get(server, "/health")
+            return status, json.loads(body)
+
+        up = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(health()), timeout=15, interval=0.1)
+        assert up, health()
+        assert up[1]["checks"]["broker"]["ok"] is True
+
+        redis.terminate()                                       # SIGTERM
+        down = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(health()), timeout=15, interval=0.1)
+        assert down, f"/health never said 503 with Redis stopped: {health()}\n{server.log()}"
+        assert down[1]["status"] == "unhealthy"
+        assert down[1]["checks"]["broker"]["ok"] is False
+        assert down[1]["checks"]["draining"]["ok"] is True       # only the broker fails
+        time.sleep(0.5)
+        assert health()[0] == 503                               # and it stays 503 while Redis is down
+
+        redis.start()                                           # the same port again
+        back = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(health()), timeout=30, interval=0.1)
+        assert back, f"/health never came back to 200 after Redis restarted: {health()}\n{server.log()}"
+        assert back[1]["status"] == "healthy" and back[1]["checks"]["broker"]["ok"] is True
+        assert livez and set(livez) == {200}, livez            # liveness never wavered
+        assert server.proc.poll() is None
+    finally:
+        if server is not None:
+            server.stop()
+        redis.terminate()
 
 
 # -- TLS ---------------------------------------------------------------------------
