@@ -53,6 +53,13 @@ class ServerSpec:
     env: dict = field(default_factory=dict)
     cwd: str | None = None
     skip: str | None = None  # reason it cannot run here
+    asgi: bool = False  # serves fastws.bench.peers.asgi_apps (the asgi-* scenarios), nothing else
+    key: str | None = None  # key among the running servers (default: name; fastws has two apps)
+    paths: dict = field(default_factory=dict)  # scenario name -> --path for the load generator
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            self.key = self.name
 
 
 def _py(module: str, *extra: str):
@@ -113,13 +120,57 @@ def _fastws_spec() -> ServerSpec:
 
 def _missing(*modules: str) -> str | None:
     gone = [m for m in modules if importlib.util.find_spec(m) is None]
-    return f"not installed: {', '.join(gone)} (pip install \"fastws[bench]\")" if gone else None
+    if not gone:
+        return None
+    if set(gone) <= {"hypercorn", "granian", "httptools"}:
+        return f"not installed: {', '.join(gone)} (pip install {' '.join(gone)})"
+    return f"not installed: {', '.join(gone)} (pip install \"fastws[bench]\")"
+
+
+ASGI_APP = "fastws.bench.peers.asgi_apps:app"
+ASGI_ROOMS_PATH = "/rooms/bench"  # fastws: the asgi_rooms route (encode-once fan-out by the server)
+ASGI_MANAGER_PATH = "/manager/bench"  # every other ASGI server: FastAPI's ConnectionManager route
+
+
+def _fastws_asgi_spec() -> ServerSpec:
+    """fastws serve fastws.bench.peers.asgi_apps:app (the Starlette app, ASGI interface)."""
+    base = _fastws_spec()
+    argv = lambda port: [  # noqa: E731
+        sys.executable, "-m", "fastws.cli.main", "serve", ASGI_APP, "--interface", "asgi",
+        "--host", HOST, "--port", str(port), "--max-message-size", str(16 * 1024 * 1024),
+        "--ping-interval", "0", "--log-level", "warning",
+    ]
+    return ServerSpec("fastws", f"fastws ({ASGI_APP}, rooms route)", argv, skip=base.skip or _missing("starlette"),
+                      asgi=True, key="fastws-asgi", paths={"asgi-broadcast": ASGI_ROOMS_PATH})
+
+
+def _asgi_peer_spec(name: str) -> ServerSpec:
+    if name.startswith("uvicorn-"):
+        ws = name.split("-")[1]
+        argv = lambda port: [sys.executable, "-m", "fastws.bench.peers.asgi_apps",  # noqa: E731
+                             "--host", HOST, "--port", str(port), "--ws", ws]
+        label = f"uvicorn --ws {ws} --loop uvloop --http httptools"
+    elif name == "hypercorn-asgi":
+        argv = lambda port: [sys.executable, "-m", "hypercorn", "-k", "uvloop", "-w", "1",  # noqa: E731
+                             "-b", f"{HOST}:{port}", "--backlog", "4096", "--log-level", "warning", ASGI_APP]
+        label = "hypercorn -k uvloop -w 1"
+    else:
+        argv = lambda port: [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop",  # noqa: E731
+                             "--workers", "1", "--host", HOST, "--port", str(port), "--backlog", "4096",
+                             "--no-access-log", "--log-level", "warning", ASGI_APP]
+        label = "granian --interface asgi --loop uvloop --workers 1"
+    return ServerSpec(name, label + " (ConnectionManager route)", argv, asgi=True,
+                      paths={"asgi-broadcast": ASGI_MANAGER_PATH})
 
 
 NEEDS = {
     "websockets": ("websockets",), "aiohttp": ("aiohttp",), "picows": ("picows",),
     "uvicorn-websockets": ("uvicorn", "starlette", "websockets"),
     "uvicorn-wsproto": ("uvicorn", "starlette", "wsproto"),
+    "uvicorn-websockets-asgi": ("uvicorn", "starlette", "websockets", "uvloop", "httptools"),
+    "uvicorn-wsproto-asgi": ("uvicorn", "starlette", "wsproto", "uvloop", "httptools"),
+    "hypercorn-asgi": ("starlette", "uvloop", "hypercorn"),
+    "granian-asgi": ("starlette", "granian"),
 }
 
 
@@ -147,6 +198,10 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
             skip, env = _node_env()
             js = str(PEERS_DIR / "ws_relay.js")
             specs.append(ServerSpec(name, "Node ws", lambda port: ["node", js, str(port), HOST], env=env, skip=skip))
+        elif name == "fastws-asgi":
+            specs.append(_fastws_asgi_spec())
+        elif name in ASGI_PEERS:
+            specs.append(_asgi_peer_spec(name))
         else:
             raise click.BadParameter(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")
         if name in NEEDS and specs[-1].skip is None:
@@ -154,7 +209,9 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
     return specs
 
 
-ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws", "socketify"]
+ASGI_PEERS = ["uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi", "granian-asgi"]
+ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws",
+               "socketify", *ASGI_PEERS]
 
 
 def free_port() -> int:
@@ -182,7 +239,7 @@ class RunningServer:
         self.stop()
         self.port = free_port()
         self.starts += 1
-        log = open(self.logdir / f"{self.spec.name}.{self.starts}.log", "wb")
+        log = open(self.logdir / f"{self.spec.key}.{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
             self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.spec.env}, cwd=self.spec.cwd, start_new_session=True,
@@ -202,7 +259,7 @@ class RunningServer:
 
     def log_tail(self, n: int = 3) -> str:
         try:
-            lines = (self.logdir / f"{self.spec.name}.{self.starts}.log").read_text(errors="replace").splitlines()
+            lines = (self.logdir / f"{self.spec.key}.{self.starts}.log").read_text(errors="replace").splitlines()
         except OSError:
             return ""
         return " | ".join(lines[-n:])
@@ -252,6 +309,13 @@ class Scenario:
     relay: bool = False  # needs the relay (not the raw ceiling)
     fresh: bool = False  # restart the server before each measurement
     timeout: float = 180.0
+    asgi: bool = False  # served by the ASGI servers (fastws.bench.peers.asgi_apps) only
+    path: str | None = None  # --path for the load generator (a server's own `paths` wins)
+
+    def runs_on(self, spec: ServerSpec) -> bool:
+        if self.asgi != spec.asgi:
+            return False
+        return not (self.relay and spec.raw)
 
 
 SCENARIOS = [
@@ -281,6 +345,18 @@ SCENARIOS = [
              ["--size", "65536", "--duration", "3"], ["--size", "65536", "--duration", "0.15", "--warmup", "0.05"]),
     Scenario("large-1m", "large", "Large-message echo, 1 MiB binary, 1 conn, 1 in flight",
              ["--size", "1048576", "--duration", "3"], ["--size", "1048576", "--duration", "0.15", "--warmup", "0.05"]),
+    Scenario("asgi-echo", "echo", "ASGI (Starlette) echo, 64 conns x 16 in flight, 32 B text",
+             ["--conns", "64", "--window", "16", "--size", "32", "--duration", "3"],
+             ["--conns", "8", "--window", "4", "--size", "32", "--duration", "0.15", "--warmup", "0.05"],
+             asgi=True, path="/echo"),
+    Scenario("asgi-broadcast", "fanout",
+             "ASGI (Starlette) broadcast to 1,000 subscribers, 64 B binary (fastws: asgi_rooms; others: ConnectionManager)",
+             ["--subscribers", "1000", "--size", "64", "--duration", "3"],
+             ["--subscribers", "50", "--size", "64", "--duration", "0.15"],
+             relay=True, asgi=True, path=ASGI_MANAGER_PATH),
+    Scenario("asgi-memory", "memory", "ASGI (Starlette) idle memory per upgraded connection, K = 10,000",
+             ["--conns", "10000"], ["--conns", "200", "--settle", "0"],
+             higher_is_better=False, fresh=True, timeout=300, asgi=True, path="/echo"),
 ]
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
 
@@ -290,6 +366,9 @@ def run_loadgen(sc: Scenario, server: RunningServer, quick: bool, seed: int) -> 
             "--server-pid", str(server.pid), "--seed", str(seed), *(sc.quick if quick else sc.full)]
     if server.spec.raw:
         argv.append("--raw")
+    path = server.spec.paths.get(sc.name, sc.path)
+    if path:
+        argv += ["--path", path]
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=sc.timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -329,7 +408,7 @@ def environment(specs: list[ServerSpec]) -> dict:
         pass
     versions = {d: _version(d) for d in (
         "fastws", "uvloop", "websockets", "aiohttp", "picows", "wsproto", "uvicorn", "starlette",
-        "socketify", "httptools", "click", "matplotlib", "Cython")}
+        "socketify", "httptools", "click", "matplotlib", "Cython", "hypercorn", "granian", "h11")}
     node = next((s for s in specs if s.name == "node-ws"), None)
     if shutil.which("node"):
         try:
@@ -489,28 +568,31 @@ def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
 
 
 def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path | None, seed: int) -> int:
-    names = ["fastws"] + [n for n in vs if n != "fastws"]
+    names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi")]
+    if any(s.asgi for s in SCENARIOS if s.name in scenarios):
+        names.insert(1, "fastws-asgi")  # the same engine serving the ASGI app (reported as "fastws")
     specs = server_specs(names)
     skipped = {}
     for s in specs:
         if s.skip:
-            click.echo(f"skip {s.name}: {s.skip}", err=True)
-            skipped[s.name] = s.skip
+            click.echo(f"skip {s.key}: {s.skip}", err=True)
+            skipped[s.key] = s.skip
     chosen = [s for s in SCENARIOS if s.name in scenarios]
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env = environment(specs)
     logdir = Path(tempfile.mkdtemp(prefix="fastws-bench-logs-"))
-    servers = {s.name: RunningServer(s, logdir) for s in specs if not s.skip}
+    servers = {s.key: RunningServer(s, logdir) for s in specs if not s.skip}
     results = {
         "fastws_bench": 1, "started": started, "finished": None, "quick": quick, "repeat": repeat,
         "seed": seed, "command": sys.argv, "environment": env, "host": HOST, "skipped": skipped,
         "server_logs": str(logdir), "scenarios": {},
     }
-    total = sum(repeat * sum(1 for n in servers if not (sc.relay and servers[n].spec.raw)) for sc in chosen)
+    total = sum(repeat * sum(1 for n in servers if sc.runs_on(servers[n].spec)) for sc in chosen)
     done = 0
     failures = []
     t_start = time.monotonic()
-    click.echo(f"fastws bench: {len(chosen)} scenarios x {len(servers)} servers x {repeat} repeats "
+    used = sum(1 for srv in servers.values() if any(sc.runs_on(srv.spec) for sc in chosen))
+    click.echo(f"fastws bench: {len(chosen)} scenarios x {used} servers x {repeat} repeats "
                f"= {total} runs; server logs in {logdir}", err=True)
     try:
         for sc in chosen:
@@ -518,12 +600,16 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
                 "name": sc.name, "title": sc.title, "loadgen": sc.kind,
                 "args": sc.quick if quick else sc.full, "higher_is_better": sc.higher_is_better,
                 "runs": {}, "summary": {},
+                "servers": {servers[n].spec.name: {"label": servers[n].spec.label,
+                                                   "path": servers[n].spec.paths.get(sc.name, sc.path)}
+                            for n in servers if sc.runs_on(servers[n].spec)},
             }
-            order = [n for n in servers if not (sc.relay and servers[n].spec.raw)]
+            order = [n for n in servers if sc.runs_on(servers[n].spec)]
             for rep in range(repeat):
                 k = rep % len(order) if order else 0
-                for name in order[k:] + order[:k]:
-                    srv = servers[name]
+                for key in order[k:] + order[:k]:
+                    srv = servers[key]
+                    name = srv.spec.name
                     done += 1
                     res = None
                     try:
@@ -543,8 +629,8 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
                     status = "ok" if res.get("ok") else "FAILED " + "; ".join(res.get("first_errors", [])[:2])
                     if not res.get("ok"):
                         failures.append(f"{sc.name}/{name}: {status}")
-                    click.echo(f"[{done:>3}/{total}] {time.monotonic() - t_start:6.1f}s  {sc.name:<11} "
-                               f"{name:<19} rep {rep + 1}/{repeat}  {fmt(res.get('value')):>12} "
+                    click.echo(f"[{done:>3}/{total}] {time.monotonic() - t_start:6.1f}s  {sc.name:<14} "
+                               f"{name:<23} rep {rep + 1}/{repeat}  {fmt(res.get('value')):>12} "
                                f"{res.get('unit') or '':<14} {status}", err=True)
                     if not quick:
                         srv.wait_quiet()
@@ -606,7 +692,7 @@ def bench_command(vs, scenario, repeat, quick, out, seed, list_):
     if list_:
         click.echo("servers: " + ", ".join(ALL_SERVERS))
         for s in SCENARIOS:
-            click.echo(f"  {s.name:<11} {s.title}")
+            click.echo(f"  {s.name:<14} {s.title}")
         return
     if quick and repeat == 3:
         repeat = 1

@@ -49,7 +49,8 @@ def test_bench_quick(tmp_path):
     skipped = results["skipped"]
     assert "fastws" not in skipped, skipped
     if os.environ.get("FASTWS_CI") == "1":
-        assert set(skipped) <= {"socketify"}, skipped
+        # optional, not in [bench]: socketify, hypercorn, granian
+        assert set(skipped) <= {"socketify", "hypercorn-asgi", "granian-asgi"}, skipped
 
     from fastws.bench.runner import SCENARIO_NAMES
 
@@ -67,5 +68,16 @@ def test_bench_quick(tmp_path):
                     assert r["subscribers_complete"] == r["subscribers"], r
                 elif r["scenario"] in ("memory", "handshake"):
                     assert r["opened"] == r["conns" if r["scenario"] == "memory" else "requested"], r
+    # ASGI scenarios: the same Starlette app (fastws.bench.peers.asgi_apps) on every ASGI server;
+    # fastws broadcasts through fastws.asgi_rooms, the others through FastAPI's ConnectionManager.
+    for name in ("asgi-echo", "asgi-broadcast", "asgi-memory"):
+        runs = results["scenarios"][name]["runs"]
+        assert not set(runs) & {"raw", "websockets", "aiohttp", "picows", "node-ws", "socketify"}, (name, set(runs))
+        if os.environ.get("FASTWS_CI") == "1":
+            assert {"uvicorn-websockets-asgi", "uvicorn-wsproto-asgi"} <= set(runs), (name, set(runs))
+    for server, runs in results["scenarios"]["asgi-broadcast"]["runs"].items():
+        want = "/rooms/bench" if server == "fastws" else "/manager/bench"
+        assert all(r["path"] == want for r in runs), (server, runs)
+    assert all(r["path"] == "/echo" for runs in results["scenarios"]["asgi-echo"]["runs"].values() for r in runs)
     assert list(tmp_path.glob("quick-*.md")), report
     assert list(tmp_path.glob("quick-*-echo.png")), report
