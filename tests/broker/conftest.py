@@ -31,7 +31,7 @@ BACKENDS = ["memory", "embedded", "redis", "cluster"]
 @pytest.fixture(scope="session")
 def redis_cluster():
     if not (shutil.which("redis-server") and shutil.which("redis-cli")):
-        pytest.skip("redis-server / redis-cli not installed")
+        pytest.fail("redis-server / redis-cli not installed (bash .ci/run installs them)")
     workdir = tempfile.mkdtemp(prefix="fastws-cluster-")
     ports = []
     while len(ports) < 3:

@@ -22,8 +22,8 @@ Fixtures
 The server's stderr/stdout go to a log file; when a test fails, the tail of
 the log of every server it used is attached to the report.
 
-Environment: ``FASTWS_CI=1`` turns "client not installed" skips (Node ``ws``,
-Chromium) into failures, so CI cannot pass by skipping.
+A missing real client (Node ``ws``, Chromium) or an unbuilt Cython engine
+fails the tests: nothing passes by skipping (``bash .ci/run`` installs all).
 """
 
 from __future__ import annotations
@@ -52,14 +52,11 @@ LOG_TAIL = 6000  # characters of server log shown on failure
 
 ENGINES = ("cython", "wsproto")
 
-CI = os.environ.get("FASTWS_CI") == "1"
 
 
 def missing_client(reason: str):
-    """Skip locally, fail on CI: a missing real client must not pass CI."""
-    if CI:
-        pytest.fail(f"{reason} (FASTWS_CI=1: required on CI)", pytrace=False)
-    pytest.skip(reason)
+    """A missing real client fails the test (`.ci/run` installs them all)."""
+    pytest.fail(f"{reason} (bash .ci/run installs it)", pytrace=False)
 
 
 def free_port() -> int:
@@ -244,10 +241,7 @@ def _cython_built() -> bool:
 def engine(request) -> str:
     name = request.param
     if name == "cython" and not _cython_built():
-        msg = "fastws._core (Cython engine) is not built in this environment"
-        if CI:
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        pytest.fail("fastws._core (Cython engine) is not built in this environment", pytrace=False)
     return name
 
 
@@ -310,7 +304,7 @@ def echo_server(server_factory) -> Server:
 
 @pytest.fixture(name="missing_client")
 def _missing_client_fixture():
-    """``missing_client(reason)``: skip locally, fail with FASTWS_CI=1."""
+    """``missing_client(reason)``: fail the test, naming what is missing."""
     return missing_client
 
 

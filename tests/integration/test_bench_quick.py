@@ -3,8 +3,8 @@
 The smoke mode uses tiny sizes and asserts correctness only (every message
 echoed byte for byte, every subscriber got every broadcast in order, every
 connection upgraded); it never asserts a timing. A peer whose library is not
-installed is skipped by the runner with a line saying so; with
-``FASTWS_CI=1`` only socketify (optional, not in ``[bench]``) may be skipped.
+installed is skipped by the runner with a line saying so; here only socketify
+(optional, not in ``[bench]``) may be.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ def test_bench_quick(tmp_path):
 
     skipped = results["skipped"]
     assert "fastws" not in skipped, skipped
-    if os.environ.get("FASTWS_CI") == "1":
-        # optional, not in [bench]: socketify, hypercorn, granian
-        assert set(skipped) <= {"socketify", "hypercorn-asgi", "granian-asgi"}, skipped
+    # every peer of the [bench] extra must run; socketify is optional (not in [bench])
+    assert set(skipped) <= {"socketify"}, skipped
 
     from fastws.bench.runner import SCENARIO_NAMES
 
@@ -73,8 +72,8 @@ def test_bench_quick(tmp_path):
     for name in ("asgi-echo", "asgi-broadcast", "asgi-memory"):
         runs = results["scenarios"][name]["runs"]
         assert not set(runs) & {"raw", "websockets", "aiohttp", "picows", "node-ws", "socketify"}, (name, set(runs))
-        if os.environ.get("FASTWS_CI") == "1":
-            assert {"uvicorn-websockets-asgi", "uvicorn-wsproto-asgi"} <= set(runs), (name, set(runs))
+        assert {"uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi",
+                "granian-asgi"} <= set(runs), (name, set(runs))
     for server, runs in results["scenarios"]["asgi-broadcast"]["runs"].items():
         want = "/rooms/bench" if server == "fastws" else "/manager/bench"
         assert all(r["path"] == want for r in runs), (server, runs)

@@ -63,15 +63,6 @@ def metric(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def hub_counts(engine) -> bool:
-    """True if the engine's hub keeps frame-level counters (hub.stats())."""
-    if engine == "cython":
-        from fastws._core import Hub
-    else:
-        from fastws._pyconn import Hub
-    return hasattr(Hub, "stats")
-
-
 def raw_request(server, head: bytes) -> bytes:
     with socket.create_connection(server.address, timeout=5) as s:
         s.sendall(head)
@@ -94,8 +85,6 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
 
 
 def test_metrics_counters_move_by_exactly_what_the_test_did(server_factory, engine):
-    if not hub_counts(engine):
-        pytest.skip(f"the {engine} engine's hub has no stats() yet")
     server = server_factory()
     before = scrape(server)
     sizes = [1, 10, 100, 3, 30, 300, 125]          # 7 messages, all < 126 bytes: 2-byte headers
@@ -480,8 +469,6 @@ def test_stats_page_is_token_protected(server_factory):
 def test_stats_page_in_chromium_matches_metrics(server_factory, engine, tmp_path, missing_client):
     if not os.path.exists(CHROMIUM):
         missing_client(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    if not hub_counts(engine):
-        pytest.skip(f"the {engine} engine's hub has no stats() yet")
     server = server_factory("--stats", "--stats-token", TOKEN, "--stats-interval", "0.5")
     loop = asyncio.new_event_loop()
 
@@ -534,8 +521,6 @@ def test_stats_page_in_chromium_matches_metrics(server_factory, engine, tmp_path
 
 
 def test_handshake_timeout_is_counted(server_factory, engine):
-    if engine == "wsproto" and "handshake_timeouts" not in open(REPO / "fastws" / "_pyconn.py").read():
-        pytest.skip("the wsproto engine's hub does not count timeouts yet")
     server = server_factory("--handshake-timeout", "0.3")
     before = scrape(server)
     with socket.create_connection(server.address, timeout=10) as s:

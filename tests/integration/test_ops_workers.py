@@ -27,7 +27,7 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-psutil = pytest.importorskip("psutil")
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from fastws.cli.main import main; main()"]
