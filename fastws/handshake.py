@@ -51,8 +51,27 @@ _WS_HEADERS = frozenset(
 )
 
 
+class _Fields:
+    """Header and query access shared by :class:`Request` and :class:`HttpRequest`."""
+
+    __slots__ = ()
+
+    def header(self, name: str, default=None):
+        """The first value of header ``name`` (any case), else ``default``."""
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return default
+
+    @property
+    def query(self) -> dict:
+        """Query parameters, first value of each."""
+        return {k: v[0] for k, v in parse_qs(self.query_string).items()}
+
+
 @dataclass(slots=True)
-class Request:
+class Request(_Fields):
     """An upgrade request, as the application's ``on_connect`` sees it.
 
     ``headers`` is a list of ``(name, value)`` with lower-case names, in
@@ -72,17 +91,6 @@ class Request:
         """The peer's (host, port), looked up on first use (a syscall)."""
         return self.conn.remote_address if self.conn is not None else None
 
-    def header(self, name: str, default=None):
-        name = name.lower()
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return default
-
-    @property
-    def query(self) -> dict:
-        """Query parameters, first value of each."""
-        return {k: v[0] for k, v in parse_qs(self.query_string).items()}
 
     @property
     def origin(self):
@@ -139,9 +147,8 @@ def parse_fast(head: bytes):
     seen = set()
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
-            return None
-        if not _TOKEN.match(name) or not _FIELD_VALUE.match(value):
+        # a token name (so no folding, no space before the colon), a plain value
+        if not sep or not _TOKEN.match(name) or not _FIELD_VALUE.match(value):
             return None
         lname = name.lower()
         if lname in _WS_HEADERS:
@@ -225,7 +232,7 @@ def parse_request(head: bytes) -> Request:
 
 
 @dataclass(slots=True)
-class HttpRequest:
+class HttpRequest(_Fields):
     """A plain (non-upgrade) HTTP request to one of the server's HTTP routes
     (``/health``, ``/metrics``, ``POST /publish`` ...)."""
 
@@ -236,16 +243,6 @@ class HttpRequest:
     body: bytes = b""
     remote_address: object = None
 
-    def header(self, name: str, default=None):
-        name = name.lower()
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return default
-
-    @property
-    def query(self) -> dict:
-        return {k: v[0] for k, v in parse_qs(self.query_string).items()}
 
 
 def parse_http_head(head: bytes):
