@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import time
 from collections import deque
@@ -79,7 +78,7 @@ from .config import Config
 from .errors import CLOSE_REASONS, ConnectionClosed, HandshakeError
 from .rooms import Rooms
 from .handshake import accept_response, error_response, negotiate_deflate, parse_request
-from .server import ServerStartError, _hub_class, bind_socket, configure_logging
+from .server import ServerStartError, _hub_class, bind_socket, configure_logging, run_until_signal
 
 log = logging.getLogger("fastws")
 
@@ -1207,30 +1206,8 @@ def run_asgi(app, config: Config, sock: socket.socket | None = None) -> None:
 
     Raises ServerStartError when the port cannot be bound and LifespanError
     (a ServerStartError) when lifespan startup fails."""
-    import uvloop
-
-    fmt = getattr(config, "log_format", None)
-    if fmt is None:
-        configure_logging(config.log_level)
-    else:
-        configure_logging(config.log_level, fmt)
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    server = AsgiServer(app, config)
-
-    async def main():
-        await server.start(sock)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("fastws: shutting down")
-        await server.shutdown()
-
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    configure_logging(config.log_level, config.log_format)
+    run_until_signal(AsgiServer(app, config), sock)
 
 
 __all__ = ["AsgiServer", "ClientDisconnected", "LifespanError", "serve_asgi", "run_asgi"]

@@ -496,12 +496,18 @@ def run_server(app: App, config: Config, sock: socket.socket | None = None) -> N
 
 
 def _run_one(app: App, config: Config, sock) -> None:
+    run_until_signal(Server(app, config), sock)
+
+
+def run_until_signal(server, sock=None) -> None:
+    """Run ``server`` (a Server or an AsgiServer: ``start(sock)`` and
+    ``shutdown()``) on a new uvloop loop until SIGINT/SIGTERM, then shut it
+    down gracefully.  Raises the soft open-file limit first."""
     import uvloop
 
     soft, hard = raise_nofile_limit()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    server = Server(app, config)
     stop = asyncio.Event()
 
     async def main():

@@ -160,8 +160,6 @@ def run_workers(target, config) -> int:
     if not getattr(config, "broker", ""):
         # no broker given: the workers share an embedded one, run here, so a
         # room message reaches members on every worker with nothing else to run
-        import tempfile
-
         from .broker.embedded import EmbeddedHub
 
         path = os.path.join(tempfile.gettempdir(), f"fastws-{os.getpid()}.sock")
