@@ -42,13 +42,13 @@ before any payload is buffered).  Everything handed to user code is an owned
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.buffer cimport PyBuffer_FillInfo
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(object)
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memcmp
 from libc.errno cimport errno, EAGAIN, EINTR
 
 cdef extern from "<errno.h>":
@@ -63,6 +63,76 @@ import zlib as _zlib
 from .errors import CLOSE_REASONS as _CLOSE_REASONS, ConnectionClosed, HandshakeError
 
 _log = _logging.getLogger("fastws")
+
+# ---------------------------------------------------------------- handshake C helpers
+# SHA-1 (FIPS 180-4) and base64 for Sec-WebSocket-Accept, so the common
+# upgrade is answered without a Python call; checked against hashlib in
+# tests/unit/test_handshake.py.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    static inline uint32_t fastws_rol(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+    static void fastws_sha1_block(uint32_t h[5], const unsigned char *p) {
+        uint32_t w[80], a, b, c, d, e, t;
+        int i;
+        for (i = 0; i < 16; i++)
+            w[i] = ((uint32_t)p[4*i] << 24) | ((uint32_t)p[4*i+1] << 16) | ((uint32_t)p[4*i+2] << 8) | p[4*i+3];
+        for (i = 16; i < 80; i++)
+            w[i] = fastws_rol(w[i-3] ^ w[i-8] ^ w[i-14] ^ w[i-16], 1);
+        a = h[0]; b = h[1]; c = h[2]; d = h[3]; e = h[4];
+        for (i = 0; i < 80; i++) {
+            uint32_t f, k;
+            if (i < 20)      { f = (b & c) | (~b & d);          k = 0x5A827999u; }
+            else if (i < 40) { f = b ^ c ^ d;                   k = 0x6ED9EBA1u; }
+            else if (i < 60) { f = (b & c) | (b & d) | (c & d); k = 0x8F1BBCDCu; }
+            else             { f = b ^ c ^ d;                   k = 0xCA62C1D6u; }
+            t = fastws_rol(a, 5) + f + e + k + w[i];
+            e = d; d = c; c = fastws_rol(b, 30); b = a; a = t;
+        }
+        h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e;
+    }
+    /* SHA-1 of msg (len < 2^32 bytes) into out[20] */
+    static void fastws_sha1(const unsigned char *msg, size_t len, unsigned char out[20]) {
+        uint32_t h[5] = {0x67452301u, 0xEFCDAB89u, 0x98BADCFEu, 0x10325476u, 0xC3D2E1F0u};
+        unsigned char block[64];
+        size_t i = 0, r;
+        uint64_t bits = (uint64_t)len * 8;
+        for (; i + 64 <= len; i += 64) fastws_sha1_block(h, msg + i);
+        r = len - i;
+        memcpy(block, msg + i, r);
+        block[r++] = 0x80;
+        if (r > 56) { memset(block + r, 0, 64 - r); fastws_sha1_block(h, block); r = 0; }
+        memset(block + r, 0, 56 - r);
+        for (i = 0; i < 8; i++) block[56 + i] = (unsigned char)(bits >> (56 - 8 * i));
+        fastws_sha1_block(h, block);
+        for (i = 0; i < 5; i++) {
+            out[4*i] = (unsigned char)(h[i] >> 24); out[4*i+1] = (unsigned char)(h[i] >> 16);
+            out[4*i+2] = (unsigned char)(h[i] >> 8); out[4*i+3] = (unsigned char)h[i];
+        }
+    }
+    static const char fastws_b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    /* base64 of 20 bytes: 28 characters (one '=' of padding) */
+    static void fastws_b64_20(const unsigned char in[20], char out[28]) {
+        int i, o = 0;
+        for (i = 0; i < 18; i += 3) {
+            uint32_t v = ((uint32_t)in[i] << 16) | ((uint32_t)in[i+1] << 8) | in[i+2];
+            out[o++] = fastws_b64[v >> 18]; out[o++] = fastws_b64[(v >> 12) & 63];
+            out[o++] = fastws_b64[(v >> 6) & 63]; out[o++] = fastws_b64[v & 63];
+        }
+        {
+            uint32_t v = ((uint32_t)in[18] << 16) | ((uint32_t)in[19] << 8);
+            out[o++] = fastws_b64[v >> 18]; out[o++] = fastws_b64[(v >> 12) & 63];
+            out[o++] = fastws_b64[(v >> 6) & 63]; out[o++] = '=';
+        }
+    }
+    """
+    void fastws_sha1(const unsigned char* msg, size_t len, unsigned char* out) nogil
+    void fastws_b64_20(const unsigned char* inp, char* out) nogil
+
+cdef extern from "<string.h>":
+    void* memmem(const void* haystack, size_t hl, const void* needle, size_t nl) nogil
+
 
 # ---------------------------------------------------------------- constants
 
@@ -930,6 +1000,196 @@ PRIORITY_NORMAL = 1    # dropped once the connection's own queue is half full
 PRIORITY_HIGH = 2      # never dropped; past the hard cap the connection is closed
 
 
+# ---------------------------------------------------------------- fast upgrade
+# The common opening handshake, decided without Python: a plain request
+# (exactly what fastws.handshake.parse_fast accepts, and a subset of it) to a
+# route without on_connect.  Anything else -- or any doubt -- goes to the
+# Python handshake (wsproto semantics), so both answer alike; the unit tests
+# check that every head this parser accepts gets the same answer from
+# fastws.handshake.
+
+cdef struct _Plain:
+    Py_ssize_t path_end      # the target is p[4:target_end]; the path p[4:path_end]
+    Py_ssize_t target_end
+    Py_ssize_t key_start     # the 24 key characters
+    bint has_ext             # Sec-WebSocket-Extensions offered
+
+cdef bytes _ACCEPT_HEAD = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: ")
+cdef bytes _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+cdef uint8_t _TOKEN_CHARS[256]
+cdef uint8_t _B64_CHARS[256]
+
+cdef void _init_token_tables():
+    cdef int i
+    for i in range(256):
+        _TOKEN_CHARS[i] = 0
+        _B64_CHARS[i] = 0
+    for c in b"!#$%&'*+.^_`|~-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        _TOKEN_CHARS[c] = 1
+    for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/":
+        _B64_CHARS[c] = 1
+
+_init_token_tables()
+
+cdef inline bint _ieq(const uint8_t* p, Py_ssize_t n, const char* lower) noexcept nogil:
+    """p[:n] equals the lower-case ASCII string ``lower`` (of length n), ignoring case."""
+    cdef Py_ssize_t i
+    cdef uint8_t c
+    for i in range(n):
+        c = p[i]
+        if 0x41 <= c <= 0x5A:
+            c += 0x20
+        if c != <uint8_t>lower[i]:
+            return False
+    return True
+
+cdef bint _has_upgrade_token(const uint8_t* v, Py_ssize_t n) noexcept nogil:
+    """Some comma-separated token of v[:n] is "upgrade" (any case, SP/HT trimmed)."""
+    cdef Py_ssize_t i = 0, a, b
+    while i <= n:
+        a = i
+        while i < n and v[i] != 0x2C:
+            i += 1
+        b = i
+        while a < b and (v[a] == 0x20 or v[a] == 0x09):
+            a += 1
+        while b > a and (v[b - 1] == 0x20 or v[b - 1] == 0x09):
+            b -= 1
+        if b - a == 7 and _ieq(v + a, 7, "upgrade"):
+            return True
+        i += 1
+    return False
+
+cdef bint _parse_plain(const uint8_t* p, Py_ssize_t n, _Plain* out) noexcept nogil:
+    """Parse the head p[:n] (ending with the first CRLFCRLF).  True only for a
+    plain, valid upgrade request; False means "ask the Python handshake"."""
+    cdef Py_ssize_t i, name_start, name_len, v0, v1, line_end
+    cdef uint8_t c
+    cdef int seen = 0, bit, k
+    if n < 20 or p[0] != 0x47 or p[1] != 0x45 or p[2] != 0x54 or p[3] != 0x20 or p[4] != 0x2F:
+        return False                                          # "GET /"
+    i = 4
+    out.path_end = -1
+    while i < n:
+        c = p[i]
+        if c == 0x20:
+            break
+        if c < 0x21 or c > 0x7E:
+            return False
+        if c == 0x3F and out.path_end < 0:                    # '?'
+            out.path_end = i
+        i += 1
+    out.target_end = i
+    if out.path_end < 0:
+        out.path_end = i
+    if i + 11 > n or memcmp(p + i, b" HTTP/1.1\r\n", 11) != 0:
+        return False
+    i += 11
+    out.key_start = -1
+    out.has_ext = False
+    while True:
+        if i + 2 > n:
+            return False
+        if p[i] == 0x0D and p[i + 1] == 0x0A:                 # the empty line
+            if i + 2 != n:
+                return False
+            break
+        name_start = i
+        while i < n and _TOKEN_CHARS[p[i]]:
+            i += 1
+        name_len = i - name_start
+        if name_len == 0 or i >= n or p[i] != 0x3A:           # token then ':'
+            return False
+        i += 1
+        v0 = i
+        while i < n:
+            c = p[i]
+            if (c < 0x20 and c != 0x09) or c == 0x7F or c > 0x7E:
+                break
+            i += 1
+        if i + 1 >= n or p[i] != 0x0D or p[i + 1] != 0x0A:
+            return False
+        line_end = i
+        i += 2
+        v1 = line_end
+        while v0 < v1 and (p[v0] == 0x20 or p[v0] == 0x09):
+            v0 += 1
+        while v1 > v0 and (p[v1 - 1] == 0x20 or p[v1 - 1] == 0x09):
+            v1 -= 1
+        bit = 0
+        if name_len == 4 and _ieq(p + name_start, 4, "host"):
+            bit = 1
+        elif name_len == 7 and _ieq(p + name_start, 7, "upgrade"):
+            bit = 2
+            if not (v1 - v0 == 9 and _ieq(p + v0, 9, "websocket")):
+                return False
+        elif name_len == 10 and _ieq(p + name_start, 10, "connection"):
+            bit = 4
+            if not _has_upgrade_token(p + v0, v1 - v0):
+                return False
+        elif name_len == 17 and _ieq(p + name_start, 17, "sec-websocket-key"):
+            bit = 8
+            if v1 - v0 != 24 or p[v0 + 22] != 0x3D or p[v0 + 23] != 0x3D:
+                return False
+            for k in range(22):
+                if not _B64_CHARS[p[v0 + k]]:
+                    return False
+            out.key_start = v0
+        elif name_len == 21 and _ieq(p + name_start, 21, "sec-websocket-version"):
+            bit = 16
+            if not (v1 - v0 == 2 and p[v0] == 0x31 and p[v0 + 1] == 0x33):
+                return False
+        elif name_len == 22 and _ieq(p + name_start, 22, "sec-websocket-protocol"):
+            bit = 32
+        elif name_len == 24 and _ieq(p + name_start, 24, "sec-websocket-extensions"):
+            bit = 64
+            out.has_ext = True
+        if bit:
+            if seen & bit:
+                return False                                  # duplicated: wsproto decides
+            seen |= bit
+    return (seen & 31) == 31
+
+
+def _fast_accept_for_test(head):
+    """(path, query_string, response) if the fast path would accept ``head``
+    (bytes ending with the first CRLFCRLF), else None.  For tests."""
+    cdef bytes b = bytes(head)
+    cdef _Plain r
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(b)
+    if not _parse_plain(p, len(b), &r):
+        return None
+    path = b[4:r.path_end].decode("ascii")
+    query = b[r.path_end + 1:r.target_end].decode("ascii") if r.path_end < r.target_end else ""
+    return path, query, _accept_response(p + r.key_start), bool(r.has_ext)
+
+
+cdef bytes _accept_response(const uint8_t* key):
+    """The 101 response for the 24-character key at ``key``."""
+    cdef unsigned char buf[60]
+    cdef unsigned char digest[20]
+    cdef Py_ssize_t hl = len(_ACCEPT_HEAD)
+    memcpy(buf, key, 24)
+    memcpy(buf + 24, PyBytes_AS_STRING(_WS_GUID), 36)
+    fastws_sha1(buf, 60, digest)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, hl + 32)
+    cdef char* o = PyBytes_AS_STRING(out)
+    memcpy(o, PyBytes_AS_STRING(_ACCEPT_HEAD), hl)
+    fastws_b64_20(digest, o + hl)
+    memcpy(o + hl + 28, b"\r\n\r\n", 4)
+    return out
+
+
+def _sha1_for_test(data):
+    """SHA-1 digest of ``data`` by the C helper (tests compare with hashlib)."""
+    cdef bytes b = bytes(data)
+    cdef unsigned char digest[20]
+    fastws_sha1(<const unsigned char*>PyBytes_AS_STRING(b), len(b), digest)
+    return PyBytes_FromStringAndSize(<char*>digest, 20)
+
+
 cdef class Hub:
     """Per-server state shared by its connections: limits, the handshake,
     the registry of open connections, the per-loop write coalescer, the
@@ -983,6 +1243,13 @@ cdef class Hub:
     cdef unsigned long long _next_id
     cdef list _dirty                   # connections with frames queued this tick
     cdef bint _scheduled               # a flush is scheduled with call_soon
+    # -- the fast upgrade (see _parse_plain); set by set_fast_upgrade --
+    cdef dict _fast_routes             # path bytes -> (path str, route), or False: ask Python
+    cdef object _fast_default          # the "*" route when it needs no Python decision
+    cdef dict _fast_paths              # interned path str of wildcard-routed paths (bounded)
+    cdef Py_ssize_t _fast_max_conns    # max_connections (0: none); at the cap Python answers 503
+    cdef bint _fast_deflate            # compression on: extension offers go to Python
+    cdef public unsigned long long fast_upgrades   # upgrades decided by the fast path
 
     def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
@@ -1024,6 +1291,33 @@ cdef class Hub:
     def connection_factory(self):
         """The protocol factory to hand to ``loop.create_server``."""
         return Connection(self)
+
+    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False):
+        """Let plain upgrade requests be answered in C, without calling ``handshake``.
+
+        ``routes`` maps exact paths (str) to a route object, or to None when
+        that path needs the Python handshake (an ``on_connect`` to run ...);
+        ``default`` is the route for every other path (None: ask Python).
+        The fast path only takes requests that ``fastws.handshake.parse_fast``
+        accepts and validates, and answers them exactly as the Python
+        handshake would for a route without ``on_connect``: no subprotocol,
+        no extension.  With ``deflate`` True a request offering extensions
+        goes to Python; at ``max_connections`` open connections every request
+        does (so Python answers 503).  ``routes=None`` turns the fast path off
+        (the server does while it drains).
+        """
+        if routes is None:
+            self._fast_routes = None
+            self._fast_default = None
+            return
+        table = {}
+        for path, route in routes.items():
+            table[path.encode("ascii")] = (path, route) if route is not None else False
+        self._fast_routes = table
+        self._fast_default = default
+        self._fast_paths = {}
+        self._fast_max_conns = max_connections
+        self._fast_deflate = deflate
 
     # -- the timer wheel ------------------------------------------------------
     # Theory of operation: one TimerHandle per hub, whatever the number of
@@ -1277,6 +1571,9 @@ cdef class Connection(Engine):
             self._feed(<uint8_t*><char*>_READ_BUFFER, nbytes)
             self._after_input()
         elif self._phase == P_HANDSHAKE:
+            if self._head is None and self._hub._fast_routes is not None:
+                if self._fast_upgrade(<uint8_t*><char*>_READ_BUFFER, nbytes):
+                    return
             self._head_data(memoryview(_READ_BUFFER)[:nbytes])
         elif self._phase == P_DECIDING:
             # bytes behind the request head while the server decides
@@ -1425,11 +1722,66 @@ cdef class Connection(Engine):
         self._hub.handshake(self, head)
         return 0
 
+    cdef bint _fast_upgrade(self, uint8_t* p, Py_ssize_t n) except -1:
+        """Answer a plain upgrade request that arrived whole in one read (see
+        _parse_plain) in C; False leaves the bytes untouched for the Python
+        handshake."""
+        cdef Hub hub = self._hub
+        cdef _Plain r
+        cdef const uint8_t* e = <const uint8_t*>memmem(p, n, b"\r\n\r\n", 4)
+        if e == NULL:
+            return False
+        cdef Py_ssize_t end = (e - p) + 4
+        if end > hub.max_head_size or not _parse_plain(p, end, &r):
+            return False
+        if r.has_ext and hub._fast_deflate:
+            return False
+        if hub._fast_max_conns and len(hub.connections) >= hub._fast_max_conns:
+            return False
+        bpath = PyBytes_FromStringAndSize(<char*>p + 4, r.path_end - 4)
+        entry = hub._fast_routes.get(bpath)
+        if entry is None:
+            route = hub._fast_default
+            if route is None:
+                return False
+            path = hub._fast_paths.get(bpath)
+            if path is None:
+                path = bpath.decode("ascii")
+                if len(hub._fast_paths) < 4096:
+                    hub._fast_paths[bpath] = path
+        elif entry is False:
+            return False
+        else:
+            path, route = <tuple>entry
+        if r.path_end < r.target_end:
+            query = PyUnicode_DecodeASCII(<char*>p + r.path_end + 1, r.target_end - r.path_end - 1, NULL)
+        else:
+            query = ""
+        hub.fast_upgrades += 1
+        self._phase = P_DECIDING
+        self._accept(_accept_response(p + r.key_start), route, path, query, None, None)
+        if end < n and self._phase == P_OPEN:
+            self._feed(p + end, n - end)
+            self._after_input()
+        return True
+
     def _hs_accept(self, bytes response, route, str path, str query_string,
                    subprotocol=None, deflate=None):
         """Called by the handshake: send the 101 response and start framing."""
         if self._phase != P_DECIDING or self.transport is None:
             return False
+        self._accept(response, route, path, query_string, subprotocol, deflate)
+        cdef bytearray rest = self._head
+        self._head = None
+        if self.transport.is_reading() is False:
+            self.transport.resume_reading()
+        if rest:
+            self._feed(<uint8_t*><char*>rest, len(rest))
+            self._after_input()
+        return True
+
+    cdef int _accept(self, bytes response, route, str path, str query_string,
+                     subprotocol, deflate) except -1:
         self._hub.bytes_out += len(response)
         self.transport.write(response)
         self._tpending = True
@@ -1449,14 +1801,7 @@ cdef class Connection(Engine):
         self._schedule_heartbeat()
         if route.on_open is not None:
             self._call_open()
-        cdef bytearray rest = self._head
-        self._head = None
-        if self.transport.is_reading() is False:
-            self.transport.resume_reading()
-        if rest:
-            self._feed(<uint8_t*><char*>rest, len(rest))
-            self._after_input()
-        return True
+        return 0
 
     def _hs_reject(self, bytes response):
         """Called by the handshake: answer with an HTTP error and close."""

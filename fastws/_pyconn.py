@@ -61,6 +61,12 @@ class Hub:
     def connection_factory(self):
         return Connection(self)
 
+    fast_upgrades = 0
+
+    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False):
+        """The Cython hub answers plain upgrades in C; this engine has no such
+        path: every request head goes to the ``handshake`` callback."""
+
     def _mark_dirty(self, conn):
         self._dirty.append(conn)
         if not self._scheduled:

@@ -136,12 +136,20 @@ class App:
                          ("on_message", on_message), ("on_disconnect", on_disconnect)):
             if fn is not None:
                 r.set(kind, fn)
+        self._routes_changed()
         return r
+
+    def _routes_changed(self) -> None:
+        # a route registered while serving: the hub's fast-upgrade table
+        # (routes that need no Python decision) must follow
+        if self.server is not None:
+            self.server._enable_fast_upgrade()
 
     def on_connect(self, path: str):
         """Decorator: ``fn(request) -> None | Accept | Reject`` (may be async)."""
         def deco(fn):
             self._route(path).set("on_connect", fn)
+            self._routes_changed()
             return fn
         return deco
 
@@ -150,6 +158,7 @@ class App:
         its first message (the place to ``conn.join`` rooms)."""
         def deco(fn):
             self._route(path).set("on_open", fn)
+            self._routes_changed()
             return fn
         return deco
 
@@ -157,6 +166,7 @@ class App:
         """Decorator: ``fn(conn, data)`` for every complete message."""
         def deco(fn):
             self._route(path).set("on_message", fn)
+            self._routes_changed()
             return fn
         return deco
 
@@ -164,6 +174,7 @@ class App:
         """Decorator: ``fn(conn, code, reason)`` once per connection."""
         def deco(fn):
             self._route(path).set("on_disconnect", fn)
+            self._routes_changed()
             return fn
         return deco
 

@@ -111,6 +111,9 @@ def snapshot(server) -> dict:
     snap = dict(_HUB_DEFAULTS)
     snap.update(stats)
     snap["handshakes"] = dict(getattr(server, "handshakes", {}))
+    fast = getattr(hub, "fast_upgrades", 0)   # upgrades the hub answered in C
+    if fast:
+        snap["handshakes"][101] = snap["handshakes"].get(101, 0) + fast
     snap["timeouts"] = {kind: getattr(hub, kind + "_timeouts", 0) for kind in ("handshake", "ping", "idle")}
     rooms = getattr(server, "rooms", None)
     try:

@@ -135,6 +135,7 @@ class Server:
         for (method, path), handler in self.app.http_routes.items():
             self.add_http_route(method, path, handler)
         self._start_operations()
+        self._enable_fast_upgrade()
         if c.broker:
             await self._start_broker()
         tls = ssl_context(c)
@@ -145,6 +146,22 @@ class Server:
         self.app.server = self
         log.info("fastws: listening on %s://%s:%d (engine=%s)", "wss" if tls else "ws", c.host, self.port,
                  core.IMPLEMENTATION)
+
+    def _enable_fast_upgrade(self) -> None:
+        """Let the hub answer plain upgrades to routes without ``on_connect``
+        in C (``Hub.set_fast_upgrade``): the same 101 this class would send,
+        without a Python call.  Off when a decision needs Python for every
+        request: an origin allow-list, a handshake rate limit, debug logging
+        of each upgrade; and off while draining."""
+        if (self.app.allowed_origins is not None or self.admission.bucket is not None
+                or log.isEnabledFor(logging.DEBUG) or self.draining):
+            self.hub.set_fast_upgrade(None)
+            return
+        eligible = lambda r: r if r is not None and r.on_connect is None else None  # noqa: E731
+        routes = {p: eligible(r) for p, r in self.app.routes.items() if p != "*"}
+        self.hub.set_fast_upgrade(routes, eligible(self.app.routes.get("*")),
+                                  max_connections=self.admission.max_connections,
+                                  deflate=bool(self.config.compression))
 
     async def _start_broker(self) -> None:
         """Rooms across workers and nodes: subscribe to a room's channel while
@@ -203,6 +220,7 @@ class Server:
         if self._server is None:
             return
         self.draining = True
+        self.hub.set_fast_upgrade(None)   # every request to the Python handshake: 503
         if self.config.drain_delay > 0:
             log.info("fastws: draining for %gs (/health says 503) before closing %d connections",
                      self.config.drain_delay, len(self.hub.connections))

@@ -1,0 +1,174 @@
+"""The hub's C fast path for plain upgrades (``_core._parse_plain``).
+
+It must be a strict subset of what the Python handshake accepts, with the
+same answer: for every head it takes, ``fastws.handshake.parse_request``
+accepts too, with the same path and query, and ``accept_response`` writes
+the same bytes.  Heads it declines go to the Python handshake unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+
+import pytest
+
+from fastws.core import IMPLEMENTATION
+from fastws.errors import HandshakeError
+from fastws.handshake import accept_response, parse_request
+
+if IMPLEMENTATION != "cython":  # the fast path is a part of the Cython engine only
+    pytest.fail("the Cython engine is not built (tests need it)", pytrace=False)
+
+from fastws import _core  # noqa: E402
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def head_of(lines, request_line="GET /chat?room=1 HTTP/1.1"):
+    return (request_line + "\r\n" + "".join(l + "\r\n" for l in lines) + "\r\n").encode("latin-1")
+
+
+PLAIN = [
+    "Host: example.com",
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    f"Sec-WebSocket-Key: {KEY}",
+    "Sec-WebSocket-Version: 13",
+]
+
+
+def python_answer(head):
+    try:
+        r = parse_request(head)
+    except HandshakeError as exc:
+        return ("reject", exc.status)
+    return ("accept", r.path, r.query_string, accept_response(r))
+
+
+def test_sha1_matches_hashlib_across_block_boundaries():
+    for n in list(range(0, 130)) + [1000, 4097]:
+        data = os.urandom(n)
+        assert _core._sha1_for_test(data) == hashlib.sha1(data).digest(), n
+
+
+def test_rfc_6455_example():
+    path, query, response, ext = _core._fast_accept_for_test(head_of(PLAIN))
+    assert (path, query, ext) == ("/chat", "room=1", False)
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
+    assert python_answer(head_of(PLAIN)) == ("accept", "/chat", "room=1", response)
+
+
+@pytest.mark.parametrize("lines,request_line", [
+    (PLAIN[1:], "GET / HTTP/1.1"),                                        # no Host
+    ([l for l in PLAIN if not l.startswith("Upgrade")], "GET / HTTP/1.1"),
+    (PLAIN + ["Host: b"], "GET / HTTP/1.1"),                               # duplicate
+    (PLAIN + ["Sec-WebSocket-Protocol: a", "Sec-WebSocket-Protocol: b"], "GET / HTTP/1.1"),
+    (PLAIN, "GET / HTTP/1.0"),
+    (PLAIN, "POST / HTTP/1.1"),
+    (PLAIN, "GET http://a/ HTTP/1.1"),
+    (PLAIN, "GET  / HTTP/1.1"),
+    (PLAIN + [" folded"], "GET / HTTP/1.1"),
+    (PLAIN + ["X-Bad Name: 1"], "GET / HTTP/1.1"),
+    (PLAIN + ["X-Ctl: a\x01b"], "GET / HTTP/1.1"),
+    (PLAIN + ["X-Latin: caf\xe9"], "GET / HTTP/1.1"),
+    ([l.replace("13", "8") for l in PLAIN], "GET / HTTP/1.1"),
+    ([l.replace(KEY, KEY[:-2] + "AA") for l in PLAIN], "GET / HTTP/1.1"),
+    ([l.replace(KEY, "abc") for l in PLAIN], "GET / HTTP/1.1"),
+    ([l.replace("Upgrade", "keep-alive") if l.startswith("Connection") else l for l in PLAIN],
+     "GET / HTTP/1.1"),
+])
+def test_declines_what_is_not_plain_or_not_valid(lines, request_line):
+    assert _core._fast_accept_for_test(head_of(lines, request_line)) is None
+
+
+def test_extension_offer_is_reported():
+    got = _core._fast_accept_for_test(head_of(PLAIN + ["Sec-WebSocket-Extensions: permessage-deflate"]))
+    assert got is not None and got[3] is True
+
+
+def test_differential_random_requests():
+    """Random mutations: every head the C path takes, Python accepts with the
+    same path, query and 101 bytes; and most plain ones are taken."""
+    rnd = random.Random(11)
+    names = ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
+             "Origin", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "User-Agent"]
+    keys = [KEY, base64.b64encode(os.urandom(16)).decode(), "abc", "",
+            base64.b64encode(b"x" * 15).decode(), base64.b64encode(b"x" * 17).decode(), " " + KEY + "\t"]
+    values = {
+        "Host": ["h", "example.com:80", ""],
+        "Upgrade": ["websocket", "WebSocket", " websocket ", "h2c", "websocket, foo", ""],
+        "Connection": ["Upgrade", "keep-alive, Upgrade", "upgrade", "close", "", "keep-alive,upgrade ,x"],
+        "Sec-WebSocket-Key": keys,
+        "Sec-WebSocket-Version": ["13", "8", "", "13, 8", " 13"],
+        "Origin": ["http://a", "null"],
+        "Sec-WebSocket-Protocol": ["chat", "a, b", ""],
+        "Sec-WebSocket-Extensions": ["permessage-deflate"],
+        "User-Agent": ["x", "Mozilla/5.0 (X11; Linux x86_64)"],
+    }
+    taken = 0
+    for _ in range(5000):
+        lines = []
+        for n in names:
+            if rnd.random() < 0.95:
+                name = rnd.choice([n, n.lower(), n.upper()])
+                value = rnd.choice(values[n]) if rnd.random() < 0.25 else values[n][0]
+                lines.append(f"{name}:{rnd.choice(['', ' ', '  ', chr(9)])}{value}")
+                if rnd.random() < 0.03:
+                    lines.append(f"{n}: {rnd.choice(values[n])}")     # a duplicate
+        if rnd.random() < 0.1:
+            lines.append(rnd.choice(["Bad Name: x", "X-Ctl: a\x01b", "NoColon", ": empty", "X-Sp : v",
+                                     "X-Utf8: caf\u00e9", " folded", "X-Del: \x7f"]))
+        rnd.shuffle(lines)
+        method = rnd.choice(["GET"] * 18 + ["POST", "get"])
+        target = rnd.choice(["/", "/a?b=c", "/x/y", "/%20", "/q?", "/?a?b"] * 3 + ["*", "http://h/"])
+        version = rnd.choice(["HTTP/1.1"] * 18 + ["HTTP/1.0", "HTTP/2"])
+        head = (f"{method} {target} {version}\r\n" + "".join(l + "\r\n" for l in lines) + "\r\n").encode("utf-8")
+        fast = _core._fast_accept_for_test(head)
+        if fast is None:
+            continue
+        taken += 1
+        path, query, response, _ext = fast
+        assert python_answer(head) == ("accept", path, query, response), head
+    assert taken > 800
+
+
+def test_real_client_takes_fast_path_routes_with_on_connect_do_not():
+    """A `websockets` client's upgrade is answered by the C path; a route
+    with on_connect (also one given while serving) still runs it."""
+    import asyncio
+
+    import uvloop
+    import websockets
+
+    from fastws import App
+    from fastws.config import Config
+    from fastws.server import Server
+
+    app = App()
+    seen = []
+    app.route("/echo", on_message=lambda conn, data: conn.send(data))
+    app.route("/guarded", on_connect=lambda req: seen.append(req.path), on_message=lambda c, d: c.send(d))
+
+    async def roundtrip(port, path):
+        async with websockets.connect(f"ws://127.0.0.1:{port}{path}?q=1") as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+
+    async def main():
+        server = Server(app, Config(host="127.0.0.1", port=0))
+        await server.start()
+        try:
+            await roundtrip(server.port, "/echo")
+            assert server.hub.fast_upgrades == 1
+            await roundtrip(server.port, "/guarded")
+            assert seen == ["/guarded"] and server.hub.fast_upgrades == 1
+            app.route("/echo", on_connect=lambda req: seen.append("late " + req.query_string))
+            await roundtrip(server.port, "/echo")
+            assert seen == ["/guarded", "late q=1"] and server.hub.fast_upgrades == 1
+        finally:
+            await server.shutdown()
+
+    uvloop.run(main())
