@@ -9,13 +9,21 @@ it receives:
   encoding); a mismatch falls back to ``FrameParser``, a minimal RFC 6455
   client-side parser (RSV bits, opcodes, control-frame rules, fragments,
   masking), so a server that fragments or pings is still judged correctly;
-* fan-out subscribers parse every frame and check the sequence number.
+* fan-out subscribers parse every frame and check the sequence number;
+* with ``--protocol sio`` they are minimal Socket.IO v5 / Engine.IO v4
+  clients on a raw WebSocket (open packet, namespace CONNECT, ping/pong,
+  events and binary attachments), checked frame by frame the same way.
+
+``crossnode`` spreads the subscribers over two servers (``--port``,
+``--port-b``) that share rooms through a broker, publishes on the first and
+counts a message as acknowledged once a subscriber on the second also got it.
 
 One scenario per command, one JSON line on stdout::
 
     python -m fastws.bench.loadgen echo --port 9001 [--conns 64 --window 16 --size 32]
     python -m fastws.bench.loadgen latency --port 9001
     python -m fastws.bench.loadgen fanout --port 9001 --subscribers 1000
+    python -m fastws.bench.loadgen crossnode --port 9001 --port-b 9002 --subscribers 2000 [--protocol sio]
     python -m fastws.bench.loadgen memory --port 9001 --conns 10000 --server-pid PID
     python -m fastws.bench.loadgen handshake --port 9001 --conns 5000
     python -m fastws.bench.loadgen large --port 9001 --size 65536
@@ -248,11 +256,16 @@ class Client(asyncio.Protocol):
             self.fail(f"bad Sec-WebSocket-Accept {accept!r}")
             return
         self.upgraded = True
-        if not self.opened.done():
-            self.opened.set_result(self)
+        self.on_upgraded()
         tail = head[i + 4 :]
         if tail:
             self.on_data(tail)
+
+    def on_upgraded(self) -> None:
+        """The 101 was checked: the connection counts as open (a subclass
+        with its own opening exchange, like Socket.IO, resolves later)."""
+        if not self.opened.done():
+            self.opened.set_result(self)
 
     def on_data(self, data: bytes) -> None:  # pragma: no cover - overridden
         pass
@@ -466,6 +479,7 @@ class Subscriber(Client):
         self.sample = sample  # array to record latencies into, or None
         self.last_ns = 0
         self.waiter = None  # (count, future): resolved when next_seq reaches count
+        self.progress = None  # called after each read that delivered messages (a publisher's pump)
         self.slow = expect_len < 16 or expect_len > 125
         self.rest = b""
         self.head2 = bytes([0x82, expect_len]) if not self.slow else b""
@@ -520,28 +534,187 @@ class Subscriber(Client):
                 self.fail(f"unexpected message: opcode {op}, {len(payload)} bytes")
                 return
             seq, sent_ns = struct.unpack_from("<QQ", payload)
-            if seq != self.next_seq:
-                self.fail(f"out of order or missing: got seq {seq}, expected {self.next_seq}")
+            if not self.delivered(seq, sent_ns, t):
                 return
-            self.next_seq = seq + 1
-            if self.sample is not None:
-                self.sample.append(t - sent_ns)
         self.last_ns = t
         self.on_delivered()
 
+    def delivered(self, seq: int, sent_ns: int, t: int) -> bool:
+        """One checked message: it must be the next in sequence."""
+        if seq != self.next_seq:
+            self.fail(f"out of order or missing: got seq {seq}, expected {self.next_seq}")
+            return False
+        self.next_seq = seq + 1
+        if self.sample is not None:
+            self.sample.append(t - sent_ns)
+        return True
+
     def on_delivered(self) -> None:
         w = self.waiter
-        if w is not None and self.next_seq >= w[0] and not w[1].done():
+        if w is not None and (self.next_seq >= w[0] or self.closed) and not w[1].done():
+            w[1].set_result(None)
+        if self.progress is not None:
+            self.progress()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        w = self.waiter  # a lost subscriber will get nothing more: stop waiting for it
+        if w is not None and not w[1].done():
             w[1].set_result(None)
 
+    def publish_frames(self, seq: int, t: int, size: int) -> bytes:
+        """What a publisher of this protocol writes for message ``seq``."""
+        return client_frame(BINARY, struct.pack("<QQ", seq, t) + bytes(size - 16), self.mask)
 
-class Publisher(Subscriber):
-    """A subscriber that publishes; its own copies are acknowledgements."""
+
+# Engine.IO v4 / Socket.IO v5 over a raw WebSocket (no polling, no upgrade):
+# the server opens with ``0{json}``, the client joins the default namespace
+# with ``40``, the server answers ``40{"sid": ...}``; events are ``42[...]``;
+# a binary event is ``451-[..., {"_placeholder": true, "num": 0}]`` followed by
+# the attachment as a binary frame; the server pings with ``2``, the client
+# answers ``3``; ``6`` is a no-op.
+SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+SIO_EVENT = b'42["msg","'
+SIO_END = b'"]'
+SIO_BINARY_EVENT = b'451-["msg",{"_placeholder":true,"num":0}]'
+
+
+class SioSubscriber(Subscriber):
+    """A Socket.IO client on a raw WebSocket that checks every event.
+
+    Text mode: each event is ``42["msg","<seq:016x><send time ns:016x><filler>"]``
+    (a string of ``expect_len`` characters); binary mode (``binary = True``):
+    ``451-["msg",{placeholder}]`` + a binary frame with the same payload as
+    :class:`Subscriber` (seq u64 + send time u64 + zeros). Every frame goes
+    through :class:`FrameParser`; any other packet, or a sequence gap, fails
+    the connection. ``opened`` resolves on the namespace CONNECT answer.
+    """
+
+    binary = False
+
+    def __init__(self, request, stats, mask, expect_len, sample):
+        super().__init__(request, stats, mask, expect_len, sample)
+        self.slow = True  # always the full parser
+        self.eio_open = False  # got ``0{...}``
+        self.connected = False  # got ``40{...}``
+        self.attachment = False  # a binary event header came; its attachment is next
+        self.text_len = len(SIO_EVENT) + expect_len + len(SIO_END)
+        self.filler = b"." * (expect_len - 32)
+        self.pong = client_frame(TEXT, b"3", mask)
+
+    def on_upgraded(self) -> None:
+        pass  # open once the server accepted the namespace CONNECT
+
+    def on_data(self, data: bytes) -> None:
+        t = now_ns()
+        try:
+            msgs = self.parser.feed(data)
+        except ProtocolError as e:
+            self.fail(f"protocol error: {e}")
+            return
+        got = False
+        for op, p in msgs:
+            if op >= 8:
+                self.handle_control(op, p)
+                continue
+            if op == BINARY:
+                if not self.attachment:
+                    self.fail("binary frame without a binary event header")
+                    return
+                self.attachment = False
+                if len(p) != self.expect_len:
+                    self.fail(f"attachment of {len(p)} bytes, expected {self.expect_len}")
+                    return
+                seq, sent_ns = struct.unpack_from("<QQ", p)
+            elif self.attachment:
+                self.fail(f"text frame {p[:40]!r} where the binary attachment was due")
+                return
+            elif p == b"2":  # Engine.IO ping
+                self.transport.write(self.pong)
+                continue
+            elif not self.connected:
+                if not self.handshake(p):
+                    return
+                continue
+            elif self.binary and p == SIO_BINARY_EVENT:
+                self.attachment = True
+                continue
+            elif (not self.binary and len(p) == self.text_len and p.startswith(SIO_EVENT)
+                  and p.endswith(SIO_END)):
+                body = p[len(SIO_EVENT): -len(SIO_END)]
+                if body[:16] != b"%016x" % self.next_seq:
+                    self.fail(f"out of order or missing: got {body[:16]!r}, expected seq {self.next_seq}")
+                    return
+                if body[32:] != self.filler:
+                    self.fail("event payload changed in transit")
+                    return
+                try:
+                    seq, sent_ns = self.next_seq, int(body[16:32], 16)
+                except ValueError:
+                    self.fail(f"bad timestamp in event {body[:40]!r}")
+                    return
+            elif p == b"6":  # Engine.IO no-op
+                continue
+            else:
+                self.fail(f"unexpected Engine.IO/Socket.IO packet {p[:60]!r}")
+                return
+            if not self.delivered(seq, sent_ns, t):
+                return
+            got = True
+        if got:
+            self.last_ns = t
+            self.on_delivered()
+
+    def handshake(self, p: bytes) -> bool:
+        """``0{open}`` -> send ``40``; ``40{"sid"}`` -> open. False on failure."""
+        try:
+            if not self.eio_open:
+                info = json.loads(p[1:]) if p[:2] == b"0{" else None
+                if not (isinstance(info, dict) and isinstance(info.get("sid"), str)
+                        and isinstance(info.get("pingInterval"), int)):
+                    raise ValueError("expected the Engine.IO open packet 0{sid, pingInterval, ...}")
+                self.eio_open = True
+                self.transport.write(client_frame(TEXT, b"40", self.mask))
+                return True
+            if p[:3] == b"40{":
+                info = json.loads(p[2:])
+                if not (isinstance(info, dict) and isinstance(info.get("sid"), str)):
+                    raise ValueError("CONNECT answer without a sid")
+                self.connected = True
+                if not self.opened.done():
+                    self.opened.set_result(self)
+                return True
+            if p[:2] == b"44":
+                raise ValueError(f"namespace CONNECT refused: {p[:80]!r}")
+            raise ValueError(f"unexpected packet before CONNECT: {p[:60]!r}")
+        except ValueError as e:  # json.JSONDecodeError is one
+            self.fail(f"socket.io handshake: {e}")
+            return False
+
+    def publish_frames(self, seq: int, t: int, size: int) -> bytes:
+        if self.binary:
+            return (client_frame(TEXT, SIO_BINARY_EVENT, self.mask)
+                    + client_frame(BINARY, struct.pack("<QQ", seq, t) + bytes(size - 16), self.mask))
+        return client_frame(TEXT, SIO_EVENT + b"%016x%016x" % (seq, t) + self.filler + SIO_END, self.mask)
+
+
+class SioBinarySubscriber(SioSubscriber):
+    binary = True
+
+
+class _Publishing:
+    """A subscriber that publishes; its own copies are acknowledgements.
+
+    At most ``window`` messages are unacknowledged (not rate-limited). With
+    ``witness`` (a subscriber on another node), a message counts as
+    acknowledged only once both copies arrived, so the window bounds what is
+    in flight across nodes too.
+    """
 
     def __init__(self, *a, window, size, max_msgs, deadline_ns, rate):
         super().__init__(*a)
         self.window = window
-        self.filler = bytes(size - 16)
+        self.size = size
         self.max_msgs = max_msgs
         self.deadline_ns = deadline_ns
         self.rate = rate
@@ -549,6 +722,11 @@ class Publisher(Subscriber):
         self.first_ns = 0
         self.finished = asyncio.get_running_loop().create_future()
         self.timer = None
+        self.witness = None
+
+    def watch(self, witness) -> None:
+        self.witness = witness
+        witness.progress = self.pump
 
     def publish_one(self) -> None:
         t = now_ns()
@@ -558,8 +736,7 @@ class Publisher(Subscriber):
             return
         if not self.published:
             self.first_ns = t
-        payload = struct.pack("<QQ", self.published, t) + self.filler
-        self.transport.write(client_frame(BINARY, payload, self.mask))
+        self.transport.write(self.publish_frames(self.published, t, self.size))
         self.published += 1
 
     def start(self) -> None:
@@ -567,8 +744,7 @@ class Publisher(Subscriber):
             self.interval = 1e9 / self.rate
             self.tick()
         else:
-            for _ in range(self.window):
-                self.publish_one()
+            self.pump()
 
     def tick(self) -> None:
         if self.finished.done():
@@ -579,11 +755,36 @@ class Publisher(Subscriber):
             delay = max(0.0, (due - now_ns()) / 1e9)
             self.timer = asyncio.get_running_loop().call_later(delay, self.tick)
 
+    def pump(self) -> None:
+        if self.rate or self.finished.done() or self.transport is None:
+            return
+        acked = self.next_seq if self.witness is None else min(self.next_seq, self.witness.next_seq)
+        while self.published - acked < self.window and not self.finished.done():
+            self.publish_one()
+
     def on_delivered(self) -> None:
-        if not self.rate and not self.finished.done():
-            while self.published - self.next_seq < self.window and not self.finished.done():
-                self.publish_one()
+        self.pump()
         super().on_delivered()
+
+
+class Publisher(_Publishing, Subscriber):
+    pass
+
+
+class SioPublisher(_Publishing, SioSubscriber):
+    pass
+
+
+class SioBinaryPublisher(_Publishing, SioBinarySubscriber):
+    pass
+
+
+# --protocol: (subscriber class, publisher class, default path)
+PROTOCOLS = {
+    "ws": (Subscriber, Publisher, "/room"),
+    "sio": (SioSubscriber, SioPublisher, SIO_PATH),
+    "sio-binary": (SioBinarySubscriber, SioBinaryPublisher, SIO_PATH),
+}
 
 
 # ---------------------------------------------------------------- helpers
@@ -643,15 +844,20 @@ def rss_bytes(pid: int) -> int:
 
 
 class CpuMeter:
-    """CPU used by the server (from /proc) and by this load generator."""
+    """CPU used by the server (from /proc; several processes: the sum) and by
+    this load generator."""
 
-    def __init__(self, server_pid: int | None) -> None:
-        self.pid = server_pid
+    def __init__(self, server_pid: int | None, *more: int | None) -> None:
+        self.pids = [p for p in (server_pid, *more) if p]
+        self.pid = self.pids[0] if self.pids else None
         self.hz = os.sysconf("SC_CLK_TCK")
+
+    def ticks(self) -> int:
+        return sum(proc_cpu_ticks(p) for p in self.pids)
 
     def start(self) -> None:
         self.t0 = time.monotonic()
-        self.s0 = proc_cpu_ticks(self.pid) if self.pid else 0
+        self.s0 = self.ticks()
         r = resource.getrusage(resource.RUSAGE_SELF)
         c = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.c0 = r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
@@ -661,8 +867,8 @@ class CpuMeter:
         r = resource.getrusage(resource.RUSAGE_SELF)
         c = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = {"client_cpu": round((r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime - self.c0) / dt, 3)}
-        if self.pid:
-            out["server_cpu"] = round((proc_cpu_ticks(self.pid) - self.s0) / self.hz / dt, 3)
+        if self.pids:
+            out["server_cpu"] = round((self.ticks() - self.s0) / self.hz / dt, 3)
         return out
 
 
@@ -1059,20 +1265,23 @@ def wait_quiet(pid: int, timeout: float) -> None:
             return
 
 
-def _fanout_child(a, n, conn, srcs, sample_every, index0):
+def _fanout_child(a, n, conn, srcs, sample_every, index0, port, path):
+    """Child process: n subscribers of ``a.protocol`` on (port, path)."""
+
     async def main():
         stats = Stats()
         mask = mask_from(random.Random(a.seed + index0))
-        req = upgrade_request(a.host, a.port, a.path)
+        req = upgrade_request(a.host, port, path)
         samples = array.array("q")
         idx = [index0]
+        sub_cls = PROTOCOLS[a.protocol][0]
 
         def factory():
             i = idx[0]
             idx[0] += 1
-            return Subscriber(req, stats, mask, a.size, samples if i % sample_every == 0 else None)
+            return sub_cls(req, stats, mask, a.size, samples if i % sample_every == 0 else None)
 
-        clients = await open_many(n, factory, a.host, a.port, srcs=srcs, stats=stats)
+        clients = await open_many(n, factory, a.host, port, srcs=srcs, stats=stats)
         conn.send(("open", len(clients)))
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         w0 = time.monotonic()
@@ -1100,108 +1309,238 @@ def _fanout_child(a, n, conn, srcs, sample_every, index0):
     run_loop(main())
 
 
+async def probe_path(a, nodes, timeout: float) -> str | None:
+    """Until one message published on the first node reaches a subscriber on
+    the last one (fresh pair of connections per try, bounded): the broker
+    path is live. Returns an error, or None."""
+    sub_cls, pub_cls, _ = PROTOCOLS[a.protocol]
+    mask = mask_from(random.Random(a.seed - 1))
+    (port_a, path_a), (port_b, path_b) = nodes[0], nodes[-1]
+    deadline = time.monotonic() + timeout
+    last = "no try"
+    while time.monotonic() < deadline:
+        stats = Stats()
+        subs = await open_many(1, lambda: sub_cls(upgrade_request(a.host, port_b, path_b), stats, mask, a.size, None),
+                               a.host, port_b, stats=stats)
+        pubs = await open_many(1, lambda: pub_cls(
+            upgrade_request(a.host, port_a, path_a), stats, mask, a.size, None, window=1, size=a.size,
+            max_msgs=1, deadline_ns=now_ns() + int(60e9), rate=0), a.host, port_a, stats=stats)
+        if subs and pubs:
+            pubs[0].start()
+            if await wait_until(lambda: subs[0].next_seq and pubs[0].next_seq or stats.errors,
+                                min(1.0, max(0.05, deadline - time.monotonic()))):
+                if not stats.errors:
+                    await close_all(subs + pubs, 0.5)
+                    return None
+        last = "; ".join(stats.first_errors) or "the message did not arrive"
+        await close_all(subs + pubs, 0.5)
+        await asyncio.sleep(0.1)
+    return f"broker path from port {port_a} to port {port_b} not live within {timeout:.0f}s: {last}"
+
+
+async def worker_connections(host: str, port: int) -> dict:
+    """``websocket_worker_connections{worker="i"}`` from GET /metrics (fastws
+    with --workers; empty for any other server)."""
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+        w.write(f"GET /metrics HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+        body = await asyncio.wait_for(r.read(4 << 20), 5.0)
+        w.close()
+    except (OSError, asyncio.TimeoutError):
+        return {}
+    out = {}
+    for line in body.decode("latin-1").splitlines():
+        if line.startswith('websocket_worker_connections{worker="'):
+            name = line.split('"')[1]
+            out[name] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def run_fanout(a) -> dict:
     """N subscribers (one of them publishes); deliveries/s and latency."""
+    return fanout(a, [(a.port, a.path)], "fanout")
+
+
+def run_crossnode(a) -> dict:
+    """Subscribers split over node A (--port) and node B (--port-b; the same
+    port when absent: one server with workers); the publisher on node A; a
+    subscriber on node B also acknowledges (the window spans both nodes)."""
+    port_b = a.port_b or a.port
+    return fanout(a, [(a.port, a.path), (port_b, a.path)], "crossnode", witness=True)
+
+
+def fanout(a, nodes, scenario: str, witness: bool = False) -> dict:
+    """The fan-out driver of ``fanout`` and ``crossnode``.
+
+    ``nodes``: [(port, path)]; subscribers are split over them, the publisher
+    (a subscriber too, in this process) on the first, the witness (with
+    ``witness``: a subscriber in this process whose copies also acknowledge)
+    on the last; the rest live in forked child processes, per node.
+    """
     n_subs = a.subscribers
-    procs = a.procs or max(1, math.ceil(n_subs / 15000))
+    n_parent = 2 if witness else 1
+    if n_subs < n_parent:
+        raise SystemExit(f"{scenario} needs at least {n_parent} subscribers")
+    per_node = spread(n_subs, len(nodes))  # as even as possible; node A gets the odd one
+    res = result_base(a, scenario)
+    res.update(subscribers=n_subs, size=a.size, window=a.window, rate=a.rate, protocol=a.protocol)
+    if len(nodes) > 1:
+        res.update(nodes=[p for p, _ in nodes], subscribers_per_node=per_node)
+    if witness:
+        err = run_loop(probe_path(a, nodes, a.probe_timeout))
+        if err:
+            stats = Stats()
+            stats.error(err)
+            res["value"] = 0
+            return finish(res, stats, False)
     ctx = multiprocessing.get_context("fork")
     srcs_all = source_addresses(n_subs, a.src_addrs)
     sample_every = max(1, n_subs // 200)
-    pipes, children = [], []
-    start = 1  # subscriber 0 is the publisher, in this process
-    for i, n in enumerate(spread(n_subs - 1, procs)):
+    # (node, count) of each child process
+    in_parent = [0] * len(nodes)
+    in_parent[0] += 1
+    if witness:
+        in_parent[-1] += 1
+    plan = []
+    for node, total in enumerate(per_node):
+        left = total - in_parent[node]
+        if left > 0:
+            procs = a.procs or max(1, math.ceil(left / 15000))
+            plan += [(node, k) for k in spread(left, procs) if k]
+    nprocs = len(plan)
+    pipes, children, child_node = [], [], []
+    start = n_parent  # subscriber 0 is the publisher, 1 the witness (both in this process)
+    for i, (node, n) in enumerate(plan):
         parent, child = ctx.Pipe()
-        srcs = srcs_all[i::procs] or srcs_all
-        p = ctx.Process(target=_fanout_child, args=(a, n, child, srcs, sample_every, start), daemon=True)
+        srcs = srcs_all[i::nprocs] or srcs_all
+        port, path = nodes[node]
+        p = ctx.Process(target=_fanout_child, args=(a, n, child, srcs, sample_every, start, port, path),
+                        daemon=True)
         start += n
         p.start()
         pipes.append(parent)
         children.append(p)
-    opened = 1
+        child_node.append(node)
+    opened = 0
     deadline = time.monotonic() + 60 + n_subs / 500
     for pipe in pipes:
         if pipe.poll(max(0.1, deadline - time.monotonic())):
             opened += pipe.recv()[1]
+    sub_cls, pub_cls, _ = PROTOCOLS[a.protocol]
 
     async def publish():
         stats = Stats()
         mask = mask_from(random.Random(a.seed))
-        req = upgrade_request(a.host, a.port, a.path)
         samples = array.array("q")
+        wsamples = array.array("q")
         deadline_ns = now_ns() + int(a.duration * 1e9)
+        port_a, path_a = nodes[0]
         pubs = await open_many(
             1,
-            lambda: Publisher(
-                req, stats, mask, a.size, samples, window=a.window, size=a.size,
-                max_msgs=a.max_messages, deadline_ns=deadline_ns, rate=a.rate,
+            lambda: pub_cls(
+                upgrade_request(a.host, port_a, path_a), stats, mask, a.size, samples, window=a.window,
+                size=a.size, max_msgs=a.max_messages, deadline_ns=deadline_ns, rate=a.rate,
             ),
-            a.host, a.port, stats=stats,
+            a.host, port_a, stats=stats,
         )
-        if not pubs:
-            return None, stats, 0, samples, 0, 0
+        wits = []
+        if witness:
+            port_b, path_b = nodes[-1]
+            wits = await open_many(
+                1, lambda: sub_cls(upgrade_request(a.host, port_b, path_b), stats, mask, a.size, wsamples),
+                a.host, port_b, stats=stats,
+            )
+        if not pubs or len(wits) != int(witness):
+            await close_all(pubs + wits, 0.5)
+            return None, stats
         pub = pubs[0]
-        await asyncio.sleep(min(0.2, a.duration))  # let the server register the last subscribers
+        if wits:
+            pub.watch(wits[0])
+        # let the servers register the last subscribers (and their nodes subscribe at the broker)
+        await asyncio.sleep(min(a.settle_subs, a.duration))
         pub.deadline_ns = now_ns() + int(a.duration * 1e9)
-        cpu = CpuMeter(a.server_pid)
+        cpu = CpuMeter(a.server_pid, a.server_pid_b)
         cpu.start()
         pub.start()
-        try:
-            published = await asyncio.wait_for(asyncio.shield(pub.finished), a.duration + 30)
-        except asyncio.TimeoutError:
-            stats.error("publisher stalled (its own copies stopped arriving)")
+        # until the publisher is done, or one of this process's connections failed
+        if not await wait_until(lambda: pub.finished.done() or stats.errors or stats.lost, a.duration + 30):
+            stats.error("publisher stalled (its acknowledging copies stopped arriving)")
+        if pub.finished.done():
+            published = pub.finished.result()
+        else:
             published = pub.published
             pub.finished.cancel()
         if pub.timer:
             pub.timer.cancel()
-        timeout = 15.0 + published * n_subs / 20000
+        timeout = 15.0 + published * n_subs / 20000 if not (stats.errors or stats.lost) else 2.0
         for pipe in pipes:
             pipe.send(("count", published, timeout))
-        pub.waiter = (published, asyncio.get_running_loop().create_future())
-        pub.on_delivered()
-        try:
-            await asyncio.wait_for(pub.waiter[1], timeout)
-        except asyncio.TimeoutError:
-            pass
+        loop = asyncio.get_running_loop()
+        mine = pubs + wits
+        for c in mine:
+            c.waiter = (published, loop.create_future())
+            c.on_delivered()
+        await asyncio.wait([c.waiter[1] for c in mine], timeout=timeout)
         results = [await read_pipe(p) for p in pipes]
         cpu_res = cpu.stop()
-        own = pub.next_seq
-        await close_all(pubs, 0.5)
-        return (published, stats, pub.first_ns, samples, results, cpu_res, own, pub.last_ns)
+        workers = {}
+        if a.metrics:
+            # per-worker connection counts (snapshots are up to ~1 s old)
+            until = time.monotonic() + 3.0
+            while True:
+                workers = await worker_connections(a.host, port_a)
+                if sum(workers.values()) >= n_subs or time.monotonic() >= until:
+                    break
+                await asyncio.sleep(0.25)
+        out = dict(published=published, stats=stats, first_ns=pub.first_ns, samples=samples,
+                   wsamples=wsamples, results=results, cpu=cpu_res, workers=workers,
+                   own=[c.next_seq for c in mine], last=[c.last_ns for c in mine])
+        await close_all(mine, 0.5)
+        return out, stats
 
-    out = run_loop(publish())
-    res = result_base(a, "fanout")
-    res.update(subscribers=n_subs, opened=opened, size=a.size, window=a.window, rate=a.rate, procs=procs,
+    out, stats = run_loop(publish())
+    res.update(opened=opened + (len(out["own"]) if out else 0), procs=nprocs,
                source_addresses=len(srcs_all))
-    if out[0] is None:
+    if out is None:
         for pipe in pipes:
             try:
                 pipe.send(("count", 0, 0.1))
+                pipe.poll(5)
+                pipe.send("close")
             except OSError:
                 pass
+        for p in children:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
         res["value"] = 0
-        return finish(res, out[1], False)
-    published, stats, first_ns, samples, results, cpu_res, own, pub_last = out
-    own_ok = own == published
+        return finish(res, stats, False)
+    published = out["published"]
+    results = out["results"]
     for pipe in pipes:
         pipe.send("close")
     for p in children:
         p.join(5)
         if p.is_alive():
             p.kill()
-    complete = (1 if own_ok else 0) + sum(r[1] for r in results)
-    delivered = own + sum(r[3] for r in results)
-    last_ns = max([pub_last] + [r[4] for r in results])
-    for r in results:
-        samples.frombytes(r[5])
+    complete = sum(1 for own in out["own"] if own == published) + sum(r[1] for r in results)
+    delivered = sum(out["own"]) + sum(r[3] for r in results)
+    last_ns = max(out["last"] + [r[4] for r in results])
+    samples = out["samples"]
+    by_node = [array.array("q") for _ in nodes]
+    by_node[0].extend(samples)
+    by_node[-1].extend(out["wsamples"])
+    for r, node in zip(results, child_node):
+        by_node[node].frombytes(r[5])
         stats.errors += r[6]
         for e in r[7]:
             if len(stats.first_errors) < 5:
                 stats.first_errors.append(e)
         stats.lost += r[8]
-    s = sorted(samples)
-    secs = max(1e-9, (last_ns - first_ns) / 1e9)
+    s = sorted(x for arr in by_node for x in arr)
+    secs = max(1e-9, (last_ns - out["first_ns"]) / 1e9)
     us = lambda v: round(v / 1000, 1)  # noqa: E731
-    res.update(cpu_res)
+    res.update(out["cpu"])
     # CPU of each subscriber process, from its last connection open to its last delivery.
     res["subscriber_procs_cpu"] = [r[9] for r in results]
     res.update(
@@ -1218,7 +1557,15 @@ def run_fanout(a) -> dict:
         p99_us=us(percentile(s, 99)),
         max_us=us(s[-1]) if s else None,
     )
-    ok = opened == n_subs and complete == n_subs and published > 0
+    if len(nodes) > 1:
+        res["latency_by_node"] = [
+            {"port": nodes[i][0], "samples": len(arr), "p50_us": us(percentile(sorted(arr), 50)),
+             "p99_us": us(percentile(sorted(arr), 99))}
+            for i, arr in enumerate(by_node)
+        ]
+    if out["workers"]:
+        res["worker_connections"] = out["workers"]
+    ok = res["opened"] == n_subs and complete == n_subs and published > 0
     return finish(res, stats, ok)
 
 
@@ -1239,7 +1586,8 @@ DEFAULTS = {
     "large": dict(path="/echo", conns=1, size=65536, duration=3.0),
     "handshake": dict(path="/echo", conns=5000, duration=20.0),
     "memory": dict(path="/echo", conns=10000, duration=60.0),
-    "fanout": dict(path="/room", subscribers=1000, size=64, duration=3.0, window=8),
+    "fanout": dict(subscribers=1000, size=64, duration=3.0, window=8, settle_subs=0.2),
+    "crossnode": dict(subscribers=2000, size=64, duration=3.0, window=8, settle_subs=0.5),
 }
 
 
@@ -1263,6 +1611,18 @@ def parse_args(argv=None):
     p.add_argument("--procs", type=int, default=0, help="processes (0 = as many as needed)")
     p.add_argument("--src-addrs", type=int, default=0, help="loopback source addresses (0 = auto)")
     p.add_argument("--server-pid", type=int, default=0)
+    p.add_argument("--port-b", type=int, default=0,
+                   help="crossnode: node B's port (default: --port, i.e. one server with workers)")
+    p.add_argument("--server-pid-b", type=int, default=0, help="crossnode: node B's pid (CPU is summed)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="ws",
+                   help="fanout/crossnode: plain WebSocket relay (binary), or Socket.IO events "
+                        "(sio: text event with a --size-character string; sio-binary: binary attachment)")
+    p.add_argument("--metrics", action="store_true",
+                   help="fanout/crossnode: report per-worker connections from the server's GET /metrics")
+    p.add_argument("--probe-timeout", type=float, default=10.0,
+                   help="crossnode: seconds to wait for the broker path to carry a first message")
+    p.add_argument("--settle-subs", type=float,
+                   help="fanout/crossnode: seconds between the last subscriber's open and the first publish")
     p.add_argument("--settle", type=float, default=0.5, help="memory: settle time before RSS reads")
     p.add_argument("--binary", action="store_true", help="echo/latency: binary instead of text")
     p.add_argument("--raw", action="store_true", help="server echoes raw bytes (our masked frames)")
@@ -1274,6 +1634,13 @@ def parse_args(argv=None):
     for k in ("conns", "window", "size", "subscribers"):
         if getattr(a, k, None) is None:
             setattr(a, k, 1)
+    if a.path is None:
+        a.path = PROTOCOLS[a.protocol][2]
+    if a.scenario in ("fanout", "crossnode"):
+        low = 32 if a.protocol == "sio" else 16
+        if a.size < low or (a.protocol == "sio" and a.size + len(SIO_EVENT) + len(SIO_END) > 125):
+            p.error(f"--size: {a.size} does not fit protocol {a.protocol} (at least {low}"
+                    + (", at most 113)" if a.protocol == "sio" else ")"))
     return a
 
 
@@ -1290,6 +1657,8 @@ def main(argv=None) -> int:
         res = run_memory(a)
     elif a.scenario == "fanout":
         res = run_fanout(a)
+    elif a.scenario == "crossnode":
+        res = run_crossnode(a)
     else:
         fn = {"echo": run_echo, "latency": run_latency, "large": run_large, "handshake": run_handshake}[a.scenario]
         res = run_loop(fn(a))

@@ -16,12 +16,15 @@ got every broadcast, every connection upgraded); timings are never asserted.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import functools
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -54,12 +57,20 @@ class ServerSpec:
     cwd: str | None = None
     skip: str | None = None  # reason it cannot run here
     asgi: bool = False  # serves fastws.bench.peers.asgi_apps (the asgi-* scenarios), nothing else
-    key: str | None = None  # key among the running servers (default: name; fastws has two apps)
+    key: str | None = None  # key among the running servers (default: name; fastws has several setups)
     paths: dict = field(default_factory=dict)  # scenario name -> --path for the load generator
+    suite: str = ""  # which scenarios it serves: "ws" (the relay), "asgi", "crossnode"
+    # crossnode suite: processes started together (node A, node B); argv is then
+    # (port, channel) -> list, channel being a fresh Redis channel/prefix per start
+    nodes: int = 0
+    workers: int = 0  # the process runs fastws --workers N: wait until all N serve
+    loadgen_args: list = field(default_factory=list)  # extra load generator arguments
 
     def __post_init__(self) -> None:
         if self.key is None:
             self.key = self.name
+        if not self.suite:
+            self.suite = "asgi" if self.asgi else "ws"
 
 
 def _py(module: str, *extra: str):
@@ -94,12 +105,16 @@ def _node_env() -> tuple[str | None, dict]:
     return None, env
 
 
+def _relay_app() -> tuple[str, str | None]:
+    """(app, cwd): examples.relay:app in the repo, else the shipped copy of the relay."""
+    if Path("examples/relay.py").is_file():
+        return "examples.relay:app", str(Path.cwd())
+    return "fastws.bench.peers.fastws_relay:app", None
+
+
 def _fastws_spec() -> ServerSpec:
     """fastws serve examples.relay:app (repo) or the shipped copy of the relay."""
-    if Path("examples/relay.py").is_file():
-        app, cwd = "examples.relay:app", str(Path.cwd())
-    else:
-        app, cwd = "fastws.bench.peers.fastws_relay:app", None
+    app, cwd = _relay_app()
     argv = lambda port: [  # noqa: E731
         sys.executable, "-m", "fastws.cli.main", "serve", app, "--host", HOST, "--port", str(port),
         "--max-message-size", str(16 * 1024 * 1024), "--log-level", "warning",
@@ -163,6 +178,71 @@ def _asgi_peer_spec(name: str) -> ServerSpec:
                       paths={"asgi-broadcast": ASGI_MANAGER_PATH})
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the crossnode scenarios' broker (loopback only)
+
+
+def _redis_command(*words: str, timeout: float = 2.0) -> bytes:
+    """One inline command to the Redis at REDIS_URL; its raw reply (OSError if unreachable)."""
+    with socket.create_connection((HOST, 6379), timeout=timeout) as sock:
+        sock.sendall(" ".join(words).encode() + b"\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+            if reply.startswith(b"$"):  # bulk string: $<length>\r\n<data>\r\n
+                head, sep, rest = reply.partition(b"\r\n")
+                if sep and len(rest) >= int(head[1:]) + 2:
+                    break
+            elif reply.endswith(b"\r\n"):
+                break
+        return reply
+
+
+def _redis_skip() -> str | None:
+    if importlib.util.find_spec("redis") is None:
+        return 'not installed: redis (pip install "fastws[bench]")'
+    try:
+        reply = _redis_command("PING")
+    except OSError as e:
+        return f"Redis is not reachable at {REDIS_URL} ({e}): start redis-server"
+    if not reply.startswith(b"+PONG"):
+        return f"Redis at {REDIS_URL} did not answer PING: {reply[:60]!r}"
+    return None
+
+
+def _redis_version() -> str | None:
+    try:
+        for line in _redis_command("INFO", "server").decode(errors="replace").splitlines():
+            if line.startswith("redis_version:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+CROSSNODE = ["fastws-redis", "fastws-embedded", "socketio-redis"]
+
+
+def _crossnode_spec(name: str) -> ServerSpec:
+    """The crossnode suite: the relay on 2 nodes through Redis, or on --workers 2 (embedded broker)."""
+    if name == "socketio-redis":
+        argv = lambda port, channel: [  # noqa: E731
+            sys.executable, "-m", "fastws.bench.peers.socketio_relay", "--host", HOST, "--port", str(port),
+            "--redis", REDIS_URL, "--channel", channel]
+        return ServerSpec(name, f"python-socketio AsyncServer (aiohttp) + AsyncRedisManager({REDIS_URL}) x 2 nodes",
+                          argv, skip=_missing("socketio", "engineio", "aiohttp", "uvloop") or _redis_skip(),
+                          suite="crossnode", nodes=2, loadgen_args=["--protocol", "sio"])
+    base = _fastws_spec()
+    app = _relay_app()[0]
+    if name == "fastws-redis":
+        argv = lambda port, channel: [*base.argv(port), "--broker", REDIS_URL, "--broker-prefix", channel]  # noqa: E731
+        return ServerSpec("fastws", f"fastws ({app}) x 2 nodes, --broker {REDIS_URL}", argv, env=base.env,
+                          cwd=base.cwd, skip=base.skip or _redis_skip(), suite="crossnode", key=name, nodes=2)
+    argv = lambda port, channel: [*base.argv(port), "--workers", "2"]  # noqa: E731
+    return ServerSpec(name, f"fastws ({app}) --workers 2, embedded broker (no Redis)", argv, env=base.env,
+                      cwd=base.cwd, skip=base.skip, suite="crossnode", nodes=1, workers=2,
+                      loadgen_args=["--metrics"])
+
+
 NEEDS = {
     "websockets": ("websockets",), "aiohttp": ("aiohttp",), "picows": ("picows",),
     "uvicorn-websockets": ("uvicorn", "starlette", "websockets"),
@@ -202,6 +282,8 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
             specs.append(_fastws_asgi_spec())
         elif name in ASGI_PEERS:
             specs.append(_asgi_peer_spec(name))
+        elif name in CROSSNODE:
+            specs.append(_crossnode_spec(name))
         else:
             raise click.BadParameter(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")
         if name in NEEDS and specs[-1].skip is None:
@@ -211,7 +293,7 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
 
 ASGI_PEERS = ["uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi", "granian-asgi"]
 ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws",
-               "socketify", *ASGI_PEERS]
+               "socketify", *ASGI_PEERS, *CROSSNODE[1:]]
 
 
 def free_port() -> int:
@@ -257,6 +339,9 @@ class RunningServer:
         self.stop()
         raise RuntimeError(f"{self.spec.name} did not listen on port {self.port} within {timeout:.0f}s")
 
+    def loadgen_args(self) -> list[str]:
+        return list(self.spec.loadgen_args)
+
     def log_tail(self, n: int = 3) -> str:
         try:
             lines = (self.logdir / f"{self.spec.key}.{self.starts}.log").read_text(errors="replace").splitlines()
@@ -295,6 +380,80 @@ class RunningServer:
                 return
 
 
+def _worker_count(port: int) -> int:
+    """Workers listed in fastws's GET /metrics (websocket_worker_connections), 0 if none."""
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as sock:
+            sock.sendall(f"GET /metrics HTTP/1.0\r\nHost: {HOST}:{port}\r\n\r\n".encode())
+            body = b""
+            while chunk := sock.recv(65536):
+                body += chunk
+    except OSError:
+        return 0
+    return body.count(b"\nwebsocket_worker_connections{")
+
+
+class ServerGroup:
+    """A server of the crossnode suite: ``spec.nodes`` processes (node A,
+    node B) started and stopped together, all or none; each start gets a
+    fresh Redis channel / broker prefix, so runs never share traffic."""
+
+    def __init__(self, spec: ServerSpec, logdir: Path) -> None:
+        self.spec = spec
+        self.nodes = [RunningServer(spec, logdir) for _ in range(spec.nodes)]
+        self.channel = ""
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    @property
+    def pid(self) -> int:
+        return self.nodes[0].pid
+
+    def alive(self) -> bool:
+        return all(n.alive() for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.stop()
+        self.channel = f"fastws-bench-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            for i, node in enumerate(self.nodes):
+                node.spec = dataclasses.replace(self.spec, key=f"{self.spec.key}-{'ab'[i]}",
+                                                argv=functools.partial(self.spec.argv, channel=self.channel))
+                node.start(timeout)
+            if self.spec.workers:
+                deadline = time.monotonic() + timeout
+                while _worker_count(self.port) < self.spec.workers:
+                    if time.monotonic() > deadline or not self.alive():
+                        raise RuntimeError(f"{self.spec.key}: {self.spec.workers} workers not serving within "
+                                           f"{timeout:.0f}s: {self.log_tail()}")
+                    time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def log_tail(self, n: int = 3) -> str:
+        if len(self.nodes) == 1:
+            return self.nodes[0].log_tail(n)
+        return " / ".join(f"node {'AB'[i]}: {node.log_tail(n)}" for i, node in enumerate(self.nodes))
+
+    def wait_quiet(self, timeout: float = 3.0) -> None:
+        for n in self.nodes:
+            n.wait_quiet(timeout)
+
+    def loadgen_args(self) -> list[str]:
+        args = list(self.spec.loadgen_args)
+        if len(self.nodes) > 1:
+            b = self.nodes[-1]
+            args += ["--port-b", str(b.port), "--server-pid-b", str(b.pid)]
+        return args
+
+
 # ---------------------------------------------------------------- scenarios
 
 
@@ -311,9 +470,14 @@ class Scenario:
     timeout: float = 180.0
     asgi: bool = False  # served by the ASGI servers (fastws.bench.peers.asgi_apps) only
     path: str | None = None  # --path for the load generator (a server's own `paths` wins)
+    suite: str = ""  # the servers it runs on (ServerSpec.suite): "ws", "asgi" or "crossnode"
+
+    def __post_init__(self) -> None:
+        if not self.suite:
+            self.suite = "asgi" if self.asgi else "ws"
 
     def runs_on(self, spec: ServerSpec) -> bool:
-        if self.asgi != spec.asgi:
+        if self.suite != spec.suite:
             return False
         return not (self.relay and spec.raw)
 
@@ -326,14 +490,21 @@ SCENARIOS = [
              ["--size", "32", "--duration", "3", "--rounds", "30000"],
              ["--size", "32", "--duration", "1", "--rounds", "100", "--warmup-rounds", "10"],
              higher_is_better=False),
-    Scenario("fanout-1k", "fanout", "Fan-out to 1,000 subscribers, 64 B binary",
-             ["--subscribers", "1000", "--size", "64", "--duration", "3"],
+    # The publisher keeps W messages in flight (its own copies are the acks).
+    # W = 32 is the headline (a feed publishes faster than one round trip per
+    # few messages); W = 8 is kept so the effect of batching stays visible.
+    Scenario("fanout-1k", "fanout", "Fan-out to 1,000 subscribers, 64 B binary, 32 in flight",
+             ["--subscribers", "1000", "--size", "64", "--duration", "3", "--window", "32"],
              ["--subscribers", "50", "--size", "64", "--duration", "0.15"], relay=True),
-    Scenario("fanout-10k", "fanout", "Fan-out to 10,000 subscribers, 64 B binary",
-             ["--subscribers", "10000", "--size", "64", "--duration", "3"],
+    Scenario("fanout-10k", "fanout", "Fan-out to 10,000 subscribers, 64 B binary, 32 in flight",
+             ["--subscribers", "10000", "--size", "64", "--duration", "3", "--window", "32"],
              ["--subscribers", "200", "--size", "64", "--duration", "0.15"], relay=True, timeout=300),
-    Scenario("fanout-latency", "fanout", "Fan-out latency at a fixed 10 msg/s to 1,000 subscribers (p99)",
-             ["--subscribers", "1000", "--size", "64", "--duration", "3", "--rate", "10"],
+    Scenario("fanout-10k-w8", "fanout", "Fan-out to 10,000 subscribers, 64 B binary, 8 in flight",
+             ["--subscribers", "10000", "--size", "64", "--duration", "3", "--window", "8"],
+             ["--subscribers", "200", "--size", "64", "--duration", "0.15", "--window", "8"],
+             relay=True, timeout=300),
+    Scenario("fanout-latency", "fanout", "Fan-out latency at a fixed 20 msg/s to 1,000 subscribers, 10 s (p99)",
+             ["--subscribers", "1000", "--size", "64", "--duration", "10", "--rate", "20"],
              ["--subscribers", "50", "--size", "64", "--duration", "0.15", "--rate", "40"],
              higher_is_better=False, relay=True),
     Scenario("memory", "memory", "Idle memory per upgraded connection, K = 10,000 (VmRSS delta / K)",
@@ -357,6 +528,20 @@ SCENARIOS = [
     Scenario("asgi-memory", "memory", "ASGI (Starlette) idle memory per upgraded connection, K = 10,000",
              ["--conns", "10000"], ["--conns", "200", "--settle", "0"],
              higher_is_better=False, fresh=True, timeout=300, asgi=True, path="/echo"),
+    # Cross-node: subscribers half on node A, half on node B, the publisher on node A (its own copy
+    # and one node-B subscriber's acknowledge: 8 in flight across both nodes); fresh nodes and a
+    # fresh Redis channel/prefix for each measurement. fastws: plain WebSocket, 64-byte binary;
+    # python-socketio: a text event 42["msg","<64 characters>"].
+    Scenario("crossnode", "crossnode",
+             "Cross-node fan-out via Redis, 2,000 subscribers on 2 nodes, 64 B",
+             ["--subscribers", "2000", "--size", "64", "--duration", "3"],
+             ["--subscribers", "40", "--size", "64", "--duration", "0.2"],
+             relay=True, fresh=True, suite="crossnode", timeout=240),
+    Scenario("crossnode-latency", "crossnode",
+             "Cross-node latency via Redis, 5 msg/s to 2,000 subscribers on 2 nodes (p99)",
+             ["--subscribers", "2000", "--size", "64", "--duration", "5", "--rate", "5"],
+             ["--subscribers", "40", "--size", "64", "--duration", "0.2", "--rate", "40"],
+             higher_is_better=False, relay=True, fresh=True, suite="crossnode", timeout=240),
 ]
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
 
@@ -369,6 +554,7 @@ def run_loadgen(sc: Scenario, server: RunningServer, quick: bool, seed: int) -> 
     path = server.spec.paths.get(sc.name, sc.path)
     if path:
         argv += ["--path", path]
+    argv += server.loadgen_args()
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=sc.timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -408,7 +594,10 @@ def environment(specs: list[ServerSpec]) -> dict:
         pass
     versions = {d: _version(d) for d in (
         "fastws", "uvloop", "websockets", "aiohttp", "picows", "wsproto", "uvicorn", "starlette",
-        "socketify", "httptools", "click", "matplotlib", "Cython", "hypercorn", "granian", "h11")}
+        "socketify", "httptools", "click", "matplotlib", "Cython", "hypercorn", "granian", "h11",
+        "python-socketio", "python-engineio", "redis", "hiredis")}
+    if any(s.suite == "crossnode" and not s.skip for s in specs):
+        versions["redis-server"] = _redis_version()
     node = next((s for s in specs if s.name == "node-ws"), None)
     if shutil.which("node"):
         try:
@@ -509,7 +698,7 @@ def markdown(results: dict) -> str:
             if good:
                 med = lambda k: statistics.median(r[k] for r in good)  # noqa: E731
                 out.append(f"| {name} | {fmt(med('p50_us'))} | {fmt(med('p99_us'))} | {fmt(med('p999_us'))} |")
-    for key in ("fanout-latency", "fanout-1k", "fanout-10k"):
+    for key in ("fanout-latency", "fanout-1k", "fanout-10k", "fanout-10k-w8"):
         fo = results["scenarios"].get(key)
         if fo:
             how = "at a fixed rate" if key == "fanout-latency" else "while saturated (queueing included)"
@@ -520,6 +709,25 @@ def markdown(results: dict) -> str:
                 if good:
                     out.append(f"| {name} | {fmt(statistics.median(r['p50_us'] for r in good))} | "
                                f"{fmt(statistics.median(r['p99_us'] for r in good))} |")
+    for key in ("crossnode", "crossnode-latency"):
+        cn = results["scenarios"].get(key)
+        if cn:
+            how = "at a fixed rate" if key == "crossnode-latency" else "while saturated (8 in flight)"
+            out += ["", f"{key}: publish-to-receive latency {how} (median over repeats, µs; node A holds the "
+                    "publisher, node B gets every message through the broker); subscribers per worker:", "",
+                    "| server | p50 | p99 | p99 node A | p99 node B | deliveries/s | subscribers per worker |",
+                    "|---|---:|---:|---:|---:|---:|---|"]
+            for name, runs in cn["runs"].items():
+                good = [r for r in runs if r.get("ok")]
+                if not good:
+                    continue
+                med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731
+                two = all(len(set(r.get("nodes", []))) == 2 for r in good)  # 2 nodes (not one --workers port)
+                node = (lambda i: med(lambda r: r["latency_by_node"][i]["p99_us"])) if two else (lambda i: "-")
+                workers = good[-1].get("worker_connections")
+                per_worker = ", ".join(f"{w}: {n:,}" for w, n in sorted(workers.items())) if workers else "-"
+                out.append(f"| {name} | {med(lambda r: r['p50_us'])} | {med(lambda r: r['p99_us'])} | {node(0)} | "
+                           f"{node(1)} | {med(lambda r: r['deliveries_per_s'])} | {per_worker} |")
     if results["skipped"]:
         out += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in results["skipped"].items()]
     return "\n".join(out) + "\n"
@@ -568,9 +776,11 @@ def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
 
 
 def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path | None, seed: int) -> int:
-    names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi")]
+    names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi", "fastws-redis")]
     if any(s.asgi for s in SCENARIOS if s.name in scenarios):
         names.insert(1, "fastws-asgi")  # the same engine serving the ASGI app (reported as "fastws")
+    if any(s.suite == "crossnode" for s in SCENARIOS if s.name in scenarios):
+        names.insert(1, "fastws-redis")  # the relay on 2 nodes through Redis (reported as "fastws")
     specs = server_specs(names)
     skipped = {}
     for s in specs:
@@ -581,7 +791,7 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env = environment(specs)
     logdir = Path(tempfile.mkdtemp(prefix="fastws-bench-logs-"))
-    servers = {s.key: RunningServer(s, logdir) for s in specs if not s.skip}
+    servers = {s.key: (ServerGroup if s.nodes else RunningServer)(s, logdir) for s in specs if not s.skip}
     results = {
         "fastws_bench": 1, "started": started, "finished": None, "quick": quick, "repeat": repeat,
         "seed": seed, "command": sys.argv, "environment": env, "host": HOST, "skipped": skipped,

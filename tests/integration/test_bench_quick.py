@@ -4,7 +4,8 @@ The smoke mode uses tiny sizes and asserts correctness only (every message
 echoed byte for byte, every subscriber got every broadcast in order, every
 connection upgraded); it never asserts a timing. A peer whose library is not
 installed is skipped by the runner with a line saying so; here only socketify
-(optional, not in ``[bench]``) may be.
+(optional, not in ``[bench]``) may be. The cross-node scenarios need the Redis
+at 127.0.0.1:6379 (``.ci/run`` starts it).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_bench_quick(tmp_path):
                 assert r["errors"] == 0 and r["lost_connections"] == 0, (name, server, r)
                 if r["scenario"] == "echo":
                     assert r["echoed_total"] == r["sent_total"] > 0, r
-                elif r["scenario"] == "fanout":
+                elif r["scenario"] in ("fanout", "crossnode"):
                     assert r["deliveries"] == r["expected_deliveries"] > 0, r
                     assert r["subscribers_complete"] == r["subscribers"], r
                 elif r["scenario"] in ("memory", "handshake"):
@@ -78,5 +79,22 @@ def test_bench_quick(tmp_path):
         want = "/rooms/bench" if server == "fastws" else "/manager/bench"
         assert all(r["path"] == want for r in runs), (server, runs)
     assert all(r["path"] == "/echo" for runs in results["scenarios"]["asgi-echo"]["runs"].values() for r in runs)
+    # Cross-node: the relay on 2 nodes through Redis (fastws, python-socketio with AsyncRedisManager)
+    # and on one `fastws serve --workers 2` (embedded broker); every subscriber got every message in
+    # order (checked per message by the load generator), on both nodes / both workers.
+    for name in ("crossnode", "crossnode-latency"):
+        runs = results["scenarios"][name]["runs"]
+        assert set(runs) == {"fastws", "fastws-embedded", "socketio-redis"}, (name, set(runs))
+        for server, rs in runs.items():
+            for r in rs:
+                assert r["subscribers_complete"] == r["subscribers"] == r["opened"], (name, server, r)
+                assert r["protocol"] == ("sio" if server == "socketio-redis" else "ws"), (name, server, r)
+                if server == "fastws-embedded":
+                    workers = r["worker_connections"]
+                    assert len(workers) == 2 and sum(workers.values()) == r["subscribers"], (name, r)
+                    assert all(n > 0 for n in workers.values()), (name, r)  # members on both workers
+                else:
+                    assert len(set(r["nodes"])) == 2, (name, server, r)
+                    assert all(n > 0 for n in r["subscribers_per_node"]), (name, server, r)
     assert list(tmp_path.glob("quick-*.md")), report
     assert list(tmp_path.glob("quick-*-echo.png")), report
