@@ -6,6 +6,9 @@ Metadata lives in pyproject.toml.  Environment switches:
   wsproto-backed engine (``fastws.core.IMPLEMENTATION == "wsproto"``).
 * ``FASTWS_DEBUG=1`` - bounds/wraparound checks on, line tracing for coverage,
   and a ``cython -a`` HTML annotation next to the source.
+* ``FASTWS_NO_COUNTERS=1`` - compile the per-message counters out (the
+  metrics then show zero messages and bytes): only for ``bench/counters.py``,
+  which measures what counting costs.
 """
 
 import os
@@ -14,6 +17,7 @@ from setuptools import Extension, setup
 
 NO_EXTENSIONS = os.environ.get("FASTWS_NO_EXTENSIONS") == "1"
 DEBUG = os.environ.get("FASTWS_DEBUG") == "1"
+NO_COUNTERS = os.environ.get("FASTWS_NO_COUNTERS") == "1"
 
 ext_modules = []
 if not NO_EXTENSIONS:
@@ -31,6 +35,8 @@ if not NO_EXTENSIONS:
     if DEBUG:
         directives["linetrace"] = True
         macros.append(("CYTHON_TRACE_NOGIL", "1"))
+    if NO_COUNTERS:
+        macros.append(("FASTWS_COUNTERS", "0"))
     ext_modules = cythonize(
         [
             Extension(

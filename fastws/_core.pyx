@@ -130,6 +130,17 @@ cdef extern from *:
     void fastws_sha1(const unsigned char* msg, size_t len, unsigned char* out) nogil
     void fastws_b64_20(const unsigned char* inp, char* out) nogil
 
+# Frame-level counters (messages and bytes in/out, exported by fastws.metrics)
+# are always on; FASTWS_NO_COUNTERS=1 at build time compiles them out, only
+# to measure what counting costs (bench/counters.py).
+cdef extern from *:
+    """
+    #ifndef FASTWS_COUNTERS
+    #define FASTWS_COUNTERS 1
+    #endif
+    """
+    const bint COUNTERS "FASTWS_COUNTERS"
+
 cdef extern from "<string.h>":
     void* memmem(const void* haystack, size_t hl, const void* needle, size_t nl) nogil
 
@@ -1469,7 +1480,8 @@ cdef class Hub:
             else:
                 c._queue(frame)
             n += 1
-        self.messages_out += n
+        if COUNTERS:
+            self.messages_out += n
         return n
 
     @property
@@ -1558,7 +1570,8 @@ cdef class Connection(Engine):
         return _READ_BUFFER
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        self._hub.bytes_in += nbytes
+        if COUNTERS:
+            self._hub.bytes_in += nbytes
         self._rx_tick = self._hub._tick_no
         if self._read_direct:
             self._read_direct = False
@@ -1583,7 +1596,8 @@ cdef class Connection(Engine):
     def data_received(self, data):
         """For transports that do not use the buffered-protocol path (the
         stdlib loop's, TLS on some loops): same as bytes read by get_buffer."""
-        self._hub.bytes_in += len(data)
+        if COUNTERS:
+            self._hub.bytes_in += len(data)
         self._rx_tick = self._hub._tick_no
         self.feed(data)
 
@@ -1819,7 +1833,8 @@ cdef class Connection(Engine):
     # ---------------------------------------------------------- engine hooks
 
     cdef int _on_message(self, int opcode, object payload) except -1:
-        self._hub.messages_in += 1
+        if COUNTERS:
+            self._hub.messages_in += 1
         self._msg_tick = self._hub._tick_no
         cb = self._on_message_cb
         if cb is None:
@@ -1905,7 +1920,8 @@ cdef class Connection(Engine):
             self._wq = None
             self._wq_size = 0
             if t is not None:
-                self._hub.bytes_out += size
+                if COUNTERS:
+                    self._hub.bytes_out += size
                 if self._fd >= 0 and self._write_direct(wq, size):
                     pass                    # the kernel took it all
                 elif type(wq) is bytes:
@@ -2056,7 +2072,8 @@ cdef class Connection(Engine):
         Raises ConnectionClosed once the connection is closing or closed."""
         if self.state != S_OPEN or self._phase != P_OPEN:
             self._raise_closed()
-        self._hub.messages_out += 1
+        if COUNTERS:
+            self._hub.messages_out += 1
         if (type(message) is bytes and PyBytes_GET_SIZE(message) >= SPLIT_SEND_MIN
                 and self._deflate_params is None):
             # large binary: header and payload go out by writev, no copy
