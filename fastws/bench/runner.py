@@ -689,6 +689,19 @@ def markdown(results: dict) -> str:
             ok = f"{s['n']}/{len(sc['runs'][name])}" + ("" if s["ok"] else " FAILED")
             out.append(f"| {sc['name']} | {name} | {fmt(s.get('median'))} | {fmt(s.get('min'))} | "
                        f"{fmt(s.get('max'))} | {s.get('unit') or ''} | {ratio} | {ok} |")
+    hs = results["scenarios"].get("handshake")
+    if hs:
+        # the rate is bounded by the load generator (one process, about one
+        # core) for the fastest servers; the server's own CPU per upgrade says
+        # how much each server needs, whoever is the bottleneck
+        out += ["", "handshake: server CPU per upgraded connection (median over repeats, µs; "
+                "load generator CPU in cores):", "", "| server | server µs/connection | load generator cores |",
+                "|---|---:|---:|"]
+        for name, runs in hs["runs"].items():
+            good = [r for r in runs if r.get("ok") and r.get("value") and r.get("server_cpu") is not None]
+            if good:
+                out.append(f"| {name} | {fmt(statistics.median(r['server_cpu'] / r['value'] * 1e6 for r in good))} | "
+                           f"{fmt(statistics.median(r.get('client_cpu', 0) for r in good))} |")
     lat = results["scenarios"].get("latency")
     if lat:
         out += ["", "Latency percentiles (median over repeats, µs):", "",
