@@ -125,7 +125,8 @@ class Config:
                               kind="seconds", check=lambda v: v >= 1, allowed="seconds >= 1")
     # -- scale-out (fastws.broker) ------------------------------------------------
     broker: str = knob("", "Broker URL for rooms across workers and nodes: redis://host:port/db, "
-                       "rediss://..., redis+cluster://host:port[,host:port], unix:///path.sock, "
+                       "rediss://..., redis+streams://host:port/db (no loss over short outages, room history), "
+                       "redis+cluster://host:port[,host:port], unix:///path.sock, "
                        "memory:// (empty: rooms are local to the process; with --workers an "
                        "embedded broker joins the workers).", kind="str")
     broker_prefix: str = knob("", "Prefix of the broker's channel names (several apps on one Redis).",

@@ -3,15 +3,19 @@
 One contract, :class:`Broker`, several backends chosen by URL
 (:func:`create_broker`):
 
-==============================  ==============================================
-``memory://[name]``             one process (the default): brokers created with
-                                the same name share an in-process bus
-``unix:///path.sock``           workers on one machine: the embedded hub the
-                                supervisor runs (:mod:`fastws.broker.embedded`)
-``redis://host:port/db``        Redis pub/sub (``rediss://`` for TLS)
-``redis+cluster://h:p[,h:p]``   Redis Cluster, sharded pub/sub (SPUBLISH)
-``package.module.Class``        your own class, called as ``Class(url, **opts)``
-==============================  ==============================================
+==================================  ====================================================
+``memory://[name]``                 one process (the default): brokers created with
+                                    the same name share an in-process bus
+``unix:///path.sock``               workers on one machine: the embedded hub the
+                                    supervisor runs (:mod:`fastws.broker.embedded`)
+``redis://host:port/db``            Redis pub/sub (``rediss://`` for TLS)
+``redis+cluster://h:p[,h:p]``       Redis Cluster, sharded pub/sub (SPUBLISH)
+``redis+streams://host:port/db``    Redis Streams: capped per-room streams, no loss
+                                    over a short outage, history
+                                    (:mod:`fastws.broker.streams`; ``rediss+streams://``
+                                    for TLS)
+``package.module.Class``            your own class, called as ``Class(url, **opts)``
+==================================  ====================================================
 
 Keys and channels
 -----------------
@@ -245,6 +249,9 @@ def create_broker(url: str | None = None, **opts) -> Broker:
     if scheme in ("redis+cluster", "rediss+cluster"):
         from .cluster import ClusterBroker
         return ClusterBroker(url, **opts)
+    if scheme in ("redis+streams", "rediss+streams"):
+        from .streams import StreamsBroker
+        return StreamsBroker(url, **opts)
     if scheme == "unix":
         from .embedded import EmbeddedBroker
         return EmbeddedBroker(url[len("unix://"):], **opts)
@@ -256,4 +263,5 @@ def create_broker(url: str | None = None, **opts) -> Broker:
             raise ValueError(f"broker {url!r}: cannot import {cls} from {mod}: {exc}") from None
         return klass(url, **opts)
     raise ValueError(f"unknown broker URL {url!r}: use memory://, unix:///path.sock, "
-                     "redis://host:port/db, rediss://..., redis+cluster://host:port,... or a dotted path")
+                     "redis://host:port/db, rediss://..., redis+cluster://host:port,..., "
+                     "redis+streams://host:port/db or a dotted path")

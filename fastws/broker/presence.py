@@ -30,7 +30,7 @@ log = logging.getLogger("fastws.broker")
 
 def presence_client(url: str):
     """A ``redis.asyncio`` client for a broker URL (redis://, rediss://,
-    redis+cluster://h:p,...)."""
+    redis+streams://, redis+cluster://h:p,...)."""
     import redis.asyncio as aioredis
 
     if "+cluster://" in url:
@@ -42,6 +42,8 @@ def presence_client(url: str):
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds],
                             password=opts["password"], username=opts["username"],
                             ssl=opts["ssl"] is not None)
+    if "+streams://" in url:     # same server, plain client: drop the scheme's broker part
+        url = url.replace("+streams://", "://", 1).split("?", 1)[0]
     return aioredis.from_url(url)
 
 

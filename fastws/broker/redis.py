@@ -196,6 +196,17 @@ class RespConn(asyncio.Protocol):
             raise ConnectionError("connection to Redis is closed")
         self.transport.write(b"".join(encode_command(c) for c in commands))
 
+    def pipeline(self, commands) -> list:
+        """Write several commands in one write; a future for each reply, in order
+        (a connection that is not in push mode)."""
+        commands = list(commands)
+        if self.closed:
+            raise ConnectionError("connection to Redis is closed")
+        self.transport.write(b"".join(encode_command(c) for c in commands))
+        futs = [self._loop.create_future() for _ in commands]
+        self._pending.extend(futs)
+        return futs
+
     @property
     def backlog(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport else 0

@@ -11,6 +11,7 @@ import time
 import pytest
 
 REDIS_URL = os.environ.get("FASTWS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+STREAMS_URL = REDIS_URL.replace("redis://", "redis+streams://", 1).replace("rediss://", "rediss+streams://", 1)
 
 
 def run(coro, timeout: float = 60):
@@ -123,6 +124,21 @@ class TcpProxy:
 
     async def close(self) -> None:
         await self.cut()
+
+
+async def delete_keys(prefix: str) -> int:
+    """Delete the Redis keys of every broker prefix starting with ``prefix``
+    (the streams broker's streams); how many there were."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"fastws:{prefix}*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+        return len(keys)
+    finally:
+        await r.aclose()
 
 
 async def wait_for(cond, timeout: float = 10.0, what: str = "condition"):

@@ -2,8 +2,10 @@
 
 ``backend``        parametrized: "memory", "embedded" (an EmbeddedHub on a
                    temporary Unix socket, in-process), "redis" (the local
-                   server at 127.0.0.1:6379), "cluster" (a 3-master Redis
-                   Cluster of our own ``redis-server`` processes).
+                   server at 127.0.0.1:6379), "streams" (the Redis Streams
+                   broker on the same server; the test's keys are deleted
+                   after it), "cluster" (a 3-master Redis Cluster of our own
+                   ``redis-server`` processes).
 ``make_broker``    ``await make_broker(**opts)``: a started broker of the
                    current backend; every broker of one test shares a prefix
                    unique to the test; all are closed after the test.
@@ -23,9 +25,9 @@ import uuid
 
 import pytest
 
-from brokerutil import REDIS_URL, free_port, need_redis, redis_cli
+from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, free_port, need_redis, redis_cli
 
-BACKENDS = ["memory", "embedded", "redis", "cluster"]
+BACKENDS = ["memory", "embedded", "redis", "streams", "cluster"]
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +73,7 @@ def redis_cluster():
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    if request.param in ("redis",):
+    if request.param in ("redis", "streams"):
         need_redis()
     if request.param == "cluster":
         request.getfixturevalue("redis_cluster")
@@ -100,6 +102,8 @@ def make_broker(backend, request):
             b = create_broker("unix://" + state["path"], **opts)
         elif backend == "redis":
             b = create_broker(REDIS_URL, **opts)
+        elif backend == "streams":
+            b = create_broker(STREAMS_URL, **opts)
         else:
             b = create_broker("redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster), **opts)
         await b.start()
@@ -112,6 +116,8 @@ def make_broker(backend, request):
             await b.close()
         if state["hub"] is not None:
             await state["hub"].close()
+        if backend == "streams":
+            await delete_keys(prefix)
 
     factory.backend = backend
     factory.prefix = prefix

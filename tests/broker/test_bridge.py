@@ -1,5 +1,6 @@
 """Nodes wired by the bridge: real fastws servers in-process, real
-`websockets` clients, a real broker (Redis, or the embedded hub).
+`websockets` clients, a real broker (Redis pub/sub, Redis Streams, or the
+embedded hub).
 
 Each node is a ``fastws.server.Server`` on a free port with its own rooms
 (``server.rooms``) attached to its own broker; the clients speak JSON
@@ -27,7 +28,7 @@ from fastws.config import Config
 from fastws.server import Server
 from fastws import publish_api
 
-from brokerutil import REDIS_URL, need_redis, run, wait_for
+from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, need_redis, run, wait_for
 
 TOKEN = "s3cret"
 
@@ -100,12 +101,12 @@ async def nothing_more(ws, wait=0.2):
         await asyncio.wait_for(ws.recv(), wait)
 
 
-@pytest.fixture(params=["redis", "embedded"])
+@pytest.fixture(params=["redis", "streams", "embedded"])
 def cluster_of_nodes(request):
-    """(url, prefix, cleanup-coroutine-factory) for nodes sharing a broker."""
-    if request.param == "redis":
+    """(kind, url) of the broker the nodes share."""
+    if request.param in ("redis", "streams"):
         need_redis()
-        return request.param, REDIS_URL
+        return request.param, REDIS_URL if request.param == "redis" else STREAMS_URL
     return request.param, None
 
 
@@ -148,6 +149,8 @@ def test_room_across_nodes_exactly_once_in_order(cluster_of_nodes):
             # interest: only A and B listen to the chat channel; C does not
             if kind == "redis":
                 assert await numsub(prefix, ("", "chat")) == 2
+            elif kind == "streams":
+                assert [("", "chat") in nd.broker.subscribed for nd in nodes] == [True, True, False]
             else:
                 assert len(hub.routes[channel_name(prefix, ("", "chat"))]) == 2
 
@@ -176,6 +179,8 @@ def test_room_across_nodes_exactly_once_in_order(cluster_of_nodes):
             await settle(B)
             if kind == "redis":
                 assert await numsub(prefix, ("", "chat")) == 1
+            elif kind == "streams":
+                assert ("", "chat") not in B.broker.subscribed
             else:
                 assert len(hub.routes[channel_name(prefix, ("", "chat"))]) == 1
             before = B.broker.stats()["received"]
@@ -192,6 +197,8 @@ def test_room_across_nodes_exactly_once_in_order(cluster_of_nodes):
                 await nd.stop()
             if hub is not None:
                 await hub.close()
+            if kind == "streams":
+                await delete_keys(prefix)
 
     run(main(), 60)
 

@@ -1,5 +1,5 @@
 """The Broker contract, one suite for every backend (memory, embedded,
-redis, cluster): see the ``backend`` / ``make_broker`` fixtures.
+redis, streams, cluster): see the ``backend`` / ``make_broker`` fixtures.
 
 "Nothing arrived" verdicts are made after a *barrier*: the same publisher
 then publishes on a key the receiver is subscribed to and the test waits for
@@ -45,11 +45,12 @@ class Inbox:
 
 
 async def barrier(make_broker, pub, inbox, key=("", "barrier")):
-    """Everything ``pub`` published before this call has arrived at ``inbox``'s broker."""
-    n = len(inbox.got)
+    """Everything ``pub`` published before this call has arrived at ``inbox``'s broker.
+    (Waits for the barrier itself, not for a count: a message published just
+    before may still be on its way when this is called.)"""
     await pub.publish(key, b"barrier")
-    await inbox.wait(n + 1)
-    assert inbox.got[-1][1] == b"barrier"
+    await wait_for(lambda: any(p == b"barrier" for _, p, _ in inbox.got), 10, "the barrier")
+    assert inbox.got[-1][1] == b"barrier"           # what came before it arrived before it
     inbox.got.pop()
     if make_broker.backend == "cluster":
         await asyncio.sleep(0.2)
@@ -215,6 +216,7 @@ def test_create_broker_urls(tmp_path):
     from fastws.broker.embedded import EmbeddedBroker
     from fastws.broker.memory import MemoryBroker
     from fastws.broker.redis import RedisBroker
+    from fastws.broker.streams import StreamsBroker
 
     assert isinstance(create_broker(), MemoryBroker)
     assert isinstance(create_broker("memory://x"), MemoryBroker)
@@ -225,6 +227,17 @@ def test_create_broker_urls(tmp_path):
     assert create_broker("rediss://h:1/0").conn_opts["ssl"] is not None
     c = create_broker("redis+cluster://h1:7000,h2:7001")
     assert isinstance(c, ClusterBroker) and c.seeds == [("h1", 7000), ("h2", 7001)]
+    st = create_broker("redis+streams://:pw@10.0.0.1:6380/3?maxlen=500&block=0.5", prefix="p", count=7)
+    assert isinstance(st, StreamsBroker) and st.prefix == "p"
+    assert (st.conn_opts["host"], st.conn_opts["port"], st.conn_opts["db"], st.conn_opts["password"]) == \
+        ("10.0.0.1", 6380, 3, "pw")
+    assert (st.maxlen, st.block, st.count, st.ttl) == (500, 0.5, 7, 86400.0)
+    assert create_broker("redis+streams://h:1/0?maxlen=9", maxlen=5).maxlen == 5    # the keyword wins
+    assert create_broker("rediss+streams://h:1/0").conn_opts["ssl"] is not None
+    assert create_broker("redis+streams://h:1/0").conn_opts["ssl"] is None
+    for bad in ("maxlen=0", "maxlen=x", "block=0", "count=-1", "ttl=-5"):
+        with pytest.raises(ValueError):
+            create_broker("redis+streams://h:1/0?" + bad)
     e = create_broker("unix:///tmp/x.sock")
     assert isinstance(e, EmbeddedBroker) and e.path == "/tmp/x.sock"
     assert isinstance(create_broker("fastws.broker.memory.MemoryBroker"), MemoryBroker)
