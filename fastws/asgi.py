@@ -33,10 +33,18 @@ prepared answer and calls ``conn._hs_accept(...)``: the engine writes the 101
 response and, from then on, frames are parsed, unmasked, validated, answered
 (ping/close) and written (coalesced once per loop iteration) by ``_core``
 exactly as for a ``fastws.App``.  The only per-connection Python is the ASGI
-glue: a ``Route`` whose ``on_message``/``on_disconnect`` put ASGI events in
-the session's deque, and the application's own task.  ``websocket.send``
-queues a frame with ``conn.send``; ``websocket.close`` starts the close
-handshake with ``conn.close``.
+glue: the session, which is also the engine connection's route (its
+``on_message``/``on_disconnect`` hand ASGI events to the ``receive()`` the
+application waits in), the scope, and the application's own task.
+``websocket.send`` queues a frame with ``conn.send``; ``websocket.close``
+starts the close handshake with ``conn.close``.
+
+Memory per idle WebSocket (see docs/asgi.md): nothing of the upgrade
+decision outlives it (the parsed request, the head, early bytes); received
+events are queued only while the application is behind; header tuples,
+paths, the server address and client hosts are shared between connections
+(bounded tables); the rooms extension is one small object; every session
+task shares one name, one done callback and one callback context.
 
 Refusals before accept: ``websocket.close`` -> 403; the denial-response
 extension (``websocket.http.response.start/body``) -> the application's own
@@ -47,9 +55,18 @@ Rooms (the ``fastws.rooms`` scope extension; see docs/asgi.md): a raw ASGI
 application sends ``fastws.join`` / ``fastws.leave`` / ``fastws.publish``
 messages; frameworks whose WebSocket wrapper refuses unknown message types
 (Starlette, FastAPI) call the ``join``/``leave``/``publish`` callables of
-``scope["extensions"]["fastws.rooms"]`` (or ``fastws.asgi_rooms``).  A
+``scope["extensions"]["fastws.rooms"]`` (or ``fastws.asgi_rooms``).  The
+registry is a :class:`fastws.rooms.Rooms`, as for a ``fastws.App``: a
 publish encodes the message once and queues the same frame on every local
-member (``hub.broadcast``).
+member (``hub.broadcast``), and with a broker (``--broker``, or the
+embedded one of ``--workers N``) goes to the other workers and nodes
+through :mod:`fastws.broker.bridge`, wired by ``Server._start_broker``.
+
+Operations (``/health``, ``/livez``, ``/metrics``, ``/stats``, the HTTP
+publish API): registered by ``Server._start_operations`` /
+``_start_broker`` as on the native server, and served for a plain HTTP
+request when the application answers it with 404 (the application's own
+route of that path wins).
 
 Flow control: a session whose application does not read pauses the socket
 past ``WS_QUEUE_HIGH`` queued messages; ``websocket.send`` waits (polling the
@@ -63,22 +80,25 @@ Requires uvloop: a fastws engine connection is a duck-typed buffered protocol
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Mapping
 from email.utils import formatdate
 from urllib.parse import unquote
 
 import httptools
 
 from . import core
-from .app import Route
 from .config import Config
 from .errors import CLOSE_REASONS, ConnectionClosed, HandshakeError
 from .rooms import Rooms
-from .handshake import accept_response, error_response, negotiate_deflate, parse_request
-from .server import ServerStartError, _hub_class, bind_socket, configure_logging, run_until_signal
+from .handshake import (HttpRequest, accept_response, error_response, negotiate_deflate,
+                        parse_request)
+from .server import (Server, ServerStartError, _hub_class, bind_socket, configure_logging,
+                     run_until_signal)
 
 log = logging.getLogger("fastws")
 
@@ -129,10 +149,91 @@ class _Clock:
 _clock = _Clock()
 
 
+# -- sharing what many connections have in common ----------------------------
+#
+# An idle WebSocket keeps its scope for as long as it lives, so what is the
+# same on most connections (header names, values such as "websocket" or the
+# Host, paths, the server address, the client's host) is one shared object,
+# looked up in bounded tables (at most INTERN_MAX entries each; past that,
+# new values are simply not shared).  Bytes and str objects are immutable, so
+# sharing them is invisible to applications.
+
+INTERN_MAX = 4096           # entries per table
+INTERN_LEN_MAX = 256        # longer names, values, paths and targets are never shared
+
+#: headers whose values repeat across clients (values of others, e.g.
+#: sec-websocket-key, cookie or authorization, are per connection)
+_SHARED_VALUE_HEADERS = frozenset((
+    b"host", b"upgrade", b"connection", b"sec-websocket-version", b"sec-websocket-extensions",
+    b"sec-websocket-protocol", b"origin", b"user-agent", b"accept", b"accept-encoding",
+    b"accept-language", b"cache-control", b"pragma", b"content-type", b"dnt", b"te",
+    b"sec-fetch-dest", b"sec-fetch-mode", b"sec-fetch-site", b"sec-ch-ua", b"sec-ch-ua-mobile",
+    b"sec-ch-ua-platform", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+))
+_header_names: dict = {}    # name as sent -> lower-case name (shared)
+_header_pairs: dict = {}    # (name as sent, value) -> shared (lower-case name, value) tuple
+_interned: dict = {}        # str/bytes -> the shared equal object (paths, hosts, ...)
+_targets: dict = {}         # request target -> (raw_path, path, query_string), no query only
+
+
+def _intern(value):
+    shared = _interned.get(value)
+    if shared is None:
+        if len(_interned) < INTERN_MAX and len(value) <= INTERN_LEN_MAX:
+            _interned[value] = value
+        return value
+    return shared
+
+
+def _header(name: bytes, value: bytes) -> tuple:
+    """``(lower-case name, value)`` for a scope's header list, shared when
+    the same header line was seen before."""
+    pair = _header_pairs.get((name, value))
+    if pair is not None:
+        return pair
+    lname = _header_names.get(name)
+    if lname is None:
+        lname = name.lower()
+        if len(_header_names) < INTERN_MAX and len(name) <= INTERN_LEN_MAX:
+            _header_names[name] = lname
+    pair = (lname, value)
+    if (lname in _SHARED_VALUE_HEADERS and len(value) <= INTERN_LEN_MAX
+            and len(_header_pairs) < INTERN_MAX):
+        _header_pairs[(name, value)] = pair
+    return pair
+
+
 def _addr(info):
     if isinstance(info, tuple) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
+        return (_intern(str(info[0])), int(info[1]))
     return None
+
+
+_local_addrs: dict = {}     # sockname -> the shared scope["server"] tuple
+
+
+def _local_addr(info):
+    shared = _local_addrs.get(info)
+    if shared is None:
+        shared = _addr(info)
+        if len(_local_addrs) < 64:
+            _local_addrs[info] = shared
+    return shared
+
+
+def _target(url: bytes) -> tuple:
+    """``(raw_path, path, query_string)`` of a request target, shared for
+    targets seen before (those without a query string)."""
+    shared = _targets.get(url)
+    if shared is not None:
+        return shared
+    parsed = httptools.parse_url(url)
+    raw_path = parsed.path or b"/"
+    query = parsed.query or b""
+    out = (raw_path, unquote(raw_path.decode("latin-1")), query)
+    if not query and len(_targets) < INTERN_MAX and len(url) <= INTERN_LEN_MAX:
+        _targets[url] = out
+    return out
 
 
 def _last_line(text: str) -> str:
@@ -263,31 +364,40 @@ class _Lifespan:
 
 # ---------------------------------------------------------------- rooms
 
-class _LocalRooms:
-    """The ``fastws.rooms`` extension's view of the server's rooms: a thin
-    adapter over :class:`fastws.rooms.Rooms` (the shared namespace ""), so
-    ASGI apps get the same encode-once fan-out, delivery policy and (with a
-    broker) cross-node delivery as fastws apps."""
+class _RoomsExtension(Mapping):
+    """``scope["extensions"]["fastws.rooms"]`` of a websocket scope: a
+    read-only mapping ``{"join", "leave", "publish"}`` whose callables are
+    the session's bound methods, made when looked up (one small object per
+    connection instead of a dict and three bound methods)."""
 
-    __slots__ = ("rooms",)
+    __slots__ = ("_session",)
+    _KEYS = ("join", "leave", "publish")
 
-    def __init__(self, hub) -> None:
-        self.rooms = Rooms(hub)     # the registry; membership ends when a connection is lost
+    def __init__(self, session) -> None:
+        self._session = session
 
-    def join(self, room: str, conn) -> None:
-        self.rooms.join(conn, room, "")
+    def __getitem__(self, key):
+        if key in self._KEYS:
+            return getattr(self._session, key)
+        raise KeyError(key)
 
-    def leave(self, room: str, conn) -> None:
-        self.rooms.leave(conn, room, "")
+    def __iter__(self):
+        return iter(self._KEYS)
 
-    def publish(self, room: str, message, exclude=None) -> int:
-        return self.rooms.publish(room, message, exclude=exclude)[1]
+    def __len__(self) -> int:
+        return 3
 
 
 def _room_name(message) -> str:
     room = message.get("room")
     if not isinstance(room, str) or not room:
         raise TypeError(f"{message['type']} needs a non-empty str 'room', got {room!r}")
+    return room
+
+
+def _check_room(room) -> str:
+    if not isinstance(room, str) or not room:
+        raise TypeError(f"a room name is a non-empty str, got {room!r}")
     return room
 
 
@@ -305,60 +415,92 @@ def _publish_payload(message):
 
 S_CONNECTING, S_RESPONDING, S_OPEN, S_CLOSED = 0, 1, 2, 3
 
+#: the context the sessions' done callbacks run in (one for all, instead of
+#: a copy of the current context per connection; they use no context vars)
+_DONE_CONTEXT = contextvars.Context()
+_TASK_NAME = "fastws-asgi-websocket"   # every session task's name (one shared str)
+_NO_SUBPROTOCOLS = ()       # scope["subprotocols"] when the client offers none
+_DENIAL_EXTENSION = {}      # scope["extensions"]["websocket.http.response"]: always empty
+
 
 class _WebSocketSession:
-    """The ASGI glue of one WebSocket: its scope, the app's task, the event
-    deque ``receive()`` reads, and (once accepted) the engine connection."""
+    """The ASGI glue of one WebSocket: its scope, the app's task, the events
+    ``receive()`` has not returned yet, and (once accepted) the engine
+    connection.
+
+    The session is also the engine connection's *route* (``conn.route``):
+    the engine calls ``on_message``/``on_disconnect`` on it, so no route
+    object or bound callbacks exist per connection.
+
+    What an idle accepted WebSocket keeps here: this object, its scope, the
+    app's task, and the future the app's ``receive()`` waits on.  Received
+    events go straight to that future when the app is waiting; a deque is
+    made only while the app is behind, and dropped once it has caught up.
+    Everything needed only for the decision (the parsed request, its head,
+    early bytes, a denial response) is released at the decision."""
 
     __slots__ = ("server", "scope", "request", "head", "proto", "transport", "conn", "state",
-                 "events", "waiter", "final", "connect_sent", "paused", "early", "task",
-                 "rooms", "denial", "denial_body")
+                 "events", "waiter", "final", "connect_sent", "paused", "early", "task", "denial")
+
+    # the route interface the engine reads (fastws.app.Route's fields)
+    namespace = ""                  # rooms of ASGI apps live in the shared namespace
+    on_open = None
+    open_is_async = False
+    message_is_async = False
+    disconnect_is_async = False
 
     def __init__(self, server, proto, scope, request, head: bytes, early: bytes) -> None:
         self.server = server
         self.scope = scope
-        self.request = request        # the parsed upgrade request (handshake.Request)
+        self.request = request        # the parsed upgrade request (handshake.Request), until decided
         self.head = head              # the request head, fed to the engine at hand-over
         self.proto = proto            # the HttpProtocol, until hand-over
         self.transport = proto.transport
         self.conn = None              # the engine connection, once accepted
         self.state = S_CONNECTING
-        self.events = deque()         # ASGI events not yet received by the app
-        self.waiter = None            # future receive() waits on
+        self.events = None            # deque of events the app has not received, while it is behind
+        self.waiter = None            # the future receive() waits on
         self.final = None             # the websocket.disconnect event, once known
         self.connect_sent = False
         self.paused = False           # we paused reading: the app is behind
-        self.early = bytearray(early) # bytes behind the head, before the decision
+        self.early = bytearray(early) if early else None   # bytes behind the head, before the decision
         self.task = None
-        self.rooms = None             # set of rooms joined (fastws.rooms)
-        self.denial = None            # (status, headers) of a denial response
-        self.denial_body = None
+        self.denial = None            # [status, headers, body chunks] of a denial response
 
     # -- events in ---------------------------------------------------------
 
     def _push(self, event) -> None:
-        self.events.append(event)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        elif (not self.paused and len(self.events) > WS_QUEUE_HIGH
+            waiter.set_result(event)      # the app waits in receive() (so nothing is queued)
+            return
+        events = self.events
+        if events is None:
+            events = self.events = deque()
+        events.append(event)
+        if (not self.paused and len(events) > WS_QUEUE_HIGH
                 and self.transport is not None and self.state == S_OPEN):
             self.paused = True
             self.transport.pause_reading()
 
-    def on_message(self, conn, data) -> None:
-        # called by the engine for each complete message
+    @staticmethod
+    def on_message(conn, data) -> None:
+        # called by the engine for each complete message (a plain function:
+        # the engine caches route.on_message, so nothing is bound per connection)
         if type(data) is str:
-            self._push({"type": "websocket.receive", "text": data})
+            conn.route._push({"type": "websocket.receive", "text": data})
         else:
-            self._push({"type": "websocket.receive", "bytes": data})
+            conn.route._push({"type": "websocket.receive", "bytes": data})
 
     def on_disconnect(self, conn, code, reason) -> None:
-        # called by the engine once, when the transport is gone
+        # called by the engine once, when the transport is gone (it has
+        # already removed the connection from its rooms: hub.on_lost)
         self._finish(code, reason)
 
     def early_data(self, data: bytes) -> None:
         """Bytes read by the HTTP protocol behind the upgrade request."""
+        if self.early is None:
+            self.early = bytearray()
         self.early += data
         if len(self.early) > WS_EARLY_MAX and self.transport is not None:
             self.transport.pause_reading()
@@ -371,15 +513,12 @@ class _WebSocketSession:
         if self.final is not None:
             return
         self.state = S_CLOSED
-        self.final = {"type": "websocket.disconnect", "code": code, "reason": reason or ""}
+        final = self.final = {"type": "websocket.disconnect", "code": code, "reason": reason or ""}
         self.transport = None
-        if self.rooms:
-            for room in self.rooms:
-                self.server.rooms.leave(room, self.conn)
-            self.rooms = None
+        self.request = self.head = self.early = self.denial = None
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(final)
 
     # -- ASGI callables ----------------------------------------------------
 
@@ -388,20 +527,31 @@ class _WebSocketSession:
             self.connect_sent = True
             return {"type": "websocket.connect"}
         events = self.events
-        while not events:
-            if self.final is not None:
-                return self.final
-            self.waiter = self.server.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        event = events.popleft()
-        if self.paused and len(events) <= WS_QUEUE_LOW:
-            self.paused = False
-            if self.transport is not None:
-                self.transport.resume_reading()
-        return event
+        if events:
+            event = events.popleft()
+            if not events:
+                self.events = None
+            if self.paused and len(events) <= WS_QUEUE_LOW:
+                self.paused = False
+                if self.transport is not None:
+                    self.transport.resume_reading()
+            return event
+        if self.final is not None:
+            return self.final
+        waiter = self.waiter = self.server.loop.create_future()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # cancelled after an event was handed over: keep it for the next receive()
+            if waiter.done() and not waiter.cancelled():
+                event = waiter.result()
+                if event is not self.final:
+                    if self.events is None:
+                        self.events = deque()
+                    self.events.appendleft(event)
+            raise
+        finally:
+            self.waiter = None
 
     async def send(self, message) -> None:
         kind = message["type"]
@@ -432,7 +582,7 @@ class _WebSocketSession:
                 if not self.conn.closed:
                     self.conn.close(code, reason)
             elif state == S_CONNECTING:
-                self._respond(error_response(403, "connection refused"))
+                self._respond(error_response(403, "connection refused"), 403)
                 self._finish(code, reason)
             elif state == S_RESPONDING:
                 raise RuntimeError("websocket.close during a denial response")
@@ -442,12 +592,11 @@ class _WebSocketSession:
             if state != S_CONNECTING:
                 raise RuntimeError(f"websocket.http.response.start in state {state}")
             self.state = S_RESPONDING
-            self.denial = (int(message["status"]), list(message.get("headers") or ()))
-            self.denial_body = []
+            self.denial = [int(message["status"]), list(message.get("headers") or ()), []]
         elif kind == "websocket.http.response.body":
             if state != S_RESPONDING:
                 raise RuntimeError("websocket.http.response.body without response.start")
-            self.denial_body.append(bytes(message.get("body", b"")))
+            self.denial[2].append(bytes(message.get("body", b"")))
             if not message.get("more_body", False):
                 self._send_denial()
         else:
@@ -469,25 +618,30 @@ class _WebSocketSession:
         if self.server.config.compression:
             ext_header, deflate = negotiate_deflate(req.extensions)
         response = accept_response(req, subprotocol, ext_header, extra)
-        route = Route(req.path)
-        route.on_message = self.on_message
-        route.on_disconnect = self.on_disconnect
-        conn = self.server.hub.connection_factory()
-        self.server.handovers[conn] = (response, route, req.path, req.query_string,
-                                       subprotocol, deflate)
+        server = self.server
+        conn = server.hub.connection_factory()
+        # the session is the connection's route (see the class docstring)
+        server.handovers[conn] = (response, self, _intern(req.path), _intern(req.query_string),
+                                  subprotocol, deflate)
+        server.count_handshake(101)
         self.conn = conn
         self.state = S_OPEN
+        self.request = None
         proto.detach()
         self.proto = None
-        early, self.early = bytes(self.early), None
+        head = self.head
+        if self.early:
+            head += bytes(self.early)
+        self.head = self.early = None
         transport.set_protocol(conn)
         conn.connection_made(transport)
-        conn.feed(self.head + early)       # -> AsgiServer._handshake -> conn._hs_accept
-        self.head = None
-        self.server.handovers.pop(conn, None)
+        conn.feed(head)                    # -> AsgiServer._handshake -> conn._hs_accept
+        server.handovers.pop(conn, None)
 
-    def _respond(self, data: bytes) -> None:
+    def _respond(self, data: bytes, status: int = 0) -> None:
         """Answer the upgrade request with an HTTP response and close."""
+        if status:
+            self.server.count_handshake(status)
         proto = self.proto
         if proto is not None:
             proto.detach()
@@ -498,8 +652,8 @@ class _WebSocketSession:
             t.close()
 
     def _send_denial(self) -> None:
-        status, headers = self.denial
-        body = b"".join(self.denial_body)
+        status, headers, chunks = self.denial
+        body = b"".join(chunks)
         headers = [(bytes(k).lower(), bytes(v)) for k, v in headers]
         headers = [(k, v) for k, v in headers if k not in (b"connection", b"transfer-encoding")]
         names = {k for k, _ in headers}
@@ -510,31 +664,27 @@ class _WebSocketSession:
         headers.append((b"connection", b"close"))
         head = _response_head(status, headers)
         head.append(b"\r\n")
-        self._respond(b"".join(head) + body)
+        self._respond(b"".join(head) + body, status)
         self._finish(1000, "")
 
     # -- rooms (the fastws.rooms extension) ---------------------------------
 
     def join(self, room: str) -> None:
-        """Add this WebSocket to ``room`` (after accept)."""
+        """Add this WebSocket to ``room`` (after accept); it leaves all its
+        rooms when it disconnects."""
         self._need_open("join")
-        self.server.rooms.join(room, self.conn)
-        if self.rooms is None:
-            self.rooms = set()
-        self.rooms.add(room)
+        self.server.rooms.join(self.conn, _check_room(room), "")
 
     def leave(self, room: str) -> None:
         """Remove this WebSocket from ``room`` (no-op if not a member)."""
-        if self.rooms is not None and room in self.rooms:
-            self.rooms.discard(room)
-            self.server.rooms.leave(room, self.conn)
+        if self.conn is not None:
+            self.server.rooms.leave(self.conn, _check_room(room), "")
 
     def publish(self, room: str, message, exclude_self: bool = False) -> int:
         """Send ``message`` (str: text, bytes: binary) to every member of
-        ``room`` in this process, encoded once; returns how many got it."""
-        if not isinstance(message, str):
-            message = bytes(message)
-        return self.server.rooms.publish(room, message, self.conn if exclude_self else None)
+        ``room``, encoded once (with a broker: on every worker and node);
+        returns how many members of this process it was queued on."""
+        return self.server.publish(room, message, self.conn if exclude_self else None)
 
     def _need_open(self, what: str) -> None:
         if self.state != S_OPEN:
@@ -561,12 +711,15 @@ class _WebSocketSession:
     # -- the application's task --------------------------------------------
 
     def run(self) -> None:
-        self.task = self.server.loop.create_task(self.server.app(self.scope, self.receive, self.send))
-        self.task.add_done_callback(self._done)
-        self.server.sessions.add(self)
+        server = self.server
+        task = self.task = server.loop.create_task(
+            server.app(self.scope, self.receive, self.send), name=_TASK_NAME)
+        server.sessions[task] = self
+        # one callback object for every session: AsgiServer._session_done
+        task.add_done_callback(server.session_done, context=_DONE_CONTEXT)
 
     def _done(self, task) -> None:
-        self.server.sessions.discard(self)
+        """The application's task ended (AsgiServer._session_done)."""
         exc = None if task.cancelled() else task.exception()
         state = self.state
         if exc is not None:
@@ -576,7 +729,7 @@ class _WebSocketSession:
                 log.error("fastws: exception in ASGI application (websocket %s)",
                           self.scope["path"], exc_info=exc)
             if state == S_CONNECTING:
-                self._respond(error_response(500, "internal error"))
+                self._respond(error_response(500, "internal error"), 500)
                 self._finish(1006, "")
             elif state == S_OPEN and not self.conn.closed:
                 self.conn.close(1011, CLOSE_REASONS[1011])
@@ -587,7 +740,7 @@ class _WebSocketSession:
             if not task.cancelled():
                 log.error("fastws: ASGI websocket app returned without accepting or closing (%s)",
                           self.scope["path"])
-            self._respond(error_response(500, "internal error"))
+            self._respond(error_response(500, "internal error"), 500)
             self._finish(1006, "")
         elif state == S_OPEN and not self.conn.closed:
             self.conn.close(1000, "")
@@ -604,7 +757,7 @@ class _HttpCycle:
 
     __slots__ = ("proto", "scope", "body", "body_size", "more_body", "keep_alive", "expect_100",
                  "started", "status", "headers", "chunked", "head_only", "complete",
-                 "disconnected", "waiter", "task", "request_done")
+                 "disconnected", "waiter", "task", "request_done", "ops")
 
     def __init__(self, proto, scope, keep_alive: bool, expect_100: bool) -> None:
         self.proto = proto
@@ -624,6 +777,7 @@ class _HttpCycle:
         self.waiter = None
         self.task = None
         self.request_done = False     # the app got the last http.request
+        self.ops = None               # the operations handler answering instead of the app's 404
 
     def wake(self) -> None:
         w = self.waiter
@@ -674,6 +828,11 @@ class _HttpCycle:
                 raise RuntimeError("http.response.body after the response was complete")
             body = message.get("body", b"")
             more = message.get("more_body", False)
+            if self.ops is not None:
+                # the application has no such route: the operations endpoint answers
+                if not more:
+                    await self._serve_ops()
+                return
             if self.headers is not None:
                 self._write_head(body, more)
             elif body and not self.head_only:
@@ -693,10 +852,63 @@ class _HttpCycle:
             self.started = True
             self.status = int(message["status"])
             self.headers = list(message.get("headers") or ())
+            if self.status == 404 and proto.server.http_routes:
+                self.ops = proto.server.ops_route(self.scope["method"],
+                                                  self.scope["raw_path"].decode("latin-1"))
         elif kind == "fastws.publish":
-            proto.server._publish(_room_name(message), _publish_payload(message))
+            proto.server.publish(_room_name(message), _publish_payload(message))
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
+
+    async def _serve_ops(self) -> None:
+        """Answer with the operations handler (``/health``, ``/metrics``,
+        ``POST /publish`` ...) instead of the application's 404: the
+        application's own route of that path wins, as in fastws.App mode."""
+        handler, self.ops = self.ops, None
+        scope = self.scope
+        server = self.proto.server
+        chunks, size, limit = [], 0, server.config.max_message_size
+        result = None
+        while not self.request_done and not self.disconnected:
+            msg = await self.receive()
+            if msg["type"] != "http.request":
+                break
+            chunks.append(msg["body"])
+            size += len(msg["body"])
+            if limit and size > limit:
+                result = (413, b"body over max_message_size\n", "text/plain; charset=utf-8")
+                self.keep_alive = False
+                break
+            if not msg.get("more_body"):
+                break
+        if self.disconnected:
+            raise ClientDisconnected("the client closed the connection")
+        if result is None:
+            request = HttpRequest(
+                scope["method"], scope["raw_path"].decode("latin-1"),
+                scope["query_string"].decode("latin-1"),
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+                b"".join(chunks), scope["client"])
+            try:
+                result = handler(request)
+                if asyncio.iscoroutine(result):
+                    result = await result
+            except Exception as exc:  # noqa: BLE001 - logged, answered with 500
+                log.error("fastws: exception in HTTP handler %s", request.path, exc_info=exc)
+                result = (500, b"internal error\n", "text/plain; charset=utf-8")
+            if self.disconnected:
+                raise ClientDisconnected("the client closed the connection")
+        status, body, ctype, *rest = result
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        self.status = int(status)
+        self.headers = [(b"content-type", ctype.encode("latin-1"))]
+        self.headers += [(str(k).encode("latin-1"), str(v).encode("latin-1"))
+                         for k, v in (rest[0] if rest else ())]
+        self._write_head(body, False)
+        self.complete = True
+        self.wake()
+        self.proto.cycle_done(self)
 
     def _write_head(self, body: bytes, more: bool) -> None:
         """The response head, decided when the first body message arrives so
@@ -796,7 +1008,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.client = _addr(transport.get_extra_info("peername"))
-        self.local = _addr(transport.get_extra_info("sockname"))
+        self.local = _local_addr(transport.get_extra_info("sockname"))
         self.server.http_connections.add(self)
         self._arm_idle()
 
@@ -876,7 +1088,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        self.headers.append(_header(name, value))
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.server.config.max_head_size:
             raise _HeadTooLarge
@@ -906,7 +1118,7 @@ class HttpProtocol(asyncio.Protocol):
             "query_string": query,
             "headers": self.headers,
             "state": server.state.copy(),
-            "extensions": {"fastws.rooms": server.http_rooms},
+            "extensions": {"fastws.rooms": server.http_extension},
         }
         expect_100 = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self.headers)
         cycle = _HttpCycle(self, scope, parser.should_keep_alive(), expect_100)
@@ -996,12 +1208,12 @@ class HttpProtocol(asyncio.Protocol):
         try:
             request = parse_request(head)
         except HandshakeError as exc:
+            self.server.count_handshake(exc.status)
             t = self.transport
             t.write(error_response(exc.status, exc.detail, exc.headers))
             t.close()
             return
-        url = httptools.parse_url(self.url)
-        raw_path = url.path or b"/"
+        raw_path, path, query = _target(self.url)
         scope = {
             "type": "websocket",
             "asgi": ASGI_WS,
@@ -1010,19 +1222,18 @@ class HttpProtocol(asyncio.Protocol):
             "server": self.local,
             "client": self.client,
             "root_path": "",
-            "path": unquote(raw_path.decode("latin-1")),
+            "path": path,
             "raw_path": raw_path,
-            "query_string": url.query or b"",
+            "query_string": query,
             "headers": self.headers,
-            "subprotocols": request.subprotocols,
+            "subprotocols": request.subprotocols or _NO_SUBPROTOCOLS,
             "state": self.server.state.copy(),
-            "extensions": {"websocket.http.response": {}},
+            "extensions": None,
         }
         self._cancel_idle()
         session = self.ws = _WebSocketSession(self.server, self, scope, request, head, early)
-        scope["extensions"]["fastws.rooms"] = {
-            "join": session.join, "leave": session.leave, "publish": session.publish,
-        }
+        scope["extensions"] = {"websocket.http.response": _DENIAL_EXTENSION,
+                               "fastws.rooms": _RoomsExtension(session)}
         session.run()
 
     def _bad_request(self, status: int, text: str) -> None:
@@ -1074,32 +1285,66 @@ class AsgiServer:
     * ``config`` - every knob (``fastws.Config``);
     * ``hub``    - the engine-side registry and write coalescer of upgraded
                    WebSockets (``_core.Hub`` or ``_pyconn.Hub``);
-    * ``rooms``  - room name -> members, for the ``fastws.rooms`` extension;
+    * ``rooms``  - the room registry (``fastws.rooms.Rooms``) behind the
+                   ``fastws.rooms`` extension, the same as a ``fastws.App``'s;
+    * ``bridge`` - rooms <-> broker (``fastws.broker.bridge``) when a broker
+                   is configured (``--broker``, or ``--workers N``);
+    * ``health``, ``metrics``, ``stats_page`` - /health + /livez, /metrics,
+                   /stats, served when the application answers 404 there;
     * ``state``  - the lifespan state, shallow-copied into every scope.
+
+    Operations and scale-out are wired by :class:`fastws.server.Server`'s
+    own methods (``_start_operations``, ``_start_broker``,
+    ``add_http_route``), which only use the fields both servers have.
     """
+
+    # fastws.server.Server's wiring, reused as it is
+    add_http_route = Server.add_http_route
+    _start_operations = Server._start_operations
+    _start_broker = Server._start_broker
 
     def __init__(self, app, config: Config) -> None:
         self.app = app                    # the ASGI 3 callable
         self.config = config              # every knob
         self.hub = None                   # engine hub, set by start()
-        self.rooms = None                 # _LocalRooms over the hub
-        self.http_rooms = {}              # the fastws.rooms extension of http scopes
+        self.rooms = None                 # fastws.rooms.Rooms over the hub
+        self.http_extension = {}          # the fastws.rooms extension of http scopes
         self.state = {}                   # lifespan state
         self.loop = None
         self.lifespan = None
         self.handovers = {}               # engine conn -> prepared accept, during feed()
         self.http_connections = set()     # HttpProtocol instances still speaking HTTP
-        self.sessions = set()             # WebSocket sessions whose app task runs
-        self.stopping = False
+        self.sessions = {}                # app task -> WebSocket session, while the task runs
+        self.session_done = self._session_done   # the done callback of every session task
+        self.stopping = False             # shutdown started: upgrades get 503, /health 503
+        self.handshakes = {}              # HTTP status of each upgrade decision -> count (metrics)
+        self.health = None                # /health, /livez and the checks registry
+        self.metrics = None               # /metrics, when config.metrics
+        self.stats_page = None            # /stats, when config.stats
+        self.broker = None                # fastws.broker.Broker when config.broker is set
+        self.bridge = None                # fastws.broker.bridge.Bridge: rooms <-> broker
+        self.http_routes = {}             # (METHOD, path) -> handler: the operations endpoints
+        self._http_paths = set()
+        self._http_prefixes = []          # (METHOD, path prefix, handler)
+        self._http_prefix_paths = ()
         self._server = None
+
+    @property
+    def _loop(self):
+        return self.loop      # the name fastws.server, health, metrics and stats use
+
+    @property
+    def draining(self) -> bool:
+        return self.stopping
 
     @property
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        """Bind (ServerStartError if the port is taken), run lifespan startup
-        (LifespanError if it fails), then accept connections."""
+        """Bind (ServerStartError if the port is taken), connect the broker
+        (if any), run lifespan startup (LifespanError if it fails), then
+        accept connections."""
         loop = self.loop = asyncio.get_running_loop()
         c = self.config
         # knobs the engine hub takes from the Config when this Config has them
@@ -1114,18 +1359,25 @@ class AsgiServer:
             on_callback_error=self._callback_error,
             **extra,
         )
-        self.rooms = _LocalRooms(self.hub)
-        self.http_rooms = {"publish": self._publish}
-        if sock is None:
-            sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
-        self.lifespan = _Lifespan(self.app, self.state)
+        self.rooms = Rooms(self.hub)
+        self.http_extension = {"publish": self._http_publish}
         try:
-            await self.lifespan.startup()
+            self._start_operations()          # /health, /livez, /metrics, /stats, per config
+            if c.broker:
+                await self._start_broker()    # rooms across workers and nodes (+ POST /publish)
+            if sock is None:
+                sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
+            self.lifespan = _Lifespan(self.app, self.state)
+            try:
+                await self.lifespan.startup()
+            except BaseException:
+                sock.close()
+                raise
+            self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock,
+                                                    backlog=c.backlog)
         except BaseException:
-            sock.close()
+            await self._stop_operations()
             raise
-        self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock,
-                                                backlog=c.backlog)
         host, port = sock.getsockname()[:2]
         log.info("fastws: ASGI app listening on http://%s:%d (engine=%s)", host, port,
                  core.IMPLEMENTATION)
@@ -1134,17 +1386,23 @@ class AsgiServer:
         await self._server.serve_forever()
 
     async def shutdown(self, code: int = 1001, reason: str = "server shutting down") -> None:
-        """Stop accepting; close WebSockets with ``code``; let in-flight HTTP
+        """Stop accepting (after ``drain_delay`` seconds of 503 to upgrades
+        and /health); close WebSockets with ``code``; let in-flight HTTP
         responses finish; wait up to ``shutdown_timeout``; then lifespan
-        shutdown."""
+        shutdown, then the broker."""
         if self._server is None or self.stopping:
             return
         self.stopping = True
         loop = self.loop
+        delay = getattr(self.config, "drain_delay", 0.0)
+        if delay > 0:
+            log.info("fastws: draining for %gs (/health says 503) before closing %d WebSockets",
+                     delay, len(self.hub.connections))
+            await asyncio.sleep(delay)
         self._server.close()
         for proto in list(self.http_connections):
             proto.shutdown()
-        for session in list(self.sessions):
+        for session in list(self.sessions.values()):
             if session.state == S_OPEN:
                 session.conn.close(code, reason)
             elif session.task is not None:
@@ -1159,12 +1417,25 @@ class AsgiServer:
         for proto in list(self.http_connections):
             if proto.transport is not None:
                 proto.transport.abort()
-        for session in list(self.sessions):
-            if session.task is not None:
-                session.task.cancel()
+        for task in list(self.sessions):
+            task.cancel()
         await asyncio.sleep(0)
         await self.lifespan.shutdown(self.config.shutdown_timeout)
+        await self._stop_operations()
         log.info("fastws: stopped")
+
+    async def _stop_operations(self) -> None:
+        if self.bridge is not None:
+            await self.bridge.detach()
+            self.bridge = None
+        if self.broker is not None:
+            await self.broker.close()
+        if self.health is not None:
+            self.health.stop()
+        if self.metrics is not None and hasattr(self.metrics, "stop"):
+            self.metrics.stop()
+        if self.stats_page is not None:
+            self.stats_page.stop()
 
     # -- the hub's handshake: completes a hand-over prepared by an accept --
 
@@ -1175,10 +1446,49 @@ class AsgiServer:
             return
         conn._hs_accept(*prepared)
 
-    def _publish(self, room: str, message) -> int:
+    def _session_done(self, task) -> None:
+        session = self.sessions.pop(task, None)
+        if session is not None:
+            session._done(task)
+
+    def count_handshake(self, status: int) -> None:
+        """One upgrade request decided with HTTP ``status`` (metrics)."""
+        self.handshakes[status] = self.handshakes.get(status, 0) + 1
+
+    # -- rooms -----------------------------------------------------------------
+
+    def publish(self, room: str, message, exclude=None) -> int:
+        """Send ``message`` to the members of ``room`` (shared namespace),
+        encoded once; with a broker also to the other workers and nodes
+        (through ``bridge``, like ``App.publish``).  Returns how many members
+        of this process it was queued on."""
         if not isinstance(message, str):
             message = bytes(message)
-        return self.rooms.publish(room, message)
+        bridge = self.bridge
+        if bridge is None:
+            return self.rooms.publish(room, message, exclude=exclude)[1]
+        # the bridge delivers locally too, and returns the room's seq: count first
+        n = self.rooms.count(room)
+        if n and exclude is not None and ("", room) in (exclude.rooms or ()):
+            n -= 1
+        bridge.publish_nowait(room, message, exclude=exclude)
+        return n
+
+    def _http_publish(self, room: str, message, exclude_self: bool = False) -> int:
+        # an http scope has no connection of its own to exclude
+        return self.publish(_check_room(room), message)
+
+    # -- operations endpoints (served where the application answers 404) -----
+
+    def ops_route(self, method: str, path: str):
+        """The operations handler for ``method path`` (``/health``,
+        ``/metrics``, ``POST /publish`` ...), or None."""
+        handler = self.http_routes.get((method, path))
+        if handler is None:
+            for m, p, h in self._http_prefixes:
+                if m == method and path.startswith(p):
+                    return h
+        return handler
 
     def _callback_error(self, conn, exc) -> None:
         log.error("fastws: exception in the ASGI glue for connection %s; closing it with 1011",
@@ -1202,11 +1512,19 @@ async def serve_asgi(app, config: Config | None = None, sock: socket.socket | No
 
 def run_asgi(app, config: Config, sock: socket.socket | None = None) -> None:
     """Serve ``app`` on uvloop until SIGINT/SIGTERM, then shut down
-    gracefully (WebSockets closed with 1001, lifespan shutdown).
+    gracefully (WebSockets closed with 1001, lifespan shutdown); with
+    ``config.workers > 1`` as a supervisor of that many worker processes
+    (each runs the lifespan; rooms span the workers through the embedded
+    broker unless ``config.broker`` names one).
 
     Raises ServerStartError when the port cannot be bound and LifespanError
     (a ServerStartError) when lifespan startup fails."""
     configure_logging(config.log_level, config.log_format)
+    if getattr(config, "workers", 1) > 1 and sock is None:
+        from .supervisor import run_workers
+
+        raise SystemExit(run_workers(lambda index: run_until_signal(AsgiServer(app, config)),
+                                     config))
     run_until_signal(AsgiServer(app, config), sock)
 
 

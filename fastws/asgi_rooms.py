@@ -12,7 +12,9 @@
 Served by ``fastws serve``, these call the ``fastws.rooms`` scope extension
 (see docs/asgi.md): the server keeps the members, encodes a published
 message once and queues the same frame on every member; members leave their
-rooms automatically when they disconnect.
+rooms automatically when they disconnect.  With a broker (``fastws serve
+--broker redis://...``, or ``--workers N``) a publish also reaches the
+members on every other worker and node.
 
 Served by anything else (uvicorn, hypercorn, Starlette's ``TestClient``) the
 extension is absent and a per-process fallback does what FastAPI's
@@ -63,7 +65,8 @@ async def leave(websocket, room: str) -> None:
 
 async def publish(sender, room: str, message, *, exclude_self: bool = False) -> int:
     """Send ``message`` (str: text frame, bytes: binary frame) to every member
-    of ``room``; returns the number of members it was queued on.
+    of ``room``; returns the number of members of this process it was queued
+    on (with a broker, members elsewhere get it too).
 
     ``exclude_self`` skips ``sender`` when it is a member."""
     ext = _extension(sender)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import signal
 import socket
 import subprocess
 import time
+import uuid
 
 import pytest
 
@@ -472,6 +474,182 @@ def test_port_in_use(backend, tmp_path):
     assert "in use" in proc.stderr
 
 
+# ---------------------------------------------------------------- scale-out and operations (fastws only)
+
+ROOMS_APP = "tests.integration.apps.asgi_rooms_app:app"
+REDIS = "redis://127.0.0.1:6379/0"
+TOKEN = "asgi-publish-token"
+
+
+async def _joined(url):
+    ws = await websockets.connect(url)
+    hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    return ws, hello["pid"]
+
+
+async def _drain(ws, quiet=0.3) -> list:
+    """Every message ``ws`` gets until it is quiet for ``quiet`` seconds."""
+    got = []
+    while True:
+        try:
+            got.append(await asyncio.wait_for(ws.recv(), quiet))
+        except asyncio.TimeoutError:
+            return got
+
+
+async def _settle(sender, members) -> None:
+    """Publish probes from ``sender`` until one reaches every member (room
+    subscriptions reach the broker asynchronously), then drain the probes."""
+    for i in range(50):
+        await sender.send(f"probe {i}")
+        got = await asyncio.gather(*(asyncio.wait_for(ws.recv(), 0.5) for ws in members),
+                                   return_exceptions=True)
+        if all(isinstance(g, str) for g in got):
+            break
+    else:
+        raise AssertionError("a room publish never reached every member")
+    await asyncio.gather(*(_drain(ws) for ws in members))
+
+
+def _wait_subscribers(prefix: str, room: str, n: int) -> None:
+    """Until ``n`` nodes subscribe to ``room``'s Redis channel."""
+    import redis
+
+    from fastws.broker import channel_name
+
+    channel = channel_name(prefix, ("", room))
+    client = redis.Redis.from_url(REDIS)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if dict(client.pubsub_numsub(channel)).get(channel, 0) >= n:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{n} nodes did not subscribe to {channel!r}")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
+def test_asgi_rooms_across_nodes_through_redis(backend, tmp_path):
+    """Two ``fastws serve --interface asgi --broker redis://`` nodes: a room
+    publish made by an ASGI endpoint (``fastws.asgi_rooms``) on one node
+    reaches the members on both nodes exactly once; so do publishes from an
+    http scope and from the HTTP publish API."""
+    prefix = f"asgi-{uuid.uuid4().hex[:10]}"
+    args = ("--interface", "asgi", "--broker", REDIS, "--broker-prefix", prefix,
+            "--publish-token", TOKEN)
+    nodes = []
+    try:
+        for i in range(2):
+            nodes.append(AsgiProcess(ROOMS_APP, backend, tmp_path / f"node{i}.log", args=args).start())
+
+        async def main():
+            a, pid_a = await _joined(nodes[0].ws + "/rooms/lobby")
+            b, pid_b = await _joined(nodes[1].ws + "/rooms/lobby")
+            other, _ = await _joined(nodes[1].ws + "/rooms/elsewhere")
+            assert pid_a != pid_b
+            await asyncio.get_running_loop().run_in_executor(None, _wait_subscribers, prefix,
+                                                             "lobby", 2)
+            try:
+                await a.send("from a")                 # a WebSocket endpoint on node 0
+                await b.send("from b")                 # ... and on node 1
+                async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                    r = await http.post(nodes[0].http + "/rooms/lobby/publish", content=b"from http")
+                    assert r.status_code == 200 and r.json() == {"delivered": 1}   # a, locally
+                    r = await http.post(nodes[1].http + "/publish", json={"room": "lobby", "text": "from api"},
+                                        headers={"Authorization": f"Bearer {TOKEN}"})
+                    assert r.status_code == 200 and r.json()["remote"] is True, r.text
+                    r = await http.post(nodes[1].http + "/publish", json={"room": "lobby", "text": "x"})
+                    assert r.status_code == 401
+                expected = ["from a", "from b", "from http", "from api"]
+                for ws in (a, b):
+                    got = await _drain(ws, 1.0)
+                    assert sorted(got) == sorted(expected), got     # each exactly once
+                    assert got.index("from http") < got.index("from api")  # one publisher's order
+                assert await _drain(other) == []
+            finally:
+                for ws in (a, b, other):
+                    await ws.close()
+
+        run(main())
+        for node in nodes:
+            assert node.alive(), node.log()[-3000:]
+    finally:
+        for node in nodes:
+            assert node.stop() == 0, node.log()[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["cython"], indirect=True)  # fastws-only behaviour
+def test_asgi_rooms_across_workers(backend, tmp_path):
+    """``--workers 2`` without a broker URL: the embedded broker joins the
+    workers, so a publish by an ASGI endpoint reaches members on both."""
+    server = AsgiProcess(ROOMS_APP, backend, tmp_path / "server.log",
+                         args=("--interface", "asgi", "--workers", "2")).start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while server.log().count("ASGI app listening on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.log().count("ASGI app listening on") == 2, server.log()
+
+        async def main():
+            members, pids = [], set()
+            while len(pids) < 2 and len(members) < 64:   # SO_REUSEPORT spreads them
+                ws, pid = await _joined(server.ws + "/rooms/w")
+                members.append(ws)
+                pids.add(pid)
+            assert len(pids) == 2, "every connection landed on one worker"
+            try:
+                await _settle(members[0], members)
+                await members[-1].send("to every worker")
+                for ws in members:
+                    assert await _drain(ws) == ["to every worker"]
+            finally:
+                for ws in members:
+                    await ws.close()
+
+        run(main())
+        assert server.alive(), server.log()[-3000:]
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
+def test_asgi_operations_endpoints(backend, tmp_path):
+    """/health, /livez and /metrics answer in ASGI mode where the application
+    has no route of its own (its 404); the application's own route wins."""
+    server = AsgiProcess(ROOMS_APP, backend, tmp_path / "server.log",
+                         args=("--interface", "asgi")).start()
+    try:
+        async def main():
+            ws, _ = await _joined(server.ws + "/rooms/ops")
+            try:
+                async with httpx.AsyncClient(base_url=server.http, timeout=TIMEOUT) as http:
+                    r = await http.get("/health")
+                    assert r.status_code == 200, r.text
+                    health = r.json()
+                    assert health["status"] == "healthy" and health["connections"] == 1
+                    r = await http.get("/metrics")
+                    assert r.status_code == 200
+                    assert 'websocket_handshakes_total{result="101"} 1.0' in r.text
+                    assert "websocket_rooms 1.0" in r.text
+                    assert any(ln.startswith("websocket_connections_total{") and ln.endswith(" 1.0")
+                               for ln in r.text.splitlines()), r.text
+                    r = await http.get("/livez")
+                    assert r.json() == {"app": "own livez"}          # the app's own route
+                    r = await http.get("/nothing-here")
+                    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+                    r = await http.post("/publish", json={"room": "ops", "text": "x"})
+                    assert r.status_code == 404                      # no --publish-token: no API
+            finally:
+                await ws.close()
+
+        run(main())
+        assert server.alive(), server.log()[-3000:]
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
 # ---------------------------------------------------------------- in-process parity (TestClient)
 
 
@@ -594,3 +772,87 @@ def test_serve_asgi_in_process():
     finally:
         loop.close()
     assert seen == ["lifespan.startup", ("ws-disconnect", 1000), "lifespan.shutdown"]
+
+
+def test_receive_hand_off_order_and_cancellation():
+    """``receive()`` semantics of the session: events handed straight to a
+    waiting ``receive()`` or queued while the application is behind, in
+    order; an event handed to a ``receive()`` cancelled before it resumed is
+    not lost; the queue is dropped once drained."""
+    import types
+
+    from fastws.asgi import _WebSocketSession
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = types.SimpleNamespace(loop=loop)
+        session = _WebSocketSession(server, types.SimpleNamespace(transport=None), {}, None, b"", b"")
+        assert (await session.receive()) == {"type": "websocket.connect"}
+        waiting = loop.create_task(session.receive())
+        await asyncio.sleep(0)
+        session._push({"type": "websocket.receive", "text": "a"})   # handed to the waiter ...
+        waiting.cancel()                                            # ... which never resumes
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        for text in "bcd":                                          # the app is behind
+            session._push({"type": "websocket.receive", "text": text})
+        assert [(await session.receive())["text"] for _ in range(4)] == list("abcd")
+        assert session.events is None
+        waiting = loop.create_task(session.receive())
+        await asyncio.sleep(0)
+        session._push({"type": "websocket.receive", "bytes": b"e"})
+        assert (await waiting)["bytes"] == b"e"
+        session._finish(1001, "bye")
+        assert await session.receive() == {"type": "websocket.disconnect", "code": 1001,
+                                           "reason": "bye"}
+
+    run(main())
+
+
+def test_idle_websocket_keeps_only_its_glue():
+    """What an accepted, idle WebSocket keeps in ASGI mode: the session is
+    the engine connection's route, no received-event queue, nothing of the
+    upgrade decision; header tuples and paths are shared between
+    connections."""
+    import uvloop
+    from fastws.asgi import _RoomsExtension
+    from fastws.config import Config
+    from fastws.asgi import serve_asgi
+
+    async def app(scope, receive, send):
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    async def main():
+        ready = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(serve_asgi(app, Config(port=0, metrics=False),
+                                                started=ready.set_result))
+        server = await ready
+        clients = [await websockets.connect(f"ws://{HOST}:{server.port}/idle") for _ in range(3)]
+        await asyncio.sleep(0.1)
+        sessions = list(server.sessions.values())
+        assert len(sessions) == 3
+        for s in sessions:
+            assert s.conn.route is s
+            assert s.events is None and s.waiter is not None
+            assert s.request is None and s.head is None and s.early is None and s.proto is None
+            assert isinstance(s.scope["extensions"]["fastws.rooms"], _RoomsExtension)
+        one, two = sessions[0].scope, sessions[1].scope
+        assert one["path"] is two["path"] and one["server"] is two["server"]
+        shared = [h for h in one["headers"] if h[0] != b"sec-websocket-key"]
+        assert shared and all(any(h is g for g in two["headers"]) for h in shared)
+        for ws in clients:
+            await ws.close()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 30))
+    finally:
+        loop.close()
