@@ -60,10 +60,10 @@ registry is a :class:`fastws.rooms.Rooms`, as for a ``fastws.App``: a
 publish encodes the message once and queues the same frame on every local
 member (``hub.broadcast``), and with a broker (``--broker``, or the
 embedded one of ``--workers N``) goes to the other workers and nodes
-through :mod:`fastws.broker.bridge`, wired by ``Server._start_broker``.
+through :mod:`fastws.broker.bridge`, wired by ``ServerWiring._start_broker``.
 
 Operations (``/health``, ``/livez``, ``/metrics``, ``/stats``, the HTTP
-publish API): registered by ``Server._start_operations`` /
+publish API): registered by ``ServerWiring._start_operations`` /
 ``_start_broker`` as on the native server, and served for a plain HTTP
 request when the application answers it with 404 (the application's own
 route of that path wins).
@@ -97,7 +97,7 @@ from .errors import CLOSE_REASONS, ConnectionClosed, HandshakeError
 from .rooms import Rooms
 from .handshake import (HttpRequest, accept_response, error_response, negotiate_deflate,
                         parse_request)
-from .server import (Server, ServerStartError, _hub_class, bind_socket, configure_logging,
+from .server import (ServerStartError, ServerWiring, _hub_class, bind_socket, configure_logging,
                      run_until_signal)
 
 log = logging.getLogger("fastws")
@@ -1275,7 +1275,7 @@ class _HeadTooLarge(Exception):
 
 # ---------------------------------------------------------------- server
 
-class AsgiServer:
+class AsgiServer(ServerWiring):
     """An ASGI application served on one port: HTTP on httptools, WebSockets
     on the fastws engine.
 
@@ -1293,15 +1293,10 @@ class AsgiServer:
                    /stats, served when the application answers 404 there;
     * ``state``  - the lifespan state, shallow-copied into every scope.
 
-    Operations and scale-out are wired by :class:`fastws.server.Server`'s
-    own methods (``_start_operations``, ``_start_broker``,
-    ``add_http_route``), which only use the fields both servers have.
+    Operations and scale-out are wired by :class:`fastws.server.ServerWiring`
+    (``_start_operations``, ``_start_broker``, ``add_http_route``), shared
+    with the native server.
     """
-
-    # fastws.server.Server's wiring, reused as it is
-    add_http_route = Server.add_http_route
-    _start_operations = Server._start_operations
-    _start_broker = Server._start_broker
 
     def __init__(self, app, config: Config) -> None:
         self.app = app                    # the ASGI 3 callable

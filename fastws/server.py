@@ -73,7 +73,71 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
     return sock
 
 
-class Server:
+class ServerWiring:
+    """Operations endpoints and scale-out wiring shared by :class:`Server`
+    and :class:`fastws.asgi.AsgiServer`.
+
+    Uses only fields both servers have: ``config``, ``rooms``, ``health``,
+    ``metrics``, ``stats_page``, ``broker``, ``bridge``, ``http_routes``,
+    ``_http_paths``, ``_http_prefixes``, ``_http_prefix_paths``.
+    """
+
+    def add_http_route(self, method: str, path: str, handler, *, prefix: bool = False) -> None:
+        """Serve plain HTTP ``method path`` on the WebSocket port.
+
+        ``handler(request: HttpRequest)`` (sync or async) returns
+        ``(status, body_bytes, content_type)`` or
+        ``(status, body_bytes, content_type, extra_headers)``.  The response
+        closes the connection.  Bodies are read up to ``max_message_size``
+        (413 beyond).
+        """
+        if prefix:
+            self._http_prefixes.append((method.upper(), path, handler))
+            self._http_prefix_paths = tuple(p for _, p, _ in self._http_prefixes)
+            return
+        self.http_routes[(method.upper(), path)] = handler
+        self._http_paths = {p for (_, p) in self.http_routes}
+
+    async def _start_broker(self) -> None:
+        """Rooms across workers and nodes: subscribe to a room's channel while
+        it has local members, publish once to the broker, deliver what other
+        nodes publish (fastws.broker.bridge)."""
+        from .broker import create_broker
+        from .broker.bridge import attach
+
+        c = self.config
+        try:
+            self.broker = create_broker(c.broker, prefix=c.broker_prefix)
+        except (ValueError, ImportError) as exc:
+            raise ServerStartError(f"broker {c.broker!r}: {exc}") from None
+        self.bridge = await attach(self.rooms, self.broker)   # never raises if Redis is down
+        self.health.add_check("broker", self.broker.ping)
+        if c.publish_token:
+            from . import publish_api
+
+            publish_api.register(self, self.bridge, c.publish_token)
+        log.info("fastws: broker %s (node %s)", c.broker.split("@")[-1], self.broker.node_id)
+
+    def _start_operations(self) -> None:
+        """/health + /livez (and the checks registry), /metrics, /stats, per config."""
+        c = self.config
+        self.health = Health(self)
+        self.health.start()
+        if c.metrics:
+            try:
+                from .metrics import Metrics
+            except ImportError as exc:
+                raise ServerStartError(f"metrics need prometheus_client ({exc}); install it or "
+                                       "pass --no-metrics") from None
+            self.metrics = Metrics(self)
+        if c.stats:
+            from .stats import StatsPage
+
+            self.stats_page = StatsPage(self)
+            self.stats_page.start()
+
+
+class Server(ServerWiring):
     """One listening fastws server in the running loop."""
 
     def __init__(self, app: App, config: Config) -> None:
@@ -95,22 +159,6 @@ class Server:
         self.health = None        # /health, /livez and the checks registry
         self.metrics = None       # /metrics, when config.metrics
         self.stats_page = None    # /stats, when config.stats
-
-    def add_http_route(self, method: str, path: str, handler, *, prefix: bool = False) -> None:
-        """Serve plain HTTP ``method path`` on the WebSocket port.
-
-        ``handler(request: HttpRequest)`` (sync or async) returns
-        ``(status, body_bytes, content_type)`` or
-        ``(status, body_bytes, content_type, extra_headers)``.  The response
-        closes the connection.  Bodies are read up to ``max_message_size``
-        (413 beyond).
-        """
-        if prefix:
-            self._http_prefixes.append((method.upper(), path, handler))
-            self._http_prefix_paths = tuple(p for _, p, _ in self._http_prefixes)
-            return
-        self.http_routes[(method.upper(), path)] = handler
-        self._http_paths = {p for (_, p) in self.http_routes}
 
     @property
     def port(self) -> int:
@@ -162,44 +210,6 @@ class Server:
         self.hub.set_fast_upgrade(routes, eligible(self.app.routes.get("*")),
                                   max_connections=self.admission.max_connections,
                                   deflate=bool(self.config.compression))
-
-    async def _start_broker(self) -> None:
-        """Rooms across workers and nodes: subscribe to a room's channel while
-        it has local members, publish once to the broker, deliver what other
-        nodes publish (fastws.broker.bridge)."""
-        from .broker import create_broker
-        from .broker.bridge import attach
-
-        c = self.config
-        try:
-            self.broker = create_broker(c.broker, prefix=c.broker_prefix)
-        except (ValueError, ImportError) as exc:
-            raise ServerStartError(f"broker {c.broker!r}: {exc}") from None
-        self.bridge = await attach(self.rooms, self.broker)   # never raises if Redis is down
-        self.health.add_check("broker", self.broker.ping)
-        if c.publish_token:
-            from . import publish_api
-
-            publish_api.register(self, self.bridge, c.publish_token)
-        log.info("fastws: broker %s (node %s)", c.broker.split("@")[-1], self.broker.node_id)
-
-    def _start_operations(self) -> None:
-        """/health + /livez (and the checks registry), /metrics, /stats, per config."""
-        c = self.config
-        self.health = Health(self)
-        self.health.start()
-        if c.metrics:
-            try:
-                from .metrics import Metrics
-            except ImportError as exc:
-                raise ServerStartError(f"metrics need prometheus_client ({exc}); install it or "
-                                       "pass --no-metrics") from None
-            self.metrics = Metrics(self)
-        if c.stats:
-            from .stats import StatsPage
-
-            self.stats_page = StatsPage(self)
-            self.stats_page.start()
 
     def _hub_options(self) -> dict:
         """Delivery-policy and timer knobs: Config, then App overrides."""
