@@ -359,6 +359,17 @@ class RedisBroker(Broker):
             except asyncio.TimeoutError:
                 pass
 
+    async def _ping(self, pub) -> bool:
+        """PING on the command connection; False when it did not answer in
+        ``ping_interval`` (the link is dead: reconnect)."""
+        try:
+            r = await asyncio.wait_for(asyncio.shield(pub.send(b"PING")), self.ping_interval)
+        except (asyncio.TimeoutError, ConnectionError):
+            return False
+        if isinstance(r, ReplyError):
+            log.warning("fastws: broker PING answered %s", r)
+        return True
+
     async def _serve(self, pub, sub) -> bool:
         """Use ``pub``/``sub`` until one of them is lost; True if it got to
         "connected" (the backoff starts over)."""
@@ -409,12 +420,8 @@ class RedisBroker(Broker):
                     log.warning("fastws: broker subscriber link silent; reconnecting")
                     break
                 sub.send(b"PING", reply=False)
-                try:
-                    r = await asyncio.wait_for(asyncio.shield(pub.send(b"PING")), self.ping_interval)
-                except (asyncio.TimeoutError, ConnectionError):
+                if not await self._ping(pub):
                     break
-                if isinstance(r, ReplyError):
-                    log.warning("fastws: broker PING answered %s", r)
         except (asyncio.TimeoutError, ConnectionError) as exc:
             log.debug("fastws: broker link to %s failed: %s", self.url, exc)
         finally:

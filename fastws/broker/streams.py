@@ -345,12 +345,8 @@ class StreamsBroker(RedisBroker):
                     exc = None if reader.cancelled() else reader.exception()
                     log.warning("fastws: broker stream reader stopped (%r); reconnecting", exc)
                     break
-                try:
-                    r = await asyncio.wait_for(asyncio.shield(pub.send(b"PING")), self.ping_interval)
-                except (asyncio.TimeoutError, ConnectionError):
+                if not await self._ping(pub):
                     break
-                if isinstance(r, ReplyError):
-                    log.warning("fastws: broker PING answered %s", r)
         except (asyncio.TimeoutError, ConnectionError) as exc:
             log.debug("fastws: broker link to %s failed: %s", self.url, exc)
         finally:
