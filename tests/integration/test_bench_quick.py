@@ -98,3 +98,30 @@ def test_bench_quick(tmp_path):
                     assert all(n > 0 for n in r["subscribers_per_node"]), (name, server, r)
     assert list(tmp_path.glob("quick-*.md")), report
     assert list(tmp_path.glob("quick-*-echo.png")), report
+
+
+@pytest.mark.timeout(200)
+def test_bench_runs_outside_the_repository(tmp_path):
+    """A user who ran ``pip install "fastws[bench]"`` runs ``fastws bench`` in
+    any directory: the runner serves the shipped copy of the relay app (there
+    is no examples/relay.py there) and says where the results went."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastws.cli.main", "bench", "--quick", "--vs", "raw,websockets",
+         "--scenario", "echo,fanout-1k,handshake", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    report = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, report
+    assert f"results: {out}" in proc.stdout, report
+    files = sorted(out.glob("quick-*.json"))
+    assert files, report
+    results = json.loads(files[-1].read_text())
+    assert set(results["scenarios"]) == {"echo", "fanout-1k", "handshake"}
+    for name, sc in results["scenarios"].items():
+        assert "fastws.bench.peers.fastws_relay:app" in sc["servers"]["fastws"]["label"], sc["servers"]
+        assert set(sc["runs"]) >= {"fastws", "websockets"}, name
+        for server, runs in sc["runs"].items():
+            assert runs and all(r.get("ok") for r in runs), (name, server, runs)
