@@ -38,6 +38,17 @@ BACKENDS = ("cython", "wsproto", "uvicorn")
 TIMEOUT = 20
 
 
+def run_on_uvloop(coro, timeout: float) -> None:
+    """Run ``coro`` to completion on a fresh uvloop loop, bounded in time."""
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        loop.close()
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -724,7 +735,6 @@ def test_testclient_fastapi_chat(testclient_mod):
 
 def test_serve_asgi_in_process():
     """``serve_asgi`` in a running uvloop loop, on a port picked by the OS."""
-    import uvloop
     from fastws.asgi import serve_asgi
     from fastws.config import Config
 
@@ -766,11 +776,7 @@ def test_serve_asgi_in_process():
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    loop = uvloop.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(main(), 30))
-    finally:
-        loop.close()
+    run_on_uvloop(main(), 30)
     assert seen == ["lifespan.startup", ("ws-disconnect", 1000), "lifespan.shutdown"]
 
 
@@ -814,7 +820,6 @@ def test_idle_websocket_keeps_only_its_glue():
     the engine connection's route, no received-event queue, nothing of the
     upgrade decision; header tuples and paths are shared between
     connections."""
-    import uvloop
     from fastws.asgi import _RoomsExtension
     from fastws.config import Config
     from fastws.asgi import serve_asgi
@@ -851,8 +856,4 @@ def test_idle_websocket_keeps_only_its_glue():
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    loop = uvloop.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(main(), 30))
-    finally:
-        loop.close()
+    run_on_uvloop(main(), 30)
