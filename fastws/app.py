@@ -234,6 +234,26 @@ class App:
                                            exclude=exclude, priority=priority)
         return seq
 
+    async def resume(self, conn, room: str, since: str | None = None, *, namespace=None,
+                     limit: int = 1000) -> bool:
+        """Join ``conn`` to ``room`` as a member that can resume: it gets the
+        room's messages in the order of the room's Redis Stream, each as the
+        JSON text frame ``{"room": ..., "id": "<entry id>", "data": ...}``
+        (``"b64"`` instead of ``"data"`` for binary), whichever node published
+        them; with ``since`` (the last ``id`` the client saw, e.g. before a
+        reconnect to any node), what it missed is replayed first, then the
+        live messages follow, none twice.  Returns False when the replay could
+        not be complete (more than ``limit`` missed: it gets the newest
+        ``limit``; or entries trimmed by the stream's maxlen).  Needs
+        ``--broker redis+streams://...`` (ValueError otherwise, or for a
+        malformed ``since``); messages whose publish did not reach Redis are
+        not in the stream, so such members do not get them.
+        """
+        bridge = self.server.bridge if self.server is not None else None
+        if bridge is None:
+            raise ValueError("resume needs a broker with history: --broker redis+streams://...")
+        return await bridge.resume(conn, room, since, namespace=namespace, limit=limit)
+
     def send_to(self, conn_id, message) -> bool:
         """Send ``message`` to the connection with id ``conn_id`` on this
         node; False if there is no such open connection."""

@@ -24,6 +24,13 @@ frame each, in order. Messages published to a batched room must be ``str``.
 Whatever the batching, every connection's frames of one loop iteration go out
 in one write.
 
+Stream members (``App.resume``, with the Redis Streams broker): a member
+that joined through ``Bridge.resume`` gets the room's messages in the order
+of the room's Redis Stream, each in the envelope of :func:`stream_envelope`
+(with the entry id), from the bridge, instead of the direct delivery; a
+replay of what it missed is stitched to the live stream without gap or
+duplicate (``join_streamed``, ``publish_streamed``, ``end_replay``).
+
 Ordering: each room has a sequence number, incremented by every publish on
 this node; a client never sees one room's messages out of order from one
 server, because frames are queued in publish order and written in order.
@@ -33,17 +40,30 @@ sequence number; messages from two nodes interleave in arrival order.
 
 from __future__ import annotations
 
+import base64
 import json
 
 from .delivery import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 
-__all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH"]
+__all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH", "stream_envelope"]
+
+
+def stream_envelope(room: str, entry_id: str, message) -> str:
+    """The frame a stream member gets for one room message:
+    ``{"room": ..., "id": ..., "data": "text"}``, or ``"b64"`` (base64)
+    instead of ``"data"`` for a binary message."""
+    if isinstance(message, str):
+        body = {"room": room, "id": entry_id, "data": message}
+    else:
+        body = {"room": room, "id": entry_id, "b64": base64.b64encode(bytes(message)).decode("ascii")}
+    return json.dumps(body, separators=(",", ":"))
 
 
 class Room:
     """One room on this node: its local members and its sequence number."""
 
-    __slots__ = ("key", "members", "seq", "batched", "pending", "first_seq", "timer")
+    __slots__ = ("key", "members", "seq", "batched", "pending", "first_seq", "timer", "streamed",
+                 "replaying", "last_fid")
 
     def __init__(self, key) -> None:
         self.key = key
@@ -53,6 +73,11 @@ class Room:
         self.pending = None         # messages waiting for the batch flush (list), if batching
         self.first_seq = 0          # sequence number of pending[0]
         self.timer = None           # TimerHandle of the max_delay flush
+        self.streamed = None        # members that get the room's stream, with ids (set), if any
+        self.replaying = None       # of those, the ones being replayed to: conn -> held frames
+                                    # (list), or after the replay the last id it got (tuple)
+                                    # while the live stream has not passed it yet
+        self.last_fid = None        # id (ms, seq) of the last stream entry sent to stream members
 
 
 class Rooms:
@@ -128,6 +153,10 @@ class Rooms:
         r.members.discard(conn)
         if r.batched is not None:
             r.batched.discard(conn)
+        if r.streamed is not None:
+            r.streamed.discard(conn)
+            if r.replaying is not None:
+                r.replaying.pop(conn, None)
         if not r.members:
             if r.timer is not None:
                 r.timer.cancel()
@@ -152,8 +181,9 @@ class Rooms:
             return 0, 0
         r.seq += 1
         policy = self.batching.get(key)
+        members = r.members - r.streamed if r.streamed else r.members
         if policy is None:
-            return r.seq, self.hub.broadcast(message, r.members, exclude, priority)
+            return r.seq, self.hub.broadcast(message, members, exclude, priority)
         if not isinstance(message, str):
             raise TypeError("messages published to a batched room must be str")
         if r.pending is None:
@@ -181,9 +211,77 @@ class Rooms:
                                   separators=(",", ":"))
             self.hub.broadcast(envelope, batched)
         others = r.members - batched if batched else r.members
+        if r.streamed:
+            others = others - r.streamed
         if others:
             for message in pending:
                 self.hub.broadcast(message, others)
+
+    # -- stream members (fastws.broker.bridge.Bridge.resume) ---------------------------
+
+    def join_streamed(self, conn, key, replaying: bool = False) -> None:
+        """Make ``conn`` a member of room ``key`` that receives the room's
+        broker stream, each message in the id envelope, instead of the
+        direct delivery; ``replaying``: hold its frames until
+        :meth:`end_replay`."""
+        self.join(conn, key[1], key[0])
+        r = self._rooms.get(key)
+        if r is None:            # conn closed
+            return
+        if r.streamed is None:
+            r.streamed = set()
+        r.streamed.add(conn)
+        if replaying:
+            if r.replaying is None:
+                r.replaying = {}
+            r.replaying[conn] = []
+
+    def has_streamed(self, key) -> bool:
+        r = self._rooms.get(key)
+        return r is not None and bool(r.streamed)
+
+    def publish_streamed(self, key, entry_id: str, frame_id: tuple, message) -> int:
+        """Send one stream entry (``message`` published to room ``key``, entry
+        ``entry_id``; ``frame_id`` its parsed id) to the stream members, in
+        the envelope; members being replayed to hold it."""
+        r = self._rooms.get(key)
+        if r is None or not r.streamed:
+            return 0
+        env = stream_envelope(key[1], entry_id, message)
+        r.last_fid = frame_id
+        targets = r.streamed
+        if r.replaying:
+            targets = set(targets)
+            for conn, state in list(r.replaying.items()):
+                if type(state) is list:          # replay running: hold
+                    state.append((frame_id, env))
+                    targets.discard(conn)
+                elif frame_id <= state:          # replayed already (the live read lags)
+                    targets.discard(conn)
+                else:                            # the live stream caught up: plain from now on
+                    del r.replaying[conn]
+            if not r.replaying:
+                r.replaying = None
+        return self.hub.broadcast(env, targets) if targets else 0
+
+    def end_replay(self, conn, key, after: tuple) -> None:
+        """End the replay to ``conn`` in room ``key``, whose last entry was
+        ``after``: send the held frames with a later id, in order; until the
+        live stream passes ``after``, drop what ``conn`` already has."""
+        r = self._rooms.get(key)
+        if r is None or not r.replaying or conn not in r.replaying:
+            return
+        held = r.replaying[conn]
+        for fid, env in held:
+            if fid > after and not conn.closed:
+                conn.send(env)
+                after = fid
+        if r.last_fid is not None and r.last_fid >= after:
+            del r.replaying[conn]
+            if not r.replaying:
+                r.replaying = None
+        else:
+            r.replaying[conn] = after
 
     def count(self, room: str, namespace: str = "") -> int:
         r = self._rooms.get((namespace, room))

@@ -10,6 +10,10 @@
   kept); the origin node's own echo is dropped by the broker.
 * Fan-out: :meth:`Bridge.publish` delivers locally and sends the message to
   the broker once.
+* Resume (Streams broker): :meth:`Bridge.resume` makes a connection a
+  *stream member* of a room: it gets every entry of the room's stream, this
+  node's own included (``broker.own_handler``), in stream order with its id,
+  after a replay of what it missed since the id it gives.
 * One connection anywhere: :func:`global_id` names a connection across nodes
   (``"{node_id}:{conn.id}"``); every node subscribes to its own node key, and
   :meth:`Bridge.send_to` delivers locally or through the owning node, which
@@ -31,7 +35,9 @@ import logging
 import struct
 
 from ..delivery import PRIORITY_NORMAL
+from ..rooms import stream_envelope
 from . import PublishError
+from .streams import parse_id
 
 log = logging.getLogger("fastws.broker")
 
@@ -118,8 +124,10 @@ class Bridge:
         if kind == ROOM:
             self.counters["received"] += 1
             ns, name = key
-            self.rooms.publish(name, _decode(flags, payload[2:]), namespace=ns,
-                               priority=flags >> 4)
+            message = _decode(flags, payload[2:])
+            self.rooms.publish(name, message, namespace=ns, priority=flags >> 4)
+            if self.rooms.has_streamed(key):
+                self._stream_entry(key, message)
         elif kind == DIRECT:
             _, _, rid, cid = _DIRECT.unpack_from(payload, 0)
             self.counters["direct_in"] += 1
@@ -132,6 +140,56 @@ class Bridge:
             fut = self._replies.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(bool(flags & F_OK))
+
+    def _on_own(self, key, payload: bytes) -> None:
+        """One of this node's room messages, back from the stream (Streams broker)."""
+        kind, flags = _HEAD.unpack_from(payload, 0)
+        if kind == ROOM and self.rooms.has_streamed(key):
+            self._stream_entry(key, _decode(flags, payload[2:]))
+
+    def _stream_entry(self, key, message) -> None:
+        eid = self.broker.last_id(key)      # the entry being delivered
+        if eid is not None:
+            self.rooms.publish_streamed(key, eid, parse_id(eid), message)
+
+    async def resume(self, conn, room: str, since=None, namespace=None, limit: int = 1000) -> bool:
+        """Make ``conn`` a member of ``room`` that gets the room's stream in
+        order, each message in the envelope ``{"room", "id", "data"|"b64"}``
+        (see :func:`fastws.rooms.stream_envelope`), and first replay what it
+        missed after entry ``since`` (the last id it saw; None: nothing to
+        replay).  Live messages that arrive during the replay are held and
+        sent after it, without duplicates.  Returns False when it cannot have
+        everything after ``since``: more than ``limit`` entries (it then gets
+        the newest ``limit``) or entries trimmed away by the stream's maxlen.
+        Needs a broker with history (``redis+streams://``)."""
+        if not hasattr(self.broker, "history"):
+            raise ValueError("resume needs a broker with history: --broker redis+streams://...")
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        after = parse_id(since) if since is not None else None   # ValueError for a malformed id
+        key = self.rooms._key(conn, room, namespace)
+        self.rooms.join_streamed(conn, key, replaying=after is not None)
+        if after is None:
+            await self.sync()                   # from here on the room's stream is read
+            return True
+        last = after
+        complete = True
+        try:
+            await self.sync()                   # the live stream of the room is being read
+            entries = await self.broker.history(key, since_id=since, count=limit)
+            complete = entries.complete
+            if len(entries) >= limit:           # missed more than we replay: the newest `limit`
+                entries = [e for e in await self.broker.history(key, count=limit) if parse_id(e.id) > after]
+                complete = False
+            for e in entries:
+                kind, flags = _HEAD.unpack_from(e.payload, 0)
+                if kind != ROOM or conn.closed:
+                    continue
+                conn.send(stream_envelope(key[1], e.id, _decode(flags, e.payload[2:])))
+                last = parse_id(e.id)
+        finally:
+            self.rooms.end_replay(conn, key, last)
+        return complete
 
     def _send_local(self, conn_id, message) -> bool:
         conn = self.rooms.hub.connections.get(conn_id)
@@ -215,6 +273,8 @@ class Bridge:
         if self in _bridges:
             _bridges.remove(self)
         self.broker.set_handler(None)
+        if getattr(self.broker, "own_handler", None) == self._on_own:
+            self.broker.own_handler = None
         if getattr(self.rooms, "bridge", None) is self:
             self.rooms.bridge = None
 
@@ -226,6 +286,8 @@ async def attach(rooms, broker, *, start: bool = True) -> Bridge:
     ``rooms.bridge`` is set to it too."""
     bridge = Bridge(rooms, broker)
     broker.set_handler(bridge._on_message)
+    if hasattr(broker, "own_handler"):
+        broker.own_handler = bridge._on_own
     if start:
         await broker.start()
     rooms.listeners.append(bridge._on_room)

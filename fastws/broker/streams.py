@@ -268,6 +268,9 @@ class StreamsBroker(RedisBroker):
         self.count = opt(count, "count", 256, int, lambda v: v >= 1, "an integer >= 1")
         self.ttl = opt(ttl, "ttl", 86_400.0, float, lambda v: v >= 0, "seconds >= 0 (0 = never)")
         self._block_ms = max(1, int(self.block * 1000))   # XREAD BLOCK 0 would mean forever
+        #: callable(key, payload) for this node's own entries as they come back
+        #: in the stream (the bridge's stream members); None: dropped as echoes
+        self.own_handler = None
         self._last: dict = {}            # channel -> last id read (bytes): the read set
         self._to_resolve: set = set()    # channels whose start id is still to be read
         self._inflight: dict = {}        # channel -> future of the batch resolving it now
@@ -573,6 +576,20 @@ class StreamsBroker(RedisBroker):
                 self.counters["stray"] += 1
                 continue
             self._deliver(ch, data)
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        # this node's own entries come back in the stream too: the pub/sub
+        # path drops them (the origin delivered locally), but members that get
+        # the room's stream with ids (Bridge.resume) need them, in stream order
+        if self.own_handler is not None:
+            env = unpack_envelope(data)
+            key = self._keys.get(bytes(channel))
+            if env is not None and key is not None and env[0] == self._origin:
+                try:
+                    self.own_handler(key, env[1])
+                except Exception:
+                    log.exception("fastws: broker own-entry handler failed")
+        super()._deliver(channel, data)
 
     def last_id(self, key):
         """The id (str) of the last entry of ``key``'s stream this node has read
