@@ -970,15 +970,21 @@ def finish(res: dict, stats: Stats, extra_ok: bool = True) -> dict:
 # ---------------------------------------------------------------- scenarios
 
 
-async def run_echo(a) -> dict:
-    """C connections x W identical small messages in flight; messages/s echoed."""
+def echo_frames(a) -> tuple:
+    """(mask, opcode, frame to send, frame the server must answer) for the
+    echo-type scenarios: ``a.size`` random alphanumeric bytes, seeded."""
     rng = random.Random(a.seed)
-    stats = Stats()
     mask = mask_from(rng)
     opcode = BINARY if a.binary else TEXT
     payload = bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(a.size))
     frame = client_frame(opcode, payload, mask)
-    expect = frame if a.raw else server_frame(opcode, payload)
+    return mask, opcode, frame, frame if a.raw else server_frame(opcode, payload)
+
+
+async def run_echo(a) -> dict:
+    """C connections x W identical small messages in flight; messages/s echoed."""
+    stats = Stats()
+    mask, opcode, frame, expect = echo_frames(a)
     req = upgrade_request(a.host, a.port, a.path)
     srcs = source_addresses(a.conns, a.src_addrs)
     clients = await open_many(
@@ -1034,13 +1040,8 @@ async def wait_until(pred, timeout: float) -> bool:
 
 async def run_latency(a) -> dict:
     """One connection, one message in flight: round-trip percentiles (µs)."""
-    rng = random.Random(a.seed)
     stats = Stats()
-    mask = mask_from(rng)
-    opcode = BINARY if a.binary else TEXT
-    payload = bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(a.size))
-    frame = client_frame(opcode, payload, mask)
-    expect = frame if a.raw else server_frame(opcode, payload)
+    mask, opcode, frame, expect = echo_frames(a)
     req = upgrade_request(a.host, a.port, a.path)
     deadline_ns = now_ns() + int((a.duration + a.warmup + 2) * 1e9)
     res = result_base(a, "latency")
