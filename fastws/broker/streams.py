@@ -567,7 +567,8 @@ class StreamsBroker(RedisBroker):
                     origin = bytes(data[4:4 + data[3]])
                 lst.append((t, ch, bytes(eid), data, origin, n if origin is not None else None))
             lists.append(lst)
-        for t, ch, eid, data, _, _ in _merge(lists):
+        own = self._origin if self.own_handler is not None else None
+        for t, ch, eid, data, origin, _ in _merge(lists):
             if ch not in self._last:
                 self.counters["stray"] += 1
                 continue
@@ -575,21 +576,21 @@ class StreamsBroker(RedisBroker):
             if data is None:
                 self.counters["stray"] += 1
                 continue
+            if own is not None and origin == own:
+                self._own_entry(ch, data)
             self._deliver(ch, data)
 
-    def _deliver(self, channel: bytes, data: bytes) -> None:
-        # this node's own entries come back in the stream too: the pub/sub
-        # path drops them (the origin delivered locally), but members that get
-        # the room's stream with ids (Bridge.resume) need them, in stream order
-        if self.own_handler is not None:
-            env = unpack_envelope(data)
-            key = self._keys.get(bytes(channel))
-            if env is not None and key is not None and env[0] == self._origin:
-                try:
-                    self.own_handler(key, env[1])
-                except Exception:
-                    log.exception("fastws: broker own-entry handler failed")
-        super()._deliver(channel, data)
+    def _own_entry(self, ch: bytes, data: bytes) -> None:
+        # this node's own entries come back in the stream too: _deliver drops
+        # them (the origin delivered locally), but members that get the room's
+        # stream with ids (Bridge.resume) need them, in stream order
+        env = unpack_envelope(data)
+        key = self._keys.get(ch)
+        if env is not None and key is not None:
+            try:
+                self.own_handler(key, env[1])
+            except Exception:
+                log.exception("fastws: broker own-entry handler failed")
 
     def last_id(self, key):
         """The id (str) of the last entry of ``key``'s stream this node has read
