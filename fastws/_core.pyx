@@ -1017,6 +1017,11 @@ cdef enum TimerKind:
     T_PING = 2         # time to check activity and maybe ping
     T_PONG = 3         # a ping is out: proof of life must have come by then
     T_CLOSE = 4        # the peer must have answered our close by then
+    T_BODY = 5         # a plain HTTP request body must be in by then
+
+# the answer to a request head or body that did not arrive in time
+cdef bytes _REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                               b"Content-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n")
 
 DEF MAX_FLUSH_JOIN = 65536  # below this many queued bytes, join frames into one buffer
 
@@ -1257,11 +1262,13 @@ cdef class Hub:
     cdef public dict closes            # close code -> count
     cdef public dict dropped           # (reason, priority) -> count
     cdef public unsigned long long handshake_timeouts, ping_timeouts, idle_timeouts
+    cdef public unsigned long long body_timeouts
     # -- timers: one wheel per hub (see _on_tick) --
     cdef public double ping_interval   # seconds between server pings (0: no pings)
     cdef public double ping_timeout    # seconds to wait for proof of life after a ping
     cdef public double idle_timeout    # close after this long without a message (0: never)
     cdef public double handshake_timeout  # seconds to complete the opening handshake
+    cdef public double body_timeout    # seconds a plain HTTP request body may take to arrive
     cdef public double tick            # wheel granularity, seconds
     cdef list _slots                   # WHEEL_SIZE heads of intrusive lists of Connection
     cdef Py_ssize_t _waiting           # connections in the wheel
@@ -1282,16 +1289,18 @@ cdef class Hub:
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
                  high_water=65536, max_queue=1 << 20, slow_grace=5.0,
                  ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
-                 handshake_timeout=10.0, tick=None):
+                 handshake_timeout=10.0, body_timeout=30.0, tick=None):
         self.loop = loop
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.body_timeout = body_timeout
         if tick is None:
             # fine enough for the shortest timeout configured, at most 1 s
             shortest = min([t for t in (ping_interval, ping_timeout, idle_timeout,
-                                        handshake_timeout, close_timeout) if t > 0] or [1.0])
+                                        handshake_timeout, body_timeout, close_timeout)
+                            if t > 0] or [1.0])
             tick = max(0.05, min(1.0, shortest / 4))
         self.tick = tick
         self._slots = [None] * WHEEL_SIZE
@@ -1635,9 +1644,13 @@ cdef class Connection(Engine):
 
     def _hs_read_body(self, Py_ssize_t size, callback):
         """While deciding (a plain HTTP request): call ``callback(body)``
-        once ``size`` bytes behind the head are in."""
+        once ``size`` bytes behind the head are in.  The body must be in
+        within the hub's ``body_timeout``, else the client gets 408 and the
+        connection is closed."""
         self._body_size = size
         self._body_cb = callback
+        if self._hub.body_timeout > 0:
+            self._hub._schedule(self, self._hub.body_timeout, T_BODY)
         self._check_body()
 
     cdef _check_body(self):
@@ -1646,6 +1659,14 @@ cdef class Connection(Engine):
             self._body_cb = None
             body = bytes(self._head[:self._body_size])
             del self._head[:self._body_size]
+            # the handler answers next: bounded by the handshake timeout, and
+            # nothing more is read (the answer closes the connection)
+            if self._hub.handshake_timeout > 0:
+                self._hub._schedule(self, self._hub.handshake_timeout, T_HANDSHAKE)
+            else:
+                self._hub._unschedule(self)
+            if self.transport is not None:
+                self.transport.pause_reading()
             cb(body)
 
     def eof_received(self):
@@ -2046,9 +2067,18 @@ cdef class Connection(Engine):
         if self.transport is None:
             return
         if kind == T_HANDSHAKE:
-            if self._phase == P_HANDSHAKE or self._phase == P_DECIDING:
+            if self._phase == P_HANDSHAKE and self._head:
                 hub.handshake_timeouts += 1
-                self.transport.abort()     # slow or silent client (slowloris)
+                self._hs_reject(_REQUEST_TIMEOUT)   # part of a head came, slowly (slowloris)
+            elif self._phase == P_HANDSHAKE or self._phase == P_DECIDING:
+                hub.handshake_timeouts += 1
+                self.transport.abort()     # silent client, or no decision in time
+            return
+        if kind == T_BODY:
+            if self._phase == P_DECIDING and self._body_cb is not None:
+                hub.body_timeouts += 1
+                self._body_cb = None
+                self._hs_reject(_REQUEST_TIMEOUT)   # the request body did not come in time
             return
         if kind == T_CLOSE:
             self.transport.abort()         # the peer never answered our close

@@ -13,12 +13,15 @@ import logging
 from . import _wsproto_engine as engine_mod
 from .delivery import PRIORITY_LOW, PRIORITY_NORMAL
 from .errors import CLOSE_REASONS, ConnectionClosed
+from .handshake import error_response
 
 _log = logging.getLogger("fastws")
 
 TEXT, BINARY, CLOSE, PING, PONG, ERROR = 0x1, 0x2, 0x8, 0x9, 0xA, 0x10
 OPEN, CLOSING, CLOSED = 0, 1, 2
 P_HANDSHAKE, P_DECIDING, P_OPEN, P_DONE = 0, 1, 2, 3
+#: the answer to a request head or body that did not arrive in time
+REQUEST_TIMEOUT = error_response(408, "request timeout")
 
 
 class Hub:
@@ -28,7 +31,7 @@ class Hub:
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
                  high_water=65536, max_queue=1 << 20, slow_grace=5.0,
                  ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
-                 handshake_timeout=10.0, tick=None):
+                 handshake_timeout=10.0, body_timeout=30.0, tick=None):
         # the pure-Python twin uses one loop timer per waiting connection
         # instead of the Cython hub's timer wheel: it is the fallback, not
         # the engine for 100,000 connections
@@ -36,7 +39,9 @@ class Hub:
         self.ping_timeout = ping_timeout
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.body_timeout = body_timeout
         self.handshake_timeouts = self.ping_timeouts = self.idle_timeouts = 0
+        self.body_timeouts = 0
         self.loop = loop
         self.high_water = high_water
         self.max_queue = max_queue
@@ -201,8 +206,12 @@ class Connection:
             self._check_body()
 
     def _hs_read_body(self, size, callback):
+        """Call ``callback(body)`` once ``size`` bytes behind the head are
+        in; 408 and close if they are not in within ``body_timeout``."""
         self._body_size = size
         self._body_cb = callback
+        if self._hub.body_timeout > 0:
+            self._set_timer(self._hub.body_timeout, self._body_expired)
         self._check_body()
 
     def _check_body(self):
@@ -211,6 +220,15 @@ class Connection:
             self._body_cb = None
             body = bytes(self._head[:self._body_size])
             del self._head[:self._body_size]
+            # the handler answers next: bounded by the handshake timeout, and
+            # nothing more is read (the answer closes the connection)
+            if self._hub.handshake_timeout > 0:
+                self._set_timer(self._hub.handshake_timeout, self._handshake_expired)
+            elif self._close_timer is not None:
+                self._close_timer.cancel()
+                self._close_timer = None
+            if self.transport is not None:
+                self.transport.pause_reading()
             cb(body)
 
     def eof_received(self):
@@ -471,9 +489,21 @@ class Connection:
 
     def _handshake_expired(self):
         self._close_timer = None
-        if self.transport is not None and self._phase in (P_HANDSHAKE, P_DECIDING):
+        if self.transport is None:
+            return
+        if self._phase == P_HANDSHAKE and self._head:
             self._hub.handshake_timeouts += 1
-            self.transport.abort()
+            self._hs_reject(REQUEST_TIMEOUT)      # part of a head came, slowly (slowloris)
+        elif self._phase in (P_HANDSHAKE, P_DECIDING):
+            self._hub.handshake_timeouts += 1
+            self.transport.abort()                # silent client, or no decision in time
+
+    def _body_expired(self):
+        self._close_timer = None
+        if self.transport is not None and self._phase == P_DECIDING and self._body_cb is not None:
+            self._hub.body_timeouts += 1
+            self._body_cb = None
+            self._hs_reject(REQUEST_TIMEOUT)      # the request body did not come in time
 
     def _heartbeat(self):
         hub = self._hub

@@ -98,7 +98,7 @@ from .rooms import Rooms
 from .handshake import (HttpRequest, accept_response, error_response, negotiate_deflate,
                         parse_request)
 from .server import (ServerStartError, ServerWiring, _hub_class, bind_socket, configure_logging,
-                     run_until_signal)
+                     run_until_signal, tls_options)
 
 log = logging.getLogger("fastws")
 
@@ -107,6 +107,13 @@ ASGI_WS = {"version": "3.0", "spec_version": "2.4"}
 ASGI_LIFESPAN = {"version": "3.0", "spec_version": "2.0"}
 
 KEEPALIVE_TIMEOUT = 5.0       # seconds an idle keep-alive connection stays open
+# what the one timer of an HttpProtocol waits for (handshake_timeout and
+# body_timeout come from the Config; see HttpProtocol._timer_fired)
+T_IDLE = 1                    # keep-alive: the next request must start (else close quietly)
+T_HEAD = 2                    # a request head must be complete (else 408 and close)
+T_BODY = 3                    # a request body must be complete (else 408 and close)
+# how far the parser is in the request being read
+R_IDLE, R_HEAD, R_BODY = 0, 1, 2
 BODY_HIGH = 256 * 1024        # buffered request body bytes before reading pauses
 WS_QUEUE_HIGH = 64            # received messages the app has not read before reading pauses
 WS_QUEUE_LOW = 16             # ... and resumes
@@ -795,7 +802,10 @@ class _HttpCycle:
         if self.expect_100:
             self.expect_100 = False
             if not self.started and not self.disconnected:
-                self.proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                proto = self.proto
+                proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if proto.timer_kind == T_BODY:    # the client sends the body from now on
+                    proto._arm(T_BODY, proto.server.config.body_timeout)
         while True:
             if self.disconnected or self.complete:
                 return {"type": "http.disconnect"}
@@ -977,11 +987,26 @@ class _HttpCycle:
 
 
 class HttpProtocol(asyncio.Protocol):
-    """One client connection until (unless) it becomes a WebSocket."""
+    """One client connection until (unless) it becomes a WebSocket.
+
+    Deadlines (one TimerHandle, ``timer``, waiting for ``timer_kind``):
+
+    * a new connection's first request head must be complete within
+      ``handshake_timeout`` of the connect (a silent client is closed then);
+    * between keep-alive requests the connection may stay idle for
+      ``KEEPALIVE_TIMEOUT``; the next head must then be complete within
+      ``handshake_timeout`` of its first byte;
+    * a request body must be complete within ``body_timeout`` of its head
+      (time while reading is paused because the application is behind, or
+      while the client waits for ``100 Continue``, does not count);
+    * an upgrade request must be decided within ``handshake_timeout`` too.
+
+    A head or body that is late gets ``408 Request Timeout`` (unless a
+    response is already under way) and the connection is closed."""
 
     __slots__ = ("server", "loop", "transport", "parser", "url", "headers", "head_size",
-                 "cycle", "receiving", "pipeline", "idle_timer", "write_paused", "drain_waiter",
-                 "ws", "client", "local", "read_paused", "closed")
+                 "cycle", "receiving", "pipeline", "timer", "timer_kind", "reading",
+                 "write_paused", "drain_waiter", "ws", "client", "local", "read_paused", "closed")
 
     def __init__(self, server) -> None:
         self.server = server
@@ -994,7 +1019,9 @@ class HttpProtocol(asyncio.Protocol):
         self.cycle = None             # the exchange whose response is being produced
         self.receiving = None         # the exchange whose request is being parsed
         self.pipeline = deque()       # parsed requests waiting for self.cycle to end
-        self.idle_timer = None
+        self.timer = None             # the one deadline of this connection (TimerHandle)
+        self.timer_kind = 0           # T_IDLE, T_HEAD or T_BODY while self.timer runs
+        self.reading = R_IDLE         # R_HEAD / R_BODY: inside a request's head / body
         self.write_paused = False
         self.drain_waiter = None
         self.ws = None                # a WebSocket session deciding on its upgrade
@@ -1010,7 +1037,8 @@ class HttpProtocol(asyncio.Protocol):
         self.client = _addr(transport.get_extra_info("peername"))
         self.local = _local_addr(transport.get_extra_info("sockname"))
         self.server.http_connections.add(self)
-        self._arm_idle()
+        # the first request's head is due within handshake_timeout of the connect
+        self._arm(T_HEAD, self.server.config.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
@@ -1022,16 +1050,23 @@ class HttpProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(data[exc.args[0]:] if exc.args else b"")
+            if self.ws is None and not self.closed:
+                # another protocol than WebSocket: served as HTTP, then closed
+                self.reading = R_IDLE
+                self._deadline()
+            return
         except httptools.HttpParserError as exc:
             if self.head_size > self.server.config.max_head_size:
                 self._bad_request(431, "Request header fields too large")
             else:
                 self._bad_request(400, f"Invalid HTTP request received: {exc}")
+            return
+        self._deadline()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server.http_connections.discard(self)
-        self._cancel_idle()
+        self._cancel_timer()
         for c in (self.cycle, self.receiving, *self.pipeline):
             if c is not None:
                 c.disconnected = True
@@ -1068,7 +1103,7 @@ class HttpProtocol(asyncio.Protocol):
     def detach(self) -> None:
         """The transport now belongs to someone else (a WebSocket)."""
         self.server.http_connections.discard(self)
-        self._cancel_idle()
+        self._cancel_timer()
         self.ws = None
         self.closed = True
         self.parser = None      # breaks the parser <-> protocol cycle at once
@@ -1076,7 +1111,7 @@ class HttpProtocol(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._cancel_idle()
+        self.reading = R_HEAD
         self.url = b""
         self.headers = []
         self.head_size = 0
@@ -1095,8 +1130,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        self.reading = R_BODY
         if parser.should_upgrade() and self._wants_websocket():
             self.receiving = None
+            self.reading = R_IDLE
             return     # the upgrade is handled once the parser stops (HttpParserUpgrade)
         url = httptools.parse_url(self.url)
         raw_path = url.path or b"/"
@@ -1110,7 +1147,7 @@ class HttpProtocol(asyncio.Protocol):
             "http_version": parser.get_http_version(),
             "server": self.local,
             "client": self.client,
-            "scheme": "http",
+            "scheme": server.http_scheme,
             "method": method,
             "root_path": "",
             "path": path,
@@ -1145,6 +1182,7 @@ class HttpProtocol(asyncio.Protocol):
             self._pause_reading()
 
     def on_message_complete(self) -> None:
+        self.reading = R_IDLE
         c = self.receiving
         if c is None:
             return
@@ -1174,8 +1212,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.maybe_resume()
         else:
             self.maybe_resume()
-            if self.receiving is None:
-                self._arm_idle()
+            if self.receiving is None and self.timer is None:
+                self._arm(T_IDLE, KEEPALIVE_TIMEOUT)
 
     def maybe_resume(self) -> None:
         if (self.read_paused and not self.pipeline and self.transport is not None
@@ -1218,7 +1256,7 @@ class HttpProtocol(asyncio.Protocol):
             "type": "websocket",
             "asgi": ASGI_WS,
             "http_version": "1.1",
-            "scheme": "ws",
+            "scheme": self.server.ws_scheme,
             "server": self.local,
             "client": self.client,
             "root_path": "",
@@ -1230,7 +1268,8 @@ class HttpProtocol(asyncio.Protocol):
             "state": self.server.state.copy(),
             "extensions": None,
         }
-        self._cancel_idle()
+        if self.timer_kind != T_HEAD:    # the decision is due within handshake_timeout too
+            self._arm(T_HEAD, self.server.config.handshake_timeout)
         session = self.ws = _WebSocketSession(self.server, self, scope, request, head, early)
         scope["extensions"] = {"websocket.http.response": _DENIAL_EXTENSION,
                                "fastws.rooms": _RoomsExtension(session)}
@@ -1245,19 +1284,72 @@ class HttpProtocol(asyncio.Protocol):
             t.write(_plain_response(status, text.encode() + b"\n"))
         t.close()
 
-    def _arm_idle(self) -> None:
-        if self.idle_timer is None:
-            self.idle_timer = self.loop.call_later(KEEPALIVE_TIMEOUT, self._idle)
+    # -- deadlines -------------------------------------------------------------
 
-    def _cancel_idle(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+    def _deadline(self) -> None:
+        """After parsing what was read: the deadline of the request part
+        still arriving (no timer at all for a request that came whole)."""
+        reading = self.reading
+        if reading == R_HEAD:
+            if self.timer_kind != T_HEAD:     # a new connection's stays: counted from the connect
+                self._arm(T_HEAD, self.server.config.handshake_timeout)
+        elif reading == R_BODY:
+            if self.timer_kind != T_BODY:
+                self._arm(T_BODY, self.server.config.body_timeout)
+        elif self.cycle is not None:
+            self._cancel_timer()              # a response is under way; cycle_done re-arms
 
-    def _idle(self) -> None:
-        self.idle_timer = None
-        if self.cycle is None and self.ws is None and self.transport is not None:
-            self.transport.close()
+    def _arm(self, kind: int, delay: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_kind = kind
+        self.timer = self.loop.call_later(delay, self._timer_fired)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.timer_kind = 0
+
+    def _timer_fired(self) -> None:
+        kind, self.timer, self.timer_kind = self.timer_kind, None, 0
+        t = self.transport
+        if t is None or self.closed:
+            return
+        if kind == T_IDLE:
+            if self.cycle is None and self.ws is None:
+                t.close()
+            return
+        server = self.server
+        if kind == T_BODY:
+            c = self.receiving
+            if self.read_paused or (c is not None and c.expect_100 and not c.started):
+                # the application is behind (reading paused) or has not asked
+                # for the body yet (100 Continue not sent): not the client's delay
+                self._arm(T_BODY, server.config.body_timeout)
+                return
+            server.hub.body_timeouts += 1
+        else:
+            server.hub.handshake_timeouts += 1
+        if self.ws is not None:
+            # the application did not decide on the upgrade in time
+            log.debug("fastws: upgrade from %s not decided within the handshake timeout",
+                      self.client)
+            t.close()     # -> connection_lost -> the session sees websocket.disconnect
+            return
+        cycle = self.cycle
+        answer = self.reading != R_IDLE and (
+            cycle is None or (cycle is self.receiving and not cycle.started))
+        log.debug("fastws: request %s from %s not complete in time",
+                  "body" if kind == T_BODY else "head", self.client)
+        for c in (cycle, self.receiving, *self.pipeline):
+            if c is not None:
+                c.disconnected = True     # the application's receive()/send() see it
+                c.wake()
+        self.parser = None
+        if answer:
+            t.write(_plain_response(408, b"request timeout\n"))
+        t.close()
 
     def shutdown(self) -> None:
         """Graceful stop: close now if idle, else after the current response."""
@@ -1312,6 +1404,8 @@ class AsgiServer(ServerWiring):
         self.sessions = {}                # app task -> WebSocket session, while the task runs
         self.session_done = self._session_done   # the done callback of every session task
         self.stopping = False             # shutdown started: upgrades get 503, /health 503
+        self.http_scheme = "http"         # scope["scheme"] of http scopes ("https" with TLS)
+        self.ws_scheme = "ws"             # ... of websocket scopes ("wss" with TLS)
         self.handshakes = {}              # HTTP status of each upgrade decision -> count (metrics)
         self.health = None                # /health, /livez and the checks registry
         self.metrics = None               # /metrics, when config.metrics
@@ -1356,6 +1450,9 @@ class AsgiServer(ServerWiring):
         )
         self.rooms = Rooms(self.hub)
         self.http_extension = {"publish": self._http_publish}
+        tls = tls_options(c)              # ServerStartError on a bad certificate or key
+        if tls:
+            self.http_scheme, self.ws_scheme = "https", "wss"
         try:
             self._start_operations()          # /health, /livez, /metrics, /stats, per config
             if c.broker:
@@ -1369,13 +1466,13 @@ class AsgiServer(ServerWiring):
                 sock.close()
                 raise
             self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock,
-                                                    backlog=c.backlog)
+                                                    backlog=c.backlog, **tls)
         except BaseException:
             await self._stop_operations()
             raise
         host, port = sock.getsockname()[:2]
-        log.info("fastws: ASGI app listening on http://%s:%d (engine=%s)", host, port,
-                 core.IMPLEMENTATION)
+        log.info("fastws: ASGI app listening on %s://%s:%d (engine=%s)", self.http_scheme, host,
+                 port, core.IMPLEMENTATION)
 
     async def serve_forever(self) -> None:
         await self._server.serve_forever()

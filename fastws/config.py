@@ -110,8 +110,12 @@ class Config:
                                kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
     idle_timeout: float = knob(0.0, "Close a connection after this long without a message (0 = never).",
                                kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0 (0 = never)")
-    handshake_timeout: float = knob(10.0, "Seconds a client has to complete the opening handshake.",
+    handshake_timeout: float = knob(10.0, "Seconds a client has to complete the TLS handshake, then each "
+                                    "HTTP request head (then 408 and close) and the opening handshake.",
                                     kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
+    body_timeout: float = knob(30.0, "Seconds a client has to send a whole HTTP request body once its "
+                               "head is in (plain HTTP routes and ASGI apps); then 408 and close.",
+                               kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
     # -- admission (limits that protect the server, see fastws.limits) ----------
     max_connections: int = knob(0, "Open connections at most; past it upgrades get 503 with a jittered "
                                 "Retry-After (0 = no limit).", kind="int", check=lambda v: v >= 0,

@@ -186,11 +186,11 @@ class Server(ServerWiring):
         self._enable_fast_upgrade()
         if c.broker:
             await self._start_broker()
-        tls = ssl_context(c)
+        tls = tls_options(c)
         if sock is None:
             sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
         self._server = await loop.create_server(self.hub.connection_factory, sock=sock, backlog=c.backlog,
-                                                ssl=tls)
+                                                **tls)
         self.app.server = self
         log.info("fastws: listening on %s://%s:%d (engine=%s)", "wss" if tls else "ws", c.host, self.port,
                  core.IMPLEMENTATION)
@@ -215,7 +215,7 @@ class Server(ServerWiring):
         """Delivery-policy and timer knobs: Config, then App overrides."""
         opts = {}
         for key in ("high_water", "max_queue", "slow_grace", "ping_interval", "ping_timeout",
-                    "idle_timeout", "handshake_timeout"):
+                    "idle_timeout", "handshake_timeout", "body_timeout"):
             if hasattr(self.config, key):
                 opts[key] = getattr(self.config, key)
         opts.update(self.app.delivery)
@@ -486,6 +486,19 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
                                f"{config.ssl_keyfile}: {exc}") from None
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def tls_options(config: Config) -> dict:
+    """The TLS keywords of ``loop.create_server`` (none without a
+    certificate): the context, a TLS handshake bounded by
+    ``handshake_timeout`` (a silent client on a wss:// port is dropped then,
+    not after the loop's default 60 s), and a TLS shutdown (our close_notify,
+    then the peer's) bounded by ``close_timeout`` (0: the loop's 30 s)."""
+    ctx = ssl_context(config)
+    if ctx is None:
+        return {}
+    return {"ssl": ctx, "ssl_handshake_timeout": config.handshake_timeout,
+            "ssl_shutdown_timeout": config.close_timeout or None}
 
 
 class JsonLogFormatter(logging.Formatter):
