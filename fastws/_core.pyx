@@ -1045,6 +1045,17 @@ cdef struct _Plain:
     Py_ssize_t target_end
     Py_ssize_t key_start     # the 24 key characters
     bint has_ext             # Sec-WebSocket-Extensions offered
+    Py_ssize_t host_start    # the Host value is p[host_start:host_end] (SP/HT trimmed)
+    Py_ssize_t host_end
+    Py_ssize_t origin_start  # the Origin value p[origin_start:origin_end]; -1: no Origin
+    Py_ssize_t origin_end
+
+# What the fast path decides alone about the Origin header (Hub.set_fast_upgrade
+# origins=...); whatever it does not take goes to fastws.handshake.OriginPolicy.
+cdef enum OriginMode:
+    ORIGIN_ANY = 0         # "*": the Origin header is not looked at
+    ORIGIN_SAME_HOST = 1   # no Origin, or http(s)://<the Host value> (any case)
+    ORIGIN_ABSENT = 2      # no Origin only (an allow-list of origins)
 
 cdef bytes _ACCEPT_HEAD = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                            b"Connection: Upgrade\r\nSec-WebSocket-Accept: ")
@@ -1121,6 +1132,8 @@ cdef bint _parse_plain(const uint8_t* p, Py_ssize_t n, _Plain* out) noexcept nog
     i += 11
     out.key_start = -1
     out.has_ext = False
+    out.host_start = out.host_end = 0
+    out.origin_start = out.origin_end = -1
     while True:
         if i + 2 > n:
             return False
@@ -1153,6 +1166,12 @@ cdef bint _parse_plain(const uint8_t* p, Py_ssize_t n, _Plain* out) noexcept nog
         bit = 0
         if name_len == 4 and _ieq(p + name_start, 4, "host"):
             bit = 1
+            out.host_start = v0
+            out.host_end = v1
+        elif name_len == 6 and _ieq(p + name_start, 6, "origin"):
+            bit = 128
+            out.origin_start = v0
+            out.origin_end = v1
         elif name_len == 7 and _ieq(p + name_start, 7, "upgrade"):
             bit = 2
             if not (v1 - v0 == 9 and _ieq(p + v0, 9, "websocket")):
@@ -1185,13 +1204,62 @@ cdef bint _parse_plain(const uint8_t* p, Py_ssize_t n, _Plain* out) noexcept nog
     return (seen & 31) == 31
 
 
-def _fast_accept_for_test(head):
-    """(path, query_string, response) if the fast path would accept ``head``
-    (bytes ending with the first CRLFCRLF), else None.  For tests."""
+cdef bint _origin_ok(const uint8_t* p, const _Plain* r, int mode) noexcept nogil:
+    """The parsed request r may be upgraded without asking Python about its
+    Origin (OriginMode ``mode``).  For ORIGIN_SAME_HOST: no Origin, or an
+    Origin that is "http://" or "https://" (any case) followed by exactly
+    the Host value (any case) -- the first test of
+    fastws.handshake._same_host.  False: Python decides (403 or allow)."""
+    cdef Py_ssize_t on, hn, skip, i
+    cdef const uint8_t* o
+    cdef uint8_t a, b
+    if mode == ORIGIN_ANY or r.origin_start < 0:
+        return True
+    if mode != ORIGIN_SAME_HOST:
+        return False
+    o = p + r.origin_start
+    on = r.origin_end - r.origin_start
+    if on >= 7 and _ieq(o, 7, "http://"):
+        skip = 7
+    elif on >= 8 and _ieq(o, 8, "https://"):
+        skip = 8
+    else:
+        return False
+    hn = r.host_end - r.host_start
+    if hn == 0 or on - skip != hn:
+        return False
+    for i in range(hn):
+        a = o[skip + i]
+        b = p[r.host_start + i]
+        if 0x41 <= a <= 0x5A:
+            a += 0x20
+        if 0x41 <= b <= 0x5A:
+            b += 0x20
+        if a != b:
+            return False
+    return True
+
+
+cdef int _origin_mode(origins) except -1:
+    """The OriginMode of set_fast_upgrade's ``origins`` argument."""
+    if origins == "*":
+        return ORIGIN_ANY
+    if origins == "same-host":
+        return ORIGIN_SAME_HOST
+    if origins == "none":
+        return ORIGIN_ABSENT
+    raise ValueError(f"origins must be '*', 'same-host' or 'none', not {origins!r}")
+
+
+def _fast_accept_for_test(head, origins="*"):
+    """(path, query_string, response, has_ext) if the fast path would accept
+    ``head`` (bytes ending with the first CRLFCRLF) with the Origin mode
+    ``origins`` (see Hub.set_fast_upgrade), else None.  For tests."""
     cdef bytes b = bytes(head)
     cdef _Plain r
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(b)
-    if not _parse_plain(p, len(b), &r):
+    cdef int mode = _origin_mode(origins)
+    if not _parse_plain(p, len(b), &r) or not _origin_ok(p, &r, mode):
         return None
     path = b[4:r.path_end].decode("ascii")
     query = b[r.path_end + 1:r.target_end].decode("ascii") if r.path_end < r.target_end else ""
@@ -1283,6 +1351,7 @@ cdef class Hub:
     cdef dict _fast_paths              # interned path str of wildcard-routed paths (bounded)
     cdef Py_ssize_t _fast_max_conns    # max_connections (0: none); at the cap Python answers 503
     cdef bint _fast_deflate            # compression on: extension offers go to Python
+    cdef int _fast_origins             # OriginMode: which Origin headers the fast path takes
     cdef public unsigned long long fast_upgrades   # upgrades decided by the fast path
 
     def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
@@ -1328,7 +1397,8 @@ cdef class Hub:
         """The protocol factory to hand to ``loop.create_server``."""
         return Connection(self)
 
-    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False):
+    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False,
+                         origins="*"):
         """Let plain upgrade requests be answered in C, without calling ``handshake``.
 
         ``routes`` maps exact paths (str) to a route object, or to None when
@@ -1339,9 +1409,14 @@ cdef class Hub:
         handshake would for a route without ``on_connect``: no subprotocol,
         no extension.  With ``deflate`` True a request offering extensions
         goes to Python; at ``max_connections`` open connections every request
-        does (so Python answers 503).  ``routes=None`` turns the fast path off
-        (the server does while it drains).
+        does (so Python answers 503).  ``origins`` says which browser requests
+        the fast path may take (the rest go to Python's origin check):
+        ``"*"`` all, ``"same-host"`` those without Origin or whose Origin is
+        http(s)://<Host>, ``"none"`` only those without Origin.
+        ``routes=None`` turns the fast path off (the server does while it
+        drains).
         """
+        cdef int mode = _origin_mode(origins)
         if routes is None:
             self._fast_routes = None
             self._fast_default = None
@@ -1354,6 +1429,7 @@ cdef class Hub:
         self._fast_paths = {}
         self._fast_max_conns = max_connections
         self._fast_deflate = deflate
+        self._fast_origins = mode
 
     # -- the timer wheel ------------------------------------------------------
     # Theory of operation: one TimerHandle per hub, whatever the number of
@@ -1784,6 +1860,8 @@ cdef class Connection(Engine):
             return False
         cdef Py_ssize_t end = (e - p) + 4
         if end > hub.max_head_size or not _parse_plain(p, end, &r):
+            return False
+        if not _origin_ok(p, &r, hub._fast_origins):
             return False
         if r.has_ext and hub._fast_deflate:
             return False

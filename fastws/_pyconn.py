@@ -68,7 +68,7 @@ class Hub:
 
     fast_upgrades = 0
 
-    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False):
+    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False, origins="*"):
         """The Cython hub answers plain upgrades in C; this engine has no such
         path: every request head goes to the ``handshake`` callback."""
 

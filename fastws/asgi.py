@@ -375,7 +375,9 @@ class _RoomsExtension(Mapping):
     """``scope["extensions"]["fastws.rooms"]`` of a websocket scope: a
     read-only mapping ``{"join", "leave", "publish"}`` whose callables are
     the session's bound methods, made when looked up (one small object per
-    connection instead of a dict and three bound methods)."""
+    connection instead of a dict and three bound methods).  A refused join
+    or publish raises a :class:`fastws.errors.RoomError` in the caller
+    (see :meth:`_WebSocketSession.join`)."""
 
     __slots__ = ("_session",)
     _KEYS = ("join", "leave", "publish")
@@ -678,7 +680,11 @@ class _WebSocketSession:
 
     def join(self, room: str) -> None:
         """Add this WebSocket to ``room`` (after accept); it leaves all its
-        rooms when it disconnects."""
+        rooms when it disconnects.  Raises :class:`fastws.errors.RoomLimitError`
+        past ``max_rooms_per_connection`` rooms and
+        :class:`fastws.errors.RoomNameError` for a name past ``max_room_name``
+        bytes (the app sees it from the extension's ``join`` or from
+        ``await send({"type": "fastws.join", ...})``; the WebSocket stays open)."""
         self._need_open("join")
         self.server.rooms.join(self.conn, _check_room(room), "")
 
@@ -863,8 +869,10 @@ class _HttpCycle:
             self.status = int(message["status"])
             self.headers = list(message.get("headers") or ())
             if self.status == 404 and proto.server.http_routes:
+                host = next((v for k, v in self.scope["headers"] if k == b"host"), None)
                 self.ops = proto.server.ops_route(self.scope["method"],
-                                                  self.scope["raw_path"].decode("latin-1"))
+                                                  self.scope["raw_path"].decode("latin-1"),
+                                                  host.decode("latin-1") if host is not None else None)
         elif kind == "fastws.publish":
             proto.server.publish(_room_name(message), _publish_payload(message))
         else:
@@ -1251,6 +1259,13 @@ class HttpProtocol(asyncio.Protocol):
             t.write(error_response(exc.status, exc.detail, exc.headers))
             t.close()
             return
+        if not self.server.origin_policy.allows_request(request):
+            # a browser page of a site not allowed (allowed_origins): the app never sees it
+            self.server.count_handshake(403)
+            t = self.transport
+            t.write(error_response(403, "origin not allowed"))
+            t.close()
+            return
         raw_path, path, query = _target(self.url)
         scope = {
             "type": "websocket",
@@ -1448,7 +1463,7 @@ class AsgiServer(ServerWiring):
             on_callback_error=self._callback_error,
             **extra,
         )
-        self.rooms = Rooms(self.hub)
+        self.rooms = Rooms.from_config(self.hub, c)   # with the room limits of the Config
         self.http_extension = {"publish": self._http_publish}
         tls = tls_options(c)              # ServerStartError on a bad certificate or key
         if tls:
@@ -1572,9 +1587,13 @@ class AsgiServer(ServerWiring):
 
     # -- operations endpoints (served where the application answers 404) -----
 
-    def ops_route(self, method: str, path: str):
+    def ops_route(self, method: str, path: str, host=None):
         """The operations handler for ``method path`` (``/health``,
-        ``/metrics``, ``POST /publish`` ...), or None."""
+        ``/metrics``, ``POST /publish`` ...) asked on ``Host`` ``host``, or
+        None (the application's 404 stands): also when ``ops_hosts`` is set
+        and does not list ``host``."""
+        if not self.ops_host_allowed(host):
+            return None
         handler = self.http_routes.get((method, path))
         if handler is None:
             for m, p, h in self._http_prefixes:

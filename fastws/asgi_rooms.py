@@ -42,7 +42,12 @@ def available(obj) -> bool:
 
 
 async def join(websocket, room: str) -> None:
-    """Add ``websocket`` (accepted) to ``room``."""
+    """Add ``websocket`` (accepted) to ``room``.  Served by ``fastws serve``
+    a refused join raises: :class:`fastws.errors.RoomLimitError` past
+    ``--max-rooms-per-connection`` rooms, :class:`fastws.errors.RoomNameError`
+    for a name past ``--max-room-name`` bytes (both are
+    :class:`fastws.errors.RoomError`); the WebSocket stays open and in the
+    rooms it had."""
     ext = _extension(websocket)
     if ext is not None:
         ext["join"](room)
@@ -68,7 +73,9 @@ async def publish(sender, room: str, message, *, exclude_self: bool = False) -> 
     of ``room``; returns the number of members of this process it was queued
     on (with a broker, members elsewhere get it too).
 
-    ``exclude_self`` skips ``sender`` when it is a member."""
+    ``exclude_self`` skips ``sender`` when it is a member.  Served by
+    ``fastws serve``, a room name past ``--max-room-name`` bytes raises
+    :class:`fastws.errors.RoomNameError`."""
     ext = _extension(sender)
     if ext is not None:
         if exclude_self:

@@ -19,7 +19,8 @@ allowed; the CLI turns it into one line and exit code 2.
 String values (environment, CLI, or strings in the TOML file) are parsed by
 kind: ``bytes`` accepts ``65536``, ``64KiB``, ``1MiB``, ``2GiB`` (also ``k``,
 ``M``, ``G``: all binary); ``seconds`` accepts ``2.5``, ``500ms``, ``2s``,
-``1m``; ``bool`` accepts ``true/false``, ``1/0``, ``yes/no``, ``on/off``.
+``1m``; ``bool`` accepts ``true/false``, ``1/0``, ``yes/no``, ``on/off``;
+``list`` accepts ``a,b,c`` (a TOML array too) and is kept as ``"a,b,c"``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from .errors import ConfigError
 ENV_PREFIX = "FASTWS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+#: Largest allowed max_room_name: with any prefix and namespace, a room's
+#: channel stays far below what the embedded broker carries per channel
+#: (fastws.broker.embedded.MAX_CHANNEL, 1 MiB); Redis takes 512 MB.
+MAX_ROOM_NAME_CAP = 65536
 
 
 def knob(default, help: str, *, kind: str, allowed: str = "", check=None,
@@ -60,6 +65,7 @@ _KIND_ALLOWED = {
     "str": "a string",
     "choice": "a string",
     "path": "a path to a readable file",
+    "list": "a comma-separated list",
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.I)
@@ -127,6 +133,19 @@ class Config:
                                 kind="int", check=lambda v: v >= 0, allowed="an integer >= 0")
     retry_after: float = knob(5.0, "Base of the Retry-After hint on 503, seconds (jittered up to twice it).",
                               kind="seconds", check=lambda v: v >= 1, allowed="seconds >= 1")
+    # -- browsers and operations endpoints (see fastws.handshake.OriginPolicy) ----------
+    allowed_origins: str = knob("same-host", "Browser pages allowed to open a WebSocket, by their Origin: "
+                                "same-host (the page's host[:port] is the request's Host), * (any), or "
+                                "origins such as https://app.example.com, https://*.example.com, null; "
+                                "same-host may be combined with origins. Others get 403. A request "
+                                "without Origin (not a browser) is always allowed.", kind="list",
+                                check=lambda v: _valid(_origin_policy, v),
+                                allowed="same-host, *, or a comma-separated list of origins "
+                                "(scheme://host[:port], https://*.example.com, null)")
+    ops_hosts: str = knob("", "Host names (comma-separated, no port) on which /health, /livez, /metrics, "
+                          "/stats and the HTTP publish API answer; for any other Host they are 404 "
+                          "(empty: any Host).", kind="list", check=lambda v: _valid(_ops_hosts, v),
+                          allowed="a comma-separated list of host names without scheme or port")
     # -- scale-out (fastws.broker) ------------------------------------------------
     broker: str = knob("", "Broker URL for rooms across workers and nodes: redis://host:port/db, "
                        "rediss://..., redis+streams://host:port/db (no loss over short outages, room history), "
@@ -135,6 +154,15 @@ class Config:
                        "embedded broker joins the workers).", kind="str")
     broker_prefix: str = knob("", "Prefix of the broker's channel names (several apps on one Redis).",
                               kind="str")
+    # -- rooms (fastws.rooms) -------------------------------------------------------
+    max_rooms_per_connection: int = knob(1000, "Rooms one connection may be in at once; a join past it "
+                                         "raises fastws.errors.RoomLimitError in the app (0 = no limit).",
+                                         kind="int", check=lambda v: v >= 0,
+                                         allowed="an integer >= 0 (0 = no limit)")
+    max_room_name: int = knob(256, "Longest room name, bytes of UTF-8; a join or publish with a longer "
+                              "one raises fastws.errors.RoomNameError.", kind="bytes",
+                              check=lambda v: 1 <= v <= MAX_ROOM_NAME_CAP,
+                              allowed=f"bytes 1..{MAX_ROOM_NAME_CAP} (what every broker carries)")
     publish_token: str | None = knob(None, "Bearer token of the HTTP publish API (POST /publish, "
                                      "POST /connections/{id}); unset: the API is off.", kind="str",
                                      check=lambda v: v is None or len(v) >= 8,
@@ -267,6 +295,8 @@ class Config:
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
                 value = "********"
+            elif isinstance(value, str) and "://" in value:
+                value = mask_url(value)            # a broker URL's password
             out.append((f.name, value, self.sources.get(f.name, "default")))
         return out
 
@@ -310,7 +340,8 @@ def _coerce(f, value):
     optional = f.default is None and f.default is not MISSING
 
     def bad():
-        return ConfigError(name, value, allowed)
+        shown = "********" if meta.get("secret") else mask_url(value) if isinstance(value, str) else value
+        return ConfigError(name, shown, allowed)
 
     v = value
     if v is None or (optional and v == ""):
@@ -353,6 +384,12 @@ def _coerce(f, value):
             raise bad()
         if kind == "choice":
             v = v.strip().lower()
+    elif kind == "list":
+        if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+            v = ",".join(v)
+        if not isinstance(v, str):
+            raise bad()
+        v = ",".join(x.strip() for x in v.split(",") if x.strip())
     elif kind == "path":
         if not isinstance(v, str):
             raise bad()
@@ -366,6 +403,41 @@ def _coerce(f, value):
     return v
 
 
+def _valid(parse, value) -> bool:
+    """True if ``parse(value)`` raises no ValueError."""
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin_policy(value):
+    from .handshake import OriginPolicy
+
+    return OriginPolicy(value)
+
+
+def _ops_hosts(value):
+    from .handshake import ops_host_set
+
+    return ops_host_set(value)
+
+
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s'\"]*):[^\s'\"]*@")   # up to the last @
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pass|pwd|token|secret)=)[^&#\s]*")
+
+
+def mask_url(text: str) -> str:
+    """``text`` (a URL, or a message or log line holding URLs) with the
+    password of every URL's userinfo, and of ``?password=``-like query
+    parameters, replaced by ``****``: ``redis://user:****@host:6379/0``.
+    Used wherever a URL is printed (``config show``, logs, /health, errors)."""
+    if not isinstance(text, str) or "://" not in text:
+        return text
+    return _QUERY_SECRET.sub(r"\1****", _URL_PASSWORD.sub(r"\1:****@", text))
+
+
 def _toml_value(value) -> str:
     if value is None:
         return '""'
@@ -376,4 +448,4 @@ def _toml_value(value) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-__all__ = ["Config", "ConfigError", "ENV_PREFIX", "LOG_LEVELS", "LOG_FORMATS"]
+__all__ = ["Config", "ConfigError", "ENV_PREFIX", "LOG_LEVELS", "LOG_FORMATS", "mask_url"]

@@ -9,8 +9,13 @@ Hierarchy::
     │                                HTTP status (400, 403, 426, 431, 503)
     ├── ConnectionClosed(code, reason)
     │                                the *caller* used a connection that is closed
-    └── ConfigError(key, value, allowed)
-                                     a configuration value is invalid
+    ├── ConfigError(key, value, allowed)
+    │                                a configuration value is invalid
+    └── RoomError                    a room operation was refused
+        ├── RoomLimitError(limit)    a join past max_rooms_per_connection
+        └── RoomNameError(detail, limit)
+                                     a room name too long (max_room_name, bytes
+                                     of UTF-8) or not encodable as UTF-8
 
 "The peer sent garbage" (ProtocolError, HandshakeError) is kept apart from
 "the caller misused the API" (ConnectionClosed, ConfigError, TypeError).
@@ -97,3 +102,26 @@ class ConfigError(FastWSError):
         self.key = key
         self.value = value
         self.allowed = allowed
+
+
+class RoomError(FastWSError):
+    """A room operation (join, publish) was refused; the message says why."""
+
+
+class RoomLimitError(RoomError):
+    """A connection asked to join more rooms than ``max_rooms_per_connection``
+    allows; it stays in the rooms it had."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"room limit reached: a connection may join at most {limit} rooms "
+                         "(max_rooms_per_connection)")
+        self.limit = limit
+
+
+class RoomNameError(RoomError, ValueError):
+    """A room name is refused: longer than ``max_room_name`` bytes of UTF-8,
+    or not encodable as UTF-8 (a lone surrogate)."""
+
+    def __init__(self, detail: str, limit: int | None = None) -> None:
+        super().__init__(detail)
+        self.limit = limit

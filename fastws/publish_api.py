@@ -15,9 +15,13 @@ WebSocket: ``register(server, bridge, token)``.
     it (``id`` as given by :func:`fastws.broker.bridge.global_id`). ``200``
     sent, ``404`` no such connection, ``504`` its node did not answer.
 
-Every request needs ``Authorization: Bearer <token>`` (``401`` otherwise);
-bodies over ``max_message_size`` get ``413`` from the server before any
-handler runs; malformed requests ``400``.
+Every request needs ``Authorization: Bearer <token>`` (``401`` otherwise;
+the scheme is matched in any case, ``bearer`` too, followed by one or more
+spaces, and the token is compared in constant time); bodies over
+``max_message_size`` get ``413`` from the server before any handler runs;
+malformed requests ``400`` with ``{"error": "..."}``.  A request is checked
+completely before anything is published: a rejected one never takes a room
+sequence number, so the numbers a room's members see stay consecutive.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import binascii
 import hmac
 import json
 from urllib.parse import unquote
+
+from .errors import RoomNameError
 
 JSON = "application/json"
 
@@ -41,8 +47,19 @@ class _BadRequest(Exception):
     pass
 
 
+def _utf8(value: str, what: str) -> str:
+    """``value`` if it encodes to UTF-8; a JSON string may hold a lone
+    surrogate (``"\\ud800"``) that no UTF-8 text frame can carry."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _BadRequest(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
 def _message(request, *, need_room: bool):
-    """(room, namespace, message) from a JSON or raw request."""
+    """(room, namespace, message) from a JSON or raw request, every part
+    checked (a text message, the room and the namespace encode to UTF-8)."""
     q = request.query
     ctype = (request.header("content-type") or "").split(";")[0].strip().lower()
     if ctype == JSON:
@@ -54,7 +71,7 @@ def _message(request, *, need_room: bool):
             raise _BadRequest("body must be a JSON object")
         room, ns = obj.get("room", q.get("room")), obj.get("namespace", q.get("namespace", ""))
         if "text" in obj and isinstance(obj["text"], str):
-            message = obj["text"]
+            message = _utf8(obj["text"], '"text"')
         elif "base64" in obj and isinstance(obj["base64"], str):
             try:
                 message = base64.b64decode(obj["base64"], validate=True)
@@ -75,25 +92,45 @@ def _message(request, *, need_room: bool):
         raise _BadRequest('"room" is required')
     if not isinstance(ns, str):
         raise _BadRequest('"namespace" must be a string')
+    if need_room:
+        _utf8(room, '"room"')
+    _utf8(ns, '"namespace"')
     return room, ns, message
+
+
+def _bearer(header: str | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header: the scheme
+    in any case (RFC 9110 section 11.1), then one or more spaces; None for
+    another scheme or no header."""
+    if not header:
+        return None
+    scheme, sep, rest = header.partition(" ")
+    if not sep or scheme.lower() != "bearer":
+        return None
+    return rest.lstrip(" ").encode("latin-1", "replace")   # headers arrive decoded as latin-1
 
 
 def register(server, bridge, token: str, *, prefix: str = ""):
     """Add ``POST {prefix}/publish`` and ``POST {prefix}/connections`` to ``server``."""
     if not token:
         raise ValueError("the HTTP publish API needs a bearer token")
-    expected = f"Bearer {token}".encode()
+    expected = token.encode("utf-8")
 
     def authorized(request) -> bool:
-        got = (request.header("authorization") or "").encode()
-        return hmac.compare_digest(got, expected)
+        got = _bearer(request.header("authorization"))
+        if got is None:
+            return False
+        return hmac.compare_digest(got, expected)   # time independent of where they differ
 
     async def publish(request):
         if not authorized(request):
             return 401, b"missing or wrong bearer token\n", "text/plain", [("WWW-Authenticate", "Bearer")]
         try:
             room, ns, message = _message(request, need_room=True)
-        except _BadRequest as exc:
+            if not isinstance(message, str) and (ns, room) in bridge.rooms.batching:
+                raise _BadRequest(f"room {room!r} batches its messages: send text")
+            bridge.rooms.check_name(room)       # RoomNameError: past max_room_name bytes
+        except (_BadRequest, RoomNameError) as exc:
             return _reply(400, {"error": str(exc)})
         seq, remote = await bridge.publish(room, message, namespace=ns)
         return _reply(200, {"seq": seq, "remote": remote})

@@ -31,6 +31,18 @@ of the room's Redis Stream, each in the envelope of :func:`stream_envelope`
 replay of what it missed is stitched to the live stream without gap or
 duplicate (``join_streamed``, ``publish_streamed``, ``end_replay``).
 
+Limits: a connection may be in at most ``max_rooms_per_connection`` rooms
+(``Config``; 0: no limit); a join past it raises
+:class:`~fastws.errors.RoomLimitError` and changes nothing.  A room name is
+at most ``max_room_name`` bytes of UTF-8 and must be encodable as UTF-8; a
+join or publish with another one raises :class:`~fastws.errors.RoomNameError`
+(so every broker can carry every room's channel).  Both refusals are counted
+in ``Rooms.refused`` (``websocket_room_refusals_total`` in the metrics).
+
+A connection's own rooms (``conn.rooms``) cost nothing while it is in none
+(None), a small tuple while it is in up to ``SMALL_ROOMS`` rooms, and a set
+past that, so join and leave stay O(1) however many rooms it is in.
+
 Ordering: each room has a sequence number, incremented by every publish on
 this node; a client never sees one room's messages out of order from one
 server, because frames are queued in publish order and written in order.
@@ -44,8 +56,17 @@ import base64
 import json
 
 from .delivery import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
+from .errors import RoomLimitError, RoomNameError
 
-__all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH", "stream_envelope"]
+__all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH", "stream_envelope",
+           "SMALL_ROOMS", "DEFAULT_MAX_ROOMS", "DEFAULT_MAX_ROOM_NAME"]
+
+#: A connection in up to this many rooms keeps them in a tuple (56 + 8 per
+#: room bytes); past it, in a set (O(1) membership whatever the count).
+SMALL_ROOMS = 8
+#: Defaults of ``Rooms(hub)`` (the same as Config's).
+DEFAULT_MAX_ROOMS = 1000
+DEFAULT_MAX_ROOM_NAME = 256
 
 
 def stream_envelope(room: str, entry_id: str, message) -> str:
@@ -83,9 +104,17 @@ class Room:
 class Rooms:
     """The rooms of one server (one per worker process)."""
 
-    def __init__(self, hub) -> None:
+    def __init__(self, hub, max_rooms_per_connection: int = DEFAULT_MAX_ROOMS,
+                 max_room_name: int | None = DEFAULT_MAX_ROOM_NAME) -> None:
         self.hub = hub                  # _core.Hub: encode-once fan-out, delivery policy
         self._rooms: dict = {}          # (namespace, name) -> Room
+        #: rooms one connection may be in (0: no limit)
+        self.max_rooms_per_connection = int(max_rooms_per_connection or 0)
+        #: longest room name in bytes of UTF-8 (None: unchecked, for embedding only;
+        #: Config always gives a number every broker can carry)
+        self.max_room_name = max_room_name
+        #: refused operations by reason: "limit" (RoomLimitError), "name" (RoomNameError)
+        self.refused = {"limit": 0, "name": 0}
         hub.rooms = self
         hub.on_lost = self.leave_all
         #: callables(key, joined: bool) told when a room gains its first or
@@ -94,9 +123,51 @@ class Rooms:
         #: (namespace, name) -> (max_batch, max_delay) for rooms that batch
         self.batching: dict = {}
 
-    @staticmethod
-    def _key(conn, room, namespace):
+    @classmethod
+    def from_config(cls, hub, config) -> "Rooms":
+        """The registry of a server run with ``config`` (its room limits)."""
+        return cls(hub, getattr(config, "max_rooms_per_connection", DEFAULT_MAX_ROOMS),
+                   getattr(config, "max_room_name", DEFAULT_MAX_ROOM_NAME))
+
+    def _name_problem(self, room):
+        """Why ``room`` is refused (str), or None when it is taken; TypeError
+        for a non-str."""
         if not isinstance(room, str):
+            raise TypeError(f"room name must be str, not {type(room).__name__}")
+        limit = self.max_room_name
+        if limit is None:
+            return None
+        n = len(room)
+        if n <= limit:
+            if room.isascii():                 # the common case: no encoding
+                return None
+            try:
+                n = len(room.encode("utf-8"))
+            except UnicodeEncodeError:
+                return "room name is not valid UTF-8 (it holds a lone surrogate)"
+            if n <= limit:
+                return None
+        # n chars are at least n bytes: no need to encode a long name to refuse it
+        size = f"at least {n} bytes" if n == len(room) and not room.isascii() else f"{n} bytes"
+        return f"room name too long: {size} of UTF-8, at most {limit} allowed (max_room_name)"
+
+    def check_name(self, room) -> str:
+        """``room`` if it is a name this server takes; TypeError for a non-str,
+        :class:`~fastws.errors.RoomNameError` (counted in ``refused``) for one
+        longer than ``max_room_name`` bytes of UTF-8 or not encodable as UTF-8."""
+        problem = self._name_problem(room)
+        if problem is not None:
+            self.refused["name"] += 1
+            raise RoomNameError(problem, self.max_room_name)
+        return room
+
+    def _key(self, conn, room, namespace, check: bool = True):
+        """The registry key ``(namespace, name)`` of ``room`` for ``conn``
+        (its route's namespace when ``namespace`` is None); ``check``: refuse
+        a name no join would take (:meth:`check_name`)."""
+        if check:
+            self.check_name(room)
+        elif not isinstance(room, str):
             raise TypeError(f"room name must be str, not {type(room).__name__}")
         if namespace is None:
             route = conn.route if conn is not None else None
@@ -120,10 +191,30 @@ class Rooms:
 
     def join(self, conn, room: str, namespace=None, batch: bool = False) -> None:
         """Add ``conn`` to ``room``; ``batch=True``: it wants the batch envelope
-        when the room batches."""
+        when the room batches.  Raises :class:`~fastws.errors.RoomLimitError`
+        when ``conn`` is already in ``max_rooms_per_connection`` other rooms,
+        :class:`~fastws.errors.RoomNameError` for a name that is too long;
+        then nothing changes.  O(1) whatever the number of rooms."""
         if conn.closed:
             return
         key = self._key(conn, room, namespace)
+        mine = conn.rooms
+        if mine is None:
+            conn.rooms = (key,)
+        elif key not in mine:                     # a tuple of <= SMALL_ROOMS, or a set
+            n = len(mine)
+            limit = self.max_rooms_per_connection
+            if limit and n >= limit:
+                self.refused["limit"] += 1
+                raise RoomLimitError(limit)
+            if type(mine) is tuple:
+                if n < SMALL_ROOMS:
+                    conn.rooms = mine + (key,)
+                else:
+                    conn.rooms = mine = set(mine)
+                    mine.add(key)
+            else:
+                mine.add(key)
         r = self._rooms.get(key)
         if r is None:
             r = self._rooms[key] = Room(key)
@@ -134,17 +225,22 @@ class Rooms:
             if r.batched is None:
                 r.batched = set()
             r.batched.add(conn)
-        # a connection's rooms: a short list (a set costs ~200 B per connection)
-        if conn.rooms is None:
-            conn.rooms = [key]
-        elif key not in conn.rooms:
-            conn.rooms.append(key)
 
     def leave(self, conn, room: str, namespace=None) -> None:
-        key = self._key(conn, room, namespace)
+        """Remove ``conn`` from ``room`` (no-op if it is not a member; a name
+        no join would take is never one). O(1)."""
+        key = self._key(conn, room, namespace, check=False)
         self._remove(conn, key)
-        if conn.rooms is not None and key in conn.rooms:
-            conn.rooms.remove(key)
+        mine = conn.rooms
+        if mine is None or key not in mine:
+            return
+        if type(mine) is tuple:
+            mine = tuple(k for k in mine if k != key)
+            conn.rooms = mine or None
+        else:
+            mine.discard(key)
+            if not mine:
+                conn.rooms = None
 
     def _remove(self, conn, key) -> None:
         r = self._rooms.get(key)
@@ -174,7 +270,9 @@ class Rooms:
                 priority: int = PRIORITY_NORMAL) -> tuple:
         """Send ``message`` (str: text, bytes: binary) to the local members of
         ``room``. Returns ``(seq, delivered)``: the room's sequence number for
-        this message and how many connections it was queued on."""
+        this message and how many connections it was queued on.  Raises
+        :class:`~fastws.errors.RoomNameError` for a name no join would take."""
+        self.check_name(room)
         key = (namespace, room)
         r = self._rooms.get(key)
         if r is None:

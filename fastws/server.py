@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import time
+from functools import cached_property
 
 from . import core
 from .app import Accept, App, Reject
@@ -29,10 +30,13 @@ from .limits import Admission, raise_nofile_limit, reconnect_hint
 from .rooms import Rooms
 from .handshake import (
     HttpRequest,
+    OriginPolicy,
     accept_response,
     error_response,
+    host_name,
     http_response,
     negotiate_deflate,
+    ops_host_set,
     parse_http_head,
     parse_request,
 )
@@ -82,15 +86,39 @@ class ServerWiring:
     ``_http_paths``, ``_http_prefixes``, ``_http_prefix_paths``.
     """
 
-    def add_http_route(self, method: str, path: str, handler, *, prefix: bool = False) -> None:
+    #: (METHOD, path) of the HTTP routes that are no operations endpoint (a
+    #: fastws.App's own routes): served whatever the Host
+    _public_routes = frozenset()
+
+    @cached_property
+    def origin_policy(self) -> OriginPolicy:
+        """Which browser pages may upgrade (the ``allowed_origins`` setting)."""
+        return OriginPolicy(getattr(self.config, "allowed_origins", "same-host"))
+
+    @cached_property
+    def _ops_hosts(self) -> frozenset:
+        return ops_host_set(getattr(self.config, "ops_hosts", ""))
+
+    def ops_host_allowed(self, host) -> bool:
+        """May an operations endpoint answer a request with ``Host`` value
+        ``host`` (None: no Host)?  Always with an empty ``ops_hosts``; else
+        only when its host name (without port, any case) is listed."""
+        hosts = self._ops_hosts
+        return not hosts or host_name(host) in hosts
+
+    def add_http_route(self, method: str, path: str, handler, *, prefix: bool = False,
+                       ops: bool = True) -> None:
         """Serve plain HTTP ``method path`` on the WebSocket port.
 
         ``handler(request: HttpRequest)`` (sync or async) returns
         ``(status, body_bytes, content_type)`` or
         ``(status, body_bytes, content_type, extra_headers)``.  The response
         closes the connection.  Bodies are read up to ``max_message_size``
-        (413 beyond).
+        (413 beyond).  An operations endpoint (``ops``, the default) answers
+        only the hosts of ``ops_hosts`` when that is set, 404 elsewhere.
         """
+        if not ops and not prefix:
+            self._public_routes = self._public_routes | {(method.upper(), path)}
         if prefix:
             self._http_prefixes.append((method.upper(), path, handler))
             self._http_prefix_paths = tuple(p for _, p, _ in self._http_prefixes)
@@ -181,7 +209,7 @@ class Server(ServerWiring):
         self.broker = None             # fastws.broker.Broker when config.broker is set
         self.bridge = None             # fastws.broker.bridge.Bridge: rooms <-> broker
         for (method, path), handler in self.app.http_routes.items():
-            self.add_http_route(method, path, handler)
+            self.add_http_route(method, path, handler, ops=False)
         self._start_operations()
         self._enable_fast_upgrade()
         if c.broker:
@@ -195,13 +223,23 @@ class Server(ServerWiring):
         log.info("fastws: listening on %s://%s:%d (engine=%s)", "wss" if tls else "ws", c.host, self.port,
                  core.IMPLEMENTATION)
 
+    @cached_property
+    def origin_policy(self) -> OriginPolicy:
+        """Which browser pages may upgrade: ``App(allowed_origins=...)`` if
+        given (deprecated), else the ``allowed_origins`` setting."""
+        if self.app.allowed_origins is not None:
+            return OriginPolicy(self.app.allowed_origins)
+        return OriginPolicy(getattr(self.config, "allowed_origins", "same-host"))
+
     def _enable_fast_upgrade(self) -> None:
         """Let the hub answer plain upgrades to routes without ``on_connect``
         in C (``Hub.set_fast_upgrade``): the same 101 this class would send,
         without a Python call.  Off when a decision needs Python for every
-        request: an origin allow-list, a handshake rate limit, debug logging
-        of each upgrade; and off while draining."""
-        if (self.app.allowed_origins is not None or self.admission.bucket is not None
+        request: a handshake rate limit, debug logging of each upgrade; and
+        off while draining.  The origin policy tells the C path which Origin
+        headers it may pass alone (``OriginPolicy.fast_mode``); any other
+        goes to ``_handshake``, which answers 403 or goes on."""
+        if (self.admission.bucket is not None
                 or log.isEnabledFor(logging.DEBUG) or self.draining):
             self.hub.set_fast_upgrade(None)
             return
@@ -209,7 +247,8 @@ class Server(ServerWiring):
         routes = {p: eligible(r) for p, r in self.app.routes.items() if p != "*"}
         self.hub.set_fast_upgrade(routes, eligible(self.app.routes.get("*")),
                                   max_connections=self.admission.max_connections,
-                                  deflate=bool(self.config.compression))
+                                  deflate=bool(self.config.compression),
+                                  origins=self.origin_policy.fast_mode)
 
     def _hub_options(self) -> dict:
         """Delivery-policy and timer knobs: Config, then App overrides."""
@@ -300,8 +339,7 @@ class Server(ServerWiring):
         if route is None:
             self._reject(conn, 404, f"no WebSocket route for {req.path}")
             return
-        allowed = self.app.allowed_origins
-        if allowed is not None and req.origin is not None and req.origin not in allowed:
+        if not self.origin_policy.allows_request(req):
             self._reject(conn, 403, "origin not allowed")
             return
         if route.on_connect is None:
@@ -397,6 +435,13 @@ class Server(ServerWiring):
             return False
         method, target, headers = parsed
         path, _, query = target.partition("?")
+        if (self._ops_hosts and not any(p == path for (_, p) in self._public_routes)
+                and not self.ops_host_allowed(dict(headers).get("host"))):
+            # an operations endpoint asked on a Host it does not serve: as if absent
+            if any(k == "upgrade" for k, _ in headers):
+                return False
+            conn._hs_reject(http_response(404, b"not found\n"))
+            return True
         handler = self.http_routes.get((method, path))
         if handler is None:
             for m, p, h in self._http_prefixes:
