@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 
 from .delivery import PRIORITY_NORMAL
+from .handshake import OriginPolicy
 from dataclasses import dataclass, field
 
 
@@ -107,9 +108,17 @@ class App:
                                            ("slow_grace", slow_grace)) if v is not None}
         #: plain HTTP routes served on the same port: (METHOD, path) -> handler
         self.http_routes: dict = {}
-        #: Origins allowed to connect (None: any).  A request without an
-        #: Origin header (not a browser) is always allowed.
+        #: Deprecated: use the ``allowed_origins`` setting (``Config``,
+        #: ``--allowed-origins``, ``FASTWS_ALLOWED_ORIGINS``).  When given,
+        #: these origins replace that setting, checked the same way (see
+        #: fastws.handshake.OriginPolicy: exact origins, ``*``, ``same-host``,
+        #: ``https://*.example.com``); None: the setting decides.  A request
+        #: without an Origin header (not a browser) is always allowed.
+        if isinstance(allowed_origins, str):
+            allowed_origins = [o.strip() for o in allowed_origins.split(",") if o.strip()]
         self.allowed_origins = set(allowed_origins) if allowed_origins else None
+        if self.allowed_origins is not None:
+            OriginPolicy(self.allowed_origins)   # a bad entry fails here, not at the first request
         self.server_no_context_takeover = server_no_context_takeover
         self.client_no_context_takeover = client_no_context_takeover
         self.server = None  # the running fastws.server.Server, once serving

@@ -368,10 +368,14 @@ class _PageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_chromium(server, compression, tmp_path, missing_client):
+def test_chromium(server_factory, compression, tmp_path, missing_client):
     if not os.path.exists(CHROMIUM):
         missing_client(f"{CHROMIUM} is not installed (apt-get install chromium)")
     pages = _PageServer()
+    # the page comes from another port, so another origin: the server lists it
+    # (the default, same-host, refuses it; see test_attack_origin.py)
+    server = server_factory(*(["--compression"] if compression else []),
+                            "--allowed-origins", f"http://127.0.0.1:{pages.server_address[1]}")
     thread = threading.Thread(target=pages.serve_forever, daemon=True)
     thread.start()
     page_url = (

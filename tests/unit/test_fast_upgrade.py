@@ -17,7 +17,7 @@ import pytest
 
 from fastws.core import IMPLEMENTATION
 from fastws.errors import HandshakeError
-from fastws.handshake import accept_response, parse_request
+from fastws.handshake import OriginPolicy, accept_response, parse_request
 
 if IMPLEMENTATION != "cython":  # the fast path is a part of the Cython engine only
     pytest.fail("the Cython engine is not built (tests need it)", pytrace=False)
@@ -201,3 +201,160 @@ def test_mutated_bytes_never_crash_and_agree_when_taken():
             path, query, response, _ext = fast
             assert python_answer(head) == ("accept", path, query, response), head
     assert taken > 1000
+
+
+# -- the Origin header (allowed_origins; fastws.handshake.OriginPolicy) ----------
+
+MODES = ("*", "same-host", "none")
+
+
+@pytest.mark.parametrize("origin,host,taken", [
+    # origin line (None: no Origin), Host, taken by the C path in modes *, same-host, none
+    (None, "example.com:8000", (True, True, True)),
+    ("http://example.com:8000", "example.com:8000", (True, True, False)),
+    ("https://example.com:8000", "example.com:8000", (True, True, False)),
+    ("HTTPS://Example.COM:8000", "example.com:8000", (True, True, False)),
+    ("http://example.com:8000", "EXAMPLE.com:8000", (True, True, False)),
+    ("http://evil.example", "example.com:8000", (True, False, False)),
+    ("http://example.com:8001", "example.com:8000", (True, False, False)),
+    ("http://example.com", "example.com:8000", (True, False, False)),
+    ("https://example.com", "example.com", (True, True, False)),
+    ("https://example.com:443", "example.com", (True, False, False)),   # Python allows it
+    ("ws://example.com", "example.com", (True, False, False)),
+    ("null", "example.com", (True, False, False)),
+    ("", "example.com", (True, False, False)),
+    ("http://", "", (True, False, False)),
+])
+def test_origin_modes(origin, host, taken):
+    lines = [l for l in PLAIN if not l.startswith("Host")] + [f"Host: {host}"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    head = head_of(lines)
+    got = tuple(_core._fast_accept_for_test(head, mode) is not None for mode in MODES)
+    assert got == taken
+    policy = OriginPolicy("same-host")
+    for mode, took in zip(MODES, got):
+        if took and mode != "*":
+            assert policy.allows_request(parse_request(head))
+
+
+def test_two_origin_headers_go_to_python():
+    head = head_of(PLAIN + ["Origin: http://example.com", "Origin: http://example.com"])
+    assert all(_core._fast_accept_for_test(head, mode) is None for mode in MODES)
+
+
+def test_unknown_origin_mode_is_an_error():
+    with pytest.raises(ValueError):
+        _core._fast_accept_for_test(head_of(PLAIN), "same-site")
+
+
+def test_differential_random_origins():
+    """Random Host and Origin values (cases, ports, schemes, look-alike
+    hosts, duplicates): whatever the C path takes in a mode, Python accepts
+    with the same answer and the policy of that mode allows; and the C path
+    takes every plain request that has no Origin or a same-host one."""
+    rnd = random.Random(23)
+    hosts = ["example.com", "example.com:8000", "EXAMPLE.com:8000", "127.0.0.1:9000", "[::1]:9000",
+             "a", "", "example.com:443", "xn--bcher-kva.example"]
+    policies = {"same-host": OriginPolicy("same-host"),
+                "none": OriginPolicy("https://app.example.com")}
+    taken = {m: 0 for m in MODES}
+    browser_same_host = 0
+    for _ in range(6000):
+        host = rnd.choice(hosts)
+        bare = host.lower()
+        origins = [
+            None, f"http://{host}", f"https://{host}", f"HTTP://{host}", f"https://{host.upper()}",
+            f"http://{bare}:1", f"ws://{host}", f"http://{host}/", f"http://{host}.evil",
+            f"http://evil.{host}", f"https://{host}:443", "http://evil.example", "null", "",
+            f"http:/{host}", f"http//{host}", f"https://app.example.com", f" http://{host} ",
+        ]
+        lines = [l for l in PLAIN if not l.startswith("Host")]
+        lines.append(f"{rnd.choice(['Host', 'host', 'HOST'])}:{rnd.choice(['', ' ', chr(9)])}{host}")
+        origin = rnd.choice(origins)
+        if origin is not None:
+            lines.append(f"{rnd.choice(['Origin', 'origin', 'ORIGIN'])}: {origin}")
+            if rnd.random() < 0.05:
+                lines.append(f"Origin: {rnd.choice(origins[1:])}")
+        rnd.shuffle(lines)
+        head = head_of(lines, rnd.choice(["GET / HTTP/1.1", "GET /a?b=c HTTP/1.1"]))
+        answer = python_answer(head)
+        for mode in MODES:
+            fast = _core._fast_accept_for_test(head, mode)
+            if fast is None:
+                continue
+            taken[mode] += 1
+            path, query, response, _ext = fast
+            assert answer == ("accept", path, query, response), head
+            if mode in policies:
+                assert policies[mode].allows_request(parse_request(head)), (mode, head)
+        # a plain request from no browser, or from the page of the host asked: fast
+        if answer[0] == "accept" and _core._fast_accept_for_test(head, "*") is not None:
+            req = parse_request(head)
+            values = [v for k, v in req.headers if k == "origin"]
+            if not values or (len(values) == 1 and values[0].lower() in (
+                    f"http://{req.header('host')}".lower(), f"https://{req.header('host')}".lower())
+                    and req.header("host")):
+                browser_same_host += 1
+                assert _core._fast_accept_for_test(head, "same-host") is not None, head
+    assert taken["same-host"] > 1000 and taken["none"] > 200 and browser_same_host > 1000, taken
+
+
+def test_real_clients_origin_default_and_override():
+    """The default (same-host): no Origin and a same-host Origin are answered
+    in C; a cross-site Origin gets 403 from Python, counted.  With
+    ``App(allowed_origins=...)`` (the deprecated override) a listed origin
+    passes through Python, the C path still takes requests without Origin."""
+    import asyncio
+
+    import uvloop
+    import websockets
+
+    from fastws import App
+    from fastws.config import Config
+    from fastws.server import Server
+
+    async def roundtrip(port, origin=None):
+        async with websockets.connect(f"ws://127.0.0.1:{port}/e", origin=origin) as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+
+    async def refused(port, origin):
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await roundtrip(port, origin)
+        assert info.value.response.status_code == 403
+        assert b"origin not allowed" in info.value.response.body
+
+    async def main():
+        app = App()
+        app.route("/e", on_message=lambda conn, data: conn.send(data))
+        server = Server(app, Config(host="127.0.0.1", port=0))
+        await server.start()
+        try:
+            port = server.port
+            await roundtrip(port)
+            await roundtrip(port, f"http://127.0.0.1:{port}")
+            assert server.hub.fast_upgrades == 2
+            await refused(port, "http://evil.example")
+            await refused(port, f"http://127.0.0.1:{port + 1}")
+            assert server.handshakes.get(403) == 2 and server.hub.fast_upgrades == 2
+        finally:
+            await server.shutdown()
+
+        app = App(allowed_origins=["https://app.example.com"])
+        app.route("/e", on_message=lambda conn, data: conn.send(data))
+        server = Server(app, Config(host="127.0.0.1", port=0, allowed_origins="*"))
+        await server.start()
+        try:
+            port = server.port
+            await roundtrip(port)
+            assert server.hub.fast_upgrades == 1
+            await roundtrip(port, "https://APP.example.com")
+            assert server.hub.fast_upgrades == 1 and server.handshakes.get(101) == 1
+            await refused(port, f"http://127.0.0.1:{port}")     # the App's list replaces "*"
+            await refused(port, "https://evil.example")
+            assert server.handshakes.get(403) == 2
+        finally:
+            await server.shutdown()
+
+    uvloop.run(main())
