@@ -13,7 +13,8 @@ Exported (``{...}`` are labels)::
     websocket_messages_total{direction=inbound|outbound} counter
     websocket_bytes_total{direction=inbound|outbound}    counter  bytes on the wire
     websocket_handshakes_total{result="101"|"400"|...}   counter  HTTP status of the upgrade
-    websocket_closes_total{code}                         counter  close code of every closed connection
+    websocket_closes_total{code}                         counter  close code of every closed connection:
+                                                                  1000..1015, else "3xxx", "4xxx", "other"
     websocket_dropped_messages_total{reason,priority}    counter  delivery-policy drops
     websocket_slow_consumer_closes_total                 counter
     websocket_timeouts_total{kind=handshake|ping|idle}   counter  connections closed by a timer
@@ -23,6 +24,11 @@ Exported (``{...}`` are labels)::
     websocket_broker_publishes_total                     counter
     websocket_broker_failures_total                      counter
     websocket_broker_reconnects_total                    counter
+    websocket_room_refusals_total{reason=limit|name}     counter  joins/publishes refused (RoomLimitError,
+                                                                  RoomNameError)
+    websocket_broker_subscription_failures_total{op=subscribe|unsubscribe}
+                                                         counter  failed broker (un)subscribe calls (retried)
+    websocket_broker_subscriptions_failing               gauge    room keys waiting for a retry
     websocket_event_loop_lag_seconds                     gauge    worst lag over the last 5 s
     fastws_info{version,engine,region,server_id}         gauge    1
     process_*                                            prometheus_client's process collector
@@ -81,7 +87,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .health import LATENCY_BUCKETS_MS  # noqa: F401  (the article's buckets, ms; re-exported)
+from .health import LATENCY_BUCKETS_MS  # noqa: F401  (histogram bounds, ms; re-exported)
 from .supervisor import METRICS_DIR_ENV, worker_metrics_file
 
 log = logging.getLogger("fastws")
@@ -97,6 +103,24 @@ _HUB_DEFAULTS = {
     "closes": {}, "dropped": {}, "slow_consumer_closes": 0,
     "queued_bytes_total": 0, "queued_bytes_max": 0,
 }
+
+
+def close_label(code) -> str:
+    """The ``code`` label of ``websocket_closes_total``: the registered codes
+    1000..1015 as themselves; a client picks any code in 3000..4999, so those
+    share ``"3xxx"`` / ``"4xxx"`` and anything else is ``"other"`` (at most 19
+    series, whatever the clients send)."""
+    try:
+        n = int(code)
+    except (TypeError, ValueError):
+        return code if code in ("3xxx", "4xxx") else "other"
+    if 1000 <= n <= 1015:
+        return str(n)
+    if 3000 <= n <= 3999:
+        return "3xxx"
+    if 4000 <= n <= 4999:
+        return "4xxx"
+    return "other"
 
 
 def snapshot(server) -> dict:
@@ -124,6 +148,14 @@ def snapshot(server) -> dict:
     bstats = broker.stats() if broker is not None and hasattr(broker, "stats") else {}
     for key in ("publishes", "failures", "reconnects"):
         snap["broker_" + key] = bstats.get(key, 0)
+    refused = getattr(rooms, "refused", None) or {}
+    snap["room_refusals_limit"] = refused.get("limit", 0)
+    snap["room_refusals_name"] = refused.get("name", 0)
+    bridge = getattr(server, "bridge", None)
+    subs = bridge.subscription_state() if bridge is not None and hasattr(bridge, "subscription_state") else {}
+    snap["broker_subscribe_failures"] = subs.get("subscribe_failures", 0)
+    snap["broker_unsubscribe_failures"] = subs.get("unsubscribe_failures", 0)
+    snap["broker_subscriptions_failing"] = subs.get("failing", 0)
     health = getattr(server, "health", None)
     snap["loop_lag"] = health.monitor.lag if health is not None else 0.0
     if "latency_ms_buckets" not in snap and health is not None:   # sampled loop delay (see above)
@@ -137,6 +169,8 @@ def snapshot(server) -> dict:
 
 _SUMMED = ("connections", "messages_in", "messages_out", "bytes_in", "bytes_out", "slow_consumer_closes",
            "queued_bytes_total", "rooms", "broker_publishes", "broker_failures", "broker_reconnects",
+           "room_refusals_limit", "room_refusals_name", "broker_subscribe_failures",
+           "broker_unsubscribe_failures", "broker_subscriptions_failing",
            "dropped_total", "latency_ms_sum")
 _WORST = ("queued_bytes_max", "loop_lag")
 
@@ -306,9 +340,14 @@ class FastwsCollector:
             h.add_metric([str(status)], n)
         yield h
 
-        cl = CounterMetricFamily("websocket_closes", "Closed connections by close code", labels=["code"])
-        for code, n in sorted(s["closes"].items()):
-            cl.add_metric([str(code)], n)
+        cl = CounterMetricFamily("websocket_closes", "Closed connections by close code (1000..1015; "
+                                 "3xxx, 4xxx: application codes; other)", labels=["code"])
+        closes: dict = {}
+        for code, n in s["closes"].items():
+            label = close_label(code)
+            closes[label] = closes.get(label, 0) + n
+        for label, n in sorted(closes.items()):
+            cl.add_metric([label], n)
         yield cl
 
         d = CounterMetricFamily("websocket_dropped_messages", "Messages dropped by the delivery "
@@ -335,6 +374,20 @@ class FastwsCollector:
                                   value=s["broker_failures"])
         yield CounterMetricFamily("websocket_broker_reconnects", "Reconnections to the broker",
                                   value=s["broker_reconnects"])
+        rr = CounterMetricFamily("websocket_room_refusals", "Room joins and publishes refused: past "
+                                 "max_rooms_per_connection (limit), a room name past max_room_name or "
+                                 "not UTF-8 (name)", labels=["reason"])
+        rr.add_metric(["limit"], s.get("room_refusals_limit", 0))
+        rr.add_metric(["name"], s.get("room_refusals_name", 0))
+        yield rr
+        sf = CounterMetricFamily("websocket_broker_subscription_failures", "Broker subscribe/unsubscribe "
+                                 "calls that failed (their keys are retried)", labels=["op"])
+        sf.add_metric(["subscribe"], s.get("broker_subscribe_failures", 0))
+        sf.add_metric(["unsubscribe"], s.get("broker_unsubscribe_failures", 0))
+        yield sf
+        yield GaugeMetricFamily("websocket_broker_subscriptions_failing", "Room keys whose broker "
+                                "(un)subscription failed and waits for a retry",
+                                value=s.get("broker_subscriptions_failing", 0))
         yield GaugeMetricFamily("websocket_event_loop_lag_seconds", "Worst event-loop lag over "
                                 "the last 5 seconds", value=s["loop_lag"])
         if per_worker is not None:

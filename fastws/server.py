@@ -24,7 +24,7 @@ from functools import cached_property
 
 from . import core
 from .app import Accept, App, Reject
-from .config import Config
+from .config import Config, mask_url
 from .errors import HandshakeError
 from .limits import Admission, raise_nofile_limit, reconnect_hint
 from .rooms import Rooms
@@ -137,14 +137,16 @@ class ServerWiring:
         try:
             self.broker = create_broker(c.broker, prefix=c.broker_prefix)
         except (ValueError, ImportError) as exc:
-            raise ServerStartError(f"broker {c.broker!r}: {exc}") from None
+            raise ServerStartError(mask_url(f"broker {c.broker!r}: {exc}")) from None   # no password shown
         self.bridge = await attach(self.rooms, self.broker)   # never raises if Redis is down
         self.health.add_check("broker", self.broker.ping)
+        # fails while a room's (un)subscription waits for a retry (fastws.broker.bridge)
+        self.health.add_check("broker_subscriptions", self.bridge.check)
         if c.publish_token:
             from . import publish_api
 
             publish_api.register(self, self.bridge, c.publish_token)
-        log.info("fastws: broker %s (node %s)", c.broker.split("@")[-1], self.broker.node_id)
+        log.info("fastws: broker %s (node %s)", mask_url(c.broker), self.broker.node_id)
 
     def _start_operations(self) -> None:
         """/health + /livez (and the checks registry), /metrics, /stats, per config."""
@@ -205,7 +207,7 @@ class Server(ServerWiring):
             on_callback_error=self._callback_error,
             **self._hub_options(),
         )
-        self.rooms = Rooms(self.hub)   # local room registry (fastws.rooms)
+        self.rooms = Rooms.from_config(self.hub, c)   # local room registry (fastws.rooms)
         self.broker = None             # fastws.broker.Broker when config.broker is set
         self.bridge = None             # fastws.broker.bridge.Bridge: rooms <-> broker
         for (method, path), handler in self.app.http_routes.items():

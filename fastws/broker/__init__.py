@@ -46,6 +46,10 @@ Semantics every backend passes (``tests/broker/test_contract.py``)
 * ``await subscribe(keys)`` returns once the node receives messages for the
   keys (or, while disconnected, once the interest is recorded: it is
   subscribed when the connection comes back). Many keys go in one round trip.
+  A key the backend cannot carry or that is not acknowledged while connected
+  raises :class:`SubscribeError` naming the failed keys; the other keys of
+  the call still apply (one bad key never poisons a batch), and a failed key
+  is not kept as subscribed. :mod:`fastws.broker.bridge` retries failures.
 * ``await publish(key, payload)`` sends one message; other nodes subscribed
   to ``key`` get ``handler(key, payload, origin)`` once each, in publish
   order per publisher. It raises :class:`PublishError` when the message could
@@ -70,7 +74,7 @@ import uuid
 log = logging.getLogger("fastws.broker")
 
 __all__ = [
-    "Broker", "BrokerError", "PublishError", "create_broker", "channel_name", "new_node_id",
+    "Broker", "BrokerError", "PublishError", "SubscribeError", "create_broker", "channel_name", "new_node_id",
     "pack_envelope", "unpack_envelope",
 ]
 
@@ -85,6 +89,16 @@ class BrokerError(Exception):
 
 class PublishError(BrokerError):
     """A publish did not reach the backend; other nodes did not get it."""
+
+
+class SubscribeError(BrokerError):
+    """A subscribe/unsubscribe did not apply (the backend refused or did not
+    acknowledge it). ``keys``: the keys of the call that failed (the others
+    did apply), or None for all of them. The bridge retries them."""
+
+    def __init__(self, message: str, keys=None) -> None:
+        super().__init__(message)
+        self.keys = list(keys) if keys is not None else None
 
 
 def new_node_id() -> str:

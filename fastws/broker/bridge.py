@@ -5,6 +5,15 @@
   leaves; changes made during one loop iteration go in one
   ``subscribe``/``unsubscribe`` call (a room joined and left in the same
   iteration costs nothing).
+* Failures: a subscribe/unsubscribe call that fails (the broker raises, e.g.
+  :class:`~fastws.broker.SubscribeError` for a key it cannot carry or an
+  answer that did not come) is counted (``subscribe_failures`` /
+  ``unsubscribe_failures``) and its failed keys are retried one key per call,
+  so one bad key never holds back the others, with exponential backoff and
+  jitter (``RETRY_MIN`` .. ``RETRY_MAX`` seconds) until they apply; a retry
+  asks for what the room needs at that moment (subscribed while it has local
+  members).  :meth:`Bridge.check` (the ``broker_subscriptions`` check of
+  ``/health``) fails while keys wait for a retry or a call is stuck.
 * Fan-in: a message another node published is delivered to the local members
   with ``rooms.publish`` (text stays text, bytes stay bytes, the priority is
   kept); the origin node's own echo is dropped by the broker.
@@ -37,6 +46,7 @@ import struct
 from ..delivery import PRIORITY_NORMAL
 from ..rooms import stream_envelope
 from . import PublishError
+from .redis import backoff_delay
 from .streams import parse_id
 
 log = logging.getLogger("fastws.broker")
@@ -49,6 +59,9 @@ _REPLY = struct.Struct("!BBI")
 ROOM, DIRECT, REPLY = 1, 2, 3
 F_BINARY, F_OK = 1, 2
 REPLY_TIMEOUT = 2.0   # seconds send_to waits for the owning node's answer
+RETRY_MIN = 0.1       # first retry of a failed (un)subscription, seconds ...
+RETRY_MAX = 10.0      # ... doubling (with jitter) up to this
+STUCK_AFTER = 10.0    # an (un)subscribe call running longer than this fails /health
 
 _bridges: list = []   # attached bridges of this process (usually one)
 
@@ -76,11 +89,16 @@ class Bridge:
         self.node_id = broker.node_id
         self._interest: dict = {}           # key -> joined?, changes of this loop iteration
         self._flush_handle = None
-        self._tasks: set = set()            # running subscribe/unsubscribe calls
+        self._tasks: dict = {}              # running subscribe/unsubscribe calls -> loop time started
+        self._retry: dict = {}              # key -> (failed attempts, timer box or None while
+                                            # its retry runs): keys whose (un)subscription failed
+        self._retry_handles: set = set()    # TimerHandles of scheduled retries
+        self.last_error = None              # text of the last failed (un)subscription
         self._replies: dict = {}            # request id -> future (send_to)
         self._req_ids = itertools.count(1)
         self.counters = {"remote_publishes": 0, "remote_failures": 0, "received": 0,
-                         "direct_in": 0, "direct_out": 0}
+                         "direct_in": 0, "direct_out": 0, "subscribe_failures": 0,
+                         "unsubscribe_failures": 0, "subscribe_retries": 0}
 
     # -- interest -----------------------------------------------------------------
 
@@ -93,22 +111,111 @@ class Bridge:
     def _flush(self) -> None:
         self._flush_handle = None
         changes, self._interest = self._interest, {}
+        retry = self._retry
+        if retry:
+            for k in changes:
+                retry.pop(k, None)          # a newer change replaces a waiting retry
         subs = [k for k, j in changes.items() if j]
         unsubs = [k for k, j in changes.items() if not j]   # the broker skips keys it never held
-        for coro in ((self.broker.subscribe(subs) if subs else None),
-                     (self.broker.unsubscribe(unsubs) if unsubs else None)):
-            if coro is not None:
-                t = asyncio.ensure_future(coro)
-                self._tasks.add(t)
-                t.add_done_callback(self._task_done)
+        if subs:
+            self._start(True, subs, 0)
+        if unsubs:
+            self._start(False, unsubs, 0)
+
+    def _start(self, joined: bool, keys: list, attempt: int) -> None:
+        t = asyncio.ensure_future(self._apply(joined, keys, attempt))
+        self._tasks[t] = asyncio.get_running_loop().time()
+        t.add_done_callback(self._task_done)
 
     def _task_done(self, t) -> None:
-        self._tasks.discard(t)
-        if not t.cancelled() and t.exception() is not None:
+        self._tasks.pop(t, None)
+        if not t.cancelled() and t.exception() is not None:   # _apply catches what the broker raises
             log.error("fastws: broker (un)subscribe failed", exc_info=t.exception())
 
+    async def _apply(self, joined: bool, keys: list, attempt: int) -> bool:
+        """Subscribe (``joined``) or unsubscribe ``keys``; on failure count it
+        and schedule a retry of the keys that failed. True if all applied."""
+        try:
+            if joined:
+                await self.broker.subscribe(keys)
+            else:
+                await self.broker.unsubscribe(keys)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure of the backend: retried, never lost
+            failed = getattr(exc, "keys", None)
+            if failed is None:
+                failed = keys
+            what = "subscribe" if joined else "unsubscribe"
+            self.counters[what + "_failures"] += 1
+            self.last_error = f"{what} of {len(failed)} key(s): {type(exc).__name__}: {exc}"
+            log.warning("fastws: broker %s failed for %d of %d key(s), retrying: %s",
+                        what, len(failed), len(keys), exc)
+            self._schedule_retry(failed, attempt + 1)
+            failed = set(failed)
+            keys = [k for k in keys if k not in failed]
+            ok = False
+        else:
+            ok = True
+        if attempt and self._retry:          # a retry that went through: the key is fine again
+            for k in keys:
+                if self._retry.get(k) == (attempt, None):
+                    del self._retry[k]
+        return ok
+
+    def _schedule_retry(self, keys, attempt: int) -> None:
+        """Retry ``keys`` (each on its own) after the backoff of ``attempt``."""
+        keys = [k for k in keys if k not in self._interest]   # a newer change goes out anyway
+        if not keys:
+            return
+        delay = backoff_delay(attempt - 1, RETRY_MIN, RETRY_MAX)
+        box: list = []
+        box.append(asyncio.get_running_loop().call_later(delay, self._run_retry, keys, attempt, box))
+        self._retry_handles.add(box[0])
+        for k in keys:
+            self._retry[k] = (attempt, box)
+
+    def _run_retry(self, keys, attempt: int, box: list) -> None:
+        self._retry_handles.discard(box[0])
+        retry = self._retry
+        for k in keys:
+            state = retry.get(k)
+            if state is None or state[1] is not box:   # superseded by a newer change or failure
+                continue
+            retry[k] = (attempt, None)                  # failing until the retry goes through
+            self.counters["subscribe_retries"] += 1
+            self._start(self._wanted(k), [k], attempt)
+
+    def _wanted(self, key) -> bool:
+        """Should this node be subscribed to ``key`` now?"""
+        if isinstance(key, tuple):
+            return self.rooms.count(key[1], key[0]) > 0
+        return key == self.node_id            # a node key: only our own
+
+    def subscription_state(self) -> dict:
+        """``failing``: keys waiting for a retry; ``running``: (un)subscribe
+        calls in progress (``stuck``: running for more than STUCK_AFTER s)."""
+        now = 0.0
+        if self._tasks:
+            try:
+                now = asyncio.get_running_loop().time()
+            except RuntimeError:             # read outside the loop: nothing is stuck then
+                now = 0.0
+        return {"failing": len(self._retry), "running": len(self._tasks),
+                "stuck": sum(1 for t0 in self._tasks.values() if now - t0 > STUCK_AFTER),
+                "subscribe_failures": self.counters["subscribe_failures"],
+                "unsubscribe_failures": self.counters["unsubscribe_failures"],
+                "retries": self.counters["subscribe_retries"], "last_error": self.last_error}
+
+    def check(self):
+        """The ``broker_subscriptions`` check of ``/health``: fails while a
+        room's (un)subscription waits for a retry or a call is stuck."""
+        state = self.subscription_state()
+        return state["failing"] == 0 and state["stuck"] == 0, state
+
     async def sync(self) -> None:
-        """Wait until every membership change so far is applied at the broker."""
+        """Wait until every membership change so far was sent to the broker
+        and answered (a failed one waits for its retry: see :meth:`check`)."""
         for _ in range(100):
             if self._flush_handle is None and not self._tasks:
                 return
@@ -270,6 +377,10 @@ class Bridge:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        for handle in self._retry_handles:
+            handle.cancel()
+        self._retry_handles.clear()
+        self._retry.clear()
         if self in _bridges:
             _bridges.remove(self)
         self.broker.set_handler(None)
@@ -292,7 +403,7 @@ async def attach(rooms, broker, *, start: bool = True) -> Bridge:
         await broker.start()
     rooms.listeners.append(bridge._on_room)
     keys = [broker.node_id] + [r.key for r in list(rooms._rooms.values())]
-    await broker.subscribe(keys)
+    await bridge._apply(True, keys, 0)     # a failure is retried in the background
     rooms.bridge = bridge
     _bridges.append(bridge)
     return bridge

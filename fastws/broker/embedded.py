@@ -7,17 +7,27 @@ publish to the workers subscribed to its channel (never back to the sender),
 so the interest-based routing is the same as with Redis.
 
 Wire protocol (both directions): frames of ``struct("!IB")`` (body length,
-type) followed by the body.
+type) followed by the body, at most ``MAX_FRAME`` bytes.
 
 ========  =====  ===========================================================
 HELLO     1      node id (utf-8)
-SUB       2      u32 request id, then (u16 length + channel) repeated
+SUB       2      u32 request id, then (u32 length + channel) repeated
 UNSUB     3      same as SUB
 ACK       4      u32 request id (hub -> worker: the (un)subscription applies)
-PUB       5      u16 channel length + channel + envelope (worker -> hub)
+PUB       5      u32 channel length + channel + envelope (worker -> hub)
 MSG       6      same body as PUB (hub -> worker)
 PING      7      u32 request id; the hub answers PONG (8) with the same id
 ========  =====  ===========================================================
+
+Sizes: a channel name is at most ``MAX_CHANNEL`` bytes (far more than the
+longest room name Config allows, ``max_room_name`` <= 64 KiB, plus any
+prefix and namespace); a subscribe of more channels than fit in one frame
+goes in several SUB frames of at most ``MAX_REQUEST`` bytes.  A key whose
+channel cannot be carried (too long, not UTF-8) fails alone with
+:class:`~fastws.broker.SubscribeError`: the other keys of the call are
+subscribed, and the failed one is not recorded.  A publish larger than a
+frame fails with :class:`~fastws.broker.PublishError` instead of breaking
+the link.  The hub drops a link that sends a malformed frame.
 """
 
 from __future__ import annotations
@@ -28,16 +38,21 @@ import os
 import struct
 import threading
 
-from . import Broker, PublishError
+from . import Broker, PublishError, SubscribeError
 from .redis import backoff_delay
 
 log = logging.getLogger("fastws.broker")
 
 _FRAME = struct.Struct("!IB")
 _U32 = struct.Struct("!I")
-_U16 = struct.Struct("!H")
 HELLO, SUB, UNSUB, ACK, PUB, MSG, PING, PONG = range(1, 9)
-MAX_FRAME = 64 << 20
+MAX_FRAME = 64 << 20        # largest frame body either side accepts
+MAX_CHANNEL = 1 << 20       # longest channel name
+MAX_REQUEST = 1 << 20       # a SUB/UNSUB frame's channels, bytes (more: several frames)
+
+
+class MalformedFrame(ValueError):
+    """A frame body does not parse (a bug or a foreign peer: the link is dropped)."""
 
 
 def _frame(kind: int, body: bytes) -> bytes:
@@ -48,9 +63,40 @@ def _channels(body: bytes, pos: int) -> list:
     out = []
     n = len(body)
     while pos < n:
-        (ln,) = _U16.unpack_from(body, pos)
-        out.append(bytes(body[pos + 2:pos + 2 + ln]))
-        pos += 2 + ln
+        if n - pos < 4:
+            raise MalformedFrame("truncated channel length")
+        (ln,) = _U32.unpack_from(body, pos)
+        pos += 4
+        if ln > MAX_CHANNEL or n - pos < ln:
+            raise MalformedFrame(f"channel of {ln} bytes")
+        out.append(bytes(body[pos:pos + ln]))
+        pos += ln
+    return out
+
+
+def _split_channel(body: bytes):
+    """``(channel, rest)`` of a PUB/MSG body."""
+    if len(body) < 4:
+        raise MalformedFrame("truncated channel length")
+    (ln,) = _U32.unpack_from(body, 0)
+    if ln > MAX_CHANNEL or len(body) - 4 < ln:
+        raise MalformedFrame(f"channel of {ln} bytes")
+    return body[4:4 + ln], body[4 + ln:]
+
+
+def _batches(chans) -> list:
+    """``chans`` as SUB/UNSUB payloads (without the request id) of at most
+    ``MAX_REQUEST`` bytes each (a single longer channel gets one of its own)."""
+    out, parts, size = [], [], 0
+    for c in chans:
+        item = _U32.pack(len(c)) + c
+        if parts and size + len(item) > MAX_REQUEST:
+            out.append(b"".join(parts))
+            parts, size = [], 0
+        parts.append(item)
+        size += len(item)
+    if parts:
+        out.append(b"".join(parts))
     return out
 
 
@@ -80,7 +126,14 @@ class _Framed(asyncio.Protocol):
                 break
             body = bytes(buf[pos + 5:pos + 5 + ln])
             pos += 5 + ln
-            self.on_frame(kind, body)
+            try:
+                self.on_frame(kind, body)
+            except (MalformedFrame, struct.error) as exc:
+                log.error("fastws: embedded broker: malformed frame type %d (%s); dropping the link",
+                          kind, exc)
+                self.closed = True
+                self.transport.abort()
+                return
             if self.closed:
                 return
         if pos:
@@ -105,8 +158,8 @@ class _HubLink(_Framed):
     def on_frame(self, kind: int, body: bytes) -> None:
         hub = self.hub
         if kind == PUB:
-            (ln,) = _U16.unpack_from(body, 0)
-            subs = hub.routes.get(body[2:2 + ln])
+            ch, _ = _split_channel(body)
+            subs = hub.routes.get(ch)
             hub.publishes += 1
             if subs:
                 frame = _frame(MSG, body)
@@ -231,8 +284,8 @@ class _WorkerLink(_Framed):
 
     def on_frame(self, kind: int, body: bytes) -> None:
         if kind == MSG:
-            (ln,) = _U16.unpack_from(body, 0)
-            self.broker._deliver(body[2:2 + ln], body[2 + ln:])
+            ch, data = _split_channel(body)
+            self.broker._deliver(ch, data)
         elif kind == ACK or kind == PONG:
             f = self.broker._requests.pop(_U32.unpack_from(body, 0)[0], None)
             if f is not None and not f.done():
@@ -312,35 +365,72 @@ class EmbeddedBroker(Broker):
                 f.set_result(False)
         self._requests.clear()
 
-    async def _request(self, kind: int, chans) -> bool:
-        """Send SUB/UNSUB/PING and wait for the hub's answer (False if the
-        link is down or went down meanwhile)."""
+    async def _request(self, kind: int, chans):
+        """Send SUB/UNSUB (in frames of at most MAX_REQUEST bytes) or PING and
+        wait for the hub's answers: True when all came, False if the link is
+        down or went down meanwhile, None if it is up but an answer did not
+        come within ``ack_timeout``."""
         link = self._link
         if link is None or link.closed:
             return False
-        self._next_req = (self._next_req + 1) & 0xFFFFFFFF
-        rid = self._next_req
-        fut = self._requests[rid] = self._loop.create_future()
-        link.send(kind, _U32.pack(rid) + b"".join(_U16.pack(len(c)) + c for c in chans))
-        try:
-            return await asyncio.wait_for(fut, self.ack_timeout)
-        except asyncio.TimeoutError:
-            self._requests.pop(rid, None)
-            return False
+        futs = []
+        for payload in (_batches(chans) if chans else [b""]):
+            self._next_req = (self._next_req + 1) & 0xFFFFFFFF
+            rid = self._next_req
+            fut = self._requests[rid] = self._loop.create_future()
+            futs.append((rid, fut))
+            link.send(kind, _U32.pack(rid) + payload)
+        done, _ = await asyncio.wait([f for _, f in futs], timeout=self.ack_timeout)
+        if len(done) < len(futs):
+            for rid, f in futs:
+                self._requests.pop(rid, None)
+            return False if link.closed else None
+        return all(f.result() for _, f in futs)
+
+    def _carried(self, keys):
+        """``(channel -> key for the keys the link can carry, [keys it cannot])``."""
+        ok, bad = {}, []
+        for key in keys:
+            try:
+                ch = self.channel(key)
+            except (UnicodeEncodeError, TypeError) as exc:
+                log.warning("fastws: embedded broker: key %.80r refused: %s", key, exc)
+                bad.append(key)
+                continue
+            if len(ch) > MAX_CHANNEL:
+                log.warning("fastws: embedded broker: channel of %d bytes refused (at most %d)",
+                            len(ch), MAX_CHANNEL)
+                bad.append(key)
+                continue
+            ok[ch] = key
+        return ok, bad
 
     async def subscribe(self, keys) -> None:
-        chans = []
-        for key in keys:
-            ch = self.channel(key)
-            self._keys[ch] = key
-            chans.append(ch)
+        chans, bad = self._carried(keys)
+        self._keys.update(chans)                # wanted: also sent again on every reconnect
         if chans:
-            await self._request(SUB, chans)   # False while disconnected: sent on reconnect
+            ok = await self._request(SUB, list(chans))   # False while disconnected: sent on reconnect
+            if ok is None:                      # connected, no answer: not subscribed, not kept
+                for ch in chans:
+                    if self._keys.get(ch) is chans[ch]:
+                        del self._keys[ch]
+                bad.extend(chans.values())
+                raise SubscribeError(f"embedded broker: no answer to a subscribe within {self.ack_timeout}s",
+                                     bad)
+        if bad:
+            raise SubscribeError(f"embedded broker cannot carry {len(bad)} of {len(bad) + len(chans)} keys "
+                                 f"(channel longer than {MAX_CHANNEL} bytes or not UTF-8)", bad)
 
     async def unsubscribe(self, keys) -> None:
-        chans = [ch for ch in map(self.channel, keys) if self._keys.pop(ch, None) is not None]
+        chans, _ = self._carried(keys)          # a key it cannot carry was never subscribed
+        chans = {ch: key for ch, key in chans.items() if self._keys.pop(ch, None) is not None}
         if chans:
-            await self._request(UNSUB, chans)
+            ok = await self._request(UNSUB, list(chans))
+            if ok is None:                      # maybe still subscribed: kept, a retry unsubscribes
+                for ch, key in chans.items():
+                    self._keys.setdefault(ch, key)
+                raise SubscribeError(f"embedded broker: no answer to an unsubscribe within "
+                                     f"{self.ack_timeout}s", list(chans.values()))
 
     async def publish(self, key, payload: bytes):
         self._send_publish(key, payload)
@@ -350,8 +440,15 @@ class EmbeddedBroker(Broker):
         link = self._link
         if link is None or link.closed or self.state != "connected":
             raise self._fail("not connected")
-        ch = self.channel(key)
-        link.send(PUB, _U16.pack(len(ch)) + ch + self._envelope(payload))
+        try:
+            ch = self.channel(key)
+        except (UnicodeEncodeError, TypeError) as exc:
+            raise self._fail(f"key {key!r:.80} cannot be carried: {exc}") from None
+        body = _U32.pack(len(ch)) + ch + self._envelope(payload)
+        if len(ch) > MAX_CHANNEL or len(body) > MAX_FRAME:
+            raise self._fail(f"a publish of {len(body)} bytes does not fit a frame of the embedded broker "
+                             f"(at most {MAX_FRAME} bytes, channel at most {MAX_CHANNEL})")
+        link.send(PUB, body)
 
     def publish_nowait(self, key, payload: bytes):
         try:
@@ -364,7 +461,7 @@ class EmbeddedBroker(Broker):
         if self.state != "connected":
             return False, self.state
         ok = await self._request(PING, [])
-        return ok, self.state if ok else "no answer from the hub"
+        return bool(ok), self.state if ok else "no answer from the hub"
 
     async def close(self) -> None:
         self._closing = True

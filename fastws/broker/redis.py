@@ -23,6 +23,12 @@ exponential backoff and full jitter (``backoff_min`` .. ``backoff_max``),
 re-subscribes every key it still holds, then says ``"connected"``. A
 subscriber link that goes silent is detected by a ``PING`` every
 ``ping_interval`` seconds.
+
+Why it is not connected is told apart: Redis refusing the credentials
+(``WRONGPASS``, ``NOAUTH``: a wrong or missing password) is "authentication
+failed", anything else "not reachable"; the reason is logged when it
+changes and is the detail of the ``broker`` check of ``/health``.  The URL is
+printed with its password masked (:func:`fastws.config.mask_url`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import ssl as _ssl
 from collections import deque
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import Broker, PublishError
+from . import Broker, PublishError, SubscribeError
+from ..config import mask_url
 
 log = logging.getLogger("fastws.broker")
 
@@ -49,6 +56,31 @@ class ReplyError(Exception):
 
 class ProtocolError(Exception):
     """Bytes that are not RESP."""
+
+
+class AuthenticationError(ConnectionError):
+    """Redis refused the credentials of the URL (a wrong or missing password)."""
+
+
+#: Error replies by which Redis refuses a client's credentials (Redis 6+ and older).
+_AUTH_REPLIES = ("wrongpass", "noauth", "invalid password", "invalid username-password",
+                 "without any password configured", "no password is set")
+
+
+def is_auth_error(exc) -> bool:
+    """True if ``exc`` (an exception or an error reply) says Redis refused
+    the credentials rather than being unreachable."""
+    if any(c.__name__ == "AuthenticationError" for c in type(exc).__mro__):   # ours or redis-py's
+        return True
+    text = str(exc).lower()
+    return any(m in text for m in _AUTH_REPLIES)
+
+
+def link_problem(exc) -> str:
+    """What a failed connection attempt means, for logs and /health:
+    ``"authentication failed (...)"`` or ``"not reachable (...)"``."""
+    detail = mask_url(str(exc) or type(exc).__name__)
+    return f"authentication failed ({detail})" if is_auth_error(exc) else f"not reachable ({detail})"
 
 
 try:
@@ -249,11 +281,11 @@ async def open_conn(host, port, *, ssl=None, username=None, password=None, db=0,
             args = ("AUTH", username, password) if username else ("AUTH", password)
             r = await asyncio.wait_for(conn.send(*args), timeout)
             if isinstance(r, ReplyError):
-                raise r
+                raise AuthenticationError(str(r)) if is_auth_error(r) else r
         if db:
             r = await asyncio.wait_for(conn.send("SELECT", db), timeout)
             if isinstance(r, ReplyError):
-                raise r
+                raise AuthenticationError(str(r)) if is_auth_error(r) else r
     except BaseException:
         conn.close()
         raise
@@ -279,6 +311,7 @@ class RedisBroker(Broker):
                  ping_interval: float = 5.0, max_backlog: int = 64 << 20) -> None:
         super().__init__(node_id=node_id, prefix=prefix)
         self.url = url
+        self.safe_url = mask_url(url)            # what logs and errors print
         self.conn_opts = parse_redis_url(url)
         self.connect_timeout = connect_timeout   # per connection attempt; start() waits this long
         self.backoff_min = backoff_min           # first retry delay (seconds) ...
@@ -298,6 +331,7 @@ class RedisBroker(Broker):
         self._ever_connected = False
         self._last_rx = 0.0
         self._pong = None                        # the subscriber link's first PING answer
+        self.problem = None                      # why it is not connected (link_problem), or None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -309,7 +343,8 @@ class RedisBroker(Broker):
         try:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout + 1.0)
         except asyncio.TimeoutError:
-            log.warning("fastws: broker %s not reachable yet; retrying in the background", self.url)
+            if not is_auth_error(self.problem or ""):   # an authentication failure is logged already
+                log.warning("fastws: broker %s not reachable yet; retrying in the background", self.safe_url)
 
     async def close(self) -> None:
         self._closing = True
@@ -341,7 +376,7 @@ class RedisBroker(Broker):
                     pub.close()
                     raise
             except (OSError, asyncio.TimeoutError, ReplyError, ConnectionError) as exc:
-                log.debug("fastws: broker connect to %s failed: %s", self.url, exc)
+                self._link_failed(exc)
             else:
                 began = self._loop.time()
                 # the backoff starts over only after a link that held for a while:
@@ -358,6 +393,19 @@ class RedisBroker(Broker):
                 await asyncio.wait_for(self._wakeup.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+
+    def _link_failed(self, exc) -> None:
+        """A connection attempt (or a new link's first commands) failed:
+        remember why for /health; an authentication failure is logged at
+        warning once per episode, other failures at debug (``start`` and
+        ``on_lost`` say "not reachable" / "lost")."""
+        problem = link_problem(exc)
+        if is_auth_error(exc) and not is_auth_error(self.problem or ""):
+            log.warning("fastws: broker %s: %s; check the user and password of the broker URL; "
+                        "retrying in the background", self.safe_url, problem)
+        else:
+            log.debug("fastws: broker link to %s failed: %s", self.safe_url, problem)
+        self.problem = problem
 
     async def _ping(self, pub) -> bool:
         """PING on the command connection; False when it did not answer in
@@ -379,7 +427,7 @@ class RedisBroker(Broker):
             if not lost.done():
                 lost.set_result(exc)
             if self.state == "connected" and not self._closing:
-                log.warning("fastws: lost the broker at %s (%s); reconnecting", self.url, exc)
+                log.warning("fastws: lost the broker at %s (%s); reconnecting", self.safe_url, exc)
                 self._set_state("disconnected")     # at once: publishes fail from now on
             self._release_waiters()
 
@@ -395,7 +443,7 @@ class RedisBroker(Broker):
             sub.send(b"PING", reply=False)
             r = await asyncio.wait_for(pub.send(b"PING"), self.connect_timeout)
             if isinstance(r, ReplyError):
-                raise ConnectionError(f"PING answered {r}")
+                raise (AuthenticationError if is_auth_error(r) else ConnectionError)(f"PING answered {r}")
             await asyncio.wait_for(self._pong, self.connect_timeout)
             # re-subscribe every key still held (all of them on first connect)
             chans = list(self._keys)
@@ -407,9 +455,11 @@ class RedisBroker(Broker):
                 return False
             if self._ever_connected:
                 self.counters["reconnects"] += 1
-                log.warning("fastws: broker reconnected to %s (%d keys re-subscribed)", self.url, len(chans))
+                log.warning("fastws: broker reconnected to %s (%d keys re-subscribed)", self.safe_url,
+                            len(chans))
             self._ever_connected = True
             reached = True
+            self.problem = None
             self._set_state("connected")
             self._connected.set()
             while not lost.done():
@@ -423,7 +473,7 @@ class RedisBroker(Broker):
                 if not await self._ping(pub):
                     break
         except (asyncio.TimeoutError, ConnectionError) as exc:
-            log.debug("fastws: broker link to %s failed: %s", self.url, exc)
+            self._link_failed(exc)
         finally:
             self._connected.clear()
             self._drop_links()
@@ -469,7 +519,10 @@ class RedisBroker(Broker):
             if self._pong is not None and not self._pong.done():
                 self._pong.set_result(None)
         elif isinstance(r, ReplyError):
-            log.warning("fastws: broker subscriber got an error: %s", r)
+            if is_auth_error(r):    # the command link reports it (_link_failed)
+                log.debug("fastws: broker subscriber: %s", r)
+            else:
+                log.warning("fastws: broker subscriber got an error: %s", r)
 
     @staticmethod
     def _ack(waiters: dict, channel) -> None:
@@ -514,14 +567,19 @@ class RedisBroker(Broker):
             self._release_waiters()
         done.set_result(None)
 
-    async def _wait(self, chans, waiters: dict) -> None:
+    async def _wait(self, chans, waiters: dict) -> list:
+        """Flush and wait for the acks of ``chans``; the channels Redis did
+        not acknowledge within ``ACK_TIMEOUT`` (none while disconnected: the
+        waiters are released, the interest is applied on reconnect)."""
         await self._schedule_flush()
-        acks = [f for ch in chans for f in waiters.get(ch, ())]
-        if acks:
-            try:
-                await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT)
-            except asyncio.TimeoutError:
-                log.warning("fastws: broker did not ack %d (un)subscriptions in %ss", len(acks), ACK_TIMEOUT)
+        pairs = [(ch, f) for ch in chans for f in waiters.get(ch, ())]
+        if not pairs:
+            return []
+        await asyncio.wait([f for _, f in pairs], timeout=ACK_TIMEOUT)
+        missing = list(dict.fromkeys(ch for ch, f in pairs if not f.done()))
+        if missing:
+            log.warning("fastws: broker did not ack %d (un)subscriptions in %ss", len(missing), ACK_TIMEOUT)
+        return missing
 
     async def subscribe(self, keys) -> None:
         chans = []
@@ -532,19 +590,29 @@ class RedisBroker(Broker):
             self._to_sub.add(ch)
             chans.append(ch)
         if chans and self._task is not None and not self._closing:
-            await self._wait(chans, self._sub_waiters)
+            missing = await self._wait(chans, self._sub_waiters)
+            if missing:     # not subscribed: not kept either (the bridge retries)
+                failed = [self._keys.pop(ch) for ch in missing if ch in self._keys]
+                raise SubscribeError(f"Redis did not acknowledge {len(missing)} subscriptions", failed)
 
     async def unsubscribe(self, keys) -> None:
         chans = []
+        dropped = {}
         for key in keys:
             ch = self.channel(key)
             if self._keys.pop(ch, None) is None:
                 continue
+            dropped[ch] = key
             self._to_sub.discard(ch)
             self._to_unsub.add(ch)
             chans.append(ch)
         if chans and self._task is not None and not self._closing:
-            await self._wait(chans, self._unsub_waiters)
+            missing = await self._wait(chans, self._unsub_waiters)
+            if missing:     # still subscribed: kept, so a retry unsubscribes them
+                for ch in missing:
+                    self._keys.setdefault(ch, dropped[ch])
+                raise SubscribeError(f"Redis did not acknowledge {len(missing)} unsubscriptions",
+                                     [dropped[ch] for ch in missing])
 
     # -- publishing ---------------------------------------------------------------
 
@@ -585,7 +653,7 @@ class RedisBroker(Broker):
     async def ping(self):
         pub = self._pub
         if pub is None or pub.closed or self.state != "connected":
-            return False, self.state
+            return False, self.problem or self.state
         try:
             r = await asyncio.wait_for(asyncio.shield(pub.send(b"PING")), 1.0)
         except (asyncio.TimeoutError, ConnectionError) as exc:
