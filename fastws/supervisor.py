@@ -15,16 +15,36 @@ connections over them. The supervisor (the parent) does no network work:
   (``FASTWS_METRICS_DIR``, see :mod:`fastws.metrics`) so that one scrape of
   /metrics shows every worker, removes a dead worker's snapshot before it
   starts the replacement, and removes the directory when it exits.
+
+Files of a run live in a private directory of the supervisor
+(``$TMPDIR/fastws-sup-<pid>-XXXX``, mode 0700): ``broker.sock``, the embedded
+broker's socket, and ``metrics/``.  A supervisor killed with SIGKILL cannot
+remove it, so the next supervisor to start removes the directories of
+supervisors that are gone (:func:`sweep_stale`): only this user's, only when
+the pid no longer exists and nothing listens on the socket.
+
+A worker does not outlive its supervisor: right after the fork it asks Linux
+to send it SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and a
+thread checks ``os.getppid()`` every :data:`PARENT_CHECK_INTERVAL` seconds as
+a fallback (other systems, or a parent gone before the prctl).  SIGTERM is
+the graceful path: the worker stops accepting, closes its connections with
+1001 and exits.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
 
 log = logging.getLogger("fastws")
@@ -34,6 +54,12 @@ RESPAWN_BACKOFF_MAX = 10.0   # ... is restarted after a growing delay, up to thi
 
 #: Environment variable naming the directory of the workers' metric snapshots.
 METRICS_DIR_ENV = "FASTWS_METRICS_DIR"
+#: Seconds between a worker's checks that its supervisor still lives (fallback for prctl).
+PARENT_CHECK_INTERVAL = 1.0
+#: Name prefix of a supervisor's private directory in the temp dir (then "<pid>-").
+RUN_DIR_PREFIX = "fastws-sup-"
+BROKER_SOCKET = "broker.sock"   # the embedded broker's Unix socket, in the private directory
+_PR_SET_PDEATHSIG = 1           # from <linux/prctl.h>
 
 
 def worker_metrics_file(directory: str, index) -> str:
@@ -71,7 +97,8 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         self._forget_metrics(index)
-        p = self._ctx.Process(target=_child, args=(self.target, index), name=f"fastws-worker-{index}")
+        p = self._ctx.Process(target=_child, args=(self.target, index, os.getpid()),
+                              name=f"fastws-worker-{index}")
         p.daemon = False
         p.start()
         self.procs[index] = p
@@ -129,7 +156,29 @@ class Supervisor:
         return 0
 
 
-def _child(target, index: int) -> None:
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies
+    (Linux ``prctl(PR_SET_PDEATHSIG)``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, index: int) -> None:
+    """A worker's thread: once the supervisor ``parent`` is gone (this
+    process was re-parented), SIGTERM to itself, the graceful stop."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_INTERVAL)
+    log.warning("fastws: worker %d (pid %d): the supervisor (pid %d) is gone; closing connections "
+                "with 1001 and exiting", index, os.getpid(), parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(target, index: int, parent: int) -> None:
     # the child must not run the supervisor's handlers; the worker's loop
     # installs its own
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -138,14 +187,99 @@ def _child(target, index: int) -> None:
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:      # gone between the fork and the prctl: nothing to serve yet
+        log.warning("fastws: worker %d: the supervisor (pid %d) is gone; not starting", index, parent)
+        return
+    threading.Thread(target=_watch_parent, args=(parent, index), name="fastws-parent-watch",
+                     daemon=True).start()
     os.environ["FASTWS_WORKER"] = str(index)
     target(index)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # stopped: a late SIGTERM must not cut the exit short
+
+
+# -- the supervisor's private directory ---------------------------------------------
+
+_STALE = (re.compile(re.escape(RUN_DIR_PREFIX) + r"(\d+)-"),   # this version's private directories
+          re.compile(r"fastws-metrics-(\d+)-"),                 # earlier versions' metrics dirs ...
+          re.compile(r"fastws-(\d+)\.sock$"))                   # ... and embedded broker sockets
+
+
+def _pid_exists(pid: int) -> bool:
+    """True unless no process ``pid`` exists (another user's counts; so does
+    anything that is not a plain pid, so it is never swept)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def socket_in_use(path: str) -> bool:
+    """True if a process accepts connections on the Unix socket ``path``
+    (False: no such file, or a stale socket file nobody listens on)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError as exc:
+        return exc.errno not in (errno.ENOTSOCK, errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        s.close()
+    return True
+
+
+def sweep_stale(base: str | None = None) -> list:
+    """Remove what supervisors that died without cleaning up left in the
+    temp dir ``base``: their private directories (and the sockets and metrics
+    directories of earlier versions).  Only entries owned by this user, whose
+    supervisor pid no longer exists and whose socket nobody listens on.
+    Returns the removed paths."""
+    base = base or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = next((m for m in (p.match(name) for p in _STALE) if m), None)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_exists(int(m.group(1))):
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.geteuid():
+            continue
+        sock = os.path.join(path, BROKER_SOCKET) if os.path.isdir(path) else path
+        if socket_in_use(sock):
+            continue
+        try:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            log.warning("fastws: cannot remove %s, left by a supervisor that is gone: %s", path, exc)
+            continue
+        removed.append(path)
+    if removed:
+        log.info("fastws: removed %d file(s) left by supervisors that are gone: %s", len(removed),
+                 ", ".join(removed))
+    return removed
 
 
 def run_workers(target, config) -> int:
     """Check the port can be bound, then supervise ``config.workers``
     processes, each running ``target(index)`` with SO_REUSEPORT on."""
-    from .server import bind_socket
+    from .server import ServerStartError, bind_socket
 
     config.reuse_port = True
     # fail fast, in the supervisor, if the port is taken by something else
@@ -156,28 +290,37 @@ def run_workers(target, config) -> int:
     log.info("fastws: supervisor (pid %d) starting %d workers on %s:%d", os.getpid(),
              config.workers, config.host, config.port)
     timeout = getattr(config, "shutdown_timeout", 10.0) + getattr(config, "drain_delay", 0.0) + 5.0
+    sweep_stale()                                   # what a supervisor killed earlier left behind
+    run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")   # mode 0700, ours alone
     hub = None
-    if not getattr(config, "broker", ""):
-        # no broker given: the workers share an embedded one, run here, so a
-        # room message reaches members on every worker with nothing else to run
-        from .broker.embedded import EmbeddedHub
-
-        path = os.path.join(tempfile.gettempdir(), f"fastws-{os.getpid()}.sock")
-        hub = EmbeddedHub(path)
-        hub.run_in_thread()
-        config.broker = f"unix://{path}"
-        log.info("fastws: embedded broker for the workers at %s", path)
-    # the workers' metric snapshots: one scrape of any worker shows them all
-    metrics_dir = tempfile.mkdtemp(prefix=f"fastws-metrics-{os.getpid()}-")
-    previous = os.environ.get(METRICS_DIR_ENV)
-    os.environ[METRICS_DIR_ENV] = metrics_dir      # inherited by every forked worker
     try:
-        return Supervisor(target, config.workers, stop_timeout=timeout, metrics_dir=metrics_dir).run()
+        if not getattr(config, "broker", ""):
+            # no broker given: the workers share an embedded one, run here, so a
+            # room message reaches members on every worker with nothing else to run
+            from .broker.embedded import EmbeddedHub
+
+            path = os.path.join(run_dir, BROKER_SOCKET)
+            hub = EmbeddedHub(path)
+            try:
+                hub.run_in_thread()
+            except OSError as exc:        # e.g. a $TMPDIR too long for a Unix socket path
+                hub = None
+                raise ServerStartError(f"cannot start the embedded broker at {path}: {exc}") from None
+            config.broker = f"unix://{path}"
+            log.info("fastws: embedded broker for the workers at %s", path)
+        # the workers' metric snapshots: one scrape of any worker shows them all
+        metrics_dir = os.path.join(run_dir, "metrics")
+        os.mkdir(metrics_dir, 0o700)
+        previous = os.environ.get(METRICS_DIR_ENV)
+        os.environ[METRICS_DIR_ENV] = metrics_dir      # inherited by every forked worker
+        try:
+            return Supervisor(target, config.workers, stop_timeout=timeout, metrics_dir=metrics_dir).run()
+        finally:
+            if previous is None:
+                os.environ.pop(METRICS_DIR_ENV, None)
+            else:
+                os.environ[METRICS_DIR_ENV] = previous
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        if previous is None:
-            os.environ.pop(METRICS_DIR_ENV, None)
-        else:
-            os.environ[METRICS_DIR_ENV] = previous
         if hub is not None:
             hub.stop_thread()
+        shutil.rmtree(run_dir, ignore_errors=True)
