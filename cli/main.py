@@ -2,7 +2,8 @@
 
 Startup failures print one line and exit with a distinct code:
 2 for a bad argument or an app path that does not import, 1 for a port in use
-or another listen error.
+or another listen error.  Nothing printed shows a credential: the password of
+a URL (``--broker redis://user:****@host``) and secret settings are masked.
 """
 
 from __future__ import annotations
@@ -78,13 +79,13 @@ def _config_options(fn):
 
 def build_config(config_file, overrides):
     """Config.load with the CLI's overrides; a bad value -> one line, exit 2."""
-    from fastws.config import Config
+    from fastws.config import Config, mask_url
     from fastws.errors import ConfigError
 
     try:
         return Config.load(file=config_file, overrides=overrides)
     except ConfigError as exc:
-        click.echo(f"fastws: {exc}", err=True)
+        click.echo(f"fastws: {mask_url(str(exc))}", err=True)
         sys.exit(EXIT_USAGE)
 
 
@@ -114,7 +115,9 @@ def serve(app, config_file, interface, **overrides):
         else:
             run_server(application, config)
     except ServerStartError as exc:
-        click.echo(f"fastws: {exc}", err=True)
+        from fastws.config import mask_url
+
+        click.echo(f"fastws: {mask_url(str(exc))}", err=True)
         sys.exit(EXIT_LISTEN)
 
 
@@ -188,7 +191,8 @@ def config_group() -> None:
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="TOML file of settings (also $FASTWS_CONFIG).")
 def config_show(config_file):
-    """Print the effective settings (as TOML) and where each came from."""
+    """Print the effective settings (as TOML) and where each came from
+    (secrets and the passwords of URLs masked)."""
     config = build_config(config_file, {})
     click.echo(config.to_toml(), nl=False)
 

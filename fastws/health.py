@@ -12,7 +12,9 @@ Checks are a registry that other parts add to::
     server.health.add_check("broker", broker.ping)   # the broker, once it exists
 
 A check is ``fn() -> bool | (bool, detail)`` or an ``async`` function
-returning the same; an exception or a timeout counts as a failure.  Built-in
+returning the same; an exception or a timeout counts as a failure.  The
+text of a detail is shown with the password of any URL in it masked
+(:func:`fastws.config.mask_url`).  Built-in
 checks: ``draining`` (always), ``loop_lag`` (``health_max_loop_lag``),
 ``memory`` (``health_max_memory``).
 
@@ -32,6 +34,8 @@ import resource
 from bisect import bisect_left
 from collections import deque
 
+from .config import mask_url
+
 log = logging.getLogger("fastws")
 
 CHECK_TIMEOUT = 2.0  # seconds an async check may take before it counts as failed
@@ -50,7 +54,7 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-#: Upper bounds (ms) of the latency histogram: the article's buckets (+Inf is implied).
+#: Upper bounds (ms) of the latency histogram (+Inf is implied).
 LATENCY_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
@@ -105,6 +109,18 @@ class LoopMonitor:
         return max(self._samples, default=0.0)
 
 
+def _masked(detail):
+    """``detail`` with the password of every URL in its text masked (an
+    exception text may quote a broker URL), through dicts and lists."""
+    if isinstance(detail, str):
+        return mask_url(detail)
+    if isinstance(detail, dict):
+        return {k: _masked(v) for k, v in detail.items()}
+    if isinstance(detail, (list, tuple)):
+        return [_masked(v) for v in detail]
+    return detail
+
+
 class Health:
     """The checks registry and the /health and /livez handlers of one server."""
 
@@ -143,7 +159,7 @@ class Health:
             except Exception as exc:  # a failing check is a result, not a crash
                 outcome = (False, f"{type(exc).__name__}: {exc}")
             ok, detail = outcome if isinstance(outcome, tuple) else (bool(outcome), None)
-            results[name] = {"ok": bool(ok), "detail": detail}
+            results[name] = {"ok": bool(ok), "detail": _masked(detail)}
         return all(r["ok"] for r in results.values()), results
 
     # -- built-in checks ----------------------------------------------------------

@@ -13,7 +13,8 @@ does when a slot leaves a node), an error answer on a subscriber link or a
 lost link marks the map dirty; the broker then re-reads ``CLUSTER SLOTS`` and
 re-subscribes the channels whose owner changed. The map is also re-read every
 ``refresh_interval`` seconds. Outages: as the Redis broker (failures counted
-and raised, backoff with jitter, ``state``).
+and raised, backoff with jitter, ``state``, "authentication failed" told
+apart from "not reachable", the URL printed with its password masked).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from urllib.parse import unquote, urlsplit
 from redis.crc import key_slot
 
 from . import Broker, PublishError
-from .redis import ACK_TIMEOUT, ReplyError, backoff_delay, open_conn, parse_redis_url
+from ..config import mask_url
+from .redis import (ACK_TIMEOUT, RedisBroker, ReplyError, backoff_delay, is_auth_error, open_conn,
+                    parse_redis_url)
 
 log = logging.getLogger("fastws.broker")
 
@@ -57,6 +60,8 @@ class ClusterBroker(Broker):
                  backoff_min: float = 0.05, backoff_max: float = 5.0, refresh_interval: float = 5.0) -> None:
         super().__init__(node_id=node_id, prefix=prefix)
         self.url = url
+        self.safe_url = mask_url(url)              # what logs and errors print
+        self.problem = None                        # why it is not connected, or None
         self.seeds, self.conn_opts = parse_cluster_url(url)
         self.connect_timeout = connect_timeout
         self.backoff_min = backoff_min
@@ -84,7 +89,8 @@ class ClusterBroker(Broker):
         try:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout * 2 + 1.0)
         except asyncio.TimeoutError:
-            log.warning("fastws: cluster broker %s not reachable yet; retrying", self.url)
+            if not is_auth_error(self.problem or ""):   # an authentication failure is logged already
+                log.warning("fastws: cluster broker %s not reachable yet; retrying", self.safe_url)
 
     async def close(self) -> None:
         self._closing = True
@@ -114,9 +120,9 @@ class ClusterBroker(Broker):
                     await self._refresh()
                     await self._reconcile()
             except (OSError, asyncio.TimeoutError, ConnectionError, ReplyError) as exc:
-                log.debug("fastws: cluster broker: %s", exc)
+                self._link_failed(exc)
                 if self.state == "connected":
-                    log.warning("fastws: lost the cluster at %s (%s); reconnecting", self.url, exc)
+                    log.warning("fastws: lost the cluster at %s (%s); reconnecting", self.safe_url, exc)
                 self._set_state("disconnected")
                 self._connected.clear()
                 await asyncio.sleep(backoff_delay(attempt, self.backoff_min, self.backoff_max))
@@ -125,8 +131,9 @@ class ClusterBroker(Broker):
             if self.state != "connected":
                 if ever:
                     self.counters["reconnects"] += 1
-                    log.warning("fastws: cluster broker reconnected to %s", self.url)
+                    log.warning("fastws: cluster broker reconnected to %s", self.safe_url)
                 ever = True
+                self.problem = None
                 self._set_state("connected")
                 self._connected.set()
             attempt = 0
@@ -134,6 +141,8 @@ class ClusterBroker(Broker):
                 await asyncio.wait_for(self._dirty.wait(), self.refresh_interval)
             except asyncio.TimeoutError:
                 pass
+
+    _link_failed = RedisBroker._link_failed     # remember why; authentication failures at warning
 
     def _mark_dirty(self) -> None:
         if self._dirty is not None:
@@ -180,13 +189,15 @@ class ClusterBroker(Broker):
                     temp.on_lost = None
                 r = await asyncio.wait_for(conn.send(b"CLUSTER", b"SLOTS"), self.connect_timeout)
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                last = exc
+                if last is None or not is_auth_error(last):   # a refused password is the news
+                    last = exc
                 continue
             finally:
                 if temp is not None:
                     temp.close()
             if isinstance(r, ReplyError):
-                last = r
+                if last is None or not is_auth_error(last):
+                    last = r
                 continue
             slots = [None] * 16384
             for entry in r:
@@ -397,7 +408,7 @@ class ClusterBroker(Broker):
 
     async def ping(self):
         if self.state != "connected":
-            return False, self.state
+            return False, self.problem or self.state
         try:
             for conn in list(self._pubs.values()):
                 r = await asyncio.wait_for(conn.send(b"PING"), 1.0)

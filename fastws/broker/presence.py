@@ -25,7 +25,18 @@ import asyncio
 import logging
 import time
 
+from ..config import mask_url
+
 log = logging.getLogger("fastws.broker")
+
+
+def _why(exc) -> str:
+    """``exc`` for a log line: "authentication failed" when Redis refused the
+    password (told apart from an outage), any URL's password masked."""
+    from .redis import is_auth_error
+
+    text = mask_url(f"{type(exc).__name__}: {exc}")
+    return f"authentication failed ({text})" if is_auth_error(exc) else text
 
 
 def presence_client(url: str):
@@ -95,7 +106,7 @@ class Presence:
             try:
                 await self.sync()
             except Exception as exc:   # Redis down: try again next time
-                log.warning("fastws: presence sync failed: %s", exc)
+                log.warning("fastws: presence sync failed: %s", _why(exc))
 
     async def sync(self, force_refresh: bool = False) -> None:
         """Write what changed since the last sync; refresh TTLs every ttl/3."""
@@ -149,7 +160,7 @@ class Presence:
             try:
                 await pipe.execute()
             except Exception as exc:
-                log.warning("fastws: presence cleanup failed: %s", exc)
+                log.warning("fastws: presence cleanup failed: %s", _why(exc))
         self._written = {}
 
     # -- queries (any node) ----------------------------------------------------------

@@ -122,7 +122,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import MAGIC, BrokerError, unpack_envelope
-from .redis import ACK_TIMEOUT, RedisBroker, ReplyError
+from .redis import ACK_TIMEOUT, AuthenticationError, RedisBroker, ReplyError, is_auth_error
 
 log = logging.getLogger("fastws.broker")
 
@@ -260,7 +260,7 @@ class StreamsBroker(RedisBroker):
             except (TypeError, ValueError):
                 value = None
             if value is None or not ok(value):
-                raise ValueError(f"broker {url!r}: {name} must be {allowed}")
+                raise ValueError(f"broker {self.safe_url!r}: {name} must be {allowed}")
             return value
 
         self.maxlen = opt(maxlen, "maxlen", 10_000, int, lambda v: v >= 1, "an integer >= 1")
@@ -303,7 +303,7 @@ class StreamsBroker(RedisBroker):
             if not lost.done():
                 lost.set_result(exc)
             if self.state == "connected" and not self._closing:
-                log.warning("fastws: lost the broker at %s (%s); reconnecting", self.url, exc)
+                log.warning("fastws: lost the broker at %s (%s); reconnecting", self.safe_url, exc)
                 self._set_state("disconnected")     # at once: publishes fail from now on
 
         pub.on_lost = rd.on_lost = on_lost
@@ -315,7 +315,8 @@ class StreamsBroker(RedisBroker):
             for r in await asyncio.wait_for(asyncio.gather(pub.send(b"PING"), rd.send(b"PING")),
                                             self.connect_timeout):
                 if isinstance(r, ReplyError):
-                    raise ConnectionError(f"PING answered {r}")
+                    kind = AuthenticationError if is_auth_error(r) else ConnectionError
+                    raise kind(f"PING answered {r}")
             r = await asyncio.wait_for(rd.send(b"CLIENT", b"ID"), self.connect_timeout)
             self._rd_id = r if isinstance(r, int) else None
             if self._rd_id is None:
@@ -329,9 +330,10 @@ class StreamsBroker(RedisBroker):
             if self._ever_connected:
                 self.counters["reconnects"] += 1
                 log.warning("fastws: broker reconnected to %s (reading %d streams from where it was)",
-                            self.url, len(self._last))
+                            self.safe_url, len(self._last))
             self._ever_connected = True
             reached = True
+            self.problem = None
             self._set_state("connected")
             self._connected.set()
             missing = [ch for ch in self._keys if ch not in self._last]
@@ -351,7 +353,7 @@ class StreamsBroker(RedisBroker):
                 if not await self._ping(pub):
                     break
         except (asyncio.TimeoutError, ConnectionError) as exc:
-            log.debug("fastws: broker link to %s failed: %s", self.url, exc)
+            self._link_failed(exc)
         finally:
             for t in (reader, self._unblocker):
                 if t is not None and not t.done():
