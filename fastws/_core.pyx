@@ -452,6 +452,14 @@ cdef inline Py_ssize_t _header_size(const uint8_t* h) noexcept:
     return _length_size(h) + (4 if h[1] & 0x80 else 0)
 
 
+cdef inline uint64_t _deflate_bound(uint64_t n) noexcept:
+    """The most bytes deflate can turn ``n`` bytes into (zlib's compressBound:
+    incompressible input goes out in stored blocks, a few bytes each).  The
+    compressed size of a message or frame may pass a size limit by this
+    much, no more."""
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 13
+
+
 
 cdef class Engine:
     """Sans-I/O RFC 6455 engine, server side.  See ``fastws/core.py``."""
@@ -469,6 +477,8 @@ cdef class Engine:
     cdef uint8_t _mask[4]
     cdef uint64_t _flen                # payload length of the current frame
     cdef uint64_t _fpos                # payload bytes of it consumed so far
+    cdef uint64_t _wire_len            # payload bytes of the open message as sent
+                                       # (compressed size), frame headers summed
     cdef int _msg_opcode               # TEXT/BINARY while a message is open, else 0
     cdef bint _msg_compressed
     cdef uint32_t _utf8                # incremental UTF-8 DFA state for the message
@@ -800,11 +810,20 @@ cdef class Engine:
 
     cdef int _check_frame(self, const uint8_t* h) except -1:
         """Stage 3, masking key read: fragment sequence and size limits; then
-        set the frame up."""
+        set the frame up.
+
+        The limits are checked on the lengths the headers declare, before
+        any payload is stored: the frame's length against max_frame_size,
+        the message's total so far against max_message_size.  A compressed
+        message is held to the same limits on its compressed size, with
+        deflate's worst-case overhead on top (``_deflate_bound``); its
+        inflated size is checked again as it is inflated (``_inflate``)."""
         cdef int opcode = h[0] & 0x0F
         cdef uint64_t ln = h[1] & 0x7F
         cdef int off = 2
         cdef int i
+        cdef bint compressed
+        cdef uint64_t base = 0, limit
         if ln == 126:
             ln = (<uint64_t>h[2] << 8) | h[3]
             off = 4
@@ -821,15 +840,25 @@ cdef class Engine:
             elif self._msg_opcode != 0:
                 self._fail(1002, "new data frame inside a fragmented message")
                 return -2
-            if self.max_frame_size and ln > <uint64_t>self.max_frame_size:
-                self._fail(1009, "frame of %d bytes over max_frame_size" % ln)
-                return -2
-            if (self.max_message_size and not (h[0] & 0x40) and
-                    not (opcode == OP_CONT and self._msg_compressed) and
-                    <uint64_t>(self._mlen if opcode == OP_CONT else 0) + ln
-                    > <uint64_t>self.max_message_size):
-                self._fail(1009, "message over max_message_size")
-                return -2
+            compressed = (h[0] & 0x40) != 0 or (opcode == OP_CONT and self._msg_compressed)
+            if opcode == OP_CONT:
+                base = self._wire_len
+            if self.max_frame_size:
+                limit = <uint64_t>self.max_frame_size
+                if compressed:
+                    limit = _deflate_bound(limit)
+                if ln > limit:
+                    self._fail(1009, "frame of %d bytes over max_frame_size" % ln)
+                    return -2
+            if self.max_message_size:
+                limit = <uint64_t>self.max_message_size
+                if compressed:
+                    limit = _deflate_bound(limit)
+                if base > limit or ln > limit - base:
+                    self._fail(1009, "compressed message over max_message_size" if compressed
+                               else "message over max_message_size")
+                    return -2
+            self._wire_len = base + ln
         memcpy(self._mask, h + off, 4)
         self._opcode = opcode
         self._fin = (h[0] & 0x80) != 0
@@ -872,10 +901,13 @@ cdef class Engine:
 
     cdef int _consume_payload(self, uint8_t* p, Py_ssize_t n, bint in_place=False) except -1:
         """Unmask and check ``n`` payload bytes at ``p``; append them to the
-        message unless they were read there already (``in_place``)."""
+        message unless they were read there already (``in_place``).
+        Compressed payload is inflated as it arrives, never stored."""
         _unmask(p, n, self._mask, <uint32_t>(self._fpos & 3))
         self._fpos += n
-        if self._opcode < 8 and self._msg_opcode == OP_TEXT and not self._msg_compressed:
+        if self._opcode < 8 and self._msg_compressed:
+            return self._inflate(p, n, self._fin and self._fpos == self._flen)
+        if self._opcode < 8 and self._msg_opcode == OP_TEXT:
             self._utf8 = _utf8_run(self._utf8, p, n)
             if self._utf8 == UTF8_REJECT:
                 self._fail(1007, "invalid UTF-8 in text message")
@@ -896,8 +928,9 @@ cdef class Engine:
             if self._msg_opcode == 0:
                 self._release_message()
             return self._control(opcode, <bytes>payload)
-        if self._msg_compressed:
-            if self._inflate_frame() < 0:
+        if self._msg_compressed and self._fin and self._flen == 0:
+            # a last frame with no payload: only the RFC 7692 tail to inflate
+            if self._inflate(NULL, 0, True) < 0:
                 return 0
         if not self._fin:
             return 0
@@ -917,18 +950,22 @@ cdef class Engine:
         self._on_message(opcode, payload)
         return 0
 
-    cdef int _inflate_frame(self) except -1:
-        """Decompress the compressed bytes of the frame just finished, which
-        sit at the end of _mbuf, in place of themselves; at FIN, append the
-        RFC 7692 tail.  The decompressed size is bounded by the limit."""
-        p = self._deflate_params
-        cdef Py_ssize_t start = self._mlen - <Py_ssize_t>self._flen
-        data = PyBytes_FromStringAndSize(<char*>(self._mbuf + start), <Py_ssize_t>self._flen)
-        if self._fin:
-            data += _DEFLATE_TAIL
-        self._mlen = start
+    cdef int _inflate(self, const uint8_t* p, Py_ssize_t n, bint last) except -1:
+        """Inflate ``n`` compressed payload bytes at ``p`` and append the
+        output to the message; ``last``: they end the message, so the RFC
+        7692 tail goes in after them.  With a size limit, zlib is asked for
+        at most what remains of max_message_size plus one byte, so a zip
+        bomb is never inflated past the limit: the extra byte is a 1009."""
+        params = self._deflate_params
+        cdef Py_ssize_t size = n + 4 if last else n
+        cdef bytes data = PyBytes_FromStringAndSize(NULL, size)
+        cdef uint8_t* d = <uint8_t*>PyBytes_AS_STRING(data)
+        if n:
+            memcpy(d, p, n)
+        if last:
+            memcpy(d + n, <const char*>_DEFLATE_TAIL, 4)
         if self._inflater is None:
-            self._inflater = _zlib.decompressobj(-p.client_max_window_bits)
+            self._inflater = _zlib.decompressobj(-params.client_max_window_bits)
         cdef bint limited = self.max_message_size != 0
         cdef Py_ssize_t room = self.max_message_size - self._mlen if limited else 0
         try:
@@ -948,7 +985,9 @@ cdef class Engine:
                 self._fail(1007, "invalid UTF-8 in text message")
                 return -2
         self._append(<const uint8_t*>PyBytes_AS_STRING(out), len(out))
-        if self._fin and p.client_no_context_takeover:
+        if last and (params.client_no_context_takeover or self._inflater.eof):
+            # eof: the client ended its deflate stream (a final block); the
+            # next message starts a new one
             self._inflater = None
         return 0
 
@@ -1327,7 +1366,7 @@ cdef class Hub:
     # -- counters (exported by fastws.metrics) --
     cdef public unsigned long long messages_in, messages_out, bytes_in, bytes_out
     cdef public unsigned long long slow_consumer_closes
-    cdef public dict closes            # close code -> count
+    cdef public dict closes            # close code (1000..1015, else "3xxx"/"4xxx"/"other") -> count
     cdef public dict dropped           # (reason, priority) -> count
     cdef public unsigned long long handshake_timeouts, ping_timeouts, idle_timeouts
     cdef public unsigned long long body_timeouts
@@ -1629,7 +1668,7 @@ cdef class Connection(Engine):
     cdef long _ping_tick               # wheel tick our last ping went out
     cdef bint _reported                # on_disconnect has run
     cdef object _body_cb               # plain HTTP: callback(body) once _body_size bytes are in
-    cdef public object rooms           # list of room keys joined (fastws.rooms), None if none
+    cdef public object rooms           # room keys joined (fastws.rooms): None, a small tuple, or a set
     cdef bint _wpaused                 # the transport asked us to stop writing
     cdef double _paused_at             # loop time of pause_writing
     cdef public unsigned long dropped  # messages dropped for this connection
@@ -1768,6 +1807,8 @@ cdef class Connection(Engine):
         self._release_message()
         if phase == P_OPEN:
             code = self.close_code
+            if not 1000 <= code <= 1015:   # client-chosen codes share 3 keys: the dict stays small
+                code = "3xxx" if 3000 <= code <= 3999 else ("4xxx" if 4000 <= code <= 4999 else "other")
             self._hub.closes[code] = self._hub.closes.get(code, 0) + 1
             if self.rooms and self._hub.on_lost is not None:
                 try:

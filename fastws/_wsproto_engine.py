@@ -24,10 +24,11 @@ fastws contract needs on top, at three hooks:
   :func:`fastws.errors.is_valid_close_code` (wsproto rejects 1014).
 
 and, with permessage-deflate, ``_BoundedDeflate`` replaces wsproto's inbound
-decompression: it inflates at most ``max_message_size + 1`` bytes per message
-(a zip bomb fails with 1009 without being inflated), and it keeps the
-"compressed message" bit across control frames interleaved with the fragments
-(wsproto 1.3.2 drops it there).
+decompression: it inflates each chunk of compressed payload as wsproto hands
+it over (nothing compressed is stored), at most ``max_message_size + 1``
+bytes per message (a zip bomb fails with 1009 without being inflated), and
+it keeps the "compressed message" bit across control frames interleaved with
+the fragments (wsproto 1.3.2 drops it there).
 
 The checks, in the order the Cython engine must follow (within a stage too),
 each made as soon as the bytes it needs have arrived:
@@ -39,8 +40,10 @@ each made as soon as the bytes it needs have arrived:
    a negotiated extension; unmasked frame                             -> 1002
 3. masking key read: continuation with no message started, or a new data
    frame inside a fragmented message                                  -> 1002;
-   frame length > max_frame_size, or (uncompressed) message length so far
-   plus frame length > max_message_size                               -> 1009
+   frame length > max_frame_size, or message length so far plus frame
+   length > max_message_size                                          -> 1009
+   (lengths as declared on the wire; for a compressed message each limit
+   is raised by deflate's worst-case overhead, see ``deflate_bound``)
 4. payload: text checked incrementally (1007); compressed payload inflated
    incrementally (bad data 1007, past max_message_size 1009); a control frame
    is handled once its whole payload is in; close payload: 1 byte -> 1002,
@@ -100,6 +103,17 @@ CLOSED = 2
 
 # The four bytes RFC 7692 strips from the end of every compressed message.
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+def deflate_bound(n: int) -> int:
+    """The most bytes deflate can turn ``n`` bytes into (zlib's compressBound).
+
+    Incompressible data goes out in stored blocks, a few bytes each, so a
+    compressed message may pass a size limit on the wire by this much, and
+    no more: the header check refuses anything longer before its payload is
+    read, whatever it would inflate to.
+    """
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 13
 
 
 class _FrameDecoder(FrameDecoder):
@@ -274,7 +288,12 @@ class Engine:
         return events
 
     def _check_header(self, header: Header) -> None:
-        """Sequencing and size checks from a frame header, before its payload."""
+        """Sequencing and size checks from a frame header, before its payload.
+
+        The limits apply to the declared (wire) lengths; a compressed
+        message is allowed deflate's overhead over them, and its inflated
+        size is bounded again by _BoundedDeflate as it is inflated.
+        """
         opcode = header.opcode
         if opcode.iscontrol():
             return
@@ -288,18 +307,18 @@ class Engine:
             self._message_length = 0
         self._in_message = not header.fin
         self._message_length += header.payload_len
-        if self.max_frame_size and header.payload_len > self.max_frame_size:
+        frame_limit, message_limit = self.max_frame_size, self.max_message_size
+        if self._message_compressed:
+            frame_limit, message_limit = deflate_bound(frame_limit), deflate_bound(message_limit)
+        if self.max_frame_size and header.payload_len > frame_limit:
             raise ParseFailed(
                 f"frame of {header.payload_len} bytes > max_frame_size {self.max_frame_size}",
                 errors.MESSAGE_TOO_BIG,
             )
-        if (
-            self.max_message_size
-            and not self._message_compressed  # _BoundedDeflate counts those
-            and self._message_length > self.max_message_size
-        ):
+        if self.max_message_size and self._message_length > message_limit:
             raise ParseFailed(
-                f"message of {self._message_length}+ bytes > max_message_size {self.max_message_size}",
+                f"message of {self._message_length}+ bytes on the wire > max_message_size "
+                f"{self.max_message_size}",
                 errors.MESSAGE_TOO_BIG,
             )
 

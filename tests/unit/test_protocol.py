@@ -16,6 +16,7 @@ The permessage-deflate tests at the end are marked ``deflate`` and named
 
 from __future__ import annotations
 
+import random
 import struct
 import tracemalloc
 import zlib
@@ -970,10 +971,18 @@ def test_deflate_limit_across_fragments(make_engine, wire):
 
 @deflate
 def test_deflate_max_frame_size_counts_wire_bytes(make_engine, wire):
+    # The frame limit applies to the compressed frame, with deflate's
+    # overhead on top: 100 + 13 bytes at most.
     engine = make_engine(deflate=DeflateParams(), max_frame_size=100)
     message = b"c" * 5000
     assert engine.receive(wire.frame(BINARY, wire.deflate(message), rsv=RSV1)) == [(BINARY, message)]
-    assert_failed(engine, engine.receive(wire.header(BINARY, 101, rsv=RSV1)), 1009)
+    incompressible = bytes(range(0, 200, 2))
+    z = wire.deflate(incompressible)
+    assert 100 < len(z) <= deflate_bound(100)
+    assert engine.receive(wire.frame(BINARY, z, rsv=RSV1)) == [(BINARY, incompressible)]
+    assert engine.receive(wire.header(BINARY, deflate_bound(100), rsv=RSV1)) == []
+    engine = make_engine(deflate=DeflateParams(), max_frame_size=100)
+    assert_failed(engine, engine.receive(wire.header(BINARY, deflate_bound(100) + 1, rsv=RSV1)), 1009)
 
 
 @deflate
@@ -999,6 +1008,142 @@ def test_deflate_zip_bomb_is_not_inflated(make_engine, wire, fragmented):
         tracemalloc.stop()
     assert_failed(engine, events, 1009)
     assert peak < 8 << 20, f"inflating used {peak} bytes"
+
+
+def deflate_bound(n):
+    """zlib's compressBound: how far a compressed size may pass a limit."""
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 13
+
+
+#: valid deflate data that inflates to nothing: an empty stored block
+#: (block header byte, LEN 0000, NLEN ffff), repeated
+EMPTY_BLOCK = b"\x00\x00\x00\xff\xff"
+
+
+@deflate
+@pytest.mark.parametrize("length", [deflate_bound(1000) + 1, 1 << 32, (1 << 63) - 1])
+def test_deflate_declared_oversize_fails_from_its_header(make_engine, wire, length):
+    # Refused as soon as the header is complete: nothing of it is stored.
+    engine = make_engine(deflate=DeflateParams(), max_message_size=1000)
+    header = wire.header(BINARY, length, rsv=RSV1)
+    assert engine.receive(header[:-4]) == []
+    assert_failed(engine, engine.receive(header[-4:]), 1009)
+
+
+@deflate
+@pytest.mark.parametrize("length", [(1 << 20) + 1, 1 << 32])
+def test_deflate_declared_oversize_with_default_limit(make_engine, wire, length):
+    engine = make_engine(deflate=DeflateParams())
+    events = engine.receive(wire.header(TEXT, deflate_bound(1 << 20), rsv=RSV1))
+    assert events == [] and engine.state == OPEN  # the bound itself is allowed
+    engine = make_engine(deflate=DeflateParams())
+    assert_failed(engine, engine.receive(wire.header(TEXT, deflate_bound(length), rsv=RSV1)), 1009)
+
+
+@deflate
+def test_deflate_compressed_total_of_fragments_over_limit(make_engine, wire, chunks):
+    # Fragments of empty deflate blocks inflate to nothing, but their
+    # compressed total is held to the limit (plus deflate's overhead) too.
+    engine = make_engine(deflate=DeflateParams(), max_message_size=1000)
+    bound = deflate_bound(1000)
+    part = EMPTY_BLOCK * 100  # 500 bytes
+    data = wire.frame(BINARY, part, fin=False, rsv=RSV1) + wire.frame(PING, b"between")
+    data += wire.frame(CONT, part, fin=False)
+    assert chunks.feed(engine, data) == [(PING, b"between")]
+    engine.data_to_send()
+    # 1000 compressed bytes so far: a header up to the bound still passes ...
+    probe = make_engine(deflate=DeflateParams(), max_message_size=1000)
+    assert probe.receive(data) == [(PING, b"between")]
+    assert probe.receive(wire.header(CONT, bound - 1000, fin=False)) == []
+    assert probe.state == OPEN
+    # ... one byte more fails from the header
+    assert_failed(engine, chunks.feed(engine, wire.header(CONT, bound - 999, fin=False)), 1009)
+
+
+@deflate
+def test_deflate_endless_empty_fragments_fail_at_the_limit(make_engine, wire):
+    engine = make_engine(deflate=DeflateParams(), max_message_size=1 << 16)
+    events = engine.receive(wire.frame(TEXT, b"", fin=False, rsv=RSV1))
+    fragment = wire.frame(CONT, EMPTY_BLOCK * 1000, fin=False)
+    sent = 0
+    while not events and sent < 1 << 20:
+        events = engine.receive(fragment)
+        sent += 5000
+    assert_failed(engine, events, 1009)
+    assert sent <= deflate_bound(1 << 16) + 5000
+
+
+@deflate
+@pytest.mark.parametrize("step", [7, 1024, 4096])
+def test_deflate_zip_bomb_inflated_as_it_arrives(make_engine, wire, step):
+    # The 1009 comes while the bomb's payload is still arriving: compressed
+    # bytes are inflated per read, at most up to the limit, never stored.
+    limit = 1 << 16
+    engine = make_engine(deflate=DeflateParams(), max_message_size=limit)
+    z = wire.deflate(bytes(64 << 20))
+    data = wire.frame(BINARY, z, rsv=RSV1)
+    assert len(z) <= deflate_bound(limit)  # passes the header check
+    tracemalloc.start()
+    try:
+        fed, events = 0, []
+        while not events and fed < len(data):
+            events = engine.receive(data[fed : fed + step])
+            fed += step
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_failed(engine, events, 1009)
+    assert fed < len(data) and fed <= max(2 * step, 1024), f"failed after {fed} of {len(data)} bytes"
+    assert peak < 4 * limit + step + (256 << 10), f"inflating used {peak} bytes"
+
+
+@deflate
+@pytest.mark.parametrize("kind", ["incompressible", "compressible"])
+@pytest.mark.parametrize("fragments", [1, 3])
+def test_deflate_message_exactly_at_the_limit(make_engine, wire, chunker, kind, fragments):
+    limit = 100_000
+    if kind == "incompressible":
+        message = random.Random(7).randbytes(limit)
+    else:
+        message = b"compressible " * (limit // 13) + b"x" * (limit % 13)
+    assert len(message) == limit
+    z = wire.deflate(message)
+    if kind == "incompressible":
+        assert limit < len(z) <= deflate_bound(limit)  # stored blocks
+    cut = [len(z) * i // fragments for i in range(fragments + 1)]
+    data = b"".join(
+        wire.frame(BINARY if i == 0 else CONT, z[cut[i] : cut[i + 1]], fin=i == fragments - 1,
+                   rsv=RSV1 if i == 0 else 0)
+        for i in range(fragments)
+    )
+    for how in ("whole", "random", "4096"):
+        engine = make_engine(deflate=DeflateParams(), max_message_size=limit)
+        assert chunker(how).feed(engine, data) == [(BINARY, message)], how
+        # one byte more is over
+        over = message + message[:1]
+        engine = make_engine(deflate=DeflateParams(), max_message_size=limit)
+        assert_failed(engine, chunker(how).feed(engine, wire.frame(BINARY, wire.deflate(over), rsv=RSV1)),
+                      1009)
+
+
+@deflate
+def test_deflate_text_at_the_limit_checked_as_utf8(make_engine, wire, chunks):
+    engine = make_engine(deflate=DeflateParams(), max_message_size=300)
+    message = "é" * 150  # 300 bytes of UTF-8
+    assert chunks.feed(engine, wire.frame(TEXT, wire.deflate(message), rsv=RSV1)) == [(TEXT, message)]
+    assert_failed(engine, chunks.feed(engine, wire.frame(TEXT, wire.deflate(message + "a"), rsv=RSV1)), 1009)
+
+
+@deflate
+def test_deflate_final_block_ends_the_stream(make_engine, wire, chunks):
+    # A client that ends its deflate stream (a final block) starts a new one
+    # with the next message, even under context takeover.
+    engine = make_engine(deflate=DeflateParams())
+    data = b""
+    for text in ("first", "second"):
+        comp = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        data += wire.frame(TEXT, comp.compress(text.encode()) + comp.flush(), rsv=RSV1)
+    assert chunks.feed(engine, data) == [(TEXT, "first"), (TEXT, "second")]
 
 
 @deflate
