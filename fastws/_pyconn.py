@@ -50,7 +50,7 @@ class Hub:
         self.rooms = None
         self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
         self.slow_consumer_closes = 0
-        self.closes = {}
+        self.closes = {}          # close code (1000..1015, else "3xxx"/"4xxx"/"other") -> count
         self.dropped = {}
         self.handshake = handshake
         self.connections = {}
@@ -248,7 +248,10 @@ class Connection:
             self.close_code, self.close_reason = sent if sent else (1006, "")
         if phase == P_OPEN:
             hub = self._hub
-            hub.closes[self.close_code] = hub.closes.get(self.close_code, 0) + 1
+            code = int(self.close_code)
+            if not 1000 <= code <= 1015:   # client-chosen codes share 3 keys: the dict stays small
+                code = "3xxx" if 3000 <= code <= 3999 else ("4xxx" if 4000 <= code <= 4999 else "other")
+            hub.closes[code] = hub.closes.get(code, 0) + 1
             if self.rooms and hub.on_lost is not None:
                 try:
                     hub.on_lost(self)
