@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import inspect
 
-from .delivery import PRIORITY_NORMAL
+from .errors import Reject
+from .frames import PRIORITY_NORMAL
 from .handshake import OriginPolicy
 from dataclasses import dataclass, field
 
@@ -38,19 +39,6 @@ class Accept:
 
     subprotocol: str | None = None
     headers: list = field(default_factory=list)
-
-
-@dataclass
-class Reject(Exception):
-    """Returned (or raised) by ``on_connect`` to refuse the upgrade with an
-    HTTP ``status`` and a plain-text ``body``."""
-
-    status: int = 403
-    body: str = ""
-    headers: list = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        Exception.__init__(self, self.status, self.body)
 
 
 class Route:

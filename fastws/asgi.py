@@ -93,7 +93,7 @@ import httptools
 
 from . import core
 from .config import Config
-from .errors import CLOSE_REASONS, ConnectionClosed, HandshakeError
+from .errors import CLOSE_REASONS, ClientDisconnected, ConnectionClosed, HandshakeError, LifespanError
 from .rooms import Rooms
 from .handshake import (HttpRequest, accept_response, error_response, negotiate_deflate,
                         parse_request)
@@ -124,14 +124,6 @@ WS_WRITE_LOW = 1 << 20        # ... until the transport buffer is below this
 _NO_BODY_STATUS = frozenset((204, 304))
 _HUB_KNOBS = ("high_water", "max_queue", "slow_grace", "ping_interval", "ping_timeout",
               "idle_timeout")
-
-
-class ClientDisconnected(OSError):
-    """``send()`` on a connection the client has closed (ASGI spec 2.4)."""
-
-
-class LifespanError(ServerStartError):
-    """The application's lifespan startup failed: fatal, one clear line."""
 
 
 # ---------------------------------------------------------------- helpers

@@ -32,8 +32,6 @@ at most one incomplete incoming message of ``max_message_size``.
 
 from __future__ import annotations
 
-PRIORITY_LOW = 0
-PRIORITY_NORMAL = 1
-PRIORITY_HIGH = 2
+from .frames import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 
 __all__ = ["PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH"]

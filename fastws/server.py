@@ -25,7 +25,7 @@ from functools import cached_property
 from . import core
 from .app import Accept, App, Reject
 from .config import Config, mask_url
-from .errors import HandshakeError
+from .errors import HandshakeError, ServerStartError
 from .limits import Admission, raise_nofile_limit, reconnect_hint
 from .rooms import Rooms
 from .handshake import (
@@ -51,10 +51,6 @@ def _hub_class():
     else:
         from ._pyconn import Hub
     return Hub
-
-
-class ServerStartError(Exception):
-    """The server could not start (port in use, bad address): one clear line."""
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096,

@@ -71,6 +71,8 @@ import socket
 import struct
 import uuid
 
+from ..errors import BrokerError, PublishError, SubscribeError
+
 log = logging.getLogger("fastws.broker")
 
 __all__ = [
@@ -81,24 +83,6 @@ __all__ = [
 _HEADER = struct.Struct("!2sBB")
 MAGIC = b"FW"
 VERSION = 1
-
-
-class BrokerError(Exception):
-    """A broker could not do what it was asked."""
-
-
-class PublishError(BrokerError):
-    """A publish did not reach the backend; other nodes did not get it."""
-
-
-class SubscribeError(BrokerError):
-    """A subscribe/unsubscribe did not apply (the backend refused or did not
-    acknowledge it). ``keys``: the keys of the call that failed (the others
-    did apply), or None for all of them. The bridge retries them."""
-
-    def __init__(self, message: str, keys=None) -> None:
-        super().__init__(message)
-        self.keys = list(keys) if keys is not None else None
 
 
 def new_node_id() -> str:

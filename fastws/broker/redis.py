@@ -41,6 +41,7 @@ from collections import deque
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import Broker, PublishError, SubscribeError
+from ..errors import BrokerAuthError, BrokerProtocolError, BrokerReplyError
 from ..config import mask_url
 
 log = logging.getLogger("fastws.broker")
@@ -50,16 +51,11 @@ STABLE = 1.0          # seconds a link must hold before the reconnect backoff st
 ACK_TIMEOUT = 5.0     # how long subscribe()/unsubscribe() wait for Redis' acks
 
 
-class ReplyError(Exception):
-    """An error reply from Redis (``-ERR ...``, ``-MOVED ...``)."""
-
-
-class ProtocolError(Exception):
-    """Bytes that are not RESP."""
-
-
-class AuthenticationError(ConnectionError):
-    """Redis refused the credentials of the URL (a wrong or missing password)."""
+# Redis error replies, bytes that are not RESP and refused credentials are the
+# broker errors of fastws.errors (the short names are used throughout this package).
+ReplyError = BrokerReplyError
+ProtocolError = BrokerProtocolError
+AuthenticationError = BrokerAuthError
 
 
 #: Error replies by which Redis refuses a client's credentials (Redis 6+ and older).
@@ -70,7 +66,8 @@ _AUTH_REPLIES = ("wrongpass", "noauth", "invalid password", "invalid username-pa
 def is_auth_error(exc) -> bool:
     """True if ``exc`` (an exception or an error reply) says Redis refused
     the credentials rather than being unreachable."""
-    if any(c.__name__ == "AuthenticationError" for c in type(exc).__mro__):   # ours or redis-py's
+    if isinstance(exc, BrokerAuthError) or any(
+            c.__name__ == "AuthenticationError" for c in type(exc).__mro__):   # ours or redis-py's
         return True
     text = str(exc).lower()
     return any(m in text for m in _AUTH_REPLIES)
