@@ -76,7 +76,10 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 import logging as _logging
 import zlib as _zlib
 
-from .errors import CLOSE_REASONS as _CLOSE_REASONS, ConnectionClosed, HandshakeError
+from .errors import (CLOSE_REASONS as _CLOSE_REASONS, ConnectionClosed, HandshakeError,
+                     CALLBACK_FAILED as _CALLBACK_FAILED, SLOW_CONSUMER as _SLOW_CONSUMER,
+                     PING_TIMEOUT as _PING_TIMEOUT, IDLE_TIMEOUT as _IDLE_TIMEOUT)
+from .handshake import error_response as _error_response
 
 _log = _logging.getLogger("fastws")
 
@@ -185,6 +188,12 @@ cdef enum EngineState:
     S_CLOSING = 1      # we sent a close frame, waiting for the peer's
     S_CLOSED = 2       # close exchange finished, or protocol error
 
+# Delivery priorities of published messages (fastws.delivery documents the policy).
+cdef enum Priority:
+    PRIO_LOW = 0       # dropped first, as soon as a connection's socket is backed up
+    PRIO_NORMAL = 1    # dropped once the connection's own queue is half full
+    PRIO_HIGH = 2      # never dropped; past the hard cap the connection is closed
+
 cdef enum FrameState:
     F_HEADER = 0
     F_PAYLOAD = 1
@@ -199,6 +208,9 @@ ERROR = EV_ERROR
 OPEN = S_OPEN
 CLOSING = S_CLOSING
 CLOSED = S_CLOSED
+PRIORITY_LOW = PRIO_LOW
+PRIORITY_NORMAL = PRIO_NORMAL
+PRIORITY_HIGH = PRIO_HIGH
 
 cdef bytes _EMPTY = b""
 cdef bytes _DEFLATE_TAIL = b"\x00\x00\xff\xff"
@@ -564,6 +576,17 @@ cdef class Engine:
             self._raise_closed()
         return self._frame_message(message)
 
+    def encode_message(self, int opcode, payload):
+        """The frame of one whole message of ``opcode`` (TEXT or BINARY)
+        around ``payload``, bytes already encoded (a text payload is trusted
+        to be UTF-8: nothing is decoded); compressed with deflate."""
+        if self.state != S_OPEN:
+            self._raise_closed()
+        if opcode != OP_TEXT and opcode != OP_BINARY:
+            raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
+        cdef bytes data = payload if type(payload) is bytes else bytes(payload)
+        return self._frame_payload(opcode, data)
+
     def ping(self, payload=b""):
         if self.state != S_OPEN:
             self._raise_closed()
@@ -620,6 +643,10 @@ cdef class Engine:
             opcode = OP_BINARY
         else:
             raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
+        return self._frame_payload(opcode, data)
+
+    cdef inline bytes _frame_payload(self, int opcode, bytes data):
+        """One whole message frame around encoded ``data`` (compressed with deflate)."""
         if self._deflate_params is not None:
             return self._compress(opcode, data)
         return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(data),
@@ -1059,16 +1086,11 @@ cdef enum TimerKind:
     T_BODY = 5         # a plain HTTP request body must be in by then
 
 # the answer to a request head or body that did not arrive in time
-cdef bytes _REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                               b"Content-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n")
+cdef bytes _REQUEST_TIMEOUT = _error_response(408, "request timeout")
+# the answer to a request head on a hub that expects none (no handshake callback)
+cdef bytes _UNEXPECTED_HEAD = _error_response(400, "unexpected request")
 
 DEF MAX_FLUSH_JOIN = 65536  # below this many queued bytes, join frames into one buffer
-
-
-# Delivery priorities of published messages (fastws.delivery documents the policy).
-PRIORITY_LOW = 0       # dropped first, as soon as a connection's socket is backed up
-PRIORITY_NORMAL = 1    # dropped once the connection's own queue is half full
-PRIORITY_HIGH = 2      # never dropped; past the hard cap the connection is closed
 
 
 # ---------------------------------------------------------------- fast upgrade
@@ -1349,8 +1371,9 @@ cdef class Hub:
     """
 
     cdef public object loop
-    cdef public object handshake       # callable(conn, head: bytes) -> None; must call
-                                       # conn._hs_accept(...) or conn._hs_reject(...)
+    cdef public object handshake       # callable(conn, head: bytes | None) -> None that answers
+                                       # with conn.accept_upgrade/reject_upgrade/hold_upgrade/
+                                       # read_body; None: heads are refused (fronts adopt)
     cdef public dict connections       # id -> Connection, upgraded and not lost
     cdef public Py_ssize_t max_message_size
     cdef public Py_ssize_t max_frame_size
@@ -1393,7 +1416,7 @@ cdef class Hub:
     cdef int _fast_origins             # OriginMode: which Origin headers the fast path takes
     cdef public unsigned long long fast_upgrades   # upgrades decided by the fast path
 
-    def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
+    def __init__(self, loop, handshake=None, *, max_message_size=1 << 20, max_frame_size=0,
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
                  high_water=65536, max_queue=1 << 20, slow_grace=5.0,
                  ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
@@ -1541,6 +1564,7 @@ cdef class Hub:
             self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
 
     def stop_timers(self):
+        """Cancel the wheel's loop timer (shutdown)."""
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
@@ -1592,32 +1616,47 @@ cdef class Hub:
         key = (reason, priority)
         self.dropped[key] = self.dropped.get(key, 0) + 1
 
-    def broadcast(self, message, connections, exclude=None, int priority=PRIORITY_NORMAL):
-        """Encode ``message`` once and queue the same frame on every
-        connection in ``connections`` (an iterable of Connection) except
-        ``exclude``, applying the delivery policy for ``priority``.
-        Returns the number of connections it was queued on."""
-        cdef Connection c
-        cdef bytes frame
-        cdef int n = 0
-        cdef Py_ssize_t flen
+    def broadcast(self, message, connections, exclude=None, int priority=PRIO_NORMAL):
+        """``broadcast_frame`` of ``message``: str as TEXT (its UTF-8),
+        bytes-like as BINARY."""
         if type(message) is str:
-            data = (<str>message).encode("utf-8")
-            frame = _encode(OP_TEXT, <const uint8_t*>PyBytes_AS_STRING(data),
-                            PyBytes_GET_SIZE(data), True, NULL, False)
-        else:
-            data = bytes(message)
-            frame = _encode(OP_BINARY, <const uint8_t*>PyBytes_AS_STRING(data),
-                            PyBytes_GET_SIZE(data), True, NULL, False)
-        flen = PyBytes_GET_SIZE(frame)
+            return self._broadcast(OP_TEXT, (<str>message).encode("utf-8"), connections,
+                                   exclude, priority)
+        if type(message) is bytes:
+            return self._broadcast(OP_BINARY, <bytes>message, connections, exclude, priority)
+        if isinstance(message, (bytearray, memoryview)):
+            return self._broadcast(OP_BINARY, bytes(message), connections, exclude, priority)
+        raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
+
+    def broadcast_frame(self, int opcode, payload, connections, exclude=None,
+                        int priority=PRIO_NORMAL):
+        """Queue one frame of ``opcode`` (TEXT or BINARY) around ``payload``
+        (bytes already encoded; a text payload is trusted to be UTF-8,
+        nothing is decoded) on every open connection of ``connections`` (an
+        iterable of Connection) except ``exclude``, under the delivery policy
+        for ``priority``.  The frame is built once; a connection with
+        permessage-deflate gets its own compressed one.  Returns the number
+        of connections it was queued on."""
+        if opcode != OP_TEXT and opcode != OP_BINARY:
+            raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
+        return self._broadcast(opcode, payload if type(payload) is bytes else bytes(payload),
+                               connections, exclude, priority)
+
+    cdef int _broadcast(self, int opcode, bytes data, connections, exclude, int priority) except -1:
+        cdef Connection c
+        cdef bytes frame = None
+        cdef int n = 0
         for c in connections:
             if c is exclude or c.state != S_OPEN or c._phase != P_OPEN:
                 continue
             if c._wpaused and not c._admit(priority):
                 continue
             if c._deflate_params is not None:
-                c._queue(c._frame_message(message))
+                c._queue(c._compress(opcode, data))
             else:
+                if frame is None:
+                    frame = _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(data),
+                                    PyBytes_GET_SIZE(data), True, NULL, False)
                 c._queue(frame)
             n += 1
         if COUNTERS:
@@ -1685,13 +1724,18 @@ cdef class Connection(Engine):
     # ---------------------------------------------------------- asyncio protocol
 
     def connection_made(self, transport):
+        self._made(transport)
+        if self._hub.handshake_timeout > 0:
+            self._hub._schedule(self, self._hub.handshake_timeout, T_HANDSHAKE)
+
+    cdef _made(self, transport):
+        """Take ``transport``: its socket for direct writes (never with
+        TLS), the hub's write-buffer limit."""
         self.transport = transport
         if transport.get_extra_info("sslcontext") is None:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 self._fd = sock.fileno()
-        if self._hub.handshake_timeout > 0:
-            self._hub._schedule(self, self._hub.handshake_timeout, T_HANDSHAKE)
         if self._hub.high_water != 65536:
             transport.set_write_buffer_limits(high=self._hub.high_water)
 
@@ -1757,7 +1801,7 @@ cdef class Connection(Engine):
                 self._feed(<uint8_t*><char*>buf, len(buf))
             self._after_input()
 
-    def _hs_read_body(self, Py_ssize_t size, callback):
+    def read_body(self, Py_ssize_t size, callback):
         """While deciding (a plain HTTP request): call ``callback(body)``
         once ``size`` bytes behind the head are in.  The body must be in
         within the hub's ``body_timeout``, else the client gets 408 and the
@@ -1844,7 +1888,7 @@ cdef class Connection(Engine):
                 (hub.slow_grace > 0 and hub.loop.time() - self._paused_at > hub.slow_grace)):
             self._slow_consumer()
             return False
-        if priority <= PRIORITY_LOW or (priority == PRIORITY_NORMAL and self._wq_size * 2 > hub.max_queue):
+        if priority <= PRIO_LOW or (priority == PRIO_NORMAL and self._wq_size * 2 > hub.max_queue):
             self.dropped += 1
             hub._count_drop("backpressure", priority)
             return False
@@ -1858,7 +1902,7 @@ cdef class Connection(Engine):
         self._hub.slow_consumer_closes += 1
         self._wq = None
         self._wq_size = 0
-        frame = self._start_close(1008, "slow consumer")
+        frame = self._start_close(_SLOW_CONSUMER.code, _SLOW_CONSUMER.reason)
         if self.transport is not None:
             self.transport.write(frame)
             self._tpending = True
@@ -1877,18 +1921,26 @@ cdef class Connection(Engine):
         if end < 0:
             if len(self._head) > self._hub.max_head_size:
                 self._phase = P_DECIDING
-                self._hub.handshake(self, None)
+                self._decide(None)
             return 0
         end += 4
         if end > self._hub.max_head_size:
             self._phase = P_DECIDING
-            self._hub.handshake(self, None)
+            self._decide(None)
             return 0
         head = bytes(self._head[:end])
         del self._head[:end]
         self._phase = P_DECIDING
-        self._hub.handshake(self, head)
+        self._decide(head)
         return 0
+
+    cdef _decide(self, head):
+        """Hand the request head (None: over max_head_size) to the hub's handshake."""
+        hs = self._hub.handshake
+        if hs is None:
+            self.reject_upgrade(_UNEXPECTED_HEAD)
+        else:
+            hs(self, head)
 
     cdef bint _fast_upgrade(self, uint8_t* p, Py_ssize_t n) except -1:
         """Answer a plain upgrade request that arrived whole in one read (see
@@ -1935,9 +1987,11 @@ cdef class Connection(Engine):
             self._after_input()
         return True
 
-    def _hs_accept(self, bytes response, route, str path, str query_string,
-                   subprotocol=None, deflate=None):
-        """Called by the handshake: send the 101 response and start framing."""
+    def accept_upgrade(self, bytes response, route, str path, str query_string,
+                       subprotocol=None, deflate=None):
+        """Called by the handshake: send the 101 ``response``, register,
+        start framing, run on_open, then parse the bytes that came after
+        the head.  False (nothing done) unless deciding on a live transport."""
         if self._phase != P_DECIDING or self.transport is None:
             return False
         self._accept(response, route, path, query_string, subprotocol, deflate)
@@ -1973,7 +2027,26 @@ cdef class Connection(Engine):
             self._call_open()
         return 0
 
-    def _hs_reject(self, bytes response):
+    def adopt(self, transport, bytes response, route, str path, str query_string,
+              subprotocol=None, deflate=None, early=b""):
+        """Take over ``transport``, whose upgrade request was parsed and
+        decided elsewhere (the ASGI front): become its protocol, take it as
+        ``connection_made`` does, write ``response``, register, start
+        framing, run on_open, then parse ``early`` (bytes read after the
+        head) as frames.  No re-parse, no handshake call."""
+        cdef bytes data
+        transport.set_protocol(self)
+        self._made(transport)
+        self._phase = P_DECIDING
+        self._head = None
+        self._accept(response, route, path, query_string, subprotocol, deflate)
+        if transport.is_reading() is False:
+            transport.resume_reading()
+        if early and self._phase == P_OPEN:
+            data = bytes(early)
+            self.feed(data)
+
+    def reject_upgrade(self, bytes response):
         """Called by the handshake: answer with an HTTP error and close."""
         self._head = None
         if self.transport is not None:
@@ -1981,10 +2054,23 @@ cdef class Connection(Engine):
             self.transport.write(response)
             self.transport.close()
 
-    def _hs_pause(self):
-        """Stop reading while an async on_connect decides."""
+    def hold_upgrade(self):
+        """Stop reading while an async decision (on_connect) runs."""
         if self.transport is not None:
             self.transport.pause_reading()
+
+    # the names the fronts used before the hooks were public (to be removed)
+    def _hs_accept(self, *args, **kwargs):
+        return self.accept_upgrade(*args, **kwargs)
+
+    def _hs_reject(self, response):
+        self.reject_upgrade(response)
+
+    def _hs_pause(self):
+        self.hold_upgrade()
+
+    def _hs_read_body(self, size, callback):
+        self.read_body(size, callback)
 
     # ---------------------------------------------------------- engine hooks
 
@@ -2149,7 +2235,7 @@ cdef class Connection(Engine):
         else:
             _log.error("fastws: exception in a callback", exc_info=exc)
         if self.state == S_OPEN and self._phase == P_OPEN:
-            self._queue(self._start_close(1011, _CLOSE_REASONS[1011]))
+            self._queue(self._start_close(_CALLBACK_FAILED.code, _CALLBACK_FAILED.reason))
             self._arm_close_timer()
 
     cdef _call_open(self):
@@ -2188,7 +2274,7 @@ cdef class Connection(Engine):
         if kind == T_HANDSHAKE:
             if self._phase == P_HANDSHAKE and self._head:
                 hub.handshake_timeouts += 1
-                self._hs_reject(_REQUEST_TIMEOUT)   # part of a head came, slowly (slowloris)
+                self.reject_upgrade(_REQUEST_TIMEOUT)   # part of a head came, slowly (slowloris)
             elif self._phase == P_HANDSHAKE or self._phase == P_DECIDING:
                 hub.handshake_timeouts += 1
                 self.transport.abort()     # silent client, or no decision in time
@@ -2197,7 +2283,7 @@ cdef class Connection(Engine):
             if self._phase == P_DECIDING and self._body_cb is not None:
                 hub.body_timeouts += 1
                 self._body_cb = None
-                self._hs_reject(_REQUEST_TIMEOUT)   # the request body did not come in time
+                self.reject_upgrade(_REQUEST_TIMEOUT)   # the request body did not come in time
             return
         if kind == T_CLOSE:
             self.transport.abort()         # the peer never answered our close
@@ -2207,14 +2293,14 @@ cdef class Connection(Engine):
         cdef long now = hub._tick_no
         if hub.idle_timeout > 0 and (now - self._msg_tick) * hub.tick >= hub.idle_timeout:
             hub.idle_timeouts += 1
-            self.close(1000, "idle timeout")
+            self.close(_IDLE_TIMEOUT.code, _IDLE_TIMEOUT.reason)
             return
         if kind == T_PONG:
             if self._rx_tick >= self._ping_tick:
                 self._schedule_heartbeat()   # alive: the pong (or data) came
             else:
                 hub.ping_timeouts += 1
-                self.close(1011, "ping timeout")
+                self.close(_PING_TIMEOUT.code, _PING_TIMEOUT.reason)
             return
         # T_PING: ping only a connection that has been quiet for an interval
         if hub.ping_interval > 0 and (now - self._rx_tick) * hub.tick >= hub.ping_interval * 0.999:

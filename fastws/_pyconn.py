@@ -11,23 +11,23 @@ from __future__ import annotations
 import logging
 
 from . import _wsproto_engine as engine_mod
-from .delivery import PRIORITY_LOW, PRIORITY_NORMAL
-from .errors import CLOSE_REASONS, ConnectionClosed
+from .errors import CALLBACK_FAILED, IDLE_TIMEOUT, PING_TIMEOUT, SLOW_CONSUMER, ConnectionClosed
+from .frames import BINARY, CLOSED, ERROR, OPEN, PRIORITY_LOW, PRIORITY_NORMAL, TEXT
 from .handshake import error_response
 
 _log = logging.getLogger("fastws")
 
-TEXT, BINARY, CLOSE, PING, PONG, ERROR = 0x1, 0x2, 0x8, 0x9, 0xA, 0x10
-OPEN, CLOSING, CLOSED = 0, 1, 2
 P_HANDSHAKE, P_DECIDING, P_OPEN, P_DONE = 0, 1, 2, 3
 #: the answer to a request head or body that did not arrive in time
 REQUEST_TIMEOUT = error_response(408, "request timeout")
+#: the answer to a request head on a hub that expects none (no handshake)
+UNEXPECTED_HEAD = error_response(400, "unexpected request")
 
 
 class Hub:
     """Per-server state: limits, handshake, registry, write coalescing."""
 
-    def __init__(self, loop, handshake, *, max_message_size=1 << 20, max_frame_size=0,
+    def __init__(self, loop, handshake=None, *, max_message_size=1 << 20, max_frame_size=0,
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
                  high_water=65536, max_queue=1 << 20, slow_grace=5.0,
                  ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
@@ -40,6 +40,13 @@ class Hub:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.body_timeout = body_timeout
+        if tick is None:
+            # fine enough for the shortest timeout configured, at most 1 s
+            shortest = min([t for t in (ping_interval, ping_timeout, idle_timeout,
+                                        handshake_timeout, body_timeout, close_timeout)
+                            if t > 0] or [1.0])
+            tick = max(0.05, min(1.0, shortest / 4))
+        self.tick = tick
         self.handshake_timeouts = self.ping_timeouts = self.idle_timeouts = 0
         self.body_timeouts = 0
         self.loop = loop
@@ -85,6 +92,23 @@ class Hub:
             c._flush()
 
     def broadcast(self, message, connections, exclude=None, priority=PRIORITY_NORMAL):
+        """``broadcast_frame`` of ``message``: str as TEXT (its UTF-8),
+        bytes-like as BINARY."""
+        if isinstance(message, str):
+            return self.broadcast_frame(TEXT, message.encode("utf-8"), connections, exclude, priority)
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            return self.broadcast_frame(BINARY, bytes(message), connections, exclude, priority)
+        raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
+
+    def broadcast_frame(self, opcode, payload, connections, exclude=None, priority=PRIORITY_NORMAL):
+        """Queue one frame of ``opcode`` (TEXT or BINARY) around the encoded
+        ``payload`` on every open connection of ``connections`` except
+        ``exclude``, under the delivery policy for ``priority``; built once
+        (a connection with deflate gets its own compressed frame).  Returns
+        the number of connections it was queued on."""
+        if opcode != TEXT and opcode != BINARY:
+            raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
+        payload = bytes(payload)
         n = 0
         frame = None
         for c in connections:
@@ -93,14 +117,17 @@ class Hub:
             if c._wpaused and not c._admit(priority):
                 continue
             if c._deflate is not None:  # compressed per connection
-                c._queue(c._engine.send(message))
+                c._queue(c._engine.encode_message(opcode, payload))
             else:
                 if frame is None:
-                    frame = c._engine.send(message)
+                    frame = engine_mod.encode_frame(opcode, payload)
                 c._queue(frame)
             n += 1
         self.messages_out += n
         return n
+
+    def stop_timers(self):
+        """Cancel the hub's timers (shutdown)."""
 
     def stats(self):
         total = largest = 0
@@ -167,10 +194,13 @@ class Connection:
     # -- asyncio protocol ------------------------------------------------------
 
     def connection_made(self, transport):
-        self.transport = transport
-        self._last_rx = self._last_msg = self._hub.loop.time()
+        self._made(transport)
         if self._hub.handshake_timeout > 0:
             self._set_timer(self._hub.handshake_timeout, self._handshake_expired)
+
+    def _made(self, transport):
+        self.transport = transport
+        self._last_rx = self._last_msg = self._hub.loop.time()
         if self._hub.high_water != 65536:
             transport.set_write_buffer_limits(high=self._hub.high_water)
 
@@ -205,7 +235,7 @@ class Connection:
             self._head.extend(data)
             self._check_body()
 
-    def _hs_read_body(self, size, callback):
+    def read_body(self, size, callback):
         """Call ``callback(body)`` once ``size`` bytes behind the head are
         in; 408 and close if they are not in within ``body_timeout``."""
         self._body_size = size
@@ -294,7 +324,7 @@ class Connection:
         self._hub.slow_consumer_closes += 1
         self._wq = None
         self._wq_size = 0
-        frame = self._engine.close(1008, "slow consumer")
+        frame = self._engine.close(*SLOW_CONSUMER)
         if self.transport is not None:
             self.transport.write(frame)
         self._arm_close_timer()
@@ -309,17 +339,51 @@ class Connection:
         if end < 0 or end + 4 > limit:
             if end >= 0 or len(self._head) > limit:
                 self._phase = P_DECIDING
-                self._hub.handshake(self, None)
+                self._decide(None)
             return
         end += 4
         head = bytes(self._head[:end])
         del self._head[:end]
         self._phase = P_DECIDING
-        self._hub.handshake(self, head)
+        self._decide(head)
 
-    def _hs_accept(self, response, route, path, query_string, subprotocol=None, deflate=None):
+    def _decide(self, head):
+        hs = self._hub.handshake
+        if hs is None:
+            self.reject_upgrade(UNEXPECTED_HEAD)
+        else:
+            hs(self, head)
+
+    def accept_upgrade(self, response, route, path, query_string, subprotocol=None, deflate=None):
+        """Send the 101 ``response``, register, start framing, run on_open,
+        then parse what came after the head.  False if not deciding."""
         if self._phase != P_DECIDING or self.transport is None:
             return False
+        self._accept(response, route, path, query_string, subprotocol, deflate)
+        rest, self._head = bytes(self._head), None
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
+        if rest:
+            self._input(rest)
+        return True
+
+    def adopt(self, transport, response, route, path, query_string, subprotocol=None,
+              deflate=None, early=b""):
+        """Take over ``transport``, whose upgrade request was parsed and
+        decided elsewhere: become its protocol, write ``response``, start
+        framing, run on_open, then parse ``early`` as frames."""
+        transport.set_protocol(self)
+        self._made(transport)
+        self._phase = P_DECIDING
+        self._head = None
+        self._accept(response, route, path, query_string, subprotocol, deflate)
+        if not transport.is_reading():
+            transport.resume_reading()
+        if early and self._phase == P_OPEN:
+            self._input(bytes(early))
+
+    def _accept(self, response, route, path, query_string, subprotocol, deflate):
+        self._hub.bytes_out += len(response)
         self.transport.write(response)
         self._engine = engine_mod.Engine(
             max_message_size=self._hub.max_message_size,
@@ -343,42 +407,49 @@ class Connection:
                     self._hub.loop.create_task(res).add_done_callback(self._task_done)
             except Exception as exc:
                 self._callback_failed(exc)
-        rest, self._head = bytes(self._head), None
-        if not self.transport.is_reading():
-            self.transport.resume_reading()
-        if rest:
-            self._input(rest)
-        return True
 
-    def _hs_reject(self, response):
+    def reject_upgrade(self, response):
+        """Answer the request with the HTTP ``response`` and close."""
         self._head = None
         if self.transport is not None:
+            self._hub.bytes_out += len(response)
             self.transport.write(response)
             self.transport.close()
 
-    def _hs_pause(self):
+    def hold_upgrade(self):
+        """Stop reading while an async decision runs."""
         if self.transport is not None:
             self.transport.pause_reading()
+
+    # the names the fronts used before the hooks were public (to be removed)
+    def _hs_accept(self, *args, **kwargs):
+        return self.accept_upgrade(*args, **kwargs)
+
+    def _hs_reject(self, response):
+        self.reject_upgrade(response)
+
+    def _hs_pause(self):
+        self.hold_upgrade()
+
+    def _hs_read_body(self, size, callback):
+        self.read_body(size, callback)
 
     # -- frames ----------------------------------------------------------------
 
     def _input(self, data):
         eng = self._engine
-        for ev in eng.receive(data):
-            kind = ev[0]
-            # what the engine queued (a pong) goes out before later replies
-            out = eng.data_to_send()
+        # dispatched as each frame is parsed (what a callback does, a close,
+        # acts on the frames after it), answers queued before the callback
+        for ev, out in eng.receive_iter(data):
             if out:
                 self._queue(out)
+            kind = ev[0]
             if kind == TEXT or kind == BINARY:
                 self._hub.messages_in += 1
                 self._last_msg = self._last_rx
                 self._dispatch(ev[1])
             elif kind == ERROR:
                 self._errored = True
-        out = eng.data_to_send()
-        if out:
-            self._queue(out)
         if eng.state == CLOSED and self._phase == P_OPEN and self._end_mode == 0:
             self.close_code, self.close_reason = eng.close_code, eng.close_reason
             if self._errored:
@@ -461,7 +532,7 @@ class Connection:
         else:
             _log.error("fastws: exception in a callback", exc_info=exc)
         if not self.closed:
-            self._queue(self._engine.close(1011, CLOSE_REASONS[1011]))
+            self._queue(self._engine.close(*CALLBACK_FAILED))
             self._arm_close_timer()
 
     def _call_disconnect(self):
@@ -496,7 +567,7 @@ class Connection:
             return
         if self._phase == P_HANDSHAKE and self._head:
             self._hub.handshake_timeouts += 1
-            self._hs_reject(REQUEST_TIMEOUT)      # part of a head came, slowly (slowloris)
+            self.reject_upgrade(REQUEST_TIMEOUT)      # part of a head came, slowly (slowloris)
         elif self._phase in (P_HANDSHAKE, P_DECIDING):
             self._hub.handshake_timeouts += 1
             self.transport.abort()                # silent client, or no decision in time
@@ -506,7 +577,7 @@ class Connection:
         if self.transport is not None and self._phase == P_DECIDING and self._body_cb is not None:
             self._hub.body_timeouts += 1
             self._body_cb = None
-            self._hs_reject(REQUEST_TIMEOUT)      # the request body did not come in time
+            self.reject_upgrade(REQUEST_TIMEOUT)      # the request body did not come in time
 
     def _heartbeat(self):
         hub = self._hub
@@ -528,7 +599,7 @@ class Connection:
         now = hub.loop.time()
         if hub.idle_timeout > 0 and now - self._last_msg >= hub.idle_timeout:
             hub.idle_timeouts += 1
-            self.close(1000, "idle timeout")
+            self.close(*IDLE_TIMEOUT)
             return
         if hub.ping_interval > 0 and now - self._last_rx >= hub.ping_interval * 0.999:
             self._ping_at = now
@@ -545,7 +616,7 @@ class Connection:
             self._heartbeat()
         else:
             self._hub.ping_timeouts += 1
-            self.close(1011, "ping timeout")
+            self.close(*PING_TIMEOUT)
 
     # -- public API ------------------------------------------------------------
 

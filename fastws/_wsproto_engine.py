@@ -85,21 +85,7 @@ from wsproto.frame_protocol import (
 )
 
 from . import errors
-
-# fastws.core imports this module while it is being imported, so the event
-# kinds and states are repeated here rather than imported; they must equal
-# fastws.core's (a unit test checks it).
-CONT = 0x0
-TEXT = 0x1
-BINARY = 0x2
-CLOSE = 0x8
-PING = 0x9
-PONG = 0xA
-ERROR = 0x10
-
-OPEN = 0
-CLOSING = 1
-CLOSED = 2
+from .frames import BINARY, CLOSE, CLOSED, CLOSING, CONT, ERROR, OPEN, PING, PONG, TEXT  # noqa: F401
 
 # The four bytes RFC 7692 strips from the end of every compressed message.
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
@@ -154,6 +140,11 @@ class _ServerFrameProtocol(FrameProtocol):
         # The parsing generator is not started yet; it looks these up lazily.
         self._frame_decoder = _FrameDecoder(self.extensions, on_header)
         self._message_decoder = _MessageDecoder()
+
+    def whole_message(self, opcode: Opcode, payload: bytes) -> bytearray:
+        """One unfragmented data frame of ``opcode`` around ``payload``,
+        through the extensions (compressed with permessage-deflate)."""
+        return self._serialize_frame(opcode, payload, True)
 
     def _process_close(self, frame: Frame) -> Frame:
         data = frame.payload
@@ -274,18 +265,34 @@ class Engine:
 
     def receive(self, data) -> list:
         """Feed bytes from the peer; return the events they complete."""
+        events = []
+        for event, out in self._receive(data):
+            events.append(event)
+            self._outgoing += out
+        return events
+
+    def receive_iter(self, data):
+        """``receive``, one event at a time as each frame is parsed: yields
+        ``(event, out)``, where ``out`` is what the engine queued in answer
+        to that event (a pong, the close echo, the error close; ``b""``
+        else), handed over here instead of through ``data_to_send``.  The
+        caller may act (send, close) before the next frame is parsed, as
+        the Cython connection, which dispatches while it parses, does."""
+        return self._receive(data)
+
+    def _receive(self, data):
         if self.state == CLOSED or not data:
-            return []
-        events: list = []
+            return
         self._proto.receive_bytes(bytes(data))
         try:
             for frame in self._proto.received_frames():
-                self._handle_frame(frame, events)
+                pair = self._handle_frame(frame)
+                if pair is not None:
+                    yield pair
                 if self.state == CLOSED:
                     break
         except ParseFailed as exc:
-            self._fail(int(exc.code), str(exc), events)
-        return events
+            yield self._fail(int(exc.code), str(exc))
 
     def _check_header(self, header: Header) -> None:
         """Sequencing and size checks from a frame header, before its payload.
@@ -322,43 +329,48 @@ class Engine:
                 errors.MESSAGE_TOO_BIG,
             )
 
-    def _handle_frame(self, frame: Frame, events: list) -> None:
+    def _handle_frame(self, frame: Frame):
+        """The (event, bytes queued in answer) of a parsed frame, or None
+        (a fragment that completes no message)."""
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             self._chunks.append(frame.payload)
-            if frame.message_finished:
-                if opcode is Opcode.TEXT:
-                    events.append((TEXT, "".join(self._chunks)))
-                else:
-                    events.append((BINARY, b"".join(self._chunks)))
-                self._chunks = []
-        elif opcode is Opcode.PING:
-            payload = bytes(frame.payload)
-            events.append((PING, payload))
-            self._outgoing += self._proto.pong(payload)
-        elif opcode is Opcode.PONG:
-            events.append((PONG, bytes(frame.payload)))
-        elif opcode is Opcode.CLOSE:
-            code, reason = frame.payload
-            code = int(code)
-            events.append((CLOSE, code, reason))
-            if self.state == OPEN:
-                # Echo the code, not the reason; an empty close gets an empty one.
-                echo = None if code == errors.NO_STATUS_RCVD else code
-                self._outgoing += self._proto.close(echo)
-            self.close_code, self.close_reason = code, reason
-            self.state = CLOSED
+            if not frame.message_finished:
+                return None
+            if opcode is Opcode.TEXT:
+                event = (TEXT, "".join(self._chunks))
+            else:
+                event = (BINARY, b"".join(self._chunks))
             self._chunks = []
-
-    def _fail(self, code: int, detail: str, events: list) -> None:
-        """The one place a protocol violation becomes an ERROR event and a close frame."""
-        reason = errors.CLOSE_REASONS.get(code, "")
-        events.append((ERROR, code, detail))
+            return event, b""
+        if opcode is Opcode.PING:
+            payload = bytes(frame.payload)
+            return (PING, payload), bytes(self._proto.pong(payload))
+        if opcode is Opcode.PONG:
+            return (PONG, bytes(frame.payload)), b""
+        # CLOSE
+        code, reason = frame.payload
+        code = int(code)
+        out = b""
         if self.state == OPEN:
-            self._outgoing += self._proto.close(code, reason)
+            # Echo the code, not the reason; an empty close gets an empty one.
+            echo = None if code == errors.NO_STATUS_RCVD else code
+            out = bytes(self._proto.close(echo))
         self.close_code, self.close_reason = code, reason
         self.state = CLOSED
         self._chunks = []
+        return (CLOSE, code, reason), out
+
+    def _fail(self, code: int, detail: str):
+        """The one place a protocol violation becomes an ERROR event and a close frame."""
+        reason = errors.CLOSE_REASONS.get(code, "")
+        out = b""
+        if self.state == OPEN:
+            out = bytes(self._proto.close(code, reason))
+        self.close_code, self.close_reason = code, reason
+        self.state = CLOSED
+        self._chunks = []
+        return (ERROR, code, detail), out
 
     # -- sending --------------------------------------------------------------
 
@@ -374,6 +386,15 @@ class Engine:
         if not isinstance(message, (str, bytes, bytearray, memoryview)):
             raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
         return bytes(self._proto.send_data(message, fin=True))
+
+    def encode_message(self, opcode: int, payload) -> bytes:
+        """Return the frame of one whole message of ``opcode`` (TEXT or
+        BINARY) around ``payload``, bytes already encoded (a text payload is
+        trusted to be UTF-8: nothing is decoded); compressed with deflate."""
+        self._require_open()
+        if opcode != TEXT and opcode != BINARY:
+            raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
+        return bytes(self._proto.whole_message(Opcode(opcode), bytes(payload)))
 
     def ping(self, payload=b"") -> bytes:
         """Return a ping frame; ``payload`` is at most 125 bytes."""

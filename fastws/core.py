@@ -1,11 +1,27 @@
-"""Pick the frame engine: the Cython one (``fastws._core``) or the wsproto twin.
+"""The engine layer's contract, and the pick of its implementation.
 
-Both engines implement the same small sans-I/O interface, so one protocol test
-suite runs against both and wsproto (written by others) is the oracle for the
-Cython engine. The wsproto engine is also the fallback when the extension is
-not built, or when ``FASTWS_NO_EXTENSIONS=1`` is set in the environment.
+Two implementations of the same three classes exist:
 
-The interface (server side of RFC 6455)::
+* ``fastws._core`` (Cython): ``Engine``, ``Hub``, ``Connection(Engine)``;
+* the Python twins: ``fastws._wsproto_engine.Engine`` (on wsproto's frame
+  layer, the oracle of every protocol test) and ``fastws._pyconn.Hub`` /
+  ``fastws._pyconn.Connection`` (which drive it).
+
+This module exports the ones this process runs on: ``IMPLEMENTATION``
+("cython" or "wsproto"), ``Engine``, ``encode_frame``, ``Hub``,
+``Connection``.  The Python twins are used when the extension is not built
+or when ``FASTWS_NO_EXTENSIONS=1`` is set.  Opcodes, event kinds, states and
+priorities are :mod:`fastws.frames`'s numbers (re-exported here); the close
+codes and reasons the connection layer chooses itself come from
+:mod:`fastws.errors`.
+
+What follows is the contract both implementations keep; the differential
+tests (``tests/unit/test_protocol.py``, ``test_differential.py``,
+``test_connection_contract.py``) hold them to it.
+
+Engine: sans-I/O frame engine (server side of RFC 6455)
+-------------------------------------------------------
+::
 
     engine = Engine(max_message_size=1 << 20, max_frame_size=0, deflate=None)
 
@@ -13,6 +29,8 @@ The interface (server side of RFC 6455)::
     out = engine.data_to_send()     # bytes the engine wants on the wire
                                     # (pong replies, close echo, error close)
     frame = engine.send(message)    # str -> text frame, bytes -> binary frame
+    frame = engine.encode_message(opcode, payload)
+                                    # TEXT/BINARY + already-encoded payload
     frame = engine.ping(payload=b"")
     frame = engine.close(code=1000, reason="")   # starts the close handshake
     engine.state                    # OPEN, CLOSING (we sent close), CLOSED
@@ -33,64 +51,225 @@ Events are tuples whose first item is the kind:
                               queued (unless we had already sent one); the
                               engine is CLOSED and ignores further input
 
-Limits (0 means unlimited): a data frame whose header declares more than
-``max_frame_size`` bytes, or that would take the message past
-``max_message_size``, fails with 1009 from the header, before any payload is
-buffered. With permessage-deflate the decompressed size is what counts.
+Ownership: ``receive`` copies what it keeps; every payload it hands out is
+an owned ``bytes``/``str``.  ``send``/``encode_message``/``ping``/``close``
+return new ``bytes``; nothing refers to the caller's buffers afterwards.
 
-Module-level helper, in both engines:
-``encode_frame(opcode, payload, fin=True, mask=None, rsv1=False) -> bytes``
-(``mask`` is 4 bytes for a client frame, None for a server frame).
+Limits (0 means unlimited), checked on the lengths the frame headers declare,
+before any payload is buffered: a data frame longer than ``max_frame_size``,
+or one that takes the message past ``max_message_size``, fails with 1009.
+With permessage-deflate (``deflate``: a negotiated :class:`DeflateParams`)
+the same limits hold on the *compressed* lengths on the wire, raised by
+deflate's worst-case overhead (zlib's compressBound), and the payload is
+inflated as it arrives, never past ``max_message_size`` (+1 byte to detect
+the excess): a zip bomb fails with 1009 having cost at most the limit.  The
+messages the server sends are compressed too (``send``,
+``encode_message``).
+
+``send``/``encode_message``/``ping``/``close`` outside OPEN raise
+``errors.ConnectionClosed`` (the known close code and reason, else the
+ones we sent, else 1006).  ``close(1005)`` sends an empty close frame;
+another code must be one a peer may receive (else ValueError); the reason
+is cut to 123 UTF-8 bytes on a character boundary.  ``ping`` payloads are
+at most 125 bytes (ValueError).
+
+Module-level helper, in both: ``encode_frame(opcode, payload, fin=True,
+mask=None, rsv1=False) -> bytes`` (``mask``: 4 bytes for a client frame).
+
+Hub: the per-server state of the connections
+--------------------------------------------
+::
+
+    hub = Hub(loop, handshake=None, **hub_settings(config),
+              on_callback_error=None, tick=None)
+
+* ``loop``: the asyncio loop (``time``, ``call_soon``, ``call_later``,
+  ``create_task`` are all the hub uses).
+* ``handshake(conn, head)``: called with the request head (``bytes``, up to
+  and including the blank line) once it is in, or with ``None`` when it is
+  over ``max_head_size``; it must answer on ``conn`` with
+  ``accept_upgrade``, ``reject_upgrade``, ``hold_upgrade`` (then answer
+  later) or ``read_body``.  ``None``: no head is expected (the front hands
+  decided upgrades over with ``Connection.adopt``); a head that comes
+  anyway gets 400 and the connection is closed.
+* ``connection_factory()``: the protocol factory for ``loop.create_server``.
+* ``set_fast_upgrade(routes, default=None, *, max_connections=0,
+  deflate=False, origins="*")``: let plain upgrades to routes without
+  ``on_connect`` be answered without calling ``handshake``.  The Cython hub
+  answers them in C; the Python hub accepts the call and sends every head to
+  ``handshake`` (same answers, ``fast_upgrades`` stays 0).
+* ``connections``: dict id -> Connection, open (upgraded, not lost).
+* ``broadcast(message, connections, exclude=None, priority=PRIORITY_NORMAL)
+  -> int``: str -> (TEXT, its UTF-8), bytes-like -> (BINARY, bytes), then
+  ``broadcast_frame``.
+* ``broadcast_frame(opcode, payload, connections, exclude=None,
+  priority=PRIORITY_NORMAL) -> int``: one frame of ``opcode`` (TEXT or
+  BINARY) around ``payload`` (already-encoded bytes; a text payload is
+  trusted to be UTF-8, nothing is decoded), built once and queued on every
+  open connection of ``connections`` except ``exclude``; a connection with
+  permessage-deflate gets its own compressed frame.  The delivery policy
+  (below) applies per recipient.  Returns the number of connections it was
+  queued on (and adds it to ``messages_out``).
+* ``stats()``: a new dict: ``connections``, ``messages_in``,
+  ``messages_out``, ``bytes_in``, ``bytes_out``, ``closes`` (close code
+  1000..1015, else "3xxx"/"4xxx"/"other" -> count), ``dropped``
+  ((reason, priority) -> count), ``slow_consumer_closes``,
+  ``queued_bytes_total``, ``queued_bytes_max``.  Also attributes:
+  ``handshake_timeouts``, ``body_timeouts``, ``ping_timeouts``,
+  ``idle_timeouts``, ``fast_upgrades``, ``open_connections``.
+* ``on_lost``: callable(conn), called when a connection that joined rooms
+  (``conn.rooms`` truthy) is lost; ``rooms``: the room registry, for
+  ``Connection.join``/``leave``.
+* ``stop_timers()``: cancel the timer wheel's loop timer (shutdown).
+
+Counters: ``bytes_in`` counts every byte read; ``bytes_out`` every byte
+handed to the transport or the socket (the 101 and reject answers, queued
+frames), except a slow-consumer close frame written past the queue;
+``messages_in``/``messages_out`` count data messages (one per recipient of
+a broadcast).
+
+Timers: one timer wheel per hub, one loop timer for it (``tick`` seconds,
+by default a quarter of the shortest timeout configured, within 50 ms ..
+1 s).  A connection waits in at most one slot: the handshake deadline
+(``handshake_timeout``: a partial head gets 408, a silent client or an
+undecided upgrade is aborted), the body deadline (``body_timeout``, 408),
+the next activity check (every ``ping_interval`` or ``idle_timeout``,
+whichever is shorter), the pong deadline (``ping_timeout`` after a ping:
+no byte read since -> close ``errors.PING_TIMEOUT``), the close deadline
+(``close_timeout`` after our close frame or a protocol error -> abort).  A
+connection quiet for a whole ``ping_interval`` gets a ping; one without a
+message for ``idle_timeout`` is closed with ``errors.IDLE_TIMEOUT``.
+Times are measured in whole ticks, so a deadline fires up to one tick late.
+
+Delivery policy: a connection's output is the transport's buffer (up to
+``high_water``, then the transport calls ``pause_writing``) plus the
+connection's own queue (at most ``max_queue`` bytes).  While paused, the
+queue is held and the peer is not read; a broadcast of PRIORITY_LOW is
+dropped for it, PRIORITY_NORMAL once the queue is half full, PRIORITY_HIGH
+is kept (drops are counted in ``conn.dropped`` and
+``stats()["dropped"][("backpressure", priority)]``).  A queue past
+``max_queue``, or a connection paused for more than ``slow_grace`` seconds
+when a broadcast reaches it, is closed with ``errors.SLOW_CONSUMER`` (the
+queue is discarded, the close frame written at once, abort after
+``close_timeout``).
+
+Connection: one WebSocket connection (an asyncio BufferedProtocol)
+------------------------------------------------------------------
+Lifetime: created by ``connection_factory``; *handshake* (collecting the
+request head) -> *deciding* (the head is with ``handshake``) -> *open*
+(upgraded, in ``hub.connections``, frames flow) -> *done* (transport lost).
+
+The upgrade decision, called by ``handshake`` (or later, when held):
+
+* ``accept_upgrade(response, route, path, query_string, subprotocol=None,
+  deflate=None) -> bool``: write the 101 ``response``, register, start
+  framing, run ``route.on_open``, then parse the bytes that came after the
+  head.  False (nothing done) when the connection is not deciding or is
+  gone.
+* ``reject_upgrade(response)``: write the HTTP answer and close.
+* ``hold_upgrade()``: stop reading while an async decision runs.
+* ``read_body(size, callback)``: a plain HTTP request: call
+  ``callback(body)`` once ``size`` bytes behind the head are in (reading
+  then stops; the answer must follow within ``handshake_timeout``), 408
+  if they are not in within ``body_timeout``.
+* ``adopt(transport, response, route, path, query_string, subprotocol=None,
+  deflate=None, early=b"")``: take over a transport whose upgrade was
+  parsed and decided elsewhere (the ASGI front): become its protocol, do
+  what ``connection_made`` does, write ``response``, register, start
+  framing, run ``on_open``, then parse ``early`` (bytes read after the head)
+  as frames.  No re-parse, no ``handshake`` call.
+
+A route is any object with ``on_open``, ``on_message``, ``on_disconnect``
+(callables or None) and ``open_is_async``, ``message_is_async``,
+``disconnect_is_async``.  ``on_message(conn, str | bytes)`` runs for each
+message; an exception in it (or in ``on_open``, or in the task of an async
+one) goes to ``hub.on_callback_error(conn, exc)`` (else it is logged) and
+closes the connection with ``errors.CALLBACK_FAILED``.
+``on_disconnect(conn, code, reason)`` runs exactly once, when an open
+connection is lost, with the close code: the peer's close frame, else the
+one we sent, else 1006.
+
+API for the application: ``send(message)`` (str text, bytes binary; raises
+ConnectionClosed once closing), ``send_frame(frame)`` (an encoded frame),
+``ping(payload=b"")``, ``close(code=1000, reason="")`` (no-op once
+closing; the transport closes when the peer answers or after
+``close_timeout``), ``abort()``, ``join(room)``/``leave(room)``, ``id``,
+``path``, ``query_string``, ``subprotocol``, ``route``, ``remote_address``,
+``store`` (a dict), ``closed``, ``state``, ``close_code``,
+``close_reason``, ``dropped``, ``rooms``.
+
+Writes: whatever is queued in one loop iteration goes out in one write per
+connection (the hub flushes once per iteration, ``call_soon``); a close or
+error ends the transport after the queue is written (a protocol error
+half-closes with ``write_eof`` and lingers until the peer's EOF or
+``close_timeout``).  The Cython connection writes with ``send(2)`` /
+``sendmsg(2)`` straight on the socket when the transport holds nothing of
+ours (never with TLS), and lets the kernel read a large frame's payload
+straight into the message's final ``bytes`` (``get_buffer`` hands it out);
+the Python connection does neither, with the same bytes on the wire and the
+same callbacks.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-# Event kinds and opcodes (the data/control kinds are the RFC 6455 opcodes).
-CONT = 0x0
-TEXT = 0x1
-BINARY = 0x2
-CLOSE = 0x8
-PING = 0x9
-PONG = 0xA
-ERROR = 0x10
+from .frames import (  # noqa: F401  (re-exported: the vocabulary of the contract)
+    BINARY,
+    CLOSE,
+    CLOSED,
+    CLOSING,
+    CONT,
+    ERROR,
+    OPEN,
+    PING,
+    PONG,
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    PRIORITY_NORMAL,
+    TEXT,
+    DeflateParams,
+)
+from . import _pyconn, _wsproto_engine
 
-# Engine states.
-OPEN = 0
-CLOSING = 1
-CLOSED = 2
+try:  # the Cython extension is optional: without it the Python twins run
+    from . import _core
+except ImportError:  # not built
+    _core = None
 
-
-@dataclass(frozen=True)
-class DeflateParams:
-    """Negotiated permessage-deflate (RFC 7692) parameters, server's view."""
-
-    server_no_context_takeover: bool = False
-    client_no_context_takeover: bool = False
-    server_max_window_bits: int = 15
-    client_max_window_bits: int = 15
-
-
-def _load():
-    if os.environ.get("FASTWS_NO_EXTENSIONS") == "1":
-        from . import _wsproto_engine as mod
-
-        return "wsproto", mod
-    try:
-        from . import _core as mod
-    except ImportError:
-        from . import _wsproto_engine as mod
-
-        return "wsproto", mod
-    return "cython", mod
+#: the Config fields that become Hub keyword arguments (see hub_settings)
+HUB_KNOBS = (
+    "max_message_size", "max_frame_size", "max_head_size", "close_timeout",
+    "high_water", "max_queue", "slow_grace",
+    "ping_interval", "ping_timeout", "idle_timeout", "handshake_timeout", "body_timeout",
+)
 
 
-#: "cython" or "wsproto": the engine this process runs on.
-IMPLEMENTATION, _engine_module = _load()
-Engine = _engine_module.Engine
-encode_frame = _engine_module.encode_frame
+def hub_settings(config) -> dict:
+    """The keyword arguments of ``Hub`` taken from a :class:`fastws.Config`:
+    limits, delivery policy and timers.  The one place that maps settings
+    to the hub; ``Hub(loop, handshake, **hub_settings(config))``."""
+    return {name: getattr(config, name) for name in HUB_KNOBS}
+
+
+def _pick():
+    if os.environ.get("FASTWS_NO_EXTENSIONS") == "1" or _core is None:
+        return "wsproto"
+    return "cython"
+
+
+#: "cython" or "wsproto": the implementation this process runs on.
+IMPLEMENTATION = _pick()
+if IMPLEMENTATION == "cython":
+    Engine = _core.Engine
+    encode_frame = _core.encode_frame
+    Hub = _core.Hub
+    Connection = _core.Connection
+else:
+    Engine = _wsproto_engine.Engine
+    encode_frame = _wsproto_engine.encode_frame
+    Hub = _pyconn.Hub
+    Connection = _pyconn.Connection
 
 
 def engine_module(name: str):
@@ -99,11 +278,25 @@ def engine_module(name: str):
     Raises ImportError if the Cython extension is asked for but not built.
     """
     if name == "cython":
-        from . import _core
-
+        if _core is None:
+            raise ImportError("fastws._core (the Cython engine) is not built")
         return _core
     if name == "wsproto":
-        from . import _wsproto_engine
-
         return _wsproto_engine
     raise ValueError(f"unknown engine {name!r}")
+
+
+def connection_module(name: str):
+    """Return the module holding ``Hub`` and ``Connection`` of implementation
+    ``name`` ("cython": ``fastws._core``; "wsproto": ``fastws._pyconn``)."""
+    if name == "wsproto":
+        return _pyconn
+    return engine_module(name)
+
+
+__all__ = [
+    "IMPLEMENTATION", "Engine", "encode_frame", "Hub", "Connection", "hub_settings",
+    "HUB_KNOBS", "engine_module", "connection_module", "DeflateParams",
+    "CONT", "TEXT", "BINARY", "CLOSE", "PING", "PONG", "ERROR", "OPEN", "CLOSING", "CLOSED",
+    "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH",
+]

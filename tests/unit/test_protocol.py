@@ -70,12 +70,19 @@ def assert_failed(engine, events, code, before=()):
     assert engine.close_reason == errors.CLOSE_REASONS[code]
 
 
-def test_wsproto_engine_constants_match_core():
-    from fastws import _wsproto_engine as mod
-    from fastws import core
+def test_engine_constants_are_the_frames_numbers(load_engine):
+    """fastws.frames names the numbers once; core and the wsproto engine
+    re-export them, and the Cython engine's C enums equal them."""
+    from fastws import _wsproto_engine, core, frames
 
-    for name in ("CONT", "TEXT", "BINARY", "CLOSE", "PING", "PONG", "ERROR", "OPEN", "CLOSING", "CLOSED"):
-        assert getattr(mod, name) == getattr(core, name), name
+    names = ("CONT", "TEXT", "BINARY", "CLOSE", "PING", "PONG", "ERROR", "OPEN", "CLOSING", "CLOSED")
+    for name in names:
+        assert getattr(core, name) is getattr(frames, name), name
+        assert getattr(_wsproto_engine, name) is getattr(frames, name), name
+    cython = load_engine("cython")
+    for name in names + ("PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH"):
+        assert getattr(cython, name) == getattr(frames, name), name
+        assert getattr(core, name) == getattr(frames, name), name
 
 
 def test_initial_state(make_engine):
