@@ -25,10 +25,10 @@ from urllib.parse import unquote, urlsplit
 
 from redis.crc import key_slot
 
-from . import Broker, PublishError
 from ..config import mask_url
-from .redis import (ACK_TIMEOUT, RedisBroker, ReplyError, backoff_delay, is_auth_error, open_conn,
-                    parse_redis_url)
+from ..errors import PublishError
+from .base import Broker, backoff_delay
+from .redis import ACK_TIMEOUT, RedisBroker, ReplyError, is_auth_error, open_conn, parse_redis_url
 
 log = logging.getLogger("fastws.broker")
 
@@ -81,6 +81,8 @@ class ClusterBroker(Broker):
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            return                               # started already
         self._loop = asyncio.get_running_loop()
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()

@@ -6,18 +6,9 @@ tells it which channels it wants, and publishes through it. The hub routes a
 publish to the workers subscribed to its channel (never back to the sender),
 so the interest-based routing is the same as with Redis.
 
-Wire protocol (both directions): frames of ``struct("!IB")`` (body length,
-type) followed by the body, at most ``MAX_FRAME`` bytes.
-
-========  =====  ===========================================================
-HELLO     1      node id (utf-8)
-SUB       2      u32 request id, then (u32 length + channel) repeated
-UNSUB     3      same as SUB
-ACK       4      u32 request id (hub -> worker: the (un)subscription applies)
-PUB       5      u32 channel length + channel + envelope (worker -> hub)
-MSG       6      same body as PUB (hub -> worker)
-PING      7      u32 request id; the hub answers PONG (8) with the same id
-========  =====  ===========================================================
+Wire protocol (both directions): length-prefixed frames, HELLO, SUB,
+UNSUB, ACK, PUB, MSG, PING and PONG, drawn in :mod:`fastws.broker.wire`
+(section 4), which also has their pack/unpack functions.
 
 Sizes: a channel name is at most ``MAX_CHANNEL`` bytes (far more than the
 longest room name Config allows, ``max_room_name`` <= 64 KiB, plus any
@@ -38,66 +29,15 @@ import os
 import struct
 import threading
 
-from . import Broker, PublishError, SubscribeError
-from .redis import backoff_delay
+from ..errors import PublishError, SubscribeError
+from .base import Broker, backoff_delay
+from .wire import (ACK, HELLO, LINK_HEAD, MAX_CHANNEL, MAX_FRAME, MAX_REQUEST, MSG, PING, PONG, PUB, SUB, U32,
+                   UNSUB, MalformedFrame, link_batches, link_channels, link_frame, link_pub_body,
+                   link_split_channel)
 
 log = logging.getLogger("fastws.broker")
 
-_FRAME = struct.Struct("!IB")
-_U32 = struct.Struct("!I")
-HELLO, SUB, UNSUB, ACK, PUB, MSG, PING, PONG = range(1, 9)
-MAX_FRAME = 64 << 20        # largest frame body either side accepts
-MAX_CHANNEL = 1 << 20       # longest channel name
-MAX_REQUEST = 1 << 20       # a SUB/UNSUB frame's channels, bytes (more: several frames)
-
-
-class MalformedFrame(ValueError):
-    """A frame body does not parse (a bug or a foreign peer: the link is dropped)."""
-
-
-def _frame(kind: int, body: bytes) -> bytes:
-    return _FRAME.pack(len(body), kind) + body
-
-
-def _channels(body: bytes, pos: int) -> list:
-    out = []
-    n = len(body)
-    while pos < n:
-        if n - pos < 4:
-            raise MalformedFrame("truncated channel length")
-        (ln,) = _U32.unpack_from(body, pos)
-        pos += 4
-        if ln > MAX_CHANNEL or n - pos < ln:
-            raise MalformedFrame(f"channel of {ln} bytes")
-        out.append(bytes(body[pos:pos + ln]))
-        pos += ln
-    return out
-
-
-def _split_channel(body: bytes):
-    """``(channel, rest)`` of a PUB/MSG body."""
-    if len(body) < 4:
-        raise MalformedFrame("truncated channel length")
-    (ln,) = _U32.unpack_from(body, 0)
-    if ln > MAX_CHANNEL or len(body) - 4 < ln:
-        raise MalformedFrame(f"channel of {ln} bytes")
-    return body[4:4 + ln], body[4 + ln:]
-
-
-def _batches(chans) -> list:
-    """``chans`` as SUB/UNSUB payloads (without the request id) of at most
-    ``MAX_REQUEST`` bytes each (a single longer channel gets one of its own)."""
-    out, parts, size = [], [], 0
-    for c in chans:
-        item = _U32.pack(len(c)) + c
-        if parts and size + len(item) > MAX_REQUEST:
-            out.append(b"".join(parts))
-            parts, size = [], 0
-        parts.append(item)
-        size += len(item)
-    if parts:
-        out.append(b"".join(parts))
-    return out
+__all__ = ["EmbeddedHub", "EmbeddedBroker", "MAX_FRAME", "MAX_CHANNEL", "MAX_REQUEST", "MalformedFrame"]
 
 
 class _Framed(asyncio.Protocol):
@@ -117,7 +57,7 @@ class _Framed(asyncio.Protocol):
         pos = 0
         n = len(buf)
         while n - pos >= 5:
-            ln, kind = _FRAME.unpack_from(buf, pos)
+            ln, kind = LINK_HEAD.unpack_from(buf, pos)
             if ln > MAX_FRAME:
                 log.error("fastws: embedded broker: frame of %d bytes; dropping the link", ln)
                 self.transport.abort()
@@ -140,7 +80,7 @@ class _Framed(asyncio.Protocol):
             del buf[:pos]
 
     def send(self, kind: int, body: bytes) -> None:
-        self.transport.write(_frame(kind, body))
+        self.transport.write(link_frame(kind, body))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -158,17 +98,17 @@ class _HubLink(_Framed):
     def on_frame(self, kind: int, body: bytes) -> None:
         hub = self.hub
         if kind == PUB:
-            ch, _ = _split_channel(body)
+            ch, _ = link_split_channel(body)
             subs = hub.routes.get(ch)
             hub.publishes += 1
             if subs:
-                frame = _frame(MSG, body)
+                frame = link_frame(MSG, body)
                 for link in subs:
                     if link is not self:
                         link.transport.write(frame)
                         hub.deliveries += 1
         elif kind == SUB or kind == UNSUB:
-            for ch in _channels(body, 4):
+            for ch in link_channels(body, 4):
                 if kind == SUB:
                     self.channels.add(ch)
                     hub.routes.setdefault(ch, set()).add(self)
@@ -284,10 +224,10 @@ class _WorkerLink(_Framed):
 
     def on_frame(self, kind: int, body: bytes) -> None:
         if kind == MSG:
-            ch, data = _split_channel(body)
+            ch, data = link_split_channel(body)
             self.broker._deliver(ch, data)
         elif kind == ACK or kind == PONG:
-            f = self.broker._requests.pop(_U32.unpack_from(body, 0)[0], None)
+            f = self.broker._requests.pop(U32.unpack_from(body, 0)[0], None)
             if f is not None and not f.done():
                 f.set_result(True)
 
@@ -316,6 +256,8 @@ class EmbeddedBroker(Broker):
         self._closing = False
 
     async def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            return                      # started already
         self._loop = asyncio.get_running_loop()
         self._connected = asyncio.Event()
         self._task = self._loop.create_task(self._run())
@@ -374,12 +316,12 @@ class EmbeddedBroker(Broker):
         if link is None or link.closed:
             return False
         futs = []
-        for payload in (_batches(chans) if chans else [b""]):
+        for payload in (link_batches(chans) if chans else [b""]):
             self._next_req = (self._next_req + 1) & 0xFFFFFFFF
             rid = self._next_req
             fut = self._requests[rid] = self._loop.create_future()
             futs.append((rid, fut))
-            link.send(kind, _U32.pack(rid) + payload)
+            link.send(kind, U32.pack(rid) + payload)
         done, _ = await asyncio.wait([f for _, f in futs], timeout=self.ack_timeout)
         if len(done) < len(futs):
             for rid, f in futs:
@@ -444,7 +386,7 @@ class EmbeddedBroker(Broker):
             ch = self.channel(key)
         except (UnicodeEncodeError, TypeError) as exc:
             raise self._fail(f"key {key!r:.80} cannot be carried: {exc}") from None
-        body = _U32.pack(len(ch)) + ch + self._envelope(payload)
+        body = link_pub_body(ch, self._envelope(payload))
         if len(ch) > MAX_CHANNEL or len(body) > MAX_FRAME:
             raise self._fail(f"a publish of {len(body)} bytes does not fit a frame of the embedded broker "
                              f"(at most {MAX_FRAME} bytes, channel at most {MAX_CHANNEL})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from . import Broker
+from .base import Broker
 
 _BUSES: dict = {}   # bus name -> {channel: set of MemoryBroker}
 

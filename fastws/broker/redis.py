@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl as _ssl
 from collections import deque
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import Broker, PublishError, SubscribeError
-from ..errors import BrokerAuthError, BrokerProtocolError, BrokerReplyError
+from ..errors import BrokerAuthError, BrokerProtocolError, BrokerReplyError, PublishError, SubscribeError
+from .base import Broker, backoff_delay
 from ..config import mask_url
 
 log = logging.getLogger("fastws.broker")
@@ -289,12 +288,6 @@ async def open_conn(host, port, *, ssl=None, username=None, password=None, db=0,
     return conn
 
 
-def backoff_delay(attempt: int, lo: float, hi: float) -> float:
-    """Exponential backoff with jitter: uniform in [d/2, d], d = lo * 2**attempt <= hi."""
-    d = min(hi, lo * (2 ** min(attempt, 30)))
-    return random.uniform(d / 2, d)
-
-
 class RedisBroker(Broker):
     """Redis pub/sub. ``url``: ``redis://[user:password@]host:port/db``."""
 
@@ -333,6 +326,8 @@ class RedisBroker(Broker):
     # -- lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            return                               # started already
         self._loop = asyncio.get_running_loop()
         self._connected = asyncio.Event()
         self._wakeup = asyncio.Event()
