@@ -246,10 +246,10 @@ class App:
         malformed ``since``); messages whose publish did not reach Redis are
         not in the stream, so such members do not get them.
         """
-        bridge = self.server.bridge if self.server is not None else None
-        if bridge is None:
+        resumer = getattr(self.server, "resumer", None)
+        if resumer is None:
             raise ValueError("resume needs a broker with history: --broker redis+streams://...")
-        return await bridge.resume(conn, room, since, namespace=namespace, limit=limit)
+        return await resumer.resume(conn, room, since, namespace=namespace, limit=limit)
 
     def send_to(self, conn_id, message) -> bool:
         """Send ``message`` to the connection with id ``conn_id`` on this

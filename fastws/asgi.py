@@ -1525,7 +1525,7 @@ class AsgiServer(ServerWiring):
 
     async def _stop_operations(self) -> None:
         if self.bridge is not None:
-            await self.bridge.detach()
+            await self.bridge.stop()
             self.bridge = None
         if self.broker is not None:
             await self.broker.close()

@@ -12,7 +12,7 @@ WebSocket: ``register(server, bridge, token)``.
 
 ``POST /connections/{id}`` (and ``POST /connections?id={id}``)
     The body (raw or JSON as above) to one connection, on whichever node holds
-    it (``id`` as given by :func:`fastws.broker.bridge.global_id`). ``200``
+    it (``id`` as given by :meth:`fastws.broker.bridge.Bridge.global_id`). ``200``
     sent, ``404`` no such connection, ``504`` its node did not answer.
 
 Every request needs ``Authorization: Bearer <token>`` (``401`` otherwise;

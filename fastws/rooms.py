@@ -7,13 +7,16 @@ A room is named by a string inside a *namespace*. A route's namespace is its
 
 Publishing encodes the message once and hands the same frame to every local
 member in ``_core`` (``Hub.broadcast``): Python code never loops over members
-per message. Membership is removed when a connection leaves or is lost, and
+per message. A message that arrives already encoded (from another node,
+through :mod:`fastws.broker.bridge`) goes out with :meth:`Rooms.publish_frame`
+as a ready frame payload (``Hub.broadcast_frame``), never decoded and encoded
+again.  Membership is removed when a connection leaves or is lost, and
 a room with no members disappears (no leak).
 
 Batching (opt-in, per room): ``rooms.set_batching(room, max_batch=50,
 max_delay=0.05)`` makes the room collect published messages and send them
-when ``max_batch`` are waiting or ``max_delay`` seconds after the first, like
-the article's MessageBatcher. Members that joined with ``batch=True`` get
+when ``max_batch`` are waiting or ``max_delay`` seconds after the first.
+Members that joined with ``batch=True`` get
 one text frame per batch, the JSON envelope::
 
     {"room": "lobby", "seq": 41, "messages": ["m41", "m42", "m43"]}
@@ -24,12 +27,11 @@ frame each, in order. Messages published to a batched room must be ``str``.
 Whatever the batching, every connection's frames of one loop iteration go out
 in one write.
 
-Stream members (``App.resume``, with the Redis Streams broker): a member
-that joined through ``Bridge.resume`` gets the room's messages in the order
-of the room's Redis Stream, each in the envelope of :func:`stream_envelope`
-(with the entry id), from the bridge, instead of the direct delivery; a
-replay of what it missed is stitched to the live stream without gap or
-duplicate (``join_streamed``, ``publish_streamed``, ``end_replay``).
+Indirect members: ``join(conn, room, direct=False)`` makes ``conn`` a member
+(counted, kept, subscribed across nodes like any other) that publishes do
+not reach: whoever made it one delivers to it (:meth:`Rooms.indirect_members`).
+:mod:`fastws.resume` uses it for members that get the room's Redis Stream,
+with entry ids, instead of the messages themselves.
 
 Limits: a connection may be in at most ``max_rooms_per_connection`` rooms
 (``Config``; 0: no limit); a join past it raises
@@ -52,13 +54,12 @@ sequence number; messages from two nodes interleave in arrival order.
 
 from __future__ import annotations
 
-import base64
 import json
 
-from .delivery import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 from .errors import RoomLimitError, RoomNameError
+from .frames import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, TEXT
 
-__all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH", "stream_envelope",
+__all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH",
            "SMALL_ROOMS", "DEFAULT_MAX_ROOMS", "DEFAULT_MAX_ROOM_NAME"]
 
 #: A connection in up to this many rooms keeps them in a tuple (56 + 8 per
@@ -69,22 +70,10 @@ DEFAULT_MAX_ROOMS = 1000
 DEFAULT_MAX_ROOM_NAME = 256
 
 
-def stream_envelope(room: str, entry_id: str, message) -> str:
-    """The frame a stream member gets for one room message:
-    ``{"room": ..., "id": ..., "data": "text"}``, or ``"b64"`` (base64)
-    instead of ``"data"`` for a binary message."""
-    if isinstance(message, str):
-        body = {"room": room, "id": entry_id, "data": message}
-    else:
-        body = {"room": room, "id": entry_id, "b64": base64.b64encode(bytes(message)).decode("ascii")}
-    return json.dumps(body, separators=(",", ":"))
-
-
 class Room:
     """One room on this node: its local members and its sequence number."""
 
-    __slots__ = ("key", "members", "seq", "batched", "pending", "first_seq", "timer", "streamed",
-                 "replaying", "last_fid")
+    __slots__ = ("key", "members", "seq", "batched", "pending", "first_seq", "timer", "indirect")
 
     def __init__(self, key) -> None:
         self.key = key
@@ -94,11 +83,7 @@ class Room:
         self.pending = None         # messages waiting for the batch flush (list), if batching
         self.first_seq = 0          # sequence number of pending[0]
         self.timer = None           # TimerHandle of the max_delay flush
-        self.streamed = None        # members that get the room's stream, with ids (set), if any
-        self.replaying = None       # of those, the ones being replayed to: conn -> held frames
-                                    # (list), or after the replay the last id it got (tuple)
-                                    # while the live stream has not passed it yet
-        self.last_fid = None        # id (ms, seq) of the last stream entry sent to stream members
+        self.indirect = None        # members publishes do not reach (set), if any
 
 
 class Rooms:
@@ -161,7 +146,7 @@ class Rooms:
             raise RoomNameError(problem, self.max_room_name)
         return room
 
-    def _key(self, conn, room, namespace, check: bool = True):
+    def key_for(self, conn, room, namespace=None, check: bool = True):
         """The registry key ``(namespace, name)`` of ``room`` for ``conn``
         (its route's namespace when ``namespace`` is None); ``check``: refuse
         a name no join would take (:meth:`check_name`)."""
@@ -189,15 +174,18 @@ class Rooms:
             raise ValueError("max_delay must be > 0 seconds")
         self.batching[key] = (int(max_batch), float(max_delay))
 
-    def join(self, conn, room: str, namespace=None, batch: bool = False) -> None:
+    def join(self, conn, room: str, namespace=None, batch: bool = False, direct: bool = True) -> None:
         """Add ``conn`` to ``room``; ``batch=True``: it wants the batch envelope
-        when the room batches.  Raises :class:`~fastws.errors.RoomLimitError`
-        when ``conn`` is already in ``max_rooms_per_connection`` other rooms,
+        when the room batches; ``direct=False``: an indirect member, which
+        publishes skip (see the module docstring; a later join with the
+        default keeps it indirect).  Raises
+        :class:`~fastws.errors.RoomLimitError` when ``conn`` is already in
+        ``max_rooms_per_connection`` other rooms,
         :class:`~fastws.errors.RoomNameError` for a name that is too long;
         then nothing changes.  O(1) whatever the number of rooms."""
         if conn.closed:
             return
-        key = self._key(conn, room, namespace)
+        key = self.key_for(conn, room, namespace)
         mine = conn.rooms
         if mine is None:
             conn.rooms = (key,)
@@ -225,11 +213,15 @@ class Rooms:
             if r.batched is None:
                 r.batched = set()
             r.batched.add(conn)
+        if not direct:
+            if r.indirect is None:
+                r.indirect = set()
+            r.indirect.add(conn)
 
     def leave(self, conn, room: str, namespace=None) -> None:
         """Remove ``conn`` from ``room`` (no-op if it is not a member; a name
         no join would take is never one). O(1)."""
-        key = self._key(conn, room, namespace, check=False)
+        key = self.key_for(conn, room, namespace, check=False)
         self._remove(conn, key)
         mine = conn.rooms
         if mine is None or key not in mine:
@@ -249,10 +241,8 @@ class Rooms:
         r.members.discard(conn)
         if r.batched is not None:
             r.batched.discard(conn)
-        if r.streamed is not None:
-            r.streamed.discard(conn)
-            if r.replaying is not None:
-                r.replaying.pop(conn, None)
+        if r.indirect is not None:
+            r.indirect.discard(conn)
         if not r.members:
             if r.timer is not None:
                 r.timer.cancel()
@@ -277,13 +267,38 @@ class Rooms:
         r = self._rooms.get(key)
         if r is None:
             return 0, 0
-        r.seq += 1
         policy = self.batching.get(key)
-        members = r.members - r.streamed if r.streamed else r.members
         if policy is None:
+            r.seq += 1
+            members = r.members - r.indirect if r.indirect else r.members
             return r.seq, self.hub.broadcast(message, members, exclude, priority)
         if not isinstance(message, str):
             raise TypeError("messages published to a batched room must be str")
+        return self._collect(r, policy, message)
+
+    def publish_frame(self, key, opcode: int, payload: bytes, priority: int = PRIORITY_NORMAL) -> tuple:
+        """Send an already encoded message to the local members of room
+        ``key`` (``(namespace, name)``): ``opcode`` TEXT (``payload`` is
+        UTF-8, not checked here) or BINARY.  The frame goes out as it is
+        (``Hub.broadcast_frame``); only a batching room decodes a TEXT
+        payload, to put it in its envelope.  Returns ``(seq, delivered)``
+        as :meth:`publish` (a BINARY message to a batching room is refused
+        with TypeError)."""
+        r = self._rooms.get(key)
+        if r is None:
+            return 0, 0
+        policy = self.batching.get(key)
+        if policy is None:
+            r.seq += 1
+            members = r.members - r.indirect if r.indirect else r.members
+            return r.seq, self.hub.broadcast_frame(opcode, payload, members, None, priority)
+        if opcode != TEXT:
+            raise TypeError("messages published to a batched room must be str")
+        return self._collect(r, policy, payload.decode("utf-8"))
+
+    def _collect(self, r: Room, policy: tuple, message: str) -> tuple:
+        """Add ``message`` to the batch of ``r`` (flushed by size or delay)."""
+        r.seq += 1
         if r.pending is None:
             r.pending = []
         if not r.pending:
@@ -309,77 +324,11 @@ class Rooms:
                                   separators=(",", ":"))
             self.hub.broadcast(envelope, batched)
         others = r.members - batched if batched else r.members
-        if r.streamed:
-            others = others - r.streamed
+        if r.indirect:
+            others = others - r.indirect
         if others:
             for message in pending:
                 self.hub.broadcast(message, others)
-
-    # -- stream members (fastws.broker.bridge.Bridge.resume) ---------------------------
-
-    def join_streamed(self, conn, key, replaying: bool = False) -> None:
-        """Make ``conn`` a member of room ``key`` that receives the room's
-        broker stream, each message in the id envelope, instead of the
-        direct delivery; ``replaying``: hold its frames until
-        :meth:`end_replay`."""
-        self.join(conn, key[1], key[0])
-        r = self._rooms.get(key)
-        if r is None:            # conn closed
-            return
-        if r.streamed is None:
-            r.streamed = set()
-        r.streamed.add(conn)
-        if replaying:
-            if r.replaying is None:
-                r.replaying = {}
-            r.replaying[conn] = []
-
-    def has_streamed(self, key) -> bool:
-        r = self._rooms.get(key)
-        return r is not None and bool(r.streamed)
-
-    def publish_streamed(self, key, entry_id: str, frame_id: tuple, message) -> int:
-        """Send one stream entry (``message`` published to room ``key``, entry
-        ``entry_id``; ``frame_id`` its parsed id) to the stream members, in
-        the envelope; members being replayed to hold it."""
-        r = self._rooms.get(key)
-        if r is None or not r.streamed:
-            return 0
-        env = stream_envelope(key[1], entry_id, message)
-        r.last_fid = frame_id
-        targets = r.streamed
-        if r.replaying:
-            targets = set(targets)
-            for conn, state in list(r.replaying.items()):
-                if type(state) is list:          # replay running: hold
-                    state.append((frame_id, env))
-                    targets.discard(conn)
-                elif frame_id <= state:          # replayed already (the live read lags)
-                    targets.discard(conn)
-                else:                            # the live stream caught up: plain from now on
-                    del r.replaying[conn]
-            if not r.replaying:
-                r.replaying = None
-        return self.hub.broadcast(env, targets) if targets else 0
-
-    def end_replay(self, conn, key, after: tuple) -> None:
-        """End the replay to ``conn`` in room ``key``, whose last entry was
-        ``after``: send the held frames with a later id, in order; until the
-        live stream passes ``after``, drop what ``conn`` already has."""
-        r = self._rooms.get(key)
-        if r is None or not r.replaying or conn not in r.replaying:
-            return
-        held = r.replaying[conn]
-        for fid, env in held:
-            if fid > after and not conn.closed:
-                conn.send(env)
-                after = fid
-        if r.last_fid is not None and r.last_fid >= after:
-            del r.replaying[conn]
-            if not r.replaying:
-                r.replaying = None
-        else:
-            r.replaying[conn] = after
 
     def count(self, room: str, namespace: str = "") -> int:
         r = self._rooms.get((namespace, room))
@@ -395,6 +344,16 @@ class Rooms:
 
     def rooms_of(self, conn) -> list:
         return sorted(name for _, name in (conn.rooms or ()))
+
+    def keys(self) -> list:
+        """The keys ``(namespace, name)`` of every room with local members."""
+        return list(self._rooms)
+
+    def indirect_members(self, key):
+        """The indirect members of room ``key`` (``join(..., direct=False)``):
+        a set the caller must not change, or an empty tuple."""
+        r = self._rooms.get(key)
+        return r.indirect if r is not None and r.indirect else ()
 
     def names(self, namespace: str | None = None) -> list:
         return sorted(n for ns, n in self._rooms if namespace is None or ns == namespace)

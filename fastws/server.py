@@ -127,14 +127,17 @@ class ServerWiring:
         it has local members, publish once to the broker, deliver what other
         nodes publish (fastws.broker.bridge)."""
         from .broker import create_broker
-        from .broker.bridge import attach
+        from .broker.bridge import Bridge
+        from .resume import Resumer
 
         c = self.config
         try:
             self.broker = create_broker(c.broker, prefix=c.broker_prefix)
         except (ValueError, ImportError) as exc:
             raise ServerStartError(mask_url(f"broker {c.broker!r}: {exc}")) from None   # no password shown
-        self.bridge = await attach(self.rooms, self.broker)   # never raises if Redis is down
+        self.bridge = Bridge(self.rooms, self.broker, lookup=self.hub.connections.get)
+        await self.bridge.start()                             # never raises if Redis is down
+        self.resumer = Resumer.for_bridge(self.rooms, self.bridge)   # None without history
         self.health.add_check("broker", self.broker.ping)
         # fails while a room's (un)subscription waits for a retry (fastws.broker.bridge)
         self.health.add_check("broker_subscriptions", self.bridge.check)
@@ -281,7 +284,7 @@ class Server(ServerWiring):
             conn.abort()
         await asyncio.sleep(0)
         if self.bridge is not None:
-            await self.bridge.detach()
+            await self.bridge.stop()
             await self.broker.close()
         self.health.stop()
         if self.stats_page is not None:

@@ -1,4 +1,12 @@
-"""Wiring a node's rooms to a broker: ``bridge = attach(server.rooms, broker)``.
+"""Wiring a node's rooms to a broker: ``Bridge(rooms, broker, lookup=...)``.
+
+The node builds one bridge per process and ``await bridge.start()`` it
+(which starts the broker unless it runs already, subscribes the node key and
+every room that has members, and installs the handlers); ``await
+bridge.stop()`` undoes that (the broker stays open: its owner closes it).
+The bridge knows the rooms only through the public API of
+:class:`fastws.rooms.Rooms` and the node's connections only through
+``lookup(conn_id) -> Connection | None``.
 
 * Interest: a ``rooms.listeners`` callback subscribes the broker to a room's
   key when its first local member joins and unsubscribes when the last one
@@ -14,26 +22,22 @@
   asks for what the room needs at that moment (subscribed while it has local
   members).  :meth:`Bridge.check` (the ``broker_subscriptions`` check of
   ``/health``) fails while keys wait for a retry or a call is stuck.
-* Fan-in: a message another node published is delivered to the local members
-  with ``rooms.publish`` (text stays text, bytes stay bytes, the priority is
-  kept); the origin node's own echo is dropped by the broker.
+* Fan-in: a room message another node published arrives as a ROOM payload
+  (:mod:`fastws.broker.wire`: opcode, priority, the message's bytes) and
+  goes to the local members as a ready frame, ``rooms.publish_frame``: no
+  decode, no second encode (a TEXT payload is only checked to be UTF-8).  A
+  payload that does not parse is dropped and counted (``malformed``).  The
+  origin node's own echo is dropped by the broker.
 * Fan-out: :meth:`Bridge.publish` delivers locally and sends the message to
   the broker once.
-* Resume (Streams broker): :meth:`Bridge.resume` makes a connection a
-  *stream member* of a room: it gets every entry of the room's stream, this
-  node's own included (``broker.own_handler``), in stream order with its id,
-  after a replay of what it missed since the id it gives.
-* One connection anywhere: :func:`global_id` names a connection across nodes
-  (``"{node_id}:{conn.id}"``); every node subscribes to its own node key, and
-  :meth:`Bridge.send_to` delivers locally or through the owning node, which
-  answers whether the connection existed.
+* One connection anywhere: :meth:`Bridge.global_id` names a connection
+  across nodes (``"{node_id}:{conn.id}"``); every node subscribes to its own
+  node key, and :meth:`Bridge.send_to` delivers locally or through the
+  owning node, which answers whether the connection existed.
 
-The bridge's part of the payload (after the broker's envelope, see
-:mod:`fastws.broker`) is ``struct("!BB")`` ``kind, flags`` then:
-
-* ``ROOM``: the message (flags: bit 0 binary, bits 4-7 priority);
-* ``DIRECT``: ``u32 request id, u64 connection id`` then the message;
-* ``REPLY``: ``u32 request id`` (flags bit 1: delivered).
+Resumable membership (replay + the room's stream with ids) is not here: it
+is :mod:`fastws.resume`, on a broker with the
+:class:`~fastws.broker.History` capability.
 """
 
 from __future__ import annotations
@@ -41,52 +45,35 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import struct
 
-from ..delivery import PRIORITY_NORMAL
-from ..rooms import stream_envelope
-from . import PublishError
-from .redis import backoff_delay
-from .streams import parse_id
+from ..errors import BrokerProtocolError, PublishError
+from ..frames import PRIORITY_NORMAL
+from .base import backoff_delay
+from .wire import (DIRECT, REPLY, ROOM, pack_direct, pack_reply, pack_room_message, payload_kind,
+                   unpack_direct, unpack_reply, unpack_room)
 
 log = logging.getLogger("fastws.broker")
 
-__all__ = ["Bridge", "attach", "global_id"]
+__all__ = ["Bridge", "REPLY_TIMEOUT", "RETRY_MIN", "RETRY_MAX", "STUCK_AFTER"]
 
-_HEAD = struct.Struct("!BB")
-_DIRECT = struct.Struct("!BBIQ")
-_REPLY = struct.Struct("!BBI")
-ROOM, DIRECT, REPLY = 1, 2, 3
-F_BINARY, F_OK = 1, 2
 REPLY_TIMEOUT = 2.0   # seconds send_to waits for the owning node's answer
 RETRY_MIN = 0.1       # first retry of a failed (un)subscription, seconds ...
 RETRY_MAX = 10.0      # ... doubling (with jitter) up to this
 STUCK_AFTER = 10.0    # an (un)subscribe call running longer than this fails /health
 
-_bridges: list = []   # attached bridges of this process (usually one)
-
-
-def _flags(message, priority: int) -> int:
-    if isinstance(message, str):
-        return (priority & 0x0F) << 4
-    return F_BINARY | (priority & 0x0F) << 4
-
-
-def _encode(message) -> bytes:
-    return message.encode("utf-8") if isinstance(message, str) else bytes(message)
-
-
-def _decode(flags: int, body: bytes):
-    return body if flags & F_BINARY else body.decode("utf-8")
-
 
 class Bridge:
-    """One node's link between its :class:`~fastws.rooms.Rooms` and a broker."""
+    """One node's link between its :class:`~fastws.rooms.Rooms` and a broker.
 
-    def __init__(self, rooms, broker) -> None:
+    ``lookup(conn_id)``: the node's open connection with that id, or None
+    (messages to one connection, :meth:`send_to`)."""
+
+    def __init__(self, rooms, broker, *, lookup) -> None:
         self.rooms = rooms                  # the local room registry
         self.broker = broker                # the Broker (already started or not)
+        self.lookup = lookup                # conn id -> open Connection or None
         self.node_id = broker.node_id
+        self.started = False
         self._interest: dict = {}           # key -> joined?, changes of this loop iteration
         self._flush_handle = None
         self._tasks: dict = {}              # running subscribe/unsubscribe calls -> loop time started
@@ -96,9 +83,46 @@ class Bridge:
         self.last_error = None              # text of the last failed (un)subscription
         self._replies: dict = {}            # request id -> future (send_to)
         self._req_ids = itertools.count(1)
+        self._malformed_logged = False
         self.counters = {"remote_publishes": 0, "remote_failures": 0, "received": 0,
                          "direct_in": 0, "direct_out": 0, "subscribe_failures": 0,
-                         "unsubscribe_failures": 0, "subscribe_retries": 0}
+                         "unsubscribe_failures": 0, "subscribe_retries": 0, "malformed": 0}
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> "Bridge":
+        """Install the handler, start the broker (unless it runs already),
+        subscribe to the node key and every room that has local members, and
+        follow membership from now on.  Never raises because the backend is
+        down: a failed subscription is retried in the background."""
+        if self.started:
+            return self
+        self.broker.set_handler(self._on_message)
+        await self.broker.start()
+        self.rooms.listeners.append(self._on_room)
+        self.started = True
+        await self._apply(True, [self.node_id] + self.rooms.keys(), 0)
+        return self
+
+    async def stop(self) -> None:
+        """Undo :meth:`start`: stop following membership, cancel waiting
+        retries, drop the handler (the broker stays open; close it yourself)."""
+        self.started = False
+        if self._on_room in self.rooms.listeners:
+            self.rooms.listeners.remove(self._on_room)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for handle in self._retry_handles:
+            handle.cancel()
+        self._retry_handles.clear()
+        self._retry.clear()
+        self._interest.clear()
+        self.broker.set_handler(None)
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_result(None)        # send_to: no answer
+        self._replies.clear()
 
     # -- interest -----------------------------------------------------------------
 
@@ -227,88 +251,44 @@ class Bridge:
     # -- messages from other nodes ----------------------------------------------------
 
     def _on_message(self, key, payload: bytes, origin: str) -> None:
-        kind, flags = _HEAD.unpack_from(payload, 0)
-        if kind == ROOM:
-            self.counters["received"] += 1
-            ns, name = key
-            message = _decode(flags, payload[2:])
-            self.rooms.publish(name, message, namespace=ns, priority=flags >> 4)
-            if self.rooms.has_streamed(key):
-                self._stream_entry(key, message)
-        elif kind == DIRECT:
-            _, _, rid, cid = _DIRECT.unpack_from(payload, 0)
-            self.counters["direct_in"] += 1
-            ok = self._send_local(cid, _decode(flags, payload[_DIRECT.size:]))
-            if rid:
-                reply = _REPLY.pack(REPLY, F_OK if ok else 0, rid)
-                self.broker.publish_nowait(origin, reply)
-        elif kind == REPLY:
-            _, _, rid = _REPLY.unpack_from(payload, 0)
-            fut = self._replies.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(bool(flags & F_OK))
-
-    def _on_own(self, key, payload: bytes) -> None:
-        """One of this node's room messages, back from the stream (Streams broker)."""
-        kind, flags = _HEAD.unpack_from(payload, 0)
-        if kind == ROOM and self.rooms.has_streamed(key):
-            self._stream_entry(key, _decode(flags, payload[2:]))
-
-    def _stream_entry(self, key, message) -> None:
-        eid = self.broker.last_id(key)      # the entry being delivered
-        if eid is not None:
-            self.rooms.publish_streamed(key, eid, parse_id(eid), message)
-
-    async def resume(self, conn, room: str, since=None, namespace=None, limit: int = 1000) -> bool:
-        """Make ``conn`` a member of ``room`` that gets the room's stream in
-        order, each message in the envelope ``{"room", "id", "data"|"b64"}``
-        (see :func:`fastws.rooms.stream_envelope`), and first replay what it
-        missed after entry ``since`` (the last id it saw; None: nothing to
-        replay).  Live messages that arrive during the replay are held and
-        sent after it, without duplicates.  Returns False when it cannot have
-        everything after ``since``: more than ``limit`` entries (it then gets
-        the newest ``limit``) or entries trimmed away by the stream's maxlen.
-        Needs a broker with history (``redis+streams://``)."""
-        if not hasattr(self.broker, "history"):
-            raise ValueError("resume needs a broker with history: --broker redis+streams://...")
-        if limit < 1:
-            raise ValueError("limit must be >= 1")
-        after = parse_id(since) if since is not None else None   # ValueError for a malformed id
-        key = self.rooms._key(conn, room, namespace)
-        self.rooms.join_streamed(conn, key, replaying=after is not None)
-        if after is None:
-            await self.sync()                   # from here on the room's stream is read
-            return True
-        last = after
-        complete = True
+        """The broker's handler: one payload another node published."""
         try:
-            await self.sync()                   # the live stream of the room is being read
-            entries = await self.broker.history(key, since_id=since, count=limit)
-            complete = entries.complete
-            if len(entries) >= limit:           # missed more than we replay: the newest `limit`
-                entries = [e for e in await self.broker.history(key, count=limit) if parse_id(e.id) > after]
-                complete = False
-            for e in entries:
-                kind, flags = _HEAD.unpack_from(e.payload, 0)
-                if kind != ROOM or conn.closed:
-                    continue
-                conn.send(stream_envelope(key[1], e.id, _decode(flags, e.payload[2:])))
-                last = parse_id(e.id)
-        finally:
-            self.rooms.end_replay(conn, key, last)
-        return complete
+            kind = payload_kind(payload)
+            if kind == ROOM:
+                if type(key) is not tuple:
+                    raise BrokerProtocolError("a ROOM payload on a node key")
+                opcode, priority, body = unpack_room(payload)
+                self.counters["received"] += 1
+                self.rooms.publish_frame(key, opcode, body, priority)
+            elif kind == DIRECT:
+                rid, cid, message = unpack_direct(payload)
+                self.counters["direct_in"] += 1
+                ok = self._send_local(cid, message)
+                if rid:
+                    self.broker.publish_nowait(origin, pack_reply(rid, ok))
+            elif kind == REPLY:
+                rid, ok = unpack_reply(payload)
+                fut = self._replies.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ok)
+            else:
+                raise BrokerProtocolError(f"unknown payload kind {kind}")
+        except (BrokerProtocolError, TypeError) as exc:
+            # a foreign or broken publisher (TypeError: binary to a batching room)
+            self.counters["malformed"] += 1
+            level = logging.DEBUG if self._malformed_logged else logging.WARNING
+            self._malformed_logged = True
+            log.log(level, "fastws: dropped a broker message from %.80s on %.80r: %s "
+                    "(counted in bridge stats 'malformed')", origin, key, exc)
 
     def _send_local(self, conn_id, message) -> bool:
-        conn = self.rooms.hub.connections.get(conn_id)
+        conn = self.lookup(conn_id)
         if conn is None or conn.closed:
             return False
         conn.send(message)
         return True
 
     # -- the API ------------------------------------------------------------------------
-
-    def _payload(self, message, priority) -> bytes:
-        return _HEAD.pack(ROOM, _flags(message, priority)) + _encode(message)
 
     async def publish(self, room: str, message, namespace: str = "", exclude=None,
                       priority: int = PRIORITY_NORMAL) -> tuple:
@@ -320,7 +300,7 @@ class Bridge:
                                     priority=priority)
         self.counters["remote_publishes"] += 1
         try:
-            await self.broker.publish((namespace, room), self._payload(message, priority))
+            await self.broker.publish((namespace, room), pack_room_message(message, priority))
         except PublishError:
             self.counters["remote_failures"] += 1
             return seq, False
@@ -334,7 +314,7 @@ class Bridge:
         seq, _ = self.rooms.publish(room, message, namespace=namespace, exclude=exclude,
                                     priority=priority)
         self.counters["remote_publishes"] += 1
-        self.broker.publish_nowait((namespace, room), self._payload(message, priority))
+        self.broker.publish_nowait((namespace, room), pack_room_message(message, priority))
         return seq
 
     def global_id(self, conn) -> str:
@@ -342,7 +322,7 @@ class Bridge:
         return f"{self.node_id}:{conn.id}"
 
     async def send_to(self, gid: str, message, timeout: float = REPLY_TIMEOUT):
-        """Send ``message`` to the connection ``gid`` (a :func:`global_id`)
+        """Send ``message`` to the connection ``gid`` (a :meth:`global_id`)
         wherever it is. True: queued on it; False: no such open connection
         (or malformed id); None: its node did not answer in ``timeout``
         (unknown node, broker down)."""
@@ -353,8 +333,10 @@ class Bridge:
             return False
         if not node or node == self.node_id:
             return self._send_local(cid, message)
+        if not 0 <= cid < 1 << 64:
+            return False
         rid = next(self._req_ids) & 0xFFFFFFFF or 1
-        payload = _DIRECT.pack(DIRECT, _flags(message, PRIORITY_NORMAL), rid, cid) + _encode(message)
+        payload = pack_direct(rid, cid, message)
         fut = self._replies[rid] = asyncio.get_running_loop().create_future()
         self.counters["direct_out"] += 1
         try:
@@ -369,52 +351,3 @@ class Bridge:
 
     def stats(self) -> dict:
         return dict(self.counters, broker=self.broker.stats())
-
-    async def detach(self) -> None:
-        """Undo :func:`attach` (the broker stays open; close it yourself)."""
-        if self._on_room in self.rooms.listeners:
-            self.rooms.listeners.remove(self._on_room)
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        for handle in self._retry_handles:
-            handle.cancel()
-        self._retry_handles.clear()
-        self._retry.clear()
-        if self in _bridges:
-            _bridges.remove(self)
-        self.broker.set_handler(None)
-        if getattr(self.broker, "own_handler", None) == self._on_own:
-            self.broker.own_handler = None
-        if getattr(self.rooms, "bridge", None) is self:
-            self.rooms.bridge = None
-
-
-async def attach(rooms, broker, *, start: bool = True) -> Bridge:
-    """Connect ``rooms`` (one server's registry) to ``broker``: start it
-    (unless ``start=False``), subscribe to the node key and to every room
-    that already has members, and keep that up to date. Returns the bridge;
-    ``rooms.bridge`` is set to it too."""
-    bridge = Bridge(rooms, broker)
-    broker.set_handler(bridge._on_message)
-    if hasattr(broker, "own_handler"):
-        broker.own_handler = bridge._on_own
-    if start:
-        await broker.start()
-    rooms.listeners.append(bridge._on_room)
-    keys = [broker.node_id] + [r.key for r in list(rooms._rooms.values())]
-    await bridge._apply(True, keys, 0)     # a failure is retried in the background
-    rooms.bridge = bridge
-    _bridges.append(bridge)
-    return bridge
-
-
-def global_id(conn) -> str:
-    """``conn``'s id across nodes (``"{node_id}:{conn.id}"``), from the bridge
-    of the server that holds it; the plain local id if no bridge is attached."""
-    for b in _bridges:
-        if b.rooms.hub.connections.get(conn.id) is conn:
-            return b.global_id(conn)
-    if len(_bridges) == 1:
-        return _bridges[0].global_id(conn)
-    return str(conn.id)

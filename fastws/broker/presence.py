@@ -16,7 +16,11 @@ expire and readers ignore (and trim) its expired score, so its members
 disappear on their own after at most ``ttl`` seconds.
 
 ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``
-(:func:`presence_client` makes one from a broker URL).
+(:func:`presence_client` makes one from a broker URL).  Presence knows a
+node's rooms only through the public API of :class:`fastws.rooms.Rooms`
+(``keys()``, ``members()``) and names connections with the ``global_id``
+callable it is given (the bridge's), so it runs beside any broker; the key
+layout is in :mod:`fastws.broker.wire`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import time
 
 from ..config import mask_url
+from .wire import presence_base
 
 log = logging.getLogger("fastws.broker")
 
@@ -58,11 +63,12 @@ def presence_client(url: str):
     return aioredis.from_url(url)
 
 
-def _esc(s: str) -> str:
-    return s.replace("%", "%25").replace(":", "%3A")
-
-
 class Presence:
+    """Who is in which room on every node (see the module docstring):
+    :meth:`attach` a node's rooms, :meth:`start` the periodic sync,
+    :meth:`close` on shutdown; :meth:`count`, :meth:`members` and
+    :meth:`users` answer for any room from any node."""
+
     def __init__(self, client, node_id: str, *, prefix: str = "", ttl: float = 30.0,
                  sync_interval: float = 1.0) -> None:
         self.client = client              # redis.asyncio client
@@ -76,9 +82,7 @@ class Presence:
         self._last_refresh = 0.0
 
     def _base(self, key) -> str:
-        ns, name = key
-        p = f"fastws:{self.prefix}:" if self.prefix else "fastws:"
-        return p + "presence:{" + _esc(ns) + ":" + name + "}"
+        return presence_base(self.prefix, key)
 
     def _node_key(self, key, node=None) -> str:
         return f"{self._base(key)}:node:{node or self.node_id}"
@@ -92,8 +96,8 @@ class Presence:
         user_of = user_of or (lambda conn: (conn.store.get("user_id") if conn.store is not None else None))
 
         def snapshot():
-            return {key: {global_id(c): str(user_of(c) or "") for c in r.members}
-                    for key, r in rooms._rooms.items()}
+            return {key: {global_id(c): str(user_of(c) or "") for c in rooms.members(key[1], key[0])}
+                    for key in rooms.keys()}
 
         self._source = snapshot
 

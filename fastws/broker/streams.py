@@ -84,28 +84,32 @@ disconnected starts where its stream is when the broker is back.
 
 History
 -------
-``await broker.history(key, since_id=None, count=100)`` reads a stream
-without touching the node's reading position:
+:class:`StreamsBroker` is a :class:`~fastws.broker.History` (the capability
+interface of :mod:`fastws.broker.base`):
 
-* ``since_id=None``: the last ``count`` entries, oldest first;
-* ``since_id="1700000000000-0"``: up to ``count`` entries after that id,
-  oldest first (page on with the last id you got).
+* ``await broker.history(key, since_id=None, count=100)`` reads a stream
+  without touching the node's reading position: with ``since_id=None`` the
+  last ``count`` entries, else up to ``count`` entries after that id; oldest
+  first (page on with the last id you got).  It returns a
+  :class:`~fastws.broker.HistoryPage`, a list of
+  :class:`~fastws.broker.Entry` ``(id, payload, origin)`` (the node's own
+  entries included), whose ``complete`` says, with ``since_id``, whether no
+  entry after it can have been trimmed away (from ``XINFO STREAM``, in the
+  same write): ``True`` if the entry ``since_id`` names is still in the
+  stream (or nothing was ever removed), ``False`` if it is not (the client
+  may have missed entries), ``None`` without ``since_id`` or when the stream
+  is gone (expired, never written).
+* ``broker.last_id(key)``: the id of the last entry of ``key`` this node has
+  read (during a handler call, the entry being delivered; on the publishing
+  node, ``publish`` returns the id).
+* ``broker.set_entry_handler(handler)``: ``handler(key, entry_id, payload,
+  origin)`` for every entry read, in delivery order, this node's own
+  included (which the plain handler never gets); :mod:`fastws.resume` uses
+  it to send a room's stream to resuming members.
 
-It returns a :class:`History`, a list of :class:`Entry` ``(id, payload,
-origin)`` (the node's own entries included), whose ``complete`` says,
-with ``since_id``, whether no entry after it can have been trimmed away
-(from ``XINFO STREAM``, in the same write): ``True`` if the entry
-``since_id`` names is still in the stream (or nothing was ever removed),
-``False`` if it is not (the client may have missed entries), ``None`` without
-``since_id`` or when the stream is gone (expired, never written). For
-messages published through the bridge (:mod:`fastws.broker.bridge`),
-:func:`room_message` turns a payload back into the ``str``/``bytes``
-message. To replay what a reconnecting client missed, remember for each
-client the id of the last message it got (during the bridge's handler call,
-``broker.last_id(key)`` is the id of the entry being delivered; on the
-publishing node, ``publish`` returns it) and call ``history(key,
-since_id=...)``; if ``complete`` is not ``True``, the client missed more
-than the stream keeps.
+:func:`fastws.broker.wire.room_message` turns a payload the bridge published
+back into the ``str``/``bytes`` message; entry ids compare as
+:func:`fastws.broker.wire.parse_id`.
 
 Needs Redis >= 5.0 (streams, ``CLIENT UNBLOCK``).
 The connections are the RESP client of :mod:`fastws.broker.redis`.
@@ -121,72 +125,19 @@ import time
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from . import MAGIC, BrokerError, unpack_envelope
+from ..errors import BrokerError
+from .base import Entry, History, HistoryPage
 from .redis import ACK_TIMEOUT, AuthenticationError, RedisBroker, ReplyError, is_auth_error
+from .wire import MAX_SEQ, ZERO, entry_fields, envelope_origin, id_after, parse_id, room_message, unpack_envelope
 
 log = logging.getLogger("fastws.broker")
 
-__all__ = ["StreamsBroker", "Entry", "History", "room_message", "parse_id"]
-
-ZERO = b"0-0"
-_MAX_SEQ = (1 << 64) - 1
-
-
-def parse_id(eid) -> tuple:
-    """A stream entry id, ``"1700000000000-3"`` (str or bytes), as ``(ms, seq)``;
-    a bare ``"1700000000000"`` means ``seq`` 0. Raises ValueError."""
-    if isinstance(eid, str):
-        eid = eid.encode()
-    ms, _, seq = bytes(eid).partition(b"-")
-    return int(ms), int(seq or 0)
-
-
-class Entry(NamedTuple):
-    """One history entry: its stream id, the published payload, the origin node."""
-    id: str
-    payload: bytes
-    origin: str
-
-
-class History(list):
-    """A list of :class:`Entry`, oldest first. ``complete``: True if no entry
-    after ``since_id`` was trimmed, False if some may have been, None if
-    unknown (no ``since_id``, no stream)."""
-    complete = None
-
-
-def room_message(payload: bytes):
-    """The message (``str`` or ``bytes``) of a room payload published through
-    the bridge, or None for another kind of payload."""
-    from .bridge import _HEAD, ROOM, _decode
-
-    if len(payload) < _HEAD.size:
-        return None
-    kind, flags = _HEAD.unpack_from(payload, 0)
-    if kind != ROOM:
-        return None
-    return _decode(flags, payload[_HEAD.size:])
+__all__ = ["StreamsBroker", "Entry", "HistoryPage", "room_message", "parse_id"]
 
 
 def _ignore(fut) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def _fields(fields):
-    """``(data, n)`` of an entry's field list ``[b"d", data, b"n", n]``."""
-    data = n = None
-    if fields:
-        for i in range(0, len(fields) - 1, 2):
-            f = fields[i]
-            if f == b"d":
-                data = fields[i + 1]
-            elif f == b"n":
-                try:
-                    n = int(fields[i + 1])
-                except ValueError:
-                    n = None
-    return data, n
 
 
 def _merge(lists) -> list:
@@ -239,7 +190,7 @@ def _merge(lists) -> list:
     return out
 
 
-class StreamsBroker(RedisBroker):
+class StreamsBroker(RedisBroker, History):
     """Redis Streams. ``url``: ``redis+streams://[user:password@]host:port/db``.
 
     Lifecycle, reconnects, publishing and health come from
@@ -268,9 +219,7 @@ class StreamsBroker(RedisBroker):
         self.count = opt(count, "count", 256, int, lambda v: v >= 1, "an integer >= 1")
         self.ttl = opt(ttl, "ttl", 86_400.0, float, lambda v: v >= 0, "seconds >= 0 (0 = never)")
         self._block_ms = max(1, int(self.block * 1000))   # XREAD BLOCK 0 would mean forever
-        #: callable(key, payload) for this node's own entries as they come back
-        #: in the stream (the bridge's stream members); None: dropped as echoes
-        self.own_handler = None
+        self._entry_handler = None       # handler(key, id, payload, origin) of every entry read
         self._last: dict = {}            # channel -> last id read (bytes): the read set
         self._to_resolve: set = set()    # channels whose start id is still to be read
         self._inflight: dict = {}        # channel -> future of the batch resolving it now
@@ -286,6 +235,8 @@ class StreamsBroker(RedisBroker):
         self._expiry: dict = {}          # channel -> loop time of our last PEXPIRE
 
     async def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            return                       # started already
         self._changed = asyncio.Event()
         await super().start()
 
@@ -542,7 +493,7 @@ class StreamsBroker(RedisBroker):
         order); with ``before_ms``, only those of an earlier millisecond."""
         cutoff = None        # the lowest last id of a stream cut short by COUNT
         if before_ms is not None:
-            cutoff = (before_ms - 1, _MAX_SEQ)
+            cutoff = (before_ms - 1, MAX_SEQ)
         for _, entries in reply:
             if entries and len(entries) >= self.count:
                 t = parse_id(entries[-1][0])
@@ -563,13 +514,11 @@ class StreamsBroker(RedisBroker):
                     continue
                 if cutoff is not None and t > cutoff:
                     break                    # read again next time, after the cut streams
-                data, n = _fields(fields)
-                origin = None
-                if data is not None and len(data) >= 4 and data[:2] == MAGIC:
-                    origin = bytes(data[4:4 + data[3]])
+                data, n = entry_fields(fields)
+                origin = envelope_origin(data) if data is not None else None
                 lst.append((t, ch, bytes(eid), data, origin, n if origin is not None else None))
             lists.append(lst)
-        own = self._origin if self.own_handler is not None else None
+        handler = self._entry_handler
         for t, ch, eid, data, origin, _ in _merge(lists):
             if ch not in self._last:
                 self.counters["stray"] += 1
@@ -578,21 +527,25 @@ class StreamsBroker(RedisBroker):
             if data is None:
                 self.counters["stray"] += 1
                 continue
-            if own is not None and origin == own:
-                self._own_entry(ch, data)
+            if handler is not None and origin is not None:
+                self._entry(handler, ch, eid, data, origin)
             self._deliver(ch, data)
 
-    def _own_entry(self, ch: bytes, data: bytes) -> None:
-        # this node's own entries come back in the stream too: _deliver drops
-        # them (the origin delivered locally), but members that get the room's
-        # stream with ids (Bridge.resume) need them, in stream order
-        env = unpack_envelope(data)
+    def _entry(self, handler, ch: bytes, eid: bytes, data: bytes, origin: bytes) -> None:
         key = self._keys.get(ch)
-        if env is not None and key is not None:
-            try:
-                self.own_handler(key, env[1])
-            except Exception:
-                log.exception("fastws: broker own-entry handler failed")
+        env = unpack_envelope(data)
+        if key is None or env is None:
+            return
+        try:
+            handler(key, eid.decode(), env[1], origin.decode("utf-8", "replace"))
+        except Exception:
+            log.exception("fastws: broker entry handler failed")
+
+    def set_entry_handler(self, handler) -> None:
+        """``handler(key, entry_id: str, payload: bytes, origin: str)`` for
+        every entry read, this node's own included, before the plain handler
+        (see :class:`~fastws.broker.History`); None: no calls."""
+        self._entry_handler = handler
 
     def last_id(self, key):
         """The id (str) of the last entry of ``key``'s stream this node has read
@@ -622,7 +575,7 @@ class StreamsBroker(RedisBroker):
 
     # -- history ----------------------------------------------------------------------------
 
-    async def history(self, key, since_id=None, count: int = 100) -> History:
+    async def history(self, key, since_id=None, count: int = 100) -> HistoryPage:
         """The last ``count`` entries of ``key``'s stream, or up to ``count``
         entries after ``since_id``; oldest first (see the module doc).
         Raises :class:`~fastws.broker.BrokerError` when Redis cannot be asked."""
@@ -641,8 +594,7 @@ class StreamsBroker(RedisBroker):
                 if isinstance(rows, list):
                     rows.reverse()
             else:
-                ms, seq = since
-                start = f"{ms}-{seq + 1}" if seq < _MAX_SEQ else f"{ms + 1}-0"
+                start = id_after(since)
                 # XRANGE before XINFO: if nothing after since_id was trimmed when
                 # XINFO ran, nothing was when XRANGE ran either
                 rows, info = await asyncio.wait_for(asyncio.gather(*pub.pipeline([
@@ -651,9 +603,9 @@ class StreamsBroker(RedisBroker):
             raise BrokerError(f"broker history failed: {exc or 'timeout'}") from None
         if isinstance(rows, ReplyError):
             raise BrokerError(f"broker history failed: {rows}")
-        out = History()
+        out = HistoryPage()
         for eid, fields in rows or ():
-            data, _ = _fields(fields)
+            data, _ = entry_fields(fields)
             env = unpack_envelope(data) if data is not None else None
             if env is not None:
                 out.append(Entry(bytes(eid).decode(), env[1], env[0].decode("utf-8", "replace")))

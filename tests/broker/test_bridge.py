@@ -3,8 +3,8 @@
 embedded hub).
 
 Each node is a ``fastws.server.Server`` on a free port with its own rooms
-(``server.rooms``) attached to its own broker; the clients speak JSON
-commands to /room (join, leave, pub, bin).
+(``server.rooms``) wired to its own broker by a ``Bridge``; the clients speak
+JSON commands to /room (join, leave, pub, bin).
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ import websockets
 
 import fastws
 from fastws.broker import channel_name, create_broker
-from fastws.broker.bridge import attach, global_id
+from fastws.broker import wire
+from fastws.broker.bridge import Bridge
 from fastws.broker.embedded import EmbeddedHub
 from fastws.broker.presence import Presence, presence_client
 from fastws.config import Config
+from fastws.frames import BINARY
+from fastws.resume import Resumer
 from fastws.server import Server
 from fastws import publish_api
 
@@ -44,7 +47,7 @@ def node_app(node: dict):
             conn.join(cmd["join"])
             if "user" in cmd:
                 conn.store["user_id"] = cmd["user"]
-            conn.send(json.dumps({"joined": cmd["join"], "gid": global_id(conn)}))
+            conn.send(json.dumps({"joined": cmd["join"], "gid": bridge.global_id(conn)}))
         elif "leave" in cmd:
             conn.leave(cmd["leave"])
             conn.send(json.dumps({"left": cmd["leave"]}))
@@ -66,7 +69,9 @@ class Node:
                                                           max_message_size=1 << 16, shutdown_timeout=1))
         await self.server.start()
         self.broker = create_broker(self.url, prefix=self.prefix)
-        self.bridge = self.state["bridge"] = await attach(self.server.rooms, self.broker)
+        self.bridge = self.state["bridge"] = Bridge(self.server.rooms, self.broker,
+                                                    lookup=self.server.hub.connections.get)
+        await self.bridge.start()
         self.ws_url = f"ws://127.0.0.1:{self.server.port}/room"
         return self
 
@@ -79,7 +84,7 @@ class Node:
         return ws
 
     async def stop(self) -> None:
-        await self.bridge.detach()
+        await self.bridge.stop()
         await self.broker.close()
         await self.server.shutdown()
 
@@ -265,6 +270,158 @@ def test_http_publish_api_and_send_to_across_nodes():
                 await ws.close()
             for nd in nodes:
                 await nd.stop()
+
+    run(main(), 60)
+
+
+def test_foreign_and_malformed_broker_messages_are_dropped_and_counted(cluster_of_nodes):
+    """Another publisher on the broker (a foreign program, a broken node)
+    sends payloads that are no bridge layout, a TEXT message that is not
+    UTF-8, a room message on a node key, a truncated direct message, binary
+    to a batching room: each is dropped and counted in the bridge's
+    ``malformed``, the member's connection stays open and gets only the
+    well-formed messages, byte for byte (text as text, binary as binary)."""
+    kind, url = cluster_of_nodes
+
+    async def main():
+        nodes, hub, prefix = await make_nodes(kind, url, 1)
+        (A,) = nodes
+        foreign = create_broker(url if hub is None else "unix://" + hub.path, prefix=prefix, node_id="foreign")
+        await foreign.start()
+        a1 = await A.client("chat")
+        try:
+            await settle(A)
+            chat, node = ("", "chat"), A.broker.node_id
+            for key, payload in [
+                    (chat, bytes([wire.ROOM, 0]) + b"\xff\xfe not utf-8"),   # TEXT, not UTF-8
+                    (chat, b"\x01"),                                          # shorter than the head
+                    (chat, bytes([9, 0]) + b"x"),                              # no such kind
+                    (node, wire.pack_room_message("room message on a node key")),
+                    (node, wire.pack_direct(5, 1, "x")[:9]),                   # truncated DIRECT
+                    (chat, wire.pack_room_message("ok ✓")),
+                    (chat, wire.pack_room(BINARY, b"\x00\xffbin"))]:
+                await foreign.publish(key, payload)
+            assert await drain(a1, 2) == ["ok ✓", b"\x00\xffbin"]
+            await nothing_more(a1)
+            assert A.bridge.counters["malformed"] == 5 and A.bridge.counters["received"] == 2
+            # a batching room decodes remote text into its batch; binary cannot go there
+            A.server.rooms.set_batching("chat", max_batch=2, max_delay=0.05)
+            await foreign.publish(chat, wire.pack_room(BINARY, b"\x01"))
+            await foreign.publish(chat, wire.pack_room_message("b1"))
+            await foreign.publish(chat, wire.pack_room_message("b2"))
+            assert await drain(a1, 2) == ["b1", "b2"]
+            assert A.bridge.counters["malformed"] == 6
+            await a1.send(json.dumps({"leave": "chat"}))          # still open and served
+            assert json.loads(await a1.recv()) == {"left": "chat"}
+        finally:
+            await a1.close()
+            await foreign.close()
+            for nd in nodes:
+                await nd.stop()
+            if hub is not None:
+                await hub.close()
+            if kind == "streams":
+                await delete_keys(prefix)
+
+    run(main(), 60)
+
+
+def test_bridge_start_stop_and_lookup():
+    """``start()`` starts the broker unless it runs and subscribes the rooms
+    that already have members; ``stop()`` stops following the rooms (the
+    broker stays open); ``send_to`` finds connections only through
+    ``lookup``."""
+    need_redis()
+
+    async def main():
+        nodes, _, prefix = await make_nodes("redis", REDIS_URL, 2)
+        A, B = nodes
+        a1 = await A.client("late")
+        b1 = await B.client("late")
+        try:
+            await settle(A, B)
+            await A.bridge.stop()
+            assert A.broker.state == "connected"               # the broker stays open
+            await b1.send(json.dumps({"pub": "late", "text": "while stopped"}))
+            assert await drain(b1, 1) == ["while stopped"]      # B's own member, locally
+            await nothing_more(a1, 0.3)                         # A has no handler now
+            # a new bridge over the same (running) broker and rooms
+            looked = []
+
+            def lookup(cid):
+                looked.append(cid)
+                return A.server.hub.connections.get(cid)
+
+            A.bridge = A.state["bridge"] = Bridge(A.server.rooms, A.broker, lookup=lookup)
+            await A.bridge.start()
+            await A.bridge.start()                              # a second start changes nothing
+            assert await numsub(prefix, ("", "late")) == 2      # one subscription per node, not two
+            await b1.send(json.dumps({"pub": "late", "text": "after"}))
+            assert await drain(a1, 1) == ["after"]
+            assert await B.bridge.send_to(a1.gid, "direct") is True
+            assert await drain(a1, 1) == ["direct"]
+            assert looked == [int(a1.gid.rpartition(":")[2])]
+            assert await A.bridge.send_to(f"{A.broker.node_id}:123456", "x") is False
+            assert await B.bridge.send_to(f"{A.broker.node_id}:{1 << 70}", "x") is False
+        finally:
+            for ws in (a1, b1):
+                await ws.close()
+            for nd in nodes:
+                await nd.stop()
+
+    run(main(), 60)
+
+
+def test_resumer_needs_history_streams_ids_and_forgets_emptied_rooms():
+    """``Resumer`` is built only over a broker with the History capability;
+    a stream member gets the room's entries (the node's own and another
+    node's) with their ids instead of the plain messages, and once the room
+    has no member left on the node nothing of it stays in the resumer."""
+    need_redis()
+
+    async def main():
+        pubsub, _, _ = await make_nodes("redis", REDIS_URL, 1)
+        nodes, _, prefix = await make_nodes("streams", STREAMS_URL, 2)
+        A, B = nodes
+        try:
+            assert Resumer.for_bridge(pubsub[0].server.rooms, pubsub[0].bridge) is None
+            with pytest.raises(ValueError, match="history"):
+                Resumer(pubsub[0].server.rooms, pubsub[0].bridge)
+            resumer = Resumer.for_bridge(A.server.rooms, A.bridge)
+            assert isinstance(resumer, Resumer)
+            a1 = await A.client()
+            plain = await A.client("r")
+            b1 = await B.client("r")
+            (conn,) = [c for c in A.server.hub.connections.values()
+                       if c.rooms is None]                      # a1: in no room yet
+            assert await resumer.resume(conn, "r") is True
+            assert A.server.rooms.indirect_members(("", "r")) == {conn}
+            await settle(A, B)
+            await b1.send(json.dumps({"pub": "r", "text": "from-b"}))
+            await plain.send(json.dumps({"pub": "r", "text": "from-a"}))
+            got = [json.loads(m) for m in await drain(a1, 2)]
+            assert sorted(m["data"] for m in got) == ["from-a", "from-b"]
+            assert all(m["room"] == "r" and m["id"] for m in got)
+            ids = [m["id"] for m in got]
+            assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+            assert sorted(await drain(plain, 2)) == ["from-a", "from-b"]   # plain member: messages
+            # a replay from the first id: exactly the second entry, then live ones
+            a2 = await A.client()
+            (conn2,) = [c for c in A.server.hub.connections.values() if c.rooms is None]
+            assert await resumer.resume(conn2, "r", ids[0]) is True
+            assert [json.loads(m)["id"] for m in await drain(a2, 1)] == ids[1:]
+            await nothing_more(a2)
+            assert resumer.stats()["rooms"] == 1
+            for ws in (a1, a2, plain):
+                await ws.close()
+            await wait_for(lambda: A.server.rooms.count("r") == 0, 5, "the room to empty on A")
+            assert resumer.stats()["rooms"] == 0 and resumer.stats()["replaying"] == 0
+            resumer.close()
+            await b1.close()
+        finally:
+            for nd in nodes + pubsub:
+                await nd.stop()
+            await delete_keys(prefix)
 
     run(main(), 60)
 

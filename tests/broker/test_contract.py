@@ -245,3 +245,35 @@ def test_create_broker_urls(tmp_path):
         create_broker("kafka://h:1")
     a, b = create_broker(), create_broker()
     assert a.node_id != b.node_id
+
+
+def test_start_twice_changes_nothing_and_history_is_a_capability(make_broker):
+    """A second ``start()`` (the bridge starts the broker it is given unless it
+    runs) returns at once and leaves one working link (a second one would
+    deliver every message twice); only the Streams backend has the History
+    capability, and it says so by its type."""
+    from fastws.broker import History
+
+    async def body():
+        a, b = await make_broker(node_id="A"), await make_broker(node_id="B")
+        ia, ib = Inbox(a), Inbox(b)
+        await asyncio.gather(a.subscribe([K, ("", "barrier")]), b.subscribe([K, ("", "barrier")]))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await a.start()                            # a second link would deliver twice below
+        assert loop.time() - t0 < 0.5
+        assert a.state == "connected"
+        await asyncio.sleep(0.2)
+        await b.publish(K, b"to-a")
+        await a.publish(K, b"to-b")
+        await barrier(make_broker, b, ia)
+        await barrier(make_broker, a, ib)
+        assert ia.got == [(K, b"to-a", "B")] and ib.got == [(K, b"to-b", "A")]
+        assert a.stats()["reconnects"] == 0 and a.stats()["failures"] == 0
+        if make_broker.backend == "embedded":
+            assert len(make_broker.state["hub"].links) == 2
+        assert isinstance(a, History) is (make_broker.backend == "streams")
+        if make_broker.backend == "streams":
+            entries = await a.history(K, count=5)
+            assert [(e.payload, e.origin) for e in entries] == [(b"to-a", "B"), (b"to-b", "A")]
+    go(make_broker, body)

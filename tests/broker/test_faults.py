@@ -17,7 +17,8 @@ from redis.crc import key_slot
 
 import fastws
 from fastws.broker import PublishError, channel_name, create_broker
-from fastws.broker.bridge import attach
+from fastws.broker.bridge import Bridge
+from fastws.broker.wire import pack_room_message
 from fastws.config import Config
 from fastws.server import Server
 
@@ -166,8 +167,10 @@ def test_local_delivery_goes_on_when_redis_is_away():
 
         server = Server(app, Config(host="127.0.0.1", port=0, shutdown_timeout=1))
         await server.start()
-        bridge = await attach(server.rooms, create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
-                                                          backoff_min=0.05, backoff_max=0.2))
+        bridge = Bridge(server.rooms, create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
+                                                    backoff_min=0.05, backoff_max=0.2),
+                        lookup=server.hub.connections.get)
+        await bridge.start()
         other = create_broker(REDIS_URL, prefix=prefix)     # another node, straight to Redis
         await other.start()
         ws = await websockets.connect(f"ws://127.0.0.1:{server.port}/")
@@ -183,13 +186,12 @@ def test_local_delivery_goes_on_when_redis_is_away():
             await proxy.restore()
             await wait_for(lambda: bridge.broker.state == "connected", 10, "reconnect")
             # re-subscribed by itself: another node's message reaches the local member
-            from fastws.broker.bridge import ROOM, _HEAD
-            await other.publish(("", "room"), _HEAD.pack(ROOM, 1 << 4) + b"from-other")
+            await other.publish(("", "room"), pack_room_message("from-other"))
             assert [await asyncio.wait_for(ws.recv(), 5) for _ in range(3)] == \
                 ["before", "during", "from-other"]
         finally:
             await ws.close()
-            await bridge.detach()
+            await bridge.stop()
             await bridge.broker.close()
             await other.close()
             await server.shutdown()

@@ -19,8 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from fastws.broker import PublishError, channel_name, create_broker
-from fastws.broker.bridge import _HEAD, F_BINARY, ROOM
-from fastws.broker.streams import _merge, parse_id, room_message
+from fastws.broker.streams import _merge
+from fastws.broker.wire import pack_room_message, parse_id, room_message
 
 from brokerutil import REDIS_URL, STREAMS_URL, TcpProxy, delete_keys, need_redis, redis_cli, run, wait_for
 
@@ -219,8 +219,8 @@ def test_history_bounded_by_maxlen():
         assert await delete_keys(prefix) == 1             # one stream, nothing else
 
         # a payload the bridge published comes back as its message
-        await a.publish(K2, _HEAD.pack(ROOM, 0) + "héllo".encode())
-        await a.publish(K2, _HEAD.pack(ROOM, F_BINARY) + b"\x00\xff")
+        await a.publish(K2, pack_room_message("héllo"))
+        await a.publish(K2, pack_room_message(b"\x00\xff"))
         assert [room_message(e.payload) for e in await a.history(K2)] == ["héllo", b"\x00\xff"]
         h = await a.history(K2, since_id="0")             # from the start of a stream never trimmed
         assert len(h) == 2 and h.complete is True
