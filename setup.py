@@ -1,5 +1,8 @@
 """Build the one native piece of fastws: ``fastws/_core.pyx``.
 
+``_core.pyx`` ``include``s its parts, ``fastws/_core_*.pxi`` (shipped in
+the sdist as package data; Cython tracks them, so editing one rebuilds).
+
 Metadata lives in pyproject.toml.  Environment switches:
 
 * ``FASTWS_NO_EXTENSIONS=1`` - skip the extension; fastws then runs on the
@@ -11,6 +14,7 @@ Metadata lives in pyproject.toml.  Environment switches:
   which measures what counting costs.
 """
 
+import glob
 import os
 
 from setuptools import Extension, setup
@@ -42,6 +46,7 @@ if not NO_EXTENSIONS:
             Extension(
                 "fastws._core",
                 ["fastws/_core.pyx"],
+                depends=sorted(glob.glob("fastws/_core_*.pxi")),
                 extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"],
                 define_macros=macros,
             )

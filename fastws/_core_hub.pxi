@@ -1,0 +1,319 @@
+# Part of fastws/_core.pyx (included there, in order): Hub: limits, registry, timer wheel, write coalescing, broadcast.
+
+# ---------------------------------------------------------------- hub
+
+cdef class Hub:
+    """Per-server state shared by its connections: limits, the handshake,
+    the registry of open connections, the per-loop write coalescer, the
+    delivery policy and the frame-level counters.
+
+    Delivery policy (theory of operation).  Each connection's send budget is
+    the transport's write buffer (``high_water`` bytes, after which the
+    transport calls ``pause_writing``) plus fastws's own queue of frames not
+    yet handed to the transport (at most ``max_queue`` bytes).  While a
+    connection is paused its frames stay in that queue; a published message
+    of LOW priority is dropped for it, NORMAL is dropped once the queue is
+    half full, HIGH and control frames are kept.  A connection whose queue
+    passes ``max_queue``, or that stays paused longer than ``slow_grace``
+    seconds while messages keep coming, is closed with 1008 "slow consumer".
+    A paused connection is not read either, which paces a client that floods
+    the server faster than it reads the answers.  So a connection never holds
+    more than ``high_water + max_queue`` bytes of output, whatever it does.
+    """
+
+    cdef public object loop
+    cdef public object handshake       # callable(conn, head: bytes | None) -> None that answers
+                                       # with conn.accept_upgrade/reject_upgrade/hold_upgrade/
+                                       # read_body; None: heads are refused (fronts adopt)
+    cdef public dict connections       # id -> Connection, upgraded and not lost
+    cdef public Py_ssize_t max_message_size
+    cdef public Py_ssize_t max_frame_size
+    cdef public Py_ssize_t max_head_size
+    cdef public double close_timeout
+    cdef public object on_callback_error   # callable(conn, exc): log it
+    cdef public object on_lost         # callable(conn) for a lost connection that joined rooms
+    cdef public object rooms           # the fastws.rooms.Rooms registry of this server
+    # -- delivery policy --
+    cdef public Py_ssize_t high_water  # transport write-buffer high-water mark, bytes
+    cdef public Py_ssize_t max_queue   # hard cap on fastws's own per-connection queue, bytes
+    cdef public double slow_grace      # seconds a connection may stay backed up
+    # -- counters (exported by fastws.metrics) --
+    cdef public unsigned long long messages_in, messages_out, bytes_in, bytes_out
+    cdef public unsigned long long slow_consumer_closes
+    cdef public dict closes            # close code (1000..1015, else "3xxx"/"4xxx"/"other") -> count
+    cdef public dict dropped           # (reason, priority) -> count
+    cdef public unsigned long long handshake_timeouts, ping_timeouts, idle_timeouts
+    cdef public unsigned long long body_timeouts
+    # -- timers: one wheel per hub (see _on_tick) --
+    cdef public double ping_interval   # seconds between server pings (0: no pings)
+    cdef public double ping_timeout    # seconds to wait for proof of life after a ping
+    cdef public double idle_timeout    # close after this long without a message (0: never)
+    cdef public double handshake_timeout  # seconds to complete the opening handshake
+    cdef public double body_timeout    # seconds a plain HTTP request body may take to arrive
+    cdef public double tick            # wheel granularity, seconds
+    cdef list _slots                   # WHEEL_SIZE heads of intrusive lists of Connection
+    cdef Py_ssize_t _waiting           # connections in the wheel
+    cdef long _tick_no                 # ticks since start; the wheel's clock
+    cdef object _tick_handle           # the one TimerHandle of the wheel
+    cdef unsigned long long _next_id
+    cdef list _dirty                   # connections with frames queued this tick
+    cdef bint _scheduled               # a flush is scheduled with call_soon
+    # -- the fast upgrade (see _parse_plain); set by set_fast_upgrade --
+    cdef dict _fast_routes             # path bytes -> (path str, route), or False: ask Python
+    cdef object _fast_default          # the "*" route when it needs no Python decision
+    cdef dict _fast_paths              # interned path str of wildcard-routed paths (bounded)
+    cdef Py_ssize_t _fast_max_conns    # max_connections (0: none); at the cap Python answers 503
+    cdef bint _fast_deflate            # compression on: extension offers go to Python
+    cdef int _fast_origins             # OriginMode: which Origin headers the fast path takes
+    cdef public unsigned long long fast_upgrades   # upgrades decided by the fast path
+
+    def __init__(self, loop, handshake=None, *, max_message_size=1 << 20, max_frame_size=0,
+                 max_head_size=8192, close_timeout=5.0, on_callback_error=None,
+                 high_water=65536, max_queue=1 << 20, slow_grace=5.0,
+                 ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
+                 handshake_timeout=10.0, body_timeout=30.0, tick=None):
+        self.loop = loop
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.body_timeout = body_timeout
+        if tick is None:
+            # fine enough for the shortest timeout configured, at most 1 s
+            shortest = min([t for t in (ping_interval, ping_timeout, idle_timeout,
+                                        handshake_timeout, body_timeout, close_timeout)
+                            if t > 0] or [1.0])
+            tick = max(0.05, min(1.0, shortest / 4))
+        self.tick = tick
+        self._slots = [None] * WHEEL_SIZE
+        self._waiting = 0
+        self._tick_no = 0
+        self._tick_handle = None
+        self.high_water = high_water
+        self.max_queue = max_queue
+        self.slow_grace = slow_grace
+        self.closes = {}
+        self.dropped = {}
+        self.on_lost = None
+        self.handshake = handshake
+        self.connections = {}
+        self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
+        self.max_head_size = max_head_size
+        self.close_timeout = close_timeout
+        self.on_callback_error = on_callback_error
+        self._next_id = 0
+        self._dirty = []
+        self._scheduled = False
+
+    def connection_factory(self):
+        """The protocol factory to hand to ``loop.create_server``."""
+        return Connection(self)
+
+    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False,
+                         origins="*"):
+        """Let plain upgrade requests be answered in C, without calling ``handshake``.
+
+        ``routes`` maps exact paths (str) to a route object, or to None when
+        that path needs the Python handshake (an ``on_connect`` to run ...);
+        ``default`` is the route for every other path (None: ask Python).
+        The fast path only takes requests that ``fastws.handshake.parse_fast``
+        accepts and validates, and answers them exactly as the Python
+        handshake would for a route without ``on_connect``: no subprotocol,
+        no extension.  With ``deflate`` True a request offering extensions
+        goes to Python; at ``max_connections`` open connections every request
+        does (so Python answers 503).  ``origins`` says which browser requests
+        the fast path may take (the rest go to Python's origin check):
+        ``"*"`` all, ``"same-host"`` those without Origin or whose Origin is
+        http(s)://<Host>, ``"none"`` only those without Origin.
+        ``routes=None`` turns the fast path off (the server does while it
+        drains).
+        """
+        cdef int mode = _origin_mode(origins)
+        if routes is None:
+            self._fast_routes = None
+            self._fast_default = None
+            return
+        table = {}
+        for path, route in routes.items():
+            table[path.encode("ascii")] = (path, route) if route is not None else False
+        self._fast_routes = table
+        self._fast_default = default
+        self._fast_paths = {}
+        self._fast_max_conns = max_connections
+        self._fast_deflate = deflate
+        self._fast_origins = mode
+
+    # -- the timer wheel ------------------------------------------------------
+    # Theory of operation: one TimerHandle per hub, whatever the number of
+    # connections.  Every ``tick`` seconds the wheel advances one slot; a
+    # connection waiting for something (handshake end, next ping, proof of
+    # life after a ping, the peer's close) sits in the slot of its due tick
+    # (slot = due % WHEEL_SIZE; a due tick more than one turn away stays in
+    # place until its turn), linked through its own _wnext/_wprev fields:
+    # no allocation and O(1) to add or remove.  A connection is in at most
+    # one slot.  Activity does not move a connection: reads just stamp the
+    # current tick number, checked when the connection's slot comes round.
+
+    cdef void _schedule(self, Connection c, double delay, int kind):
+        cdef long due = self._tick_no + <long>(delay / self.tick + 0.999999)
+        cdef Py_ssize_t idx
+        if due <= self._tick_no:
+            due = self._tick_no + 1
+        if c._due_tick >= 0:
+            self._unlink(c)
+        c._due_tick = due
+        c._due_kind = kind
+        idx = due % WHEEL_SIZE
+        head = self._slots[idx]
+        c._wprev = None
+        c._wnext = head
+        if head is not None:
+            (<Connection>head)._wprev = c
+        self._slots[idx] = c
+        self._waiting += 1
+        if self._tick_handle is None:
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+
+    cdef void _unlink(self, Connection c):
+        if c._wprev is not None:
+            c._wprev._wnext = c._wnext
+        else:
+            self._slots[c._due_tick % WHEEL_SIZE] = c._wnext
+        if c._wnext is not None:
+            c._wnext._wprev = c._wprev
+        c._wnext = None
+        c._wprev = None
+        self._waiting -= 1
+
+    cdef void _unschedule(self, Connection c):
+        if c._due_tick >= 0:
+            self._unlink(c)
+            c._due_tick = -1
+            c._due_kind = T_NONE
+
+    def _on_tick(self):
+        cdef Connection c, nxt
+        cdef list due = []
+        self._tick_handle = None
+        self._tick_no += 1
+        head = self._slots[self._tick_no % WHEEL_SIZE]
+        c = <Connection>head if head is not None else None
+        while c is not None:
+            nxt = c._wnext
+            if c._due_tick <= self._tick_no:
+                self._unlink(c)
+                c._due_tick = -1
+                due.append(c)
+            c = nxt
+        for c in due:
+            try:
+                c._timer_fired()
+            except Exception as exc:
+                _log.error("fastws: timer callback failed", exc_info=exc)
+        if self._tick_handle is None and self._waiting > 0:
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+
+    def stop_timers(self):
+        """Cancel the wheel's loop timer (shutdown)."""
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+
+    @property
+    def scheduled(self):
+        """How many connections wait in the timer wheel (for tests)."""
+        return self._waiting
+
+    cdef inline void _mark_dirty(self, Connection c):
+        self._dirty.append(c)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush_all)
+
+    def _flush_all(self):
+        cdef Connection c
+        cdef list dirty = self._dirty
+        self._dirty = []
+        self._scheduled = False
+        for c in dirty:
+            c._flush()
+
+    def stats(self):
+        """Counters and gauges for metrics (a new dict; O(connections))."""
+        cdef Connection c
+        cdef Py_ssize_t total = 0, largest = 0, q
+        for c in self.connections.values():
+            q = c._wq_size
+            if c.transport is not None and c._wpaused:
+                q += c.transport.get_write_buffer_size()
+            total += q
+            if q > largest:
+                largest = q
+        return {
+            "connections": len(self.connections),
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "closes": dict(self.closes),
+            "dropped": dict(self.dropped),
+            "slow_consumer_closes": self.slow_consumer_closes,
+            "queued_bytes_total": total,
+            "queued_bytes_max": largest,
+        }
+
+    cdef void _count_drop(self, str reason, int priority):
+        key = (reason, priority)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+
+    def broadcast(self, message, connections, exclude=None, int priority=PRIO_NORMAL):
+        """``broadcast_frame`` of ``message``: str as TEXT (its UTF-8),
+        bytes-like as BINARY."""
+        if type(message) is str:
+            return self._broadcast(OP_TEXT, (<str>message).encode("utf-8"), connections,
+                                   exclude, priority)
+        if type(message) is bytes:
+            return self._broadcast(OP_BINARY, <bytes>message, connections, exclude, priority)
+        if isinstance(message, (bytearray, memoryview)):
+            return self._broadcast(OP_BINARY, bytes(message), connections, exclude, priority)
+        raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
+
+    def broadcast_frame(self, int opcode, payload, connections, exclude=None,
+                        int priority=PRIO_NORMAL):
+        """Queue one frame of ``opcode`` (TEXT or BINARY) around ``payload``
+        (bytes already encoded; a text payload is trusted to be UTF-8,
+        nothing is decoded) on every open connection of ``connections`` (an
+        iterable of Connection) except ``exclude``, under the delivery policy
+        for ``priority``.  The frame is built once; a connection with
+        permessage-deflate gets its own compressed one.  Returns the number
+        of connections it was queued on."""
+        if opcode != OP_TEXT and opcode != OP_BINARY:
+            raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
+        return self._broadcast(opcode, payload if type(payload) is bytes else bytes(payload),
+                               connections, exclude, priority)
+
+    cdef int _broadcast(self, int opcode, bytes data, connections, exclude, int priority) except -1:
+        cdef Connection c
+        cdef bytes frame = None
+        cdef int n = 0
+        for c in connections:
+            if c is exclude or c.state != S_OPEN or c._phase != P_OPEN:
+                continue
+            if c._wpaused and not c._admit(priority):
+                continue
+            if c._deflate_params is not None:
+                c._queue(c._compress(opcode, data))
+            else:
+                if frame is None:
+                    frame = _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(data),
+                                    PyBytes_GET_SIZE(data), True, NULL, False)
+                c._queue(frame)
+            n += 1
+        if COUNTERS:
+            self.messages_out += n
+        return n
+
+    @property
+    def open_connections(self):
+        return len(self.connections)
