@@ -266,3 +266,56 @@ def test_batching_envelope_for_members_that_ask_and_single_frames_for_others(ser
             await w.close()
 
     run(main())
+
+
+def test_messages_from_another_node_arrive_byte_exact_compressed_or_not_and_batched(server_factory):
+    """Two nodes on Redis (B negotiates permessage-deflate): what a member on
+    A publishes reaches B's members as it was sent, text as text (non-ASCII,
+    and one past the 64 KiB frame length) and binary as binary, whether B's
+    client compresses or not; a room that batches on B puts the remote text
+    in its envelope for the member that asked and sends it one frame each to
+    the others."""
+    import uuid
+
+    prefix = f"rooms-{uuid.uuid4().hex[:8]}"
+    broker = ("--broker", "redis://127.0.0.1:6379/0", "--broker-prefix", prefix)
+    a = server_factory(*broker, app=APP)
+    b = server_factory(*broker, "--compression", app=APP)
+
+    async def main():
+        pub = await hello(a.url, "x")
+        plain = await websockets.connect(b.url + "room", max_size=None, compression=None)
+        deflated = await websockets.connect(b.url + "room", max_size=None)      # offers deflate
+        assert deflated.response.headers.get("Sec-WebSocket-Extensions", "").startswith("permessage-deflate")
+        for ws in (plain, deflated):
+            await ws.send(json.dumps({"hello": {"room": "x"}}))
+            assert json.loads(await ws.recv())["joined"] == "x"
+        ctl = await hello(b.url, "ctl")
+        await ctl.send(json.dumps({"batching": "xb", "max_batch": 3, "max_delay": 5}))
+        assert json.loads(await ctl.recv()) == {"batching": "xb"}
+        batched = await hello(b.url, "xb", batch=True)
+        single = await hello(b.url, "xb")
+        await pub.send(json.dumps({"join": "xb"}))
+        await asyncio.sleep(0.5)                        # B's subscriptions reach Redis
+        big = "é" * 40_000                               # 80,000 bytes of UTF-8
+        sent = ["héllo ✓", b"\x00\xff\x10", big, "", b""]
+        for m in sent:
+            cmd = {"send": "x", "text": m} if isinstance(m, str) else {"send": "x", "hex": m.hex()}
+            await pub.send(json.dumps(cmd))
+            assert await pub.recv() == m                         # A's own member, locally
+            assert json.loads(await pub.recv()) == {"sent": "x"}
+        for ws in (plain, deflated):
+            got = [await asyncio.wait_for(ws.recv(), 10) for _ in sent]
+            assert got == sent and [type(m) for m in got] == [type(m) for m in sent]
+        for i in range(3):
+            await pub.send(json.dumps({"send": "xb", "text": f"b{i} ✓"}))
+            assert await pub.recv() == f"b{i} ✓"
+            assert json.loads(await pub.recv()) == {"sent": "xb"}
+        env = json.loads(await asyncio.wait_for(batched.recv(), 10))
+        assert env["room"] == "xb" and env["messages"] == ["b0 ✓", "b1 ✓", "b2 ✓"]
+        assert [await asyncio.wait_for(single.recv(), 10) for _ in range(3)] == ["b0 ✓", "b1 ✓", "b2 ✓"]
+        for ws in (pub, plain, deflated, ctl, batched, single):
+            await ws.close()
+
+    run(main())
+

@@ -7,6 +7,8 @@
         publish at r messages/s for s seconds (a loop in the server)
     {"stats": 1}  -> {"hub": hub.stats(), "rooms": n, "count": {...}, "rss": bytes}
     {"join": R} / {"leave": R}
+    {"send": R, "text": t} / {"send": R, "hex": h}   publish t (text) or bytes.fromhex(h)
+        (binary) to R as it is, then {"sent": R}
 Delivery knobs come from FASTWS_TEST_HIGH_WATER / _MAX_QUEUE / _SLOW_GRACE.
 """
 
@@ -82,6 +84,9 @@ def message(conn, data):
         _publish_many(cmd["publish"], cmd.get("count", 1), cmd.get("size", 64),
                       cmd.get("priority", fastws.PRIORITY_NORMAL), cmd.get("ns", ""), cmd.get("pub"))
         conn.send(json.dumps({"published": cmd.get("count", 1)}))
+    elif "send" in cmd:
+        app.publish(cmd["send"], cmd["text"] if "text" in cmd else bytes.fromhex(cmd["hex"]))
+        conn.send(json.dumps({"sent": cmd["send"]}))
     elif "flow" in cmd:
         asyncio.get_running_loop().create_task(
             _flow(cmd["flow"], cmd["rate"], cmd["seconds"], cmd.get("size", 1024),
