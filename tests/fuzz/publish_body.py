@@ -1,0 +1,63 @@
+"""Fuzz target ``publish_body``: the HTTP publish API's request parser.
+
+Run: ``python -m tests.fuzz.publish_body -max_total_time=600 tests/fuzz/corpus/publish_body``
+
+An input is three parts split at the first two newlines::
+
+    <Content-Type header value>\\n<query string>\\n<body ...>
+
+(the first two decoded as latin-1, as both fronts decode header values and
+the ASGI front the query string; a missing part is empty, an empty
+Content-Type line means no header).  ``fastws.publish_api._message`` reads
+the request as ``POST /publish`` (``need_room=True``) and as ``POST
+/connections/{id}`` (``need_room=False``): the only exception that may come
+out is ``_BadRequest`` (the 400 answer).  What it returns is checked too:
+the room (when needed) is a non-empty str, the namespace a str, both encode
+to UTF-8, and the message is bytes or a str that encodes to UTF-8 (it goes
+into a text frame).  The same Content-Type line is also read as an
+``Authorization`` header by ``_bearer`` (None or the token's bytes, never
+an exception).
+"""
+
+from __future__ import annotations
+
+from tests.fuzz import _harness
+
+with _harness.instrumented(__name__ == "__main__", "fastws"):
+    from fastws import publish_api
+    from fastws.handshake import HttpRequest
+
+
+def request_of(data: bytes) -> HttpRequest:
+    ctype, _, rest = data.partition(b"\n")
+    query, _, body = rest.partition(b"\n")
+    headers = [("content-type", ctype.decode("latin-1"))] if ctype else []
+    return HttpRequest("POST", "/publish", query.decode("latin-1"), headers, body)
+
+
+def _check_text(value, what: str) -> None:
+    assert isinstance(value, str), f"{what} is {type(value).__name__}, not str"
+    value.encode("utf-8")      # UnicodeEncodeError: a lone surrogate got through
+
+
+def TestOneInput(data: bytes) -> None:
+    request = request_of(data)
+    for need_room in (True, False):
+        try:
+            room, ns, message = publish_api._message(request, need_room=need_room)
+        except publish_api._BadRequest:
+            continue
+        if need_room:
+            _check_text(room, "the room")
+            assert room, "an empty room name was accepted"
+        _check_text(ns, "the namespace")
+        if isinstance(message, str):
+            _check_text(message, "a text message")
+        else:
+            assert isinstance(message, bytes), f"the message is {type(message).__name__}"
+    token = publish_api._bearer(request.header("content-type"))
+    assert token is None or isinstance(token, bytes)
+
+
+if __name__ == "__main__":
+    _harness.main(TestOneInput)
