@@ -122,7 +122,6 @@ import heapq
 import itertools
 import logging
 import time
-from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import BrokerError
