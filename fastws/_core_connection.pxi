@@ -106,7 +106,7 @@ cdef class Connection(Engine):
                 if self._fast_upgrade(<uint8_t*><char*>_READ_BUFFER, nbytes):
                     return
             self._head_data(memoryview(_READ_BUFFER)[:nbytes])
-        elif self._phase == P_DECIDING:
+        elif self._phase == P_DECIDING and self._head is not None:
             # bytes behind the request head while the server decides
             self._head.extend(memoryview(_READ_BUFFER)[:nbytes])
             self._check_body()
@@ -126,7 +126,7 @@ cdef class Connection(Engine):
         cdef bytearray buf
         if self._phase == P_HANDSHAKE:
             self._head_data(data)
-        elif self._phase == P_DECIDING:
+        elif self._phase == P_DECIDING and self._head is not None:
             self._head.extend(data)
             self._check_body()
         elif self._phase == P_OPEN:

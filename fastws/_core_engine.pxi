@@ -133,6 +133,13 @@ cdef class Engine:
             self._raise_closed()
         return self._start_close(code, reason)
 
+    @property
+    def sent_close(self):
+        """(code, reason) of the close frame ``close()`` produced, or None."""
+        if self._sent_code:
+            return (self._sent_code, self._sent_reason or "")
+        return None
+
     cdef _raise_closed(self):
         if self.close_code is not None:
             raise ConnectionClosed(self.close_code, self.close_reason or "")

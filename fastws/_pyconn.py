@@ -1,9 +1,31 @@
 """Pure-Python twin of ``_core.Hub`` and ``_core.Connection``.
 
-Used when the Cython extension is not built (or ``FASTWS_NO_EXTENSIONS=1``):
-the same connection protocol, driven by the wsproto-backed engine through the
-sans-I/O interface of ``fastws/core.py``.  Same public API and behaviour as
-the Cython classes; slower, and it keeps a small per-connection read buffer.
+Used when the Cython extension is not built (or ``FASTWS_NO_EXTENSIONS=1``).
+It is the same machine as the Cython classes, written in Python over the
+wsproto-backed engine (``fastws._wsproto_engine``): the contract in
+``fastws/core.py`` is theirs, and ``tests/unit/test_connection_contract.py``
+runs both side by side through the same scenarios and compares the bytes
+on the wire, the transport calls, the callbacks and the counters.
+
+The same design, part for part:
+
+* one read buffer for every connection of the process (``get_buffer``
+  hands it out; ``buffer_updated`` takes its bytes out at once);
+* the request head collected until its blank line, then handed to the hub's
+  ``handshake`` (the Python hub has no C fast path: every head goes there);
+* frames parsed and dispatched one at a time (``Engine.receive_iter``), so
+  a callback that closes the connection acts on the frames after its own;
+* a per-connection queue of frames flushed once per loop iteration (one
+  ``call_soon`` per hub), held while the transport is paused;
+* one timer wheel per hub with one loop timer, ticks of the same length
+  chosen by the same formula, the same due-tick arithmetic, the same
+  handshake, body, ping, pong, idle and close deadlines;
+* the same delivery policy, counters and ``connection_lost`` bookkeeping.
+
+What it cannot do, it does another way with the same result: it writes
+through the transport (the Cython connection may ``send(2)`` on the socket
+itself) and copies large payloads out of the read buffer (the Cython one
+may let the kernel read them into the message).
 """
 
 from __future__ import annotations
@@ -17,24 +39,51 @@ from .handshake import error_response
 
 _log = logging.getLogger("fastws")
 
-P_HANDSHAKE, P_DECIDING, P_OPEN, P_DONE = 0, 1, 2, 3
 #: the answer to a request head or body that did not arrive in time
 REQUEST_TIMEOUT = error_response(408, "request timeout")
 #: the answer to a request head on a hub that expects none (no handshake)
 UNEXPECTED_HEAD = error_response(400, "unexpected request")
 
+# One read buffer for every connection of the process: the loop calls
+# get_buffer, reads, then buffer_updated, which copies the bytes out before
+# it returns, so nothing refers to it afterwards.
+_READ_BUFFER = bytearray(256 * 1024)
+
+# Phases of a connection.
+P_HANDSHAKE = 0    # collecting the request head
+P_DECIDING = 1     # head handed to the handshake, answer pending
+P_OPEN = 2         # upgraded: frames flow
+P_DONE = 3         # transport lost
+
+# What to do with the transport once the queue is written.
+END_NONE = 0
+END_CLOSE = 1      # close exchange complete: close the TCP connection
+END_LINGER = 2     # we sent an error close: half-close, wait for the peer's EOF
+END_EOF_SENT = 3   # lingering, FIN already sent
+
+# Timers of the wheel.
+WHEEL_SIZE = 512
+T_NONE = 0
+T_HANDSHAKE = 1    # the opening handshake must be done by then
+T_PING = 2         # time to check activity and maybe ping
+T_PONG = 3         # a ping is out: proof of life must have come by then
+T_CLOSE = 4        # the peer must have answered our close by then
+T_BODY = 5         # a plain HTTP request body must be in by then
+
 
 class Hub:
-    """Per-server state: limits, handshake, registry, write coalescing."""
+    """Per-server state shared by its connections: limits, the handshake,
+    the registry of open connections, the per-loop write coalescer, the
+    timer wheel, the delivery policy and the counters (see ``fastws.core``)."""
+
+    fast_upgrades = 0   # no C fast path here: every head goes to ``handshake``
 
     def __init__(self, loop, handshake=None, *, max_message_size=1 << 20, max_frame_size=0,
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
                  high_water=65536, max_queue=1 << 20, slow_grace=5.0,
                  ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
                  handshake_timeout=10.0, body_timeout=30.0, tick=None):
-        # the pure-Python twin uses one loop timer per waiting connection
-        # instead of the Cython hub's timer wheel: it is the fallback, not
-        # the engine for 100,000 connections
+        self.loop = loop
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.idle_timeout = idle_timeout
@@ -47,18 +96,19 @@ class Hub:
                             if t > 0] or [1.0])
             tick = max(0.05, min(1.0, shortest / 4))
         self.tick = tick
-        self.handshake_timeouts = self.ping_timeouts = self.idle_timeouts = 0
-        self.body_timeouts = 0
-        self.loop = loop
+        # the wheel: per slot, the connections due there in the order they
+        # were put in (walked newest first, as the Cython intrusive lists are)
+        self._slots = [{} for _ in range(WHEEL_SIZE)]
+        self._waiting = 0
+        self._tick_no = 0
+        self._tick_handle = None
         self.high_water = high_water
         self.max_queue = max_queue
         self.slow_grace = slow_grace
+        self.closes = {}          # close code (1000..1015, else "3xxx"/"4xxx"/"other") -> count
+        self.dropped = {}         # (reason, priority) -> count
         self.on_lost = None
         self.rooms = None
-        self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
-        self.slow_consumer_closes = 0
-        self.closes = {}          # close code (1000..1015, else "3xxx"/"4xxx"/"other") -> count
-        self.dropped = {}
         self.handshake = handshake
         self.connections = {}
         self.max_message_size = max_message_size
@@ -66,21 +116,82 @@ class Hub:
         self.max_head_size = max_head_size
         self.close_timeout = close_timeout
         self.on_callback_error = on_callback_error
+        self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
+        self.slow_consumer_closes = 0
+        self.handshake_timeouts = self.ping_timeouts = self.idle_timeouts = 0
+        self.body_timeouts = 0
         self._next_id = 0
         self._dirty = []
         self._scheduled = False
 
     def connection_factory(self):
+        """The protocol factory to hand to ``loop.create_server``."""
         return Connection(self)
 
-    fast_upgrades = 0
+    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False,
+                         origins="*"):
+        """The Cython hub answers plain upgrades in C; this one has no such
+        path: every request head goes to the ``handshake`` callback, which
+        gives the same answers."""
 
-    def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False, origins="*"):
-        """The Cython hub answers plain upgrades in C; this engine has no such
-        path: every request head goes to the ``handshake`` callback."""
+    # -- the timer wheel (see _core_hub.pxi for the theory of operation) ------------
 
-    def _mark_dirty(self, conn):
-        self._dirty.append(conn)
+    def _schedule(self, c, delay, kind):
+        due = self._tick_no + int(delay / self.tick + 0.999999)
+        if due <= self._tick_no:
+            due = self._tick_no + 1
+        if c._due_tick >= 0:
+            self._unlink(c)
+        c._due_tick = due
+        c._due_kind = kind
+        self._slots[due % WHEEL_SIZE][c] = None
+        self._waiting += 1
+        if self._tick_handle is None:
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+
+    def _unlink(self, c):
+        del self._slots[c._due_tick % WHEEL_SIZE][c]
+        self._waiting -= 1
+
+    def _unschedule(self, c):
+        if c._due_tick >= 0:
+            self._unlink(c)
+            c._due_tick = -1
+            c._due_kind = T_NONE
+
+    def _on_tick(self):
+        self._tick_handle = None
+        self._tick_no += 1
+        slot = self._slots[self._tick_no % WHEEL_SIZE]
+        due = []
+        for c in list(reversed(slot)):
+            if c._due_tick <= self._tick_no:
+                self._unlink(c)
+                c._due_tick = -1
+                due.append(c)
+        for c in due:
+            try:
+                c._timer_fired()
+            except Exception as exc:
+                _log.error("fastws: timer callback failed", exc_info=exc)
+        if self._tick_handle is None and self._waiting > 0:
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+
+    def stop_timers(self):
+        """Cancel the wheel's loop timer (shutdown)."""
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+
+    @property
+    def scheduled(self):
+        """How many connections wait in the timer wheel (for tests)."""
+        return self._waiting
+
+    # -- write coalescing --------------------------------------------------------------
+
+    def _mark_dirty(self, c):
+        self._dirty.append(c)
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._flush_all)
@@ -91,52 +202,18 @@ class Hub:
         for c in dirty:
             c._flush()
 
-    def broadcast(self, message, connections, exclude=None, priority=PRIORITY_NORMAL):
-        """``broadcast_frame`` of ``message``: str as TEXT (its UTF-8),
-        bytes-like as BINARY."""
-        if isinstance(message, str):
-            return self.broadcast_frame(TEXT, message.encode("utf-8"), connections, exclude, priority)
-        if isinstance(message, (bytes, bytearray, memoryview)):
-            return self.broadcast_frame(BINARY, bytes(message), connections, exclude, priority)
-        raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
-
-    def broadcast_frame(self, opcode, payload, connections, exclude=None, priority=PRIORITY_NORMAL):
-        """Queue one frame of ``opcode`` (TEXT or BINARY) around the encoded
-        ``payload`` on every open connection of ``connections`` except
-        ``exclude``, under the delivery policy for ``priority``; built once
-        (a connection with deflate gets its own compressed frame).  Returns
-        the number of connections it was queued on."""
-        if opcode != TEXT and opcode != BINARY:
-            raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
-        payload = bytes(payload)
-        n = 0
-        frame = None
-        for c in connections:
-            if c is exclude or c.closed:
-                continue
-            if c._wpaused and not c._admit(priority):
-                continue
-            if c._deflate is not None:  # compressed per connection
-                c._queue(c._engine.encode_message(opcode, payload))
-            else:
-                if frame is None:
-                    frame = engine_mod.encode_frame(opcode, payload)
-                c._queue(frame)
-            n += 1
-        self.messages_out += n
-        return n
-
-    def stop_timers(self):
-        """Cancel the hub's timers (shutdown)."""
+    # -- counters and delivery -----------------------------------------------------------
 
     def stats(self):
+        """Counters and gauges for metrics (a new dict; O(connections))."""
         total = largest = 0
         for c in self.connections.values():
             q = c._wq_size
             if c.transport is not None and c._wpaused:
                 q += c.transport.get_write_buffer_size()
             total += q
-            largest = max(largest, q)
+            if q > largest:
+                largest = q
         return {
             "connections": len(self.connections),
             "messages_in": self.messages_in,
@@ -150,17 +227,65 @@ class Hub:
             "queued_bytes_max": largest,
         }
 
+    def _count_drop(self, reason, priority):
+        key = (reason, priority)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+
+    def broadcast(self, message, connections, exclude=None, priority=PRIORITY_NORMAL):
+        """``broadcast_frame`` of ``message``: str as TEXT (its UTF-8),
+        bytes-like as BINARY."""
+        if isinstance(message, str):
+            return self._broadcast(TEXT, message.encode("utf-8"), connections, exclude, priority)
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            return self._broadcast(BINARY, bytes(message), connections, exclude, priority)
+        raise TypeError(f"message must be str or bytes, not {type(message).__name__}")
+
+    def broadcast_frame(self, opcode, payload, connections, exclude=None, priority=PRIORITY_NORMAL):
+        """Queue one frame of ``opcode`` (TEXT or BINARY) around ``payload``
+        (bytes already encoded; a text payload is trusted to be UTF-8,
+        nothing is decoded) on every open connection of ``connections``
+        except ``exclude``, under the delivery policy for ``priority``.  The
+        frame is built once; a connection with permessage-deflate gets its
+        own compressed one.  Returns the number of connections it was
+        queued on."""
+        if opcode != TEXT and opcode != BINARY:
+            raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
+        return self._broadcast(opcode, bytes(payload), connections, exclude, priority)
+
+    def _broadcast(self, opcode, data, connections, exclude, priority):
+        frame = None
+        n = 0
+        for c in connections:
+            if c is exclude or c.closed:
+                continue
+            if c._wpaused and not c._admit(priority):
+                continue
+            if c._deflate is not None:
+                c._queue(c._engine.encode_message(opcode, data))
+            else:
+                if frame is None:
+                    frame = engine_mod.encode_frame(opcode, data)
+                c._queue(frame)
+            n += 1
+        self.messages_out += n
+        return n
+
     @property
     def open_connections(self):
         return len(self.connections)
 
 
 class Connection:
-    """One WebSocket connection (see ``_core.Connection`` for the API)."""
+    """One WebSocket connection: the protocol the loop drives and the object
+    the application's callbacks receive as ``conn`` (see ``fastws.core``)."""
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub):
         self._hub = hub
-        self._engine = None
+        self._engine = None          # the frame engine, from the upgrade on
+        self._deflate = None         # the negotiated DeflateParams, or None
+        self._state = OPEN           # state, close code and reason before the upgrade
+        self._lost_code = None       # (CLOSED, 1006, "" once lost)
+        self._lost_reason = None
         self.transport = None
         self.id = None
         self.path = None
@@ -168,80 +293,75 @@ class Connection:
         self.subprotocol = None
         self.route = None
         self._phase = P_HANDSHAKE
-        self._head = bytearray()
-        self._buf = bytearray(65536)
-        self._wq = None
-        self._dirty = False
-        self._end_mode = 0        # 0 none, 1 close, 2 linger, 3 linger with FIN sent
-        self._errored = False
+        self._head = None            # request head until the handshake is decided
+        self._wq = None              # frames queued for the next flush
+        self._wq_size = 0
+        self._dirty = False          # registered in the hub's dirty list
+        self._end_mode = END_NONE
+        self._errored = False        # we closed because the peer broke the protocol
         self._store = None
-        self._close_timer = None     # the one loop timer of this connection
-        self._timer_kind = None
-        self._ping_at = 0.0
-        self._last_rx = self._last_msg = 0.0
-        self._reported = False
+        self._due_tick = -1          # the wheel tick this connection waits for
+        self._due_kind = T_NONE
+        self._rx_tick = 0            # wheel tick of the last read (proof of life)
+        self._msg_tick = 0           # wheel tick of the last complete message
+        self._ping_tick = 0          # wheel tick our last ping went out
+        self._reported = False       # on_disconnect has run
         self._body_cb = None
         self._body_size = 0
-        self._wq_size = 0
         self._wpaused = False
         self._paused_at = 0.0
         self.rooms = None
         self.dropped = 0
-        self._deflate = None
-        self.close_code = None
-        self.close_reason = None
 
-    # -- asyncio protocol ------------------------------------------------------
+    # -- asyncio protocol ---------------------------------------------------------------
 
     def connection_made(self, transport):
         self._made(transport)
         if self._hub.handshake_timeout > 0:
-            self._set_timer(self._hub.handshake_timeout, self._handshake_expired)
+            self._hub._schedule(self, self._hub.handshake_timeout, T_HANDSHAKE)
 
     def _made(self, transport):
         self.transport = transport
-        self._last_rx = self._last_msg = self._hub.loop.time()
         if self._hub.high_water != 65536:
             transport.set_write_buffer_limits(high=self._hub.high_water)
 
     def get_buffer(self, sizehint):
-        return self._buf
+        return _READ_BUFFER
 
     def buffer_updated(self, nbytes):
         self._hub.bytes_in += nbytes
-        self._last_rx = self._hub.loop.time()
-        data = bytes(self._buf[:nbytes])
-        if self._phase == P_OPEN:
-            self._input(data)
-        elif self._phase == P_HANDSHAKE:
-            self._head_data(data)
-        elif self._phase == P_DECIDING:
-            self._head.extend(data)
-            self._check_body()
+        self._rx_tick = self._hub._tick_no
+        self._received(bytes(memoryview(_READ_BUFFER)[:nbytes]))
 
     def data_received(self, data):
+        """For transports that do not use the buffered-protocol path."""
         self._hub.bytes_in += len(data)
-        self._last_rx = self._hub.loop.time()
+        self._rx_tick = self._hub._tick_no
         self.feed(data)
 
     def feed(self, data):
-        """Process ``data`` as if read from the transport (protocol hand-over)."""
-        data = bytes(data)
+        """Process ``data`` as if it had been read from the transport."""
+        self._received(bytes(data))
+
+    def _received(self, data):
         if self._phase == P_OPEN:
             self._input(data)
         elif self._phase == P_HANDSHAKE:
             self._head_data(data)
-        elif self._phase == P_DECIDING:
+        elif self._phase == P_DECIDING and self._head is not None:
+            # bytes behind the request head while the server decides
             self._head.extend(data)
             self._check_body()
 
     def read_body(self, size, callback):
-        """Call ``callback(body)`` once ``size`` bytes behind the head are
-        in; 408 and close if they are not in within ``body_timeout``."""
+        """While deciding (a plain HTTP request): call ``callback(body)``
+        once ``size`` bytes behind the head are in.  The body must be in
+        within the hub's ``body_timeout``, else the client gets 408 and the
+        connection is closed."""
         self._body_size = size
         self._body_cb = callback
         if self._hub.body_timeout > 0:
-            self._set_timer(self._hub.body_timeout, self._body_expired)
+            self._hub._schedule(self, self._hub.body_timeout, T_BODY)
         self._check_body()
 
     def _check_body(self):
@@ -253,10 +373,9 @@ class Connection:
             # the handler answers next: bounded by the handshake timeout, and
             # nothing more is read (the answer closes the connection)
             if self._hub.handshake_timeout > 0:
-                self._set_timer(self._hub.handshake_timeout, self._handshake_expired)
-            elif self._close_timer is not None:
-                self._close_timer.cancel()
-                self._close_timer = None
+                self._hub._schedule(self, self._hub.handshake_timeout, T_HANDSHAKE)
+            else:
+                self._hub._unschedule(self)
             if self.transport is not None:
                 self.transport.pause_reading()
             cb(body)
@@ -265,20 +384,25 @@ class Connection:
         return False
 
     def connection_lost(self, exc):
+        hub = self._hub
         phase = self._phase
         self._phase = P_DONE
         self._wq = None
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        hub._unschedule(self)
+        if phase == P_OPEN or phase == P_DONE:
+            hub.connections.pop(self.id, None)
+        eng = self._engine
+        if eng is None:
+            self._state = CLOSED
+            if self._lost_code is None:
+                self._lost_code, self._lost_reason = 1006, ""
+        else:
+            if eng.close_code is None:
+                # we closed (e.g. slow consumer) and the peer never answered
+                eng.close_code, eng.close_reason = eng.sent_close or (1006, "")
+            eng.state = CLOSED
         if phase == P_OPEN:
-            self._hub.connections.pop(self.id, None)
-        if self.close_code is None:
-            sent = getattr(self._engine, "_sent_close", None) if self._engine is not None else None
-            self.close_code, self.close_reason = sent if sent else (1006, "")
-        if phase == P_OPEN:
-            hub = self._hub
-            code = int(self.close_code)
+            code = self.close_code
             if not 1000 <= code <= 1015:   # client-chosen codes share 3 keys: the dict stays small
                 code = "3xxx" if 3000 <= code <= 3999 else ("4xxx" if 4000 <= code <= 4999 else "other")
             hub.closes[code] = hub.closes.get(code, 0) + 1
@@ -293,6 +417,8 @@ class Connection:
         self.transport = None
 
     def pause_writing(self):
+        """The transport's buffer is over high water: keep frames in our own
+        queue, and stop reading this peer until it drains."""
         self._wpaused = True
         self._paused_at = self._hub.loop.time()
         if self.transport is not None and self._phase == P_OPEN:
@@ -306,6 +432,9 @@ class Connection:
                 self._flush()
 
     def _admit(self, priority):
+        """Delivery policy for a published message to a paused connection:
+        True to queue it, False if it is dropped (counted) or the connection
+        is being closed as a slow consumer."""
         hub = self._hub
         if self._wq_size > hub.max_queue or (
                 hub.slow_grace > 0 and hub.loop.time() - self._paused_at > hub.slow_grace):
@@ -313,13 +442,14 @@ class Connection:
             return False
         if priority <= PRIORITY_LOW or (priority == PRIORITY_NORMAL and self._wq_size * 2 > hub.max_queue):
             self.dropped += 1
-            key = ("backpressure", priority)
-            hub.dropped[key] = hub.dropped.get(key, 0) + 1
+            hub._count_drop("backpressure", priority)
             return False
         return True
 
     def _slow_consumer(self):
-        if self.closed:
+        """Close with 1008: discard what is queued, send the close frame past
+        the pause, drop the TCP connection after close_timeout."""
+        if self.state != OPEN:
             return
         self._hub.slow_consumer_closes += 1
         self._wq = None
@@ -329,25 +459,32 @@ class Connection:
             self.transport.write(frame)
         self._arm_close_timer()
 
-    # -- handshake -------------------------------------------------------------
+    # -- the opening handshake ----------------------------------------------------------
 
     def _head_data(self, data):
+        if self._head is None:
+            self._head = bytearray()
         start = max(len(self._head) - 3, 0)
         self._head.extend(data)
         end = self._head.find(b"\r\n\r\n", start)
         limit = self._hub.max_head_size
-        if end < 0 or end + 4 > limit:
-            if end >= 0 or len(self._head) > limit:
+        if end < 0:
+            if len(self._head) > limit:
                 self._phase = P_DECIDING
                 self._decide(None)
             return
         end += 4
+        if end > limit:
+            self._phase = P_DECIDING
+            self._decide(None)
+            return
         head = bytes(self._head[:end])
         del self._head[:end]
         self._phase = P_DECIDING
         self._decide(head)
 
     def _decide(self, head):
+        """Hand the request head (None: over max_head_size) to the hub's handshake."""
         hs = self._hub.handshake
         if hs is None:
             self.reject_upgrade(UNEXPECTED_HEAD)
@@ -355,61 +492,58 @@ class Connection:
             hs(self, head)
 
     def accept_upgrade(self, response, route, path, query_string, subprotocol=None, deflate=None):
-        """Send the 101 ``response``, register, start framing, run on_open,
-        then parse what came after the head.  False if not deciding."""
+        """Called by the handshake: send the 101 ``response``, register,
+        start framing, run on_open, then parse the bytes that came after
+        the head.  False (nothing done) unless deciding on a live transport."""
         if self._phase != P_DECIDING or self.transport is None:
             return False
         self._accept(response, route, path, query_string, subprotocol, deflate)
-        rest, self._head = bytes(self._head), None
-        if not self.transport.is_reading():
+        rest, self._head = self._head, None
+        if self.transport.is_reading() is False:
             self.transport.resume_reading()
         if rest:
-            self._input(rest)
+            self._input(bytes(rest))
         return True
 
     def adopt(self, transport, response, route, path, query_string, subprotocol=None,
               deflate=None, early=b""):
         """Take over ``transport``, whose upgrade request was parsed and
-        decided elsewhere: become its protocol, write ``response``, start
-        framing, run on_open, then parse ``early`` as frames."""
+        decided elsewhere (the ASGI front): become its protocol, take it as
+        ``connection_made`` does, write ``response``, register, start
+        framing, run on_open, then parse ``early`` (bytes read after the
+        head) as frames.  No re-parse, no handshake call."""
         transport.set_protocol(self)
         self._made(transport)
         self._phase = P_DECIDING
         self._head = None
         self._accept(response, route, path, query_string, subprotocol, deflate)
-        if not transport.is_reading():
+        if transport.is_reading() is False:
             transport.resume_reading()
         if early and self._phase == P_OPEN:
             self._input(bytes(early))
 
     def _accept(self, response, route, path, query_string, subprotocol, deflate):
-        self._hub.bytes_out += len(response)
+        hub = self._hub
+        hub.bytes_out += len(response)
         self.transport.write(response)
-        self._engine = engine_mod.Engine(
-            max_message_size=self._hub.max_message_size,
-            max_frame_size=self._hub.max_frame_size,
-            deflate=deflate,
-        )
-        self._deflate = deflate
         self.route = route
         self.path = path
         self.query_string = query_string
         self.subprotocol = subprotocol
-        self._hub._next_id += 1
-        self.id = self._hub._next_id
-        self._hub.connections[self.id] = self
+        self._engine = engine_mod.Engine(max_message_size=hub.max_message_size,
+                                         max_frame_size=hub.max_frame_size, deflate=deflate)
+        self._deflate = deflate
+        hub._next_id += 1
+        self.id = hub._next_id
+        hub.connections[self.id] = self
         self._phase = P_OPEN
-        self._heartbeat()
+        self._rx_tick = self._msg_tick = hub._tick_no
+        self._schedule_heartbeat()
         if route.on_open is not None:
-            try:
-                res = route.on_open(self)
-                if route.open_is_async:
-                    self._hub.loop.create_task(res).add_done_callback(self._task_done)
-            except Exception as exc:
-                self._callback_failed(exc)
+            self._call_open()
 
     def reject_upgrade(self, response):
-        """Answer the request with the HTTP ``response`` and close."""
+        """Called by the handshake: answer with an HTTP error and close."""
         self._head = None
         if self.transport is not None:
             self._hub.bytes_out += len(response)
@@ -417,7 +551,7 @@ class Connection:
             self.transport.close()
 
     def hold_upgrade(self):
-        """Stop reading while an async decision runs."""
+        """Stop reading while an async decision (on_connect) runs."""
         if self.transport is not None:
             self.transport.pause_reading()
 
@@ -434,49 +568,25 @@ class Connection:
     def _hs_read_body(self, size, callback):
         self.read_body(size, callback)
 
-    # -- frames ----------------------------------------------------------------
+    # -- frames ---------------------------------------------------------------------------
 
     def _input(self, data):
-        eng = self._engine
-        # dispatched as each frame is parsed (what a callback does, a close,
-        # acts on the frames after it), answers queued before the callback
-        for ev, out in eng.receive_iter(data):
+        """Parse ``data`` and dispatch each event as its frame is parsed (so
+        what a callback does, a close, acts on the frames after it); the
+        engine's answer to an event (pong, close echo, error close) is
+        queued before the event is acted on, as the Cython engine does."""
+        hub = self._hub
+        for ev, out in self._engine.receive_iter(data):
             if out:
                 self._queue(out)
             kind = ev[0]
             if kind == TEXT or kind == BINARY:
-                self._hub.messages_in += 1
-                self._last_msg = self._last_rx
+                hub.messages_in += 1
+                self._msg_tick = hub._tick_no
                 self._dispatch(ev[1])
             elif kind == ERROR:
                 self._errored = True
-        if eng.state == CLOSED and self._phase == P_OPEN and self._end_mode == 0:
-            self.close_code, self.close_reason = eng.close_code, eng.close_reason
-            if self._errored:
-                self._end_mode = 2
-                self._arm_close_timer()
-            else:
-                self._end_mode = 1
-                if self._close_timer is not None:
-                    self._close_timer.cancel()
-                    self._close_timer = None
-        if self._dirty:
-            self._flush()
-        elif self._end_mode:
-            self._end_transport()
-
-    def _end_transport(self):
-        t = self.transport
-        if t is None:
-            return
-        if self._end_mode == 1:
-            t.close()
-        elif self._end_mode == 2:
-            self._end_mode = 3
-            if t.can_write_eof():
-                t.write_eof()
-            else:
-                t.close()
+        self._after_input()
 
     def _dispatch(self, payload):
         route = self.route
@@ -501,39 +611,82 @@ class Connection:
             self._wq.append(frame)
         self._wq_size += len(frame)
         if self._wpaused:
-            if self._wq_size > self._hub.max_queue and not self.closed:
+            if self._wq_size > self._hub.max_queue and self.state == OPEN:
                 self._slow_consumer()
             return
         if not self._dirty:
             self._dirty = True
             self._hub._mark_dirty(self)
 
+    def _after_input(self):
+        if self.state == CLOSED and self._phase == P_OPEN and self._end_mode == END_NONE:
+            # close exchange finished, or protocol error: write what is queued
+            # (the echo or the error close frame), then end the transport
+            if self._errored:
+                self._end_mode = END_LINGER
+                self._arm_close_timer()
+            else:
+                self._end_mode = END_CLOSE
+                self._hub._unschedule(self)
+        if self._dirty:
+            self._flush()
+        elif self._end_mode != END_NONE:
+            self._end_transport()
+
+    def _end_transport(self):
+        t = self.transport
+        if t is None:
+            return
+        if self._end_mode == END_CLOSE:
+            t.close()
+        elif self._end_mode == END_LINGER:
+            self._end_mode = END_EOF_SENT
+            if t.can_write_eof():
+                t.write_eof()
+            else:
+                t.close()
+
     def _flush(self):
         self._dirty = False
-        if self._wpaused and not self._end_mode:
-            return
-        wq, self._wq = self._wq, None
-        size, self._wq_size = self._wq_size, 0
-        t = self.transport
-        if wq and t is not None:
-            self._hub.bytes_out += size
-            t.write(b"".join(wq))
-        if self._end_mode:
+        if self._wpaused and self._end_mode == END_NONE:
+            return      # held until resume_writing (see the delivery policy)
+        wq, size, t = self._wq, self._wq_size, self.transport
+        if wq is not None:
+            self._wq = None
+            self._wq_size = 0
+            if t is not None:
+                self._hub.bytes_out += size
+                t.write(wq[0] if len(wq) == 1 else b"".join(wq))
+        if self._end_mode != END_NONE:
             self._end_transport()
 
     def _task_done(self, task):
-        if not task.cancelled() and task.exception() is not None:
-            self._callback_failed(task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._callback_failed(exc)
 
     def _callback_failed(self, exc):
+        """An exception in user code: logged once, connection closed 1011."""
         handler = self._hub.on_callback_error
         if handler is not None:
             handler(self, exc)
         else:
             _log.error("fastws: exception in a callback", exc_info=exc)
-        if not self.closed:
+        if self.state == OPEN and self._phase == P_OPEN:
             self._queue(self._engine.close(*CALLBACK_FAILED))
             self._arm_close_timer()
+
+    def _call_open(self):
+        route = self.route
+        try:
+            res = route.on_open(self)
+            if route.open_is_async:
+                task = self._hub.loop.create_task(res)
+                task.add_done_callback(self._task_done)
+        except Exception as exc:
+            self._callback_failed(exc)
 
     def _call_disconnect(self):
         route = self.route
@@ -542,127 +695,159 @@ class Connection:
         try:
             res = route.on_disconnect(self, self.close_code, self.close_reason or "")
             if route.disconnect_is_async:
-                self._hub.loop.create_task(res)
+                task = self._hub.loop.create_task(res)
+                task.add_done_callback(_log_task_error)
         except Exception as exc:
             _log.error("fastws: exception in on_disconnect", exc_info=exc)
 
-    def _set_timer(self, delay, fn):
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-        self._close_timer = self._hub.loop.call_later(delay, fn)
+    # -- timers ---------------------------------------------------------------------------
 
     def _arm_close_timer(self):
-        if self._hub.close_timeout > 0 and self._timer_kind != "close":
-            self._timer_kind = "close"
-            self._set_timer(self._hub.close_timeout, self._close_timeout)
+        if self._due_kind != T_CLOSE and self._hub.close_timeout > 0:
+            self._hub._schedule(self, self._hub.close_timeout, T_CLOSE)
 
-    def _close_timeout(self):
-        self._close_timer = None
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _handshake_expired(self):
-        self._close_timer = None
+    def _timer_fired(self):
+        """The wheel reached this connection's due tick."""
+        hub = self._hub
+        kind = self._due_kind
+        self._due_kind = T_NONE
         if self.transport is None:
             return
-        if self._phase == P_HANDSHAKE and self._head:
-            self._hub.handshake_timeouts += 1
-            self.reject_upgrade(REQUEST_TIMEOUT)      # part of a head came, slowly (slowloris)
-        elif self._phase in (P_HANDSHAKE, P_DECIDING):
-            self._hub.handshake_timeouts += 1
-            self.transport.abort()                # silent client, or no decision in time
+        if kind == T_HANDSHAKE:
+            if self._phase == P_HANDSHAKE and self._head:
+                hub.handshake_timeouts += 1
+                self.reject_upgrade(REQUEST_TIMEOUT)   # part of a head came, slowly (slowloris)
+            elif self._phase == P_HANDSHAKE or self._phase == P_DECIDING:
+                hub.handshake_timeouts += 1
+                self.transport.abort()     # silent client, or no decision in time
+            return
+        if kind == T_BODY:
+            if self._phase == P_DECIDING and self._body_cb is not None:
+                hub.body_timeouts += 1
+                self._body_cb = None
+                self.reject_upgrade(REQUEST_TIMEOUT)   # the request body did not come in time
+            return
+        if kind == T_CLOSE:
+            self.transport.abort()         # the peer never answered our close
+            return
+        if self._phase != P_OPEN or self.state != OPEN:
+            return
+        now = hub._tick_no
+        if hub.idle_timeout > 0 and (now - self._msg_tick) * hub.tick >= hub.idle_timeout:
+            hub.idle_timeouts += 1
+            self.close(*IDLE_TIMEOUT)
+            return
+        if kind == T_PONG:
+            if self._rx_tick >= self._ping_tick:
+                self._schedule_heartbeat()   # alive: the pong (or data) came
+            else:
+                hub.ping_timeouts += 1
+                self.close(*PING_TIMEOUT)
+            return
+        # T_PING: ping only a connection that has been quiet for an interval
+        if hub.ping_interval > 0 and (now - self._rx_tick) * hub.tick >= hub.ping_interval * 0.999:
+            self._ping_tick = now          # anything read from now on is proof of life
+            self._queue(self._engine.ping(b""))
+            hub._schedule(self, hub.ping_timeout, T_PONG)
+        else:
+            self._schedule_heartbeat()
 
-    def _body_expired(self):
-        self._close_timer = None
-        if self.transport is not None and self._phase == P_DECIDING and self._body_cb is not None:
-            self._hub.body_timeouts += 1
-            self._body_cb = None
-            self.reject_upgrade(REQUEST_TIMEOUT)      # the request body did not come in time
-
-    def _heartbeat(self):
+    def _schedule_heartbeat(self):
         hub = self._hub
         d = hub.ping_interval
         if hub.idle_timeout > 0 and (d <= 0 or hub.idle_timeout < d):
             d = hub.idle_timeout
-        self._timer_kind = "ping"
         if d > 0:
-            self._set_timer(d, self._ping_due)
-        elif self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
-
-    def _ping_due(self):
-        self._close_timer = None
-        if self.closed or self.transport is None:
-            return
-        hub = self._hub
-        now = hub.loop.time()
-        if hub.idle_timeout > 0 and now - self._last_msg >= hub.idle_timeout:
-            hub.idle_timeouts += 1
-            self.close(*IDLE_TIMEOUT)
-            return
-        if hub.ping_interval > 0 and now - self._last_rx >= hub.ping_interval * 0.999:
-            self._ping_at = now
-            self._queue(self._engine.ping(b""))
-            self._set_timer(hub.ping_timeout, self._pong_due)
+            hub._schedule(self, d, T_PING)
         else:
-            self._heartbeat()
+            hub._unschedule(self)
 
-    def _pong_due(self):
-        self._close_timer = None
-        if self.closed or self.transport is None:
-            return
-        if self._last_rx >= self._ping_at:
-            self._heartbeat()
-        else:
-            self._hub.ping_timeouts += 1
-            self.close(*PING_TIMEOUT)
-
-    # -- public API ------------------------------------------------------------
+    # -- public API -----------------------------------------------------------------------
 
     @property
     def state(self):
-        return self._engine.state if self._engine is not None else OPEN
+        """OPEN, CLOSING (we sent a close) or CLOSED (the engine's state)."""
+        return self._engine.state if self._engine is not None else self._state
+
+    @property
+    def close_code(self):
+        """The close code once known (the peer's, an error's, ours if the
+        peer never answered, 1006 if lost), else None."""
+        return self._engine.close_code if self._engine is not None else self._lost_code
+
+    @property
+    def close_reason(self):
+        return self._engine.close_reason if self._engine is not None else self._lost_reason
 
     @property
     def closed(self):
         return self._phase != P_OPEN or self._engine.state != OPEN
 
+    def _raise_closed(self):
+        if self.close_code is not None:
+            raise ConnectionClosed(self.close_code, self.close_reason or "")
+        sent = self._engine.sent_close if self._engine is not None else None
+        if sent:
+            raise ConnectionClosed(sent[0], sent[1] or "")
+        raise ConnectionClosed(1006, "")
+
     def send(self, message):
-        if self.closed:
-            if self._engine is not None and self._engine.state != OPEN:
-                self._engine.send(message)  # raises ConnectionClosed with the known code
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+        """Queue ``message`` (str: text frame; bytes: binary frame).  It is
+        written with everything else queued in this loop iteration.
+        Raises ConnectionClosed once the connection is closing or closed."""
+        if self._phase != P_OPEN or self._engine.state != OPEN:
+            self._raise_closed()
         self._hub.messages_out += 1
         self._queue(self._engine.send(message))
 
-    def join(self, room, namespace=None, batch=False):
-        self._hub.rooms.join(self, room, namespace, batch)
-
-    def leave(self, room, namespace=None):
-        self._hub.rooms.leave(self, room, namespace)
-
-    def send_frame(self, frame: bytes):
-        if self.closed:
-            raise ConnectionClosed(self.close_code or 1006, self.close_reason or "")
+    def send_frame(self, frame):
+        """Queue an already encoded frame (see ``encode_frame``)."""
+        if not isinstance(frame, bytes):
+            raise TypeError(f"frame must be bytes, not {type(frame).__name__}")
+        if self._phase != P_OPEN or self._engine.state != OPEN:
+            self._raise_closed()
         self._queue(frame)
 
     def ping(self, payload=b""):
+        """Queue a ping frame."""
+        if self._engine is None:   # not upgraded: nothing is sent
+            if len(bytes(payload)) > 125:
+                raise ValueError("ping payload is limited to 125 bytes")
+            return
         self._queue(self._engine.ping(payload))
 
     def close(self, code=1000, reason=""):
-        if self.closed:
+        """Start the closing handshake; the transport closes when the peer
+        answers, or after ``close_timeout`` seconds.  No-op when closed."""
+        if self._phase != P_OPEN or self._engine.state != OPEN:
             return
         self._queue(self._engine.close(code, reason))
         self._arm_close_timer()
 
+    def join(self, room, namespace=None, batch=False):
+        """Join ``room`` (in the route's namespace unless given)."""
+        self._hub.rooms.join(self, room, namespace, batch)
+
+    def leave(self, room, namespace=None):
+        """Leave ``room``; no-op if not a member."""
+        self._hub.rooms.leave(self, room, namespace)
+
     def abort(self):
+        """Drop the TCP connection at once, without a close handshake."""
         if self.transport is not None:
             self.transport.abort()
 
     @property
     def remote_address(self):
-        return self.transport.get_extra_info("peername") if self.transport is not None else None
+        if self.transport is None:
+            return None
+        return self.transport.get_extra_info("peername")
+
+    @property
+    def timer_state(self):
+        """(due tick, timer kind, last read tick, last ping tick, hub tick):
+        for tests and debugging."""
+        return (self._due_tick, self._due_kind, self._rx_tick, self._ping_tick, self._hub._tick_no)
 
     @property
     def store(self):
@@ -672,3 +857,8 @@ class Connection:
 
     def __repr__(self):
         return f"<fastws.Connection id={self.id} path={self.path!r} state={self.state}>"
+
+
+def _log_task_error(task):
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("fastws: exception in a callback", exc_info=task.exception())

@@ -261,6 +261,11 @@ class Engine:
         # Chunks of the message being reassembled (str for text, bytes for binary).
         self._chunks: list = []
 
+    @property
+    def sent_close(self):
+        """(code, reason) of the close frame ``close()`` produced, or None."""
+        return self._sent_close
+
     # -- receiving ------------------------------------------------------------
 
     def receive(self, data) -> list:
@@ -419,6 +424,9 @@ class Engine:
         elif not errors.is_valid_close_code(code):
             raise ValueError(f"{code} is not a close code that can be sent")
         else:
+            encoded = reason.encode("utf-8")
+            if len(encoded) > 123:  # what goes on the wire, and what is remembered
+                reason = encoded[:123].decode("utf-8", "ignore")
             frame = self._proto.close(code, reason)
         self._sent_close = (code, reason)
         self.state = CLOSING

@@ -212,6 +212,7 @@ same callbacks.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from .frames import (  # noqa: F401  (re-exported: the vocabulary of the contract)
@@ -232,9 +233,11 @@ from .frames import (  # noqa: F401  (re-exported: the vocabulary of the contrac
 )
 from . import _pyconn, _wsproto_engine
 
-try:  # the Cython extension is optional: without it the Python twins run
-    from . import _core
-except ImportError:  # not built
+try:
+    # The Cython extension is optional (not built: the Python twins run), so
+    # it is loaded by name, the one import of fastws that may fail here.
+    _core = importlib.import_module(__package__ + "._core")
+except ImportError:
     _core = None
 
 #: the Config fields that become Hub keyword arguments (see hub_settings)
