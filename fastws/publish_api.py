@@ -67,6 +67,8 @@ def _message(request, *, need_room: bool):
             obj = json.loads(request.body or b"null")
         except ValueError:
             raise _BadRequest("body is not JSON") from None
+        except RecursionError:      # [[[[... : json gives up past the interpreter's recursion limit
+            raise _BadRequest("body is not JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise _BadRequest("body must be a JSON object")
         room, ns = obj.get("room", q.get("room")), obj.get("namespace", q.get("namespace", ""))

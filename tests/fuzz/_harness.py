@@ -20,6 +20,7 @@ atheris, no instrumentation, ``TestOneInput`` is called on each corpus file.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -35,9 +36,17 @@ TARGETS = ("frames", "upgrade", "publish_body", "broker_wire")
 def instrumented(enabled: bool, *packages: str):
     """A context manager: modules of ``packages`` imported inside it get
     atheris' coverage instrumentation when ``enabled`` (the target runs as a
-    fuzzer); a no-op otherwise.  The packages must not be imported yet."""
+    fuzzer); a no-op otherwise.  The packages must not be imported yet.
+
+    With ``FASTWS_FUZZ_NATIVE=1`` the Cython extension is the
+    coverage-instrumented build of :mod:`tests.fuzz.native` (the process
+    re-executes itself once with that build's libFuzzer preloaded)."""
     if not enabled:
         return contextlib.nullcontext()
+    if os.environ.get("FASTWS_FUZZ_NATIVE") == "1":
+        from tests.fuzz import native
+
+        native.install()
     import atheris
 
     already = [p for p in packages if p in sys.modules]

@@ -269,6 +269,9 @@ def publish_seeds() -> dict:
         "json-not-utf8": body(j, "", b'{"room": "\xff"}'),
         "json-empty-body": body(j, "room=r", b""),
         "json-nested": body(j, "", b'{"room": "r", "text": "x", "extra": [[[[{"a": [1e999, -0.0]}]]]]}'),
+        # past the recursion limit: json raised RecursionError (a 500) until publish_api caught it
+        "json-deeply-nested-array": body(j, "room=r", b"[" * 3000),
+        "json-deeply-nested-object": body(j, "", b'{"room": "r", "text": "x", "a":' + b'{"a":' * 1500),
         "raw-text": body("text/plain", "room=lobby", b"plain text body"),
         "raw-binary": body("application/octet-stream", "room=lobby&namespace=ns", bytes(range(256))),
         "raw-no-content-type": body("", "room=r", "é".encode()),
