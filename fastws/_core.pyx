@@ -84,7 +84,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 import logging as _logging
 import zlib as _zlib
 
-from .errors import (CLOSE_REASONS as _CLOSE_REASONS, ConnectionClosed, HandshakeError,
+from .errors import (CLOSE_REASONS as _CLOSE_REASONS, ConnectionClosed as _ConnectionClosed,
                      CALLBACK_FAILED as _CALLBACK_FAILED, SLOW_CONSUMER as _SLOW_CONSUMER,
                      PING_TIMEOUT as _PING_TIMEOUT, IDLE_TIMEOUT as _IDLE_TIMEOUT)
 from .handshake import error_response as _error_response

@@ -142,10 +142,10 @@ cdef class Engine:
 
     cdef _raise_closed(self):
         if self.close_code is not None:
-            raise ConnectionClosed(self.close_code, self.close_reason or "")
+            raise _ConnectionClosed(self.close_code, self.close_reason or "")
         if self._sent_code:
-            raise ConnectionClosed(self._sent_code, self._sent_reason or "")
-        raise ConnectionClosed(1006, "")
+            raise _ConnectionClosed(self._sent_code, self._sent_reason or "")
+        raise _ConnectionClosed(1006, "")
 
     # ---------------------------------------------------------- internals
 

@@ -35,6 +35,7 @@ Engine: sans-I/O frame engine (server side of RFC 6455)
     frame = engine.close(code=1000, reason="")   # starts the close handshake
     engine.state                    # OPEN, CLOSING (we sent close), CLOSED
     engine.close_code, engine.close_reason      # once known, else None
+    engine.sent_close               # (code, reason) of our close frame, or None
 
 Events are tuples whose first item is the kind:
 
@@ -52,7 +53,10 @@ Events are tuples whose first item is the kind:
                               engine is CLOSED and ignores further input
 
 Ownership: ``receive`` copies what it keeps; every payload it hands out is
-an owned ``bytes``/``str``.  ``send``/``encode_message``/``ping``/``close``
+an owned ``bytes``/``str``.  The wsproto engine also offers
+``receive_iter(data)``, yielding ``(event, answer_bytes)`` one frame at a
+time, so that ``_pyconn`` can dispatch while parsing as the Cython
+connection does.  ``send``/``encode_message``/``ping``/``close``
 return new ``bytes``; nothing refers to the caller's buffers afterwards.
 
 Limits (0 means unlimited), checked on the lengths the frame headers declare,
@@ -139,7 +143,9 @@ no byte read since -> close ``errors.PING_TIMEOUT``), the close deadline
 (``close_timeout`` after our close frame or a protocol error -> abort).  A
 connection quiet for a whole ``ping_interval`` gets a ping; one without a
 message for ``idle_timeout`` is closed with ``errors.IDLE_TIMEOUT``.
-Times are measured in whole ticks, so a deadline fires up to one tick late.
+Times are counted in whole ticks of the wheel (a deadline may fire up to
+a tick early or late); activity does not move a connection in the wheel,
+reads and messages just stamp the current tick.
 
 Delivery policy: a connection's output is the transport's buffer (up to
 ``high_water``, then the transport calls ``pause_writing``) plus the
@@ -186,8 +192,9 @@ message; an exception in it (or in ``on_open``, or in the task of an async
 one) goes to ``hub.on_callback_error(conn, exc)`` (else it is logged) and
 closes the connection with ``errors.CALLBACK_FAILED``.
 ``on_disconnect(conn, code, reason)`` runs exactly once, when an open
-connection is lost, with the close code: the peer's close frame, else the
-one we sent, else 1006.
+connection is lost, with its close code and reason: the peer's close frame
+(or the protocol error's code and canonical reason), else the close frame
+we sent if the peer never answered, else 1006 and "".
 
 API for the application: ``send(message)`` (str text, bytes binary; raises
 ConnectionClosed once closing), ``send_frame(frame)`` (an encoded frame),

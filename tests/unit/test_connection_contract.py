@@ -1329,3 +1329,65 @@ def test_on_open_sends_and_closes():
     assert rig.frames("a") == [(TEXT, b"welcome"), (CLOSE, struct.pack("!H", 4002) + b"full")]
     assert ("a", "on_message", "read while closing") in rig.log
     assert ("a", "on_disconnect", 4002, "") in rig.log
+
+
+# -- the stub file ------------------------------------------------------------------------------
+
+
+def _stub():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(core.__file__).parent / "_core.pyi").read_text())
+    module, classes = {}, {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign):
+            module[node.target.id] = None
+        elif isinstance(node, ast.FunctionDef):
+            module[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            members = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign):
+                    members[item.target.id] = None
+                elif isinstance(item, ast.FunctionDef):
+                    members[item.name] = item
+            classes[node.name] = members
+    return module, classes
+
+
+def _params(fn):
+    a = fn.args
+    return [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+
+
+def test_stub_matches_the_extension():
+    """_core.pyi names what _core exports, with the same parameters."""
+    cy = load("cython")
+    module, classes = _stub()
+    runtime = {n for n in dir(cy) if not n.startswith("_")}
+    stubbed = {n for n in list(module) + list(classes) if not n.startswith("_")}
+    assert stubbed == runtime
+    for name, fn in module.items():
+        obj = getattr(cy, name)
+        if fn is not None:
+            assert _params(fn) == list(inspect.signature(obj).parameters), name
+    for cls_name, members in classes.items():
+        if cls_name.startswith("_"):
+            continue
+        cls = getattr(cy, cls_name)
+        own = {n for n in vars(cls) if not n.startswith("_")}
+        assert {n for n in members if not n.startswith("_")} == own, cls_name
+        for name, fn in members.items():
+            if fn is None or name == "__init__":
+                continue
+            attr = vars(cls)[name]
+            if callable(attr):
+                assert _params(fn) == list(inspect.signature(attr).parameters), (cls_name, name)
+    # __init__ of a cdef class has no introspectable signature: the twin's has
+    py = load("wsproto")
+    for cls_name in ("Hub", "Connection"):
+        assert _params(classes[cls_name]["__init__"]) == \
+            list(inspect.signature(getattr(py, cls_name).__init__).parameters), cls_name
+    engine = core.engine_module("wsproto").Engine
+    assert _params(classes["Engine"]["__init__"]) == list(inspect.signature(engine.__init__).parameters)
