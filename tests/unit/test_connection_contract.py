@@ -1179,8 +1179,9 @@ def test_callback_exceptions_close_1011(where):
 
 def test_on_disconnect_once_with_the_right_code():
     def scenario(rig):
+        rig.hub.on_lost = lambda conn: rig.log.append((rig.name_of(conn), "on_lost", conn.rooms))
         a = upgraded(rig, "aborted")
-        upgraded(rig, "closed")
+        upgraded(rig, "closed").rooms = ("room-1",)    # as if it had joined a room
         a.abort()
         a.abort()
         rig.loop.run()
@@ -1192,6 +1193,7 @@ def test_on_disconnect_once_with_the_right_code():
     rig = both(scenario)
     disconnects = [e for e in rig.log if e[1] == "on_disconnect"]
     assert disconnects == [("aborted", "on_disconnect", 1006, ""), ("closed", "on_disconnect", 1000, "bye")]
+    assert [e for e in rig.log if e[1] == "on_lost"] == [("closed", "on_lost", ("room-1",))]
     assert rig.hub.stats()["closes"] == {1006: 1, 1000: 1}
 
 
