@@ -120,9 +120,9 @@ cdef class Connection(Engine):
         self.feed(data)
 
     def feed(self, data):
-        """Process ``data`` as if it had been read from the transport: for a
-        protocol that hands its transport (and the bytes it already read, the
-        request head included) over to a fastws Connection."""
+        """Process ``data`` as if it had been read from the transport (not
+        counted in bytes_in).  A protocol that hands over a transport whose
+        upgrade it decided itself uses ``adopt`` instead."""
         cdef bytearray buf
         if self._phase == P_HANDSHAKE:
             self._head_data(data)
