@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import resource
 import sys
 
 import click
+
+from fastws.app import App
+from fastws.config import Config, mask_url
+from fastws.errors import ConfigError, ServerStartError
+from fastws.runner import run
+
+from .bench import bench
 
 EXIT_USAGE = 2
 EXIT_LISTEN = 1
@@ -24,8 +32,6 @@ def load_app(path: str, interface: str = "auto"):
     Returns ``(kind, obj)``: kind is "fastws" for a fastws.App, "asgi" for an
     ASGI 3 application (any other callable, or ``--interface asgi``).
     """
-    from fastws.app import App
-
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise click.UsageError(f"app must be given as MODULE:ATTRIBUTE, got {path!r}")
@@ -60,8 +66,6 @@ def _config_options(fn):
     Every option defaults to None (= not given, the lower layers decide) and
     takes its value as a string that ``Config.load`` parses and checks, so a
     bad value gets the same one-line error from every layer."""
-    from fastws.config import Config
-
     for name, default, meta in reversed(Config.knobs()):
         flag = "--" + name.replace("_", "-")
         shown = "no" if default is None else default
@@ -79,9 +83,6 @@ def _config_options(fn):
 
 def build_config(config_file, overrides):
     """Config.load with the CLI's overrides; a bad value -> one line, exit 2."""
-    from fastws.config import Config, mask_url
-    from fastws.errors import ConfigError
-
     try:
         return Config.load(file=config_file, overrides=overrides)
     except ConfigError as exc:
@@ -103,20 +104,11 @@ def serve(app, config_file, interface, **overrides):
     Settings: defaults < --config FILE < FASTWS_* environment < these flags.
     Sizes take units (64KiB, 1MiB), durations too (500ms, 2s, 1m).
     """
-    from fastws.server import ServerStartError, run_server
-
     config = build_config(config_file, overrides)
-    kind, application = load_app(app, interface)
+    _, application = load_app(app, interface)
     try:
-        if kind == "asgi":
-            from fastws.asgi import run_asgi
-
-            run_asgi(application, config)
-        else:
-            run_server(application, config)
+        run(application, config)
     except ServerStartError as exc:
-        from fastws.config import mask_url
-
         click.echo(f"fastws: {mask_url(str(exc))}", err=True)
         sys.exit(EXIT_LISTEN)
 
@@ -136,8 +128,6 @@ def _read(path: str) -> str:
               help="Server memory per idle connection (see bench/README.md).")
 def check(connections, bytes_per_connection):
     """Print the host limits that bound capacity, and what to change for N connections."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     somaxconn = _read("/proc/sys/net/core/somaxconn")
     ports = _read("/proc/sys/net/ipv4/ip_local_port_range").split()
@@ -197,15 +187,9 @@ def config_show(config_file):
     click.echo(config.to_toml(), nl=False)
 
 
-def _register_optional() -> None:
-    try:
-        from .bench import bench
-    except ImportError:
-        return
-    cli.add_command(bench)
-
-
-_register_optional()
+# `fastws bench` needs the [bench] extra's packages only when it runs; the
+# command itself is always there (it says what to install when a peer is missing)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
   disconnections and multiple clients"), copied as it is: a
   ``ConnectionManager`` keeps a list of sockets and ``broadcast`` awaits one
   ``send_text`` per socket.
-* ``/rooms/{room}/ws/{client_id}``: the same chat with ``fastws.asgi_rooms``:
+* ``/rooms/{room}/ws/{client_id}``: the same chat with ``fastws.asgi.rooms``:
   under ``fastws serve`` the server keeps the members and a publish encodes
   the message once and queues the same frame on every member; under uvicorn
   or Starlette's ``TestClient`` it falls back to a loop like the one above.
@@ -17,7 +17,7 @@
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
 
-from fastws import asgi_rooms as rooms
+from fastws.asgi import rooms
 
 app = FastAPI()
 

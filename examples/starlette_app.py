@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from fastws import asgi_rooms as rooms
+from fastws.asgi import rooms
 
 LAST_CLOSE = {}
 

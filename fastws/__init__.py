@@ -10,31 +10,48 @@
 
     fastws.run(app, port=8000)        # or: fastws serve module:app
 
-See README.md for the CLI, rooms and deployment.
+See README.md for the CLI, rooms and deployment.  The package is built in
+four layers, each importing only from the ones below it:
+
+1. :mod:`fastws.frames`, :mod:`fastws.errors`, :mod:`fastws.config` - the
+   shared vocabulary, the exception tree and close codes, every setting;
+2. :mod:`fastws.core` (engines and connections: ``fastws._core`` in Cython,
+   the wsproto twin) and :mod:`fastws.handshake`;
+3. :mod:`fastws.node` - rooms, broker bridge, delivery policy, admission,
+   operations endpoints (and :mod:`fastws.app`, the routes);
+4. the fronts - :mod:`fastws.server` (native), :mod:`fastws.asgi`,
+   :mod:`fastws.runner`, the CLI.
 """
 
-from .app import Accept, App, Reject, run
+from .app import Accept, App, Route
 from .config import Config
 from .core import IMPLEMENTATION
-from .delivery import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 from .errors import (
     ConfigError,
     ConnectionClosed,
     FastWSError,
     HandshakeError,
     ProtocolError,
+    Reject,
+    RoomError,
+    RoomLimitError,
+    RoomNameError,
+    ServerStartError,
 )
+from .frames import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
 from .handshake import Request
-
-__version__ = "0.1.0.dev0"
+from .runner import run, serve
+from .version import __version__
 
 __all__ = [
     "App",
     "Accept",
     "Reject",
     "Request",
+    "Route",
     "Config",
     "run",
+    "serve",
     "IMPLEMENTATION",
     "PRIORITY_LOW",
     "PRIORITY_NORMAL",
@@ -44,4 +61,9 @@ __all__ = [
     "HandshakeError",
     "ConnectionClosed",
     "ConfigError",
+    "RoomError",
+    "RoomLimitError",
+    "RoomNameError",
+    "ServerStartError",
+    "__version__",
 ]

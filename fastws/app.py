@@ -25,20 +25,21 @@ no route of its own.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 
 from .errors import Reject
 from .frames import PRIORITY_NORMAL
-from .handshake import OriginPolicy
-from dataclasses import dataclass, field
 
 
 @dataclass
 class Accept:
-    """Returned by ``on_connect`` to accept with a subprotocol and/or extra
-    response headers (a list of ``(name, value)``)."""
+    """Returned by ``on_connect`` to accept with a subprotocol, extra
+    response headers (a list of ``(name, value)``) and/or initial contents
+    of the connection's ``store`` (e.g. the authenticated user)."""
 
     subprotocol: str | None = None
     headers: list = field(default_factory=list)
+    store: dict | None = None
 
 
 class Route:
@@ -86,30 +87,20 @@ class App:
     frame).
     """
 
-    def __init__(self, *, allowed_origins=None, server_no_context_takeover=False,
-                 client_no_context_takeover=False, high_water=None, max_queue=None,
-                 slow_grace=None) -> None:
+    def __init__(self, **settings) -> None:
+        if settings:
+            names = ", ".join(sorted(settings))
+            raise TypeError(f"App() takes no settings ({names}): every setting lives in fastws.Config; "
+                            f"pass it to fastws.run(app, {next(iter(sorted(settings)))}=...), "
+                            "`fastws serve --flag`, FASTWS_* or the TOML file")
         self.routes: dict[str, Route] = {}
-        #: delivery policy overrides (see fastws.delivery): high_water,
-        #: max_queue (bytes), slow_grace (seconds)
-        self.delivery = {k: v for k, v in (("high_water", high_water), ("max_queue", max_queue),
-                                           ("slow_grace", slow_grace)) if v is not None}
         #: plain HTTP routes served on the same port: (METHOD, path) -> handler
         self.http_routes: dict = {}
-        #: Deprecated: use the ``allowed_origins`` setting (``Config``,
-        #: ``--allowed-origins``, ``FASTWS_ALLOWED_ORIGINS``).  When given,
-        #: these origins replace that setting, checked the same way (see
-        #: fastws.handshake.OriginPolicy: exact origins, ``*``, ``same-host``,
-        #: ``https://*.example.com``); None: the setting decides.  A request
-        #: without an Origin header (not a browser) is always allowed.
-        if isinstance(allowed_origins, str):
-            allowed_origins = [o.strip() for o in allowed_origins.split(",") if o.strip()]
-        self.allowed_origins = set(allowed_origins) if allowed_origins else None
-        if self.allowed_origins is not None:
-            OriginPolicy(self.allowed_origins)   # a bad entry fails here, not at the first request
-        self.server_no_context_takeover = server_no_context_takeover
-        self.client_no_context_takeover = client_no_context_takeover
-        self.server = None  # the running fastws.server.Server, once serving
+        #: callables run when a route is added while serving (the native
+        #: front refreshes its C fast-upgrade table)
+        self.route_listeners: list = []
+        #: the running fastws.node.Node, while serving
+        self.node = None
 
     # -- registration -------------------------------------------------------
 
@@ -137,10 +128,10 @@ class App:
         return r
 
     def _routes_changed(self) -> None:
-        # a route registered while serving: the hub's fast-upgrade table
+        # a route registered while serving: the front's fast-upgrade table
         # (routes that need no Python decision) must follow
-        if self.server is not None:
-            self.server._enable_fast_upgrade()
+        for listener in self.route_listeners:
+            listener()
 
     def on_connect(self, path: str):
         """Decorator: ``fn(request) -> None | Accept | Reject`` (may be async)."""
@@ -190,46 +181,43 @@ class App:
     def match(self, path: str) -> Route | None:
         return self.routes.get(path) or self.routes.get("*")
 
-    # -- running ------------------------------------------------------------
+    # -- while serving ------------------------------------------------------
 
     @property
     def connections(self) -> dict:
         """Open connections of this process by id (empty when not serving)."""
-        return self.server.hub.connections if self.server is not None else {}
+        return self.node.hub.connections if self.node is not None else {}
 
     def broadcast(self, message, connections=None, exclude=None, priority: int = PRIORITY_NORMAL) -> int:
-        """Send ``message`` to ``connections`` (default: every open connection)
-        encoded once; returns how many it was queued on."""
-        if self.server is None:
+        """Send ``message`` to ``connections`` (default: every open connection
+        of this process) encoded once; returns how many it was queued on."""
+        if self.node is None:
             return 0
-        hub = self.server.hub
+        hub = self.node.hub
         return hub.broadcast(message, hub.connections.values() if connections is None else connections,
                              exclude, priority)
 
     @property
     def rooms(self):
-        """The server's :class:`fastws.rooms.Rooms` (None when not serving)."""
-        return self.server.rooms if self.server is not None else None
+        """The node's :class:`fastws.rooms.Rooms` (None when not serving)."""
+        return self.node.rooms if self.node is not None else None
 
     def publish(self, room: str, message, *, namespace: str = "", exclude=None,
                 priority: int = PRIORITY_NORMAL) -> int:
-        """Send ``message`` to every member of ``room``, encoded once.
+        """Send ``message`` to every member of ``room``, encoded once, on
+        every worker and node (through the broker when there is one).
 
         ``exclude``: a connection that does not get it (e.g. the sender).
         ``priority``: ``fastws.PRIORITY_LOW``/``NORMAL``/``HIGH``, see
         :mod:`fastws.delivery` for what happens to backed-up members.
-        Returns the room's sequence number for this message (0 if the room
-        has no members here).
+        Returns the room's sequence number for this message on this node
+        (0 if the room has no members here and there is no broker).
+        Raises :class:`fastws.errors.RoomNameError` for a name past
+        ``max_room_name``.
         """
-        if self.server is None:
+        if self.node is None:
             return 0
-        bridge = self.server.bridge
-        if bridge is not None:   # and to the other workers/nodes, through the broker
-            return bridge.publish_nowait(room, message, namespace=namespace, exclude=exclude,
-                                         priority=priority)
-        seq, _ = self.server.rooms.publish(room, message, namespace=namespace,
-                                           exclude=exclude, priority=priority)
-        return seq
+        return self.node.publish(room, message, namespace=namespace, exclude=exclude, priority=priority)
 
     async def resume(self, conn, room: str, since: str | None = None, *, namespace=None,
                      limit: int = 1000) -> bool:
@@ -246,43 +234,20 @@ class App:
         malformed ``since``); messages whose publish did not reach Redis are
         not in the stream, so such members do not get them.
         """
-        resumer = getattr(self.server, "resumer", None)
-        if resumer is None:
-            raise ValueError("resume needs a broker with history: --broker redis+streams://...")
-        return await resumer.resume(conn, room, since, namespace=namespace, limit=limit)
+        if self.node is None:
+            raise ValueError("resume needs a running server with a broker with history "
+                             "(--broker redis+streams://...)")
+        return await self.node.resume(conn, room, since, namespace=namespace, limit=limit)
 
     def send_to(self, conn_id, message) -> bool:
         """Send ``message`` to the connection with id ``conn_id`` on this
-        node; False if there is no such open connection."""
-        conn = self.connections.get(conn_id)
-        if conn is None or conn.closed:
+        node; False if there is no such open connection.  (The HTTP API's
+        ``POST /connections/{id}`` reaches a connection on any node.)"""
+        conn = self.node.connection(conn_id) if self.node is not None else None
+        if conn is None:
             return False
         conn.send(message)
         return True
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-        """Serve until cancelled, inside an already running asyncio loop."""
-        from .config import Config
-        from .server import Server
 
-        server = Server(self, Config(host=host, port=port, **options))
-        await server.start()
-        try:
-            await server.serve_forever()
-        finally:
-            await server.shutdown()
-
-    def run(self, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-        """Blocking: serve on uvloop until SIGINT/SIGTERM."""
-        from .config import Config
-        from .server import run_server
-
-        run_server(self, Config(host=host, port=port, **options))
-
-
-def run(app: App, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Serve ``app`` (blocking) on uvloop; same options as ``fastws serve``."""
-    app.run(host=host, port=port, **options)
-
-
-__all__ = ["App", "Accept", "Reject", "Route", "run"]
+__all__ = ["App", "Accept", "Reject", "Route"]

@@ -32,6 +32,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .origins import OriginPolicy, ops_host_set
 
 ENV_PREFIX = "FASTWS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -98,7 +99,16 @@ class Config:
                                kind="bytes", check=lambda v: v >= 0, allowed="bytes >= 0 (0 = no limit)")
     max_head_size: int = knob(8192, "Largest HTTP request head in bytes; larger ones get 431.",
                               kind="bytes", check=lambda v: v >= 256, allowed="bytes >= 256")
+    max_body_size: int = knob(1 << 20, "Largest HTTP request body in bytes (the publish API, a "
+                              "fastws.App's HTTP routes, an ASGI app's requests); larger ones get 413 "
+                              "(0 = no limit).", kind="bytes", check=lambda v: v >= 0,
+                              allowed="bytes >= 0 (0 = no limit)")
     compression: bool = knob(False, "Negotiate permessage-deflate (RFC 7692).", kind="bool")
+    deflate_server_no_context_takeover: bool = knob(
+        False, "With --compression: the server compresses every message on its own (no "
+        "compression state kept between messages).", kind="bool")
+    deflate_client_no_context_takeover: bool = knob(
+        False, "With --compression: ask clients to compress every message on its own.", kind="bool")
     close_timeout: float = knob(5.0, "Seconds to wait for the peer's close frame.", kind="seconds",
                                 check=lambda v: v >= 0, allowed="seconds >= 0")
     # -- delivery policy (per-connection send budget, see fastws._core.Hub) --
@@ -133,7 +143,7 @@ class Config:
                                 kind="int", check=lambda v: v >= 0, allowed="an integer >= 0")
     retry_after: float = knob(5.0, "Base of the Retry-After hint on 503, seconds (jittered up to twice it).",
                               kind="seconds", check=lambda v: v >= 1, allowed="seconds >= 1")
-    # -- browsers and operations endpoints (see fastws.handshake.OriginPolicy) ----------
+    # -- browsers and operations endpoints (see fastws.origins.OriginPolicy) ----------
     allowed_origins: str = knob("same-host", "Browser pages allowed to open a WebSocket, by their Origin: "
                                 "same-host (the page's host[:port] is the request's Host), * (any), or "
                                 "origins such as https://app.example.com, https://*.example.com, null; "
@@ -413,14 +423,10 @@ def _valid(parse, value) -> bool:
 
 
 def _origin_policy(value):
-    from .handshake import OriginPolicy
-
     return OriginPolicy(value)
 
 
 def _ops_hosts(value):
-    from .handshake import ops_host_set
-
     return ops_host_set(value)
 
 

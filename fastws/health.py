@@ -9,7 +9,7 @@ a process only when it is stuck, never because it is shutting down cleanly.
 
 Checks are a registry that other parts add to::
 
-    server.health.add_check("broker", broker.ping)   # the broker, once it exists
+    node.health.add_check("broker", broker.ping)   # the broker, once it exists
 
 A check is ``fn() -> bool | (bool, detail)`` or an ``async`` function
 returning the same; an exception or a timeout counts as a failure.  The
@@ -122,13 +122,13 @@ def _masked(detail):
 
 
 class Health:
-    """The checks registry and the /health and /livez handlers of one server."""
+    """The checks registry and the /health and /livez handlers of one node."""
 
-    def __init__(self, server) -> None:
-        self.server = server                          # the fastws Server it watches
+    def __init__(self, node) -> None:
+        self.node = node                            # the fastws Node it watches
         self.checks: dict[str, object] = {}           # name -> check function
-        self.monitor = LoopMonitor(server._loop)      # event-loop lag, also read by metrics
-        c = server.config
+        self.monitor = LoopMonitor(node.loop)      # event-loop lag, also read by metrics
+        c = node.config
         self.add_check("draining", self._check_draining)
         if c.health_max_loop_lag > 0:
             self.add_check("loop_lag", self._check_loop_lag)
@@ -165,38 +165,36 @@ class Health:
     # -- built-in checks ----------------------------------------------------------
 
     def _check_draining(self):
-        draining = getattr(self.server, "draining", False)
+        draining = self.node.draining
         return (not draining, "draining: not taking new connections" if draining else "accepting")
 
     def _check_loop_lag(self):
-        lag, limit = self.monitor.lag, self.server.config.health_max_loop_lag
+        lag, limit = self.monitor.lag, self.node.config.health_max_loop_lag
         return (lag <= limit, {"lag_ms": round(lag * 1000, 3), "threshold_ms": round(limit * 1000, 3)})
 
     def _check_memory(self):
-        rss, limit = rss_bytes(), self.server.config.health_max_memory
+        rss, limit = rss_bytes(), self.node.config.health_max_memory
         return (rss <= limit, {"rss_bytes": rss, "limit_bytes": limit})
 
     # -- lifecycle and HTTP ----------------------------------------------------------
 
     def start(self) -> None:
         self.monitor.start()
-        if self.server.config.health:
-            if ("GET", "/health") not in self.server.http_routes:   # the app's own route wins
-                self.server.add_http_route("GET", "/health", self.handle_health)
-            if ("GET", "/livez") not in self.server.http_routes:   # the app's own route wins
-                self.server.add_http_route("GET", "/livez", self.handle_livez)
+        if self.node.config.health:
+            self.node.routes.add("GET", "/health", self.handle_health)   # the app's own route wins
+            self.node.routes.add("GET", "/livez", self.handle_livez)   # the app's own route wins
 
     def stop(self) -> None:
         self.monitor.stop()
 
     async def handle_health(self, request):
         ok, checks = await self.run_checks()
-        hub = self.server.hub
+        hub = self.node.hub
         body = {
-            "status": "healthy" if ok else ("draining" if getattr(self.server, "draining", False)
+            "status": "healthy" if ok else ("draining" if self.node.draining
                                               else "unhealthy"),
             "connections": len(hub.connections) if hub is not None else 0,
-            "memory": {"rss_bytes": rss_bytes(), "limit_bytes": self.server.config.health_max_memory},
+            "memory": {"rss_bytes": rss_bytes(), "limit_bytes": self.node.config.health_max_memory},
             "loop_lag_ms": round(self.monitor.lag * 1000, 3),
             "checks": checks,
         }

@@ -8,8 +8,8 @@
   reconnect storm is answered with cheap 503s instead of taking the process
   down. Every refusal carries a jittered ``Retry-After`` so refused clients
   do not come back in lockstep;
-* ``reconnect_hint`` is the close reason a draining server sends: how long
-  this client should wait before reconnecting, spread with jitter.
+* ``jittered`` spreads a delay (the ``Retry-After`` of a refusal, the
+  reconnect hint a draining node sends, see ``fastws.errors.RESTARTING``).
 """
 
 from __future__ import annotations
@@ -83,9 +83,3 @@ class Admission:
 
     def _retry(self) -> int:
         return max(1, round(jittered(self.retry_after, self.retry_after)))
-
-
-def reconnect_hint(base: float, spread: float) -> tuple[float, str]:
-    """(delay, close reason) for a client of a draining server."""
-    delay = jittered(base, spread)
-    return delay, f"server restarting; reconnect in {delay:.1f}s"

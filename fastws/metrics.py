@@ -62,17 +62,17 @@ counts twice).
 
 Where each number comes from, so another component can feed it:
 
-* ``server.hub.stats()`` -> dict with ``connections, messages_in,
+* ``node.hub.stats()`` -> dict with ``connections, messages_in,
   messages_out, bytes_in, bytes_out, closes ({code: n}), dropped
   ({(reason, priority): n}), slow_consumer_closes, queued_bytes_total,
   queued_bytes_max`` and, optionally, ``latency_ms_buckets`` (non-cumulative
   counts per bucket of :data:`LATENCY_BUCKETS_MS` plus one for +Inf) with
   ``latency_ms_sum``.  A hub without ``stats()`` yields the connection count
   only.
-* ``server.hub.handshake_timeouts``, ``ping_timeouts``, ``idle_timeouts``.
-* ``server.handshakes`` -> {HTTP status: n}.
-* ``server.rooms`` -> ``len()`` is the number of rooms with local members.
-* ``server.broker`` -> ``stats()`` returns ``publishes, failures, reconnects``.
+* ``node.hub.handshake_timeouts``, ``ping_timeouts``, ``idle_timeouts``.
+* ``node.handshakes`` -> {HTTP status: n}.
+* ``node.rooms`` -> ``len()`` is the number of rooms with local members.
+* ``node.broker`` -> ``stats()`` returns ``publishes, failures, reconnects``.
 """
 
 from __future__ import annotations
@@ -87,8 +87,18 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from . import core
 from .health import LATENCY_BUCKETS_MS  # noqa: F401  (histogram bounds, ms; re-exported)
-from .supervisor import METRICS_DIR_ENV, worker_metrics_file
+from .version import __version__
+
+#: Environment variable naming the directory of the workers' metric snapshots
+#: (set by the supervisor of ``--workers N``, inherited by every worker).
+METRICS_DIR_ENV = "FASTWS_METRICS_DIR"
+
+
+def worker_metrics_file(directory: str, index) -> str:
+    """Where worker ``index`` writes its metric snapshot."""
+    return os.path.join(directory, f"worker-{index}.json")
 
 log = logging.getLogger("fastws")
 
@@ -123,40 +133,31 @@ def close_label(code) -> str:
     return "other"
 
 
-def snapshot(server) -> dict:
+def snapshot(node) -> dict:
     """Every number the metrics and the stats page show, read once (O(connections))."""
-    hub = server.hub
-    if hub is None:
-        stats = {}
-    elif hasattr(hub, "stats"):
-        stats = hub.stats()
-    else:
-        stats = {"connections": len(hub.connections)}
+    hub = node.hub
     snap = dict(_HUB_DEFAULTS)
-    snap.update(stats)
-    snap["handshakes"] = dict(getattr(server, "handshakes", {}))
-    fast = getattr(hub, "fast_upgrades", 0)   # upgrades the hub answered in C
+    if hub is not None:
+        snap.update(hub.stats())
+    snap["handshakes"] = dict(node.handshakes)
+    fast = hub.fast_upgrades if hub is not None else 0   # upgrades the hub answered in C
     if fast:
         snap["handshakes"][101] = snap["handshakes"].get(101, 0) + fast
-    snap["timeouts"] = {kind: getattr(hub, kind + "_timeouts", 0) for kind in ("handshake", "ping", "idle")}
-    rooms = getattr(server, "rooms", None)
-    try:
-        snap["rooms"] = len(rooms) if rooms is not None else 0
-    except TypeError:
-        snap["rooms"] = 0
-    broker = getattr(server, "broker", None)
-    bstats = broker.stats() if broker is not None and hasattr(broker, "stats") else {}
+    snap["timeouts"] = {kind: getattr(hub, kind + "_timeouts", 0) if hub is not None else 0
+                        for kind in ("handshake", "body", "ping", "idle")}
+    rooms = node.rooms
+    snap["rooms"] = len(rooms) if rooms is not None else 0
+    bstats = node.broker.stats() if node.broker is not None else {}
     for key in ("publishes", "failures", "reconnects"):
         snap["broker_" + key] = bstats.get(key, 0)
-    refused = getattr(rooms, "refused", None) or {}
+    refused = rooms.refused if rooms is not None else {}
     snap["room_refusals_limit"] = refused.get("limit", 0)
     snap["room_refusals_name"] = refused.get("name", 0)
-    bridge = getattr(server, "bridge", None)
-    subs = bridge.subscription_state() if bridge is not None and hasattr(bridge, "subscription_state") else {}
+    subs = node.bridge.subscription_state() if node.bridge is not None else {}
     snap["broker_subscribe_failures"] = subs.get("subscribe_failures", 0)
     snap["broker_unsubscribe_failures"] = subs.get("unsubscribe_failures", 0)
     snap["broker_subscriptions_failing"] = subs.get("failing", 0)
-    health = getattr(server, "health", None)
+    health = node.health
     snap["loop_lag"] = health.monitor.lag if health is not None else 0.0
     if "latency_ms_buckets" not in snap and health is not None:   # sampled loop delay (see above)
         snap["latency_ms_buckets"] = list(health.monitor.latency_ms_buckets)
@@ -224,8 +225,8 @@ class WorkerSnapshots:
     """This worker's side of the aggregation: writes its snapshot every
     :data:`WRITE_INTERVAL` seconds, reads the other workers' at scrape time."""
 
-    def __init__(self, server, directory: str, worker: str) -> None:
-        self.server = server
+    def __init__(self, node, directory: str, worker: str) -> None:
+        self.node = node
         self.directory = directory
         self.worker = worker
         self.path = worker_metrics_file(directory, worker)
@@ -233,7 +234,7 @@ class WorkerSnapshots:
         self._warned = False
 
     def start(self) -> None:
-        self._handle = self.server._loop.call_soon(self._tick)
+        self._handle = self.node.loop.call_soon(self._tick)
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -241,12 +242,12 @@ class WorkerSnapshots:
             self._handle = None
 
     def _tick(self) -> None:
-        self._handle = self.server._loop.call_later(WRITE_INTERVAL, self._tick)
+        self._handle = self.node.loop.call_later(WRITE_INTERVAL, self._tick)
         self.write()
 
     def write(self) -> None:
         doc = {"worker": self.worker, "pid": os.getpid(), "time": time.time(),
-               "snap": portable(snapshot(self.server))}
+               "snap": portable(snapshot(self.node))}
         tmp = self.path + ".tmp"
         try:
             with open(tmp, "w") as fh:
@@ -281,35 +282,33 @@ class WorkerSnapshots:
 class FastwsCollector:
     """Reads :func:`snapshot` at scrape time and yields the metric families."""
 
-    def __init__(self, server, workers: WorkerSnapshots | None = None) -> None:
-        self.server = server
+    def __init__(self, node, workers: WorkerSnapshots | None = None) -> None:
+        self.node = node
         self.workers = workers        # set with --workers N: aggregate over every worker
-        c = server.config
+        c = node.config
         self.region = c.region
-        self.server_id = c.server_id or socket.gethostname()
+        self.node_id = c.server_id or socket.gethostname()
 
     def describe(self):
         return []  # generated at scrape time; nothing to check at registration
 
     def collect(self):
-        from . import __version__, core
-
         per_worker = None
         if self.workers is None:
-            s = snapshot(self.server)
+            s = snapshot(self.node)
         else:
             now = time.time()
             per_worker = [{"worker": self.workers.worker, "pid": os.getpid(), "time": now,
-                           "snap": portable(snapshot(self.server))}] + self.workers.others()
+                           "snap": portable(snapshot(self.node))}] + self.workers.others()
             s = merge([d["snap"] for d in per_worker])
         info = GaugeMetricFamily("fastws_info", "fastws build and identity",
                                  labels=["version", "engine", "region", "server_id"])
-        info.add_metric([__version__, core.IMPLEMENTATION, self.region, self.server_id], 1)
+        info.add_metric([__version__, core.IMPLEMENTATION, self.region, self.node_id], 1)
         yield info
 
         g = GaugeMetricFamily("websocket_connections_total", "Open WebSocket connections",
                               labels=["region", "server_id"])
-        g.add_metric([self.region, self.server_id], s["connections"])
+        g.add_metric([self.region, self.node_id], s["connections"])
         yield g
 
         buckets = s.get("latency_ms_buckets")
@@ -420,19 +419,18 @@ class FastwsCollector:
 
 
 class Metrics:
-    """The /metrics endpoint of one server."""
+    """The /metrics endpoint of one node."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, node) -> None:
         self.registry = CollectorRegistry(auto_describe=False)   # ours, not the global one
         self.workers = None
         directory, worker = os.environ.get(METRICS_DIR_ENV), os.environ.get("FASTWS_WORKER")
         if directory and worker is not None and os.path.isdir(directory):   # under the supervisor
-            self.workers = WorkerSnapshots(server, directory, worker)
+            self.workers = WorkerSnapshots(node, directory, worker)
             self.workers.start()
-        self.registry.register(FastwsCollector(server, self.workers))
+        self.registry.register(FastwsCollector(node, self.workers))
         ProcessCollector(registry=self.registry)                 # process_resident_memory_bytes, fds, cpu
-        if ("GET", "/metrics") not in server.http_routes:   # the app's own route wins
-            server.add_http_route("GET", "/metrics", self.handle)
+        node.routes.add("GET", "/metrics", self.handle)   # the app's own route wins
 
     def stop(self) -> None:
         if self.workers is not None:

@@ -1,5 +1,5 @@
 """HTTP publish API on the WebSocket port, for backends that push without a
-WebSocket: ``register(server, bridge, token)``.
+WebSocket: ``register(node, token)``.
 
 ``POST /publish``
     JSON ``{"room": "...", "namespace": "", "text": "..."}`` (or ``"base64"``
@@ -12,13 +12,13 @@ WebSocket: ``register(server, bridge, token)``.
 
 ``POST /connections/{id}`` (and ``POST /connections?id={id}``)
     The body (raw or JSON as above) to one connection, on whichever node holds
-    it (``id`` as given by :meth:`fastws.broker.bridge.Bridge.global_id`). ``200``
+    it (``id`` as given by :func:`fastws.broker.bridge.global_id`). ``200``
     sent, ``404`` no such connection, ``504`` its node did not answer.
 
 Every request needs ``Authorization: Bearer <token>`` (``401`` otherwise;
 the scheme is matched in any case, ``bearer`` too, followed by one or more
 spaces, and the token is compared in constant time); bodies over
-``max_message_size`` get ``413`` from the server before any handler runs;
+``max_body_size`` get ``413`` from the server before any handler runs;
 malformed requests ``400`` with ``{"error": "..."}``.  A request is checked
 completely before anything is published: a rejected one never takes a room
 sequence number, so the numbers a room's members see stay consecutive.
@@ -112,8 +112,10 @@ def _bearer(header: str | None) -> bytes | None:
     return rest.lstrip(" ").encode("latin-1", "replace")   # headers arrive decoded as latin-1
 
 
-def register(server, bridge, token: str, *, prefix: str = ""):
-    """Add ``POST {prefix}/publish`` and ``POST {prefix}/connections`` to ``server``."""
+def register(node, token: str, *, prefix: str = ""):
+    """Add ``POST {prefix}/publish`` and ``POST {prefix}/connections`` to the
+    routes of ``node`` (a :class:`fastws.node.Node`); with a broker they reach
+    every node, without one the rooms and connections of this process."""
     if not token:
         raise ValueError("the HTTP publish API needs a bearer token")
     expected = token.encode("utf-8")
@@ -129,12 +131,12 @@ def register(server, bridge, token: str, *, prefix: str = ""):
             return 401, b"missing or wrong bearer token\n", "text/plain", [("WWW-Authenticate", "Bearer")]
         try:
             room, ns, message = _message(request, need_room=True)
-            if not isinstance(message, str) and (ns, room) in bridge.rooms.batching:
+            if not isinstance(message, str) and (ns, room) in node.rooms.batching:
                 raise _BadRequest(f"room {room!r} batches its messages: send text")
-            bridge.rooms.check_name(room)       # RoomNameError: past max_room_name bytes
+            node.rooms.check_name(room)       # RoomNameError: past max_room_name bytes
         except (_BadRequest, RoomNameError) as exc:
             return _reply(400, {"error": str(exc)})
-        seq, remote = await bridge.publish(room, message, namespace=ns)
+        seq, remote = await node.publish_confirmed(room, message, namespace=ns)
         return _reply(200, {"seq": seq, "remote": remote})
 
     base = prefix + "/connections/"
@@ -152,14 +154,14 @@ def register(server, bridge, token: str, *, prefix: str = ""):
             _, _, message = _message(request, need_room=False)
         except _BadRequest as exc:
             return _reply(400, {"error": str(exc)})
-        ok = await bridge.send_to(conn_id, message)
+        ok = await node.send_to(conn_id, message)
         if ok is None:
             return _reply(504, {"error": "the connection's node did not answer", "id": conn_id})
         if not ok:
             return _reply(404, {"error": "no such connection", "id": conn_id})
         return _reply(200, {"sent": True, "id": conn_id})
 
-    server.add_http_route("POST", prefix + "/publish", publish)
-    server.add_http_route("POST", prefix + "/connections", connection)
-    server.add_http_route("POST", base, connection, prefix=True)   # POST /connections/{id}
+    node.routes.add("POST", prefix + "/publish", publish)
+    node.routes.add("POST", prefix + "/connections", connection)
+    node.routes.add("POST", base, connection, prefix=True)   # POST /connections/{id}
     return connection

@@ -48,20 +48,18 @@ SERIES = ["connections", "in_rate", "out_rate", "dropped_total", "queued_bytes_t
 
 
 class StatsPage:
-    """Samples the server's numbers and serves /stats and /stats.json."""
+    """Samples the node's numbers and serves /stats and /stats.json."""
 
-    def __init__(self, server) -> None:
-        c = server.config
-        self.server = server                      # whose numbers are shown
+    def __init__(self, node) -> None:
+        c = node.config
+        self.node = node                        # whose numbers are shown
         self.token = c.stats_token.encode()       # compared in constant time
         self.interval = c.stats_interval          # seconds between samples
         self.history = deque(maxlen=int(c.stats_window / c.stats_interval) + 1)  # bounded
         self._last = None                         # previous snapshot, for rates
         self._handle = None
-        if ("GET", "/stats") not in server.http_routes:   # the app's own route wins
-            server.add_http_route("GET", "/stats", self.handle_page)
-        if ("GET", "/stats.json") not in server.http_routes:   # the app's own route wins
-            server.add_http_route("GET", "/stats.json", self.handle_json)
+        node.routes.add("GET", "/stats", self.handle_page)   # the app's own route wins
+        node.routes.add("GET", "/stats.json", self.handle_json)   # the app's own route wins
 
     # -- sampling ----------------------------------------------------------------
 
@@ -75,11 +73,11 @@ class StatsPage:
 
     def _sample(self) -> None:
         self.history.append(self._row(self._current()))
-        self._handle = self.server._loop.call_later(self.interval, self._sample)
+        self._handle = self.node.loop.call_later(self.interval, self._sample)
 
     def _current(self) -> dict:
         """The snapshot with rates since the previous sample."""
-        snap = snapshot(self.server)
+        snap = snapshot(self.node)
         now = time.time()
         snap["t"] = now
         last = self._last
@@ -99,7 +97,7 @@ class StatsPage:
 
     def data(self) -> dict:
         """What /stats.json returns: the numbers now, and the history."""
-        snap = snapshot(self.server)
+        snap = snapshot(self.node)
         last = self._last or {}
         now = {key: snap.get(key, last.get(key, 0)) for key, _ in FIGURES}
         now["in_rate"] = round(last.get("in_rate", 0.0), 2)
@@ -139,7 +137,7 @@ class StatsPage:
         )
         page = _PAGE.replace("{{CARDS}}", cards).replace("{{CHARTS}}", charts)
         page = page.replace("{{DATA}}", json.dumps(d).replace("</", "<\\/"))
-        page = page.replace("{{WINDOW}}", f"{self.server.config.stats_window:g}")
+        page = page.replace("{{WINDOW}}", f"{self.node.config.stats_window:g}")
         return 200, page.encode(), HTML, HEADERS
 
 

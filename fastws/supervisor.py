@@ -47,24 +47,22 @@ import tempfile
 import threading
 import time
 
+from .broker.embedded import EmbeddedHub
+from .errors import ServerStartError
+from .metrics import METRICS_DIR_ENV, worker_metrics_file
+from .server import bind_socket
+
 log = logging.getLogger("fastws")
 
 RESPAWN_FAST = 1.0      # a worker that dies within this many seconds of starting ...
 RESPAWN_BACKOFF_MAX = 10.0   # ... is restarted after a growing delay, up to this
 
-#: Environment variable naming the directory of the workers' metric snapshots.
-METRICS_DIR_ENV = "FASTWS_METRICS_DIR"
 #: Seconds between a worker's checks that its supervisor still lives (fallback for prctl).
 PARENT_CHECK_INTERVAL = 1.0
 #: Name prefix of a supervisor's private directory in the temp dir (then "<pid>-").
 RUN_DIR_PREFIX = "fastws-sup-"
 BROKER_SOCKET = "broker.sock"   # the embedded broker's Unix socket, in the private directory
 _PR_SET_PDEATHSIG = 1           # from <linux/prctl.h>
-
-
-def worker_metrics_file(directory: str, index) -> str:
-    """Where worker ``index`` writes its metric snapshot."""
-    return os.path.join(directory, f"worker-{index}.json")
 
 
 class Supervisor:
@@ -279,8 +277,6 @@ def sweep_stale(base: str | None = None) -> list:
 def run_workers(target, config) -> int:
     """Check the port can be bound, then supervise ``config.workers``
     processes, each running ``target(index)`` with SO_REUSEPORT on."""
-    from .server import ServerStartError, bind_socket
-
     config.reuse_port = True
     # fail fast, in the supervisor, if the port is taken by something else
     probe = bind_socket(config.host, config.port, reuse_port=True, backlog=1, listen=False)
@@ -289,16 +285,14 @@ def run_workers(target, config) -> int:
     probe.close()
     log.info("fastws: supervisor (pid %d) starting %d workers on %s:%d", os.getpid(),
              config.workers, config.host, config.port)
-    timeout = getattr(config, "shutdown_timeout", 10.0) + getattr(config, "drain_delay", 0.0) + 5.0
+    timeout = config.shutdown_timeout + config.drain_delay + 5.0
     sweep_stale()                                   # what a supervisor killed earlier left behind
     run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")   # mode 0700, ours alone
     hub = None
     try:
-        if not getattr(config, "broker", ""):
+        if not config.broker:
             # no broker given: the workers share an embedded one, run here, so a
             # room message reaches members on every worker with nothing else to run
-            from .broker.embedded import EmbeddedHub
-
             path = os.path.join(run_dir, BROKER_SOCKET)
             hub = EmbeddedHub(path)
             try:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import click
 
+from fastws import core
 from fastws.bench.loadgen import proc_cpu_ticks  # /proc helpers only
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
@@ -608,11 +609,7 @@ def environment(specs: list[ServerSpec]) -> dict:
                     timeout=10, env={**os.environ, **node.env}).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             pass
-    try:
-        import fastws.core as core
-        implementation = getattr(core, "IMPLEMENTATION", None)
-    except Exception as e:  # noqa: BLE001 - report, do not fail the run
-        implementation = f"unavailable: {e}"
+    implementation = core.IMPLEMENTATION
     commit = None
     try:
         repo = Path(__file__).resolve().parents[2]

@@ -84,6 +84,11 @@ import importlib
 from ..errors import BrokerError, PublishError, SubscribeError
 from .base import Broker, Entry, History, HistoryPage, backoff_delay, new_node_id
 from .wire import MAGIC, VERSION, channel_name, pack_envelope, unpack_envelope
+from .cluster import ClusterBroker
+from .embedded import EmbeddedBroker
+from .memory import MemoryBroker
+from .redis import RedisBroker
+from .streams import StreamsBroker
 
 __all__ = [
     "Broker", "History", "Entry", "HistoryPage", "BrokerError", "PublishError", "SubscribeError",
@@ -98,19 +103,14 @@ def create_broker(url: str | None = None, **opts) -> Broker:
     url = url or "memory://"
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
-        from .memory import MemoryBroker
         return MemoryBroker(url, **opts)
     if scheme in ("redis", "rediss"):
-        from .redis import RedisBroker
         return RedisBroker(url, **opts)
     if scheme in ("redis+cluster", "rediss+cluster"):
-        from .cluster import ClusterBroker
         return ClusterBroker(url, **opts)
     if scheme in ("redis+streams", "rediss+streams"):
-        from .streams import StreamsBroker
         return StreamsBroker(url, **opts)
     if scheme == "unix":
-        from .embedded import EmbeddedBroker
         return EmbeddedBroker(url[len("unix://"):], **opts)
     if not scheme and "." in url:
         mod, _, cls = url.rpartition(".")

@@ -30,6 +30,8 @@ import logging
 import time
 
 from ..config import mask_url
+from .cluster import parse_cluster_url
+from .redis import is_auth_error
 from .wire import presence_base
 
 log = logging.getLogger("fastws.broker")
@@ -38,8 +40,6 @@ log = logging.getLogger("fastws.broker")
 def _why(exc) -> str:
     """``exc`` for a log line: "authentication failed" when Redis refused the
     password (told apart from an outage), any URL's password masked."""
-    from .redis import is_auth_error
-
     text = mask_url(f"{type(exc).__name__}: {exc}")
     return f"authentication failed ({text})" if is_auth_error(exc) else text
 
@@ -51,8 +51,6 @@ def presence_client(url: str):
 
     if "+cluster://" in url:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-        from .cluster import parse_cluster_url
 
         seeds, opts = parse_cluster_url(url)
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds],

@@ -2,8 +2,8 @@
 `websockets` clients, a real broker (Redis pub/sub, Redis Streams, or the
 embedded hub).
 
-Each node is a ``fastws.server.Server`` on a free port with its own rooms
-(``server.rooms``) wired to its own broker by a ``Bridge``; the clients speak
+Each node is a ``fastws.server.NativeServer`` on a free port with its own rooms
+(``server.node.rooms``) wired to its own broker by a ``Bridge``; the clients speak
 JSON commands to /room (join, leave, pub, bin).
 """
 
@@ -28,7 +28,7 @@ from fastws.broker.presence import Presence, presence_client
 from fastws.config import Config
 from fastws.frames import BINARY
 from fastws.resume import Resumer
-from fastws.server import Server
+from fastws.server import NativeServer
 from fastws import publish_api
 
 from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, need_redis, run, wait_for
@@ -65,12 +65,12 @@ class Node:
         self.state: dict = {}
 
     async def start(self) -> "Node":
-        self.server = Server(node_app(self.state), Config(host="127.0.0.1", port=0,
-                                                          max_message_size=1 << 16, shutdown_timeout=1))
+        self.server = NativeServer(node_app(self.state), Config(host="127.0.0.1", port=0, max_message_size=1 << 16,
+                                                                max_body_size=1 << 16, shutdown_timeout=1))
         await self.server.start()
         self.broker = create_broker(self.url, prefix=self.prefix)
-        self.bridge = self.state["bridge"] = Bridge(self.server.rooms, self.broker,
-                                                    lookup=self.server.hub.connections.get)
+        self.bridge = self.state["bridge"] = Bridge(self.server.node.rooms, self.broker,
+                                                    lookup=self.server.node.hub.connections.get)
         await self.bridge.start()
         self.ws_url = f"ws://127.0.0.1:{self.server.port}/room"
         return self
@@ -228,7 +228,8 @@ def test_http_publish_api_and_send_to_across_nodes():
     async def main():
         nodes, _, _ = await make_nodes("redis", REDIS_URL, 2)
         A, B = nodes
-        publish_api.register(A.server, A.bridge, TOKEN)
+        A.server.node.bridge = A.bridge          # the node's publish API goes through it
+        publish_api.register(A.server.node, TOKEN)
         auth = [("Authorization", f"Bearer {TOKEN}")]
         js = auth + [("Content-Type", "application/json")]
         port = A.server.port
@@ -305,7 +306,7 @@ def test_foreign_and_malformed_broker_messages_are_dropped_and_counted(cluster_o
             await nothing_more(a1)
             assert A.bridge.counters["malformed"] == 5 and A.bridge.counters["received"] == 2
             # a batching room decodes remote text into its batch; binary cannot go there
-            A.server.rooms.set_batching("chat", max_batch=2, max_delay=0.05)
+            A.server.node.rooms.set_batching("chat", max_batch=2, max_delay=0.05)
             await foreign.publish(chat, wire.pack_room(BINARY, b"\x01"))
             await foreign.publish(chat, wire.pack_room_message("b1"))
             await foreign.publish(chat, wire.pack_room_message("b2"))
@@ -350,9 +351,9 @@ def test_bridge_start_stop_and_lookup():
 
             def lookup(cid):
                 looked.append(cid)
-                return A.server.hub.connections.get(cid)
+                return A.server.node.hub.connections.get(cid)
 
-            A.bridge = A.state["bridge"] = Bridge(A.server.rooms, A.broker, lookup=lookup)
+            A.bridge = A.state["bridge"] = Bridge(A.server.node.rooms, A.broker, lookup=lookup)
             await A.bridge.start()
             await A.bridge.start()                              # a second start changes nothing
             assert await numsub(prefix, ("", "late")) == 2      # one subscription per node, not two
@@ -384,18 +385,18 @@ def test_resumer_needs_history_streams_ids_and_forgets_emptied_rooms():
         nodes, _, prefix = await make_nodes("streams", STREAMS_URL, 2)
         A, B = nodes
         try:
-            assert Resumer.for_bridge(pubsub[0].server.rooms, pubsub[0].bridge) is None
+            assert Resumer.for_bridge(pubsub[0].server.node.rooms, pubsub[0].bridge) is None
             with pytest.raises(ValueError, match="history"):
-                Resumer(pubsub[0].server.rooms, pubsub[0].bridge)
-            resumer = Resumer.for_bridge(A.server.rooms, A.bridge)
+                Resumer(pubsub[0].server.node.rooms, pubsub[0].bridge)
+            resumer = Resumer.for_bridge(A.server.node.rooms, A.bridge)
             assert isinstance(resumer, Resumer)
             a1 = await A.client()
             plain = await A.client("r")
             b1 = await B.client("r")
-            (conn,) = [c for c in A.server.hub.connections.values()
+            (conn,) = [c for c in A.server.node.hub.connections.values()
                        if c.rooms is None]                      # a1: in no room yet
             assert await resumer.resume(conn, "r") is True
-            assert A.server.rooms.indirect_members(("", "r")) == {conn}
+            assert A.server.node.rooms.indirect_members(("", "r")) == {conn}
             await settle(A, B)
             await b1.send(json.dumps({"pub": "r", "text": "from-b"}))
             await plain.send(json.dumps({"pub": "r", "text": "from-a"}))
@@ -407,14 +408,14 @@ def test_resumer_needs_history_streams_ids_and_forgets_emptied_rooms():
             assert sorted(await drain(plain, 2)) == ["from-a", "from-b"]   # plain member: messages
             # a replay from the first id: exactly the second entry, then live ones
             a2 = await A.client()
-            (conn2,) = [c for c in A.server.hub.connections.values() if c.rooms is None]
+            (conn2,) = [c for c in A.server.node.hub.connections.values() if c.rooms is None]
             assert await resumer.resume(conn2, "r", ids[0]) is True
             assert [json.loads(m)["id"] for m in await drain(a2, 1)] == ids[1:]
             await nothing_more(a2)
             assert resumer.stats()["rooms"] == 1
             for ws in (a1, a2, plain):
                 await ws.close()
-            await wait_for(lambda: A.server.rooms.count("r") == 0, 5, "the room to empty on A")
+            await wait_for(lambda: A.server.node.rooms.count("r") == 0, 5, "the room to empty on A")
             assert resumer.stats()["rooms"] == 0 and resumer.stats()["replaying"] == 0
             resumer.close()
             await b1.close()
@@ -435,8 +436,8 @@ def test_presence_across_nodes_and_expiry_of_a_crashed_node():
         clients = []
         pa = Presence(presence_client(REDIS_URL), A.broker.node_id, prefix=prefix, ttl=1.0)
         pb = Presence(presence_client(REDIS_URL), B.broker.node_id, prefix=prefix, ttl=1.0)
-        pa.attach(A.server.rooms, A.bridge.global_id)
-        pb.attach(B.server.rooms, B.bridge.global_id)
+        pa.attach(A.server.node.rooms, A.bridge.global_id)
+        pb.attach(B.server.node.rooms, B.bridge.global_id)
         try:
             a1 = await A.client("lobby", user="alice")
             a2 = await A.client("lobby")
@@ -450,7 +451,7 @@ def test_presence_across_nodes_and_expiry_of_a_crashed_node():
             assert await pa.count("nobody-here") == 0
             # a member leaves: written at the next sync
             await a2.close()
-            await wait_for(lambda: A.server.rooms.count("lobby") == 1, 5, "a2 gone")
+            await wait_for(lambda: A.server.node.rooms.count("lobby") == 1, 5, "a2 gone")
             await pa.sync()
             assert set(await pb.members("lobby")) == {a1.gid, b1.gid}
             # B "crashes": it stops refreshing; its members vanish within the TTL

@@ -20,7 +20,7 @@ from fastws.broker import PublishError, channel_name, create_broker
 from fastws.broker.bridge import Bridge
 from fastws.broker.wire import pack_room_message
 from fastws.config import Config
-from fastws.server import Server
+from fastws.server import NativeServer
 
 from brokerutil import REDIS_URL, TcpProxy, need_redis, redis_cli, run, wait_for
 
@@ -165,11 +165,11 @@ def test_local_delivery_goes_on_when_redis_is_away():
             conn.join(data)
             conn.send("joined")
 
-        server = Server(app, Config(host="127.0.0.1", port=0, shutdown_timeout=1))
+        server = NativeServer(app, Config(host="127.0.0.1", port=0, shutdown_timeout=1))
         await server.start()
-        bridge = Bridge(server.rooms, create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
+        bridge = Bridge(server.node.rooms, create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
                                                     backoff_min=0.05, backoff_max=0.2),
-                        lookup=server.hub.connections.get)
+                        lookup=server.node.hub.connections.get)
         await bridge.start()
         other = create_broker(REDIS_URL, prefix=prefix)     # another node, straight to Redis
         await other.start()

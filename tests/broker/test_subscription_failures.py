@@ -8,7 +8,7 @@ and real Redis:
   inside a batch, the whole batch was lost and the other keys were recorded
   as subscribed but never were); a key it cannot carry fails alone with
   ``SubscribeError`` and is not recorded; an oversized publish fails alone;
-* nodes (real ``fastws.server.Server`` processes' worth of wiring, in this
+* nodes (real ``fastws.server.NativeServer`` processes' worth of wiring, in this
   process, with ``Config(broker=...)``) whose subscriptions fail: the
   failure is counted, ``/health`` says so (the ``broker_subscriptions``
   check), the bridge retries with backoff, and once through, messages flow;
@@ -36,7 +36,7 @@ import fastws
 from fastws.broker import PublishError, SubscribeError, create_broker
 from fastws.broker.embedded import MAX_CHANNEL, EmbeddedHub
 from fastws.config import Config
-from fastws.server import Server
+from fastws.server import NativeServer
 
 from brokerutil import REDIS_URL, TcpProxy, need_redis, run, wait_for
 
@@ -145,14 +145,14 @@ def node_app():
     return app
 
 
-async def start_node(path: str, prefix: str) -> Server:
-    server = Server(node_app(), Config(host="127.0.0.1", port=0, broker="unix://" + path,
+async def start_node(path: str, prefix: str) -> NativeServer:
+    server = NativeServer(node_app(), Config(host="127.0.0.1", port=0, broker="unix://" + path,
                                        broker_prefix=prefix, shutdown_timeout=1))
     await server.start()
     return server
 
 
-async def client(server: Server, rooms=()):
+async def client(server: NativeServer, rooms=()):
     ws = await websockets.connect(f"ws://127.0.0.1:{server.port}/room")
     if rooms:
         assert await ask(ws, {"join": list(rooms)}) == {"joined": len(rooms)}
@@ -167,7 +167,7 @@ async def ask(ws, cmd):
             return json.loads(frame)
 
 
-async def http_get(server: Server, path: str):
+async def http_get(server: NativeServer, path: str):
     def get():
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=10) as r:
@@ -178,7 +178,7 @@ async def http_get(server: Server, path: str):
     return await asyncio.get_running_loop().run_in_executor(None, get)
 
 
-async def subscriptions_check(server: Server) -> dict:
+async def subscriptions_check(server: NativeServer) -> dict:
     status, body = await http_get(server, "/health")
     check = json.loads(body)["checks"]["broker_subscriptions"]
     if not check["ok"]:
@@ -186,7 +186,7 @@ async def subscriptions_check(server: Server) -> dict:
     return check
 
 
-async def metric(server: Server, name: str, **labels) -> float:
+async def metric(server: NativeServer, name: str, **labels) -> float:
     status, text = await http_get(server, "/metrics")
     assert status == 200
     for family in text_string_to_metric_families(text):
@@ -222,7 +222,7 @@ def test_stalled_hub_subscription_fails_is_counted_shown_in_health_and_retried()
         prefix = "t" + uuid.uuid4().hex[:12]
         a = await start_node(path, prefix)
         b = await start_node(path, prefix)
-        a.broker.ack_timeout = 0.5              # the broker's knob: give up on an answer sooner
+        a.node.broker.ack_timeout = 0.5              # the broker's knob: give up on an answer sooner
         try:
             assert (await subscriptions_check(a))["ok"] is True
             hub._loop.call_soon_threadsafe(time.sleep, 2.0)       # the hub stalls
@@ -275,7 +275,7 @@ def test_a_key_the_broker_cannot_carry_leaves_the_rest_of_its_batch_working():
         prefix = "t" + uuid.uuid4().hex[:12]
         a = await start_node(path, prefix)
         b = await start_node(path, prefix)
-        a.rooms.max_room_name = None            # no name check on this node
+        a.node.rooms.max_room_name = None            # no name check on this node
         try:
             a1 = await client(a, ["good-a", "\ud800", "good-b"])      # one batch
             b1 = await client(b, ["good-a", "good-b"])

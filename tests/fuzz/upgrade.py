@@ -27,7 +27,8 @@ from tests.fuzz import _harness
 
 with _harness.instrumented(__name__ == "__main__", "fastws", "wsproto", "h11"):
     from fastws import _core
-    from fastws.handshake import OriginPolicy, parse_fast, parse_request, parse_wsproto
+    from fastws.handshake import parse_fast, parse_request, parse_wsproto
+    from fastws.origins import OriginPolicy
 
 # the differential comparisons of the unit tests (after the instrumented imports)
 from tests.unit.test_fast_upgrade import python_answer  # noqa: E402

@@ -25,6 +25,8 @@ import uuid
 
 import pytest
 
+import fastws
+
 import httptools  # noqa: F401  (fastws's ASGI HTTP parser)
 import httpx
 import starlette  # noqa: F401
@@ -544,7 +546,7 @@ def _wait_subscribers(prefix: str, room: str, n: int) -> None:
 @pytest.mark.parametrize("backend", ["cython", "wsproto"], indirect=True)  # fastws-only behaviour
 def test_asgi_rooms_across_nodes_through_redis(backend, tmp_path):
     """Two ``fastws serve --interface asgi --broker redis://`` nodes: a room
-    publish made by an ASGI endpoint (``fastws.asgi_rooms``) on one node
+    publish made by an ASGI endpoint (``fastws.asgi.rooms``) on one node
     reaches the members on both nodes exactly once; so do publishes from an
     http scope and from the HTTP publish API."""
     prefix = f"asgi-{uuid.uuid4().hex[:10]}"
@@ -734,9 +736,8 @@ def test_testclient_fastapi_chat(testclient_mod):
 
 
 def test_serve_asgi_in_process():
-    """``serve_asgi`` in a running uvloop loop, on a port picked by the OS."""
-    from fastws.asgi import serve_asgi
-    from fastws.config import Config
+    """``fastws.serve`` of an ASGI app in a running uvloop loop, on a port
+    picked by the OS."""
 
     seen = []
 
@@ -763,7 +764,7 @@ def test_serve_asgi_in_process():
 
     async def main():
         ready = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(serve_asgi(app, Config(port=0), started=ready.set_result))
+        task = asyncio.ensure_future(fastws.serve(app, port=0, started=ready.set_result))
         server = await ready
         async with httpx.AsyncClient() as client:
             r = await client.get(f"http://{HOST}:{server.port}/")
@@ -787,12 +788,12 @@ def test_receive_hand_off_order_and_cancellation():
     not lost; the queue is dropped once drained."""
     import types
 
-    from fastws.asgi import _WebSocketSession
+    from fastws.asgi import WebSocketSession
 
     async def main():
         loop = asyncio.get_running_loop()
         server = types.SimpleNamespace(loop=loop)
-        session = _WebSocketSession(server, types.SimpleNamespace(transport=None), {}, None, b"", b"")
+        session = WebSocketSession(server, types.SimpleNamespace(transport=None), {}, None, b"")
         assert (await session.receive()) == {"type": "websocket.connect"}
         waiting = loop.create_task(session.receive())
         await asyncio.sleep(0)
@@ -820,9 +821,7 @@ def test_idle_websocket_keeps_only_its_glue():
     the engine connection's route, no received-event queue, nothing of the
     upgrade decision; header tuples and paths are shared between
     connections."""
-    from fastws.asgi import _RoomsExtension
-    from fastws.config import Config
-    from fastws.asgi import serve_asgi
+    from fastws.asgi.rooms import RoomsExtension
 
     async def app(scope, receive, send):
         if scope["type"] != "websocket":
@@ -834,8 +833,8 @@ def test_idle_websocket_keeps_only_its_glue():
 
     async def main():
         ready = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(serve_asgi(app, Config(port=0, metrics=False),
-                                                started=ready.set_result))
+        task = asyncio.ensure_future(fastws.serve(app, port=0, metrics=False,
+                                                  started=ready.set_result))
         server = await ready
         clients = [await websockets.connect(f"ws://{HOST}:{server.port}/idle") for _ in range(3)]
         await asyncio.sleep(0.1)
@@ -844,8 +843,8 @@ def test_idle_websocket_keeps_only_its_glue():
         for s in sessions:
             assert s.conn.route is s
             assert s.events is None and s.waiter is not None
-            assert s.request is None and s.head is None and s.early is None and s.proto is None
-            assert isinstance(s.scope["extensions"]["fastws.rooms"], _RoomsExtension)
+            assert s.request is None and s.early is None and s.proto is None
+            assert isinstance(s.scope["extensions"]["fastws.rooms"], RoomsExtension)
         one, two = sessions[0].scope, sessions[1].scope
         assert one["path"] is two["path"] and one["server"] is two["server"]
         shared = [h for h in one["headers"] if h[0] != b"sec-websocket-key"]

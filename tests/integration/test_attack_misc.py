@@ -449,7 +449,7 @@ WORKER_WITHOUT_PRCTL = """
 import os, sys, time
 from fastws import supervisor
 from fastws.config import Config
-from fastws.server import run_server
+from fastws.runner import make_server, run_until_signal
 from examples.echo import app
 
 supervisor.set_parent_death_signal = lambda sig=None: False   # as where prctl is missing
@@ -457,7 +457,7 @@ config = Config(host="127.0.0.1", port=int(sys.argv[1]))
 parent = os.getpid()
 pid = os.fork()
 if pid == 0:
-    supervisor._child(lambda index: run_server(app, config), 0, parent)
+    supervisor._child(lambda index: run_until_signal(make_server(app, config)), 0, parent)
     os._exit(0)
 print(pid, flush=True)
 while True:

@@ -69,7 +69,7 @@ def test_bench_quick(tmp_path):
                 elif r["scenario"] in ("memory", "handshake"):
                     assert r["opened"] == r["conns" if r["scenario"] == "memory" else "requested"], r
     # ASGI scenarios: the same Starlette app (fastws.bench.peers.asgi_apps) on every ASGI server;
-    # fastws broadcasts through fastws.asgi_rooms, the others through FastAPI's ConnectionManager.
+    # fastws broadcasts through fastws.asgi.rooms, the others through FastAPI's ConnectionManager.
     for name in ("asgi-echo", "asgi-broadcast", "asgi-memory"):
         runs = results["scenarios"][name]["runs"]
         assert not set(runs) & {"raw", "websockets", "aiohttp", "picows", "node-ws", "socketify"}, (name, set(runs))

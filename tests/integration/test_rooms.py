@@ -152,8 +152,8 @@ def test_slow_consumer_drops_low_priority_then_closed_1008(server_factory):
     """A client that stops reading gets LOW messages dropped, then is closed
     with 1008 "slow consumer"; a normal reader in the same room gets every
     message, in order."""
-    env = {"FASTWS_TEST_HIGH_WATER": "16384", "FASTWS_TEST_MAX_QUEUE": "262144",
-           "FASTWS_TEST_SLOW_GRACE": "1.0"}
+    env = {"FASTWS_HIGH_WATER": "16384", "FASTWS_MAX_QUEUE": "262144",
+           "FASTWS_SLOW_GRACE": "1.0"}     # the settings, through the environment layer
     srv = server_factory(app=APP, env=env)
     host, port = srv.address
 

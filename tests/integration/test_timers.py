@@ -18,7 +18,7 @@ import uvloop
 import fastws
 from fastws import core
 from fastws.config import Config
-from fastws.server import Server
+from fastws.server import NativeServer
 
 ENGINES = ["cython", "wsproto"]
 
@@ -47,7 +47,7 @@ async def start(engine, monkeypatch, **timers):
     cfg = Config(host="127.0.0.1", port=0, close_timeout=0.5)
     for k, v in timers.items():
         setattr(cfg, k, v)
-    server = Server(app, cfg)
+    server = NativeServer(app, cfg)
     await server.start()
     return server, closed
 
@@ -134,7 +134,7 @@ def test_half_request_head_dropped_after_handshake_timeout(engine, monkeypatch):
         w.write(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")  # ... and stop
         got = await asyncio.wait_for(r.read(), 5)
         assert got.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), got  # answered, then closed
-        assert server.hub.handshake_timeouts == 1
+        assert server.node.hub.handshake_timeouts == 1
         # a silent client is dropped the same way
         r, w = await asyncio.open_connection("127.0.0.1", server.port)
         assert await asyncio.wait_for(r.read(), 5) == b""
@@ -163,14 +163,14 @@ def test_timer_wheel_holds_no_handle_per_connection(monkeypatch):
     async def main():
         server, closed = await start("cython", monkeypatch, ping_interval=30, ping_timeout=30)
         conns = [await upgrade(server.port) for _ in range(1000)]
-        assert server.hub.scheduled == 1000
+        assert server.node.hub.scheduled == 1000
         for r, w in conns:
             w.close()
         for _ in range(100):
-            if server.hub.scheduled == 0:
+            if server.node.hub.scheduled == 0:
                 break
             await asyncio.sleep(0.05)
-        assert server.hub.scheduled == 0
+        assert server.node.hub.scheduled == 0
         await server.shutdown()
 
     uvloop.run(main())

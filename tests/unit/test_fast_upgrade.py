@@ -17,7 +17,8 @@ import pytest
 
 from fastws.core import IMPLEMENTATION
 from fastws.errors import HandshakeError
-from fastws.handshake import OriginPolicy, accept_response, parse_request
+from fastws.handshake import accept_response, parse_request
+from fastws.origins import OriginPolicy
 
 if IMPLEMENTATION != "cython":  # the fast path is a part of the Cython engine only
     pytest.fail("the Cython engine is not built (tests need it)", pytrace=False)
@@ -145,7 +146,7 @@ def test_real_client_takes_fast_path_routes_with_on_connect_do_not():
 
     from fastws import App
     from fastws.config import Config
-    from fastws.server import Server
+    from fastws.server import NativeServer
 
     app = App()
     seen = []
@@ -158,16 +159,16 @@ def test_real_client_takes_fast_path_routes_with_on_connect_do_not():
             assert await ws.recv() == "hi"
 
     async def main():
-        server = Server(app, Config(host="127.0.0.1", port=0))
+        server = NativeServer(app, Config(host="127.0.0.1", port=0))
         await server.start()
         try:
             await roundtrip(server.port, "/echo")
-            assert server.hub.fast_upgrades == 1
+            assert server.node.hub.fast_upgrades == 1
             await roundtrip(server.port, "/guarded")
-            assert seen == ["/guarded"] and server.hub.fast_upgrades == 1
+            assert seen == ["/guarded"] and server.node.hub.fast_upgrades == 1
             app.route("/echo", on_connect=lambda req: seen.append("late " + req.query_string))
             await roundtrip(server.port, "/echo")
-            assert seen == ["/guarded", "late q=1"] and server.hub.fast_upgrades == 1
+            assert seen == ["/guarded", "late q=1"] and server.node.hub.fast_upgrades == 1
         finally:
             await server.shutdown()
 
@@ -203,7 +204,7 @@ def test_mutated_bytes_never_crash_and_agree_when_taken():
     assert taken > 1000
 
 
-# -- the Origin header (allowed_origins; fastws.handshake.OriginPolicy) ----------
+# -- the Origin header (allowed_origins; fastws.origins.OriginPolicy) ----------
 
 MODES = ("*", "same-host", "none")
 
@@ -302,9 +303,9 @@ def test_differential_random_origins():
 
 def test_real_clients_origin_default_and_override():
     """The default (same-host): no Origin and a same-host Origin are answered
-    in C; a cross-site Origin gets 403 from Python, counted.  With
-    ``App(allowed_origins=...)`` (the deprecated override) a listed origin
-    passes through Python, the C path still takes requests without Origin."""
+    in C; a cross-site Origin gets 403 from Python, counted.  With an
+    explicit list a listed origin passes through Python, the C path still
+    takes requests without Origin."""
     import asyncio
 
     import uvloop
@@ -312,7 +313,7 @@ def test_real_clients_origin_default_and_override():
 
     from fastws import App
     from fastws.config import Config
-    from fastws.server import Server
+    from fastws.server import NativeServer
 
     async def roundtrip(port, origin=None):
         async with websockets.connect(f"ws://127.0.0.1:{port}/e", origin=origin) as ws:
@@ -328,32 +329,33 @@ def test_real_clients_origin_default_and_override():
     async def main():
         app = App()
         app.route("/e", on_message=lambda conn, data: conn.send(data))
-        server = Server(app, Config(host="127.0.0.1", port=0))
+        server = NativeServer(app, Config(host="127.0.0.1", port=0))
         await server.start()
         try:
             port = server.port
             await roundtrip(port)
             await roundtrip(port, f"http://127.0.0.1:{port}")
-            assert server.hub.fast_upgrades == 2
+            assert server.node.hub.fast_upgrades == 2
             await refused(port, "http://evil.example")
             await refused(port, f"http://127.0.0.1:{port + 1}")
-            assert server.handshakes.get(403) == 2 and server.hub.fast_upgrades == 2
+            assert server.node.handshakes.get(403) == 2 and server.node.hub.fast_upgrades == 2
         finally:
             await server.shutdown()
 
-        app = App(allowed_origins=["https://app.example.com"])
+        app = App()
         app.route("/e", on_message=lambda conn, data: conn.send(data))
-        server = Server(app, Config(host="127.0.0.1", port=0, allowed_origins="*"))
+        server = NativeServer(app, Config(host="127.0.0.1", port=0,
+                                          allowed_origins="https://app.example.com"))
         await server.start()
         try:
             port = server.port
             await roundtrip(port)
-            assert server.hub.fast_upgrades == 1
+            assert server.node.hub.fast_upgrades == 1
             await roundtrip(port, "https://APP.example.com")
-            assert server.hub.fast_upgrades == 1 and server.handshakes.get(101) == 1
-            await refused(port, f"http://127.0.0.1:{port}")     # the App's list replaces "*"
+            assert server.node.hub.fast_upgrades == 1 and server.node.handshakes.get(101) == 1
+            await refused(port, f"http://127.0.0.1:{port}")     # not same-host: only the list
             await refused(port, "https://evil.example")
-            assert server.handshakes.get(403) == 2
+            assert server.node.handshakes.get(403) == 2
         finally:
             await server.shutdown()
 

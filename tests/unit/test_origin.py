@@ -1,5 +1,5 @@
 """The Origin check against cross-site WebSocket hijacking
-(``fastws.handshake.OriginPolicy``), the ``ops_hosts`` host names, and the
+(``fastws.origins.OriginPolicy``), the ``ops_hosts`` host names, and the
 two settings that carry them (``allowed_origins``, ``ops_hosts``) through
 every Config layer.
 """
@@ -11,7 +11,8 @@ import pytest
 from fastws import App
 from fastws.config import Config
 from fastws.errors import ConfigError
-from fastws.handshake import OriginPolicy, host_name, ops_host_set, parse_request
+from fastws.handshake import parse_request
+from fastws.origins import OriginPolicy, host_name, ops_host_set
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -184,9 +185,9 @@ def test_bad_settings_name_the_key(key, value):
     assert key in str(info.value) and "\n" not in str(info.value)
 
 
-def test_app_allowed_origins_is_checked_when_given():
-    assert App(allowed_origins="https://a.com, https://b.com").allowed_origins == {
-        "https://a.com", "https://b.com"}
-    assert App().allowed_origins is None
-    with pytest.raises(ValueError):
-        App(allowed_origins=["not an origin"])
+def test_app_takes_no_settings_and_says_where_they_live():
+    """Every setting lives in Config: App(allowed_origins=...) is refused with
+    a message that names the setting and where to give it."""
+    with pytest.raises(TypeError) as info:
+        App(allowed_origins="https://a.com")
+    assert "allowed_origins" in str(info.value) and "fastws.Config" in str(info.value)

@@ -13,7 +13,7 @@ Routes (paths the load generator takes with ``--path``):
   list of sockets, ``broadcast`` awaits one send per socket. The only change
   from the documentation: bytes are sent as bytes (the load generator
   publishes binary). Works on every server.
-* ``/rooms/{name}``: the same broadcast with ``fastws.asgi_rooms`` (join +
+* ``/rooms/{name}``: the same broadcast with ``fastws.asgi.rooms`` (join +
   publish). Under ``fastws serve`` the server keeps the members and encodes
   once; elsewhere it falls back to a per-process set and one send per socket,
   so it is only meaningful on fastws.
@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from fastws import asgi_rooms as rooms
+from fastws.asgi import rooms
 
 MAX_SIZE = 16 * 1024 * 1024
 

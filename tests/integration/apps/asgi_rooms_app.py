@@ -5,7 +5,7 @@ and operations tests of ASGI mode (tests/integration/test_asgi.py).
         --broker redis://127.0.0.1:6379/0 --broker-prefix PREFIX
 
 WebSocket
-  /rooms/{room}             joins {room} (fastws.asgi_rooms), sends
+  /rooms/{room}             joins {room} (fastws.asgi.rooms), sends
                             ``{"joined": room, "pid": <worker pid>}``, then
                             publishes every text message it receives to the
                             room (the sender gets its own copy)
@@ -22,7 +22,7 @@ import os
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 
-from fastws import asgi_rooms as rooms
+from fastws.asgi import rooms
 
 app = FastAPI()
 

@@ -19,16 +19,7 @@ import os
 import fastws
 
 
-def _env(name, cast):
-    v = os.environ.get(name)
-    return cast(v) if v else None
-
-
-app = fastws.App(
-    high_water=_env("FASTWS_TEST_HIGH_WATER", int),
-    max_queue=_env("FASTWS_TEST_MAX_QUEUE", int),
-    slow_grace=_env("FASTWS_TEST_SLOW_GRACE", float),
-)
+app = fastws.App()   # delivery settings come from the Config (flags or FASTWS_* env)
 disconnects = []
 
 
@@ -92,7 +83,7 @@ def message(conn, data):
             _flow(cmd["flow"], cmd["rate"], cmd["seconds"], cmd.get("size", 1024),
                   cmd.get("priority", fastws.PRIORITY_NORMAL)))
     elif "stats" in cmd:
-        hub = app.server.hub
+        hub = app.node.hub
         st = hub.stats()
         st["closes"] = {str(k): v for k, v in st["closes"].items()}
         st["dropped"] = {f"{r}:{p}": v for (r, p), v in st["dropped"].items()}
