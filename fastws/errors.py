@@ -13,12 +13,17 @@ Hierarchy (everything fastws raises derives from :class:`FastWSError`)::
     ├── ConnectionClosed(code, reason)
     │   └── ClientDisconnected        (also an OSError) ASGI ``send`` after the client left
     ├── ConfigError(key, value, allowed)
-    │                                 a setting is invalid: names the key
+    │   │                             a setting is invalid: names the key
+    │   └── BrokerURLError(url, problem, allowed)
+    │                                 (also a ValueError) a broker URL is malformed or
+    │                                 has an unknown option: says which part
     ├── ServerStartError              the server could not start (port taken, bad
     │   └── LifespanError             certificate, ...); the ASGI app's startup failed
     ├── RoomError                     a room operation was refused
     │   ├── RoomLimitError(limit)     a join past max_rooms_per_connection
-    │   └── RoomNameError(detail)     a room name too long (max_room_name) or not UTF-8
+    │   ├── RoomNameError(detail)     a room name too long (max_room_name) or not UTF-8
+    │   └── RoomDeniedError(room, action)
+    │                                 the app's authorize_join / authorize_publish said no
     └── BrokerError                   a broker could not do what it was asked
         ├── PublishError              a publish did not reach the backend
         ├── SubscribeError(keys)      a (un)subscribe did not apply
@@ -188,6 +193,22 @@ class ConfigError(FastWSError):
         self.allowed = allowed
 
 
+class BrokerURLError(ConfigError, ValueError):
+    """A broker URL (the ``broker`` setting) is malformed: a part that does
+    not parse, an option that is unknown or out of range.  ``str()`` is the
+    problem and what is allowed, ``"port 'x' is not a number (...)"``;
+    ``url`` is the URL as given (with its password masked by whoever
+    raises), so a caller can prefix it without repeating it."""
+
+    def __init__(self, url: str, problem: str, allowed: str) -> None:
+        FastWSError.__init__(self, f"{problem} ({allowed})")
+        self.key = "broker"
+        self.value = url
+        self.url = url
+        self.problem = problem
+        self.allowed = allowed
+
+
 class RoomError(FastWSError):
     """A room operation (join, publish) was refused; the message says why."""
 
@@ -209,6 +230,17 @@ class RoomNameError(RoomError, ValueError):
     def __init__(self, detail: str, limit: int | None = None) -> None:
         super().__init__(detail)
         self.limit = limit
+
+
+class RoomDeniedError(RoomError):
+    """The application's authorization (``App.authorize_join`` /
+    ``App.authorize_publish``) refused ``action`` ("join" or "publish") on
+    ``room``; nothing changed."""
+
+    def __init__(self, room: str, action: str = "join") -> None:
+        super().__init__(f"{action} refused for room {room!r} (not authorized)")
+        self.room = room
+        self.action = action
 
 
 class ClientDisconnected(ConnectionClosed, OSError):

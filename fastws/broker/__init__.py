@@ -81,26 +81,40 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import BrokerError, PublishError, SubscribeError
+from ..config import mask_url
+from ..errors import BrokerError, BrokerURLError, PublishError, SubscribeError
 from .base import Broker, Entry, History, HistoryPage, backoff_delay, new_node_id
 from .wire import MAGIC, VERSION, channel_name, pack_envelope, unpack_envelope
 from .cluster import ClusterBroker
-from .embedded import EmbeddedBroker
+from .embedded import EmbeddedBroker, parse_unix_url
 from .memory import MemoryBroker
 from .redis import RedisBroker
 from .streams import StreamsBroker
 
 __all__ = [
     "Broker", "History", "Entry", "HistoryPage", "BrokerError", "PublishError", "SubscribeError",
-    "create_broker", "channel_name", "new_node_id", "backoff_delay", "pack_envelope", "unpack_envelope",
+    "create_broker", "BrokerURLError", "BROKER_URL_FORMS", "channel_name", "new_node_id", "backoff_delay", "pack_envelope", "unpack_envelope",
     "MAGIC", "VERSION",
 ]
 
 
+BROKER_URL_FORMS = ("memory://[name]", "unix:///path.sock", "redis://[user:password@]host:port/db",
+                    "rediss://...", "redis+streams://host:port/db[?maxlen=N&block=S&count=N&ttl=S]",
+                    "redis+cluster://host:port[,host:port]", "package.module.Class")
+
+
 def create_broker(url: str | None = None, **opts) -> Broker:
     """A broker for ``url`` (see the module doc); ``opts`` go to its class
-    (``node_id``, ``prefix``, backend-specific knobs)."""
+    (``node_id``, ``prefix``, backend-specific knobs).
+
+    Creating a broker parses and checks its whole URL (scheme, host, port,
+    database, every option; an unknown option is refused by name with the
+    list of the known ones) without connecting, so a front calls this at
+    startup and a malformed URL is a :class:`~fastws.errors.BrokerURLError`
+    (a :class:`~fastws.errors.ConfigError` and a ``ValueError``) before
+    anything listens."""
     url = url or "memory://"
+    safe = mask_url(url)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
         return MemoryBroker(url, **opts)
@@ -111,14 +125,14 @@ def create_broker(url: str | None = None, **opts) -> Broker:
     if scheme in ("redis+streams", "rediss+streams"):
         return StreamsBroker(url, **opts)
     if scheme == "unix":
-        return EmbeddedBroker(url[len("unix://"):], **opts)
-    if not scheme and "." in url:
+        return EmbeddedBroker(parse_unix_url(url), **opts)
+    if not scheme and "." in url and all(part.isidentifier() for part in url.split(".")):
         mod, _, cls = url.rpartition(".")
         try:
             klass = getattr(importlib.import_module(mod), cls)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"broker {url!r}: cannot import {cls} from {mod}: {exc}") from None
+            raise BrokerURLError(safe, f"cannot import {cls} from {mod} ({type(exc).__name__}: {exc})",
+                                 "a dotted path to your Broker class, importable from here") from None
         return klass(url, **opts)
-    raise ValueError(f"unknown broker URL {url!r}: use memory://, unix:///path.sock, "
-                     "redis://host:port/db, rediss://..., redis+cluster://host:port,..., "
-                     "redis+streams://host:port/db or a dotted path")
+    raise BrokerURLError(safe, f"unknown scheme {scheme!r}" if scheme else "not a broker URL",
+                         "use " + ", ".join(BROKER_URL_FORMS))

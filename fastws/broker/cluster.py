@@ -26,18 +26,35 @@ from urllib.parse import unquote, urlsplit
 from redis.crc import key_slot
 
 from ..config import mask_url
-from ..errors import PublishError
+from ..errors import BrokerURLError, PublishError
 from .base import Broker, backoff_delay
-from .redis import ACK_TIMEOUT, RedisBroker, ReplyError, is_auth_error, open_conn, parse_redis_url
+from .redis import (ACK_TIMEOUT, URL_OPTIONS, RedisBroker, ReplyError, is_auth_error, open_conn, tls_context,
+                    url_options)
 
 log = logging.getLogger("fastws.broker")
 
 
+#: The query options of a ``redis+cluster://`` URL (TLS ones, with ``rediss+cluster``).
+CLUSTER_URL_OPTIONS = {k: v for k, v in URL_OPTIONS.items() if k != "db"}
+CLUSTER_URL_FORM = "redis+cluster://[user:password@]host[:port][,host[:port]...][?option=value&...]"
+
+
 def parse_cluster_url(url: str):
-    """``[(host, port), ...]`` seeds and the connection options."""
+    """``[(host, port), ...]`` seeds and the connection options.  Every part
+    is checked (each seed's host and port, no database: a cluster has only
+    db 0, each option known); a bad one raises
+    :class:`~fastws.errors.BrokerURLError`."""
+    safe = mask_url(url)
     u = urlsplit(url)
-    opts = parse_redis_url(("rediss" if u.scheme.startswith("rediss") else "redis") + "://x/"
-                           + (("?" + u.query) if u.query else ""))
+    if u.scheme.lower() not in ("redis+cluster", "rediss+cluster"):
+        raise BrokerURLError(safe, f"scheme {u.scheme!r} is not a Redis Cluster scheme",
+                             f"expected {CLUSTER_URL_FORM}")
+    q = url_options(url, CLUSTER_URL_OPTIONS, CLUSTER_URL_FORM)
+    if u.path.strip("/"):
+        raise BrokerURLError(safe, f"unexpected path {u.path!r}",
+                             f"a cluster has only database 0: expected {CLUSTER_URL_FORM}")
+    opts = {"username": None, "password": None,
+            "ssl": tls_context(url, u.scheme.lower().startswith("rediss"), q)}
     userinfo, _, hosts = u.netloc.rpartition("@")
     if userinfo:
         user, _, password = userinfo.partition(":")
@@ -45,11 +62,20 @@ def parse_cluster_url(url: str):
         opts["password"] = unquote(password) or None
     seeds = []
     for part in hosts.split(","):
-        host, _, port = part.strip().rpartition(":")
+        part = part.strip()
+        if part.startswith("["):                   # [v6]:port
+            host, _, port = part[1:].partition("]")
+            port = port[1:] if port.startswith(":") else ""
+        else:
+            host, sep, port = part.rpartition(":")
+            if not sep:
+                host, port = port, ""
         if not host:
-            host, port = port, "6379"
-        seeds.append((host.strip("[]"), int(port)))
-    opts.pop("host"), opts.pop("port"), opts.pop("db")
+            raise BrokerURLError(safe, f"seed {part!r} has no host", f"expected {CLUSTER_URL_FORM}")
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise BrokerURLError(safe, f"port {port!r} of seed {part!r} is not a port number 1..65535",
+                                 f"expected {CLUSTER_URL_FORM}")
+        seeds.append((host, int(port) if port else 6379))
     return seeds, opts
 
 

@@ -29,7 +29,7 @@ import os
 import struct
 import threading
 
-from ..errors import PublishError, SubscribeError
+from ..errors import BrokerURLError, PublishError, SubscribeError
 from .base import Broker, backoff_delay
 from .wire import (ACK, HELLO, LINK_HEAD, MAX_CHANNEL, MAX_FRAME, MAX_REQUEST, MSG, PING, PONG, PUB, SUB, U32,
                    UNSUB, MalformedFrame, link_batches, link_channels, link_frame, link_pub_body,
@@ -37,7 +37,29 @@ from .wire import (ACK, HELLO, LINK_HEAD, MAX_CHANNEL, MAX_FRAME, MAX_REQUEST, M
 
 log = logging.getLogger("fastws.broker")
 
-__all__ = ["EmbeddedHub", "EmbeddedBroker", "MAX_FRAME", "MAX_CHANNEL", "MAX_REQUEST", "MalformedFrame"]
+__all__ = ["EmbeddedHub", "EmbeddedBroker", "MAX_FRAME", "MAX_CHANNEL", "MAX_REQUEST", "MalformedFrame",
+           "parse_unix_url"]
+
+UNIX_URL_FORM = "unix:///absolute/path.sock"
+
+
+def parse_unix_url(url: str) -> str:
+    """The socket path of ``unix:///path.sock``: absolute, at most 107 bytes
+    (the kernel's limit), no host, options or fragment; else
+    :class:`~fastws.errors.BrokerURLError` saying which part is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != "unix":
+        raise BrokerURLError(url, f"scheme {scheme!r} is not unix", f"expected {UNIX_URL_FORM}")
+    if "?" in rest or "#" in rest:
+        raise BrokerURLError(url, "unexpected options ('?' or '#')",
+                             f"the embedded broker takes none: expected {UNIX_URL_FORM}")
+    if not rest.startswith("/"):
+        raise BrokerURLError(url, f"socket path {rest!r} is not absolute" if rest else "no socket path",
+                             f"expected {UNIX_URL_FORM}")
+    if len(rest.encode()) > 107:
+        raise BrokerURLError(url, f"socket path is {len(rest.encode())} bytes long",
+                             "at most 107 bytes (the kernel's limit for a Unix socket path)")
+    return rest
 
 
 class _Framed(asyncio.Protocol):

@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import asyncio
 
+from ..errors import BrokerURLError
 from .base import Broker
 
 _BUSES: dict = {}   # bus name -> {channel: set of MemoryBroker}
 
 
+def parse_memory_url(url: str) -> str:
+    """The bus name of ``memory://[name]`` (empty: the default bus; so is a
+    dotted-path creation without ``://``); a URL with options or another
+    scheme raises :class:`~fastws.errors.BrokerURLError`."""
+    scheme, sep, name = url.partition("://")
+    if not sep:
+        return ""              # created by dotted path (fastws.broker.memory.MemoryBroker): the default bus
+    if scheme.lower() != "memory":
+        raise BrokerURLError(url, f"scheme {scheme!r} is not memory", "expected memory://[name]")
+    if "?" in name or "#" in name or "/" in name:
+        raise BrokerURLError(url, f"unexpected {'?' if '?' in name else '#' if '#' in name else '/'} "
+                             f"after the bus name", "the memory broker takes a bare name: memory://[name]")
+    return name
+
+
 class MemoryBroker(Broker):
     def __init__(self, url: str = "memory://", **opts) -> None:
         super().__init__(**opts)
-        self.bus_name = url.split("://", 1)[1] if "://" in url else ""
+        self.bus_name = parse_memory_url(url)
         self._bus = _BUSES.setdefault(self.bus_name, {})
 
     async def start(self) -> None:

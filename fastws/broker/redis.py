@@ -37,9 +37,11 @@ import asyncio
 import logging
 import ssl as _ssl
 from collections import deque
-from urllib.parse import parse_qs, unquote, urlsplit
+import os
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..errors import BrokerAuthError, BrokerProtocolError, BrokerReplyError, PublishError, SubscribeError
+from ..errors import (BrokerAuthError, BrokerProtocolError, BrokerReplyError, BrokerURLError, PublishError,
+                      SubscribeError)
 from .base import Broker, backoff_delay
 from ..config import mask_url
 
@@ -244,24 +246,118 @@ class RespConn(asyncio.Protocol):
             self.transport.abort()
 
 
-def parse_redis_url(url: str) -> dict:
-    """host, port, db, username, password, ssl context of a redis:// URL."""
+#: The query options of a ``redis://`` / ``rediss://`` URL: name -> what it takes.
+URL_OPTIONS = {
+    "db": "the database number (same as the path /N)",
+    "ssl_ca_certs": "rediss only: a CA bundle (PEM file) to verify the server with",
+    "ssl_cert_reqs": "rediss only: none, optional or required (the default)",
+}
+URL_FORM = "redis://[user:password@]host[:port][/db][?option=value&...]"
+_CERT_REQS = {"none": _ssl.CERT_NONE, "cert_none": _ssl.CERT_NONE,
+              "optional": _ssl.CERT_OPTIONAL, "cert_optional": _ssl.CERT_OPTIONAL,
+              "required": _ssl.CERT_REQUIRED, "cert_required": _ssl.CERT_REQUIRED}
+
+
+def url_options(url: str, options: dict, form: str = URL_FORM) -> dict:
+    """The query options of broker ``url``, each checked to be one of
+    ``options`` (name -> what it takes) and given once; raises
+    :class:`~fastws.errors.BrokerURLError` naming an unknown option and
+    listing the known ones.  Values are strings, for the caller to check."""
+    safe = mask_url(url)
     u = urlsplit(url)
-    q = {k: v[0] for k, v in parse_qs(u.query).items()}
-    tls = None
-    if u.scheme.startswith("rediss"):
-        tls = _ssl.create_default_context(cafile=q.get("ssl_ca_certs"))
-        if q.get("ssl_cert_reqs", "").lower() in ("none", "cert_none"):
-            tls.check_hostname = False
-            tls.verify_mode = _ssl.CERT_NONE
-    db = u.path.strip("/")
+    if u.fragment:
+        raise BrokerURLError(safe, "unexpected '#' in the URL",
+                             f"percent-encode it as %23 in a password; expected {form}")
+    if not u.query:
+        return {}
+    try:
+        pairs = parse_qsl(u.query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise BrokerURLError(safe, "malformed options after '?'", f"expected {form}") from None
+    out: dict = {}
+    for name, value in pairs:
+        if name not in options:
+            raise BrokerURLError(safe, f"unknown option {name!r}",
+                                 "known options: " + ", ".join(options))
+        if name in out:
+            raise BrokerURLError(safe, f"option {name!r} given twice", "give each option once")
+        out[name] = value
+    return out
+
+
+def url_port(url: str, u, form: str = URL_FORM, default: int = 6379) -> int:
+    """The port of the split URL ``u`` (``default`` when absent), 1..65535."""
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if port is None:
+        return default
+    if not 1 <= port <= 65535:
+        raw = u.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise BrokerURLError(mask_url(url), f"port {raw!r} is not a port number 1..65535",
+                             f"expected {form}")
+    return port
+
+
+def tls_context(url: str, tls: bool, q: dict):
+    """The client TLS context of a ``rediss`` URL from its ``ssl_*`` options
+    (None for plain ``redis``, which refuses them)."""
+    safe = mask_url(url)
+    given = [k for k in ("ssl_ca_certs", "ssl_cert_reqs") if k in q]
+    if not tls:
+        if given:
+            raise BrokerURLError(safe, f"option {given[0]!r} needs TLS",
+                                 "use the rediss scheme, or drop the option")
+        return None
+    cafile = q.get("ssl_ca_certs")
+    if cafile is not None and not (os.path.isfile(cafile) and os.access(cafile, os.R_OK)):
+        raise BrokerURLError(safe, f"ssl_ca_certs {cafile!r} is not a readable file",
+                             "the path of a CA bundle in PEM")
+    reqs = q.get("ssl_cert_reqs", "required").lower()
+    if reqs not in _CERT_REQS:
+        raise BrokerURLError(safe, f"ssl_cert_reqs {q['ssl_cert_reqs']!r} is not allowed",
+                             "none, optional or required")
+    try:
+        ctx = _ssl.create_default_context(cafile=cafile)
+    except _ssl.SSLError as exc:
+        raise BrokerURLError(safe, f"ssl_ca_certs {cafile!r} is not a CA bundle ({exc.reason})",
+                             "the path of a CA bundle in PEM") from None
+    if _CERT_REQS[reqs] == _ssl.CERT_NONE:
+        ctx.check_hostname = False
+    ctx.verify_mode = _CERT_REQS[reqs]
+    return ctx
+
+
+def parse_redis_url(url: str, options: dict = URL_OPTIONS, form: str = URL_FORM) -> dict:
+    """host, port, db, username, password, ssl context of a redis:// URL.
+
+    Every part is checked (scheme, port, database, each option is one of
+    ``options``): a bad one raises :class:`~fastws.errors.BrokerURLError`
+    saying which part and what is allowed."""
+    safe = mask_url(url)
+    u = urlsplit(url)
+    scheme = u.scheme.lower()
+    base = scheme.split("+", 1)[0]
+    if base not in ("redis", "rediss"):
+        raise BrokerURLError(safe, f"scheme {u.scheme!r} is not a Redis scheme", f"expected {form}")
+    q = url_options(url, options, form)
+    if "@" in u.netloc and not u.hostname:
+        raise BrokerURLError(safe, "no host after '@'", f"expected {form}")
+    port = url_port(url, u, form)
+    path = u.path.strip("/")
+    if path and "db" in q:
+        raise BrokerURLError(safe, "database given twice (path and ?db=)", "give it once: /N")
+    raw_db = path or q.get("db", "0") or "0"
+    if not raw_db.isdigit() or not raw_db.isascii():
+        raise BrokerURLError(safe, f"database {raw_db!r} is not a number", f"expected {form}")
     return {
         "host": u.hostname or "127.0.0.1",
-        "port": u.port or 6379,
-        "db": int(db) if db else int(q.get("db", 0)),
+        "port": port,
+        "db": int(raw_db),
         "username": unquote(u.username) if u.username else None,
         "password": unquote(u.password) if u.password else None,
-        "ssl": tls,
+        "ssl": tls_context(url, base == "rediss", q),
     }
 
 
@@ -291,6 +387,9 @@ async def open_conn(host, port, *, ssl=None, username=None, password=None, db=0,
 class RedisBroker(Broker):
     """Redis pub/sub. ``url``: ``redis://[user:password@]host:port/db``."""
 
+    #: the query options its URL takes (name -> what it takes); unknown ones are refused
+    URL_OPTIONS = URL_OPTIONS
+    URL_FORM = URL_FORM
     PUBLISH = b"PUBLISH"
     SUBSCRIBE = b"SUBSCRIBE"
     UNSUBSCRIBE = b"UNSUBSCRIBE"
@@ -302,7 +401,7 @@ class RedisBroker(Broker):
         super().__init__(node_id=node_id, prefix=prefix)
         self.url = url
         self.safe_url = mask_url(url)            # what logs and errors print
-        self.conn_opts = parse_redis_url(url)
+        self.conn_opts = parse_redis_url(url, self.URL_OPTIONS, self.URL_FORM)
         self.connect_timeout = connect_timeout   # per connection attempt; start() waits this long
         self.backoff_min = backoff_min           # first retry delay (seconds) ...
         self.backoff_max = backoff_max           # ... doubling up to this, with jitter

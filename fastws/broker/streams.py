@@ -122,11 +122,10 @@ import heapq
 import itertools
 import logging
 import time
-from urllib.parse import parse_qs, urlsplit
-
-from ..errors import BrokerError
+from ..errors import BrokerError, BrokerURLError
 from .base import Entry, History, HistoryPage
-from .redis import ACK_TIMEOUT, AuthenticationError, RedisBroker, ReplyError, is_auth_error
+from .redis import (ACK_TIMEOUT, URL_OPTIONS, AuthenticationError, RedisBroker, ReplyError, is_auth_error,
+                    url_options)
 from .wire import MAX_SEQ, ZERO, entry_fields, envelope_origin, id_after, parse_id, room_message, unpack_envelope
 
 log = logging.getLogger("fastws.broker")
@@ -196,21 +195,33 @@ class StreamsBroker(RedisBroker, History):
     :class:`~fastws.broker.redis.RedisBroker` (two connections: commands,
     and here a reader for ``XREAD BLOCK`` instead of a subscriber)."""
 
+    #: the query options of its URL: the Redis ones and the stream's own
+    URL_OPTIONS = {**URL_OPTIONS,
+                   "maxlen": "entries kept per room's stream, an integer >= 1 (10000)",
+                   "block": "seconds an XREAD blocks, in (0, 3600] (5)",
+                   "count": "entries per XREAD, an integer >= 1 (256)",
+                   "ttl": "seconds an unused room's stream lives, >= 0, 0 = forever (86400)"}
+    URL_FORM = "redis+streams://[user:password@]host[:port][/db][?maxlen=N&block=S&count=N&ttl=S]"
+
     def __init__(self, url: str = "redis+streams://127.0.0.1:6379/0", *, maxlen: int | None = None,
                  block: float | None = None, count: int | None = None, ttl: float | None = None,
                  **opts) -> None:
         super().__init__(url, **opts)
-        q = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+        q = url_options(url, self.URL_OPTIONS, self.URL_FORM)
 
         def opt(value, name, default, conv, ok, allowed):
+            given = value
             if value is None:
                 value = q.get(name, default)
             try:
                 value = conv(value)
+                if value != value or value in (float("inf"), float("-inf")):
+                    value = None
             except (TypeError, ValueError):
                 value = None
             if value is None or not ok(value):
-                raise ValueError(f"broker {self.safe_url!r}: {name} must be {allowed}")
+                shown = given if given is not None else q.get(name)
+                raise BrokerURLError(self.safe_url, f"{name}={shown} is not allowed", f"{name}: {allowed}")
             return value
 
         self.maxlen = opt(maxlen, "maxlen", 10_000, int, lambda v: v >= 1, "an integer >= 1")
