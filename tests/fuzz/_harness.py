@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -60,5 +61,11 @@ def main(test_one_input) -> None:
     (``sys.argv``: corpus directories, ``-max_total_time=``, ``-merge=1`` ...)."""
     import atheris
 
-    atheris.Setup(sys.argv, test_one_input)
+    argv = list(sys.argv)
+    spec = sys.modules["__main__"].__spec__
+    if spec is not None:
+        # libFuzzer re-runs argv[0] through the shell for -merge, -fork and
+        # -minimize_crash: make that this same module, not the bare .py file
+        argv[0] = f"{shlex.quote(sys.executable)} -m {spec.name}"
+    atheris.Setup(argv, test_one_input)
     atheris.Fuzz()

@@ -116,9 +116,14 @@ def install() -> None:
     libfuzzer"."""
     if "fastws._core" in sys.modules:
         raise RuntimeError("fastws._core is imported already")
-    if not fresh():
-        raise SystemExit(f"the instrumented fastws._core in {OUT} is missing or older than fastws/_core.pyx: "
-                         "run `python -m tests.fuzz.native` first")
+    stamp = STAMP.read_text().strip() if STAMP.exists() else ""
+    # checked once per run: the processes libFuzzer starts for -fork/-merge
+    # go on with the build their parent took, even if the sources moved on
+    if os.environ.get("FASTWS_FUZZ_NATIVE_STAMP") != stamp or not SO.exists():
+        if not fresh():
+            raise SystemExit(f"the instrumented fastws._core in {OUT} is missing or older than "
+                             "fastws/_core.pyx: run `python -m tests.fuzz.native` first")
+        os.environ["FASTWS_FUZZ_NATIVE_STAMP"] = stamp
     preload = os.environ.get("LD_PRELOAD", "")
     if str(LIBFUZZER) not in preload.split(":"):
         main = sys.modules["__main__"]

@@ -23,6 +23,8 @@ For every head:
 
 from __future__ import annotations
 
+import re
+
 from tests.fuzz import _harness
 
 with _harness.instrumented(__name__ == "__main__", "fastws", "wsproto", "h11"):
@@ -44,6 +46,19 @@ def head_of(data: bytes) -> bytes:
     return data + b"\r\n\r\n" if end < 0 else data[: end + 4]
 
 
+#: a Content-Length or Transfer-Encoding header line
+_FRAMING = re.compile(rb"(?im)^(content-length|transfer-encoding)[ \t]*:")
+
+
+def open_finding(head: bytes, wsproto_answer) -> bool:
+    """A divergence reported and not fixed yet, so that a run goes on to find
+    others: wsproto (h11) refuses a head whose Content-Length or
+    Transfer-Encoding is malformed, the fast paths do not look at them
+    (``test_found.py::test_fast_paths_refuse_bad_framing_headers_as_wsproto_does``
+    fails until they do; then this goes)."""
+    return wsproto_answer[0] == "reject" and _FRAMING.search(head) is not None
+
+
 def TestOneInput(data: bytes) -> None:
     head = head_of(data)
     answers = {}
@@ -52,14 +67,13 @@ def TestOneInput(data: bytes) -> None:
         if got is not None and got[0] == "reject":
             assert 400 <= got[1] < 500, f"{parser.__name__}: status {got[1]} for {head!r}"
         answers[parser.__name__] = got
-    fast = answers["parse_fast"]
-    if fast is not None:
-        assert fast == answers["parse_wsproto"], (
-            f"parse_fast and wsproto disagree on {head!r}:\n{fast}\n{answers['parse_wsproto']}"
-        )
-        assert answers["parse_request"] == fast, head
+    fast, wsproto_answer = answers["parse_fast"], answers["parse_wsproto"]
+    if fast is None:        # declined: parse_request is wsproto's answer
+        assert answers["parse_request"] == wsproto_answer, head
     else:
-        assert answers["parse_request"] == answers["parse_wsproto"], head
+        assert answers["parse_request"] == fast, head
+        if not open_finding(head, wsproto_answer):
+            assert fast == wsproto_answer, f"parse_fast and wsproto disagree on {head!r}:\n{fast}\n{wsproto_answer}"
 
     py = None
     for mode, policy in POLICIES.items():
