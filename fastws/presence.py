@@ -16,11 +16,19 @@ expire and readers ignore (and trim) its expired score, so its members
 disappear on their own after at most ``ttl`` seconds.
 
 ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``
-(:func:`presence_client` makes one from a broker URL).  Presence knows a
-node's rooms only through the public API of :class:`fastws.rooms.Rooms`
-(``keys()``, ``members()``) and names connections with the ``global_id``
-callable it is given (the bridge's), so it runs beside any broker; the key
+(:func:`presence_client` makes one from a broker URL; it needs the ``redis``
+package, ``pip install "fastws[redis]"``).  Presence knows a node's rooms
+only through the public API of :class:`fastws.rooms.Rooms` (``keys()``,
+``members()``) and names connections with the ``global_id`` callable it is
+given (the node's), so it runs beside any Redis-family broker; the key
 layout is in :mod:`fastws.broker.wire`.
+
+A server started with ``--presence`` (and a ``redis://``, ``rediss://``,
+``redis+streams://`` or ``redis+cluster://`` broker) runs one per node
+(:class:`fastws.node.Node`): ``app.presence`` in a ``fastws.App``,
+``GET /presence?room=...`` on the HTTP API.  A connection's user is
+``conn.store["user_id"]`` (set it in ``on_connect`` with
+``fastws.Accept(store={"user_id": ...})`` or later).
 """
 
 from __future__ import annotations
@@ -29,12 +37,16 @@ import asyncio
 import logging
 import time
 
-from ..config import mask_url
-from .cluster import parse_cluster_url
-from .redis import is_auth_error
-from .wire import presence_base
+from .broker.cluster import parse_cluster_url
+from .broker.redis import is_auth_error
+from .broker.wire import presence_base
+from .config import mask_url
 
 log = logging.getLogger("fastws.broker")
+
+#: the broker URL schemes presence can share a Redis with
+REDIS_SCHEMES = ("redis", "rediss", "redis+streams", "rediss+streams", "redis+cluster", "rediss+cluster")
+INSTALL_HINT = 'pip install "fastws[redis]"'
 
 
 def _why(exc) -> str:
@@ -46,19 +58,22 @@ def _why(exc) -> str:
 
 def presence_client(url: str):
     """A ``redis.asyncio`` client for a broker URL (redis://, rediss://,
-    redis+streams://, redis+cluster://h:p,...)."""
-    import redis.asyncio as aioredis
+    redis+streams://, redis+cluster://h:p,...).  ImportError naming the
+    extra to install when the ``redis`` package is missing."""
+    try:
+        import redis.asyncio as aioredis
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+    except ImportError:
+        raise ImportError(f"presence needs the redis package: {INSTALL_HINT}") from None
 
     if "+cluster://" in url:
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-
         seeds, opts = parse_cluster_url(url)
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds],
                             password=opts["password"], username=opts["username"],
                             ssl=opts["ssl"] is not None)
-    if "+streams://" in url:     # same server, plain client: drop the scheme's broker part
-        url = url.replace("+streams://", "://", 1).split("?", 1)[0]
-    return aioredis.from_url(url)
+    # same server, plain client: drop the scheme's broker part and the
+    # broker's own ?options (they are not redis-py's)
+    return aioredis.from_url(url.replace("+streams://", "://", 1).split("?", 1)[0])
 
 
 class Presence:

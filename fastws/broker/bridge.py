@@ -33,7 +33,8 @@ The bridge knows the rooms only through the public API of
 * One connection anywhere: :meth:`Bridge.global_id` names a connection
   across nodes (``"{node_id}:{conn.id}"``); every node subscribes to its own
   node key, and :meth:`Bridge.send_to` delivers locally or through the
-  owning node, which answers whether the connection existed.
+  owning node, which answers whether the connection existed;
+  :meth:`Bridge.close_conn` closes one the same way (a CLOSE payload).
 
 Resumable membership (replay + the room's stream with ids) is not here: it
 is :mod:`fastws.resume`, on a broker with the
@@ -49,8 +50,8 @@ import logging
 from ..errors import BrokerProtocolError, PublishError
 from ..frames import PRIORITY_NORMAL
 from .base import backoff_delay
-from .wire import (DIRECT, REPLY, ROOM, pack_direct, pack_reply, pack_room_message, payload_kind,
-                   unpack_direct, unpack_reply, unpack_room)
+from .wire import (CLOSE, DIRECT, REPLY, ROOM, pack_close, pack_direct, pack_reply, pack_room_message,
+                   payload_kind, unpack_close, unpack_direct, unpack_reply, unpack_room)
 
 log = logging.getLogger("fastws.broker")
 
@@ -85,7 +86,8 @@ class Bridge:
         self._req_ids = itertools.count(1)
         self._malformed_logged = False
         self.counters = {"remote_publishes": 0, "remote_failures": 0, "received": 0,
-                         "direct_in": 0, "direct_out": 0, "subscribe_failures": 0,
+                         "direct_in": 0, "direct_out": 0, "close_in": 0, "close_out": 0,
+                         "subscribe_failures": 0,
                          "unsubscribe_failures": 0, "subscribe_retries": 0, "malformed": 0}
 
     # -- lifecycle ------------------------------------------------------------------
@@ -266,6 +268,12 @@ class Bridge:
                 ok = self._send_local(cid, message)
                 if rid:
                     self.broker.publish_nowait(origin, pack_reply(rid, ok))
+            elif kind == CLOSE:
+                rid, cid, code, reason = unpack_close(payload)
+                self.counters["close_in"] += 1
+                ok = self._close_local(cid, code, reason)
+                if rid:
+                    self.broker.publish_nowait(origin, pack_reply(rid, ok))
             elif kind == REPLY:
                 rid, ok = unpack_reply(payload)
                 fut = self._replies.pop(rid, None)
@@ -286,6 +294,13 @@ class Bridge:
         if conn is None or conn.closed:
             return False
         conn.send(message)
+        return True
+
+    def _close_local(self, conn_id, code: int, reason: str) -> bool:
+        conn = self.lookup(conn_id)
+        if conn is None or conn.closed:
+            return False
+        conn.close(code, reason)
         return True
 
     # -- the API ------------------------------------------------------------------------
@@ -326,19 +341,35 @@ class Bridge:
         wherever it is. True: queued on it; False: no such open connection
         (or malformed id); None: its node did not answer in ``timeout``
         (unknown node, broker down)."""
+        return await self._ask(gid, timeout, "direct_out",
+                               lambda cid: self._send_local(cid, message),
+                               lambda rid, cid: pack_direct(rid, cid, message))
+
+    async def close_conn(self, gid: str, code: int = 1000, reason: str = "",
+                         timeout: float = REPLY_TIMEOUT):
+        """Close the connection ``gid`` wherever it is with ``code`` and
+        ``reason``. True: its close handshake started; False: no such open
+        connection; None: its node did not answer in ``timeout``."""
+        return await self._ask(gid, timeout, "close_out",
+                               lambda cid: self._close_local(cid, code, reason),
+                               lambda rid, cid: pack_close(rid, cid, code, reason))
+
+    async def _ask(self, gid, timeout, counter, local, pack):
+        """Do ``local(cid)`` here, or send ``pack(rid, cid)`` to the node of
+        ``gid`` and wait for its REPLY."""
         node, _, cid = str(gid).rpartition(":")
         try:
             cid = int(cid)
         except ValueError:
             return False
         if not node or node == self.node_id:
-            return self._send_local(cid, message)
+            return local(cid)
         if not 0 <= cid < 1 << 64:
             return False
         rid = next(self._req_ids) & 0xFFFFFFFF or 1
-        payload = pack_direct(rid, cid, message)
+        payload = pack(rid, cid)
         fut = self._replies[rid] = asyncio.get_running_loop().create_future()
-        self.counters["direct_out"] += 1
+        self.counters[counter] += 1
         try:
             receivers = await self.broker.publish(node, payload)
             if receivers == 0:      # the backend knows nobody listens: no such node

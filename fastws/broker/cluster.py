@@ -23,13 +23,12 @@ import asyncio
 import logging
 from urllib.parse import unquote, urlsplit
 
-from redis.crc import key_slot
-
 from ..config import mask_url
 from ..errors import BrokerURLError, PublishError
 from .base import Broker, backoff_delay
 from .redis import (ACK_TIMEOUT, URL_OPTIONS, RedisBroker, ReplyError, is_auth_error, open_conn, tls_context,
                     url_options)
+from .wire import key_slot
 
 log = logging.getLogger("fastws.broker")
 

@@ -51,6 +51,9 @@ magic or version: counted as ``stray``).
     REPLY   +------+-------+----------------+
             | 0x03 | flags | request id u32 |
             +------+-------+----------------+
+    CLOSE   +------+-------+----------------+-----------------------+-----------+------------------+
+            | 0x04 | flags | request id u32 | connection id u64     | code u16  | reason (UTF-8)   |
+            +------+-------+----------------+-----------------------+-----------+------------------+
 
     flags   bit 0     the message's opcode: 1 BINARY, 0 TEXT
             bit 1     REPLY: the connection existed and the message was queued
@@ -61,6 +64,9 @@ WebSocket frame (UTF-8 for TEXT), so a receiving node hands them to the hub
 as a ready frame payload without decoding; :func:`unpack_room` checks that a
 TEXT payload is UTF-8 (a message from a foreign publisher must not reach a
 client as an invalid text frame).  ``request id`` 0 asks for no REPLY.
+A CLOSE asks the receiving node to close its connection ``connection id``
+with ``code`` and ``reason`` (at most 123 bytes); it is answered with a
+REPLY like a DIRECT.
 
 4. The embedded broker's link frames (worker <-> supervisor, Unix socket)
 ------------------------------------------------------------------------
@@ -95,19 +101,21 @@ a bare ``"<ms>"`` means ``seq`` 0).
 from __future__ import annotations
 
 import struct
+from binascii import crc_hqx
 
 from ..errors import BrokerProtocolError
 from ..frames import BINARY, PRIORITY_NORMAL, TEXT
 
 __all__ = [
     # channel names
-    "escape", "channel_name", "presence_base",
+    "escape", "channel_name", "presence_base", "key_slot", "CLUSTER_SLOTS",
     # the envelope
     "MAGIC", "VERSION", "ENVELOPE", "pack_envelope", "unpack_envelope", "envelope_origin",
     # the bridge's payloads
     "ROOM", "DIRECT", "REPLY", "F_BINARY", "F_OK", "HEAD", "DIRECT_HEAD", "REPLY_HEAD",
     "encode_message", "decode_message", "pack_room", "pack_room_message", "unpack_room", "room_message",
     "pack_direct", "unpack_direct", "pack_reply", "unpack_reply", "payload_kind",
+    "CLOSE", "CLOSE_HEAD", "pack_close", "unpack_close",
     # the embedded broker's links
     "LINK_HEAD", "U32", "HELLO", "SUB", "UNSUB", "ACK", "PUB", "MSG", "PING", "PONG",
     "MAX_FRAME", "MAX_CHANNEL", "MAX_REQUEST", "MalformedFrame",
@@ -133,6 +141,21 @@ def channel_name(prefix: str, key) -> bytes:
     if isinstance(key, str):
         return f"{base}node:{key}".encode()
     raise TypeError(f"a broker key is a (namespace, name) tuple or a node id str, not {key!r}")
+
+
+CLUSTER_SLOTS = 16384      # Redis Cluster's hash slots
+
+
+def key_slot(channel: bytes) -> int:
+    """The Redis Cluster hash slot of ``channel``: CRC16 (XMODEM) of its hash
+    tag (the part between the first ``{`` and the next ``}``, when not
+    empty) or of the whole name, modulo 16384 (the cluster specification)."""
+    start = channel.find(b"{")
+    if start >= 0:
+        end = channel.find(b"}", start + 1)
+        if end > start + 1:
+            channel = channel[start + 1:end]
+    return crc_hqx(channel, 0) % CLUSTER_SLOTS
 
 
 def presence_base(prefix: str, key) -> str:
@@ -172,11 +195,12 @@ def envelope_origin(data: bytes):
 
 # -- 3. the bridge's payloads ------------------------------------------------------------
 
-ROOM, DIRECT, REPLY = 1, 2, 3
+ROOM, DIRECT, REPLY, CLOSE = 1, 2, 3, 4
 F_BINARY, F_OK = 1, 2
 HEAD = struct.Struct("!BB")           # kind, flags
 DIRECT_HEAD = struct.Struct("!BBIQ")  # kind, flags, request id, connection id
 REPLY_HEAD = struct.Struct("!BBI")    # kind, flags, request id
+CLOSE_HEAD = struct.Struct("!BBIQH")  # kind, flags, request id, connection id, close code
 
 
 def encode_message(message) -> tuple:
@@ -284,6 +308,31 @@ def unpack_reply(payload: bytes) -> tuple:
         raise BrokerProtocolError(f"not a REPLY payload ({len(payload)} bytes)")
     _, flags, rid = REPLY_HEAD.unpack_from(payload, 0)
     return rid, bool(flags & F_OK)
+
+
+def pack_close(request_id: int, conn_id: int, code: int, reason: str = "") -> bytes:
+    """A CLOSE payload: close connection ``conn_id`` of the receiving node
+    with ``code`` and ``reason``; ``request_id`` (u32, 0: none) asks for a REPLY."""
+    body = reason.encode("utf-8")
+    if len(body) > 123:
+        raise ValueError("a close reason is at most 123 bytes of UTF-8")
+    return CLOSE_HEAD.pack(CLOSE, 0, request_id, conn_id, code) + body
+
+
+def unpack_close(payload: bytes) -> tuple:
+    """``(request_id, conn_id, code, reason)`` of a CLOSE payload.
+    BrokerProtocolError if it is malformed (short, a reason past 123 bytes
+    or not UTF-8)."""
+    if len(payload) < CLOSE_HEAD.size or payload[0] != CLOSE:
+        raise BrokerProtocolError(f"not a CLOSE payload ({len(payload)} bytes)")
+    _, _, rid, cid, code = CLOSE_HEAD.unpack_from(payload, 0)
+    body = payload[CLOSE_HEAD.size:]
+    if len(body) > 123:
+        raise BrokerProtocolError(f"CLOSE reason of {len(body)} bytes")
+    try:
+        return rid, cid, code, body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BrokerProtocolError(f"CLOSE reason is not UTF-8: {exc}") from None
 
 
 # -- 4. the embedded broker's link frames ---------------------------------------------------

@@ -24,7 +24,7 @@ from fastws.broker import channel_name, create_broker
 from fastws.broker import wire
 from fastws.broker.bridge import Bridge
 from fastws.broker.embedded import EmbeddedHub
-from fastws.broker.presence import Presence, presence_client
+from fastws.presence import Presence, presence_client
 from fastws.config import Config
 from fastws.frames import BINARY
 from fastws.resume import Resumer
@@ -245,27 +245,42 @@ def test_http_publish_api_and_send_to_across_nodes():
             st, _ = await http(port, "POST", "/publish",
                                json.dumps({"room": "news", "base64": base64.b64encode(b"\x01\x02").decode()}).encode(), js)
             assert st == 200
-            st, _ = await http(port, "POST", "/publish?room=news", "raw ✓".encode(), auth)
+            # a JSON body whatever the Content-Type (curl -d sends a form type)
+            form = auth + [("Content-Type", "application/x-www-form-urlencoded")]
+            st, _ = await http(port, "POST", "/publish", '{"room":"news","text":"form ✓"}'.encode(), form)
             assert st == 200
             assert (await http(port, "POST", "/publish", b'{"text":"no room"}', js))[0] == 400
+            assert (await http(port, "POST", "/publish?room=news", b"raw text", auth))[0] == 400
             assert (await http(port, "POST", "/publish", b"", js, content_length=1 << 20))[0] == 413
             for ws in (a1, b1):
-                assert await drain(ws, 3) == ["http-1", b"\x01\x02", "raw ✓"]
+                assert await drain(ws, 3) == ["http-1", b"\x01\x02", "form ✓"]
 
-            # one connection, on the other node
+            # one connection, on the other node: the text itself, not the JSON
             assert b1.gid.startswith(B.broker.node_id + ":")
-            st, _ = await http(port, "POST", f"/connections?id={b1.gid}", b"just b1", auth)
+            st, _ = await http(port, "POST", f"/connections?id={b1.gid}", b'{"text": "just b1"}', auth)
             assert st == 200
             assert await drain(b1, 1) == ["just b1"]
             await nothing_more(a1)
-            st, _ = await http(port, "POST", f"/connections?id={a1.gid}", b"just a1", auth)
+            st, _ = await http(port, "POST", f"/connections/{a1.gid}", b'{"text": "just a1"}', auth)
             assert st == 200 and await drain(a1, 1) == ["just a1"]
             for bad in (f"{B.broker.node_id}:999999", "no-such-node:1", "garbage"):
-                assert (await http(port, "POST", f"/connections?id={bad}", b"x", auth))[0] == 404
-            assert (await http(port, "POST", f"/connections?id={b1.gid}", b"x"))[0] == 401
+                assert (await http(port, "POST", f"/connections?id={bad}", b'{"text": "x"}', auth))[0] == 404
+            assert (await http(port, "POST", f"/connections?id={b1.gid}", b'{"text": "x"}'))[0] == 401
+            assert (await http(port, "POST", f"/connections?id={b1.gid}", b"not json", auth))[0] == 400
             # the bridge API directly
             assert await B.bridge.send_to(a1.gid, b"\x00bytes") is True
             assert await drain(a1, 1) == [b"\x00bytes"]
+            # DELETE /connections/{id} closes a connection on the other node (a CLOSE
+            # payload through the broker) with the code and reason asked
+            st, body = await http(port, "DELETE", f"/connections/{b1.gid}",
+                                  b'{"code": 4003, "reason": "kicked"}', auth)
+            assert st == 200 and json.loads(body)["closing"] is True
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(b1.recv(), 10)
+            assert (b1.close_code, b1.close_reason) == (4003, "kicked")
+            assert (await http(port, "DELETE", f"/connections/{b1.gid}", b"", auth))[0] == 404
+            assert (await http(port, "DELETE", f"/connections/{a1.gid}", b'{"code": 1005}', auth))[0] == 400
+            assert B.bridge.counters["close_in"] == 2 and A.bridge.counters["close_out"] == 2   # closed, then 404
         finally:
             for ws in (a1, b1):
                 await ws.close()

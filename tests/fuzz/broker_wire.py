@@ -6,7 +6,8 @@ An input is read two ways:
 
 * whole, by every parser of the module: the envelope (``unpack_envelope``,
   ``envelope_origin``), the bridge payloads (``payload_kind``,
-  ``unpack_room``, ``room_message``, ``unpack_direct``, ``unpack_reply``),
+  ``unpack_room``, ``room_message``, ``unpack_direct``, ``unpack_reply``,
+  ``unpack_close``),
   link frame bodies (``link_channels``, ``link_split_channel``), stream
   entry ids (``parse_id``, bytes and str) and entry field lists
   (``entry_fields``, the input split at NUL bytes);
@@ -20,7 +21,7 @@ Nothing may raise but the module's documented errors:
 ``ValueError`` from ``parse_id``; never ``struct.error`` or ``IndexError``.
 Whatever unpacks packs back to the same bytes (where the layout has no
 unused bits: a ROOM payload's flag bits 1-3, a DIRECT payload's priority
-bits and a REPLY's trailing bytes are not carried).
+bits, a REPLY's trailing bytes and a CLOSE's flags are not carried).
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def check_payload(data: bytes) -> None:
         assert kind == wire.REPLY
         if len(data) == wire.REPLY_HEAD.size and data[1] in (0, wire.F_OK):
             assert wire.pack_reply(rid, ok) == data, "REPLY round trip"
+    close = _expect_error(wire.unpack_close, data)
+    if close is not None:
+        rid, cid, code, reason = close
+        assert kind == wire.CLOSE and isinstance(reason, str) and len(reason.encode()) <= 123
+        if data[1] == 0:
+            assert wire.pack_close(rid, cid, code, reason) == data, "CLOSE round trip"
 
 
 def check_channels(body: bytes, pos: int):
