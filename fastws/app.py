@@ -20,12 +20,25 @@ Example::
 Callbacks may be plain functions or ``async def``; only an async one costs a
 task per call.  The path ``"*"`` is the fallback route for every path that has
 no route of its own.
+
+Lifecycle and shared state::
+
+    @app.on_startup                # sync or async; runs before the server listens
+    async def connect_db():
+        app.state.db = await open_database()
+
+    @app.on_shutdown               # after the connections are closed
+    async def close_db():
+        await app.state.db.close()
+
+``app.state`` is a plain namespace for whatever the callbacks share.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from .errors import Reject
 from .frames import PRIORITY_NORMAL
@@ -101,6 +114,15 @@ class App:
         self.route_listeners: list = []
         #: the running fastws.node.Node, while serving
         self.node = None
+        #: room authorization by namespace: fn(conn, room) -> bool (authorize_join)
+        self.join_checks: dict = {}
+        #: ... fn(conn_or_None, room, message) -> bool (authorize_publish)
+        self.publish_checks: dict = {}
+        #: a plain namespace for what the callbacks share (a database pool ...)
+        self.state = SimpleNamespace()
+        #: callables run by the node when it starts / stops (see on_startup)
+        self.startup_hooks: list = []
+        self.shutdown_hooks: list = []
 
     # -- registration -------------------------------------------------------
 
@@ -166,6 +188,65 @@ class App:
             return fn
         return deco
 
+    def on_startup(self, fn):
+        """Decorator: ``fn()`` (sync or async) runs once the server's node is
+        built (rooms, broker, presence; ``app.node`` is set) and before it
+        listens, in registration order.  An exception stops the start with
+        one line naming the hook."""
+        if not callable(fn):
+            raise TypeError(f"on_startup needs a callable, got {fn!r}")
+        self.startup_hooks.append(fn)
+        return fn
+
+    def on_shutdown(self, fn):
+        """Decorator: ``fn()`` (sync or async) runs on a graceful stop, after
+        the connections are closed and before the broker is, in registration
+        order.  An exception is logged; the other hooks still run."""
+        if not callable(fn):
+            raise TypeError(f"on_shutdown needs a callable, got {fn!r}")
+        self.shutdown_hooks.append(fn)
+        return fn
+
+    def authorize_join(self, namespace: str = ""):
+        """Decorator: ``fn(conn, room) -> bool`` decides every join of a room
+        of ``namespace`` (``conn.join``, ``app.resume``); False refuses it:
+        the join raises :class:`fastws.errors.RoomDeniedError` (counted in
+        ``websocket_room_refusals_total{reason="denied"}``) and changes
+        nothing.  A plain function (it runs inside ``join``); an exception
+        in it is logged and refuses."""
+        return self._room_check(self.join_checks, namespace, "authorize_join")
+
+    def authorize_publish(self, namespace: str = ""):
+        """Decorator: ``fn(conn, room, message) -> bool`` decides a publish to
+        a room of ``namespace`` made for a connection, ``app.publish(...,
+        sender=conn)`` (RoomDeniedError when False), and every publish of
+        the HTTP publish API, with ``conn`` None (403 when False).  The
+        app's own ``app.publish`` without ``sender`` is not asked.  A plain
+        function; an exception in it is logged and refuses."""
+        return self._room_check(self.publish_checks, namespace, "authorize_publish")
+
+    @staticmethod
+    def _room_check(table: dict, namespace: str, what: str):
+        if not isinstance(namespace, str):
+            raise TypeError(f"{what}: namespace must be a str, got {namespace!r}")
+
+        def deco(fn):
+            if not callable(fn):
+                raise TypeError(f"{what} callback must be callable, got {fn!r}")
+            if inspect.iscoroutinefunction(fn):
+                raise TypeError(f"{what} callback must be a plain function (it runs inside join/"
+                                f"publish); decide in on_connect or before calling join instead")
+            table[namespace] = fn
+            return fn
+        return deco
+
+    def remote_address(self, conn):
+        """The client's address of ``conn``: with ``proxy_headers`` the one a
+        trusted proxy named, else ``conn.remote_address``."""
+        if self.node is None:
+            return conn.remote_address
+        return self.node.remote_address(conn)
+
     def http(self, method: str, path: str):
         """Decorator: serve plain HTTP ``method path`` on the WebSocket port.
 
@@ -203,13 +284,17 @@ class App:
         return self.node.rooms if self.node is not None else None
 
     def publish(self, room: str, message, *, namespace: str = "", exclude=None,
-                priority: int = PRIORITY_NORMAL) -> int:
+                priority: int = PRIORITY_NORMAL, sender=None) -> int:
         """Send ``message`` to every member of ``room``, encoded once, on
         every worker and node (through the broker when there is one).
 
         ``exclude``: a connection that does not get it (e.g. the sender).
         ``priority``: ``fastws.PRIORITY_LOW``/``NORMAL``/``HIGH``, see
         :mod:`fastws.delivery` for what happens to backed-up members.
+        ``sender``: the connection this publish is made for; the
+        namespace's :meth:`authorize_publish` check then decides
+        (:class:`fastws.errors.RoomDeniedError` when it refuses, nothing is
+        sent).
         Returns the room's sequence number for this message on this node
         (0 if the room has no members here and there is no broker).
         Raises :class:`fastws.errors.RoomNameError` for a name past
@@ -217,6 +302,8 @@ class App:
         """
         if self.node is None:
             return 0
+        if sender is not None:
+            self.node.rooms.check_publish(sender, room, message, namespace)
         return self.node.publish(room, message, namespace=namespace, exclude=exclude, priority=priority)
 
     async def resume(self, conn, room: str, since: str | None = None, *, namespace=None,
@@ -239,15 +326,50 @@ class App:
                              "(--broker redis+streams://...)")
         return await self.node.resume(conn, room, since, namespace=namespace, limit=limit)
 
-    def send_to(self, conn_id, message) -> bool:
-        """Send ``message`` to the connection with id ``conn_id`` on this
-        node; False if there is no such open connection.  (The HTTP API's
-        ``POST /connections/{id}`` reaches a connection on any node.)"""
-        conn = self.node.connection(conn_id) if self.node is not None else None
+    def global_id(self, conn) -> str:
+        """``conn``'s id on every node: ``"<node id>:<n>"`` with a broker,
+        ``"<n>"`` without one.  :meth:`send_to`, :meth:`disconnect`, presence
+        and the HTTP API (``/connections/{id}``) take it."""
+        if self.node is None:
+            raise RuntimeError("global_id needs a running server")
+        return self.node.global_id(conn)
+
+    async def send_to(self, conn_id, message):
+        """Send ``message`` to the connection ``conn_id`` (a
+        :meth:`global_id`), on whichever node holds it.  True: queued on it;
+        False: no such open connection; None: its node did not answer."""
+        if self.node is None:
+            return False
+        return await self.node.send_to(conn_id, message)
+
+    def send_local(self, conn_id, message) -> bool:
+        """:meth:`send_to` for synchronous code, for a connection of this
+        process only (``conn_id``: a :meth:`global_id` or ``conn.id``);
+        False if there is no such open connection here."""
+        conn = self.node.local_connection(conn_id) if self.node is not None else None
         if conn is None:
             return False
         conn.send(message)
         return True
+
+    async def disconnect(self, conn_id, code: int = 1000, reason: str = ""):
+        """Close the connection ``conn_id`` (a :meth:`global_id`), on
+        whichever node holds it.  True / False / None as :meth:`send_to`."""
+        if self.node is None:
+            return False
+        return await self.node.disconnect(conn_id, code, reason)
+
+    @property
+    def presence(self):
+        """Who is in which room on every node (``--presence``): a
+        :class:`fastws.presence.Presence` with ``await .count(room)``,
+        ``await .members(room)`` (``{global id: user id}``) and ``await
+        .users(room)``.  RuntimeError when presence is off."""
+        presence = self.node.presence if self.node is not None else None
+        if presence is None:
+            raise RuntimeError("presence is off: serve with --presence and a Redis broker "
+                               "(--broker redis://...)")
+        return presence
 
 
 __all__ = ["App", "Accept", "Reject", "Route"]

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .origins import OriginPolicy, ops_host_set
+from .proxy import parse_networks
 
 ENV_PREFIX = "FASTWS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -75,6 +76,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
                "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(|ms|s|m)\s*$", re.I)
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0}
+_REDIS_SCHEMES = ("redis", "rediss", "redis+streams", "rediss+streams", "redis+cluster", "rediss+cluster")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -91,6 +93,14 @@ class Config:
     reuse_port: bool = knob(False, "SO_REUSEPORT: several processes share the port.", kind="bool")
     ssl_certfile: str | None = knob(None, "TLS certificate chain (PEM): serve wss://.", kind="path")
     ssl_keyfile: str | None = knob(None, "TLS private key (PEM) for --ssl-certfile.", kind="path")
+    uds: str | None = knob(None, "Listen on this Unix domain socket path instead of host:port "
+                           "(a stale socket file is replaced; one that a process listens on is "
+                           "an error).", kind="str", check=lambda v: v is None or (0 < len(v.encode()) < 108),
+                           allowed="a path of 1..107 bytes")
+    root_path: str = knob("", "ASGI apps: the path prefix a proxy mounts the app under, given to "
+                          "the app as scope['root_path'] (ASGI only: a fastws.App refuses it).",
+                          kind="str", check=lambda v: v == "" or (v.startswith("/") and not v.endswith("/")),
+                          allowed="empty, or a path starting with / and not ending with /")
     # -- protocol limits ---------------------------------------------------
     max_message_size: int = knob(1 << 20, "Largest message in bytes; larger ones close with 1009 "
                                  "(0 = no limit).", kind="bytes", check=lambda v: v >= 0,
@@ -143,6 +153,27 @@ class Config:
                                 kind="int", check=lambda v: v >= 0, allowed="an integer >= 0")
     retry_after: float = knob(5.0, "Base of the Retry-After hint on 503, seconds (jittered up to twice it).",
                               kind="seconds", check=lambda v: v >= 1, allowed="seconds >= 1")
+    max_connections_per_ip: int = knob(0, "Open connections (and upgrades in progress) per client address "
+                                       "at most; past it upgrades get 429 with a jittered Retry-After. IPv6 "
+                                       "clients count per /64; behind a proxy see --proxy-headers "
+                                       "(0 = no limit).", kind="int", check=lambda v: v >= 0,
+                                       allowed="an integer >= 0 (0 = no limit)")
+    handshake_rate_per_ip: float = knob(0.0, "Upgrades per second per client address (token bucket); excess "
+                                        "gets 429 with a jittered Retry-After (0 = no limit).", kind="float",
+                                        check=lambda v: v >= 0, allowed="a number >= 0 (0 = no limit)")
+    handshake_burst_per_ip: int = knob(0, "Burst of the per-address handshake token bucket (0 = one "
+                                       "second's worth, at least 1).", kind="int", check=lambda v: v >= 0,
+                                       allowed="an integer >= 0")
+    # -- behind a reverse proxy (see fastws.proxy) ---------------------------------
+    proxy_headers: bool = knob(False, "Take the client's address and scheme from X-Forwarded-For / "
+                               "X-Forwarded-Proto (or Forwarded) when the direct peer is one of "
+                               "--forwarded-allow-ips: for request.remote_address, the per-address "
+                               "limits, logs and an ASGI scope's client and scheme.", kind="bool")
+    forwarded_allow_ips: str = knob("127.0.0.1", "Peers trusted to say who the client is (with "
+                                    "--proxy-headers): IP addresses and CIDR networks, comma-separated, "
+                                    "or * for any peer.", kind="list", check=lambda v: _valid(_networks, v),
+                                    allowed="* or a comma-separated list of IP addresses and networks "
+                                    "(10.0.0.0/8, ::1)")
     # -- browsers and operations endpoints (see fastws.origins.OriginPolicy) ----------
     allowed_origins: str = knob("same-host", "Browser pages allowed to open a WebSocket, by their Origin: "
                                 "same-host (the page's host[:port] is the request's Host), * (any), or "
@@ -164,6 +195,12 @@ class Config:
                        "embedded broker joins the workers).", kind="str")
     broker_prefix: str = knob("", "Prefix of the broker's channel names (several apps on one Redis).",
                               kind="str")
+    presence: bool = knob(False, "Keep who is in which room, across nodes, in the broker's Redis "
+                          "(app.presence, GET /presence); needs a redis://, rediss://, redis+streams:// "
+                          "or redis+cluster:// broker and the redis package.", kind="bool")
+    presence_ttl: float = knob(30.0, "With --presence: seconds a node's presence entries live "
+                               "without a refresh (a crashed node's members vanish after it).",
+                               kind="seconds", check=lambda v: 3 <= v <= 3600, allowed="seconds 3..3600")
     # -- rooms (fastws.rooms) -------------------------------------------------------
     max_rooms_per_connection: int = knob(1000, "Rooms one connection may be in at once; a join past it "
                                          "raises fastws.errors.RoomLimitError in the app (0 = no limit).",
@@ -173,8 +210,9 @@ class Config:
                               "one raises fastws.errors.RoomNameError.", kind="bytes",
                               check=lambda v: 1 <= v <= MAX_ROOM_NAME_CAP,
                               allowed=f"bytes 1..{MAX_ROOM_NAME_CAP} (what every broker carries)")
-    publish_token: str | None = knob(None, "Bearer token of the HTTP publish API (POST /publish, "
-                                     "POST /connections/{id}); unset: the API is off.", kind="str",
+    publish_token: str | None = knob(None, "Bearer token of the HTTP API (POST /publish, "
+                                     "POST and DELETE /connections/{id}, GET /presence, GET /history); "
+                                     "unset: the API is off.", kind="str",
                                      check=lambda v: v is None or len(v) >= 8,
                                      allowed="a string of at least 8 characters", secret=True)
     # -- workers ----------------------------------------------------------------
@@ -198,6 +236,13 @@ class Config:
     log_level: str = knob("info", "Log level: lifecycle events at info, per-connection at debug.",
                           kind="choice", choices=LOG_LEVELS)
     log_format: str = knob("text", "Log line format.", kind="choice", choices=LOG_FORMATS)
+    log_config: str | None = knob(None, "A logging configuration file, as uvicorn's --log-config: a "
+                                  "dictConfig in .json or .toml, or a fileConfig .ini; it replaces "
+                                  "--log-format (a --log-level given too sets the fastws loggers' level).",
+                                  kind="path")
+    access_log: bool = knob(False, "Log every WebSocket upgrade, refused upgrade and close (with its "
+                            "code and duration), one line each at info on logger fastws.access.",
+                            kind="bool")
     # -- metrics -----------------------------------------------------------------
     metrics: bool = knob(True, "Serve Prometheus metrics at GET /metrics on the same port.", kind="bool")
     region: str = knob("", "Value of the 'region' label of the metrics.", kind="str")
@@ -241,6 +286,44 @@ class Config:
         if self.stats and not self.stats_token:
             raise ConfigError("stats_token", self.stats_token,
                               "a token of at least 8 characters when stats is on")
+        self._cross_check()
+
+    def _cross_check(self) -> None:
+        """Settings that cannot apply without another one: ConfigError naming
+        both keys (a value left at its default is never refused)."""
+        def given(name):
+            return getattr(self, name) != _DEFAULTS[name]
+
+        for name, needs, ok in (
+                ("broker_prefix", "broker", lambda: bool(self.broker)),
+                ("stats_token", "stats", lambda: self.stats),
+                ("stats_window", "stats", lambda: self.stats),
+                ("stats_interval", "stats", lambda: self.stats),
+                ("deflate_server_no_context_takeover", "compression", lambda: self.compression),
+                ("deflate_client_no_context_takeover", "compression", lambda: self.compression),
+                ("handshake_burst", "handshake_rate", lambda: self.handshake_rate > 0),
+                ("health_max_loop_lag", "health", lambda: self.health),
+                ("health_max_memory", "health", lambda: self.health),
+                ("presence_ttl", "presence", lambda: self.presence)):
+            if given(name) and not ok():
+                raise ConfigError(name, self._shown(name), f"set only together with {needs} "
+                                  f"(without {needs} it has no effect)")
+        if self.presence:
+            scheme = self.broker.split("://", 1)[0].lower() if "://" in self.broker else ""
+            if scheme not in _REDIS_SCHEMES:
+                raise ConfigError("presence", True, "set only with a Redis broker (broker = "
+                                  "redis://..., rediss://..., redis+streams://... or redis+cluster://...): "
+                                  "presence is kept in Redis")
+        if self.uds is not None:
+            for name in ("host", "port", "reuse_port", "workers"):
+                if given(name):
+                    raise ConfigError(name, self._shown(name), "left unset with uds (the server "
+                                      "listens on the Unix socket uds, not on host:port)")
+
+    def _shown(self, name):
+        value = getattr(self, name)
+        secret = next(f for f in fields(self) if f.name == name).metadata.get("secret")
+        return "********" if secret and value else value
 
     # -- layering ---------------------------------------------------------------
 
@@ -317,6 +400,10 @@ class Config:
             text = f"{name} = {_toml_value(value)}"
             lines.append(f"{text:<40} # {source}")
         return "\n".join(lines) + "\n"
+
+
+#: every setting's default (the cross-checks refuse only values that were set)
+_DEFAULTS = {f.name: f.default for f in fields(Config)}
 
 
 # -- parsing and checking --------------------------------------------------------
@@ -428,6 +515,13 @@ def _origin_policy(value):
 
 def _ops_hosts(value):
     return ops_host_set(value)
+
+
+def _networks(value):
+    any_peer, nets = parse_networks(value)
+    if not any_peer and not nets:
+        raise ValueError("no address")
+    return nets
 
 
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s'\"]*):[^\s'\"]*@")   # up to the last @

@@ -16,13 +16,27 @@ lives here, one field per collaborator:
                   workers and nodes; ``fastws.broker.bridge``);
 * ``admission`` - connection limits checked before an upgrade
                   (``fastws.limits.Admission``);
+* ``client_limits`` - the same per client address, checked once the
+                  request is parsed (``fastws.limits.ClientLimits``);
+* ``proxies``   - the peers trusted to name the client in ``X-Forwarded-For``
+                  / ``Forwarded`` (``fastws.proxy.TrustedProxies``), or None
+                  without ``proxy_headers``; ``clients`` keeps the address
+                  they named of each open connection (native front);
 * ``origins``   - which browser pages may upgrade (``allowed_origins``);
 * ``routes``    - the plain HTTP routes served on the WebSocket port: the
                   operations endpoints and a ``fastws.App``'s own;
 * ``health``, ``metrics``, ``stats_page`` - ``/health`` + ``/livez``,
                   ``/metrics``, ``/stats``;
+* ``presence``  - who is in which room on every node (``--presence``, a
+                  :class:`fastws.presence.Presence` in the broker's Redis);
+* ``access``    - the access log (``--access-log``, an :class:`AccessLog`), or None;
 * ``draining``  - set when a shutdown starts: upgrades get 503, ``/health``
                   says 503.
+
+A ``fastws.App``'s ``on_startup`` hooks run at the end of :meth:`Node.start`
+(the node is complete: rooms, broker, presence) and its ``on_shutdown``
+hooks at the start of :meth:`Node.stop` (connections are closed, the broker
+still runs), whatever the front.
 
 A front builds ``Node(config, app)``, awaits :meth:`Node.start` with the
 handshake callback of its protocol (the native front decides upgrades in
@@ -35,10 +49,12 @@ handshake callback of its protocol (the native front decides upgrades in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import time
 
 from . import core, publish_api
-from .broker import create_broker
+from .broker import History, create_broker
 from .broker.bridge import Bridge
 from .config import Config, mask_url
 from .errors import (CALLBACK_FAILED, RESTARTING, SHUTTING_DOWN, BrokerError, HandshakeError,
@@ -46,14 +62,105 @@ from .errors import (CALLBACK_FAILED, RESTARTING, SHUTTING_DOWN, BrokerError, Ha
 from .frames import PRIORITY_NORMAL
 from .handshake import accept_response, negotiate_deflate
 from .origins import OriginPolicy, host_name, ops_host_set
+from .proxy import TrustedProxies, client_key
 from .health import Health
-from .limits import Admission, jittered
+from .limits import Admission, ClientLimits, jittered
 from .metrics import Metrics
+from .presence import Presence, presence_client
 from .resume import Resumer
 from .rooms import Rooms
 from .stats import StatsPage
 
 log = logging.getLogger("fastws")
+#: the headers :meth:`Node.forwarded` reads, by name as str and as bytes
+_FORWARDED_HEADERS = {"x-forwarded-for": 0, "x-forwarded-proto": 1, "forwarded": 2,
+                      b"x-forwarded-for": 0, b"x-forwarded-proto": 1, b"forwarded": 2}
+access_log = logging.getLogger("fastws.access")
+
+
+class AccessLog:
+    """``--access-log``: one info line on logger ``fastws.access`` per
+    upgrade (101), refused upgrade (its status and why) and close (its code,
+    reason and how long the connection was open), in both fronts.
+
+    Built only when the setting is on, so nothing of it runs otherwise (the
+    native front then keeps its C fast upgrade path).  The native front
+    wraps a route with :meth:`route` to see its connections' closes; the
+    ASGI front calls :meth:`opened`/:meth:`closed` from its session."""
+
+    def __init__(self) -> None:
+        self.since: dict = {}          # open connection -> (monotonic time of its 101, peer, path)
+        self._routes: dict = {}        # id(app route) -> its _AccessRoute
+
+    @staticmethod
+    def peer(address) -> str:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return f"{address[0]}:{address[1]}"
+        return str(address) if address else "-"
+
+    def refused(self, address, path, status: int, detail: str = "") -> None:
+        access_log.info('%s "%s" %d %s', self.peer(address), path or "-", status, detail or "")
+
+    def opened(self, conn, address, path) -> None:
+        peer = self.peer(address)
+        self.since[conn] = (time.monotonic(), peer, path)
+        access_log.info('%s "%s" 101 upgraded', peer, path)
+
+    def forget(self, conn) -> None:
+        """``conn`` never opened after all (the upgrade could not be written)."""
+        self.since.pop(conn, None)
+
+    def closed(self, conn, code, reason) -> None:
+        entry = self.since.pop(conn, None)
+        if entry is None:
+            return
+        t0, peer, path = entry
+        access_log.info('%s "%s" closed %s %r after %.3fs', peer, path, code, reason or "",
+                        time.monotonic() - t0)
+
+    def route(self, route):
+        """``route`` as the engine should see it: the same callbacks, and a
+        close reported here first."""
+        wrapped = self._routes.get(id(route))
+        if wrapped is None or wrapped.inner is not route:
+            wrapped = self._routes[id(route)] = _AccessRoute(route, self)
+        return wrapped
+
+
+class _AccessRoute:
+    """An app route seen through the access log (see :meth:`AccessLog.route`):
+    everything is the route's own, except that ``on_disconnect`` reports the
+    close before the app's callback runs."""
+
+    __slots__ = ("inner", "log")
+
+    def __init__(self, inner, access: AccessLog) -> None:
+        self.inner = inner
+        self.log = access
+
+    path = property(lambda self: self.inner.path)
+    namespace = property(lambda self: self.inner.namespace)
+    on_open = property(lambda self: self.inner.on_open)
+    open_is_async = property(lambda self: self.inner.open_is_async)
+    on_message = property(lambda self: self.inner.on_message)
+    message_is_async = property(lambda self: self.inner.message_is_async)
+    disconnect_is_async = property(lambda self: self.inner.disconnect_is_async)
+
+    @property
+    def on_disconnect(self):
+        inner, access = self.inner.on_disconnect, self.log
+        if inner is None:
+            return access.closed
+        if self.inner.disconnect_is_async:
+            async def closed_async(conn, code, reason):
+                access.closed(conn, code, reason)
+                await inner(conn, code, reason)
+            return closed_async
+
+        def closed(conn, code, reason):
+            access.closed(conn, code, reason)
+            return inner(conn, code, reason)
+        return closed
 
 
 class HttpRoutes:
@@ -129,8 +236,15 @@ class Node:
         self.broker = None                    # the Broker, when config.broker is set
         self.bridge = None                    # rooms <-> broker
         self.resumer = None                   # replay + live stream for resuming members (history brokers)
+        self.presence = None                  # fastws.presence.Presence, with config.presence
+        self.access = AccessLog() if config.access_log else None
         self.admission = Admission(config.max_connections, config.handshake_rate,
                                    config.handshake_burst or None, config.retry_after)
+        self.client_limits = ClientLimits(config.max_connections_per_ip, config.handshake_rate_per_ip,
+                                          config.handshake_burst_per_ip or None, config.retry_after)
+        self.proxies = TrustedProxies(config.forwarded_allow_ips) if config.proxy_headers else None
+        self.clients: dict = {}               # open connection -> the client address a proxy named
+        self._clients_sweep_at = 1024         # len(clients) that triggers the next sweep
         try:
             self.origins = OriginPolicy(config.allowed_origins)
             ops_hosts = ops_host_set(config.ops_hosts)
@@ -138,7 +252,8 @@ class Node:
             raise ServerStartError(str(exc)) from None
         self.routes = HttpRoutes(ops_hosts)   # plain HTTP on the WebSocket port
         self.handshakes: dict = {}            # HTTP status of each upgrade decision -> count
-        self.draining = False                 # a shutdown started
+        self.draining = False                 # a shutdown started (/health says 503)
+        self.refuse_upgrades = False          # upgrades get 503 (while draining, unless handing off)
         self.health = None                    # /health, /livez and the checks registry
         self.metrics = None                   # /metrics, when config.metrics
         self.stats_page = None                # /stats, when config.stats
@@ -157,6 +272,8 @@ class Node:
                             **core.hub_settings(c))
         self.rooms = Rooms.from_config(self.hub, c)
         if self.app is not None:
+            self.rooms.authorize = self._authorize_room   # the app's authorize_join/_publish
+        if self.app is not None:
             for (method, path), handler in self.app.http_routes.items():
                 self.routes.add(method, path, handler, ops=False)
         self.health = Health(self)
@@ -168,10 +285,17 @@ class Node:
             self.stats_page.start()
         if c.broker:
             await self._start_broker()
+        if c.presence:
+            await self._start_presence()
         if c.publish_token:
             publish_api.register(self, c.publish_token)
         if self.app is not None:
             self.app.node = self
+            try:
+                await self._run_hooks("on_startup", self.app.startup_hooks)
+            except BaseException:
+                await self.stop(run_hooks=False)
+                raise
 
     async def _start_broker(self) -> None:
         c = self.config
@@ -187,8 +311,47 @@ class Node:
         self.health.add_check("broker_subscriptions", self.bridge.check)
         log.info("fastws: broker %s (node %s)", mask_url(c.broker), self.broker.node_id)
 
-    async def stop(self) -> None:
-        """Release what :meth:`start` built (after the connections are gone)."""
+    async def _start_presence(self) -> None:
+        c = self.config
+        if self.broker is None:     # Config refuses presence without a Redis broker
+            raise ServerStartError("presence needs a Redis broker (--broker redis://...)")
+        try:
+            client = presence_client(c.broker)
+        except ImportError as exc:
+            raise ServerStartError(str(exc)) from None
+        self.presence = Presence(client, self.broker.node_id, prefix=c.broker_prefix, ttl=c.presence_ttl)
+        self.presence.attach(self.rooms, self.global_id)
+        await self.presence.start()
+        log.info("fastws: presence on (ttl %gs)", c.presence_ttl)
+
+    async def _run_hooks(self, kind: str, hooks) -> None:
+        """Run the app's ``on_startup``/``on_shutdown`` hooks in order (sync
+        or async).  A startup hook that raises stops the start
+        (ServerStartError, one line); a shutdown hook's exception is logged
+        and the others still run."""
+        for fn in list(hooks):
+            name = getattr(fn, "__qualname__", repr(fn))
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                if kind == "on_startup":
+                    raise ServerStartError(f"{kind} hook {name} failed: {type(exc).__name__}: {exc}") from exc
+                log.error("fastws: %s hook %s failed", kind, name, exc_info=exc)
+
+    async def stop(self, run_hooks: bool = True) -> None:
+        """Release what :meth:`start` built (after the connections are gone);
+        the app's ``on_shutdown`` hooks run first."""
+        if run_hooks and self.app is not None and self.app.node is self:
+            await self._run_hooks("on_shutdown", self.app.shutdown_hooks)
+        if self.presence is not None:
+            presence, self.presence = self.presence, None
+            await presence.close()
+            try:
+                await presence.client.aclose()
+            except Exception as exc:  # Redis gone: nothing left to release
+                log.debug("fastws: presence client close: %s", exc)
         if self.resumer is not None:
             self.resumer.close()
             self.resumer = None
@@ -218,13 +381,117 @@ class Node:
         """Before an upgrade request is parsed: None to go on, or the refusal
         (503 while draining, 503 with a jittered ``Retry-After`` past
         ``max_connections`` or the handshake rate)."""
-        if self.draining:
+        if self.refuse_upgrades:
             return HandshakeError(503, "server shutting down")
         refused = self.admission.check(len(self.hub.connections))
         if refused is not None:
             reason, retry = refused
             return HandshakeError(503, reason, [("Retry-After", str(retry))])
         return None
+
+    @property
+    def guards_clients(self) -> bool:
+        """Does an upgrade need its client's address (per-client limits, or
+        proxy headers to read)?  Then the native front takes no upgrade in C."""
+        return self.client_limits.enabled or self.proxies is not None
+
+    def forwarded(self, peer, headers) -> tuple:
+        """``(client, secure)`` of a request from the direct ``peer`` with
+        ``headers`` (``(lower-case name, value)`` pairs, str or bytes): the
+        address and scheme a trusted proxy named (``proxy_headers``,
+        :mod:`fastws.proxy`), else ``(peer, None)``.  ``secure``: True for
+        https/wss, False for http/ws, None when not said."""
+        proxies = self.proxies
+        if proxies is None:
+            return peer, None
+        values = [None, None, None]
+        for name, value in headers:
+            i = _FORWARDED_HEADERS.get(name)
+            if i is not None:
+                if type(value) is not str:
+                    value = bytes(value).decode("latin-1")
+                values[i] = value if values[i] is None else values[i] + "," + value
+        return proxies.resolve(peer, *values)
+
+    def admit_client(self, client, holder) -> HandshakeError | None:
+        """Once the upgrade request is parsed: None to go on, or 429 with a
+        jittered ``Retry-After`` past ``max_connections_per_ip`` or
+        ``handshake_rate_per_ip`` for ``client`` (its address, see
+        :meth:`forwarded`).  ``holder`` stands for the upgrade until it is
+        over: the engine connection (native front) or its transport (ASGI
+        front)."""
+        limits = self.client_limits
+        if not limits.enabled:
+            return None
+        host = client[0] if isinstance(client, tuple) and client else client
+        refused = limits.check(client_key(host or "unix"), holder)
+        if refused is None:
+            return None
+        reason, retry = refused
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fastws: upgrade from %s refused: %s", host, reason)
+        return HandshakeError(429, reason, [("Retry-After", str(retry))])
+
+    def remember_client(self, conn, client) -> None:
+        """Keep the address a trusted proxy named for ``conn`` (see
+        :meth:`remote_address`); entries of lost connections are swept when
+        the table has doubled since the last sweep."""
+        clients = self.clients
+        clients[conn] = client
+        if len(clients) >= self._clients_sweep_at:
+            live = self.hub.connections
+            for c in list(clients):
+                if c.id is not None and live.get(c.id) is not c:
+                    del clients[c]
+            self._clients_sweep_at = max(1024, 2 * len(clients))
+
+    def remote_address(self, conn):
+        """The client's address of ``conn``: the one a trusted proxy named
+        (``proxy_headers``), else its peer's."""
+        client = self.clients.get(conn) if self.clients else None
+        return client if client is not None else conn.remote_address
+
+    def auth_failures(self) -> dict:
+        """Upgrades refused by authentication, by reason, summed over the
+        app's verifiers: each route's ``on_connect`` that counts its
+        refusals in a ``failures`` dict (``fastws.auth.TokenAuth`` does)."""
+        out: dict = {}
+        if self.app is None:
+            return out
+        seen = set()
+        for route in list(self.app.routes.values()):
+            verifier = route.on_connect
+            failures = getattr(verifier, "failures", None)
+            if isinstance(failures, dict) and id(verifier) not in seen:
+                seen.add(id(verifier))
+                for reason, n in failures.items():
+                    out[reason] = out.get(reason, 0) + n
+        return out
+
+    def _authorize_room(self, action: str, conn, key, message) -> bool:
+        """``Rooms.authorize``: the app's check for ``key``'s namespace
+        (``App.authorize_join`` / ``authorize_publish``); none: allowed."""
+        if action == "join":
+            check = self.app.join_checks.get(key[0])
+            args = (conn, key[1])
+        else:
+            check = self.app.publish_checks.get(key[0])
+            args = (conn, key[1], message)
+        if check is None:
+            return True
+        try:
+            allowed = check(*args)
+        except Exception as exc:  # the app's bug: refused, logged
+            log.error("fastws: exception in authorize_%s for room %r; refused", action, key[1],
+                      exc_info=exc)
+            return False
+        if inspect.isawaitable(allowed):
+            if hasattr(allowed, "close"):
+                allowed.close()
+            log.error("fastws: authorize_%s returned an awaitable; it must return a bool "
+                      "(refused)", action)
+            return False
+        return bool(allowed)
 
     def check_origin(self, request) -> HandshakeError | None:
         """A browser page of a site ``allowed_origins`` does not list: 403."""
@@ -289,20 +556,54 @@ class Node:
         """``conn``'s id across nodes: ``"{node}:{id}"`` with a broker, else its id."""
         return self.bridge.global_id(conn) if self.bridge is not None else str(conn.id)
 
+    def local_connection(self, conn_id):
+        """The open connection of this process named by ``conn_id`` (a
+        :meth:`global_id` of this node, or a plain local id), or None."""
+        node, _, n = str(conn_id).rpartition(":")
+        if node and (self.bridge is None or node != self.bridge.node_id):
+            return None
+        try:
+            return self.connection(int(n))
+        except ValueError:
+            return None
+
     async def send_to(self, conn_id, message):
         """Send ``message`` to one connection, on whichever node holds it.
         True: queued; False: no such open connection; None: its node did not
         answer (with a broker)."""
         if self.bridge is not None:
             return await self.bridge.send_to(conn_id, message)
-        try:
-            conn = self.connection(int(str(conn_id).rpartition(":")[2]))
-        except ValueError:
-            return False
+        conn = self.local_connection(conn_id)
         if conn is None:
             return False
         conn.send(message)
         return True
+
+    async def disconnect(self, conn_id, code: int = 1000, reason: str = ""):
+        """Close one connection, on whichever node holds it, with ``code``
+        and ``reason``.  True: its close handshake started; False: no such
+        open connection; None: its node did not answer (with a broker)."""
+        if self.bridge is not None:
+            return await self.bridge.close_conn(conn_id, code, reason)
+        conn = self.local_connection(conn_id)
+        if conn is None:
+            return False
+        conn.close(code, reason)
+        return True
+
+    @property
+    def has_history(self) -> bool:
+        """The broker keeps room history (``redis+streams://``)."""
+        return self.broker is not None and isinstance(self.broker, History)
+
+    async def history(self, room: str, *, namespace: str = "", since=None, limit: int = 100):
+        """The room's recent messages (a :class:`fastws.broker.HistoryPage`
+        of entries, oldest first): the last ``limit``, or up to ``limit``
+        after the entry id ``since``.  ValueError without a history broker;
+        :class:`~fastws.errors.BrokerError` when Redis cannot be asked."""
+        if not self.has_history:
+            raise ValueError("history needs a broker with history: --broker redis+streams://...")
+        return await self.broker.history((namespace, room), since_id=since, count=limit)
 
     async def resume(self, conn, room: str, since=None, *, namespace=None, limit: int = 1000) -> bool:
         """See :meth:`fastws.App.resume`."""
@@ -312,9 +613,24 @@ class Node:
 
     # -- shutdown --------------------------------------------------------------------
 
-    def begin_drain(self) -> None:
-        """Stop taking new connections: upgrades get 503, /health says 503."""
+    def begin_drain(self, refuse_upgrades: bool = True) -> None:
+        """A shutdown starts: /health says 503 and (``refuse_upgrades``, as
+        unless the listener is handed to the port's other processes)
+        upgrades get 503."""
         self.draining = True
+        self.refuse_upgrades = self.refuse_upgrades or refuse_upgrades
+
+    def close_late(self, code: int, reason: str) -> None:
+        """During a shutdown: close the connections that upgraded after
+        :meth:`close_connections` took its list (an async decision that
+        ended late); a no-op for those already closing."""
+        base = self.config.reconnect_delay
+        for conn in list(self.hub.connections.values()):
+            if not conn.closed:
+                why = reason
+                if base > 0 and code == RESTARTING.code:
+                    why = RESTARTING.reason.format(delay=jittered(base, base))
+                conn.close(code, why)
 
     async def close_connections(self, code: int = SHUTTING_DOWN.code, reason: str = SHUTTING_DOWN.reason,
                                 deadline: float | None = None) -> None:

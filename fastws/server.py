@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import ssl
+import stat
 
 from . import core
 from .app import Accept
@@ -59,6 +61,40 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
         raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if listen:
         sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_unix(path: str, *, backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening Unix domain socket at ``path``.  A stale
+    socket file (nobody listens on it) is replaced; ServerStartError with one
+    line when a process listens there, the path is another kind of file, or
+    it cannot be bound."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise ServerStartError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ServerStartError(f"cannot listen on unix:{path}: the path exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)          # stale: left by a process that is gone
+        else:
+            raise ServerStartError(f"cannot listen on unix:{path}: a process is listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ServerStartError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
@@ -101,12 +137,17 @@ class Server:
 
     #: the scheme words of the start-up log line
     schemes = ("ws", "wss")
+    #: with reuse_port, seconds the connections taken from the closed
+    #: listener get to finish their upgrade before the shutdown closes them
+    HANDOFF_GRACE = 1.0
 
     def __init__(self, config: Config, app=None) -> None:
         self.config = config                  # every setting
         self.node = Node(config, app)         # hub, rooms, broker, admission, operations
         self.tls = False                      # serving TLS
         self._server = None                   # the asyncio Server, once listening
+        self._tls: dict = {}                  # create_server's TLS keywords
+        self._uds = None                      # (path, inode) of our Unix socket file
 
     @property
     def loop(self):
@@ -148,11 +189,15 @@ class Server:
         """Build the node, bind (ServerStartError if the port is taken or the
         certificate unreadable), then accept connections."""
         c = self.config
-        tls = tls_options(c)
+        tls = self._tls = tls_options(c)
         self.tls = bool(tls)
+        self.check_config()
         await self.node.start(self.handshake)
         try:
-            if sock is None:
+            if sock is None and c.uds:
+                sock = bind_unix(c.uds, backlog=c.backlog)
+                self._uds = (c.uds, os.stat(c.uds).st_ino)
+            elif sock is None:
                 sock = bind_socket(c.host, c.port, reuse_port=c.reuse_port, backlog=c.backlog)
             try:
                 await self.before_listen()
@@ -162,14 +207,71 @@ class Server:
             self._server = await self.node.loop.create_server(
                 self.protocol_factory(), sock=sock, backlog=c.backlog, **tls)
         except BaseException:
+            self._remove_uds()
             await self.node.stop()
             raise
-        host, port = sock.getsockname()[:2]
-        log.info("fastws: %s listening on %s://%s:%d (engine=%s)", self.describe(),
-                 self.schemes[self.tls], host, port, core.IMPLEMENTATION)
+        if sock.family == socket.AF_UNIX:
+            where = f"unix:{sock.getsockname()}"
+        else:
+            host, port = sock.getsockname()[:2]
+            where = f"{host}:{port}"
+        log.info("fastws: %s listening on %s://%s (engine=%s)", self.describe(),
+                 self.schemes[self.tls], where, core.IMPLEMENTATION)
+
+    def check_config(self) -> None:
+        """Refuse (ServerStartError, one line) a setting this front cannot apply."""
 
     def describe(self) -> str:
         return "server"
+
+    def _remove_uds(self) -> None:
+        """Remove our Unix socket file (not one another server bound since)."""
+        if self._uds is None:
+            return
+        path, inode = self._uds
+        self._uds = None
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    async def _hand_off(self) -> None:
+        """Stop listening now, so that the kernel gives new connections to
+        the other processes listening on the port (SO_REUSEPORT), without
+        dropping the ones it already queued on our listener: they are
+        accepted here first and served like any other."""
+        server = self._server
+        dups = []
+        for s in server.sockets:
+            try:
+                dups.append(socket.socket(fileno=os.dup(s.fileno())))
+            except OSError as exc:
+                log.warning("fastws: cannot keep the listener for the hand-off: %s", exc)
+        server.close()          # our listener lives on in ``dups`` until they are closed
+        taken = []
+        for d in dups:
+            d.setblocking(False)
+            try:
+                while True:
+                    taken.append(d.accept()[0])
+            except OSError:     # BlockingIOError: the queue is empty
+                pass
+            finally:
+                d.close()       # the listener leaves the port's group here
+        log.info("fastws: stopped listening (other processes on the port take new connections); "
+                 "%d queued connection(s) taken over", len(taken))
+        loop = self.node.loop
+        for conn in taken:
+            conn.setblocking(False)
+            loop.create_task(self._adopt_accepted(conn))
+
+    async def _adopt_accepted(self, sock) -> None:
+        try:
+            await self.node.loop.connect_accepted_socket(self.protocol_factory(), sock, **self._tls)
+        except Exception as exc:    # the client went away, a TLS handshake failed
+            log.debug("fastws: a connection taken from the listener failed: %s", exc)
+            sock.close()
 
     async def serve_forever(self) -> None:
         await self._server.serve_forever()
@@ -184,10 +286,21 @@ class Server:
         node = self.node
         if self._server is None or node.draining:
             return
-        node.begin_drain()
-        self.on_drain()
         c = self.config
-        if c.drain_delay > 0:
+        # SO_REUSEPORT: other processes may listen on the port (the next
+        # version, during a rolling restart): hand new connections to them
+        handoff = c.reuse_port and not c.uds
+        node.begin_drain(refuse_upgrades=not handoff)
+        self.on_drain()
+        if handoff:
+            await self._hand_off()
+            # the connections taken over finish their upgrade (with a 101)
+            grace = max(c.drain_delay, min(self.HANDOFF_GRACE, c.handshake_timeout))
+            log.info("fastws: draining for %gs before closing %d connections", grace,
+                     len(node.hub.connections))
+            await asyncio.sleep(grace)
+            node.refuse_upgrades = True
+        elif c.drain_delay > 0:
             log.info("fastws: draining for %gs (/health says 503) before closing %d connections",
                      c.drain_delay, len(node.hub.connections))
             await asyncio.sleep(c.drain_delay)
@@ -197,12 +310,14 @@ class Server:
         self.stop_front(code, reason)
         await node.close_connections(code, reason, deadline)
         while (node.hub.connections or self.front_busy()) and loop.time() < deadline:
+            node.close_late(code, reason)      # upgraded after the closing started (an async decision)
             await asyncio.sleep(0.02)
         node.abort_connections()
         self.abort_front()
         await asyncio.sleep(0)
         await self.after_close()
         await node.stop()
+        self._remove_uds()
         log.info("fastws: stopped")
 
 
@@ -215,6 +330,11 @@ class NativeServer(Server):
 
     def describe(self) -> str:
         return "server"
+
+    def check_config(self) -> None:
+        if self.config.root_path:
+            raise ServerStartError("root_path applies to ASGI applications (scope['root_path']); "
+                                   "a fastws.App routes each request by the path it was sent with")
 
     def protocol_factory(self):
         return self.node.hub.connection_factory
@@ -234,12 +354,14 @@ class NativeServer(Server):
         """Let the hub answer plain upgrades to routes without ``on_connect``
         in C (``Hub.set_fast_upgrade``): the same 101 :meth:`handshake` would
         send, without a Python call.  Off when a decision needs Python for
-        every request: a handshake rate limit, debug logging of each upgrade;
-        and off while draining.  The origin policy tells the C path which
+        every request: a handshake rate limit, per-client limits or proxy
+        headers (the client's address), debug logging of each upgrade, the
+        access log; and off while draining.  The origin policy tells the C path which
         Origin headers it may pass alone; any other goes to
         :meth:`handshake`, which answers 403 or goes on."""
         node = self.node
-        if (node.admission.bucket is not None or log.isEnabledFor(logging.DEBUG) or node.draining):
+        if (node.admission.bucket is not None or node.guards_clients
+                or log.isEnabledFor(logging.DEBUG) or node.draining or node.access is not None):
             node.hub.set_fast_upgrade(None)
             return
         eligible = lambda r: r if r is not None and r.on_connect is None else None  # noqa: E731
@@ -268,9 +390,15 @@ class NativeServer(Server):
             self._reject(conn, exc.status, exc.detail, exc.headers)
             return
         req.conn = conn                     # remote_address is looked up only if used
+        if node.guards_clients:             # per-client limits, proxy headers
+            req.client = node.forwarded(conn.remote_address, req.headers)[0]
+            refused = node.admit_client(req.client, conn)
+            if refused is not None:
+                self._reject(conn, refused.status, refused.detail, refused.headers)
+                return
         route = self.app.match(req.path)
         if route is None:
-            self._reject(conn, 404, f"no WebSocket route for {req.path}")
+            self._reject(conn, 404, f"no WebSocket route for {req.path}", path=req.path)
             return
         refused = node.check_origin(req)
         if refused is not None:
@@ -298,9 +426,11 @@ class NativeServer(Server):
                 return
             self._decide(conn, req, route, decision)
 
-    def _reject(self, conn, status: int, detail: str, headers=()) -> None:
+    def _reject(self, conn, status: int, detail: str, headers=(), path=None) -> None:
         """Refuse the upgrade with ``status``, counted for the metrics."""
         self.node.count_handshake(status)
+        if self.node.access is not None:
+            self.node.access.refused(conn.remote_address, path, status, detail)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fastws: handshake from %s refused: %d %s", conn.remote_address, status, detail)
         conn.reject_upgrade(error_response(status, detail, headers))
@@ -320,10 +450,10 @@ class NativeServer(Server):
 
     def _decide(self, conn, req, route, decision) -> None:
         if isinstance(decision, Reject):
-            self._reject(conn, decision.status, decision.body, decision.headers)
+            self._reject(conn, decision.status, decision.body, decision.headers, path=req.path)
             return
         if decision is False:
-            self._reject(conn, 403, "connection refused")
+            self._reject(conn, 403, "connection refused", path=req.path)
             return
         subprotocol = None
         headers = ()
@@ -338,13 +468,25 @@ class NativeServer(Server):
                 return
         elif isinstance(decision, str):
             subprotocol = decision if decision in req.subprotocols else None
-        response, deflate = self.node.accept(req, subprotocol, headers)
+        node = self.node
+        response, deflate = node.accept(req, subprotocol, headers)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("fastws: %s upgraded on %s", conn.remote_address, req.path)
+            log.debug("fastws: %s upgraded on %s", req.remote_address, req.path)
         if store:
             conn.store.update(store)      # before on_open runs (accept_upgrade calls it)
-        conn.accept_upgrade(response, route, self.node.intern_path(req.path), req.query_string or "",
-                            subprotocol, deflate)
+        proxied = node.proxies is not None and req.client is not None
+        if proxied:
+            node.remember_client(conn, req.client)   # conn's address for app.remote_address
+        access = node.access
+        if access is not None:
+            access.opened(conn, req.remote_address, req.path)   # before on_open: it may close at once
+            route = access.route(route)
+        if not conn.accept_upgrade(response, route, node.intern_path(req.path), req.query_string or "",
+                                   subprotocol, deflate):
+            if proxied:
+                node.clients.pop(conn, None)
+            if access is not None:
+                access.forget(conn)
 
     # -- plain HTTP on the same port ------------------------------------------------
 
@@ -377,7 +519,10 @@ class NativeServer(Server):
             conn.reject_upgrade(http_response(405, b"method not allowed\n",
                                               headers=[("Allow", ", ".join(allowed))]))
             return True
-        request = HttpRequest(method, path, query, headers, b"", conn.remote_address)
+        peer = conn.remote_address
+        if self.node.proxies is not None:     # the client a trusted proxy names
+            peer = self.node.forwarded(peer, headers)[0]
+        request = HttpRequest(method, path, query, headers, b"", peer)
         length = fields.get("content-length")
         if fields.get("transfer-encoding"):
             conn.reject_upgrade(http_response(411, b"send a Content-Length\n"))
@@ -433,4 +578,4 @@ class NativeServer(Server):
         conn.reject_upgrade(http_response(status, body, ctype, rest[0] if rest else ()))
 
 
-__all__ = ["Server", "NativeServer", "bind_socket", "ssl_context", "tls_options"]
+__all__ = ["Server", "NativeServer", "bind_socket", "bind_unix", "ssl_context", "tls_options"]

@@ -15,8 +15,8 @@ from ..errors import ClientDisconnected, HandshakeError
 from ..handshake import HttpRequest, error_response, request_from_fields
 from .rooms import RoomsExtension, publish_payload, room_name
 from .websocket import DENIAL_EXTENSION, NO_SUBPROTOCOLS, WebSocketSession
-from .wire import (ASGI_HTTP, ASGI_WS, address, clock, header_pair, local_address, plain_response,
-                   response_head, split_target)
+from .wire import (ASGI_HTTP, ASGI_WS, address, clock, header_pair, intern, local_address,
+                   plain_response, response_head, split_target)
 
 log = logging.getLogger("fastws")
 
@@ -140,7 +140,7 @@ class HttpCycle:
             if self.status == 404 and proto.server.node.routes:
                 host = next((v for k, v in self.scope["headers"] if k == b"host"), None)
                 self.ops = proto.server.ops_route(self.scope["method"],
-                                                  self.scope["raw_path"].decode("latin-1"),
+                                                  proto.server.unrooted(self.scope["raw_path"]),
                                                   host.decode("latin-1") if host is not None else None)
         elif kind == "fastws.publish":
             proto.server.publish(room_name(message), publish_payload(message))
@@ -172,7 +172,7 @@ class HttpCycle:
             raise ClientDisconnected("the client closed the connection")
         if result is None:
             request = HttpRequest(
-                scope["method"], scope["raw_path"].decode("latin-1"),
+                scope["method"], server.unrooted(scope["raw_path"]),
                 scope["query_string"].decode("latin-1"),
                 [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
                 b"".join(chunks), scope["client"])
@@ -415,18 +415,26 @@ class HttpProtocol(asyncio.Protocol):
         url = httptools.parse_url(self.url)
         raw_path = url.path or b"/"
         path = unquote(raw_path.decode("latin-1"))
+        root = self.server.config.root_path
+        if root:                  # the app sees the whole path, root_path included (as uvicorn)
+            path, raw_path = root + path, self.server.root_path_bytes + raw_path
         query = url.query or b""
         method = parser.get_method().decode("ascii")
         server = self.server
+        client, scheme = self.client, server.http_scheme
+        if server.node.proxies is not None:    # a trusted proxy names the client (per request)
+            client, secure = server.node.forwarded(client, self.headers)
+            if secure is not None:
+                scheme = "https" if secure else "http"
         scope = {
             "type": "http",
             "asgi": ASGI_HTTP,
             "http_version": parser.get_http_version(),
             "server": self.local,
-            "client": self.client,
-            "scheme": server.http_scheme,
+            "client": client,
+            "scheme": scheme,
             "method": method,
-            "root_path": "",
+            "root_path": root,
             "path": path,
             "raw_path": raw_path,
             "query_string": query,
@@ -530,6 +538,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         node = self.server.node
         t = self.transport
+        client, scheme = self.client, self.server.ws_scheme
         refused = node.admit()            # 503 while draining or past the admission limits
         if refused is None:
             try:                          # the fields httptools parsed: no second parse
@@ -537,22 +546,33 @@ class HttpProtocol(asyncio.Protocol):
             except HandshakeError as exc:
                 refused = exc
             else:
-                # a browser page of a site not allowed (allowed_origins): the app never sees it
-                refused = node.check_origin(request)
+                if node.guards_clients:
+                    client, secure = node.forwarded(client, self.headers)   # proxy_headers
+                    if secure is not None:
+                        scheme = "wss" if secure else "ws"
+                    refused = node.admit_client(client, t)   # per-client limits: 429
+                if refused is None:
+                    # a browser page of a site not allowed (allowed_origins): the app never sees it
+                    refused = node.check_origin(request)
         if refused is not None:
             node.count_handshake(refused.status)
+            if node.access is not None:
+                node.access.refused(client, self.url.decode("latin-1"), refused.status, refused.detail)
             t.write(error_response(refused.status, refused.detail, refused.headers))
             t.close()
             return
         raw_path, path, query = split_target(self.url)
+        root = self.server.config.root_path
+        if root:                  # the app sees the whole path, root_path included (as uvicorn)
+            path, raw_path = intern(root + path), intern(self.server.root_path_bytes + raw_path)
         scope = {
             "type": "websocket",
             "asgi": ASGI_WS,
             "http_version": "1.1",
-            "scheme": self.server.ws_scheme,
+            "scheme": scheme,
             "server": self.local,
-            "client": self.client,
-            "root_path": "",
+            "client": client,
+            "root_path": root,
             "path": path,
             "raw_path": raw_path,
             "query_string": query,

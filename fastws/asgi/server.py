@@ -39,6 +39,8 @@ class AsgiServer(Server):
         self.sessions: dict = {}              # app task -> WebSocket session, while the task runs
         self.session_done = self._session_done   # the done callback of every session task
         self.http_extension = {"publish": self._http_publish}
+        #: root_path (scope["root_path"]) as bytes, put before raw_path
+        self.root_path_bytes = config.root_path.encode("utf-8")
         self.http_scheme = "http"             # scope["scheme"] of http scopes ("https" with TLS)
         self.ws_scheme = "ws"                 # ... of websocket scopes ("wss" with TLS)
 
@@ -104,6 +106,14 @@ class AsgiServer(Server):
         return self.publish(check_room(room), message)
 
     # -- operations endpoints (served where the application answers 404) -----
+
+    def unrooted(self, raw_path: bytes) -> str:
+        """A scope's ``raw_path`` as the client sent it (without root_path):
+        the path the operations routes are matched on."""
+        root = self.root_path_bytes
+        if root and raw_path.startswith(root):
+            raw_path = raw_path[len(root):] or b"/"
+        return raw_path.decode("latin-1")
 
     def ops_route(self, method: str, path: str, host=None):
         """The operations handler for ``method path`` (``/health``,

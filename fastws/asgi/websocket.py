@@ -104,6 +104,9 @@ class WebSocketSession:
     def on_disconnect(self, conn, code, reason) -> None:
         # called by the engine once, when the transport is gone (it has
         # already removed the connection from its rooms: hub.on_lost)
+        access = self.server.node.access
+        if access is not None:
+            access.closed(conn, code, reason)
         self._finish(code, reason)
 
     def early_data(self, data: bytes) -> None:
@@ -233,6 +236,8 @@ class WebSocketSession:
         self.proto = None
         early = bytes(self.early) if self.early else b""
         self.early = None
+        if node.access is not None:
+            node.access.opened(conn, self.scope["client"], self.scope["path"])
         # the session is the connection's route (see the class docstring)
         conn.adopt(transport, response, self, intern(req.path), intern(req.query_string),
                    subprotocol, deflate, early)
@@ -240,7 +245,11 @@ class WebSocketSession:
     def _respond(self, data: bytes, status: int = 0) -> None:
         """Answer the upgrade request with an HTTP response and close."""
         if status:
-            self.server.node.count_handshake(status)
+            node = self.server.node
+            node.count_handshake(status)
+            if node.access is not None:
+                node.access.refused(self.scope["client"], self.scope["path"], status,
+                                    "refused by the application")
         proto = self.proto
         if proto is not None:
             proto.detach()
