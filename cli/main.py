@@ -1,9 +1,20 @@
-"""``fastws serve MODULE:APP ...`` and friends.
+"""``fastws serve MODULE:APP ...`` and friends (also ``python -m fastws``).
 
-Startup failures print one line and exit with a distinct code:
-2 for a bad argument or an app path that does not import, 1 for a port in use
-or another listen error.  Nothing printed shows a credential: the password of
-a URL (``--broker redis://user:****@host``) and secret settings are masked.
+Every error the command line reports is one line on stderr in one style,
+``fastws: <what went wrong> (<how to fix it>)``, and its exit code says
+whose it is:
+
+* 2 - bad input: a setting (flag, ``FASTWS_*``, TOML file), the app path,
+  the broker URL, the log configuration, a flag combination;
+* 1 - a failure to start: the port is in use, the certificate does not
+  load, an ASGI app's lifespan startup failed.
+
+An app module that raises while it is imported is the one exception to
+"one line": its full traceback is printed first (it is the app's bug),
+then the ``fastws:`` line, exit 2.  An unreachable Redis is no failure to
+start: the broker retries in the background and ``/health`` says 503 until
+it is reached.  Nothing printed shows a credential: the password of a URL
+(``--broker redis://user:****@host``) and secret settings are masked.
 """
 
 from __future__ import annotations
@@ -12,50 +23,124 @@ import importlib
 import os
 import resource
 import sys
+import traceback
 
 import click
 
+from fastws import core
 from fastws.app import App
+from fastws.broker import create_broker
 from fastws.config import Config, mask_url
-from fastws.errors import ConfigError, ServerStartError
-from fastws.runner import run
+from fastws.errors import BrokerURLError, ConfigError, ServerStartError
+from fastws.runner import configure_logging, run
+from fastws.version import build_info
 
 from .bench import bench
+from .reload import Reloader, child_command
 
 EXIT_USAGE = 2
 EXIT_LISTEN = 1
 
 
-def load_app(path: str, interface: str = "auto"):
-    """Import ``module:attribute`` (the current directory is importable).
+class CliError(click.ClickException):
+    """One ``fastws: <what> (<how to fix>)`` line and an exit code
+    (2: bad input, 1: a failure to start)."""
+
+    def __init__(self, what: str, fix: str = "", code: int = EXIT_USAGE) -> None:
+        what = mask_url(what)           # a URL's password never shows (the fix text is ours)
+        super().__init__(f"{what} ({fix})" if fix else what)
+        self.exit_code = code
+
+
+def config_error(exc: ConfigError) -> CliError:
+    """The one line for a bad setting: names the key, the value and what is allowed."""
+    if isinstance(exc, BrokerURLError):
+        return CliError(f"broker URL {exc.url!r}: {exc.problem}", exc.allowed)
+    return CliError(f"invalid config {exc.key}={exc.value!r}", f"expected {exc.allowed}")
+
+
+def _app_frames(tb_exc: traceback.TracebackException) -> traceback.TracebackException:
+    """The traceback without the frames of this file and of importlib's
+    machinery, so it starts in the app's own module."""
+    skip = {__file__, importlib.__file__}
+    frames = [f for f in tb_exc.stack if not f.filename.startswith("<frozen ") and f.filename not in skip]
+    tb_exc.stack = traceback.StackSummary.from_list(frames)
+    return tb_exc
+
+
+def load_app(path: str, interface: str = "auto", app_dir: str | None = None):
+    """Import ``module:attribute``, with ``app_dir`` (default: the current
+    directory) first on ``sys.path``.
 
     Returns ``(kind, obj)``: kind is "fastws" for a fastws.App, "asgi" for an
-    ASGI 3 application (any other callable, or ``--interface asgi``).
-    """
+    ASGI 3 application (any other callable).  Bad input raises
+    :class:`CliError` (exit 2); an exception raised by the app's module while
+    it is imported is printed with its traceback first."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise click.UsageError(f"app must be given as MODULE:ATTRIBUTE, got {path!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        raise CliError(f"app must be given as MODULE:ATTRIBUTE, got {path!r}",
+                       "e.g. fastws serve examples.echo:app")
+    where = os.path.abspath(app_dir) if app_dir else os.getcwd()
+    if app_dir is not None and not os.path.isdir(where):
+        raise CliError(f"--app-dir {app_dir!r} is not a directory", "give the directory that holds the app's module")
+    if where in sys.path:
+        sys.path.remove(where)
+    sys.path.insert(0, where)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure is the user's module
-        raise click.ClickException(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}")
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise CliError(f"no module named {exc.name!r} in {where}",
+                           "run from the directory that holds it, or pass --app-dir DIR") from None
+        _print_app_traceback(exc)
+        raise CliError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}",
+                       "the traceback above is from the app's module") from None
+    except Exception as exc:            # the app's own module failed: its bug, show where
+        _print_app_traceback(exc)
+        raise CliError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}",
+                       "the traceback above is from the app's module") from None
     try:
         app = getattr(module, attr)
     except AttributeError:
-        raise click.ClickException(f"module {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(app, App) and interface in ("auto", "fastws"):
+        names = [n for n, v in vars(module).items() if isinstance(v, App)
+                 or (callable(v) and not isinstance(v, type) and getattr(v, "__module__", None) == module.__name__
+                     and not n.startswith("_"))]
+        hint = f"it has: {', '.join(names[:8])}" if names else "it defines no fastws.App or ASGI callable"
+        raise CliError(f"module {module_name!r} has no attribute {attr!r}", hint) from None
+    if isinstance(app, App):
+        if interface == "asgi":
+            raise CliError(f"{path} is a fastws.App, not an ASGI application",
+                           "drop --interface asgi: a fastws.App is served as it is")
         return "fastws", app
     if interface == "fastws":
-        raise click.ClickException(f"{path} is {type(app).__name__}, not a fastws.App")
+        raise CliError(f"{path} is {type(app).__name__}, not a fastws.App",
+                       "use --interface asgi (or auto) for an ASGI application")
     if callable(app):
         return "asgi", app
-    raise click.ClickException(f"{path} is {type(app).__name__}: neither a fastws.App nor an ASGI app")
+    raise CliError(f"{path} is {type(app).__name__}: neither a fastws.App nor an ASGI application",
+                   "point MODULE:ATTRIBUTE at one")
+
+
+def _print_app_traceback(exc: BaseException) -> None:
+    tb_exc = _app_frames(traceback.TracebackException.from_exception(exc))
+    sys.stderr.write("".join(tb_exc.format()))
+    sys.stderr.flush()
+
+
+def _version(ctx, param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    info = build_info()
+    commit = info["commit"] or "unknown"
+    built = info["build_commit"]
+    extra = f", built from {built}" if built and built != info["commit"] else ""
+    click.echo(f"fastws {info['version']} (commit {commit}{extra}, engine {core.IMPLEMENTATION})")
+    ctx.exit(0)
 
 
 @click.group()
-@click.version_option(package_name="fastws")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Print the version, the commit it was built from and the engine, then exit.")
 def cli() -> None:
     """fastws: a fast WebSocket server for Python."""
 
@@ -81,13 +166,23 @@ def _config_options(fn):
     return fn
 
 
-def build_config(config_file, overrides):
+def build_config(config_file, overrides) -> Config:
     """Config.load with the CLI's overrides; a bad value -> one line, exit 2."""
     try:
         return Config.load(file=config_file, overrides=overrides)
     except ConfigError as exc:
-        click.echo(f"fastws: {mask_url(str(exc))}", err=True)
-        sys.exit(EXIT_USAGE)
+        raise config_error(exc) from None
+
+
+def check_broker(config: Config) -> None:
+    """Parse and check the broker URL now (no connection is made), so a
+    malformed one is one line and exit 2 before anything listens."""
+    if not config.broker:
+        return
+    try:
+        create_broker(config.broker, prefix=config.broker_prefix)
+    except ConfigError as exc:
+        raise config_error(exc) from None
 
 
 @cli.command(context_settings={"max_content_width": 120})
@@ -97,20 +192,49 @@ def build_config(config_file, overrides):
 @click.option("--interface", default="auto", show_default=True,
               type=click.Choice(["auto", "fastws", "asgi"]),
               help="What APP is: a fastws.App, an ASGI 3 app, or detect it.")
+@click.option("--app-dir", "app_dir", default=None, metavar="DIR",
+              help="Import APP from DIR (put first on sys.path instead of the current directory).")
+@click.option("--reload", "reload", is_flag=True, default=False,
+              help="Development: restart the server when a .py file under the app's directory "
+                   "(--app-dir, else the current one) changes. One process: not with --workers > 1.")
 @_config_options
-def serve(app, config_file, interface, **overrides):
+def serve(app, config_file, interface, app_dir, reload, **overrides):
     """Serve APP (MODULE:ATTRIBUTE): a fastws.App or an ASGI application.
 
     Settings: defaults < --config FILE < FASTWS_* environment < these flags.
     Sizes take units (64KiB, 1MiB), durations too (500ms, 2s, 1m).
     """
     config = build_config(config_file, overrides)
-    _, application = load_app(app, interface)
+    if reload and config.workers > 1:
+        raise CliError(f"--reload runs one server process; it cannot be combined with --workers {config.workers}",
+                       "drop --reload, or serve with --workers 1")
+    check_broker(config)
+    if reload:
+        _serve_reloading(app, config, app_dir)
+        return
+    _, application = load_app(app, interface, app_dir)
     try:
         run(application, config)
+    except ConfigError as exc:
+        raise config_error(exc) from None
     except ServerStartError as exc:
-        click.echo(f"fastws: {mask_url(str(exc))}", err=True)
-        sys.exit(EXIT_LISTEN)
+        text = str(exc)
+        fix = "stop the other server or pick another --port" if "in use" in text else ""
+        raise CliError(text, fix, EXIT_LISTEN) from None
+
+
+def _serve_reloading(app: str, config: Config, app_dir: str | None) -> None:
+    """``--reload``: this process watches, a child serves (see cli/reload.py)."""
+    try:
+        configure_logging(config.log_level, config.log_format, config.log_config,
+                          level_given=config.sources.get("log_level", "default") != "default")
+    except ConfigError as exc:
+        raise config_error(exc) from None
+    watch = os.path.abspath(app_dir) if app_dir else os.getcwd()
+    if not os.path.isdir(watch):
+        raise CliError(f"--app-dir {app_dir!r} is not a directory", "give the directory that holds the app's module")
+    stop = config.drain_delay + config.shutdown_timeout + 5
+    sys.exit(Reloader(child_command(sys.argv[1:]), watch, stop_timeout=stop).run())
 
 
 def _read(path: str) -> str:
@@ -192,8 +316,25 @@ def config_show(config_file):
 cli.add_command(bench)
 
 
-def main() -> None:
-    cli(prog_name="fastws")
+def main(argv: list[str] | None = None, prog_name: str = "fastws") -> None:
+    """The ``fastws`` command: runs :func:`cli` and turns every error into
+    one ``fastws: ...`` line on stderr with its exit code (see the module doc)."""
+    try:
+        cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else prog_name
+        click.echo(f"fastws: {exc.format_message()} (see '{cmd} --help')", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"fastws: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("fastws: aborted", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

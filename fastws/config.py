@@ -240,6 +240,10 @@ class Config:
                                   "dictConfig in .json or .toml, or a fileConfig .ini; it replaces "
                                   "--log-format (a --log-level given too sets the fastws loggers' level).",
                                   kind="path")
+    log_config: str | None = knob(None, "A logging configuration file, as uvicorn's --log-config: a "
+                                  "dictConfig in .json or .toml, or a fileConfig .ini; it replaces "
+                                  "--log-format (a --log-level given too sets the fastws loggers' level).",
+                                  kind="path")
     access_log: bool = knob(False, "Log every WebSocket upgrade, refused upgrade and close (with its "
                             "code and duration), one line each at info on logger fastws.access.",
                             kind="bool")

@@ -12,17 +12,24 @@ environment < flags).
 from __future__ import annotations
 
 import asyncio
+import configparser
+import importlib.metadata
 import json
 import logging
+import logging.config
+import os
 import signal
 import socket
 import time
+import tomllib
 
 import uvloop
 
+from . import core
 from .app import App
 from .asgi import AsgiServer
 from .config import Config
+from .errors import ConfigError
 from .limits import raise_nofile_limit
 from .server import NativeServer, Server
 from .supervisor import run_workers
@@ -54,7 +61,9 @@ async def serve(app, config: Config | None = None, *, sock: socket.socket | None
     ``started(server)`` (optional) is called once it listens (e.g. to read
     ``server.port`` when ``port=0``).  ``workers`` > 1 is for
     :func:`run` only."""
-    server = make_server(app, _config(config, options))
+    config = _config(config, options)
+    engine_notice()
+    server = make_server(app, config)
     await server.start(sock)
     if started is not None:
         started(server)
@@ -71,7 +80,9 @@ def run(app, config: Config | None = None, *, sock: socket.socket | None = None,
     ``broker`` names one).  Raises :class:`fastws.errors.ServerStartError`
     (one clear line) when it cannot start."""
     config = _config(config, options)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, config.log_config,
+                      level_given=config.sources.get("log_level", "default") != "default")
+    engine_notice()
     if config.workers > 1 and sock is None:
         raise SystemExit(run_workers(lambda index: run_until_signal(make_server(app, config)), config))
     run_until_signal(make_server(app, config), sock)
@@ -117,11 +128,78 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
+def configure_logging(level: str, fmt: str = "text", config_file: str | None = None, *,
+                      level_given: bool = False) -> None:
+    """Log to stderr at ``level`` in ``fmt`` ("text" or "json"); or, with
+    ``config_file`` (the ``log_config`` setting), as that file says: a
+    ``logging.config.dictConfig`` in ``.json`` or ``.toml``, or a
+    ``fileConfig`` ``.ini`` (any other suffix).  ``level_given``: the level
+    was asked for explicitly, so it also applies to the ``fastws`` loggers
+    under a file.  A file that does not load raises
+    :class:`~fastws.errors.ConfigError` naming ``log_config``."""
+    if config_file:
+        load_log_config(config_file)
+        if level_given:
+            logging.getLogger("fastws").setLevel(getattr(logging, level.upper()))
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter() if fmt == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
-__all__ = ["run", "serve", "make_server", "run_until_signal", "configure_logging", "JsonLogFormatter"]
+def load_log_config(path: str) -> None:
+    """Apply the logging configuration file ``path`` (see configure_logging)."""
+    suffix = os.path.splitext(path)[1].lower()
+    allowed = "a logging dictConfig (.json or .toml) or fileConfig (.ini) file"
+    try:
+        if suffix in (".json", ".toml"):
+            with open(path, "rb") as fh:
+                data = json.load(fh) if suffix == ".json" else tomllib.load(fh)
+            if not isinstance(data, dict):
+                raise ValueError("the top level is not a table/object")
+            data.setdefault("version", 1)
+            data.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(data)
+        else:
+            logging.config.fileConfig(path, disable_existing_loggers=False)
+    except OSError as exc:
+        raise ConfigError("log_config", path, f"a readable file ({exc.strerror})") from None
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError, RuntimeError,
+            configparser.Error, tomllib.TOMLDecodeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError("log_config", path, f"{allowed}; {type(exc).__name__}: {detail}") from None
+
+
+def engine_notice() -> None:
+    """Say which engine serves: a WARNING, with how to build the compiled one,
+    when fastws runs on the pure-Python engine without being asked to
+    (``FASTWS_NO_EXTENSIONS=1``)."""
+    if core.IMPLEMENTATION == "cython":
+        return
+    if os.environ.get("FASTWS_NO_EXTENSIONS") == "1":
+        log.info("fastws: running on the pure-Python wsproto engine (FASTWS_NO_EXTENSIONS=1)")
+        return
+    here = os.path.dirname(os.path.abspath(core.__file__))
+    installed = None
+    try:
+        dist = importlib.metadata.distribution("fastws")
+        copy = os.path.abspath(str(dist.locate_file("fastws")))
+        if copy != here and any(str(f).startswith("fastws/_core.") and str(f).endswith((".so", ".pyd"))
+                                for f in dist.files or ()):
+            installed = copy
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if installed:
+        how = (f"this process imports fastws from the source folder {here}, which hides the installed copy "
+               f"at {installed} (the one with the compiled engine): run from another directory, or build "
+               "the engine in this folder with `pip install -e .` (needs a C compiler and Cython)")
+    else:
+        how = (f"fastws._core is not built in {here}: build it with `pip install -e .` in the "
+               "repository (needs a C compiler and Cython)")
+    log.warning("fastws: running on the pure-Python wsproto engine, several times slower than the "
+                "compiled one (%s)", how)
+
+
+__all__ = ["run", "serve", "make_server", "run_until_signal", "configure_logging", "load_log_config",
+           "engine_notice", "JsonLogFormatter"]

@@ -39,6 +39,7 @@ from pathlib import Path
 import click
 
 from fastws import core
+from fastws.version import build_info
 from fastws.bench.loadgen import proc_cpu_ticks  # /proc helpers only
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
@@ -127,7 +128,9 @@ def _fastws_spec() -> ServerSpec:
             capture_output=True, text=True, timeout=30, cwd=cwd,
         )
         if r.returncode != 0:
-            skip = "`fastws serve` is not available yet: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+            skip = (f"`{Path(sys.executable).name} -m fastws.cli.main serve` does not start in "
+                    f"{cwd or os.getcwd()}: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+                    + " (install with `pip install -e .` in the repository, or run from another directory)")
     except (OSError, subprocess.TimeoutExpired) as e:
         skip = f"`fastws serve` did not answer: {e}"
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))} if cwd else {}
@@ -610,25 +613,18 @@ def environment(specs: list[ServerSpec]) -> dict:
         except (OSError, subprocess.TimeoutExpired):
             pass
     implementation = core.IMPLEMENTATION
-    commit = None
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        if r.returncode == 0:
-            commit = r.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
-            if dirty.stdout.strip():
-                commit += "-dirty"
-        else:
-            commit = "none (no git commit)"
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    # fastws's own version and commit, from the package (never the git
+    # repository that happens to contain the installed package)
+    build = build_info()
+    commit = build["commit"] or "unknown (not built from a git checkout)"
     try:
         load = os.getloadavg()
     except OSError:
         load = None
     return {
         "commit": commit,
+        "version": build["version"],
+        "build_commit": build["build_commit"],
         "implementation": implementation,
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -668,7 +664,7 @@ def markdown(results: dict) -> str:
         f"Run {results['started']} - {results['finished']} ({'quick' if results['quick'] else 'full'}), "
         f"repeat {results['repeat']}, seed {results['seed']}",
         f"CPU {env['cpu']} x {env['cores']}, Python {env['python']}, kernel {env['kernel']}, "
-        f"fastws commit {env['commit']}, engine {env['implementation']}",
+        f"fastws {env.get('version', '?')} commit {env['commit']}, engine {env['implementation']}",
         "",
         *(["QUICK smoke run: tiny sizes (see the args in the JSON), numbers not comparable.", ""]
           if results["quick"] else []),
@@ -785,7 +781,29 @@ def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
 # ------------------------------------------------------------------- runner
 
 
-def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path | None, seed: int) -> int:
+FASTWS_SETUPS = ("fastws", "fastws-asgi", "fastws-redis", "fastws-embedded")
+
+
+def unavailable(specs: list[ServerSpec], asked: set[str], chosen: list) -> list[str]:
+    """One line per server the run was asked to measure that cannot start
+    here: every fastws setup a chosen scenario runs on, and every peer named
+    in ``asked`` (``--vs a,b``; with ``--vs all`` a missing peer is skipped
+    and listed under "Not measured")."""
+    lines = []
+    for s in specs:
+        if not s.skip or not any(sc.runs_on(s) for sc in chosen):
+            continue
+        if s.key in FASTWS_SETUPS or s.name == "fastws" or s.key in asked:
+            lines.append(f"fastws bench: cannot measure {s.key}: {s.skip}")
+    return lines
+
+
+def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path | None, seed: int,
+        asked: set[str] | None = None) -> int:
+    """Run the ``scenarios`` against fastws and the peers ``vs``; 0 when
+    every run passed.  A server the run was asked to measure that cannot
+    start here (see :func:`unavailable`; ``asked``: the peers named
+    explicitly) makes it exit 2 at once with one line naming it and why."""
     names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi", "fastws-redis")]
     if any(s.asgi for s in SCENARIOS if s.name in scenarios):
         names.insert(1, "fastws-asgi")  # the same engine serving the ASGI app (reported as "fastws")
@@ -798,6 +816,11 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
             click.echo(f"skip {s.key}: {s.skip}", err=True)
             skipped[s.key] = s.skip
     chosen = [s for s in SCENARIOS if s.name in scenarios]
+    missing = unavailable(specs, set(asked or ()), chosen)
+    if missing:
+        for line in missing:
+            click.echo(line, err=True)
+        return 2
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env = environment(specs)
     logdir = Path(tempfile.mkdtemp(prefix="fastws-bench-logs-"))
@@ -916,8 +939,9 @@ def bench_command(vs, scenario, repeat, quick, out, seed, list_):
         return
     if quick and repeat == 3:
         repeat = 1
-    code = run(_split(vs, ALL_SERVERS, "server"), _split(scenario, SCENARIO_NAMES, "scenario"),
-               repeat, quick, out, seed)
+    peers = _split(vs, ALL_SERVERS, "server")
+    asked = set() if not vs or vs == "all" else set(peers)
+    code = run(peers, _split(scenario, SCENARIO_NAMES, "scenario"), repeat, quick, out, seed, asked)
     sys.exit(code)
 
 
