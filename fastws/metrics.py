@@ -10,6 +10,9 @@ Exported (``{...}`` are labels)::
 
     websocket_connections_total{region,server_id}        gauge   open connections
     websocket_message_latency_ms                         histogram  buckets 1..1000 ms (see below)
+    websocket_delivery_latency_seconds                   histogram  arrival (or publish) -> write, per
+                                                                  connection written (see below)
+    websocket_rate_limited_total{kind=messages|bytes}    counter  connections closed over their rate limit
     websocket_messages_total{direction=inbound|outbound} counter
     websocket_bytes_total{direction=inbound|outbound}    counter  bytes on the wire
     websocket_handshakes_total{result="101"|"400"|...}   counter  HTTP status of the upgrade
@@ -24,8 +27,12 @@ Exported (``{...}`` are labels)::
     websocket_broker_publishes_total                     counter
     websocket_broker_failures_total                      counter
     websocket_broker_reconnects_total                    counter
-    websocket_room_refusals_total{reason=limit|name}     counter  joins/publishes refused (RoomLimitError,
-                                                                  RoomNameError)
+    websocket_room_refusals_total{reason=limit|name|denied}
+                                                         counter  joins/publishes refused (RoomLimitError,
+                                                                  RoomNameError, RoomDeniedError)
+    websocket_auth_failures_total{reason=missing|malformed|expired|invalid}
+                                                         counter  upgrades refused by a verifier
+                                                                  (fastws.auth.TokenAuth as on_connect)
     websocket_broker_subscription_failures_total{op=subscribe|unsubscribe}
                                                          counter  failed broker (un)subscribe calls (retried)
     websocket_broker_subscriptions_failing               gauge    room keys waiting for a retry
@@ -42,6 +49,15 @@ sampled, not measured per message: it costs nothing on the hot path, and its
 ``_count`` grows by 4 a second whether or not messages flow.  A hub whose
 ``stats()`` returns ``latency_ms_buckets`` (per-message timing in ``_core``)
 takes precedence.
+
+``websocket_delivery_latency_seconds`` is timed in the hub, per connection
+written (buckets of ``fastws.core.DELIVERY_LATENCY_BUCKETS``, counts kept in
+C): from the start of the read that brought a message to the write of the
+reply queued while handling it, or, for frames queued otherwise (a publish,
+a broadcast, a send from a task or a timer), from the moment the first
+frame of that loop iteration was queued to the write of each connection in
+the iteration's flush.  Frames held back by a connection that cannot keep
+up are not in it (they show in the queued-bytes gauges and the drops).
 
 With ``--workers N`` (the supervisor sets ``FASTWS_METRICS_DIR`` and each
 worker ``FASTWS_WORKER``) every worker writes its snapshot to
@@ -71,7 +87,9 @@ Where each number comes from, so another component can feed it:
   only.
 * ``node.hub.handshake_timeouts``, ``ping_timeouts``, ``idle_timeouts``.
 * ``node.handshakes`` -> {HTTP status: n}.
-* ``node.rooms`` -> ``len()`` is the number of rooms with local members.
+* ``node.rooms`` -> ``len()`` is the number of rooms with local members;
+  ``refused`` the refusals by reason.
+* ``node.auth_failures()`` -> {reason: n} of the routes' verifiers.
 * ``node.broker`` -> ``stats()`` returns ``publishes, failures, reconnects``.
 """
 
@@ -153,6 +171,8 @@ def snapshot(node) -> dict:
     refused = rooms.refused if rooms is not None else {}
     snap["room_refusals_limit"] = refused.get("limit", 0)
     snap["room_refusals_name"] = refused.get("name", 0)
+    snap["room_refusals_denied"] = refused.get("denied", 0)
+    snap["auth_failures"] = node.auth_failures()
     subs = node.bridge.subscription_state() if node.bridge is not None else {}
     snap["broker_subscribe_failures"] = subs.get("subscribe_failures", 0)
     snap["broker_unsubscribe_failures"] = subs.get("unsubscribe_failures", 0)
@@ -170,9 +190,9 @@ def snapshot(node) -> dict:
 
 _SUMMED = ("connections", "messages_in", "messages_out", "bytes_in", "bytes_out", "slow_consumer_closes",
            "queued_bytes_total", "rooms", "broker_publishes", "broker_failures", "broker_reconnects",
-           "room_refusals_limit", "room_refusals_name", "broker_subscribe_failures",
+           "room_refusals_limit", "room_refusals_name", "room_refusals_denied", "broker_subscribe_failures",
            "broker_unsubscribe_failures", "broker_subscriptions_failing",
-           "dropped_total", "latency_ms_sum")
+           "dropped_total", "latency_ms_sum", "delivery_latency_sum")
 _WORST = ("queued_bytes_max", "loop_lag")
 
 
@@ -182,8 +202,11 @@ def portable(snap: dict) -> dict:
     out["closes"] = {str(k): v for k, v in snap.get("closes", {}).items()}
     out["handshakes"] = {str(k): v for k, v in snap.get("handshakes", {}).items()}
     out["timeouts"] = dict(snap.get("timeouts", {}))
+    out["auth_failures"] = dict(snap.get("auth_failures", {}))
     out["dropped"] = [[str(r), p, n] for (r, p), n in snap.get("dropped", {}).items()]
     out["latency_ms_buckets"] = list(snap.get("latency_ms_buckets") or [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    out["delivery_latency_buckets"] = list(snap.get("delivery_latency_buckets") or [])
+    out["rate_limited"] = dict(snap.get("rate_limited") or {})
     return out
 
 
@@ -191,23 +214,29 @@ def merge(snaps: list[dict]) -> dict:
     """One snapshot (the collector's shape) from several :func:`portable` ones."""
     out = {k: 0 for k in _SUMMED}
     out.update({k: 0 for k in _WORST})
-    closes, handshakes, timeouts, dropped = {}, {}, {}, {}
+    closes, handshakes, timeouts, dropped, auth = {}, {}, {}, {}, {}
     buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    delivery, rate_limited = [0] * (len(core.DELIVERY_LATENCY_BUCKETS) + 1), {}
     for s in snaps:
         for k in _SUMMED:
             out[k] += s.get(k, 0)
         for k in _WORST:
             out[k] = max(out[k], s.get(k, 0))
         for src, dst in ((s.get("closes", {}), closes), (s.get("handshakes", {}), handshakes),
-                         (s.get("timeouts", {}), timeouts)):
+                         (s.get("timeouts", {}), timeouts), (s.get("auth_failures", {}), auth)):
             for key, n in src.items():
                 dst[key] = dst.get(key, 0) + n
         for reason, prio, n in s.get("dropped", ()):
             dropped[(reason, prio)] = dropped.get((reason, prio), 0) + n
         for i, n in enumerate(s.get("latency_ms_buckets", ())[:len(buckets)]):
             buckets[i] += n
+        for i, n in enumerate(s.get("delivery_latency_buckets", ())[:len(delivery)]):
+            delivery[i] += n
+        for kind, n in s.get("rate_limited", {}).items():
+            rate_limited[kind] = rate_limited.get(kind, 0) + n
     out.update(closes=closes, handshakes=handshakes, timeouts=timeouts, dropped=dropped,
-               latency_ms_buckets=buckets)
+               latency_ms_buckets=buckets, auth_failures=auth,
+               delivery_latency_buckets=delivery, rate_limited=rate_limited)
     return out
 
 
@@ -322,6 +351,25 @@ class FastwsCollector:
                                     "second as the lateness of a timer (not timed per message)",
                                     buckets=cumulative, sum_value=s.get("latency_ms_sum", 0.0))
 
+        delivery = s.get("delivery_latency_buckets")
+        cumulative, acc = [], 0
+        for i, le in enumerate(core.DELIVERY_LATENCY_BUCKETS + (float("inf"),)):
+            acc += delivery[i] if delivery else 0
+            cumulative.append((floatToGoString(le), acc))
+        yield HistogramMetricFamily("websocket_delivery_latency_seconds",
+                                    "Time from a message's arrival to its frame's write, seconds, one "
+                                    "observation per connection written: a reply from the start of the "
+                                    "read that brought the message; frames of a publish, broadcast or "
+                                    "send from a task or timer from the first frame queued in that loop "
+                                    "iteration; frames held by a backed-up connection not counted",
+                                    buckets=cumulative, sum_value=s.get("delivery_latency_sum", 0.0))
+        rl = CounterMetricFamily("websocket_rate_limited", "Connections closed for sending over their "
+                                 "rate limit (max_messages_per_second: messages, max_bytes_per_second: "
+                                 "bytes)", labels=["kind"])
+        for kind in ("messages", "bytes"):
+            rl.add_metric([kind], (s.get("rate_limited") or {}).get(kind, 0))
+        yield rl
+
         m = CounterMetricFamily("websocket_messages", "WebSocket messages", labels=["direction"])
         m.add_metric(["inbound"], s["messages_in"])
         m.add_metric(["outbound"], s["messages_out"])
@@ -375,10 +423,18 @@ class FastwsCollector:
                                   value=s["broker_reconnects"])
         rr = CounterMetricFamily("websocket_room_refusals", "Room joins and publishes refused: past "
                                  "max_rooms_per_connection (limit), a room name past max_room_name or "
-                                 "not UTF-8 (name)", labels=["reason"])
+                                 "not UTF-8 (name), refused by the app's authorize_join/authorize_publish "
+                                 "(denied)", labels=["reason"])
         rr.add_metric(["limit"], s.get("room_refusals_limit", 0))
         rr.add_metric(["name"], s.get("room_refusals_name", 0))
+        rr.add_metric(["denied"], s.get("room_refusals_denied", 0))
         yield rr
+        af = CounterMetricFamily("websocket_auth_failures", "Upgrades refused by a token verifier "
+                                 "(fastws.auth.TokenAuth as a route's on_connect), by reason",
+                                 labels=["reason"])
+        for reason, n in sorted(s.get("auth_failures", {}).items()):
+            af.add_metric([str(reason)], n)
+        yield af
         sf = CounterMetricFamily("websocket_broker_subscription_failures", "Broker subscribe/unsubscribe "
                                  "calls that failed (their keys are retried)", labels=["op"])
         sf.add_metric(["subscribe"], s.get("broker_subscribe_failures", 0))

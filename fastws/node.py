@@ -54,7 +54,7 @@ import logging
 import time
 
 from . import core, publish_api
-from .broker import History, create_broker
+from .broker import History, create_broker, new_node_id
 from .broker.bridge import Bridge
 from .config import Config, mask_url
 from .errors import (CALLBACK_FAILED, RESTARTING, SHUTTING_DOWN, BrokerError, HandshakeError,
@@ -258,6 +258,7 @@ class Node:
         self.metrics = None                   # /metrics, when config.metrics
         self.stats_page = None                # /stats, when config.stats
         self._paths: dict = {}                # interned request paths (bounded), shared by connections
+        self.node_id = new_node_id()          # the hub's (connection ids "<node_id>-<n>") and the broker's
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -269,7 +270,7 @@ class Node:
         c = self.config
         self.loop = asyncio.get_running_loop()
         self.hub = core.Hub(self.loop, handshake, on_callback_error=self._callback_error,
-                            **core.hub_settings(c))
+                            node_id=self.node_id, **core.hub_settings(c))
         self.rooms = Rooms.from_config(self.hub, c)
         if self.app is not None:
             self.rooms.authorize = self._authorize_room   # the app's authorize_join/_publish
@@ -300,7 +301,7 @@ class Node:
     async def _start_broker(self) -> None:
         c = self.config
         try:
-            self.broker = create_broker(c.broker, prefix=c.broker_prefix)
+            self.broker = create_broker(c.broker, prefix=c.broker_prefix, node_id=self.node_id)
         except (ValueError, ImportError, BrokerError) as exc:
             raise ServerStartError(mask_url(f"broker {c.broker!r}: {exc}")) from None
         self.bridge = Bridge(self.rooms, self.broker, lookup=self.connection)
@@ -439,9 +440,9 @@ class Node:
         clients = self.clients
         clients[conn] = client
         if len(clients) >= self._clients_sweep_at:
-            live = self.hub.connections
             for c in list(clients):
-                if c.id is not None and live.get(c.id) is not c:
+                # lost: its close code is known and its transport gone
+                if c.close_code is not None and c.remote_address is None:
                     del clients[c]
             self._clients_sweep_at = max(1024, 2 * len(clients))
 
@@ -525,8 +526,9 @@ class Node:
     # -- messages ---------------------------------------------------------------------
 
     def connection(self, conn_id):
-        """The open connection of this process with id ``conn_id``, or None."""
-        conn = self.hub.connections.get(conn_id) if self.hub is not None else None
+        """The open connection of this process with id ``conn_id`` (its
+        ``conn.id``, or its number as an int), or None."""
+        conn = self.hub.connection(conn_id) if self.hub is not None else None
         return conn if conn is not None and not conn.closed else None
 
     def publish(self, room: str, message, *, namespace: str = "", exclude=None,
@@ -553,19 +555,13 @@ class Node:
         return seq, True
 
     def global_id(self, conn) -> str:
-        """``conn``'s id across nodes: ``"{node}:{id}"`` with a broker, else its id."""
-        return self.bridge.global_id(conn) if self.bridge is not None else str(conn.id)
+        """``conn``'s id across nodes and workers: ``conn.id``, ``"<node_id>-<n>"``."""
+        return conn.id
 
     def local_connection(self, conn_id):
         """The open connection of this process named by ``conn_id`` (a
-        :meth:`global_id` of this node, or a plain local id), or None."""
-        node, _, n = str(conn_id).rpartition(":")
-        if node and (self.bridge is None or node != self.bridge.node_id):
-            return None
-        try:
-            return self.connection(int(n))
-        except ValueError:
-            return None
+        :meth:`global_id` of this node), or None."""
+        return self.connection(str(conn_id))
 
     async def send_to(self, conn_id, message):
         """Send ``message`` to one connection, on whichever node holds it.

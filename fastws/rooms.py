@@ -38,8 +38,17 @@ Limits: a connection may be in at most ``max_rooms_per_connection`` rooms
 :class:`~fastws.errors.RoomLimitError` and changes nothing.  A room name is
 at most ``max_room_name`` bytes of UTF-8 and must be encodable as UTF-8; a
 join or publish with another one raises :class:`~fastws.errors.RoomNameError`
-(so every broker can carry every room's channel).  Both refusals are counted
-in ``Rooms.refused`` (``websocket_room_refusals_total`` in the metrics).
+(so every broker can carry every room's channel).
+
+Authorization: ``Rooms(..., authorize=fn)`` (the node sets it from the
+app's ``authorize_join`` / ``authorize_publish`` callbacks) asks
+``fn(action, conn, key, message) -> bool`` before every join (``action``
+"join", ``message`` None) and before a publish checked with
+:meth:`Rooms.check_publish` (``action`` "publish"; ``conn`` None for a
+publish no connection asked for, e.g. the HTTP publish API); a refusal
+raises :class:`~fastws.errors.RoomDeniedError` and changes nothing.  Every
+refusal is counted in ``Rooms.refused`` by reason, "limit", "name",
+"denied" (``websocket_room_refusals_total`` in the metrics).
 
 A connection's own rooms (``conn.rooms``) cost nothing while it is in none
 (None), a small tuple while it is in up to ``SMALL_ROOMS`` rooms, and a set
@@ -56,7 +65,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import RoomLimitError, RoomNameError
+from .errors import RoomDeniedError, RoomLimitError, RoomNameError
 from .frames import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, TEXT
 
 __all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH",
@@ -90,7 +99,7 @@ class Rooms:
     """The rooms of one server (one per worker process)."""
 
     def __init__(self, hub, max_rooms_per_connection: int = DEFAULT_MAX_ROOMS,
-                 max_room_name: int | None = DEFAULT_MAX_ROOM_NAME) -> None:
+                 max_room_name: int | None = DEFAULT_MAX_ROOM_NAME, authorize=None) -> None:
         self.hub = hub                  # _core.Hub: encode-once fan-out, delivery policy
         self._rooms: dict = {}          # (namespace, name) -> Room
         #: rooms one connection may be in (0: no limit)
@@ -98,8 +107,12 @@ class Rooms:
         #: longest room name in bytes of UTF-8 (None: unchecked, for embedding only;
         #: Config always gives a number every broker can carry)
         self.max_room_name = max_room_name
-        #: refused operations by reason: "limit" (RoomLimitError), "name" (RoomNameError)
-        self.refused = {"limit": 0, "name": 0}
+        #: refused operations by reason: "limit" (RoomLimitError), "name"
+        #: (RoomNameError), "denied" (RoomDeniedError)
+        self.refused = {"limit": 0, "name": 0, "denied": 0}
+        #: fn(action, conn, key, message) -> bool asked before a join or a
+        #: checked publish (see the module docstring), or None: all allowed
+        self.authorize = authorize
         hub.rooms = self
         hub.on_lost = self.leave_all
         #: callables(key, joined: bool) told when a room gains its first or
@@ -146,6 +159,23 @@ class Rooms:
             raise RoomNameError(problem, self.max_room_name)
         return room
 
+    def _allowed(self, action: str, conn, key, message) -> None:
+        """RoomDeniedError (counted) unless ``authorize`` allows ``action``."""
+        if not self.authorize(action, conn, key, message):
+            self.refused["denied"] += 1
+            raise RoomDeniedError(key[1], action)
+
+    def check_publish(self, conn, room: str, message, namespace: str = ""):
+        """Before publishing ``message`` to ``room`` for ``conn`` (None: for
+        no connection, e.g. the HTTP publish API): the room's key if the name
+        is taken (:meth:`check_name`) and ``authorize`` allows it, else
+        :class:`~fastws.errors.RoomDeniedError` (counted)."""
+        self.check_name(room)
+        key = (namespace, room)
+        if self.authorize is not None:
+            self._allowed("publish", conn, key, message)
+        return key
+
     def key_for(self, conn, room, namespace=None, check: bool = True):
         """The registry key ``(namespace, name)`` of ``room`` for ``conn``
         (its route's namespace when ``namespace`` is None); ``check``: refuse
@@ -181,11 +211,14 @@ class Rooms:
         default keeps it indirect).  Raises
         :class:`~fastws.errors.RoomLimitError` when ``conn`` is already in
         ``max_rooms_per_connection`` other rooms,
-        :class:`~fastws.errors.RoomNameError` for a name that is too long;
+        :class:`~fastws.errors.RoomNameError` for a name that is too long,
+        :class:`~fastws.errors.RoomDeniedError` when ``authorize`` refuses;
         then nothing changes.  O(1) whatever the number of rooms."""
         if conn.closed:
             return
         key = self.key_for(conn, room, namespace)
+        if self.authorize is not None:
+            self._allowed("join", conn, key, None)
         mine = conn.rooms
         if mine is None:
             conn.rooms = (key,)

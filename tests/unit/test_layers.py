@@ -1,6 +1,6 @@
 """The package is built in four layers; each imports only from the layers below it.
 
-    1  frames, errors, config (and origins, version): the shared vocabulary
+    1  frames, errors, config (and origins, proxy, version): the shared vocabulary
     2  engines and connections: core, _core (Cython), _wsproto_engine, _pyconn, handshake
     3  the node: app, node, rooms, delivery, resume, limits, broker/, health, metrics,
        stats, publish_api
@@ -36,7 +36,7 @@ CLI = ROOT / "cli"
 LAYER_OF = {
     # 1: the vocabulary
     "fastws.frames": 1, "fastws.errors": 1, "fastws.config": 1, "fastws.origins": 1,
-    "fastws.version": 1,
+    "fastws.version": 1, "fastws.proxy": 1,
     # 2: engines and connections
     "fastws.core": 2, "fastws._core": 2, "fastws._wsproto_engine": 2, "fastws._pyconn": 2,
     "fastws.handshake": 2,
