@@ -92,10 +92,14 @@ class Request(_Fields):
     subprotocols: list = field(default_factory=list)
     extensions: list = field(default_factory=list)
     conn: object = field(default=None, repr=False)   # the connection asking (for remote_address)
+    client: object = field(default=None, repr=False)  # the client's address a trusted proxy named
 
     @property
     def remote_address(self):
-        """The peer's (host, port), looked up on first use (a syscall)."""
+        """The client's (host, port): the one a trusted proxy named
+        (``proxy_headers``), else the peer's, looked up on first use (a syscall)."""
+        if self.client is not None:
+            return self.client
         return self.conn.remote_address if self.conn is not None else None
 
 
