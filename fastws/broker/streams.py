@@ -138,6 +138,22 @@ def _ignore(fut) -> None:
         fut.exception()
 
 
+def _settled(task) -> None:
+    """The done callback of a link's reader and unblocker tasks: their
+    exception is retrieved here.  A lost link (ConnectionError, a timeout)
+    is already reported by the "lost the broker" line, so it is logged at
+    debug only; anything else is a bug and logged with its traceback."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None:
+        return
+    if isinstance(exc, (ConnectionError, asyncio.TimeoutError)):
+        log.debug("fastws: broker stream task ended with the link: %r", exc)
+    else:
+        log.error("fastws: broker stream task failed", exc_info=exc)
+
+
 def _merge(lists) -> list:
     """Merge per-stream entry lists (each in stream order) into one delivery
     order: by id, except that one origin's entries (those with a counter) go
@@ -317,9 +333,13 @@ class StreamsBroker(RedisBroker, History):
             self._link_failed(exc)
         finally:
             for t in (reader, self._unblocker):
-                if t is not None and not t.done():
+                if t is None:
+                    continue
+                if t.done():
+                    _settled(t)          # its exception is retrieved (no "never retrieved")
+                else:
                     t.cancel()
-                    t.add_done_callback(_ignore)
+                    t.add_done_callback(_settled)
             self._unblocker = None
             self._reading = False
             self._rd_id = None

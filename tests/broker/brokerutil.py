@@ -1,26 +1,64 @@
-"""Helpers of the broker suite (imported by conftest.py and the tests)."""
+"""Helpers of the broker and integration suites (imported by the conftests and the tests).
+
+The Redis the suites use is ``$FASTWS_TEST_REDIS`` (default
+``redis://127.0.0.1:6379/0``).  The suites never change that server's
+state: every key and channel they make starts with the broker prefix of its
+test, and every prefix of one run starts with :data:`RUN_PREFIX`
+(:func:`new_prefix`), so the run's keys can be deleted at its end
+(:func:`delete_keys`).  A test that must change server state (ACL users,
+CONFIG SET, a shutdown) starts its own ``redis-server`` on a free port
+(:class:`OwnRedis`) and stops it afterwards.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
+import uuid
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pytest
 
 REDIS_URL = os.environ.get("FASTWS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 STREAMS_URL = REDIS_URL.replace("redis://", "redis+streams://", 1).replace("rediss://", "rediss+streams://", 1)
+_U = urlsplit(REDIS_URL)
+REDIS_HOST = _U.hostname or "127.0.0.1"
+REDIS_PORT = _U.port or 6379
+#: the start of every broker prefix of this run (see new_prefix)
+RUN_PREFIX = os.environ.get("FASTWS_TEST_RUN") or f"t{os.getpid():x}{uuid.uuid4().hex[:4]}"
+
+
+def new_prefix(tag: str = "") -> str:
+    """A broker prefix of its own for one test, under this run's RUN_PREFIX."""
+    return f"{RUN_PREFIX}-{tag}{uuid.uuid4().hex[:10]}"
+
+
+def proxied_url(proxy, scheme: str = "redis") -> str:
+    """REDIS_URL with ``scheme`` through ``proxy`` (a TcpProxy in front of it):
+    same credentials and database, the proxy's address."""
+    netloc = f"127.0.0.1:{proxy.port}"
+    if _U.username or _U.password:
+        netloc = _U.netloc.rpartition("@")[0] + "@" + netloc
+    return urlunsplit((scheme, netloc, _U.path or "/0", _U.query, ""))
 
 
 def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def redis_available() -> bool:
+def redis_available(host: str = REDIS_HOST, port: int = REDIS_PORT) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1) as s:
+        with socket.create_connection((host, port), timeout=1) as s:
+            if _U.password is not None and (host, port) == (REDIS_HOST, REDIS_PORT):
+                words = ["AUTH", *([unquote(_U.username)] if _U.username else []), unquote(_U.password)]
+                s.sendall(" ".join(words).encode() + b"\r\n")
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
@@ -29,7 +67,8 @@ def redis_available() -> bool:
 
 def need_redis():
     if not redis_available():
-        pytest.fail("Redis at 127.0.0.1:6379 is needed (bash .ci/run starts it)")
+        pytest.fail(f"Redis at {REDIS_URL} is needed (bash .ci/run starts it; "
+                    "FASTWS_TEST_REDIS names another)")
 
 
 def free_port(bus: bool = False) -> int:
@@ -70,12 +109,23 @@ class TcpProxy:
         self.pairs: list = []
         self.accepted = 0
         self.mode = "forward"     # or "reject", "blackhole" (read and drop, never answer)
+        self.tasks: set = set()   # the handlers of forwarded connections, awaited by close()
 
     async def start(self) -> "TcpProxy":
         self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
         return self
 
     async def _client(self, reader, writer) -> None:
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        try:
+            await self._forward(reader, writer)
+        except asyncio.CancelledError:
+            writer.transport.abort()     # the loop is ending: a quiet end, not a logged one
+        finally:
+            self.tasks.discard(task)
+
+    async def _forward(self, reader, writer) -> None:
         self.accepted += 1
         if self.mode == "reject":
             writer.transport.abort()
@@ -107,11 +157,13 @@ class TcpProxy:
         if pair in self.pairs:
             self.pairs.remove(pair)
 
-    async def cut(self) -> None:
+    async def cut(self, newest_first: bool = False) -> None:
+        """Drop every connection (in the order they came, or the newest
+        first) and refuse new ones."""
         if self.server is not None:
             self.server.close()
             self.server = None
-        for a, b in self.pairs:
+        for a, b in (reversed(self.pairs) if newest_first else self.pairs):
             a.transport.abort()
             b.transport.abort()
         self.pairs.clear()
@@ -124,14 +176,16 @@ class TcpProxy:
 
     async def close(self) -> None:
         await self.cut()
+        if self.tasks:        # every pipe sees its aborted transport and ends
+            await asyncio.wait(list(self.tasks), timeout=5)
 
 
-async def delete_keys(prefix: str) -> int:
+async def delete_keys(prefix: str, url: str = REDIS_URL) -> int:
     """Delete the Redis keys of every broker prefix starting with ``prefix``
-    (the streams broker's streams); how many there were."""
+    (the streams broker's streams, presence); how many there were."""
     import redis.asyncio as aioredis
 
-    r = aioredis.from_url(REDIS_URL)
+    r = aioredis.from_url(url)
     try:
         keys = [k async for k in r.scan_iter(match=f"fastws:{prefix}*", count=1000)]
         if keys:
@@ -148,3 +202,46 @@ async def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class OwnRedis:
+    """A ``redis-server`` of the test's own on a free port, for what changes
+    server state (ACL users, CONFIG SET, SHUTDOWN): the shared one is never
+    touched.  ``url`` is its address; :meth:`stop` ends it (also on exit of a
+    ``with`` block) and removes its directory."""
+
+    def __init__(self, *args: str) -> None:
+        if not shutil.which("redis-server"):
+            pytest.fail("redis-server is not installed (bash .ci/run installs it)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="fastws-redis-")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 15
+        while not redis_available("127.0.0.1", self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def cli(self, *args, timeout=10) -> str:
+        return redis_cli(self.port, *args, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "OwnRedis":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,8 +1,9 @@
 """Fixtures of the broker suite: real backends only.
 
 ``backend``        parametrized: "memory", "embedded" (an EmbeddedHub on a
-                   temporary Unix socket, in-process), "redis" (the local
-                   server at 127.0.0.1:6379), "streams" (the Redis Streams
+                   temporary Unix socket, in-process), "redis" (the server
+                   of $FASTWS_TEST_REDIS, default redis://127.0.0.1:6379/0,
+                   see brokerutil), "streams" (the Redis Streams
                    broker on the same server; the test's keys are deleted
                    after it), "cluster" (a 3-master Redis Cluster of our own
                    ``redis-server`` processes).
@@ -12,22 +13,35 @@
 ``redis_cluster``  session-scoped: the cluster's ``[(host, port)]`` (started
                    on free ports, stopped at the end of the session).
 ``TcpProxy``       a small asyncio TCP proxy to inject faults (not a mock).
+
+Every prefix of the run starts with ``brokerutil.RUN_PREFIX``; the keys
+left under it (streams, presence) are deleted when the session ends, so the
+shared Redis is left as it was found.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 
-from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, free_port, need_redis, redis_cli
+from brokerutil import (REDIS_URL, RUN_PREFIX, STREAMS_URL, delete_keys, free_port, need_redis, new_prefix,
+                        redis_available, redis_cli)
 
 BACKENDS = ["memory", "embedded", "redis", "streams", "cluster"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_redis_as_found():
+    """Delete every key this run made on the shared Redis (all under RUN_PREFIX)."""
+    yield
+    if redis_available():
+        asyncio.run(delete_keys(RUN_PREFIX))
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +100,7 @@ def make_broker(backend, request):
     from fastws.broker import create_broker
     from fastws.broker.embedded import EmbeddedHub
 
-    prefix = "t" + uuid.uuid4().hex[:12]
+    prefix = new_prefix()
     state = {"brokers": [], "hub": None, "path": None}
     cluster = request.getfixturevalue("redis_cluster") if backend == "cluster" else None
 

@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import tempfile
-import uuid
 
 import pytest
 import websockets
@@ -31,7 +30,7 @@ from fastws.resume import Resumer
 from fastws.server import NativeServer
 from fastws import publish_api
 
-from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, need_redis, run, wait_for
+from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, need_redis, new_prefix, run, wait_for
 
 TOKEN = "s3cret"
 
@@ -68,7 +67,8 @@ class Node:
         self.server = NativeServer(node_app(self.state), Config(host="127.0.0.1", port=0, max_message_size=1 << 16,
                                                                 max_body_size=1 << 16, shutdown_timeout=1))
         await self.server.start()
-        self.broker = create_broker(self.url, prefix=self.prefix)
+        # the broker's node id is the hub's: connection ids are "<node_id>-<n>"
+        self.broker = create_broker(self.url, prefix=self.prefix, node_id=self.server.node.node_id)
         self.bridge = self.state["bridge"] = Bridge(self.server.node.rooms, self.broker,
                                                     lookup=self.server.node.hub.connections.get)
         await self.bridge.start()
@@ -116,7 +116,7 @@ def cluster_of_nodes(request):
 
 
 async def make_nodes(kind, url, n):
-    prefix = "t" + uuid.uuid4().hex[:12]
+    prefix = new_prefix()
     hub = None
     if kind == "embedded":
         path = os.path.join(tempfile.mkdtemp(prefix="fws-"), "hub.sock")
@@ -256,14 +256,14 @@ def test_http_publish_api_and_send_to_across_nodes():
                 assert await drain(ws, 3) == ["http-1", b"\x01\x02", "form ✓"]
 
             # one connection, on the other node: the text itself, not the JSON
-            assert b1.gid.startswith(B.broker.node_id + ":")
+            assert b1.gid.startswith(B.broker.node_id + "-")
             st, _ = await http(port, "POST", f"/connections?id={b1.gid}", b'{"text": "just b1"}', auth)
             assert st == 200
             assert await drain(b1, 1) == ["just b1"]
             await nothing_more(a1)
             st, _ = await http(port, "POST", f"/connections/{a1.gid}", b'{"text": "just a1"}', auth)
             assert st == 200 and await drain(a1, 1) == ["just a1"]
-            for bad in (f"{B.broker.node_id}:999999", "no-such-node:1", "garbage"):
+            for bad in (f"{B.broker.node_id}-999999", "no-such-node-1", "garbage"):
                 assert (await http(port, "POST", f"/connections?id={bad}", b'{"text": "x"}', auth))[0] == 404
             assert (await http(port, "POST", f"/connections?id={b1.gid}", b'{"text": "x"}'))[0] == 401
             assert (await http(port, "POST", f"/connections?id={b1.gid}", b"not json", auth))[0] == 400
@@ -376,9 +376,9 @@ def test_bridge_start_stop_and_lookup():
             assert await drain(a1, 1) == ["after"]
             assert await B.bridge.send_to(a1.gid, "direct") is True
             assert await drain(a1, 1) == ["direct"]
-            assert looked == [int(a1.gid.rpartition(":")[2])]
-            assert await A.bridge.send_to(f"{A.broker.node_id}:123456", "x") is False
-            assert await B.bridge.send_to(f"{A.broker.node_id}:{1 << 70}", "x") is False
+            assert looked == [int(a1.gid.rpartition("-")[2])]
+            assert await A.bridge.send_to(f"{A.broker.node_id}-123456", "x") is False
+            assert await B.bridge.send_to(f"{A.broker.node_id}-{1 << 70}", "x") is False
         finally:
             for ws in (a1, b1):
                 await ws.close()

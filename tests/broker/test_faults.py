@@ -9,7 +9,6 @@ states exactly what was delivered and what was reported failed.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import websockets
@@ -22,7 +21,8 @@ from fastws.broker.wire import pack_room_message
 from fastws.config import Config
 from fastws.server import NativeServer
 
-from brokerutil import REDIS_URL, TcpProxy, need_redis, redis_cli, run, wait_for
+from brokerutil import (REDIS_HOST, REDIS_PORT, REDIS_URL, TcpProxy, need_redis, new_prefix, proxied_url,
+                        redis_cli, run, wait_for)
 
 K, K2, K3, END = ("", "k"), ("", "k2"), ("", "k3"), ("", "end")
 
@@ -40,10 +40,10 @@ def test_outage_failures_counted_reconnect_and_resubscribe():
     need_redis()
 
     async def main():
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
-        prefix = "t" + uuid.uuid4().hex[:12]
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
+        prefix = new_prefix()
         a = create_broker(REDIS_URL, prefix=prefix, node_id="A")                    # direct
-        b = create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, node_id="B",
+        b = create_broker(proxied_url(proxy), prefix=prefix, node_id="B",
                           backoff_min=0.05, backoff_max=0.3)                          # via the proxy
         states = []
         b.state_listeners.append(states.append)
@@ -105,8 +105,8 @@ def test_reconnect_attempts_back_off():
     need_redis()
 
     async def main():
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
-        b = create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix="t" + uuid.uuid4().hex[:8],
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
+        b = create_broker(proxied_url(proxy), prefix=new_prefix(),
                           backoff_min=0.05, backoff_max=0.4)
         await b.start()
         try:
@@ -133,8 +133,8 @@ def test_silent_link_detected_by_ping():
     need_redis()
 
     async def main():
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
-        b = create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix="t" + uuid.uuid4().hex[:8],
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
+        b = create_broker(proxied_url(proxy), prefix=new_prefix(),
                           ping_interval=0.2, backoff_min=0.05, backoff_max=0.2)
         await b.start()
         try:
@@ -156,8 +156,8 @@ def test_local_delivery_goes_on_when_redis_is_away():
     need_redis()
 
     async def main():
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
-        prefix = "t" + uuid.uuid4().hex[:12]
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
+        prefix = new_prefix()
         app = fastws.App()
 
         @app.on_message("/")
@@ -167,7 +167,7 @@ def test_local_delivery_goes_on_when_redis_is_away():
 
         server = NativeServer(app, Config(host="127.0.0.1", port=0, shutdown_timeout=1))
         await server.start()
-        bridge = Bridge(server.node.rooms, create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
+        bridge = Bridge(server.node.rooms, create_broker(proxied_url(proxy), prefix=prefix,
                                                     backoff_min=0.05, backoff_max=0.2),
                         lookup=server.node.hub.connections.get)
         await bridge.start()
@@ -208,7 +208,7 @@ def test_cluster_follows_a_slot_move(redis_cluster):
     ports = [p for _, p in redis_cluster]
 
     async def main():
-        prefix = "t" + uuid.uuid4().hex[:12]
+        prefix = new_prefix()
         a = create_broker(url, prefix=prefix, node_id="A", refresh_interval=30)
         b = create_broker(url, prefix=prefix, node_id="B", refresh_interval=30)
         await a.start()

@@ -10,6 +10,8 @@ Every test uses its own prefix and deletes the keys it created.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import random
 import re
 import time
@@ -22,7 +24,8 @@ from fastws.broker import PublishError, channel_name, create_broker
 from fastws.broker.streams import _merge
 from fastws.broker.wire import pack_room_message, parse_id, room_message
 
-from brokerutil import REDIS_URL, STREAMS_URL, TcpProxy, delete_keys, need_redis, redis_cli, run, wait_for
+from brokerutil import (REDIS_HOST, REDIS_PORT, REDIS_URL, STREAMS_URL, OwnRedis, TcpProxy, delete_keys,
+                        need_redis, new_prefix, proxied_url, redis_cli, run, wait_for)
 
 K, K2, K3, END = ("", "k"), ("", "k2"), ("", "k3"), ("", "end")
 
@@ -49,7 +52,7 @@ def scenario(body, timeout=60):
     need_redis()
 
     async def main():
-        prefix = "t" + uuid.uuid4().hex[:12]
+        prefix = new_prefix()
         brokers = []
         try:
             await body(prefix, brokers)
@@ -74,10 +77,10 @@ def test_no_loss_across_a_short_outage():
     goes on publishing: B's publishes fail and are counted, and once B is
     back it delivers what A published meanwhile, in order, exactly once."""
     async def body(prefix, brokers):
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
         try:
             a = await started(brokers, streams(prefix, node_id="A"))
-            b = await started(brokers, create_broker(f"redis+streams://127.0.0.1:{proxy.port}/0", prefix=prefix,
+            b = await started(brokers, create_broker(proxied_url(proxy, "redis+streams"), prefix=prefix,
                                                      node_id="B", backoff_min=0.05, backoff_max=0.3))
             states = []
             b.state_listeners.append(states.append)
@@ -129,14 +132,59 @@ def test_no_loss_across_a_short_outage():
     scenario(body)
 
 
+def test_an_outage_logs_its_lines_and_no_task_traceback(caplog):
+    """Two Redis outages (the proxy drops the links and refuses new ones)
+    while the node reads several streams: the log says "lost the broker"
+    and "broker reconnected" once per outage, with no traceback at all, in
+    particular no "Task exception was never retrieved" for the stream
+    reader that ended with the link; publishing works again after each."""
+    caplog.set_level(logging.DEBUG)
+
+    async def body(prefix, brokers):
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
+        try:
+            b = await started(brokers, create_broker(proxied_url(proxy, "redis+streams"), prefix=prefix,
+                                                     node_id="B", backoff_min=0.05, backoff_max=0.2,
+                                                     ping_interval=0.5))
+            ib = Inbox(b)
+            await b.subscribe([K, K2, K3])
+            a = await started(brokers, streams(prefix, node_id="A"))
+            for outage in range(2):
+                # the reader's link (the newest) goes first: its XREAD fails before
+                # the node notices the lost link
+                await proxy.cut(newest_first=True)
+                await wait_for(lambda: b.state != "connected", 5, "B to notice the cut")
+                await asyncio.sleep(0.6)              # a few failed reconnects, reads and pings
+                gc.collect()                          # a task that lost its exception says so when collected
+                await proxy.restore()
+                await wait_for(lambda: b.state == "connected", 10, "B to reconnect")
+                await a.publish(K, b"after %d" % outage)
+                await ib.wait(outage + 1)
+            assert ib.payloads() == [b"after 0", b"after 1"]
+            assert b.stats()["reconnects"] == 2
+            await b.close()                           # before the proxy goes: not a third outage
+        finally:
+            await proxy.close()
+
+    scenario(body)
+    gc.collect()
+    lines = [r for r in caplog.records if r.name.startswith(("fastws", "asyncio"))]
+    text = "\n".join(r.getMessage() for r in lines)
+    assert sum("lost the broker" in r.getMessage() for r in lines) == 2, text
+    assert sum("broker reconnected" in r.getMessage() for r in lines) == 2, text
+    assert "never retrieved" not in text
+    tracebacks = [r for r in lines if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [(r.name, r.getMessage()) for r in tracebacks]
+
+
 def test_outage_longer_than_the_stream_keeps():
     """More than ``maxlen`` entries published while B is away: B gets the
     newest ones the stream still holds, in order, none twice, then goes on."""
     async def body(prefix, brokers):
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
         try:
             a = await started(brokers, streams(prefix, node_id="A", maxlen=20))
-            b = await started(brokers, create_broker(f"redis+streams://127.0.0.1:{proxy.port}/0", prefix=prefix,
+            b = await started(brokers, create_broker(proxied_url(proxy, "redis+streams"), prefix=prefix,
                                                      node_id="B", backoff_min=0.05, backoff_max=0.2, count=16))
             ib = Inbox(b)
             await b.subscribe([K])
@@ -152,7 +200,7 @@ def test_outage_longer_than_the_stream_keeps():
             got = [int(p) for p in ib.payloads()[1:]]
             assert got == list(range(got[0], 500))            # a contiguous tail, in order, no duplicate
             xlen = await _redis(lambda r: r.xlen(channel_name(prefix, K)))
-            assert len(got) == xlen and 20 <= len(got) <= 20 + _node_max()
+            assert len(got) == xlen and 20 <= len(got) <= 20 + await _node_max()
             await a.publish(K, b"after")
             await wait_for(lambda: ib.got[-1][1] == b"after", 5, "after")
         finally:
@@ -163,10 +211,10 @@ def test_outage_longer_than_the_stream_keeps():
 
 def test_silent_reader_link_detected():
     async def body(prefix, brokers):
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
         try:
             b = await started(brokers, create_broker(
-                f"redis+streams://127.0.0.1:{proxy.port}/0", prefix=prefix, ping_interval=0.2, block=0.2,
+                proxied_url(proxy, "redis+streams"), prefix=prefix, ping_interval=0.2, block=0.2,
                 backoff_min=0.05, backoff_max=0.2))
             await b.subscribe([K])
             proxy.mode = "blackhole"                      # links stay open, nothing comes back
@@ -189,7 +237,7 @@ def test_history_bounded_by_maxlen():
         assert all(re.fullmatch(r"\d+-\d+", i) for i in ids)
         assert [parse_id(i) for i in ids] == sorted(parse_id(i) for i in ids)
         xlen = await _redis(lambda r: r.xlen(channel_name(prefix, K)))
-        assert 50 <= xlen <= 50 + _node_max()           # MAXLEN ~: at least maxlen, whole nodes trimmed
+        assert 50 <= xlen <= 50 + await _node_max()     # MAXLEN ~: at least maxlen, whole nodes trimmed
 
         h = await a.history(K, count=10)                  # the last 10, oldest first
         assert [e.payload for e in h] == [b"m%d" % i for i in range(990, 1000)]
@@ -320,15 +368,18 @@ def test_subscribe_during_a_long_block_is_prompt():
 
 def test_without_the_client_command_changes_apply_at_the_next_read():
     """An ACL without CLIENT: no UNBLOCK, so a new key joins the read set when
-    the blocked XREAD returns (at most ``block``); nothing is lost."""
-    need_redis()
+    the blocked XREAD returns (at most ``block``); nothing is lost.  The ACL
+    user lives on a redis-server of the test's own (the shared one's users
+    are never changed)."""
+    own = OwnRedis()
     user, pw = "fastws-t" + uuid.uuid4().hex[:8], uuid.uuid4().hex
-    assert redis_cli(6379, "ACL", "SETUSER", user, "on", ">" + pw, "~*", "&*", "+@all", "-client").strip() == "OK"
+    assert own.cli("ACL", "SETUSER", user, "on", ">" + pw, "~*", "&*", "+@all", "-client").strip() == "OK"
 
     async def body(prefix, brokers):
-        a = await started(brokers, streams(prefix, node_id="A"))
-        b = await started(brokers, create_broker(f"redis+streams://{user}:{pw}@127.0.0.1:6379/0", prefix=prefix,
-                                                 node_id="B", block=0.5))
+        a = await started(brokers, create_broker(own.url.replace("redis://", "redis+streams://"),
+                                                 prefix=prefix, node_id="A"))
+        b = await started(brokers, create_broker(f"redis+streams://{user}:{pw}@127.0.0.1:{own.port}/0",
+                                                 prefix=prefix, node_id="B", block=0.5))
         assert b._rd_id is None                               # CLIENT ID was refused
         ib = Inbox(b)
         await b.subscribe([K])
@@ -342,7 +393,7 @@ def test_without_the_client_command_changes_apply_at_the_next_read():
     try:
         scenario(body)
     finally:
-        redis_cli(6379, "ACL", "DELUSER", user)
+        own.stop()
 
 
 def test_delivery_goes_on_while_rooms_keep_joining():
@@ -473,9 +524,10 @@ async def _redis(fn):
         await r.aclose()
 
 
-def _node_max() -> int:
-    out = redis_cli(6379, "CONFIG", "GET", "stream-node-max-entries").split()
-    return int(out[1]) if len(out) > 1 else 100
+async def _node_max() -> int:
+    """The server's stream-node-max-entries (read only)."""
+    got = await _redis(lambda r: r.config_get("stream-node-max-entries"))
+    return int(got.get("stream-node-max-entries", 100))
 
 
 class _Monitor:

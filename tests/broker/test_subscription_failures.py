@@ -26,7 +26,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import pytest
 import websockets
@@ -38,7 +37,7 @@ from fastws.broker.embedded import MAX_CHANNEL, EmbeddedHub
 from fastws.config import Config
 from fastws.server import NativeServer
 
-from brokerutil import REDIS_URL, TcpProxy, need_redis, run, wait_for
+from brokerutil import REDIS_HOST, REDIS_PORT, REDIS_URL, TcpProxy, need_redis, new_prefix, proxied_url, run, wait_for
 
 
 def _hub_path() -> str:
@@ -53,7 +52,7 @@ def test_embedded_bad_key_fails_alone_and_long_names_are_carried():
         path = _hub_path()
         hub = EmbeddedHub(path)
         await hub.start()
-        prefix = "t" + uuid.uuid4().hex[:12]
+        prefix = new_prefix()
         a = create_broker("unix://" + path, prefix=prefix)
         b = create_broker("unix://" + path, prefix=prefix)
         got = []
@@ -104,8 +103,8 @@ def test_redis_subscription_not_acknowledged_is_raised_and_not_kept(monkeypatch)
     monkeypatch.setattr(redis_mod, "ACK_TIMEOUT", 0.5)       # a knob of the module, not a stub
 
     async def main():
-        proxy = await TcpProxy("127.0.0.1", 6379).start()
-        b = create_broker(f"redis://127.0.0.1:{proxy.port}/0", prefix="t" + uuid.uuid4().hex[:12],
+        proxy = await TcpProxy(REDIS_HOST, REDIS_PORT).start()
+        b = create_broker(proxied_url(proxy), prefix=new_prefix(),
                           ping_interval=30.0)
         try:
             await b.start()
@@ -219,7 +218,7 @@ def test_stalled_hub_subscription_fails_is_counted_shown_in_health_and_retried()
         path = _hub_path()
         hub = EmbeddedHub(path)
         hub.run_in_thread()
-        prefix = "t" + uuid.uuid4().hex[:12]
+        prefix = new_prefix()
         a = await start_node(path, prefix)
         b = await start_node(path, prefix)
         a.node.broker.ack_timeout = 0.5              # the broker's knob: give up on an answer sooner
@@ -272,7 +271,7 @@ def test_a_key_the_broker_cannot_carry_leaves_the_rest_of_its_batch_working():
         path = _hub_path()
         hub = EmbeddedHub(path)
         await hub.start()
-        prefix = "t" + uuid.uuid4().hex[:12]
+        prefix = new_prefix()
         a = await start_node(path, prefix)
         b = await start_node(path, prefix)
         a.node.rooms.max_room_name = None            # no name check on this node
