@@ -21,6 +21,7 @@ import datetime as _dt
 import functools
 import importlib.metadata
 import importlib.util
+import ipaddress
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import click
 
@@ -182,12 +184,38 @@ def _asgi_peer_spec(name: str) -> ServerSpec:
                       paths={"asgi-broadcast": ASGI_MANAGER_PATH})
 
 
-REDIS_URL = "redis://127.0.0.1:6379/0"  # the crossnode scenarios' broker (loopback only)
+#: the crossnode scenarios' broker (loopback only): ``fastws bench --redis-url``
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url_option(url: str) -> str:
+    """``url`` if it is a redis:// URL of a loopback host (the benchmark sends
+    its load to 127.0.0.0/8 only); click.BadParameter otherwise."""
+    u = urlsplit(url)
+    host = (u.hostname or "").lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if u.scheme != "redis" or not loopback:
+        raise click.BadParameter(f"{url!r}: a redis://HOST:PORT/DB URL of a loopback host "
+                                 "(127.0.0.0/8, ::1, localhost)")
+    try:
+        u.port
+    except ValueError:
+        raise click.BadParameter(f"{url!r}: the port is not a number") from None
+    return url
 
 
 def _redis_command(*words: str, timeout: float = 2.0) -> bytes:
     """One inline command to the Redis at REDIS_URL; its raw reply (OSError if unreachable)."""
-    with socket.create_connection((HOST, 6379), timeout=timeout) as sock:
+    u = urlsplit(REDIS_URL)
+    with socket.create_connection((u.hostname or HOST, u.port or 6379), timeout=timeout) as sock:
+        if u.password is not None:
+            sock.sendall(" ".join(["AUTH", *([unquote(u.username)] if u.username else []),
+                                   unquote(u.password)]).encode() + b"\r\n")
+            if not sock.recv(65536).startswith(b"+OK"):
+                raise OSError("AUTH refused")
         sock.sendall(" ".join(words).encode() + b"\r\n")
         reply = b""
         while chunk := sock.recv(65536):
@@ -930,8 +958,14 @@ def _split(value: str | None, known: list[str], what: str) -> list[str]:
               help="results directory (default: bench/results in the repo, else ./fastws-bench-results)")
 @click.option("--seed", default=1, show_default=True, type=int, help="seed of message contents and masks")
 @click.option("--list", "list_", is_flag=True, help="list servers and scenarios, then exit")
-def bench_command(vs, scenario, repeat, quick, out, seed, list_):
+@click.option("--redis-url", default=REDIS_URL, show_default=True, envvar="FASTWS_BENCH_REDIS",
+              callback=lambda ctx, param, value: redis_url_option(value),
+              help="Redis of the cross-node scenarios (a loopback host; keys and channels carry a "
+                   "per-run prefix); env FASTWS_BENCH_REDIS")
+def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url):
     """Benchmark fastws against its peers with a neutral load generator."""
+    global REDIS_URL
+    REDIS_URL = redis_url
     if list_:
         click.echo("servers: " + ", ".join(ALL_SERVERS))
         for s in SCENARIOS:

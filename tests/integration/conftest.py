@@ -24,6 +24,14 @@ the log of every server it used is attached to the report.
 
 A missing real client (Node ``ws``, Chromium) or an unbuilt Cython engine
 fails the tests: nothing passes by skipping (``bash .ci/run`` installs all).
+
+Redis: the tests use ``$FASTWS_TEST_REDIS`` (default
+``redis://127.0.0.1:6379/0``) through ``tests/broker/brokerutil.py``
+(importable from here: ``from brokerutil import REDIS_URL, STREAMS_URL,
+new_prefix, OwnRedis``).  Every broker prefix of the run starts with
+``brokerutil.RUN_PREFIX`` and the keys left under it are deleted when the
+session ends; a test that changes server state (ACL, CONFIG, SHUTDOWN)
+runs its own ``redis-server`` (``OwnRedis``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO / "tests" / "broker") not in sys.path:      # brokerutil: the test Redis, prefixes
+    sys.path.insert(0, str(REPO / "tests" / "broker"))
+
+import brokerutil  # noqa: E402
 APP = "examples.echo:app"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 30.0
@@ -225,6 +237,29 @@ class Server:
 
 
 # -- fixtures ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_redis_as_found():
+    """Delete every key this run made on the test Redis (all under RUN_PREFIX)."""
+    yield
+    if brokerutil.redis_available():
+        import asyncio
+
+        asyncio.run(brokerutil.delete_keys(brokerutil.RUN_PREFIX))
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis (``$FASTWS_TEST_REDIS``); the test fails when it is not reachable."""
+    brokerutil.need_redis()
+    return brokerutil.REDIS_URL
+
+
+@pytest.fixture
+def broker_prefix() -> str:
+    """A broker prefix of the test's own (under the run's prefix)."""
+    return brokerutil.new_prefix()
 
 _active_servers: dict[str, list[Server]] = {}  # nodeid -> servers used
 

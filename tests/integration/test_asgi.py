@@ -21,9 +21,9 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 
 import pytest
+from brokerutil import REDIS_URL, new_prefix
 
 import fastws
 
@@ -490,7 +490,7 @@ def test_port_in_use(backend, tmp_path):
 # ---------------------------------------------------------------- scale-out and operations (fastws only)
 
 ROOMS_APP = "tests.integration.apps.asgi_rooms_app:app"
-REDIS = "redis://127.0.0.1:6379/0"
+REDIS = REDIS_URL                   # $FASTWS_TEST_REDIS (brokerutil)
 TOKEN = "asgi-publish-token"
 
 
@@ -549,7 +549,7 @@ def test_asgi_rooms_across_nodes_through_redis(backend, tmp_path):
     publish made by an ASGI endpoint (``fastws.asgi.rooms``) on one node
     reaches the members on both nodes exactly once; so do publishes from an
     http scope and from the HTTP publish API."""
-    prefix = f"asgi-{uuid.uuid4().hex[:10]}"
+    prefix = new_prefix("asgi-")
     args = ("--interface", "asgi", "--broker", REDIS, "--broker-prefix", prefix,
             "--publish-token", TOKEN)
     nodes = []

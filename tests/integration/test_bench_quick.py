@@ -4,8 +4,9 @@ The smoke mode uses tiny sizes and asserts correctness only (every message
 echoed byte for byte, every subscriber got every broadcast in order, every
 connection upgraded); it never asserts a timing. A peer whose library is not
 installed is skipped by the runner with a line saying so; here only socketify
-(optional, not in ``[bench]``) may be. The cross-node scenarios need the Redis
-at 127.0.0.1:6379 (``.ci/run`` starts it).
+(optional, not in ``[bench]``) may be. The cross-node scenarios need the test
+Redis, ``$FASTWS_TEST_REDIS`` (``.ci/run`` starts it), given to the bench
+with ``--redis-url``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from brokerutil import REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_MODULES = REPO / "tests" / "integration" / "node" / "node_modules"
@@ -38,7 +40,7 @@ def test_bench_quick(tmp_path):
     if NODE_MODULES.is_dir():
         env["NODE_PATH"] = os.pathsep.join(filter(None, [str(NODE_MODULES), env.get("NODE_PATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "fastws.bench", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "fastws.bench", "--quick", "--out", str(tmp_path), "--redis-url", REDIS_URL],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
     )
     report = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"

@@ -14,7 +14,7 @@ once, so a changed doc fails loudly instead of silently testing something else):
   start otherwise), lowered to what this machine's hard fd limit allows.
 
 Behind it: two nodes of tests/integration/apps/rooms_app.py sharing the
-local Redis (``--broker redis://127.0.0.1:6379/0`` with a unique prefix), so
+test Redis (``--broker $FASTWS_TEST_REDIS`` with a unique prefix), so
 rooms span both nodes. Real ``websockets`` clients check: upgrades through
 HAProxy land on both nodes (leastconn, no stickiness); messages flow both
 ways; an idle upgraded connection stays open and answers pings (``timeout
@@ -45,20 +45,19 @@ import socket
 import ssl
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import websockets
 
 # Shared with the nginx test (a module name pytest imports it under, too).
+from brokerutil import REDIS_URL, new_prefix
 from test_multinode import APP, collect
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DOC = REPO / "docs" / "deployment.md"
 HOST = "127.0.0.1"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 HAPROXY_START_TIMEOUT = 15.0
 
 
@@ -292,7 +291,7 @@ def make_cluster(request, tmp_path, haproxy_bin):
     started = []
 
     def make(ws1_args: tuple[str, ...] = ()) -> dict:
-        prefix = f"hap{uuid.uuid4().hex[:8]}"
+        prefix = new_prefix("hap")
         nodes = []
         for i in range(2):
             node = harness.Server(

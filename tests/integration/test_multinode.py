@@ -20,10 +20,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
+from brokerutil import REDIS_URL, new_prefix
 import websockets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,14 +85,14 @@ def cluster(tmp_path):
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(nginx):
         pytest.fail("nginx is not installed (apt-get install nginx)", pytrace=False)
-    prefix = f"t{uuid.uuid4().hex[:8]}"
+    prefix = new_prefix()
     nodes = []
     for i in range(3):
         port = free_port()
         log = open(tmp_path / f"node{i}.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-c", "from fastws.cli.main import main; main()", "serve", APP,
-             "--host", "127.0.0.1", "--port", str(port), "--broker", "redis://127.0.0.1:6379/0",
+             "--host", "127.0.0.1", "--port", str(port), "--broker", REDIS_URL,
              "--broker-prefix", prefix, "--publish-token", TOKEN, "--ping-interval", "0"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append((proc, port))

@@ -15,11 +15,11 @@ import base64
 import json
 import subprocess
 import sys
-import uuid
 
 import pytest
 import websockets
 
+from brokerutil import STREAMS_URL, new_prefix
 from test_multinode import free_port, wait_port
 
 APP = "tests.integration.apps.resume_app:app"
@@ -27,7 +27,7 @@ APP = "tests.integration.apps.resume_app:app"
 
 @pytest.fixture
 def nodes(tmp_path):
-    prefix = f"resume-{uuid.uuid4().hex[:8]}"
+    prefix = new_prefix("resume-")
     procs, ports = [], []
     try:
         for i in range(2):
@@ -35,7 +35,7 @@ def nodes(tmp_path):
             log = open(tmp_path / f"node{i}.log", "wb")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "fastws.cli.main", "serve", APP, "--host", "127.0.0.1",
-                 "--port", str(port), "--broker", "redis+streams://127.0.0.1:6379/0",
+                 "--port", str(port), "--broker", STREAMS_URL,
                  "--broker-prefix", prefix, "--ping-interval", "0"],
                 stdout=log, stderr=subprocess.STDOUT))
             ports.append(port)

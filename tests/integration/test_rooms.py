@@ -275,10 +275,9 @@ def test_messages_from_another_node_arrive_byte_exact_compressed_or_not_and_batc
     client compresses or not; a room that batches on B puts the remote text
     in its envelope for the member that asked and sends it one frame each to
     the others."""
-    import uuid
+    from brokerutil import REDIS_URL, new_prefix
 
-    prefix = f"rooms-{uuid.uuid4().hex[:8]}"
-    broker = ("--broker", "redis://127.0.0.1:6379/0", "--broker-prefix", prefix)
+    broker = ("--broker", REDIS_URL, "--broker-prefix", new_prefix("rooms-"))
     a = server_factory(*broker, app=APP)
     b = server_factory(*broker, "--compression", app=APP)
 

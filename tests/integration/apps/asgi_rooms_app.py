@@ -2,7 +2,7 @@
 and operations tests of ASGI mode (tests/integration/test_asgi.py).
 
     fastws serve tests.integration.apps.asgi_rooms_app:app --interface asgi \
-        --broker redis://127.0.0.1:6379/0 --broker-prefix PREFIX
+        --broker $FASTWS_TEST_REDIS --broker-prefix PREFIX
 
 WebSocket
   /rooms/{room}             joins {room} (fastws.asgi.rooms), sends
