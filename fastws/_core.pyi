@@ -21,6 +21,7 @@ CLOSED: int
 PRIORITY_LOW: int
 PRIORITY_NORMAL: int
 PRIORITY_HIGH: int
+DELIVERY_LATENCY_BUCKETS: tuple[float, ...]
 
 def encode_frame(opcode: int, payload: bytes | str, fin: bool = ..., mask: bytes | None = ...,
                  rsv1: bool = ...) -> bytes: ...
@@ -45,7 +46,7 @@ class Engine:
     max_message_size: int
     max_frame_size: int
     def __init__(self, *, max_message_size: int = ..., max_frame_size: int = ...,
-                 deflate: DeflateParams | None = ...) -> None: ...
+                 deflate: DeflateParams | None = ..., client: bool = ...) -> None: ...
     def receive(self, data: bytes) -> list[tuple]: ...
     def data_to_send(self) -> bytes: ...
     def send(self, message: str | bytes) -> bytes: ...
@@ -54,17 +55,21 @@ class Engine:
     def close(self, code: int = ..., reason: str = ...) -> bytes: ...
     @property
     def sent_close(self) -> tuple[int, str] | None: ...
+    @property
+    def client(self) -> bool: ...
 
 class Hub:
     loop: Any
     handshake: Callable[[Connection, bytes | None], None] | None
     connections: dict[int, Connection]
+    node_id: str
     max_message_size: int
     max_frame_size: int
     max_head_size: int
     close_timeout: float
     on_callback_error: Callable[[Connection, BaseException], None] | None
     on_lost: Callable[[Connection], None] | None
+    on_closed: Callable[[Connection], None] | None
     rooms: Any
     high_water: int
     max_queue: int
@@ -85,6 +90,10 @@ class Hub:
     idle_timeout: float
     handshake_timeout: float
     body_timeout: float
+    max_messages_per_second: float
+    max_bytes_per_second: int
+    rate_burst_seconds: float
+    rate_limited: dict[str, int]
     tick: float
     fast_upgrades: int
     def __init__(self, loop: Any, handshake: Callable[[Connection, bytes | None], None] | None = ..., *,
@@ -92,8 +101,13 @@ class Hub:
                  close_timeout: float = ..., on_callback_error: Callable[[Connection, BaseException], None] | None = ...,
                  high_water: int = ..., max_queue: int = ..., slow_grace: float = ...,
                  ping_interval: float = ..., ping_timeout: float = ..., idle_timeout: float = ...,
-                 handshake_timeout: float = ..., body_timeout: float = ..., tick: float | None = ...) -> None: ...
+                 handshake_timeout: float = ..., body_timeout: float = ...,
+                 max_messages_per_second: float = ..., max_bytes_per_second: int = ...,
+                 rate_burst_seconds: float = ..., node_id: str = ..., tick: float | None = ...) -> None: ...
     def connection_factory(self) -> Connection: ...
+    def connection(self, conn_id: str | int) -> Connection | None: ...
+    @property
+    def rate_window(self) -> tuple[int, int, int]: ...
     def set_fast_upgrade(self, routes: dict[str, _Route | None] | None, default: _Route | None = ..., *,
                          max_connections: int = ..., deflate: bool = ..., origins: str = ...) -> None: ...
     def stop_timers(self) -> None: ...
@@ -108,7 +122,6 @@ class Hub:
     def open_connections(self) -> int: ...
 
 class Connection(Engine):
-    id: int | None
     path: str | None
     query_string: str | None
     subprotocol: str | None
@@ -142,6 +155,10 @@ class Connection(Engine):
     def abort(self) -> None: ...
     def join(self, room: str, namespace: str | None = ..., batch: bool = ...) -> None: ...
     def leave(self, room: str, namespace: str | None = ...) -> None: ...
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def number(self) -> int: ...
     @property
     def remote_address(self) -> Any: ...
     @property

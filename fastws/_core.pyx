@@ -79,14 +79,18 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_sendmsg "sendmsg"(int fd, const msghdr* msg, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.math cimport ceil as math_ceil
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import logging as _logging
+import os as _os
 import zlib as _zlib
 
 from .errors import (CLOSE_REASONS as _CLOSE_REASONS, ConnectionClosed as _ConnectionClosed,
                      CALLBACK_FAILED as _CALLBACK_FAILED, SLOW_CONSUMER as _SLOW_CONSUMER,
-                     PING_TIMEOUT as _PING_TIMEOUT, IDLE_TIMEOUT as _IDLE_TIMEOUT)
+                     PING_TIMEOUT as _PING_TIMEOUT, IDLE_TIMEOUT as _IDLE_TIMEOUT,
+                     RATE_LIMITED as _RATE_LIMITED)
 from .handshake import error_response as _error_response
 
 _log = _logging.getLogger("fastws")
@@ -193,6 +197,48 @@ cdef bytes _REQUEST_TIMEOUT = _error_response(408, "request timeout")
 cdef bytes _UNEXPECTED_HEAD = _error_response(400, "unexpected request")
 
 DEF MAX_FLUSH_JOIN = 65536  # below this many queued bytes, join frames into one buffer
+
+DEF RATE_CAP_MAX = 4294967293   # largest allowance per rate window (uint32, the top values are markers)
+DEF RL_CLOSED = 4294967295      # Connection._rl_msgs of a connection closed for its rate
+
+#: Upper bounds (seconds) of the delivery-latency histogram's buckets (Hub.stats(),
+#: websocket_delivery_latency_seconds); one more bucket counts what lies above the last.
+DELIVERY_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DEF LAT_BUCKETS = 16
+cdef int64_t LAT_BOUNDS_NS[LAT_BUCKETS]
+for _i in range(LAT_BUCKETS):
+    LAT_BOUNDS_NS[_i] = <int64_t>round(DELIVERY_LATENCY_BUCKETS[_i] * 1e9)
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    """The monotonic clock (the one time.monotonic_ns reads), ns."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef double _default_tick(tuple times):
+    """The wheel's tick: a quarter of the shortest of ``times`` set (> 0),
+    within 50 ms .. 1 s."""
+    shortest = min([t for t in times if t > 0] or [1.0])
+    return max(0.05, min(1.0, shortest / 4))
+
+
+cdef object _conn_number(object conn_id, str node_id):
+    """The number of the connection whose public id is ``conn_id`` on the
+    node ``node_id`` ("<node_id>-<n>", or "<n>" without a node id; or the
+    number itself as an int), else 0."""
+    if type(conn_id) is int:
+        return conn_id if conn_id > 0 else 0
+    if not isinstance(conn_id, str):
+        return 0
+    node, sep, num = (<str>conn_id).rpartition("-")
+    if node != node_id or (sep and not node_id):
+        return 0
+    if not num or len(num) > 20 or not (num.isascii() and num.isdigit()):
+        return 0
+    return int(num)
 
 # ---------------------------------------------------------------- the parts, in order
 # Each part may use what the parts before it define (and the constants above).

@@ -7,14 +7,15 @@ cdef class Connection(Engine):
     the application's callbacks receive as ``conn``.
 
     Public API: ``send(message)``, ``close(code=1000, reason="")``,
-    ``ping(payload=b"")``, ``id``, ``path``, ``query_string``,
+    ``ping(payload=b"")``, ``id`` (``"<node_id>-<n>"``), ``number`` (``n``),
+    ``path``, ``query_string``,
     ``subprotocol``, ``remote_address``, ``store`` (a dict created on first
     use, for the application's per-connection state), ``closed``.
     """
 
     cdef Hub _hub
     cdef object transport
-    cdef public object id              # process-unique int, set at upgrade
+    cdef unsigned long long _num       # number on the hub (key of hub.connections), set at upgrade
     cdef public str path
     cdef public str query_string
     cdef public object subprotocol
@@ -36,13 +37,18 @@ cdef class Connection(Engine):
     cdef long _due_tick                # the wheel tick this connection waits for, -1 if none
     cdef Connection _wnext, _wprev     # neighbours in the wheel slot's list
     cdef int _due_kind                 # TimerKind
+    # the rate-limit window (see Hub._rate_setup); the three 4-byte fields
+    # are spread so that each fills alignment padding after an int field
+    cdef uint32_t _rl_start            # wheel tick (low 32 bits) the window began
     cdef long _rx_tick                 # wheel tick of the last read (proof of life)
     cdef long _msg_tick                # wheel tick of the last complete message
     cdef long _ping_tick               # wheel tick our last ping went out
     cdef bint _reported                # on_disconnect has run
+    cdef uint32_t _rl_msgs             # messages in the window (RL_CLOSED: closed for its rate)
     cdef object _body_cb               # plain HTTP: callback(body) once _body_size bytes are in
     cdef public object rooms           # room keys joined (fastws.rooms): None, a small tuple, or a set
     cdef bint _wpaused                 # the transport asked us to stop writing
+    cdef uint32_t _rl_bytes            # bytes read in the window (saturates)
     cdef double _paused_at             # loop time of pause_writing
     cdef public unsigned long dropped  # messages dropped for this connection
     cdef Py_ssize_t _body_size
@@ -88,19 +94,24 @@ cdef class Connection(Engine):
         return _READ_BUFFER
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        cdef Hub hub = self._hub
         if COUNTERS:
-            self._hub.bytes_in += nbytes
-        self._rx_tick = self._hub._tick_no
-        if self._read_direct:
-            self._read_direct = False
-            if self._consume_payload(self._mbuf + self._mlen, nbytes, True) == 0:
-                if self._fpos == self._flen:
-                    self._fstate = F_HEADER
-                    self._end_frame()
+            hub.bytes_in += nbytes
+        self._rx_tick = hub._tick_no
+        if self._phase == P_OPEN:
+            hub._read_ns = _now_ns()       # the start of the delivery latency of replies
+            if hub._rate_bytes_cap:
+                self._rate_bytes(nbytes)
+            if self._read_direct:
+                self._read_direct = False
+                if self._consume_payload(self._mbuf + self._mlen, nbytes, True) == 0:
+                    if self._fpos == self._flen:
+                        self._fstate = F_HEADER
+                        self._end_frame()
+            else:
+                self._feed(<uint8_t*><char*>_READ_BUFFER, nbytes)
             self._after_input()
-        elif self._phase == P_OPEN:
-            self._feed(<uint8_t*><char*>_READ_BUFFER, nbytes)
-            self._after_input()
+            hub._read_ns = 0
         elif self._phase == P_HANDSHAKE:
             if self._head is None and self._hub._fast_routes is not None:
                 if self._fast_upgrade(<uint8_t*><char*>_READ_BUFFER, nbytes):
@@ -114,10 +125,18 @@ cdef class Connection(Engine):
     def data_received(self, data):
         """For transports that do not use the buffered-protocol path (the
         stdlib loop's, TLS on some loops): same as bytes read by get_buffer."""
+        cdef Hub hub = self._hub
         if COUNTERS:
-            self._hub.bytes_in += len(data)
-        self._rx_tick = self._hub._tick_no
-        self.feed(data)
+            hub.bytes_in += len(data)
+        self._rx_tick = hub._tick_no
+        if self._phase == P_OPEN:
+            hub._read_ns = _now_ns()
+            if hub._rate_bytes_cap:
+                self._rate_bytes(len(data))
+            self.feed(data)
+            hub._read_ns = 0
+        else:
+            self.feed(data)
 
     def feed(self, data):
         """Process ``data`` as if it had been read from the transport (not
@@ -171,7 +190,7 @@ cdef class Connection(Engine):
         self._wq = None
         self._hub._unschedule(self)
         if phase == P_OPEN or phase == P_DONE:
-            self._hub.connections.pop(self.id, None)
+            self._hub.connections.pop(self._num, None)
         if self.close_code is None:
             if self._sent_code:
                 # we closed (e.g. slow consumer) and the peer never answered
@@ -193,6 +212,11 @@ cdef class Connection(Engine):
                     self._hub.on_lost(self)
                 except Exception as exc:
                     _log.error("fastws: leaving rooms failed", exc_info=exc)
+            if self._hub.on_closed is not None:
+                try:
+                    self._hub.on_closed(self)
+                except Exception as exc:
+                    _log.error("fastws: the hub's on_closed hook failed", exc_info=exc)
         if phase == P_OPEN and not self._reported:
             self._reported = True
             self._call_disconnect()
@@ -351,12 +375,16 @@ cdef class Connection(Engine):
         self._msg_async = route.message_is_async
         if deflate is not None:
             self._set_deflate(deflate)
-        self._hub._next_id += 1
-        self.id = self._hub._next_id
-        self._hub.connections[self.id] = self
+        cdef Hub hub = self._hub
+        hub._next_id += 1
+        self._num = hub._next_id
+        hub.connections[self._num] = self
         self._phase = P_OPEN
-        self._rx_tick = self._msg_tick = self._hub._tick_no
+        self._rx_tick = self._msg_tick = hub._tick_no
+        self._rl_start = <uint32_t>hub._tick_no
         self._schedule_heartbeat()
+        if hub._rate_on:
+            hub._keep_ticking()
         if route.on_open is not None:
             self._call_open()
         return 0
@@ -412,6 +440,8 @@ cdef class Connection(Engine):
         if COUNTERS:
             self._hub.messages_in += 1
         self._msg_tick = self._hub._tick_no
+        if self._hub._rate_on and self._rate_message():
+            return 0                   # over the rate: the connection is closing, the message dropped
         cb = self._on_message_cb
         if cb is None:
             return 0
@@ -455,6 +485,53 @@ cdef class Connection(Engine):
             self._hub._mark_dirty(self)
         return 0
 
+    # -- rate limits (see Hub._rate_setup) ---------------------------------------
+
+    cdef inline void _rate_window(self) noexcept:
+        """Start a new window when the current one is over."""
+        cdef uint32_t now = <uint32_t>self._hub._tick_no
+        if <uint32_t>(now - self._rl_start) >= self._hub._rate_ticks:
+            self._rl_start = now
+            self._rl_msgs = 0
+            self._rl_bytes = 0
+
+    cdef bint _rate_message(self) except -1:
+        """A message came: True when it is over the rate (dropped)."""
+        if self._rl_msgs == RL_CLOSED:
+            return True
+        cdef uint32_t cap = self._hub._rate_msgs_cap
+        if not cap:
+            return False
+        self._rate_window()
+        self._rl_msgs += 1
+        if self._rl_msgs > cap:
+            self._rate_close("messages")
+            return True
+        return False
+
+    cdef int _rate_bytes(self, Py_ssize_t n) except -1:
+        """``n`` bytes were read: count them; past the window's allowance, close."""
+        if self._rl_msgs == RL_CLOSED:
+            return 0
+        self._rate_window()
+        cdef uint64_t total = <uint64_t>self._rl_bytes + <uint64_t>n
+        self._rl_bytes = <uint32_t>total if total < 0xFFFFFFFF else 0xFFFFFFFF
+        if total > self._hub._rate_bytes_cap:
+            self._rate_close("bytes")
+        return 0
+
+    cdef int _rate_close(self, str kind) except -1:
+        """Over the rate: counted, closed with errors.RATE_LIMITED; what the
+        peer sends from now on is read (its close answer ends the
+        connection) and its messages dropped."""
+        cdef Hub hub = self._hub
+        self._rl_msgs = RL_CLOSED
+        hub.rate_limited[kind] = hub.rate_limited.get(kind, 0) + 1
+        if self.state == S_OPEN and self._phase == P_OPEN:
+            self._queue(self._start_close(_RATE_LIMITED.code, _RATE_LIMITED.reason))
+            self._arm_close_timer()
+        return 0
+
     cdef inline int _after_input(self) except -1:
         if self.state == S_CLOSED and self._phase == P_OPEN and self._end_mode == END_NONE:
             # close exchange finished, or protocol error: write what is queued
@@ -465,8 +542,11 @@ cdef class Connection(Engine):
             else:
                 self._end_mode = END_CLOSE
                 self._hub._unschedule(self)
+        cdef Hub hub
         if self._dirty:
-            self._flush()
+            hub = self._hub
+            if self._flush() and hub._read_ns:
+                hub._observe(_now_ns() - hub._read_ns)   # a reply, from the read that brought it
         elif self._end_mode != END_NONE:
             self._end_transport()
         return 0
@@ -486,6 +566,9 @@ cdef class Connection(Engine):
         return 0
 
     cdef int _flush(self) except -1:
+        """Write what is queued (unless held by the delivery policy); 1 if
+        bytes were handed to the socket or the transport, else 0."""
+        cdef int wrote = 0
         self._dirty = False
         if self._wpaused and self._end_mode == END_NONE:
             return 0      # held until resume_writing (see Hub's delivery policy)
@@ -496,6 +579,7 @@ cdef class Connection(Engine):
             self._wq = None
             self._wq_size = 0
             if t is not None:
+                wrote = 1
                 if COUNTERS:
                     self._hub.bytes_out += size
                 if self._fd >= 0 and self._write_direct(wq, size):
@@ -508,7 +592,7 @@ cdef class Connection(Engine):
                     t.writelines(wq)        # large ones: writev, no copy
         if self._end_mode != END_NONE:
             self._end_transport()
-        return 0
+        return wrote
 
     cdef bint _write_direct(self, object wq, Py_ssize_t size) except -1:
         """Write ``wq`` with one send(2)/sendmsg(2) on the socket, skipping
@@ -703,6 +787,21 @@ cdef class Connection(Engine):
         """Drop the TCP connection at once, without a close handshake."""
         if self.transport is not None:
             self.transport.abort()
+
+    @property
+    def id(self):
+        """The public id, unique across nodes and workers: ``"<node_id>-<n>"``
+        (``"<n>"`` on a hub without a node id); None before the upgrade.
+        Built on each access from the hub's node id and ``number``."""
+        if not self._num:
+            return None
+        node = self._hub.node_id
+        return f"{node}-{self._num}" if node else str(self._num)
+
+    @property
+    def number(self):
+        """The connection's number on its hub (its key in ``hub.connections``); 0 before the upgrade."""
+        return self._num
 
     @property
     def remote_address(self):

@@ -3,10 +3,13 @@
 # ---------------------------------------------------------------- engine
 
 cdef class Engine:
-    """Sans-I/O RFC 6455 engine, server side.  See ``fastws/core.py``."""
+    """Sans-I/O RFC 6455 engine, server side (or client side with
+    ``client=True``).  See ``fastws/core.py``."""
 
     # -- receive state (fields are owned by the engine) --
     cdef public int state              # EngineState
+    cdef bint _client                  # client role: frames out masked, frames in unmasked
+                                       # (declared here: it fills the padding after state)
     cdef public object close_code      # int once the close is known, else None
     cdef public object close_reason    # str once known
     cdef int _fstate                   # FrameState
@@ -46,10 +49,17 @@ cdef class Engine:
         self.close_code = None
         self.close_reason = None
 
-    def __init__(self, *, max_message_size=1 << 20, max_frame_size=0, deflate=None):
+    def __init__(self, *, max_message_size=1 << 20, max_frame_size=0, deflate=None,
+                 bint client=False):
         self.max_message_size = max_message_size
         self.max_frame_size = max_frame_size
+        self._client = client
         self._set_deflate(deflate)
+
+    @property
+    def client(self):
+        """True for the client role (see ``fastws/core.py``)."""
+        return self._client
 
     def __dealloc__(self):
         if self._mbuf != NULL and not self._direct:
@@ -122,7 +132,7 @@ cdef class Engine:
         payload = bytes(payload)
         if len(payload) > 125:
             raise ValueError("ping payload is limited to 125 bytes")
-        return _encode_bytes(OP_PING, payload)
+        return self._frame_bytes(OP_PING, payload)
 
     def close(self, int code=1000, str reason=""):
         """Start the closing handshake; returns the close frame to send.
@@ -163,7 +173,14 @@ cdef class Engine:
         self.state = S_CLOSING
         self._sent_code = code
         self._sent_reason = reason
-        return _encode_bytes(OP_CLOSE, _close_payload(code, reason))
+        return self._frame_bytes(OP_CLOSE, _close_payload(code, reason))
+
+    cdef inline bytes _frame_bytes(self, int opcode, bytes payload):
+        """One whole (FIN) frame of ``opcode`` around ``payload``, as this
+        side sends it: masked with a fresh key in the client role."""
+        return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(payload),
+                       PyBytes_GET_SIZE(payload), True,
+                       _next_mask() if self._client else NULL, False)
 
     cdef bytes _frame_message(self, object message):
         cdef bytes data
@@ -186,26 +203,32 @@ cdef class Engine:
         if self._deflate_params is not None:
             return self._compress(opcode, data)
         return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(data),
-                       PyBytes_GET_SIZE(data), True, NULL, False)
+                       PyBytes_GET_SIZE(data), True,
+                       _next_mask() if self._client else NULL, False)
 
     cdef bytes _compress(self, int opcode, bytes data):
+        """The compressed frame of a whole message: with the server's
+        parameters (window, no_context_takeover) on the server side, the
+        client's on the client side."""
         p = self._deflate_params
         if self._deflater is None:
             # zlib cannot deflate with a raw 8-bit window; 9 is what it uses
+            bits = p.client_max_window_bits if self._client else p.server_max_window_bits
             self._deflater = _zlib.compressobj(
-                _zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -max(9, p.server_max_window_bits))
+                _zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -max(9, bits))
         out = self._deflater.compress(data) + self._deflater.flush(_zlib.Z_SYNC_FLUSH)
         if out.endswith(_DEFLATE_TAIL):
             out = out[:len(out) - 4]
-        if p.server_no_context_takeover:
+        if p.client_no_context_takeover if self._client else p.server_no_context_takeover:
             self._deflater = None
         return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(out),
-                       PyBytes_GET_SIZE(out), True, NULL, True)
+                       PyBytes_GET_SIZE(out), True,
+                       _next_mask() if self._client else NULL, True)
 
     cdef int _fail(self, int code, str detail) except -1:
         """The one place a protocol violation turns into a close frame."""
         if self.state == S_OPEN:
-            self._queue(_encode_bytes(OP_CLOSE, _close_payload(code, _CLOSE_REASONS.get(code, ""))))
+            self._queue(self._frame_bytes(OP_CLOSE, _close_payload(code, _CLOSE_REASONS.get(code, ""))))
         self.state = S_CLOSED
         if self.close_code is None:
             self.close_code = code
@@ -275,7 +298,8 @@ cdef class Engine:
                                 and (self._opcode == OP_TEXT or self._opcode == OP_BINARY)
                                 and <uint64_t>(n - pos) >= self._flen):
                             take = <Py_ssize_t>self._flen
-                            _unmask(p + pos, take, self._mask, 0)
+                            if not self._client:
+                                _unmask(p + pos, take, self._mask, 0)
                             if self._opcode == OP_TEXT:
                                 try:
                                     payload = PyUnicode_DecodeUTF8(<char*>(p + pos), take, NULL)
@@ -366,7 +390,11 @@ cdef class Engine:
             if opcode >= 8 or opcode == OP_CONT:
                 self._fail(1002, "RSV1 set on a control or continuation frame")
                 return -2
-        if not (h[1] & 0x80):
+        if self._client:
+            if h[1] & 0x80:
+                self._fail(1002, "masked server frame")
+                return -2
+        elif not (h[1] & 0x80):
             self._fail(1002, "unmasked client frame")
             return -2
         return 0
@@ -422,7 +450,8 @@ cdef class Engine:
                                else "message over max_message_size")
                     return -2
             self._wire_len = base + ln
-        memcpy(self._mask, h + off, 4)
+        if not self._client:         # a server frame has no key (nothing to read at h + off)
+            memcpy(self._mask, h + off, 4)
         self._opcode = opcode
         self._fin = (h[0] & 0x80) != 0
         self._rsv1 = (h[0] & 0x40) != 0
@@ -466,7 +495,8 @@ cdef class Engine:
         """Unmask and check ``n`` payload bytes at ``p``; append them to the
         message unless they were read there already (``in_place``).
         Compressed payload is inflated as it arrives, never stored."""
-        _unmask(p, n, self._mask, <uint32_t>(self._fpos & 3))
+        if not self._client:
+            _unmask(p, n, self._mask, <uint32_t>(self._fpos & 3))
         self._fpos += n
         if self._opcode < 8 and self._msg_compressed:
             return self._inflate(p, n, self._fin and self._fpos == self._flen)
@@ -528,7 +558,9 @@ cdef class Engine:
         if last:
             memcpy(d + n, <const char*>_DEFLATE_TAIL, 4)
         if self._inflater is None:
-            self._inflater = _zlib.decompressobj(-params.client_max_window_bits)
+            # the peer compresses: the client's window on the server side, the server's on the client side
+            self._inflater = _zlib.decompressobj(
+                -(params.server_max_window_bits if self._client else params.client_max_window_bits))
         cdef bint limited = self.max_message_size != 0
         cdef Py_ssize_t room = self.max_message_size - self._mlen if limited else 0
         try:
@@ -548,8 +580,9 @@ cdef class Engine:
                 self._fail(1007, "invalid UTF-8 in text message")
                 return -2
         self._append(<const uint8_t*>PyBytes_AS_STRING(out), len(out))
-        if last and (params.client_no_context_takeover or self._inflater.eof):
-            # eof: the client ended its deflate stream (a final block); the
+        if last and ((params.server_no_context_takeover if self._client
+                      else params.client_no_context_takeover) or self._inflater.eof):
+            # eof: the peer ended its deflate stream (a final block); the
             # next message starts a new one
             self._inflater = None
         return 0
@@ -559,7 +592,7 @@ cdef class Engine:
         cdef str reason
         if opcode == OP_PING:
             # answered while CLOSING too: only a *received* close ends pongs
-            self._queue(_encode_bytes(OP_PONG, payload))
+            self._queue(self._frame_bytes(OP_PONG, payload))
             self._on_event((OP_PING, payload))
         elif opcode == OP_PONG:
             self._on_event((OP_PONG, payload))
@@ -582,7 +615,7 @@ cdef class Engine:
                     self._fail(1007, "invalid UTF-8 in close reason")
                     return 0
             if self.state == S_OPEN:
-                self._queue(_encode_bytes(OP_CLOSE, _close_payload(code, "")))
+                self._queue(self._frame_bytes(OP_CLOSE, _close_payload(code, "")))
             self.state = S_CLOSED
             if self.close_code is None:
                 self.close_code = code

@@ -25,13 +25,15 @@ cdef class Hub:
     cdef public object handshake       # callable(conn, head: bytes | None) -> None that answers
                                        # with conn.accept_upgrade/reject_upgrade/hold_upgrade/
                                        # read_body; None: heads are refused (fronts adopt)
-    cdef public dict connections       # id -> Connection, upgraded and not lost
+    cdef public dict connections       # number (int) -> Connection, upgraded and not lost
+    cdef public str node_id            # this node's id: public connection ids are "<node_id>-<n>"
     cdef public Py_ssize_t max_message_size
     cdef public Py_ssize_t max_frame_size
     cdef public Py_ssize_t max_head_size
     cdef public double close_timeout
     cdef public object on_callback_error   # callable(conn, exc): log it
     cdef public object on_lost         # callable(conn) for a lost connection that joined rooms
+    cdef public object on_closed       # callable(conn) for every lost connection that was upgraded
     cdef public object rooms           # the fastws.rooms.Rooms registry of this server
     # -- delivery policy --
     cdef public Py_ssize_t high_water  # transport write-buffer high-water mark, bytes
@@ -44,6 +46,20 @@ cdef class Hub:
     cdef public dict dropped           # (reason, priority) -> count
     cdef public unsigned long long handshake_timeouts, ping_timeouts, idle_timeouts
     cdef public unsigned long long body_timeouts
+    # -- per-connection rate limits (see _rate_setup; 0 = off) --
+    cdef public double max_messages_per_second
+    cdef public Py_ssize_t max_bytes_per_second
+    cdef public double rate_burst_seconds
+    cdef public dict rate_limited      # "messages"/"bytes" -> connections closed for it
+    cdef bint _rate_on                 # a limit is set
+    cdef uint32_t _rate_ticks          # window length, whole wheel ticks
+    cdef uint32_t _rate_msgs_cap       # messages allowed per window (0: no limit)
+    cdef uint32_t _rate_bytes_cap      # bytes read allowed per window (0: no limit)
+    # -- delivery latency (see _flush_all) --
+    cdef int64_t _read_ns              # monotonic ns at the start of the read being handled, else 0
+    cdef int64_t _batch_ns             # monotonic ns when the pending flush was scheduled
+    cdef unsigned long long _lat_counts[LAT_BUCKETS + 1]
+    cdef int64_t _lat_sum_ns
     # -- timers: one wheel per hub (see _on_tick) --
     cdef public double ping_interval   # seconds between server pings (0: no pings)
     cdef public double ping_timeout    # seconds to wait for proof of life after a ping
@@ -71,20 +87,32 @@ cdef class Hub:
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
                  high_water=65536, max_queue=1 << 20, slow_grace=5.0,
                  ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
-                 handshake_timeout=10.0, body_timeout=30.0, tick=None):
+                 handshake_timeout=10.0, body_timeout=30.0,
+                 max_messages_per_second=0.0, max_bytes_per_second=0, rate_burst_seconds=2.0,
+                 node_id="", tick=None):
         self.loop = loop
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.body_timeout = body_timeout
+        self.max_messages_per_second = max_messages_per_second
+        self.max_bytes_per_second = max_bytes_per_second
+        self.rate_burst_seconds = rate_burst_seconds
+        self._rate_on = max_messages_per_second > 0 or max_bytes_per_second > 0
         if tick is None:
-            # fine enough for the shortest timeout configured, at most 1 s
-            shortest = min([t for t in (ping_interval, ping_timeout, idle_timeout,
-                                        handshake_timeout, body_timeout, close_timeout)
-                            if t > 0] or [1.0])
-            tick = max(0.05, min(1.0, shortest / 4))
+            tick = _default_tick((ping_interval, ping_timeout, idle_timeout, handshake_timeout,
+                                  body_timeout, close_timeout,
+                                  rate_burst_seconds if self._rate_on else 0))
         self.tick = tick
+        self._rate_setup()
+        self.rate_limited = {"messages": 0, "bytes": 0}
+        self.node_id = node_id or ""
+        self.on_closed = None
+        self._read_ns = 0
+        self._batch_ns = 0
+        self._lat_sum_ns = 0
+        memset(self._lat_counts, 0, sizeof(self._lat_counts))
         self._slots = [None] * WHEEL_SIZE
         self._waiting = 0
         self._tick_no = 0
@@ -109,6 +137,48 @@ cdef class Hub:
     def connection_factory(self):
         """The protocol factory to hand to ``loop.create_server``."""
         return Connection(self)
+
+    def connection(self, conn_id):
+        """The open connection whose public id is ``conn_id`` (its ``id``,
+        ``"<node_id>-<n>"``, or the number ``n`` as an int), else None."""
+        key = _conn_number(conn_id, self.node_id)
+        return self.connections.get(key) if key else None
+
+    # -- rate limits ----------------------------------------------------------
+    # Theory of operation: fixed windows counted in wheel ticks, no clock
+    # read per message.  A connection keeps the tick its window began and
+    # two counters (messages, bytes read) in 12 bytes that fill alignment
+    # padding of the Connection struct.  When a message or a read finds the
+    # window over (``_rate_ticks`` ticks since it began) the counters start
+    # again; past the allowance of the window the connection is closed with
+    # errors.RATE_LIMITED and whatever it sends afterwards is read and
+    # dropped.  The allowance is the rate times the window's length in
+    # whole ticks (rate_burst_seconds rounded to ticks, at least one), so a
+    # client at the rate stays under it; a burst of up to a window's worth
+    # passes; across a window boundary a client may send up to two windows'
+    # worth before it is stopped.
+
+    cdef _rate_setup(self):
+        cdef double ticks
+        self._rate_ticks = 0
+        self._rate_msgs_cap = 0
+        self._rate_bytes_cap = 0
+        if not self._rate_on:
+            return
+        ticks = self.rate_burst_seconds / self.tick
+        self._rate_ticks = <uint32_t>max(1, int(ticks + 0.5))
+        window = self._rate_ticks * self.tick
+        if self.max_messages_per_second > 0:
+            self._rate_msgs_cap = <uint32_t>min(RATE_CAP_MAX, max(1, math_ceil(
+                self.max_messages_per_second * window)))
+        if self.max_bytes_per_second > 0:
+            self._rate_bytes_cap = <uint32_t>min(RATE_CAP_MAX, max(1, math_ceil(
+                self.max_bytes_per_second * window)))
+
+    @property
+    def rate_window(self):
+        """(window ticks, messages allowed, bytes allowed) per window; 0 = off."""
+        return (self._rate_ticks, self._rate_msgs_cap, self._rate_bytes_cap)
 
     def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False,
                          origins="*"):
@@ -211,7 +281,13 @@ cdef class Hub:
                 c._timer_fired()
             except Exception as exc:
                 _log.error("fastws: timer callback failed", exc_info=exc)
-        if self._tick_handle is None and self._waiting > 0:
+        if self._tick_handle is None and (self._waiting > 0 or (self._rate_on and self.connections)):
+            # (rate limits count windows in ticks: the wheel turns while connections are open)
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+
+    cdef void _keep_ticking(self):
+        """Rate limits on: a connection opened, the wheel must turn."""
+        if self._tick_handle is None:
             self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
 
     def stop_timers(self):
@@ -225,19 +301,50 @@ cdef class Hub:
         """How many connections wait in the timer wheel (for tests)."""
         return self._waiting
 
+    # -- write coalescing and the delivery latency -----------------------------
+    # Theory of operation: frames queued during a loop iteration are written
+    # once per connection (_flush_all, call_soon).  The delivery latency is
+    # the time from a message's arrival to its frame's write: the hub reads
+    # the monotonic clock when a read of an open connection starts
+    # (_read_ns) and when the first frame of a batch is queued (_batch_ns:
+    # the read's time inside a read, else the clock: a publish, a timer, a
+    # task), and observes ``write time - start`` once per connection written:
+    # the reply written at the end of the read that delivered a message
+    # (_after_input) counts from that read, the frames of a batch from the
+    # batch's start.  The write time is read again every 16 connections of a
+    # batch.  Frames held back by a paused connection (the delivery policy)
+    # are not observed when they finally go out.  Counts per bucket live in a
+    # C array (LAT_BOUNDS_NS); nothing is allocated per frame.
+
     cdef inline void _mark_dirty(self, Connection c):
         self._dirty.append(c)
         if not self._scheduled:
             self._scheduled = True
+            self._batch_ns = self._read_ns if self._read_ns else _now_ns()
             self.loop.call_soon(self._flush_all)
+
+    cdef inline void _observe(self, int64_t dt) noexcept:
+        cdef int i = 0
+        if dt < 0:
+            dt = 0
+        while i < LAT_BUCKETS and dt > LAT_BOUNDS_NS[i]:
+            i += 1
+        self._lat_counts[i] += 1
+        self._lat_sum_ns += dt
 
     def _flush_all(self):
         cdef Connection c
         cdef list dirty = self._dirty
+        cdef int64_t start = self._batch_ns, now = 0
+        cdef unsigned int written = 0
         self._dirty = []
         self._scheduled = False
         for c in dirty:
-            c._flush()
+            if c._flush():
+                if (written & 15) == 0:
+                    now = _now_ns()
+                written += 1
+                self._observe(now - start)
 
     def stats(self):
         """Counters and gauges for metrics (a new dict; O(connections))."""
@@ -261,6 +368,10 @@ cdef class Hub:
             "slow_consumer_closes": self.slow_consumer_closes,
             "queued_bytes_total": total,
             "queued_bytes_max": largest,
+            "rate_limited": dict(self.rate_limited),
+            "delivery_latency_buckets": [self._lat_counts[i] for i in range(LAT_BUCKETS + 1)],
+            "delivery_latency_sum": self._lat_sum_ns / 1e9,
+            "delivery_latency_count": sum([self._lat_counts[i] for i in range(LAT_BUCKETS + 1)]),
         }
 
     cdef void _count_drop(self, str reason, int priority):

@@ -31,9 +31,12 @@ may let the kernel read them into the message).
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 from . import _wsproto_engine as engine_mod
-from .errors import CALLBACK_FAILED, IDLE_TIMEOUT, PING_TIMEOUT, SLOW_CONSUMER, ConnectionClosed
+from .errors import (CALLBACK_FAILED, IDLE_TIMEOUT, PING_TIMEOUT, RATE_LIMITED, SLOW_CONSUMER,
+                     ConnectionClosed)
 from .frames import BINARY, CLOSED, ERROR, OPEN, PRIORITY_LOW, PRIORITY_NORMAL, TEXT
 from .handshake import error_response
 
@@ -70,6 +73,40 @@ T_PONG = 3         # a ping is out: proof of life must have come by then
 T_CLOSE = 4        # the peer must have answered our close by then
 T_BODY = 5         # a plain HTTP request body must be in by then
 
+# Rate limits (see Hub._rate_setup).
+RATE_CAP_MAX = 4294967293   # largest allowance per window (the Cython side keeps it in a uint32)
+RL_CLOSED = 4294967295      # Connection._rl_msgs of a connection closed for its rate
+
+#: Upper bounds (seconds) of the delivery-latency histogram's buckets (Hub.stats(),
+#: websocket_delivery_latency_seconds); one more bucket counts what lies above the last.
+DELIVERY_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LAT_BOUNDS_NS = tuple(round(b * 1e9) for b in DELIVERY_LATENCY_BUCKETS)
+_now_ns = time.monotonic_ns
+
+
+def _default_tick(times):
+    """The wheel's tick: a quarter of the shortest of ``times`` set (> 0),
+    within 50 ms .. 1 s."""
+    shortest = min([t for t in times if t > 0] or [1.0])
+    return max(0.05, min(1.0, shortest / 4))
+
+
+def _conn_number(conn_id, node_id):
+    """The number of the connection whose public id is ``conn_id`` on the
+    node ``node_id`` ("<node_id>-<n>", or "<n>" without a node id; or the
+    number itself as an int), else 0."""
+    if type(conn_id) is int:
+        return conn_id if conn_id > 0 else 0
+    if not isinstance(conn_id, str):
+        return 0
+    node, sep, num = conn_id.rpartition("-")
+    if node != node_id or (sep and not node_id):
+        return 0
+    if not num or len(num) > 20 or not (num.isascii() and num.isdigit()):
+        return 0
+    return int(num)
+
 
 class Hub:
     """Per-server state shared by its connections: limits, the handshake,
@@ -82,20 +119,32 @@ class Hub:
                  max_head_size=8192, close_timeout=5.0, on_callback_error=None,
                  high_water=65536, max_queue=1 << 20, slow_grace=5.0,
                  ping_interval=20.0, ping_timeout=20.0, idle_timeout=0.0,
-                 handshake_timeout=10.0, body_timeout=30.0, tick=None):
+                 handshake_timeout=10.0, body_timeout=30.0,
+                 max_messages_per_second=0.0, max_bytes_per_second=0, rate_burst_seconds=2.0,
+                 node_id="", tick=None):
         self.loop = loop
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.body_timeout = body_timeout
+        self.max_messages_per_second = float(max_messages_per_second)
+        self.max_bytes_per_second = int(max_bytes_per_second)
+        self.rate_burst_seconds = float(rate_burst_seconds)
+        self._rate_on = max_messages_per_second > 0 or max_bytes_per_second > 0
         if tick is None:
-            # fine enough for the shortest timeout configured, at most 1 s
-            shortest = min([t for t in (ping_interval, ping_timeout, idle_timeout,
-                                        handshake_timeout, body_timeout, close_timeout)
-                            if t > 0] or [1.0])
-            tick = max(0.05, min(1.0, shortest / 4))
+            tick = _default_tick((ping_interval, ping_timeout, idle_timeout, handshake_timeout,
+                                  body_timeout, close_timeout,
+                                  rate_burst_seconds if self._rate_on else 0))
         self.tick = tick
+        self._rate_setup()
+        self.rate_limited = {"messages": 0, "bytes": 0}   # connections closed for their rate, by kind
+        self.node_id = node_id or ""   # public connection ids are "<node_id>-<n>"
+        self.on_closed = None          # callable(conn): every lost connection that was upgraded
+        self._read_ns = 0              # the delivery latency (see _flush_all)
+        self._batch_ns = 0
+        self._lat_counts = [0] * (len(DELIVERY_LATENCY_BUCKETS) + 1)
+        self._lat_sum_ns = 0
         # the wheel: per slot, the connections due there in the order they
         # were put in (walked newest first, as the Cython intrusive lists are)
         self._slots = [{} for _ in range(WHEEL_SIZE)]
@@ -127,6 +176,30 @@ class Hub:
     def connection_factory(self):
         """The protocol factory to hand to ``loop.create_server``."""
         return Connection(self)
+
+    def connection(self, conn_id):
+        """The open connection whose public id is ``conn_id`` (its ``id``,
+        ``"<node_id>-<n>"``, or the number ``n`` as an int), else None."""
+        key = _conn_number(conn_id, self.node_id)
+        return self.connections.get(key) if key else None
+
+    # -- rate limits (see _core_hub.pxi for the theory of operation) ----------------
+
+    def _rate_setup(self):
+        self._rate_ticks = self._rate_msgs_cap = self._rate_bytes_cap = 0
+        if not self._rate_on:
+            return
+        self._rate_ticks = max(1, int(self.rate_burst_seconds / self.tick + 0.5))
+        window = self._rate_ticks * self.tick
+        if self.max_messages_per_second > 0:
+            self._rate_msgs_cap = min(RATE_CAP_MAX, max(1, math.ceil(self.max_messages_per_second * window)))
+        if self.max_bytes_per_second > 0:
+            self._rate_bytes_cap = min(RATE_CAP_MAX, max(1, math.ceil(self.max_bytes_per_second * window)))
+
+    @property
+    def rate_window(self):
+        """(window ticks, messages allowed, bytes allowed) per window; 0 = off."""
+        return (self._rate_ticks, self._rate_msgs_cap, self._rate_bytes_cap)
 
     def set_fast_upgrade(self, routes, default=None, *, max_connections=0, deflate=False,
                          origins="*"):
@@ -174,7 +247,13 @@ class Hub:
                 c._timer_fired()
             except Exception as exc:
                 _log.error("fastws: timer callback failed", exc_info=exc)
-        if self._tick_handle is None and self._waiting > 0:
+        if self._tick_handle is None and (self._waiting > 0 or (self._rate_on and self.connections)):
+            # (rate limits count windows in ticks: the wheel turns while connections are open)
+            self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
+
+    def _keep_ticking(self):
+        """Rate limits on: a connection opened, the wheel must turn."""
+        if self._tick_handle is None:
             self._tick_handle = self.loop.call_later(self.tick, self._on_tick)
 
     def stop_timers(self):
@@ -188,19 +267,34 @@ class Hub:
         """How many connections wait in the timer wheel (for tests)."""
         return self._waiting
 
-    # -- write coalescing --------------------------------------------------------------
+    # -- write coalescing and the delivery latency (see _core_hub.pxi) -------------------
 
     def _mark_dirty(self, c):
         self._dirty.append(c)
         if not self._scheduled:
             self._scheduled = True
+            self._batch_ns = self._read_ns or _now_ns()
             self.loop.call_soon(self._flush_all)
+
+    def _observe(self, dt):
+        dt = max(0, dt)
+        i = 0
+        bounds = _LAT_BOUNDS_NS
+        while i < len(bounds) and dt > bounds[i]:
+            i += 1
+        self._lat_counts[i] += 1
+        self._lat_sum_ns += dt
 
     def _flush_all(self):
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
+        start, now, written = self._batch_ns, 0, 0
         for c in dirty:
-            c._flush()
+            if c._flush():
+                if written % 16 == 0:
+                    now = _now_ns()
+                written += 1
+                self._observe(now - start)
 
     # -- counters and delivery -----------------------------------------------------------
 
@@ -225,6 +319,10 @@ class Hub:
             "slow_consumer_closes": self.slow_consumer_closes,
             "queued_bytes_total": total,
             "queued_bytes_max": largest,
+            "rate_limited": dict(self.rate_limited),
+            "delivery_latency_buckets": list(self._lat_counts),
+            "delivery_latency_sum": self._lat_sum_ns / 1e9,
+            "delivery_latency_count": sum(self._lat_counts),
         }
 
     def _count_drop(self, reason, priority):
@@ -287,7 +385,7 @@ class Connection:
         self._lost_code = None       # (CLOSED, 1006, "" once lost)
         self._lost_reason = None
         self.transport = None
-        self.id = None
+        self._num = 0                # number on the hub (key of hub.connections), set at upgrade
         self.path = None
         self.query_string = None
         self.subprotocol = None
@@ -312,6 +410,9 @@ class Connection:
         self._paused_at = 0.0
         self.rooms = None
         self.dropped = 0
+        self._rl_start = 0           # the rate-limit window: the tick it began,
+        self._rl_msgs = 0            # messages in it (RL_CLOSED: closed for its rate),
+        self._rl_bytes = 0           # bytes read in it
 
     # -- asyncio protocol ---------------------------------------------------------------
 
@@ -329,15 +430,24 @@ class Connection:
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes):
-        self._hub.bytes_in += nbytes
-        self._rx_tick = self._hub._tick_no
-        self._received(bytes(memoryview(_READ_BUFFER)[:nbytes]))
+        self._read(bytes(memoryview(_READ_BUFFER)[:nbytes]))
 
     def data_received(self, data):
         """For transports that do not use the buffered-protocol path."""
-        self._hub.bytes_in += len(data)
-        self._rx_tick = self._hub._tick_no
-        self.feed(data)
+        self._read(bytes(data))
+
+    def _read(self, data):
+        hub = self._hub
+        hub.bytes_in += len(data)
+        self._rx_tick = hub._tick_no
+        if self._phase == P_OPEN:
+            hub._read_ns = _now_ns()       # the start of the delivery latency of replies
+            if hub._rate_bytes_cap:
+                self._rate_bytes(len(data))
+            self._received(data)
+            hub._read_ns = 0
+        else:
+            self._received(data)
 
     def feed(self, data):
         """Process ``data`` as if it had been read from the transport."""
@@ -390,7 +500,7 @@ class Connection:
         self._wq = None
         hub._unschedule(self)
         if phase == P_OPEN or phase == P_DONE:
-            hub.connections.pop(self.id, None)
+            hub.connections.pop(self._num, None)
         eng = self._engine
         if eng is None:
             self._state = CLOSED
@@ -411,6 +521,11 @@ class Connection:
                     hub.on_lost(self)
                 except Exception as exc:
                     _log.error("fastws: leaving rooms failed", exc_info=exc)
+            if hub.on_closed is not None:
+                try:
+                    hub.on_closed(self)
+                except Exception as exc:
+                    _log.error("fastws: the hub's on_closed hook failed", exc_info=exc)
         if phase == P_OPEN and not self._reported:
             self._reported = True
             self._call_disconnect()
@@ -534,11 +649,14 @@ class Connection:
                                          max_frame_size=hub.max_frame_size, deflate=deflate)
         self._deflate = deflate
         hub._next_id += 1
-        self.id = hub._next_id
-        hub.connections[self.id] = self
+        self._num = hub._next_id
+        hub.connections[self._num] = self
         self._phase = P_OPEN
         self._rx_tick = self._msg_tick = hub._tick_no
+        self._rl_start = hub._tick_no & 0xFFFFFFFF
         self._schedule_heartbeat()
+        if hub._rate_on:
+            hub._keep_ticking()
         if route.on_open is not None:
             self._call_open()
 
@@ -583,6 +701,8 @@ class Connection:
             if kind == TEXT or kind == BINARY:
                 hub.messages_in += 1
                 self._msg_tick = hub._tick_no
+                if hub._rate_on and self._rate_message():
+                    continue               # over the rate: the connection is closing, the message dropped
                 self._dispatch(ev[1])
             elif kind == ERROR:
                 self._errored = True
@@ -618,6 +738,50 @@ class Connection:
             self._dirty = True
             self._hub._mark_dirty(self)
 
+    # -- rate limits (see _core_hub.pxi) ----------------------------------------------------
+
+    def _rate_window(self):
+        """Start a new window when the current one is over."""
+        now = self._hub._tick_no & 0xFFFFFFFF
+        if (now - self._rl_start) & 0xFFFFFFFF >= self._hub._rate_ticks:
+            self._rl_start = now
+            self._rl_msgs = 0
+            self._rl_bytes = 0
+
+    def _rate_message(self):
+        """A message came: True when it is over the rate (dropped)."""
+        if self._rl_msgs == RL_CLOSED:
+            return True
+        cap = self._hub._rate_msgs_cap
+        if not cap:
+            return False
+        self._rate_window()
+        self._rl_msgs += 1
+        if self._rl_msgs > cap:
+            self._rate_close("messages")
+            return True
+        return False
+
+    def _rate_bytes(self, n):
+        """``n`` bytes were read: count them; past the window's allowance, close."""
+        if self._rl_msgs == RL_CLOSED:
+            return
+        self._rate_window()
+        total = self._rl_bytes + n
+        self._rl_bytes = min(total, 0xFFFFFFFF)
+        if total > self._hub._rate_bytes_cap:
+            self._rate_close("bytes")
+
+    def _rate_close(self, kind):
+        """Over the rate: counted, closed with errors.RATE_LIMITED; what the
+        peer sends from now on is read and its messages dropped."""
+        hub = self._hub
+        self._rl_msgs = RL_CLOSED
+        hub.rate_limited[kind] = hub.rate_limited.get(kind, 0) + 1
+        if self.state == OPEN and self._phase == P_OPEN:
+            self._queue(self._engine.close(*RATE_LIMITED))
+            self._arm_close_timer()
+
     def _after_input(self):
         if self.state == CLOSED and self._phase == P_OPEN and self._end_mode == END_NONE:
             # close exchange finished, or protocol error: write what is queued
@@ -629,7 +793,9 @@ class Connection:
                 self._end_mode = END_CLOSE
                 self._hub._unschedule(self)
         if self._dirty:
-            self._flush()
+            hub = self._hub
+            if self._flush() and hub._read_ns:
+                hub._observe(_now_ns() - hub._read_ns)   # a reply, from the read that brought it
         elif self._end_mode != END_NONE:
             self._end_transport()
 
@@ -647,18 +813,23 @@ class Connection:
                 t.close()
 
     def _flush(self):
+        """Write what is queued (unless held by the delivery policy); True if
+        bytes were handed to the transport."""
         self._dirty = False
         if self._wpaused and self._end_mode == END_NONE:
-            return      # held until resume_writing (see the delivery policy)
+            return False    # held until resume_writing (see the delivery policy)
         wq, size, t = self._wq, self._wq_size, self.transport
+        wrote = False
         if wq is not None:
             self._wq = None
             self._wq_size = 0
             if t is not None:
+                wrote = True
                 self._hub.bytes_out += size
                 t.write(wq[0] if len(wq) == 1 else b"".join(wq))
         if self._end_mode != END_NONE:
             self._end_transport()
+        return wrote
 
     def _task_done(self, task):
         if task.cancelled():
@@ -836,6 +1007,20 @@ class Connection:
         """Drop the TCP connection at once, without a close handshake."""
         if self.transport is not None:
             self.transport.abort()
+
+    @property
+    def id(self):
+        """The public id, unique across nodes and workers: ``"<node_id>-<n>"``
+        (``"<n>"`` on a hub without a node id); None before the upgrade."""
+        if not self._num:
+            return None
+        node = self._hub.node_id
+        return f"{node}-{self._num}" if node else str(self._num)
+
+    @property
+    def number(self):
+        """The connection's number on its hub (its key in ``hub.connections``); 0 before the upgrade."""
+        return self._num
 
     @property
     def remote_address(self):

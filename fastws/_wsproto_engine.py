@@ -37,7 +37,8 @@ each made as soon as the bytes it needs have arrived:
    frame with a 7-bit length > 125                                   -> 1002
 2. extended length read: 16-bit length <= 125 or 64-bit length <= 65535
    (non-minimal), 64-bit length with the top bit set; RSV bits not claimed by
-   a negotiated extension; unmasked frame                             -> 1002
+   a negotiated extension; an unmasked frame to a server, a masked frame
+   to a client                                                        -> 1002
 3. masking key read: continuation with no message started, or a new data
    frame inside a fragmented message                                  -> 1002;
    frame length > max_frame_size, or message length so far plus frame
@@ -62,6 +63,12 @@ Choices the contract leaves open, made here:
   and cuts the reason to 123 UTF-8 bytes on a character boundary (as
   wsproto does); ``ping`` raises ValueError past 125 bytes.
 * With deflate, ``send`` compresses every data message (see _BoundedDeflate).
+
+The client role (``Engine(client=True)``) is wsproto's client
+``FrameProtocol``: every frame out masked with a fresh key (wsproto draws
+each from ``os.urandom``), frames in must come unmasked, and with
+permessage-deflate the roles of the parameters swap (what the client
+compresses follows ``client_*``, what it inflates ``server_*``).
 
 Nothing here touches a socket: bytes in, event tuples out, bytes queued.
 """
@@ -103,10 +110,10 @@ def deflate_bound(n: int) -> int:
 
 
 class _FrameDecoder(FrameDecoder):
-    """wsproto's server-side frame decoder, plus a call once a header is read."""
+    """wsproto's frame decoder, plus a call once a header is read."""
 
-    def __init__(self, extensions, on_header) -> None:
-        super().__init__(client=False, extensions=extensions)
+    def __init__(self, client: bool, extensions, on_header) -> None:
+        super().__init__(client=client, extensions=extensions)
         self._on_header = on_header
 
     def parse_header(self) -> bool:
@@ -132,13 +139,14 @@ class _MessageDecoder(MessageDecoder):
         return frame
 
 
-class _ServerFrameProtocol(FrameProtocol):
-    """wsproto's FrameProtocol (server side) with fastws's hooks installed."""
+class _FrameProtocol(FrameProtocol):
+    """wsproto's FrameProtocol (server side, or client side with ``client``)
+    with fastws's hooks installed."""
 
-    def __init__(self, extensions, on_header) -> None:
-        super().__init__(client=False, extensions=extensions)
+    def __init__(self, client: bool, extensions, on_header) -> None:
+        super().__init__(client=client, extensions=extensions)
         # The parsing generator is not started yet; it looks these up lazily.
-        self._frame_decoder = _FrameDecoder(self.extensions, on_header)
+        self._frame_decoder = _FrameDecoder(client, self.extensions, on_header)
         self._message_decoder = _MessageDecoder()
 
     def whole_message(self, opcode: Opcode, payload: bytes) -> bytearray:
@@ -168,14 +176,16 @@ class _ServerFrameProtocol(FrameProtocol):
 class _BoundedDeflate(PerMessageDeflate):
     """permessage-deflate whose inbound side never inflates past a limit.
 
-    The outbound side (compressing what the server sends) is wsproto's:
+    The outbound side (compressing what this side sends) is wsproto's:
     zlib level 6 (Z_DEFAULT_COMPRESSION), memLevel 8, raw deflate with
     ``server_max_window_bits``, Z_SYNC_FLUSH at the end of each message with
     the 4-byte tail stripped, a fresh compressor per message under
-    ``server_no_context_takeover``.
+    ``server_no_context_takeover`` (the ``client_*`` parameters in the
+    client role).  The inbound side inflates with the peer's parameters:
+    the client's on the server side, the server's on the client side.
     """
 
-    def __init__(self, params, max_message_size: int) -> None:
+    def __init__(self, params, max_message_size: int, client: bool = False) -> None:
         # zlib cannot deflate with an 8-bit window and wsproto refuses it;
         # a 9-bit window inflates anything an 8-bit one produced.
         super().__init__(
@@ -185,6 +195,11 @@ class _BoundedDeflate(PerMessageDeflate):
             server_max_window_bits=max(9, params.server_max_window_bits),
         )
         self.finalize(self.name)  # negotiated already: just enable it
+        self._client = client
+        # what the peer compresses with: its window and no_context_takeover
+        self._peer_bits = self.server_max_window_bits if client else self.client_max_window_bits
+        self._peer_no_context = (params.server_no_context_takeover if client
+                                 else params.client_no_context_takeover)
         self._max_message_size = max_message_size
         self._message_compressed = False  # RSV1 of the current message's first frame
         self._frame_compressed = False  # the current frame's payload is deflated
@@ -197,7 +212,7 @@ class _BoundedDeflate(PerMessageDeflate):
             self._message_compressed = rsv.rsv1
             self._inflated = 0
             if rsv.rsv1 and self._decompressor is None:
-                self._decompressor = zlib.decompressobj(-self.client_max_window_bits)
+                self._decompressor = zlib.decompressobj(-self._peer_bits)
         # A control frame between fragments leaves the message's bit alone.
         self._frame_compressed = self._message_compressed and not opcode.iscontrol()
         return RsvBits(True, False, False)
@@ -211,8 +226,8 @@ class _BoundedDeflate(PerMessageDeflate):
         if not (fin and self._frame_compressed):
             return None
         data = self._inflate(_DEFLATE_TAIL)
-        if self.client_no_context_takeover or self._decompressor.eof:
-            # eof: the client ended the deflate stream (BFINAL); the next
+        if self._peer_no_context or self._decompressor.eof:
+            # eof: the peer ended the deflate stream (BFINAL); the next
             # message starts a new one.
             self._decompressor = None
         self._message_compressed = False
@@ -237,22 +252,25 @@ class _BoundedDeflate(PerMessageDeflate):
 
 
 class Engine:
-    """Server side of one WebSocket connection, on wsproto's frame layer.
+    """Server side of one WebSocket connection, on wsproto's frame layer
+    (client side with ``client=True``: wsproto's client frame protocol).
 
     See :mod:`fastws.core` for the interface. ``deflate`` is the negotiated
-    :class:`fastws.core.DeflateParams` (or None); with it, messages the server
+    :class:`fastws.core.DeflateParams` (or None); with it, messages this side
     sends are compressed too.
     """
 
-    def __init__(self, max_message_size: int = 1 << 20, max_frame_size: int = 0, deflate=None) -> None:
+    def __init__(self, max_message_size: int = 1 << 20, max_frame_size: int = 0, deflate=None,
+                 client: bool = False) -> None:
         self.max_message_size = max_message_size
         self.max_frame_size = max_frame_size
+        self.client = bool(client)
         self.state = OPEN
         self.close_code: int | None = None  # from the peer's close frame, or our ERROR
         self.close_reason: str | None = None
         self._sent_close: tuple[int, str] | None = None  # what close() put on the wire
-        extensions = [] if deflate is None else [_BoundedDeflate(deflate, max_message_size)]
-        self._proto = _ServerFrameProtocol(extensions, self._check_header)
+        extensions = [] if deflate is None else [_BoundedDeflate(deflate, max_message_size, self.client)]
+        self._proto = _FrameProtocol(self.client, extensions, self._check_header)
         self._outgoing = bytearray()  # pongs, close echo, error close
         # Fragment bookkeeping, kept from frame headers alone (see _check_header).
         self._in_message = False  # a non-final data frame was seen

@@ -142,6 +142,20 @@ class Config:
     body_timeout: float = knob(30.0, "Seconds a client has to send a whole HTTP request body once its "
                                "head is in (plain HTTP routes and ASGI apps); then 408 and close.",
                                kind="seconds", check=lambda v: v > 0, allowed="seconds > 0")
+    # -- per-connection rate limits (counted in the hub, see fastws.core) -------
+    max_messages_per_second: float = knob(
+        0.0, "Messages per second one connection may send (a burst of --rate-burst-seconds worth "
+        "passes); past it the connection is closed with 1008 'rate limit exceeded' (0 = no limit).",
+        kind="float", check=lambda v: 0 <= v <= 1e9, allowed="a number 0..1e9 (0 = no limit)")
+    max_bytes_per_second: int = knob(
+        0, "Bytes per second one connection may send, frames of every kind counted as read (a burst "
+        "of --rate-burst-seconds worth passes); past it the connection is closed with 1008 'rate "
+        "limit exceeded' (0 = no limit).", kind="bytes", check=lambda v: 0 <= v <= 1 << 30,
+        allowed="bytes 0..1GiB per second (0 = no limit)")
+    rate_burst_seconds: float = knob(
+        2.0, "Window of the per-connection rate limits, seconds: a connection may send this many "
+        "seconds' worth of its rates at once.", kind="seconds", check=lambda v: 0 < v <= 3600,
+        allowed="seconds > 0, at most 3600")
     # -- admission (limits that protect the server, see fastws.limits) ----------
     max_connections: int = knob(0, "Open connections at most; past it upgrades get 503 with a jittered "
                                 "Retry-After (0 = no limit).", kind="int", check=lambda v: v >= 0,
@@ -236,10 +250,6 @@ class Config:
     log_level: str = knob("info", "Log level: lifecycle events at info, per-connection at debug.",
                           kind="choice", choices=LOG_LEVELS)
     log_format: str = knob("text", "Log line format.", kind="choice", choices=LOG_FORMATS)
-    log_config: str | None = knob(None, "A logging configuration file, as uvicorn's --log-config: a "
-                                  "dictConfig in .json or .toml, or a fileConfig .ini; it replaces "
-                                  "--log-format (a --log-level given too sets the fastws loggers' level).",
-                                  kind="path")
     log_config: str | None = knob(None, "A logging configuration file, as uvicorn's --log-config: a "
                                   "dictConfig in .json or .toml, or a fileConfig .ini; it replaces "
                                   "--log-format (a --log-level given too sets the fastws loggers' level).",

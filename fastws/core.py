@@ -19,11 +19,12 @@ What follows is the contract both implementations keep; the differential
 tests (``tests/unit/test_protocol.py``, ``test_differential.py``,
 ``test_connection_contract.py``) hold them to it.
 
-Engine: sans-I/O frame engine (server side of RFC 6455)
--------------------------------------------------------
+Engine: sans-I/O frame engine (RFC 6455, server or client side)
+----------------------------------------------------------------
 ::
 
-    engine = Engine(max_message_size=1 << 20, max_frame_size=0, deflate=None)
+    engine = Engine(max_message_size=1 << 20, max_frame_size=0, deflate=None,
+                    client=False)
 
     events = engine.receive(data)   # bytes in -> list of event tuples
     out = engine.data_to_send()     # bytes the engine wants on the wire
@@ -80,12 +81,34 @@ at most 125 bytes (ValueError).
 Module-level helper, in both: ``encode_frame(opcode, payload, fin=True,
 mask=None, rsv1=False) -> bytes`` (``mask``: 4 bytes for a client frame).
 
+The client role (``client=True``, ``engine.client``): everything above
+holds with the roles of the two sides swapped.  Every frame the engine
+produces (``send``, ``encode_message``, ``ping``, ``close``, the pong
+replies, the close echo, the error close) is masked with a fresh key: the
+Cython engine draws the keys from ``os.urandom`` in batches of 1,024 keys
+(one per process, refilled after a fork), the wsproto engine lets wsproto
+draw each from ``os.urandom``.  RFC 6455 asks for keys a script cannot
+predict (so that it cannot choose the bytes on the wire and poison the
+cache of an intermediary), not for secret ones: keys from the OS CSPRNG
+are that, however many are read at once.  Frames received must be
+unmasked: a masked frame is an ERROR 1002 (checked with the other header
+bits, stage 2 of the order the wsproto engine documents).  With
+permessage-deflate the client compresses with the ``client_*`` parameters
+(``client_no_context_takeover``: a fresh compressor per message) and
+inflates with the ``server_*`` ones.  The close handshake is the same
+exchange of close frames; the engine says nothing about TCP: a client
+waits for the server to close the connection after the exchange (RFC
+6455 7.1.1) and closes it itself only when that does not come in time.
+The opening handshake of a client is :func:`fastws.handshake.client_request`
+and :func:`fastws.handshake.check_accept` (which gives the ``deflate`` for
+``Engine``).
+
 Hub: the per-server state of the connections
 --------------------------------------------
 ::
 
     hub = Hub(loop, handshake=None, **hub_settings(config),
-              on_callback_error=None, tick=None)
+              on_callback_error=None, node_id="", tick=None)
 
 * ``loop``: the asyncio loop (``time``, ``call_soon``, ``call_later``,
   ``create_task`` are all the hub uses).
@@ -102,7 +125,15 @@ Hub: the per-server state of the connections
   ``on_connect`` be answered without calling ``handshake``.  The Cython hub
   answers them in C; the Python hub accepts the call and sends every head to
   ``handshake`` (same answers, ``fast_upgrades`` stays 0).
-* ``connections``: dict id -> Connection, open (upgraded, not lost).
+* ``node_id``: this node's id (the Node gives the one its broker uses;
+  "" by default).  A connection's public id is ``"<node_id>-<n>"`` (``"<n>"``
+  without a node id), where ``n`` (``conn.number``) counts the hub's
+  upgrades from 1: unique across the workers and nodes of a deployment,
+  built on access (nothing stored per connection).
+* ``connections``: dict number (int) -> Connection, open (upgraded, not
+  lost).  ``connection(conn_id)``: the one whose public id is ``conn_id``
+  (or whose number is ``conn_id``, an int), else None; an id of another
+  node is None.
 * ``broadcast(message, connections, exclude=None, priority=PRIORITY_NORMAL)
   -> int``: str -> (TEXT, its UTF-8), bytes-like -> (BINARY, bytes), then
   ``broadcast_frame``.
@@ -118,12 +149,21 @@ Hub: the per-server state of the connections
   ``messages_out``, ``bytes_in``, ``bytes_out``, ``closes`` (close code
   1000..1015, else "3xxx"/"4xxx"/"other" -> count), ``dropped``
   ((reason, priority) -> count), ``slow_consumer_closes``,
-  ``queued_bytes_total``, ``queued_bytes_max``.  Also attributes:
-  ``handshake_timeouts``, ``body_timeouts``, ``ping_timeouts``,
-  ``idle_timeouts``, ``fast_upgrades``, ``open_connections``.
+  ``queued_bytes_total``, ``queued_bytes_max``, ``rate_limited``
+  ("messages"/"bytes" -> connections closed for their rate),
+  ``delivery_latency_buckets`` (counts per bucket of
+  ``DELIVERY_LATENCY_BUCKETS``, not cumulative, plus one above the last),
+  ``delivery_latency_sum`` (seconds), ``delivery_latency_count``.  Also
+  attributes: ``handshake_timeouts``, ``body_timeouts``, ``ping_timeouts``,
+  ``idle_timeouts``, ``fast_upgrades``, ``open_connections``,
+  ``rate_limited``, ``rate_window``.
 * ``on_lost``: callable(conn), called when a connection that joined rooms
   (``conn.rooms`` truthy) is lost; ``rooms``: the room registry, for
   ``Connection.join``/``leave``.
+* ``on_closed``: callable(conn) or None (the default: no cost), called once
+  from ``connection_lost`` for every connection that was upgraded (accepted
+  or adopted), after ``on_lost`` and before ``on_disconnect``, while
+  ``conn.remote_address`` still answers; an exception in it is logged.
 * ``stop_timers()``: cancel the timer wheel's loop timer (shutdown).
 
 Counters: ``bytes_in`` counts every byte read; ``bytes_out`` every byte
@@ -146,6 +186,30 @@ message for ``idle_timeout`` is closed with ``errors.IDLE_TIMEOUT``.
 Times are counted in whole ticks of the wheel (a deadline may fire up to
 a tick early or late); activity does not move a connection in the wheel,
 reads and messages just stamp the current tick.
+
+Rate limits (``max_messages_per_second``, ``max_bytes_per_second``, 0 =
+off, and ``rate_burst_seconds``): counted per connection in fixed windows
+of ``rate_burst_seconds`` rounded to whole wheel ticks (at least one; with a
+limit set the tick is also fine enough for it), with no clock read per
+message; the allowance of a window is the rate times its length.  Messages
+are counted as they complete, bytes as they are read (frames of every
+kind, headers included).  Past the allowance the connection is closed with
+``errors.RATE_LIMITED`` (1008 "rate limit exceeded"), counted in
+``rate_limited[kind]``; its later messages are dropped (the bytes it sends
+are still read, so its close answer ends the connection).  The Cython
+connection keeps the window in 12 bytes that fill alignment padding: no
+memory per connection.
+
+Delivery latency: a histogram of the time from a message's arrival to its
+frame being written, kept in the hub (fixed buckets, C integers in the
+Cython hub, nothing allocated per frame).  A reply written at the end of the
+read that delivered a message counts from the start of that read; frames
+queued otherwise (a publish, a broadcast, a timer, a task) count from the
+moment the first frame of their loop iteration's batch was queued (inside a
+read: that read's start) to their connection's write in the batch's flush
+(the write time is read again every 16 connections).  One observation per
+connection written; frames a paused connection holds are not observed when
+they finally go out.
 
 Delivery policy: a connection's output is the transport's buffer (up to
 ``high_water``, then the transport calls ``pause_writing``) plus the
@@ -200,8 +264,9 @@ API for the application: ``send(message)`` (str text, bytes binary; raises
 ConnectionClosed once closing), ``send_frame(frame)`` (an encoded frame),
 ``ping(payload=b"")``, ``close(code=1000, reason="")`` (no-op once
 closing; the transport closes when the peer answers or after
-``close_timeout``), ``abort()``, ``join(room)``/``leave(room)``, ``id``,
-``path``, ``query_string``, ``subprotocol``, ``route``, ``remote_address``,
+``close_timeout``), ``abort()``, ``join(room)``/``leave(room)``, ``id`` (the public id, a
+str), ``number`` (its int key in ``hub.connections``), ``path``,
+``query_string``, ``subprotocol``, ``route``, ``remote_address``,
 ``store`` (a dict), ``closed``, ``state``, ``close_code``,
 ``close_reason``, ``dropped``, ``rooms``.
 
@@ -252,6 +317,7 @@ HUB_KNOBS = (
     "max_message_size", "max_frame_size", "max_head_size", "close_timeout",
     "high_water", "max_queue", "slow_grace",
     "ping_interval", "ping_timeout", "idle_timeout", "handshake_timeout", "body_timeout",
+    "max_messages_per_second", "max_bytes_per_second", "rate_burst_seconds",
 )
 
 
@@ -281,6 +347,10 @@ else:
     Hub = _pyconn.Hub
     Connection = _pyconn.Connection
 
+#: upper bounds (seconds) of the delivery-latency buckets of ``Hub.stats()``
+#: (the same tuple in both implementations)
+DELIVERY_LATENCY_BUCKETS = _pyconn.DELIVERY_LATENCY_BUCKETS
+
 
 def engine_module(name: str):
     """Return the engine module called ``name`` ("cython" or "wsproto").
@@ -306,6 +376,7 @@ def connection_module(name: str):
 
 __all__ = [
     "IMPLEMENTATION", "Engine", "encode_frame", "Hub", "Connection", "hub_settings",
+    "DELIVERY_LATENCY_BUCKETS",
     "HUB_KNOBS", "engine_module", "connection_module", "DeflateParams",
     "CONT", "TEXT", "BINARY", "CLOSE", "PING", "PONG", "ERROR", "OPEN", "CLOSING", "CLOSED",
     "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH",

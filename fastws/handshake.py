@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -396,3 +397,184 @@ def error_response(status: int, body: str = "", headers=()) -> bytes:
     for k, v in headers:
         lines.append(f"{k}: {v}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+
+
+# -- the client side (RFC 6455 4.1): the request a client sends, the 101 it checks --------
+
+#: permessage-deflate, the one extension fastws speaks
+DEFLATE = "permessage-deflate"
+
+
+def client_key() -> str:
+    """A fresh ``Sec-WebSocket-Key``: 16 random bytes, base64 (as wsproto's)."""
+    return binascii.b2a_base64(os.urandom(16), newline=False).decode("ascii")
+
+
+def deflate_offer(*, client_no_context_takeover: bool = False, server_no_context_takeover: bool = False,
+                  client_max_window_bits: int = 15, server_max_window_bits: int = 15) -> str:
+    """The permessage-deflate offer of a client, written as wsproto's
+    ``PerMessageDeflate.offer()`` writes it (both window sizes, then the
+    no_context_takeover flags)."""
+    for bits in (client_max_window_bits, server_max_window_bits):
+        if not 9 <= bits <= 15:
+            raise ValueError("window bits must be 9..15")
+    params = [DEFLATE, f"client_max_window_bits={client_max_window_bits}",
+              f"server_max_window_bits={server_max_window_bits}"]
+    if client_no_context_takeover:
+        params.append("client_no_context_takeover")
+    if server_no_context_takeover:
+        params.append("server_no_context_takeover")
+    return "; ".join(params)
+
+
+def client_request(host: str, path: str = "/", key: str | None = None, subprotocols=(),
+                   extensions=(), headers=()) -> bytes:
+    """The opening handshake request of a client, byte for byte what
+    wsproto's client handshake writes for the same arguments: ``GET path``,
+    ``Host``, ``Upgrade: websocket``, ``Connection: Upgrade``,
+    ``Sec-WebSocket-Key`` (``key``, else :func:`client_key`),
+    ``Sec-WebSocket-Version: 13``, ``Sec-WebSocket-Protocol`` (the
+    ``subprotocols``, comma-joined), ``Sec-WebSocket-Extensions`` (the
+    ``extensions`` offers, e.g. :func:`deflate_offer`, comma-joined), then
+    ``headers`` (``(name, value)`` pairs, str or bytes).  ``path`` may carry a
+    query string.  Refuses (ValueError) what cannot go in a request head:
+    a control character, space or non-ASCII byte in the path, CR/LF in a value."""
+    if not path.startswith("/") or not path.isascii() or any(c in path for c in " \t\x7f") \
+            or any(ord(c) < 32 for c in path):
+        raise ValueError(f"bad request path {path!r}")
+    if key is None:
+        key = client_key()
+    lines = [f"GET {path} HTTP/1.1".encode("ascii"),
+             b"Host: " + host.encode("idna"),
+             b"Upgrade: websocket",
+             b"Connection: Upgrade",
+             b"Sec-WebSocket-Key: " + key.encode("ascii"),
+             b"Sec-WebSocket-Version: 13"]
+    if subprotocols:
+        lines.append(b"Sec-WebSocket-Protocol: " + ", ".join(subprotocols).encode("ascii"))
+    if extensions:
+        lines.append(b"Sec-WebSocket-Extensions: " + ", ".join(extensions).encode("ascii"))
+    for name, value in headers:
+        name = name.encode("ascii") if isinstance(name, str) else bytes(name)
+        value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
+        if not _TOKEN.match(name) or b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise ValueError(f"bad header {name!r}: {value!r}")
+        lines.append(name + b": " + value.strip(b" \t"))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@dataclass(slots=True)
+class ClientAccept:
+    """What a server's 101 answer agreed to (see :func:`check_accept`)."""
+
+    subprotocol: str | None                 # the server's choice, one of those offered
+    extensions: list                        # the accepted extensions, as the server wrote them
+    deflate: DeflateParams | None = None    # permessage-deflate, negotiated (client: swap roles)
+    headers: list = field(default_factory=list)   # the other headers, (lower-case name, value)
+
+
+def _response_head(head: bytes):
+    """Status and ``(lower-case name, value)`` headers of a response head, or None."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = head[:end].split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 \
+            or not parts[1].isdigit():
+        return None
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not sep or not _TOKEN.match(name) or any(b < 0x20 and b != 0x09 or b == 0x7F for b in value):
+            return None
+        headers.append((name.lower().decode("ascii"), value.decode("latin-1")))
+    return int(parts[1]), headers
+
+
+def check_accept(response_head: bytes, key: str, subprotocols=(), extensions=()) -> ClientAccept:
+    """Check the server's answer to :func:`client_request` (its head, up to
+    and including the blank line; bytes after it are not looked at) with
+    wsproto's client semantics, in wsproto's order: the status must be 101,
+    ``Connection`` must hold the token ``upgrade``, ``Upgrade`` must be
+    ``websocket`` (any case), ``Sec-WebSocket-Accept`` must be the one
+    ``key`` calls for, a ``Sec-WebSocket-Protocol`` must be one of the
+    ``subprotocols`` offered, and every accepted extension one of the
+    ``extensions`` offered (by name).  For a repeated header the last one
+    counts, as in wsproto.
+
+    Returns a :class:`ClientAccept`; its ``deflate`` holds the negotiated
+    permessage-deflate parameters (the offer's, updated by what the server
+    wrote, as wsproto's ``finalize``), to be given to
+    ``Engine(client=True, deflate=...)``.  Raises
+    :class:`~fastws.errors.HandshakeError` otherwise, with ``status`` the
+    response's status (101 when the 101 itself is wrong, 0 when the bytes
+    are no HTTP response head) and, for a refusal, its ``headers`` (e.g.
+    ``Retry-After``)."""
+    parsed = _response_head(bytes(response_head))
+    if parsed is None:
+        raise HandshakeError(0, "not an HTTP response head")
+    status, headers = parsed
+    if status != 101:
+        raise HandshakeError(status, f"the server answered {status} instead of 101", headers)
+    connection = accepted = accept = subprotocol = None
+    upgrade = ""
+    extra = []
+    for name, value in headers:
+        if name == "connection":
+            connection = _split_tokens(value)
+        elif name == "sec-websocket-extensions":
+            accepted = _split_tokens(value)
+        elif name == "sec-websocket-accept":
+            accept = value
+        elif name == "sec-websocket-protocol":
+            subprotocol = value
+        elif name == "upgrade":
+            upgrade = value
+        else:
+            extra.append((name, value))
+    if connection is None or not any(t.lower() == "upgrade" for t in connection):
+        raise HandshakeError(101, "Missing header, 'Connection: Upgrade'")
+    if upgrade.lower() != "websocket":
+        raise HandshakeError(101, "Missing header, 'Upgrade: websocket'")
+    if accept != accept_key(key):
+        raise HandshakeError(101, "Bad accept token")
+    if subprotocol is not None and subprotocol not in subprotocols:
+        raise HandshakeError(101, f"unrecognized subprotocol {subprotocol}")
+    offers = {}
+    for offer in extensions:
+        offers.setdefault(offer.split(";", 1)[0].strip(), offer)
+    deflate = None
+    for ext in accepted or ():
+        name = ext.split(";", 1)[0].strip()
+        if name not in offers:
+            raise HandshakeError(101, f"unrecognized extension {name}")
+        if name == DEFLATE:
+            deflate = _finalize_deflate(offers[name], ext)
+    return ClientAccept(subprotocol, list(accepted or ()), deflate, extra)
+
+
+def _finalize_deflate(offer: str, accept: str) -> DeflateParams:
+    """The parameters a client negotiated: those of its ``offer``, updated
+    by the server's ``accept`` (wsproto's ``PerMessageDeflate.finalize``)."""
+    state = {"client_no_context_takeover": False, "server_no_context_takeover": False,
+             "client_max_window_bits": 15, "server_max_window_bits": 15}
+    for text in (offer, accept):
+        for bit in (b.strip() for b in text.split(";")[1:]):
+            for flag in ("client_no_context_takeover", "server_no_context_takeover"):
+                if bit.startswith(flag):
+                    state[flag] = True
+                    break
+            else:
+                for bits in ("client_max_window_bits", "server_max_window_bits"):
+                    if bit.startswith(bits):
+                        try:
+                            n = int(bit.split("=", 1)[1].strip())
+                        except (IndexError, ValueError):
+                            raise HandshakeError(101, f"bad permessage-deflate parameter {bit!r}") from None
+                        if not 9 <= n <= 15:
+                            raise HandshakeError(101, f"permessage-deflate {bits}={n} is not 9..15")
+                        state[bits] = n
+                        break
+    return DeflateParams(**state)

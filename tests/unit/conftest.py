@@ -110,6 +110,36 @@ class Wire:
         return cls.frame(opcode, payload, fin=fin, rsv=rsv, mask=None)
 
     @staticmethod
+    def parse_client(data):
+        """The masked frames a client engine produced, unmasked: a list of
+        ``(first byte, payload, masking key)``.  Fails on an unmasked frame
+        or a frame cut short."""
+        out, at = [], 0
+        while at < len(data):
+            assert len(data) - at >= 2, data[at:]
+            first, second = data[at], data[at + 1]
+            at += 2
+            assert second & 0x80, f"unmasked frame from a client: {data[at - 2:at + 8]!r}"
+            length = second & 0x7F
+            if length == 126:
+                (length,) = struct.unpack_from("!H", data, at)
+                at += 2
+            elif length == 127:
+                (length,) = struct.unpack_from("!Q", data, at)
+                at += 8
+            key = data[at : at + 4]
+            at += 4
+            assert len(key) == 4 and len(data) - at >= length, "frame cut short"
+            out.append((first, Wire.mask(data[at : at + length], key), key))
+            at += length
+        return out
+
+    @classmethod
+    def client_view(cls, data):
+        """``parse_client`` without the keys: ``[(first byte, payload)]``."""
+        return [(first, payload) for first, payload, _ in cls.parse_client(data)]
+
+    @staticmethod
     def close_payload(code, reason=b""):
         if isinstance(reason, str):
             reason = reason.encode()

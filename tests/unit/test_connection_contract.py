@@ -30,6 +30,7 @@ HTTP statuses), so two equally wrong implementations fail too.
 from __future__ import annotations
 
 import heapq
+import time
 import inspect
 import random
 import socket
@@ -532,7 +533,11 @@ class Rig:
                                                    "ping_timeouts", "idle_timeouts")}
         state = {name: (c.state, c.closed, c.close_code, c.close_reason, c.id, c.dropped)
                  for name, c in self.conns.items()}
-        return {"log": self.log, "received": self.received, "stats": hub.stats(),
+        stats = hub.stats()
+        # the delivery latency is real time: its count is compared, its values are not
+        stats.pop("delivery_latency_sum")
+        assert sum(stats.pop("delivery_latency_buckets")) == stats["delivery_latency_count"]
+        return {"log": self.log, "received": self.received, "stats": stats,
                 "counters": counters, "conns": state, "open": sorted(hub.connections)}
 
     def close_all_peers(self):
@@ -704,7 +709,8 @@ def test_adopt_takes_over_a_decided_upgrade():
         conn = rig.adopt("a", route, early=frame(TEXT, "first") + frame(PING, b"p"))
         rig.loop.run()
         assert conn.path == "/adopted" and conn.query_string == "a=1"
-        assert rig.hub.connections[conn.id] is conn
+        assert rig.hub.connections[conn.number] is conn
+        assert rig.hub.connection(conn.id) is conn and conn.id == str(conn.number)
         rig.feed("a", frame(TEXT, "second"))
         rig.loop.run()
 
@@ -1393,3 +1399,202 @@ def test_stub_matches_the_extension():
             list(inspect.signature(getattr(py, cls_name).__init__).parameters), cls_name
     engine = core.engine_module("wsproto").Engine
     assert _params(classes["Engine"]["__init__"]) == list(inspect.signature(engine.__init__).parameters)
+
+
+# -- public connection ids, the on_closed hook, rate limits, the delivery latency ---------
+
+
+def test_connection_ids_carry_the_node_id():
+    node = "web1-4242-0badcafe"
+
+    def scenario(rig):
+        a, b = upgraded(rig, "a"), upgraded(rig, "b")
+        c = rig.adopt("c", Route(rig))
+        assert (a.id, b.id, c.id) == (f"{node}-1", f"{node}-2", f"{node}-3")
+        assert (a.number, b.number, c.number) == (1, 2, 3)
+        assert repr(b).startswith(f"<fastws.Connection id={node}-2 ")
+        hub = rig.hub
+        assert hub.node_id == node
+        assert sorted(hub.connections) == [1, 2, 3]       # keyed by number
+        assert hub.connection(b.id) is b and hub.connection(2) is b
+        for other in (f"other-2", "2", f"{node}-99", f"{node}-x", f"{node}-", f"{node}--2", f"{node}-2.0",
+                      f"{node}-²", None, 2.0, True, b"2", 0, -2):
+            assert hub.connection(other) is None, other
+        b.abort()
+        rig.loop.run()
+        assert hub.connection(f"{node}-2") is None and b.id == f"{node}-2"   # the id stays readable
+
+    both(scenario, node_id=node)
+
+
+def test_connection_ids_without_a_node_id():
+    def scenario(rig):
+        conn = rig.connect("a")
+        assert conn.id is None and conn.number == 0      # not upgraded yet
+        rig.routes["/echo"] = Route(rig)
+        rig.feed("a", upgrade_head("/echo"))
+        rig.loop.run()
+        assert conn.id == "1" and rig.hub.connection("1") is conn and rig.hub.connection("x-1") is None
+
+    both(scenario)
+
+
+def test_on_closed_runs_once_for_every_upgraded_connection():
+    def scenario(rig):
+        hub = rig.hub
+        assert hub.on_closed is None
+        hub.on_lost = lambda conn: rig.log.append((rig.name_of(conn), "on_lost"))
+        hub.on_closed = lambda conn: rig.log.append((rig.name_of(conn), "on_closed", conn.close_code,
+                                                     conn.remote_address, conn.id))
+        rig.routes["/hold"] = Route(rig)
+        closed = upgraded(rig, "closed")
+        closed.rooms = ("room",)                         # as if it had joined a room
+        adopted = rig.adopt("adopted", Route(rig))
+        rig.connect("rejected")
+        rig.feed("rejected", upgrade_head("/reject"))
+        rig.connect("held")
+        rig.feed("held", upgrade_head("/hold"))
+        rig.connect("silent")
+        rig.loop.run()
+        rig.feed("closed", close_frame(1000, "bye"))
+        adopted.abort()
+        rig.transports["held"]._lose()
+        rig.transports["silent"]._lose()
+        rig.loop.run()
+        rig.transports["closed"]._lose()                 # a second loss report changes nothing
+        rig.loop.run()
+
+    rig = both(scenario)
+    hooks = [e for e in rig.log if e[1] in ("on_lost", "on_closed", "on_disconnect")]
+    assert hooks == [   # once each, after on_lost, before on_disconnect; none for the others
+        ("closed", "on_lost"),
+        ("closed", "on_closed", 1000, ("127.0.0.1", 40000), "1"),
+        ("closed", "on_disconnect", 1000, "bye"),
+        ("adopted", "on_closed", 1006, ("127.0.0.1", 40000), "2"),
+        ("adopted", "on_disconnect", 1006, ""),
+    ]
+
+
+def test_on_closed_failure_is_logged_and_the_connection_still_ends(caplog):
+    def scenario(rig):
+        def hook(conn):
+            raise RuntimeError("node side failed")
+
+        rig.hub.on_closed = hook
+        conn = upgraded(rig, "a")
+        conn.abort()
+        rig.loop.run()
+
+    with caplog.at_level("ERROR", logger="fastws"):
+        rig = both(scenario)
+    assert ("a", "on_disconnect", 1006, "") in rig.log
+    assert sum("on_closed hook failed" in r.getMessage() for r in caplog.records) == 2   # once per implementation
+    assert rig.hub.connections == {}
+
+
+def test_rate_limit_settings_and_window():
+    for impl in IMPLS:
+        hub = load(impl).Hub(ManualLoop())
+        assert hub.rate_window == (0, 0, 0) and hub.tick == 1.0          # off: no change to the wheel
+        hub = load(impl).Hub(ManualLoop(), max_messages_per_second=10, rate_burst_seconds=1.0)
+        assert hub.tick == 0.25 and hub.rate_window == (4, 10, 0)         # the tick follows the window
+        hub = load(impl).Hub(ManualLoop(), max_bytes_per_second=1000, rate_burst_seconds=0.3, tick=0.25)
+        assert hub.rate_window == (1, 0, 250)                             # rounded to whole ticks, >= 1
+        hub = load(impl).Hub(ManualLoop(), max_messages_per_second=0.1, max_bytes_per_second=1 << 30,
+                             rate_burst_seconds=3600, tick=1.0)
+        assert hub.rate_window == (3600, 360, 4294967293)                 # capped: uint32 counters
+        assert hub.rate_limited == {"messages": 0, "bytes": 0}
+
+
+def test_rate_limit_messages():
+    def scenario(rig):
+        route = Route(rig)
+        steady, flood = rig.adopt("steady", route), rig.adopt("flood", route)
+        rig.loop.run()
+        for second in range(5):                    # 8 a second, under the 10 allowed: never closed
+            rig.feed("steady", b"".join(frame(TEXT, f"s{second}.{i}") for i in range(8)))
+            rig.feed("flood", b"".join(frame(TEXT, f"f{second}.{i}") for i in range(10)))
+            rig.loop.run()
+            rig.loop.advance(1.0)
+        assert not steady.closed and not flood.closed
+        # 11 in one window: the 11th closes the connection, it and what follows are dropped
+        rig.feed("flood", b"".join(frame(TEXT, f"over{i}") for i in range(14)))
+        rig.loop.run()
+        assert flood.state == frames.CLOSING and rig.hub.rate_limited == {"messages": 1, "bytes": 0}
+        rig.feed("flood", frame(TEXT, "after the close") + close_frame(1008))
+        rig.loop.run()
+        rig.loop.advance(2.0)
+
+    # no pings, no idle timeout: the wheel turns for the rate windows alone
+    rig = both(scenario, handshake=None, max_messages_per_second=10, rate_burst_seconds=1.0,
+               ping_interval=0, idle_timeout=0)
+    flood = [p.decode() for op, p in rig.frames("flood") if op == TEXT]
+    assert flood[-10:] == [f"over{i}" for i in range(10)] and "over10" not in flood
+    assert close_codes(rig, "flood") == [tuple(errors.RATE_LIMITED)]
+    assert ("flood", "on_disconnect", 1008, "") in rig.log
+    assert not any(e[1] == "on_message" and e[2] in ("over10", "after the close") for e in rig.log)
+    assert len([p for op, p in rig.frames("steady") if op == TEXT]) == 40
+    assert rig.hub.stats()["rate_limited"] == {"messages": 1, "bytes": 0}
+    assert rig.hub.stats()["closes"] == {1008: 1}
+
+
+def test_rate_limit_bytes_counts_every_frame():
+    def scenario(rig):
+        route = Route(rig, echo=False)
+        data, pings = rig.adopt("data", route), rig.adopt("pings", route)
+        rig.loop.run()
+        rig.feed("data", frame(BINARY, bytes(200)) * 4)        # 4 x 208 = 832 bytes: in
+        rig.loop.run()
+        rig.loop.advance(1.0)                                  # a new window
+        rig.feed("data", frame(BINARY, bytes(200)) * 4)
+        rig.loop.run()
+        assert not data.closed
+        rig.feed("data", frame(BINARY, bytes(200)))            # 1,040 bytes in this window: over
+        rig.feed("pings", frame(PING, bytes(100)) * 9)         # 9 x 106 = 954: in
+        rig.loop.run()
+        assert not pings.closed
+        rig.feed("pings", frame(PING, bytes(100)))             # control frames count too
+        rig.loop.run()
+        rig.loop.advance(6.0)                                  # no answer: aborted after close_timeout
+
+    rig = both(scenario, handshake=None, max_bytes_per_second=1000, rate_burst_seconds=1.0,
+               close_timeout=5.0)
+    assert close_codes(rig, "data") == [tuple(errors.RATE_LIMITED)]
+    assert close_codes(rig, "pings") == [tuple(errors.RATE_LIMITED)]
+    assert len([1 for e in rig.log if e[0] == "data" and e[1] == "on_message"]) == 8
+    assert ("data", "abort") in rig.log and ("pings", "abort") in rig.log
+    assert rig.hub.stats()["rate_limited"] == {"messages": 0, "bytes": 2}
+
+
+def test_delivery_latency_is_observed_per_connection_written():
+    bounds = core.DELIVERY_LATENCY_BUCKETS
+    assert load("cython").DELIVERY_LATENCY_BUCKETS == load("wsproto").DELIVERY_LATENCY_BUCKETS == bounds
+    assert list(bounds) == sorted(bounds)
+
+    def scenario(rig):
+        hub = rig.hub
+        echo = upgraded(rig, "echo")
+        quiet = [rig.adopt(f"q{i}", Route(rig, echo=False)) for i in range(3)]
+        rig.feed("echo", frame(TEXT, "one") + frame(TEXT, "two"))    # one read, one reply write
+        rig.loop.run()
+        st = hub.stats()
+        assert st["delivery_latency_count"] == 1
+        assert st["delivery_latency_buckets"][-1] == 0
+        # a broadcast outside any read, flushed 30 ms later: 3 writes of >= 30 ms
+        hub.broadcast("news", quiet)
+        time.sleep(0.03)
+        rig.loop.run()
+        st = hub.stats()
+        assert st["delivery_latency_count"] == 4
+        slow = sum(st["delivery_latency_buckets"][bounds.index(0.025) + 1:])
+        assert slow == 3 and st["delivery_latency_sum"] >= 0.09
+        # frames a paused connection holds are not observed when they go out
+        quiet[0].pause_writing()
+        hub.broadcast("held", quiet[:1])
+        rig.loop.run()
+        quiet[0].resume_writing()
+        rig.loop.run()
+        assert hub.stats()["delivery_latency_count"] == 4
+        assert quiet[0].closed is False
+
+    both(scenario)

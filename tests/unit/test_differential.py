@@ -12,6 +12,12 @@ after each segment the test compares the events (ERROR events by code only),
 the bytes queued for the peer, the state and the close code and reason, and
 the result of the server action (its bytes, or the exception it raised).
 
+The client role (``Engine(client=True)``) runs through the same cases with
+the roles swapped: the bytes are what a server sends (unmasked; a frame the
+strategy draws unmasked goes out masked instead, the error of this role;
+messages compressed with the server's parameters), and what the engines
+send is unmasked before it is compared (the keys are random).
+
 ``[cython]`` is the real comparison and fails (never skips) when
 ``fastws._core`` is not built. ``[wsproto]`` compares the wsproto engine with
 itself: it checks the harness, and that no input makes the engine raise.
@@ -190,26 +196,39 @@ deflate_params = st.builds(
 
 
 class Client:
-    """Serializes item descriptions; compresses messages when ``deflate`` is set."""
+    """Serializes item descriptions; compresses messages when ``deflate`` is set.
 
-    def __init__(self, wire, deflate: DeflateParams | None):
+    ``as_server``: write what a server sends (to an engine in the client role)."""
+
+    def __init__(self, wire, deflate: DeflateParams | None, as_server: bool = False):
         self.wire = wire
         self.deflate = deflate
         self.compressor = None
+        self.as_server = as_server
 
     def _compress(self, data: bytes) -> bytes:
         params = self.deflate
-        if self.compressor is None or params.client_no_context_takeover:
-            bits = params.client_max_window_bits
-            self.compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
+        if self.as_server:
+            bits, fresh = params.server_max_window_bits, params.server_no_context_takeover
+        else:
+            bits, fresh = params.client_max_window_bits, params.client_no_context_takeover
+        if self.compressor is None or fresh:
+            self.compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -max(9, bits))
         return self.wire.deflate(data, self.compressor)
+
+    def _mask(self, mask):
+        """The key of a frame drawn with ``mask`` (a key, or False: unmasked):
+        as drawn for a server engine; swapped for a client engine."""
+        if not self.as_server:
+            return mask or None
+        return None if mask else self.wire.MASK
 
     def encode(self, item) -> bytes:
         wire, kind = self.wire, item["kind"]
         if kind == "garbage":
             return item["bytes"]
         if kind == "header":
-            return wire.header(item["opcode"], item["length"])
+            return wire.header(item["opcode"], item["length"], mask=self._mask(wire.MASK))
         if kind == "frame":
             mask = item.get("mask", wire.MASK)
             return wire.frame(
@@ -217,7 +236,7 @@ class Client:
                 item["payload"],
                 fin=item.get("fin", True),
                 rsv=item.get("rsv", 0),
-                mask=mask or None,
+                mask=self._mask(mask),
                 length_bits=item.get("length_bits"),
             )
         # A message: compress as a whole, then cut into fragments.
@@ -234,9 +253,10 @@ class Client:
         for i in range(len(bounds) - 1):
             last = i == len(bounds) - 2
             opcode = item["opcode"] if i == 0 else CONT
-            out.append(wire.frame(opcode, data[bounds[i] : bounds[i + 1]], fin=last, rsv=rsv if i == 0 else 0))
+            out.append(wire.frame(opcode, data[bounds[i] : bounds[i + 1]], fin=last, rsv=rsv if i == 0 else 0,
+                                  mask=self._mask(wire.MASK)))
             if not last and item["between"][i] is not None:
-                out.append(wire.frame(item["between"][i], b"c%d" % i))
+                out.append(wire.frame(item["between"][i], b"c%d" % i, mask=self._mask(wire.MASK)))
         return b"".join(out)
 
 
@@ -249,18 +269,24 @@ def norm(events):
     return [(ERROR, e[1]) if e[0] == ERROR else e for e in events]
 
 
-def run(module, config, segments, action):
-    """Feed ``segments`` (each a list of pieces) to a fresh engine; return a trace."""
-    engine = module.Engine(**config)
+def run(module, config, segments, action, wire=None):
+    """Feed ``segments`` (each a list of pieces) to a fresh engine; return a
+    trace.  With ``wire``, the engine is a client: what it sends is
+    compared unmasked (``wire.client_view``), its keys being random."""
+    engine = module.Engine(**config, client=wire is not None)
+    view = (lambda out: out) if wire is None else wire.client_view
     trace = []
     for index, segment in enumerate(segments):
         events = []
         for piece in segment:
             events += engine.receive(piece)
-        out = engine.data_to_send()
+        out = view(engine.data_to_send())
         trace.append(("segment", index, norm(events), out, engine.state, engine.close_code, engine.close_reason))
         if index == 0 and action is not None:
-            trace.append(("action", action[0], perform(engine, action)))
+            result = perform(engine, action)
+            if type(result[0]) is bytes:
+                result = (view(result[0]), result[1])
+            trace.append(("action", action[0], result))
     return trace
 
 
@@ -279,11 +305,11 @@ def perform(engine, action):
     return (bytes(result), engine.state)
 
 
-def draw_case(data, wire, deflate):
+def draw_case(data, wire, deflate, as_server=False):
     config = data.draw(configs, label="config")
     if deflate is not None:
         config["deflate"] = deflate
-    client = Client(wire, deflate)
+    client = Client(wire, deflate, as_server)
     items = data.draw(st.sampled_from([clean_items, noisy_items]), label="items")
     first = data.draw(st.lists(items, max_size=10), label="segment 1")
     action = data.draw(actions, label="action")
@@ -316,3 +342,25 @@ def test_engines_agree_with_deflate(wire, load_engine, candidate, data):
     params = data.draw(deflate_params, label="deflate")
     config, segments, action = draw_case(data, wire, deflate=params)
     assert run(module, config, segments, action) == run(oracle, config, segments, action)
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@SETTINGS
+@given(data=st.data())
+def test_engines_agree_as_clients(wire, load_engine, candidate, data):
+    """Both engines in the client role, on what a server sends (masked frames
+    among them: 1002)."""
+    oracle, module = load_engine("wsproto"), load_engine(candidate)
+    config, segments, action = draw_case(data, wire, deflate=None, as_server=True)
+    assert run(module, config, segments, action, wire) == run(oracle, config, segments, action, wire)
+
+
+@pytest.mark.deflate
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@SETTINGS
+@given(data=st.data())
+def test_engines_agree_as_clients_with_deflate(wire, load_engine, candidate, data):
+    oracle, module = load_engine("wsproto"), load_engine(candidate)
+    params = data.draw(deflate_params, label="deflate")
+    config, segments, action = draw_case(data, wire, deflate=params, as_server=True)
+    assert run(module, config, segments, action, wire) == run(oracle, config, segments, action, wire)

@@ -1188,3 +1188,219 @@ def test_deflate_echo_of_pings_and_close_while_compressing(make_engine, wire):
     data = wire.frame(PING, b"x") + wire.frame(CLOSE, wire.close_payload(1000, "bye"))
     assert engine.receive(data) == [(PING, b"x"), (CLOSE, 1000, "bye")]
     assert engine.data_to_send() == b"\x8a\x01x\x88\x02\x03\xe8"
+
+
+# -- the client role (Engine(client=True)) --------------------------------------------
+# The same engines facing a server: frames in unmasked, frames out masked with
+# a fresh key each, permessage-deflate with the parameters' roles swapped.
+
+
+def unmasked_fragments(wire, opcode, payload, sizes):
+    """``wire.fragments`` as a server sends them (no mask)."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    parts, at = [], 0
+    for size in sizes:
+        parts.append(payload[at : at + size])
+        at += size
+    parts.append(payload[at:])
+    return b"".join(
+        wire.frame(opcode if i == 0 else CONT, part, fin=i == len(parts) - 1, mask=None)
+        for i, part in enumerate(parts)
+    )
+
+
+def test_client_role_flag(make_engine):
+    assert make_engine(client=True).client is True
+    assert make_engine().client is False
+
+
+def test_client_receives_server_frames(make_engine, wire, chunks):
+    engine = make_engine(client=True)
+    big = bytes(i % 251 for i in range(70001))
+    data = (
+        wire.server_frame(TEXT, "Hello")
+        + wire.server_frame(BINARY, big)
+        + wire.frame(TEXT, "frag", fin=False, mask=None)
+        + wire.server_frame(PING, b"mid")
+        + wire.frame(CONT, "mented", mask=None)
+        + wire.server_frame(PONG, b"q")
+        + unmasked_fragments(wire, TEXT, "wörld €", [1, 3])
+        + wire.server_frame(BINARY, b"")
+    )
+    assert chunks.feed(engine, data) == [
+        (TEXT, "Hello"),
+        (BINARY, big),
+        (PING, b"mid"),
+        (TEXT, "fragmented"),
+        (PONG, b"q"),
+        (TEXT, "wörld €"),
+        (BINARY, b""),
+    ]
+    # the pong goes back masked
+    assert wire.client_view(engine.data_to_send()) == [(0x8A, b"mid")]
+    assert engine.state == OPEN
+
+
+@pytest.mark.parametrize("opcode, payload", [(TEXT, b"hi"), (BINARY, bytes(300)), (PING, b"p"),
+                                             (CLOSE, struct.pack("!H", 1000))],
+                         ids=["text", "binary-16bit", "ping", "close"])
+def test_client_refuses_a_masked_frame(make_engine, wire, chunks, opcode, payload):
+    engine = make_engine(client=True)
+    events = chunks.feed(engine, wire.server_frame(TEXT, "ok") + wire.frame(opcode, payload)
+                         + wire.server_frame(TEXT, "never"))
+    assert norm(events) == [(TEXT, "ok"), (ERROR, 1002)]
+    # the error close is masked too, with the canonical reason
+    assert wire.client_view(engine.data_to_send()) == [(0x88, wire.close_payload(1002, "protocol error"))]
+    assert engine.state == CLOSED
+    assert (engine.close_code, engine.close_reason) == (1002, "protocol error")
+
+
+def test_client_refuses_a_masked_frame_from_its_length_bytes(make_engine, wire):
+    # stage 2: known once the length is read, before the key or the payload
+    engine = make_engine(client=True)
+    assert norm(engine.receive(wire.frame(TEXT, "x" * 300)[:4])) == [(ERROR, 1002)]
+
+
+def test_client_frames_are_masked(make_engine, wire):
+    engine = make_engine(client=True)
+    big = bytes(i % 7 for i in range(70000))
+    cases = [
+        (engine.send("text"), 0x81, b"text"),
+        (engine.send(b"bin"), 0x82, b"bin"),
+        (engine.send(bytearray(b"ba")), 0x82, b"ba"),
+        (engine.send("é" * 100), 0x81, ("é" * 100).encode()),
+        (engine.send(big), 0x82, big),
+        (engine.encode_message(TEXT, b"enc"), 0x81, b"enc"),
+        (engine.encode_message(BINARY, b""), 0x82, b""),
+        (engine.ping(b"p"), 0x89, b"p"),
+        (engine.ping(), 0x89, b""),
+    ]
+    for frame, first, payload in cases:
+        assert wire.client_view(frame) == [(first, payload)]
+    assert engine.data_to_send() == b""
+    assert wire.client_view(engine.close(1001, "leaving")) == [(0x88, wire.close_payload(1001, "leaving"))]
+    assert engine.state == CLOSING
+
+
+def test_client_masking_keys_are_fresh(make_engine, wire):
+    """A fresh, unpredictable key per frame: 2,000 frames, 2,000 keys (a
+    repeat among 2,000 random 32-bit keys has a chance of 1 in 2,000)."""
+    engine = make_engine(client=True)
+    keys = [wire.parse_client(engine.send(b"x"))[0][2] for _ in range(2000)]
+    assert len(set(keys)) >= 1998
+    assert len(set(k[i] for k in keys for i in range(4))) > 200   # every byte value shows up
+
+
+def test_client_close_started_by_the_client(make_engine, wire, chunks):
+    engine = make_engine(client=True)
+    frame = engine.close(1000, "done")
+    assert wire.client_view(frame) == [(0x88, wire.close_payload(1000, "done"))]
+    assert engine.state == CLOSING and engine.close_code is None
+    # messages already on their way are still delivered; then the server's echo
+    data = wire.server_frame(TEXT, "late") + wire.server_frame(CLOSE, wire.close_payload(1000))
+    assert chunks.feed(engine, data) == [(TEXT, "late"), (CLOSE, 1000, "")]
+    assert engine.state == CLOSED
+    assert engine.data_to_send() == b""                     # no second close frame
+    assert (engine.close_code, engine.close_reason) == (1000, "")
+    assert engine.receive(wire.server_frame(TEXT, "after")) == []
+    with pytest.raises(errors.ConnectionClosed):
+        engine.send("x")
+
+
+def test_client_close_started_by_the_server(make_engine, wire, chunks):
+    engine = make_engine(client=True)
+    events = chunks.feed(engine, wire.server_frame(CLOSE, wire.close_payload(1001, "restart")))
+    assert events == [(CLOSE, 1001, "restart")]
+    # the echo (code only), masked; the client then waits for the server to
+    # close the TCP connection: the engine has nothing more to send
+    assert wire.client_view(engine.data_to_send()) == [(0x88, wire.close_payload(1001))]
+    assert engine.state == CLOSED
+    with pytest.raises(errors.ConnectionClosed) as info:
+        engine.send("x")
+    assert (info.value.code, info.value.reason) == (1001, "restart")
+
+
+def test_client_empty_close_and_bad_close_from_the_server(make_engine, wire):
+    engine = make_engine(client=True)
+    assert engine.receive(wire.server_frame(CLOSE)) == [(CLOSE, 1005, "")]
+    assert wire.client_view(engine.data_to_send()) == [(0x88, b"")]
+    engine = make_engine(client=True)
+    events = engine.receive(wire.server_frame(CLOSE, wire.close_payload(1005)))
+    assert norm(events) == [(ERROR, 1002)]
+    assert wire.client_view(engine.data_to_send()) == [(0x88, wire.close_payload(1002, "protocol error"))]
+
+
+def test_client_limits(make_engine, wire, chunks):
+    engine = make_engine(client=True, max_message_size=100)
+    events = chunks.feed(engine, wire.server_frame(BINARY, bytes(100)) + wire.server_frame(BINARY, bytes(101)))
+    assert norm(events) == [(BINARY, bytes(100)), (ERROR, 1009)]
+    assert wire.client_view(engine.data_to_send()) == [(0x88, wire.close_payload(1009, "message too big"))]
+    engine = make_engine(client=True)
+    events = chunks.feed(engine, wire.server_frame(TEXT, b"ok\xff"))
+    assert norm(events) == [(ERROR, 1007)]
+
+
+@deflate
+@pytest.mark.parametrize("no_context", [False, True], ids=["takeover", "client_no_context_takeover"])
+def test_deflate_client_compresses_with_the_client_parameters(make_engine, wire, no_context):
+    # the client's window and no_context_takeover, whatever the server's
+    params = DeflateParams(client_no_context_takeover=no_context, client_max_window_bits=10,
+                           server_no_context_takeover=not no_context, server_max_window_bits=12)
+    engine = make_engine(client=True, deflate=params)
+    server = make_engine(deflate=params)
+    message = "the client says the same thing again and again. " * 4
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -10)
+    for _ in range(3):
+        frame = engine.send(message)
+        expected = wire.deflate(message, wbits=10) if no_context else wire.deflate(message, compressor)
+        assert wire.client_view(frame) == [(0xC1, expected)]
+        assert server.receive(frame) == [(TEXT, message)]
+    # control frames are never compressed
+    assert wire.client_view(engine.ping(b"p")) == [(0x89, b"p")]
+
+
+@deflate
+def test_deflate_client_inflates_with_the_server_parameters(make_engine, wire, chunks):
+    message = "the server says the same thing again and again. " * 4
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -9)
+    data = b"".join(wire.server_frame(TEXT, wire.deflate(message, compressor), rsv=RSV1) for _ in range(3))
+    # client_no_context_takeover says nothing of what the server sends
+    params = DeflateParams(client_no_context_takeover=True, server_max_window_bits=9)
+    engine = make_engine(client=True, deflate=params)
+    assert chunks.feed(engine, data) == [(TEXT, message)] * 3
+    # under server_no_context_takeover the client drops its window after each
+    # message: a server that keeps its context anyway is refused
+    engine = make_engine(client=True, deflate=DeflateParams(server_no_context_takeover=True))
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    data = b"".join(wire.server_frame(TEXT, wire.deflate(message, compressor), rsv=RSV1) for _ in range(2))
+    assert norm(chunks.feed(engine, data)) == [(TEXT, message), (ERROR, 1007)]
+    assert wire.client_view(engine.data_to_send()) == [(0x88, wire.close_payload(1007, "invalid payload data"))]
+
+
+@deflate
+def test_deflate_client_bomb_is_not_inflated(make_engine, wire):
+    engine = make_engine(client=True, deflate=DeflateParams(), max_message_size=1 << 20)
+    z = wire.deflate(bytes(64 << 20))
+    assert norm(engine.receive(wire.server_frame(BINARY, z, rsv=RSV1))) == [(ERROR, 1009)]
+
+
+@deflate
+@pytest.mark.parametrize("client_impl", ["cython", "wsproto"])
+@pytest.mark.parametrize("server_impl", ["cython", "wsproto"])
+@pytest.mark.parametrize("params", [
+    DeflateParams(),
+    DeflateParams(client_no_context_takeover=True, server_no_context_takeover=True),
+    DeflateParams(client_max_window_bits=9, server_max_window_bits=11),
+], ids=["default", "no-context", "windows"])
+def test_deflate_client_and_server_engines_talk(load_engine, client_impl, server_impl, params):
+    client = load_engine(client_impl).Engine(client=True, deflate=params)
+    server = load_engine(server_impl).Engine(deflate=params)
+    for i in range(4):
+        up = f"hello from the client, message {i}, " * (i + 1)
+        down = bytes(range(256)) * (i + 1)
+        assert server.receive(client.send(up)) == [(TEXT, up)]
+        assert client.receive(server.send(down)) == [(BINARY, down)]
+    assert server.receive(client.close(1000, "bye")) == [(CLOSE, 1000, "bye")]
+    assert client.receive(server.data_to_send()) == [(CLOSE, 1000, "")]
+    assert client.state == server.state == CLOSED
