@@ -31,7 +31,8 @@ The bridge knows the rooms only through the public API of
 * Fan-out: :meth:`Bridge.publish` delivers locally and sends the message to
   the broker once.
 * One connection anywhere: :meth:`Bridge.global_id` names a connection
-  across nodes (``"{node_id}:{conn.id}"``); every node subscribes to its own
+  across nodes: ``conn.id`` itself, ``"<node_id>-<n>"`` (the node gives its
+  hub the node id its broker uses); every node subscribes to its own
   node key, and :meth:`Bridge.send_to` delivers locally or through the
   owning node, which answers whether the connection existed;
   :meth:`Bridge.close_conn` closes one the same way (a CLOSE payload).
@@ -333,8 +334,8 @@ class Bridge:
         return seq
 
     def global_id(self, conn) -> str:
-        """The id of ``conn`` valid on every node: ``"{node_id}:{conn.id}"``."""
-        return f"{self.node_id}:{conn.id}"
+        """The id of ``conn`` valid on every node: ``conn.id``, ``"<node_id>-<n>"``."""
+        return conn.id
 
     async def send_to(self, gid: str, message, timeout: float = REPLY_TIMEOUT):
         """Send ``message`` to the connection ``gid`` (a :meth:`global_id`)
@@ -356,12 +357,11 @@ class Bridge:
 
     async def _ask(self, gid, timeout, counter, local, pack):
         """Do ``local(cid)`` here, or send ``pack(rid, cid)`` to the node of
-        ``gid`` and wait for its REPLY."""
-        node, _, cid = str(gid).rpartition(":")
-        try:
-            cid = int(cid)
-        except ValueError:
+        ``gid`` (``"<node_id>-<n>"``) and wait for its REPLY."""
+        node, _, cid = str(gid).rpartition("-")
+        if not (cid.isascii() and cid.isdigit()):
             return False
+        cid = int(cid)
         if not node or node == self.node_id:
             return local(cid)
         if not 0 <= cid < 1 << 64:
