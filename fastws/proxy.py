@@ -71,17 +71,31 @@ def _ip(host):
     return ip
 
 
+_keys: dict = {}            # IPv6 host -> its key (bounded): ipaddress costs microseconds
+
+
 def client_key(host) -> str:
     """The key a client is counted under by per-client limits (see the module
-    docstring); a host that is no IP address is its own key."""
+    docstring); a host that is no IP address is its own key.  An IPv4
+    address is its own key as given (the kernel's peer names and the
+    addresses :class:`TrustedProxies` returns are canonical already)."""
     if not isinstance(host, str):
         return str(host)
+    if ":" not in host:
+        return host
+    key = _keys.get(host)
+    if key is not None:
+        return key
     ip = _ip(host.split("%", 1)[0])          # fe80::1%eth0: the zone is no part of it
     if ip is None:
-        return host
-    if ip.version == 4:
-        return str(ip)
-    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+        key = host
+    elif ip.version == 4:                    # IPv4-mapped
+        key = str(ip)
+    else:
+        key = str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    if len(_keys) < 4096:
+        _keys[host] = key
+    return key
 
 
 def _split_host_port(entry: str):

@@ -42,6 +42,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -812,3 +813,67 @@ def test_asgi_scope_sees_the_client_behind_nginx(server_factory, keys, engine, t
 
     with nginx_in_front(server.port, tmp_path) as front:
         run(main(front))
+
+
+# -- the README's example ---------------------------------------------------------------------
+
+
+def test_readme_example(tmp_path):
+    """README.md "Authentication and limits": the app and the command, as written
+    (only the port is changed), with a real client, up to the per-address
+    limits of the command (test_docs.py's check_auth runs the same blocks for
+    the tokens and rooms)."""
+    from docblocks import blocks
+
+    found = {(b.kind, b.arg): b.text for b in blocks("README.md")}
+    app_src, command = found[("file", "chat.py")], found[("run", "auth")]
+    port = _free_port()
+    assert command.count("--port 8000") == 1
+    command = command.replace("--port 8000", f"--port {port}")
+    secret = re.search(r"JWT_SECRET=(\S+)", command).group(1)
+    (tmp_path / "chat.py").write_text(app_src)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("FASTWS_NO_EXTENSIONS", None)
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((HOST, port), 0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "server.log").read_text(errors="replace")
+                time.sleep(0.05)
+        now = int(time.time())
+        good = jwt.encode({"sub": "alice", "aud": "chat", "exp": now + 60}, secret, algorithm="HS256")
+        wrong = jwt.encode({"sub": "alice", "aud": "chat", "exp": now + 60}, "another-secret-of-32-bytes!!!!!!",
+                           algorithm="HS256")
+
+        async def main():
+            url = f"ws://{HOST}:{port}/chat"
+            async with await connect(url, additional_headers={"Authorization": f"Bearer {good}"}) as ws:
+                for room, answer in (("lobby", "joined lobby"), ("dm-alice", "joined dm-alice"),
+                                     ("dm-bob", "not allowed: dm-bob")):
+                    await ws.send(room)
+                    assert await asyncio.wait_for(ws.recv(), TIMEOUT) == answer
+            assert (await refused_status(url, additional_headers={"Authorization": f"Bearer {wrong}"}))[0] == 401
+            # --handshake-burst-per-ip 20 at 5/s: a quick run of 30 upgrades from one address
+            statuses = []
+            for _ in range(30):
+                answer = await asyncio.to_thread(raw_upgrade, port, "/chat",
+                                                 [("Authorization", f"Bearer {good}")], "127.0.50.1")
+                statuses.append(status_of(answer))
+            assert statuses[:15] == [101] * 15 and 429 in statuses, statuses
+
+        run(main())
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
