@@ -320,19 +320,19 @@ class Config:
                 ("health_max_memory", "health", lambda: self.health),
                 ("presence_ttl", "presence", lambda: self.presence)):
             if given(name) and not ok():
-                raise ConfigError(name, self._shown(name), f"set only together with {needs} "
-                                  f"(without {needs} it has no effect)")
+                raise ConfigError(name, self._shown(name), f"unset unless {needs} is set: "
+                                  f"without {needs} it has no effect")
         if self.presence:
             scheme = self.broker.split("://", 1)[0].lower() if "://" in self.broker else ""
             if scheme not in _REDIS_SCHEMES:
-                raise ConfigError("presence", True, "set only with a Redis broker (broker = "
-                                  "redis://..., rediss://..., redis+streams://... or redis+cluster://...): "
+                raise ConfigError("presence", True, "unset unless broker is a Redis broker "
+                                  "(redis://, rediss://, redis+streams://, redis+cluster://): "
                                   "presence is kept in Redis")
         if self.uds is not None:
             for name in ("host", "port", "reuse_port", "workers"):
                 if given(name):
-                    raise ConfigError(name, self._shown(name), "left unset with uds (the server "
-                                      "listens on the Unix socket uds, not on host:port)")
+                    raise ConfigError(name, self._shown(name), "left unset with uds: the server "
+                                      "listens on the Unix socket, not on host:port")
 
     def _shown(self, name):
         value = getattr(self, name)

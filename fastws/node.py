@@ -78,6 +78,14 @@ _FORWARDED_HEADERS = {"x-forwarded-for": 0, "x-forwarded-proto": 1, "forwarded":
 access_log = logging.getLogger("fastws.access")
 
 
+async def _quietly(awaitable) -> None:
+    """Await a release step whose failure changes nothing (Redis gone)."""
+    try:
+        await awaitable
+    except Exception as exc:
+        log.debug("fastws: release step failed: %s", exc)
+
+
 class AccessLog:
     """``--access-log``: one info line on logger ``fastws.access`` per
     upgrade (101), refused upgrade (its status and why) and close (its code,
@@ -284,19 +292,28 @@ class Node:
         if c.stats:
             self.stats_page = StatsPage(self)
             self.stats_page.start()
-        if c.broker:
-            await self._start_broker()
-        if c.presence:
-            await self._start_presence()
-        if c.publish_token:
-            publish_api.register(self, c.publish_token)
-        if self.app is not None:
-            self.app.node = self
-            try:
+        try:
+            presence_redis = presence_client(c.broker) if c.presence else None   # the extra is there
+        except ImportError as exc:
+            await self.stop(run_hooks=False)
+            raise ServerStartError(str(exc)) from None
+        try:
+            if c.broker:
+                await self._start_broker()
+            if presence_redis is not None:
+                await self._start_presence(presence_redis)
+            if c.publish_token:
+                publish_api.register(self, c.publish_token)
+            if self.app is not None:
+                self.app.node = self
                 await self._run_hooks("on_startup", self.app.startup_hooks)
-            except BaseException:
-                await self.stop(run_hooks=False)
-                raise
+        except BaseException:
+            # a start that fails half way releases what it started (broker
+            # links, timers): the process ends with one line, nothing pending
+            if presence_redis is not None and self.presence is None:
+                await _quietly(presence_redis.aclose())
+            await self.stop(run_hooks=False)
+            raise
 
     async def _start_broker(self) -> None:
         c = self.config
@@ -312,14 +329,10 @@ class Node:
         self.health.add_check("broker_subscriptions", self.bridge.check)
         log.info("fastws: broker %s (node %s)", mask_url(c.broker), self.broker.node_id)
 
-    async def _start_presence(self) -> None:
+    async def _start_presence(self, client) -> None:
         c = self.config
         if self.broker is None:     # Config refuses presence without a Redis broker
             raise ServerStartError("presence needs a Redis broker (--broker redis://...)")
-        try:
-            client = presence_client(c.broker)
-        except ImportError as exc:
-            raise ServerStartError(str(exc)) from None
         self.presence = Presence(client, self.broker.node_id, prefix=c.broker_prefix, ttl=c.presence_ttl)
         self.presence.attach(self.rooms, self.global_id)
         await self.presence.start()
@@ -349,10 +362,7 @@ class Node:
         if self.presence is not None:
             presence, self.presence = self.presence, None
             await presence.close()
-            try:
-                await presence.client.aclose()
-            except Exception as exc:  # Redis gone: nothing left to release
-                log.debug("fastws: presence client close: %s", exc)
+            await _quietly(presence.client.aclose())
         if self.resumer is not None:
             self.resumer.close()
             self.resumer = None

@@ -13,7 +13,8 @@ then each text message is a JSON command:
 
 Anything else is echoed.  ``on_startup`` sets ``app.state.started`` (and an
 async one ``app.state.ready``); both hooks append a line to the file named
-by ``FASTWS_TEST_HOOK_FILE`` when it is set.
+by ``FASTWS_TEST_HOOK_FILE`` when it is set; with ``FASTWS_TEST_HOOK_FAIL``
+set the first startup hook raises.
 """
 
 import asyncio
@@ -34,6 +35,8 @@ def _note(line: str) -> None:
 
 @app.on_startup
 def started():
+    if os.environ.get("FASTWS_TEST_HOOK_FAIL"):
+        raise RuntimeError("the database is not there")
     app.state.started = True
     _note("startup sync")
 
