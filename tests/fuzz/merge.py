@@ -7,8 +7,9 @@ Run from the repository root after a long run, e.g.::
 
 The seeds (``seed-*``) are always kept; libFuzzer's ``-set_cover_merge=1``
 then adds, from the kept corpus and the run directories, the smallest set of
-inputs it finds that covers every feature the seeds do not (the greedy set
-cover of ``-merge=1``), named by their SHA-1.  Those replace the corpus'
+inputs it finds that covers every edge and compared value the seeds do not
+(a greedy set cover; ``-use_counters=0``: how often an edge runs does not
+count, which keeps the corpus to dozens of files), named by their SHA-1.  Those replace the corpus'
 other files.  Use the same coverage as the run (``FASTWS_FUZZ_NATIVE=1``
 when the run had it), so that what only the native code tells apart is kept.
 """
@@ -35,7 +36,7 @@ def merge(target: str, runs: list) -> None:
         out.mkdir()
         for seed in corpus.glob("seed-*"):
             shutil.copy2(seed, out / seed.name)
-        cmd = [sys.executable, "-m", f"tests.fuzz.{target}", "-set_cover_merge=1", "-timeout=30",
+        cmd = [sys.executable, "-m", f"tests.fuzz.{target}", "-set_cover_merge=1", "-use_counters=0", "-timeout=30",
                "-rss_limit_mb=4096", f"-max_len={MAX_LEN.get(target, 4096)}",
                f"-merge_control_file={Path(tmp) / 'control'}", str(out), str(corpus), *map(str, runs)]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
