@@ -316,6 +316,8 @@ class Config:
                 ("deflate_server_no_context_takeover", "compression", lambda: self.compression),
                 ("deflate_client_no_context_takeover", "compression", lambda: self.compression),
                 ("handshake_burst", "handshake_rate", lambda: self.handshake_rate > 0),
+                ("handshake_burst_per_ip", "handshake_rate_per_ip", lambda: self.handshake_rate_per_ip > 0),
+                ("forwarded_allow_ips", "proxy_headers", lambda: self.proxy_headers),
                 ("health_max_loop_lag", "health", lambda: self.health),
                 ("health_max_memory", "health", lambda: self.health),
                 ("presence_ttl", "presence", lambda: self.presence)):

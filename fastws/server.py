@@ -394,15 +394,15 @@ class NativeServer(Server):
             req.client = node.forwarded(conn.remote_address, req.headers)[0]
             refused = node.admit_client(req.client, conn)
             if refused is not None:
-                self._reject(conn, refused.status, refused.detail, refused.headers)
+                self._reject(conn, refused.status, refused.detail, refused.headers, req.path, req.client)
                 return
         route = self.app.match(req.path)
         if route is None:
-            self._reject(conn, 404, f"no WebSocket route for {req.path}", path=req.path)
+            self._reject(conn, 404, f"no WebSocket route for {req.path}", path=req.path, client=req.client)
             return
         refused = node.check_origin(req)
         if refused is not None:
-            self._reject(conn, refused.status, refused.detail)
+            self._reject(conn, refused.status, refused.detail, path=req.path, client=req.client)
             return
         if route.on_connect is None:
             self._decide(conn, req, route, None)
@@ -426,13 +426,14 @@ class NativeServer(Server):
                 return
             self._decide(conn, req, route, decision)
 
-    def _reject(self, conn, status: int, detail: str, headers=(), path=None) -> None:
-        """Refuse the upgrade with ``status``, counted for the metrics."""
+    def _reject(self, conn, status: int, detail: str, headers=(), path=None, client=None) -> None:
+        """Refuse the upgrade with ``status``, counted for the metrics;
+        ``client``: the address a trusted proxy named (logged instead of the peer's)."""
         self.node.count_handshake(status)
         if self.node.access is not None:
-            self.node.access.refused(conn.remote_address, path, status, detail)
+            self.node.access.refused(client or conn.remote_address, path, status, detail)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("fastws: handshake from %s refused: %d %s", conn.remote_address, status, detail)
+            log.debug("fastws: handshake from %s refused: %d %s", client or conn.remote_address, status, detail)
         conn.reject_upgrade(error_response(status, detail, headers))
 
     def _async_decided(self, task, conn, req, route) -> None:
@@ -450,10 +451,11 @@ class NativeServer(Server):
 
     def _decide(self, conn, req, route, decision) -> None:
         if isinstance(decision, Reject):
-            self._reject(conn, decision.status, decision.body, decision.headers, path=req.path)
+            self._reject(conn, decision.status, decision.body, decision.headers, path=req.path,
+                         client=req.client)
             return
         if decision is False:
-            self._reject(conn, 403, "connection refused", path=req.path)
+            self._reject(conn, 403, "connection refused", path=req.path, client=req.client)
             return
         subprotocol = None
         headers = ()

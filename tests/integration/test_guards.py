@@ -741,7 +741,8 @@ def nginx_in_front(port: int, tmp: Path):
 
 
 def test_native_app_sees_the_client_behind_nginx(server_factory, keys, engine, tmp_path):
-    server = server_factory("--proxy-headers", "--max-connections-per-ip", "2", env=keys.env, app=APP)
+    server = server_factory("--proxy-headers", "--max-connections-per-ip", "2", "--access-log",
+                            env=keys.env, app=APP)
     n = 30 + (engine == "wsproto")
     client, other, direct = f"127.{n}.0.5", f"127.{n}.0.6", f"127.{n}.0.9"
 
@@ -769,10 +770,20 @@ def test_native_app_sees_the_client_behind_nginx(server_factory, keys, engine, t
 
     with nginx_in_front(server.port, tmp_path) as front:
         run(main(front))
+    assert_access_log(server, client, "/rooms")
+
+
+def assert_access_log(server, client: str, path: str):
+    """The access log names the forwarded client, for the upgrade and the 429."""
+    text = server.log()
+    assert re.search(rf'{re.escape(client)}:0 "{re.escape(path)}" 101', text), text[-3000:]
+    assert re.search(rf'{re.escape(client)}:0 "{re.escape(path)}" 429', text), text[-3000:]
+    assert "6.6.6.6" not in text and "7.7.7.7" not in text
 
 
 def test_asgi_scope_sees_the_client_behind_nginx(server_factory, keys, engine, tmp_path):
-    server = server_factory("--proxy-headers", "--max-connections-per-ip", "2", env=keys.env, app=ASGI_APP)
+    server = server_factory("--proxy-headers", "--max-connections-per-ip", "2", "--access-log",
+                            env=keys.env, app=ASGI_APP)
     n = 40 + (engine == "wsproto")
     client, other, direct = f"127.{n}.0.5", f"127.{n}.0.6", f"127.{n}.0.9"
 
@@ -813,6 +824,7 @@ def test_asgi_scope_sees_the_client_behind_nginx(server_factory, keys, engine, t
 
     with nginx_in_front(server.port, tmp_path) as front:
         run(main(front))
+    assert_access_log(server, client, "/whoami")
 
 
 # -- the README's example ---------------------------------------------------------------------
