@@ -430,12 +430,15 @@ class Node:
         ``handshake_rate_per_ip`` for ``client`` (its address, see
         :meth:`forwarded`).  ``holder`` stands for the upgrade until it is
         over: the engine connection (native front) or its transport (ASGI
-        front)."""
+        front).  A client without an address (a peer on ``--uds`` whose
+        proxy named nobody) is not counted."""
         limits = self.client_limits
         if not limits.enabled:
             return None
         host = client[0] if isinstance(client, tuple) and client else client
-        refused = limits.check(client_key(host or "unix"), holder)
+        if not host:      # a Unix-socket peer no trusted proxy named: no address to count
+            return None
+        refused = limits.check(client_key(host), holder)
         if refused is None:
             return None
         reason, retry = refused
