@@ -182,14 +182,12 @@ def engine_notice() -> None:
         return
     here = os.path.dirname(os.path.abspath(core.__file__))
     installed = None
-    try:
-        dist = importlib.metadata.distribution("fastws")
+    for dist in importlib.metadata.distributions(name="fastws"):    # an installed copy with the engine
         copy = os.path.abspath(str(dist.locate_file("fastws")))
         if copy != here and any(str(f).startswith("fastws/_core.") and str(f).endswith((".so", ".pyd"))
                                 for f in dist.files or ()):
             installed = copy
-    except importlib.metadata.PackageNotFoundError:
-        pass
+            break
     if installed:
         how = (f"this process imports fastws from the source folder {here}, which hides the installed copy "
                f"at {installed} (the one with the compiled engine): run from another directory, or build "

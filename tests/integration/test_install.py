@@ -1,10 +1,11 @@
 """A newcomer's first commands, on a fresh clone, in the README's order.
 
 ``test_readme_install_then_tests``: ``git clone`` of this repository into a
-temporary directory, a virtualenv made with ``--system-site-packages`` (the
+temporary directory, a virtualenv that sees the system's site-packages (the
 dependencies are already installed on this machine, so only the build
 requirements, setuptools/Cython/wheel, come from pip's configured index, as
-for any user), then, in the clone, with the venv first on ``PATH``:
+for any user; see :func:`venv` for why not ``--system-site-packages``
+itself), then, in the clone, with the venv first on ``PATH``:
 
 1. README's quick-start block (``by test_install.py#quickstart``) as
    written, its port rewritten to a free one: it builds the engine and
@@ -39,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -65,11 +67,18 @@ def fresh_clone(tmp: Path) -> Path:
 
 
 def venv(tmp: Path, name: str) -> dict:
-    """A virtualenv on the system's site-packages; the environment that runs in it."""
+    """A virtualenv that sees the system's site-packages (so the dependencies
+    need no download) but not the ``.pth`` hooks there: this machine's own
+    editable install of the repository (``__editable__.fastws...pth``) would
+    otherwise answer imports of ``fastws._core`` from the repository instead
+    of the clone.  Returns the environment that runs in it."""
     path = tmp / name
-    r = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "venv", str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    own = subprocess.run([str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, timeout=60).stdout.strip()
+    system = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    Path(own, "_system_site_packages.pth").write_text("\n".join(system) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTWS_", "PYTHON"))}
     env.update(VIRTUAL_ENV=str(path), PATH=f"{path / 'bin'}{os.pathsep}{os.environ['PATH']}",
                PYTHONUNBUFFERED="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
