@@ -20,6 +20,7 @@ it is reached.  Nothing printed shows a credential: the password of a URL
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import resource
 import sys
@@ -102,9 +103,7 @@ def load_app(path: str, interface: str = "auto", app_dir: str | None = None):
     try:
         app = getattr(module, attr)
     except AttributeError:
-        names = [n for n, v in vars(module).items() if isinstance(v, App)
-                 or (callable(v) and not isinstance(v, type) and getattr(v, "__module__", None) == module.__name__
-                     and not n.startswith("_"))]
+        names = [n for n, v in vars(module).items() if not n.startswith("_") and _servable(v)]
         hint = f"it has: {', '.join(names[:8])}" if names else "it defines no fastws.App or ASGI callable"
         raise CliError(f"module {module_name!r} has no attribute {attr!r}", hint) from None
     if isinstance(app, App):
@@ -119,6 +118,18 @@ def load_app(path: str, interface: str = "auto", app_dir: str | None = None):
         return "asgi", app
     raise CliError(f"{path} is {type(app).__name__}: neither a fastws.App nor an ASGI application",
                    "point MODULE:ATTRIBUTE at one")
+
+
+def _servable(obj) -> bool:
+    """Looks like something ``fastws serve`` takes: a fastws.App, an ASGI
+    ``async def app(scope, receive, send)``, or an instance with ``__call__``
+    (Starlette, FastAPI)."""
+    if isinstance(obj, App):
+        return True
+    if inspect.iscoroutinefunction(obj):
+        return len(inspect.signature(obj).parameters) == 3
+    return (callable(obj) and not isinstance(obj, type) and not inspect.isroutine(obj)
+            and not inspect.ismodule(obj))
 
 
 def _print_app_traceback(exc: BaseException) -> None:
