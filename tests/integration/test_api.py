@@ -240,6 +240,50 @@ def test_presence_send_to_and_disconnect_across_nodes(server_factory):
             b.start()            # the fixture checks every server it handed out is alive
 
 
+def readme_block(ident: str) -> str:
+    """The fenced block of README.md marked ``<!-- test: by test_api.py#ident -->``
+    (its indentation removed)."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index(next(ln for ln in lines if ln.strip() == f"<!-- test: by test_api.py#{ident} -->"))
+    fence = next(i for i in range(start + 1, len(lines)) if lines[i].strip().startswith("```"))
+    indent = len(lines[fence]) - len(lines[fence].lstrip())
+    end = next(i for i in range(fence + 1, len(lines)) if lines[i].strip() == "```")
+    return "\n".join(ln[indent:] for ln in lines[fence + 1:end]) + "\n"
+
+
+def test_readme_presence_example_on_two_nodes(server_factory, tmp_path):
+    """README's presence example (chat.py) served as its first line says, on
+    two nodes of the test Redis: "who" on either node lists the users of
+    the lobby on both."""
+    need_redis()
+    text = readme_block("presence")
+    (tmp_path / "chat.py").write_text(text)
+    cmd = text.splitlines()[0].partition("fastws serve ")[2].split()
+    assert cmd[:2] == ["chat:app", "--broker"] and "--presence" in cmd, cmd
+    args = [REDIS_URL if a.startswith("redis://") else a for a in cmd[1:]]
+    args += ["--broker-prefix", new_prefix("readme")]
+    env = {"PYTHONPATH": str(tmp_path)}
+    one = server_factory(*args, app="chat:app", env=env)
+    two = server_factory(*args, "--server-id", "two", app="chat:app", env=env)
+
+    async def main():
+        alice = await websockets.connect(f"ws://{one.host}:{one.port}/chat?user=alice")
+        bob = await websockets.connect(f"ws://{two.host}:{two.port}/chat?user=bob")
+        deadline = time.monotonic() + 15
+        for ws in (alice, bob):
+            while True:
+                await ws.send("who")
+                users = json.loads(await recv(ws))
+                if users == ["alice", "bob"]:
+                    break
+                assert time.monotonic() < deadline, users
+                await asyncio.sleep(0.2)
+        await alice.close()
+        await bob.close()
+
+    asyncio.run(main())
+
+
 def test_presence_without_the_redis_package_names_the_extra():
     """The redis package missing (made unimportable in the server process):
     --presence stops the start with one line saying what to install."""
