@@ -22,10 +22,17 @@ the first corpus directory it is given and a crashing input to
 
 ``corpus/<target>/`` holds the seeds (``seed-*``, written by
 ``python -m tests.fuzz.seeds``) and the inputs a longer run found that add
-coverage (named by their SHA-1, as libFuzzer names them).
-``test_fuzz.py`` replays every corpus file through its target (plain
-Python, no instrumentation) and runs each target under atheris for a few
-seconds.
+coverage (named by their SHA-1, as libFuzzer names them; kept with
+``python -m tests.fuzz.merge <target> RUN_DIR``).  ``test_fuzz.py`` replays
+every corpus file through its target (plain Python, no instrumentation) and
+runs each target under atheris for a few seconds; ``test_found.py`` holds
+what the fuzzers found, one unit test per finding.
+
+atheris instruments Python code only.  For long runs of the targets that
+reach the Cython extension (``frames``, ``upgrade``), build a copy of it
+with libFuzzer's coverage instrumentation (``python -m tests.fuzz.native``,
+needs clang) and run with ``FASTWS_FUZZ_NATIVE=1``: libFuzzer then sees the
+branches of the C engine and the C upgrade parser as well.
 
 Nothing in this package imports fastws at package import time: a target
 run as ``__main__`` imports the code under test inside
