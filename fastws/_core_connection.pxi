@@ -546,7 +546,7 @@ cdef class Connection(Engine):
         if self._dirty:
             hub = self._hub
             if self._flush() and hub._read_ns:
-                hub._observe(_now_ns() - hub._read_ns)   # a reply, from the read that brought it
+                hub._observe(_now_ns() - hub._read_ns, 1)   # a reply, from the read that brought it
         elif self._end_mode != END_NONE:
             self._end_transport()
         return 0

@@ -311,8 +311,8 @@ cdef class Hub:
     # task), and observes ``write time - start`` once per connection written:
     # the reply written at the end of the read that delivered a message
     # (_after_input) counts from that read, the frames of a batch from the
-    # batch's start.  The write time is read again every 16 connections of a
-    # batch.  Frames held back by a paused connection (the delivery policy)
+    # batch's start.  In a batch the clock is read once per 16 connections
+    # written (the time of the 16th write stands for the group).  Frames held back by a paused connection (the delivery policy)
     # are not observed when they finally go out.  Counts per bucket live in a
     # C array (LAT_BOUNDS_NS); nothing is allocated per frame.
 
@@ -323,28 +323,31 @@ cdef class Hub:
             self._batch_ns = self._read_ns if self._read_ns else _now_ns()
             self.loop.call_soon(self._flush_all)
 
-    cdef inline void _observe(self, int64_t dt) noexcept:
+    cdef inline void _observe(self, int64_t dt, unsigned int n) noexcept:
+        """``n`` writes, ``dt`` ns each."""
         cdef int i = 0
         if dt < 0:
             dt = 0
         while i < LAT_BUCKETS and dt > LAT_BOUNDS_NS[i]:
             i += 1
-        self._lat_counts[i] += 1
-        self._lat_sum_ns += dt
+        self._lat_counts[i] += n
+        self._lat_sum_ns += dt * n
 
     def _flush_all(self):
         cdef Connection c
         cdef list dirty = self._dirty
-        cdef int64_t start = self._batch_ns, now = 0
-        cdef unsigned int written = 0
+        cdef int64_t start = self._batch_ns
+        cdef unsigned int group = 0          # written since the clock was last read
         self._dirty = []
         self._scheduled = False
         for c in dirty:
             if c._flush():
-                if (written & 15) == 0:
-                    now = _now_ns()
-                written += 1
-                self._observe(now - start)
+                group += 1
+                if group == 16:              # one clock read (and bucket) per 16 writes
+                    self._observe(_now_ns() - start, group)
+                    group = 0
+        if group:
+            self._observe(_now_ns() - start, group)
 
     def stats(self):
         """Counters and gauges for metrics (a new dict; O(connections))."""

@@ -276,25 +276,28 @@ class Hub:
             self._batch_ns = self._read_ns or _now_ns()
             self.loop.call_soon(self._flush_all)
 
-    def _observe(self, dt):
+    def _observe(self, dt, n=1):
+        """``n`` writes, ``dt`` ns each."""
         dt = max(0, dt)
         i = 0
         bounds = _LAT_BOUNDS_NS
         while i < len(bounds) and dt > bounds[i]:
             i += 1
-        self._lat_counts[i] += 1
-        self._lat_sum_ns += dt
+        self._lat_counts[i] += n
+        self._lat_sum_ns += dt * n
 
     def _flush_all(self):
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
-        start, now, written = self._batch_ns, 0, 0
+        start, group = self._batch_ns, 0       # group: written since the clock was last read
         for c in dirty:
             if c._flush():
-                if written % 16 == 0:
-                    now = _now_ns()
-                written += 1
-                self._observe(now - start)
+                group += 1
+                if group == 16:                # one clock read (and bucket) per 16 writes
+                    self._observe(_now_ns() - start, group)
+                    group = 0
+        if group:
+            self._observe(_now_ns() - start, group)
 
     # -- counters and delivery -----------------------------------------------------------
 

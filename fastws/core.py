@@ -207,7 +207,8 @@ read that delivered a message counts from the start of that read; frames
 queued otherwise (a publish, a broadcast, a timer, a task) count from the
 moment the first frame of their loop iteration's batch was queued (inside a
 read: that read's start) to their connection's write in the batch's flush
-(the write time is read again every 16 connections).  One observation per
+(the clock is read once per 16 connections written: the time of the 16th
+write stands for the group).  One observation per
 connection written; frames a paused connection holds are not observed when
 they finally go out.
 
