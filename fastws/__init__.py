@@ -21,9 +21,14 @@ four layers, each importing only from the ones below it:
    operations endpoints (and :mod:`fastws.app`, the routes);
 4. the fronts - :mod:`fastws.server` (native), :mod:`fastws.asgi`,
    :mod:`fastws.runner`, the CLI.
+
+Beside them, the client: :func:`fastws.connect` (a reconnecting WebSocket
+client for any server) and :class:`fastws.client.RoomClient` (the room
+protocol of ``app.rooms_endpoint``), see :mod:`fastws.client`.
 """
 
 from .app import Accept, App, Route
+from .client import connect
 from .config import Config
 from .core import IMPLEMENTATION
 from .errors import (
@@ -53,6 +58,7 @@ __all__ = [
     "Config",
     "run",
     "serve",
+    "connect",
     "IMPLEMENTATION",
     "PRIORITY_LOW",
     "PRIORITY_NORMAL",

@@ -42,6 +42,7 @@ from types import SimpleNamespace
 
 from .errors import Reject
 from .frames import PRIORITY_NORMAL
+from .roomproto import RoomEndpoint
 
 
 @dataclass
@@ -239,6 +240,31 @@ class App:
             table[namespace] = fn
             return fn
         return deco
+
+    def rooms_endpoint(self, path: str, *, namespace: str | None = None, on_connect=None,
+                       client_publish: bool = True, publish_rate: float = 0.0,
+                       history_limit: int = 1000):
+        """Serve the room protocol (``fastws.rooms.v1``, ``docs/protocol.md``)
+        at ``path``: the clients of :mod:`fastws.client` and ``fastws.js``
+        subscribe, resume (with ``--broker redis+streams://``), publish and
+        ping over it.  Returns the :class:`fastws.roomproto.RoomEndpoint`;
+        its ``publish(room, message)`` reaches its subscribers on every node.
+
+        ``namespace``: the namespace of its rooms (default: ``path``), the
+        one ``authorize_join`` / ``authorize_publish`` are registered for.
+        ``on_connect``: your upgrade decision (e.g. a ``fastws.auth.TokenAuth``),
+        run first.  ``client_publish``: clients may publish;
+        ``publish_rate``: publishes per second per connection (0: no
+        limit); ``history_limit``: messages a resume replays at most."""
+        endpoint = RoomEndpoint(self, path, namespace=namespace, on_connect=on_connect,
+                                client_publish=client_publish, publish_rate=publish_rate,
+                                history_limit=history_limit, accept_type=Accept)
+        self.route(path, on_connect=endpoint.on_connect, on_message=endpoint.on_message,
+                   on_disconnect=endpoint.on_disconnect, namespace=endpoint.namespace)
+        self.startup_hooks.append(endpoint.start)
+        if self.node is not None:          # added while serving
+            endpoint.start()
+        return endpoint
 
     def remote_address(self, conn):
         """The client's address of ``conn``: with ``proxy_headers`` the one a

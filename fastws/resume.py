@@ -56,10 +56,11 @@ def stream_envelope(room: str, entry_id: str, message) -> str:
 class _Stream:
     """What one room's stream members need beyond the membership."""
 
-    __slots__ = ("last", "replaying")
+    __slots__ = ("last", "replaying", "seq")
 
     def __init__(self) -> None:
         self.last = None        # id (ms, seq) of the last entry sent to the room's stream members
+        self.seq = 0            # live entries of the room sent to its stream members here
         self.replaying = {}     # conn -> held frames [(id, frame)] while its replay runs, or
                                 # after it the last id it got, until the live stream passes it
 
@@ -76,6 +77,12 @@ class Resumer:
         self.history: History = broker
         self._streams: dict = {}            # room key -> _Stream, while the room has members here
         self.counters = {"resumes": 0, "replayed": 0, "incomplete": 0, "live": 0}
+        #: namespace -> fn(room, entry_id, seq, message) -> str: the frame the
+        #: stream members of that namespace's rooms get instead of
+        #: :func:`stream_envelope`'s; ``seq`` counts the room's live entries
+        #: sent on this node (1, 2, ... while the room has members here),
+        #: None for a replayed entry (the room protocol, :mod:`fastws.roomproto`)
+        self.envelopes: dict = {}
         broker.set_entry_handler(self._on_entry)
         rooms.listeners.append(self._on_room)
 
@@ -117,7 +124,12 @@ class Resumer:
         if st is None:
             st = self._streams[key] = _Stream()
         fid = parse_id(entry_id)
-        frame = stream_envelope(key[1], entry_id, message)
+        st.seq += 1
+        build = self.envelopes.get(key[0]) if self.envelopes else None
+        if build is None:
+            frame = stream_envelope(key[1], entry_id, message)
+        else:
+            frame = build(key[1], entry_id, st.seq, message)
         st.last = fid
         targets = members
         if st.replaying:
@@ -165,6 +177,7 @@ class Resumer:
             return True
         last = after
         complete = True
+        build = self.envelopes.get(key[0]) if self.envelopes else None
         try:
             await self.bridge.sync()                # the live stream of the room is being read
             entries = await self.history.history(key, since_id=since, count=limit)
@@ -179,7 +192,8 @@ class Resumer:
                     message = None
                 if message is None or conn.closed:
                     continue
-                conn.send(stream_envelope(key[1], e.id, message))
+                conn.send(stream_envelope(key[1], e.id, message) if build is None
+                          else build(key[1], e.id, None, message))
                 self.counters["replayed"] += 1
                 last = parse_id(e.id)
         finally:

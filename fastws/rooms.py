@@ -120,6 +120,12 @@ class Rooms:
         self.listeners: list = []
         #: (namespace, name) -> (max_batch, max_delay) for rooms that batch
         self.batching: dict = {}
+        #: namespace -> fn(room, seq, message) -> str: the direct members of
+        #: that namespace's rooms get fn's frame, built once per message with
+        #: the room's sequence number, instead of the message itself (the
+        #: room protocol's envelope, :mod:`fastws.roomproto`); unbatched
+        #: publishes only
+        self.envelopes: dict = {}
 
     @classmethod
     def from_config(cls, hub, config) -> "Rooms":
@@ -304,6 +310,8 @@ class Rooms:
         if policy is None:
             r.seq += 1
             members = r.members - r.indirect if r.indirect else r.members
+            if self.envelopes and namespace in self.envelopes:
+                message = self.envelopes[namespace](room, r.seq, message)
             return r.seq, self.hub.broadcast(message, members, exclude, priority)
         if not isinstance(message, str):
             raise TypeError("messages published to a batched room must be str")
@@ -324,6 +332,10 @@ class Rooms:
         if policy is None:
             r.seq += 1
             members = r.members - r.indirect if r.indirect else r.members
+            if self.envelopes and key[0] in self.envelopes:
+                message = payload.decode("utf-8") if opcode == TEXT else bytes(payload)
+                return r.seq, self.hub.broadcast(self.envelopes[key[0]](key[1], r.seq, message),
+                                                 members, None, priority)
             return r.seq, self.hub.broadcast_frame(opcode, payload, members, None, priority)
         if opcode != TEXT:
             raise TypeError("messages published to a batched room must be str")

@@ -10,6 +10,11 @@
 ``fastws.bench`` (the benchmark tooling) sits beside the layers: it may use
 the public API but nothing may import it except the CLI.
 
+``fastws.client`` (the Python client) sits beside the layers too: it uses the
+vocabulary and the engines (layers 1 and 2: frames, errors, config, core,
+handshake), never the node or the fronts; of the server's modules only the
+package's own ``__init__`` (``fastws.connect``) imports it, and the bench.
+
 Checked over the source with ``ast`` (and a regular expression for the
 Cython ``.pyx``/``.pxi`` files): every import between fastws modules, at
 module level or not.  The rules:
@@ -43,13 +48,16 @@ LAYER_OF = {
     # 3: the node
     "fastws.app": 3, "fastws.node": 3, "fastws.rooms": 3, "fastws.delivery": 3, "fastws.resume": 3,
     "fastws.limits": 3, "fastws.broker": 3, "fastws.health": 3, "fastws.metrics": 3,
-    "fastws.stats": 3, "fastws.publish_api": 3, "fastws.presence": 3,
+    "fastws.stats": 3, "fastws.publish_api": 3, "fastws.presence": 3, "fastws.roomproto": 3,
     # 4: the fronts
     "fastws.server": 4, "fastws.supervisor": 4, "fastws.asgi": 4, "fastws.runner": 4,
     "fastws.cli": 4, "fastws": 4,
     # beside the layers
     "fastws.bench": 5,
+    "fastws.client": 6,
 }
+#: the layers the client (fastws.client, beside the server's layers) may import
+CLIENT_MAY_IMPORT = (1, 2)
 
 
 def module_name(path: Path) -> str:
@@ -163,8 +171,8 @@ def test_every_module_has_a_layer():
 def test_no_module_imports_from_a_higher_layer():
     bad = []
     for module, imps in GRAPH.items():
-        if module == "fastws" or layer(module) == 5:
-            continue
+        if module == "fastws" or layer(module) in (5, 6):
+            continue           # beside the layers: their own tests below
         for imp in imps:
             for t in targets(imp):
                 if t == "fastws":
@@ -174,6 +182,27 @@ def test_no_module_imports_from_a_higher_layer():
                 if layer(t) > layer(module):
                     bad.append(f"{ALL[module].relative_to(ROOT)}:{imp.line} ({module}, layer "
                                f"{layer(module)}) imports {t} (layer {layer(t)})")
+    assert not bad, "\n".join(bad)
+
+
+def test_client_imports_only_the_vocabulary_and_the_engines():
+    bad = []
+    for module, imps in GRAPH.items():
+        if layer(module) != 6:
+            continue
+        for imp in imps:
+            for t in targets(imp):
+                if layer(t) not in CLIENT_MAY_IMPORT and layer(t) != 6:
+                    bad.append(f"{ALL[module].relative_to(ROOT)}:{imp.line} ({module}) imports {t} "
+                               f"(layer {layer(t)})")
+    assert not bad, "\n".join(bad)
+    assert any(layer(m) == 6 for m in GRAPH), "no fastws.client module found"
+
+
+def test_client_is_imported_only_by_the_package_and_the_bench():
+    bad = [f"{ALL[module].relative_to(ROOT)}:{imp.line} ({module}) imports {t}"
+           for module, imps in GRAPH.items() for imp in imps for t in targets(imp)
+           if layer(t) == 6 and layer(module) not in (5, 6) and module != "fastws"]
     assert not bad, "\n".join(bad)
 
 
