@@ -267,6 +267,9 @@ class Config:
                                       kind="seconds", check=lambda v: v >= 0, allowed="seconds >= 0")
     health_max_memory: int = knob(0, "Resident memory above which /health says 503 (0 = no check).",
                                   kind="bytes", check=lambda v: v >= 0, allowed="bytes >= 0 (0 = no check)")
+    # -- clients -------------------------------------------------------------------
+    serve_client_js: bool = knob(False, "Serve the browser client at GET /fastws.js (an ES module) and "
+                                 "GET /fastws.global.js (a plain script defining fastws).", kind="bool")
     # -- live stats page ---------------------------------------------------------------
     stats: bool = knob(False, "Serve the live stats page at GET /stats (needs --stats-token).", kind="bool")
     stats_token: str | None = knob(None, "Token for /stats: ?token=... or 'Authorization: Bearer ...'.",

@@ -68,6 +68,7 @@ from .limits import Admission, ClientLimits, jittered
 from .metrics import Metrics
 from .presence import Presence, presence_client
 from .resume import Resumer
+from .roomproto import serve_client_js
 from .rooms import Rooms
 from .stats import StatsPage
 
@@ -285,6 +286,8 @@ class Node:
         if self.app is not None:
             for (method, path), handler in self.app.http_routes.items():
                 self.routes.add(method, path, handler, ops=False)
+        if c.serve_client_js:                 # the browser client (an app's own route wins)
+            serve_client_js(self.routes)
         self.health = Health(self)
         self.health.start()
         if c.metrics:
