@@ -1,22 +1,30 @@
-"""Fuzz target ``publish_body``: the HTTP publish API's request parser.
+"""Fuzz target ``publish_body``: the HTTP API's request parsers.
 
 Run: ``python -m tests.fuzz.publish_body -max_total_time=600 tests/fuzz/corpus/publish_body``
 
 An input is three parts split at the first two newlines::
 
-    <Content-Type header value>\\n<query string>\\n<body ...>
+    <Content-Type header value>\n<query string>\n<body ...>
 
 (the first two decoded as latin-1, as both fronts decode header values and
 the ASGI front the query string; a missing part is empty, an empty
-Content-Type line means no header).  ``fastws.publish_api._message`` reads
-the request as ``POST /publish`` (``need_room=True``) and as ``POST
-/connections/{id}`` (``need_room=False``): the only exception that may come
-out is ``_BadRequest`` (the 400 answer).  What it returns is checked too:
-the room (when needed) is a non-empty str, the namespace a str, both encode
-to UTF-8, and the message is bytes or a str that encodes to UTF-8 (it goes
-into a text frame).  The same Content-Type line is also read as an
-``Authorization`` header by ``_bearer`` (None or the token's bytes, never
-an exception).
+Content-Type line means no header).  The parsers of ``fastws.publish_api``
+read the request, and the only exception that may come out of any of them
+is ``_BadRequest`` (the 400 answer):
+
+* ``_message``, as ``POST /publish`` (``need_room=True``) and as ``POST
+  /connections/{id}`` (``need_room=False``): the room (when needed) is a
+  non-empty str, the namespace a str, both encode to UTF-8, and the message
+  is bytes or a str that encodes to UTF-8 (it goes into a text frame);
+* ``_close_args``, as ``DELETE /connections/{id}``: a close code a server
+  may send and a str reason of at most 123 bytes of UTF-8;
+* ``_room_query``, as ``GET /presence`` and ``GET /history``: a non-empty
+  room and a namespace, both str that encode to UTF-8.
+
+The same Content-Type line is also read as an ``Authorization`` header by
+``_bearer`` (None or the token's bytes, never an exception).  (The API
+no longer looks at the Content-Type: every body is JSON; the line stays in
+the input format so that old corpus entries keep their meaning.)
 """
 
 from __future__ import annotations
@@ -55,6 +63,23 @@ def TestOneInput(data: bytes) -> None:
             _check_text(message, "a text message")
         else:
             assert isinstance(message, bytes), f"the message is {type(message).__name__}"
+    try:
+        code, reason = publish_api._close_args(request)
+    except publish_api._BadRequest:
+        pass
+    else:
+        assert isinstance(code, int) and not isinstance(code, bool), f"close code {code!r}"
+        assert 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999, f"close code {code}"
+        _check_text(reason, "the close reason")
+        assert len(reason.encode("utf-8")) <= 123, f"a close reason of {len(reason.encode())} bytes"
+    try:
+        room, ns = publish_api._room_query(request)
+    except publish_api._BadRequest:
+        pass
+    else:
+        _check_text(room, "the queried room")
+        assert room, "an empty room name was accepted"
+        _check_text(ns, "the queried namespace")
     token = publish_api._bearer(request.header("content-type"))
     assert token is None or isinstance(token, bytes)
 

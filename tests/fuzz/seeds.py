@@ -279,6 +279,13 @@ def publish_seeds() -> dict:
         "raw-query-escapes": body("TEXT/PLAIN; charset=latin-1", "room=%F0%9F%8C%8D&namespace=%ED%A0%80", b"x"),
         "raw-query-latin1": body("text/plain", "room=caf\xe9&room=second", b"x"),
         "bearer": body("Bearer   s3cret", "id=1", b"x"),
+        # DELETE /connections/{id} bodies, GET /presence and /history queries
+        "close-args": body("", "", {"code": 4000, "reason": "kicked"}),
+        "close-args-bad": body("", "", {"code": True, "reason": "é" * 70}),
+        "close-args-1005": body("", "", {"code": 1005}),
+        "close-args-unknown-field": body("", "", {"code": 1000, "why": 1}),
+        "room-query": body("", "room=lobby&namespace=chat&since=1732770000000-3&limit=5", b""),
+        "room-query-escaped": body("", "room=%ED%A0%80&namespace=%F0%9F%8C%8D", b""),
     }
 
 

@@ -73,3 +73,24 @@ def test_fast_path_rejection_matches_wsproto_with_transfer_encoding_and_no_versi
             b"transfer-encoding: dGhlIHNhbXBsZSBub25jZQ== \r\nsec-websocket-versionon:13\r\n\r\n")
     fast = answer(parse_fast, head)
     assert fast is None or fast == answer(parse_wsproto, head)
+
+
+# -- broker_wire -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 2999, 5000, 65535])
+def test_broker_close_payload_with_a_code_no_server_sends_is_malformed(code):
+    """Found while extending the broker_wire target to CLOSE payloads:
+    ``unpack_close`` returns any u16 as the code, and the bridge then calls
+    ``conn.close(code, reason)``, which raises ValueError for a code no
+    server may send; ``Broker._deliver`` logs that as "broker message
+    handler failed" with a traceback, the asking node gets no REPLY (its
+    HTTP client a 504), and the payload is not counted as malformed.  The
+    HTTP API only packs 1000-1003, 1007-1014 and 3000-4999: another code
+    comes from a foreign or broken publisher."""
+    from fastws.broker import wire
+    from fastws.errors import BrokerProtocolError
+
+    payload = wire.pack_close(7, 1, code, "x")
+    with pytest.raises(BrokerProtocolError):
+        wire.unpack_close(payload)
