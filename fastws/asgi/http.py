@@ -38,7 +38,7 @@ class HttpCycle:
 
     __slots__ = ("proto", "scope", "body", "body_size", "body_total", "more_body", "keep_alive", "expect_100",
                  "started", "status", "headers", "chunked", "head_only", "complete",
-                 "disconnected", "waiter", "task", "request_done", "ops")
+                 "disconnected", "waiter", "task", "request_done", "ops", "kept")
 
     def __init__(self, proto, scope, keep_alive: bool, expect_100: bool) -> None:
         self.proto = proto
@@ -60,6 +60,7 @@ class HttpCycle:
         self.task = None
         self.request_done = False     # the app got the last http.request
         self.ops = None               # the operations handler answering instead of the app's 404
+        self.kept = None              # body chunks the app received, kept for an operations route
 
     def wake(self) -> None:
         w = self.waiter
@@ -95,6 +96,8 @@ class HttpCycle:
             self.request_done = True
         if was >= BODY_HIGH:
             self.proto.maybe_resume()
+        if self.kept is not None and body:
+            self.kept.append(body)    # the operations route (if the app answers 404) reads it too
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     async def send(self, message) -> None:
@@ -154,7 +157,9 @@ class HttpCycle:
         handler, self.ops = self.ops, None
         scope = self.scope
         server = self.proto.server
-        chunks, size, limit = [], 0, server.config.max_body_size
+        # what the application read of the body before answering 404, then the rest
+        chunks, limit = list(self.kept or ()), server.config.max_body_size
+        size = sum(map(len, chunks))
         result = None
         while not self.request_done and not self.disconnected:
             msg = await self.receive()
@@ -450,6 +455,8 @@ class HttpProtocol(asyncio.Protocol):
                 return
         expect_100 = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self.headers)
         cycle = HttpCycle(self, scope, parser.should_keep_alive(), expect_100)
+        if method != "GET" and server.node.routes.might_serve(server.unrooted(raw_path)):
+            cycle.kept = []           # an operations route may answer: keep the body the app reads
         if parser.should_upgrade():
             cycle.keep_alive = False  # an upgrade we do not speak: serve it, then close
         if server.node.draining:
