@@ -78,8 +78,9 @@ class WebSocket(asyncio.Protocol):
         self.loop = loop
         self.transport = None
         self.engine = None                 # set once the handshake is accepted
-        self.subprotocol = None
-        self.response_headers: list = []   # the 101's headers, (lower-case name, value)
+        self.subprotocol = None            # the server's choice among those offered
+        self.extensions: list = []         # the extensions the server accepted, as it wrote them
+        self.response_headers: list = []   # the 101's other headers, (lower-case name, value)
         self.close_code = None             # known once closed
         self.close_reason = ""
         self.on_message = on_message
@@ -208,6 +209,7 @@ class WebSocket(asyncio.Protocol):
         self._head = bytearray()
         self.engine = Engine(max_message_size=self._max_message_size, deflate=accept.deflate, client=True)
         self.subprotocol = accept.subprotocol
+        self.extensions = accept.extensions
         self.response_headers = accept.headers
         self._heard = self.loop.time()
         if self._ping_interval:
