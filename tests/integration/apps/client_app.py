@@ -49,6 +49,13 @@ def echo(conn, data):
     conn.send(data)
 
 
+@app.on_connect("/shuffle")
+def shuffle_accept(request):
+    if "fastws.rooms.v1" in request.subprotocols:
+        return fastws.Accept(subprotocol="fastws.rooms.v1")
+    return None
+
+
 @app.on_message("/shuffle")
 def shuffle(conn, data):
     req = json.loads(data)
