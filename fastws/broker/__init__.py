@@ -52,7 +52,8 @@ resumable room membership on it.
 Modules
 -------
 ``base`` (the contract, the capability), ``wire`` (byte layouts), one module
-per backend, ``bridge`` (a node's rooms <-> its broker), ``presence``. Each
+per backend, ``bridge`` (a node's rooms <-> its broker; presence, which
+keeps its own keys in the broker's Redis, is :mod:`fastws.presence`). Each
 imports from ``base``/``wire`` and the modules it builds on, never from this
 package, so ``fastws.broker`` has no import circle.
 

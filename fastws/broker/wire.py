@@ -3,7 +3,7 @@
 Nothing here does I/O: these are the names, sizes and pack/unpack functions
 of what nodes send each other, used by the backends (:mod:`.memory`,
 :mod:`.embedded`, :mod:`.redis`, :mod:`.cluster`, :mod:`.streams`), the
-bridge (:mod:`.bridge`), presence (:mod:`.presence`) and
+bridge (:mod:`.bridge`), presence (:mod:`fastws.presence`) and
 :mod:`fastws.resume`.  It imports nothing from the broker package, so every
 module of it can import from here without a circle.  Integers are
 big-endian; there is no pickle anywhere.  A malformed layout raises
