@@ -43,6 +43,7 @@ import click
 from fastws import core
 from fastws.version import build_info
 from fastws.bench.loadgen import proc_cpu_ticks  # /proc helpers only
+from fastws.bench import clients as client_bench
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 HOST = "127.0.0.1"
@@ -962,10 +963,17 @@ def _split(value: str | None, known: list[str], what: str) -> list[str]:
               callback=lambda ctx, param, value: redis_url_option(value),
               help="Redis of the cross-node scenarios (a loopback host; keys and channels carry a "
                    "per-run prefix); env FASTWS_BENCH_REDIS")
-def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url):
+@click.option("--clients", is_flag=True,
+              help="compare the Python clients instead (fastws.client, websockets, picows, aiohttp: echo "
+                   "msg/s against one fastws server; the room client's resume cost with --redis-url)")
+def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, clients):
     """Benchmark fastws against its peers with a neutral load generator."""
     global REDIS_URL
     REDIS_URL = redis_url
+    if clients:
+        client_bench.run(repeat=repeat, n=2000 if quick else 20000, redis_url=redis_url or None,
+                         missed=100 if quick else 1000, out=out)
+        return
     if list_:
         click.echo("servers: " + ", ".join(ALL_SERVERS))
         for s in SCENARIOS:

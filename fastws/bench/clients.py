@@ -1,0 +1,385 @@
+"""``fastws bench --clients``: the Python clients against one server, echo msg/s.
+
+One ``fastws serve examples.echo:app`` (the Cython engine, on uvloop) answers
+every client; each client runs in its own process on uvloop, one after the
+other, ``repeat`` times, alternating, and the median is kept:
+
+* ``pingpong``: one connection, send a 32 B text message and wait for its
+  echo, again and again (round trips per second: latency-bound);
+* ``pipelined``: one connection, 100 messages in flight (send 100, read 100);
+* ``resume``: the room client's resume cost: a subscriber that missed
+  ``1000`` messages of a room (``redis+streams://``, loopback Redis)
+  reconnects; the time from its new connection to the last replayed message
+  (needs ``--redis-url``; skipped without Redis).
+
+Clients: ``fastws`` (``fastws.connect``, ``await recv``), ``fastws-cb``
+(``fastws.connect(on_message=...)``: a plain call per message), ``websockets``
+(``websockets.asyncio.client``), ``picows`` (its listener callbacks),
+``aiohttp`` (``ws_connect``).  A client whose package is missing is skipped
+and named.  ``python -m fastws.bench.clients`` runs it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fastws
+from fastws.client import Backoff, RoomClient
+
+CLIENTS = ("fastws", "fastws-cb", "websockets", "picows", "aiohttp")
+MODES = ("pingpong", "pipelined")
+MESSAGE = "x" * 32
+WINDOW = 100
+
+
+# -- one client, one mode (runs in its own process) --------------------------------------------------
+
+
+async def _fastws(url: str, mode: str, n: int) -> float:
+    ws = await fastws.connect(url, ping_interval=None, max_queue=10 * WINDOW)
+    try:
+        t0 = time.perf_counter()
+        if mode == "pingpong":
+            for _ in range(n):
+                await ws.send(MESSAGE)
+                await ws.recv()
+        else:
+            for _ in range(n // WINDOW):
+                for _ in range(WINDOW):
+                    ws.send_nowait(MESSAGE)
+                for _ in range(WINDOW):
+                    await ws.recv()
+        return time.perf_counter() - t0
+    finally:
+        await ws.close()
+
+
+async def _fastws_cb(url: str, mode: str, n: int) -> float:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    state = {"left": n, "ws": None, "batch": 0}
+
+    def on_message_pingpong(message):
+        state["left"] -= 1
+        if state["left"]:
+            state["ws"].send_nowait(MESSAGE)
+        elif not done.done():
+            done.set_result(None)
+
+    def on_message_pipelined(message):
+        state["left"] -= 1
+        state["batch"] -= 1
+        if not state["left"]:
+            if not done.done():
+                done.set_result(None)
+        elif not state["batch"]:
+            state["batch"] = WINDOW
+            for _ in range(WINDOW):
+                state["ws"].send_nowait(MESSAGE)
+
+    cb = on_message_pingpong if mode == "pingpong" else on_message_pipelined
+    ws = state["ws"] = await fastws.connect(url, ping_interval=None, on_message=cb)
+    try:
+        t0 = time.perf_counter()
+        if mode == "pingpong":
+            ws.send_nowait(MESSAGE)
+        else:
+            state["batch"] = WINDOW
+            for _ in range(WINDOW):
+                ws.send_nowait(MESSAGE)
+        await done
+        return time.perf_counter() - t0
+    finally:
+        await ws.close()
+
+
+async def _websockets(url: str, mode: str, n: int) -> float:
+    from websockets.asyncio.client import connect
+
+    async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
+        t0 = time.perf_counter()
+        if mode == "pingpong":
+            for _ in range(n):
+                await ws.send(MESSAGE)
+                await ws.recv()
+        else:
+            for _ in range(n // WINDOW):
+                for _ in range(WINDOW):
+                    await ws.send(MESSAGE)
+                for _ in range(WINDOW):
+                    await ws.recv()
+        return time.perf_counter() - t0
+
+
+async def _aiohttp(url: str, mode: str, n: int) -> float:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url, autoping=False, compress=0, max_msg_size=0) as ws:
+            t0 = time.perf_counter()
+            if mode == "pingpong":
+                for _ in range(n):
+                    await ws.send_str(MESSAGE)
+                    await ws.receive()
+            else:
+                for _ in range(n // WINDOW):
+                    for _ in range(WINDOW):
+                        await ws.send_str(MESSAGE)
+                    for _ in range(WINDOW):
+                        await ws.receive()
+            return time.perf_counter() - t0
+
+
+async def _picows(url: str, mode: str, n: int) -> float:
+    from picows import WSListener, WSMsgType, ws_connect
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    payload = MESSAGE.encode()
+
+    class Client(WSListener):
+        left = n
+        batch = 0
+
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type != WSMsgType.TEXT:
+                return
+            self.left -= 1
+            if mode == "pingpong":
+                if self.left:
+                    transport.send(WSMsgType.TEXT, payload)
+                elif not done.done():
+                    done.set_result(None)
+                return
+            self.batch -= 1
+            if not self.left:
+                if not done.done():
+                    done.set_result(None)
+            elif not self.batch:
+                self.batch = WINDOW
+                for _ in range(WINDOW):
+                    transport.send(WSMsgType.TEXT, payload)
+
+    transport, client = await ws_connect(Client, url)
+    try:
+        t0 = time.perf_counter()
+        if mode == "pingpong":
+            transport.send(WSMsgType.TEXT, payload)
+        else:
+            client.batch = WINDOW
+            for _ in range(WINDOW):
+                transport.send(WSMsgType.TEXT, payload)
+        await done
+        return time.perf_counter() - t0
+    finally:
+        transport.disconnect()
+
+
+#: the server of the resume measurement: the room protocol and a publish route
+app = fastws.App()
+rooms = app.rooms_endpoint("/rt", history_limit=100_000)
+
+
+@app.http("GET", "/publish")
+def _publish(request):
+    q = request.query
+    for i in range(int(q.get("count", "1"))):
+        rooms.publish(q["room"], f"{q.get('text', '')}#{i}")
+    return 200, "ok", "text/plain"
+
+
+RUNNERS = {"fastws": _fastws, "fastws-cb": _fastws_cb, "websockets": _websockets, "picows": _picows,
+           "aiohttp": _aiohttp}
+PACKAGES = {"fastws": "fastws", "fastws-cb": "fastws", "websockets": "websockets", "picows": "picows",
+            "aiohttp": "aiohttp"}
+
+
+async def _resume(url: str, http: str, missed: int) -> dict:
+    """A room subscriber misses ``missed`` messages, then reconnects: seconds
+    from its new connection to the last replayed message."""
+    import urllib.request
+
+    got = []
+    rt = await RoomClient(url, backoff=Backoff(0.01, 0.02), ping_interval=None)
+    sub = await rt.subscribe("bench-resume", got.append)
+    position = sub.position
+    await rt.close()
+    await asyncio.to_thread(urllib.request.urlopen, f"{http}/publish?room=bench-resume&text=m&count={missed}")
+    got.clear()
+    t0 = time.perf_counter()
+    rt = await RoomClient(url, backoff=Backoff(0.01, 0.02), ping_interval=None)
+    t_connected = time.perf_counter()
+    sub = await rt.subscribe("bench-resume", got.append, since=position)
+    while len(got) < missed:
+        await asyncio.sleep(0.0005)
+    t_end = time.perf_counter()
+    await rt.close()
+    assert sub.recovered is True, "the resume was not complete"
+    return {"seconds": t_end - t_connected, "connect_seconds": t_connected - t0, "messages": len(got)}
+
+
+def _child(args) -> None:
+    import uvloop
+
+    if args.client == "resume":
+        result = uvloop.run(_resume(args.url, args.http, args.n))
+    else:
+        elapsed = uvloop.run(RUNNERS[args.client](args.url, args.mode, args.n))
+        result = {"msgs_per_s": args.n / elapsed, "seconds": elapsed}
+    print(json.dumps(result))
+
+
+# -- the parent: servers, alternation, the table ----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(app: str, *extra: str):
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("FASTWS_NO_EXTENSIONS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fastws", "serve", app, "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning", "--ping-interval", "0", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"could not start fastws serve {app}")
+
+
+def _run_child(*argv: str, timeout: float = 300.0) -> dict:
+    out = subprocess.run([sys.executable, "-m", "fastws.bench.clients", "--child", *argv], capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _delete_keys(redis_url: str, prefix: str) -> None:
+    """Delete the resume measurement's streams (``fastws:<prefix>:*``)."""
+    try:
+        import redis
+    except ImportError:
+        return                                  # they expire with the streams' ttl
+    try:
+        r = redis.Redis.from_url(redis_url, socket_timeout=5)
+        keys = list(r.scan_iter(match=f"fastws:{prefix}:*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()
+    except redis.RedisError:
+        pass
+
+
+def _available(client: str) -> bool:
+    try:
+        __import__(PACKAGES[client])
+    except ImportError:
+        return False
+    return True
+
+
+def run(clients=CLIENTS, modes=MODES, repeat: int = 3, n: int = 20000, redis_url: str | None = None,
+        missed: int = 1000, out: Path | None = None) -> dict:
+    """Measure; print a table; write JSON to ``out`` when given.  Returns the results."""
+    results: dict = {"n": n, "repeat": repeat, "window": WINDOW, "message_bytes": len(MESSAGE), "modes": {},
+                     "skipped": {}}
+    usable = [c for c in clients if _available(c)]
+    for c in clients:
+        if c not in usable:
+            results["skipped"][c] = f"package {PACKAGES[c]} not installed"
+    proc, port = _start_server("examples.echo:app")
+    url = f"ws://127.0.0.1:{port}/echo"
+    try:
+        for mode in modes:
+            runs: dict = {c: [] for c in usable}
+            for _ in range(repeat):
+                for c in usable:                       # alternate: drift hits every client alike
+                    runs[c].append(_run_child("--client", c, "--mode", mode, "--url", url, "--n", str(n))["msgs_per_s"])
+            results["modes"][mode] = {c: {"median": statistics.median(v), "runs": v} for c, v in runs.items()}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    if redis_url:
+        prefix = f"bench-resume-{os.getpid()}"
+        proc, port = _start_server("fastws.bench.clients:app", "--broker",
+                                   redis_url.replace("redis://", "redis+streams://", 1), "--broker-prefix", prefix)
+        try:
+            runs = [_run_child("--client", "resume", "--url", f"ws://127.0.0.1:{port}/rt", "--http",
+                               f"http://127.0.0.1:{port}", "--n", str(missed)) for _ in range(repeat)]
+            results["resume"] = {"missed": missed, "median_seconds": statistics.median(r["seconds"] for r in runs),
+                                 "runs": runs}
+        except RuntimeError as exc:
+            results["skipped"]["resume"] = str(exc)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            _delete_keys(redis_url, prefix)
+    print(table(results))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "clients.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"Python clients against fastws serve (echo, {results['message_bytes']} B text, "
+             f"{results['n']} messages, median of {results['repeat']})", "",
+             "| mode | client | msg/s | vs websockets |", "|---|---|---:|---:|"]
+    for mode, by_client in results["modes"].items():
+        base = by_client.get("websockets", {}).get("median")
+        for c, r in sorted(by_client.items(), key=lambda kv: -kv[1]["median"]):
+            ratio = f"{r['median'] / base:.2f}x" if base else "-"
+            lines.append(f"| {mode} | {c} | {r['median']:,.0f} | {ratio} |")
+    if "resume" in results:
+        r = results["resume"]
+        lines += ["", f"resume: {r['missed']} missed messages replayed in {r['median_seconds'] * 1000:.1f} ms "
+                      f"(median; from the new connection to the last message)"]
+    for c, why in results["skipped"].items():
+        lines.append(f"skipped {c}: {why}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fastws.bench.clients", description=__doc__.splitlines()[0])
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--client", default=None)
+    p.add_argument("--mode", default="pingpong")
+    p.add_argument("--url", default="")
+    p.add_argument("--http", default="")
+    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--clients", default=",".join(CLIENTS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--redis-url", default=None, help="loopback Redis for the resume measurement")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    run(args.clients.split(","), args.modes.split(","), args.repeat, args.n, args.redis_url, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
