@@ -102,6 +102,7 @@ class WebSocket(asyncio.Protocol):
         self._ping_sent = 0.0              # loop time of our unanswered ping, 0 when none
         self._timer = None
         self._abort_handle = None
+        self._out = None                   # frames sent during this loop iteration (one write at its end)
 
     # -- asyncio protocol ------------------------------------------------------------
 
@@ -262,7 +263,7 @@ class WebSocket(asyncio.Protocol):
         :class:`fastws.errors.ConnectionClosed` once the connection is closing."""
         if self.close_code is not None or self.transport is None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
-        self.transport.write(self.engine.send(message))
+        self._write(self.engine.send(message))
         if self._write_paused:
             w = self.loop.create_future()
             self._drain_waiters.append(w)
@@ -272,7 +273,21 @@ class WebSocket(asyncio.Protocol):
         """:meth:`send` without waiting for the transport's buffer to drain."""
         if self.close_code is not None or self.transport is None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
-        self.transport.write(self.engine.send(message))
+        self._write(self.engine.send(message))
+
+    def _write(self, frame: bytes) -> None:
+        """Queue ``frame``: the frames of one loop iteration go out in one write."""
+        out = self._out
+        if out is None:
+            self._out = [frame]
+            self.loop.call_soon(self._flush)
+        else:
+            out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def recv(self):
         """The next message (str or bytes).  Raises
@@ -316,6 +331,7 @@ class WebSocket(asyncio.Protocol):
             return
         if not self._closed.done():
             if self.engine is not None and self.engine.state == OPEN:
+                self._flush()                     # what was sent goes before the close frame
                 try:
                     transport.write(self.engine.close(code, reason))
                 except ConnectionClosed:
