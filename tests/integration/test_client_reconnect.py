@@ -78,6 +78,44 @@ def test_messages_round_trip_on_the_client_engine(engine, tmp_path):
         assert out.stdout.strip() == "wsproto over wsproto"
 
 
+def test_wss_with_compression_and_a_reconnect(engine, tmp_path):
+    """wss:// (the server's TLS, a self-signed certificate the client trusts
+    by its CA file), permessage-deflate, a reconnect after the server is
+    killed; a client that does not trust the certificate never connects
+    (each TLS failure is a failed attempt, retried with its backoff: here it
+    gives up after max_attempts=3)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext",
+                        "subjectAltName=DNS:localhost,IP:127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    with nodes() as ns:
+        node = Node(engine, tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--compression",
+                    app=ECHO)
+        ns.append(node.start())
+        url = f"wss://127.0.0.1:{node.port}/e"
+
+        async def main():
+            ctx = __import__("ssl").create_default_context(cafile=str(cert))
+            async with fastws.connect(url, ssl=ctx, compression=True, backoff=Backoff(0.05, 0.1)) as ws:
+                assert any(e.startswith("permessage-deflate") for e in ws.websocket.extensions)
+                await ws.send("secure " * 100)
+                assert await ws.recv() == "secure " * 100
+                node.kill()
+                await eventually(lambda: not ws.connected)
+                node.start()
+                await ws.wait_connected()
+                await ws.send(b"\x00again")
+                assert await ws.recv() == b"\x00again"
+                assert ws.connections == 2
+            untrusting = fastws.connect(url, backoff=Backoff(0.05, 0.1, max_attempts=3))
+            with pytest.raises(GaveUp) as info:
+                await untrusting.start()
+            assert untrusting.connections == 0
+            assert "CERTIFICATE" in str(info.value.error).upper(), info.value.error
+        run(main())
+
+
 def test_iteration_goes_on_across_reconnects(engine, tmp_path):
     with nodes() as ns:
         node = Node(engine, tmp_path, app=ECHO)
