@@ -231,6 +231,9 @@ cdef bint _parse_plain(const uint8_t* p, Py_ssize_t n, _Plain* out) noexcept nog
         elif name_len == 24 and _ieq(p + name_start, 24, "sec-websocket-extensions"):
             bit = 64
             out.has_ext = True
+        elif ((name_len == 14 and _ieq(p + name_start, 14, "content-length"))
+              or (name_len == 17 and _ieq(p + name_start, 17, "transfer-encoding"))):
+            return False                                      # a body framing header: wsproto decides
         if bit:
             if seen & bit:
                 return False                                  # duplicated: wsproto decides

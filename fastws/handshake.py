@@ -44,6 +44,10 @@ _FIELD_VALUE = re.compile(rb"[\x20-\x7e\t]*\Z")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _VERSION_HEADER = [("Sec-WebSocket-Version", "13")]
 
+# Headers that frame a request body: a request carrying one (valid or not)
+# goes to wsproto, which decides how to answer it.
+_BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
+
 # Headers whose duplication changes the meaning; the fast path leaves those
 # requests to wsproto.
 _WS_HEADERS = frozenset(
@@ -163,6 +167,8 @@ def parse_fast(head: bytes):
         if not sep or not _TOKEN.match(name) or not _FIELD_VALUE.match(value):
             return None
         lname = name.lower()
+        if lname in _BODY_HEADERS:
+            return None
         if lname in _WS_HEADERS:
             if lname in seen:
                 return None
@@ -211,6 +217,9 @@ def request_from_fields(method: bytes, target: bytes, headers) -> Request:
     seen = set()
     if plain:
         for name, value in headers:
+            if name in _BODY_HEADERS:
+                plain = False
+                break
             if name in _WS_HEADERS:
                 if name in seen:
                     plain = False

@@ -103,7 +103,7 @@ from __future__ import annotations
 import struct
 from binascii import crc_hqx
 
-from ..errors import BrokerProtocolError
+from ..errors import BrokerProtocolError, is_valid_close_code
 from ..frames import BINARY, PRIORITY_NORMAL, TEXT
 
 __all__ = [
@@ -321,11 +321,13 @@ def pack_close(request_id: int, conn_id: int, code: int, reason: str = "") -> by
 
 def unpack_close(payload: bytes) -> tuple:
     """``(request_id, conn_id, code, reason)`` of a CLOSE payload.
-    BrokerProtocolError if it is malformed (short, a reason past 123 bytes
-    or not UTF-8)."""
+    BrokerProtocolError if it is malformed (short, a code a server may not
+    send, a reason past 123 bytes or not UTF-8)."""
     if len(payload) < CLOSE_HEAD.size or payload[0] != CLOSE:
         raise BrokerProtocolError(f"not a CLOSE payload ({len(payload)} bytes)")
     _, _, rid, cid, code = CLOSE_HEAD.unpack_from(payload, 0)
+    if not is_valid_close_code(code) or code in (1005, 1006):
+        raise BrokerProtocolError(f"CLOSE with code {code}, which no server sends")
     body = payload[CLOSE_HEAD.size:]
     if len(body) > 123:
         raise BrokerProtocolError(f"CLOSE reason of {len(body)} bytes")
