@@ -676,19 +676,6 @@ class Connection:
         if self.transport is not None:
             self.transport.pause_reading()
 
-    # the names the fronts used before the hooks were public (to be removed)
-    def _hs_accept(self, *args, **kwargs):
-        return self.accept_upgrade(*args, **kwargs)
-
-    def _hs_reject(self, response):
-        self.reject_upgrade(response)
-
-    def _hs_pause(self):
-        self.hold_upgrade()
-
-    def _hs_read_body(self, size, callback):
-        self.read_body(size, callback)
-
     # -- frames ---------------------------------------------------------------------------
 
     def _input(self, data):

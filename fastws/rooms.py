@@ -130,8 +130,7 @@ class Rooms:
     @classmethod
     def from_config(cls, hub, config) -> "Rooms":
         """The registry of a server run with ``config`` (its room limits)."""
-        return cls(hub, getattr(config, "max_rooms_per_connection", DEFAULT_MAX_ROOMS),
-                   getattr(config, "max_room_name", DEFAULT_MAX_ROOM_NAME))
+        return cls(hub, config.max_rooms_per_connection, config.max_room_name)
 
     def _name_problem(self, room):
         """Why ``room`` is refused (str), or None when it is taken; TypeError

@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 
-from .broker.embedded import EmbeddedHub
+from .broker.embedded import EmbeddedRelay
 from .errors import ServerStartError
 from .metrics import METRICS_DIR_ENV, worker_metrics_file
 from .server import bind_socket
@@ -288,17 +288,17 @@ def run_workers(target, config) -> int:
     timeout = config.shutdown_timeout + config.drain_delay + 5.0
     sweep_stale()                                   # what a supervisor killed earlier left behind
     run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")   # mode 0700, ours alone
-    hub = None
+    relay = None
     try:
         if not config.broker:
             # no broker given: the workers share an embedded one, run here, so a
             # room message reaches members on every worker with nothing else to run
             path = os.path.join(run_dir, BROKER_SOCKET)
-            hub = EmbeddedHub(path)
+            relay = EmbeddedRelay(path)
             try:
-                hub.run_in_thread()
+                relay.run_in_thread()
             except OSError as exc:        # e.g. a $TMPDIR too long for a Unix socket path
-                hub = None
+                relay = None
                 raise ServerStartError(f"cannot start the embedded broker at {path}: {exc}") from None
             config.broker = f"unix://{path}"
             log.info("fastws: embedded broker for the workers at %s", path)
@@ -315,6 +315,6 @@ def run_workers(target, config) -> int:
             else:
                 os.environ[METRICS_DIR_ENV] = previous
     finally:
-        if hub is not None:
-            hub.stop_thread()
+        if relay is not None:
+            relay.stop_thread()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,8 +1,8 @@
 """The embedded broker: workers on one machine, no extra service.
 
-The supervisor runs an :class:`EmbeddedHub` on a Unix domain socket; each
+The supervisor runs an :class:`EmbeddedRelay` on a Unix domain socket; each
 worker's :class:`EmbeddedBroker` (``unix:///path.sock``) connects to it,
-tells it which channels it wants, and publishes through it. The hub routes a
+tells it which channels it wants, and publishes through it. The relay routes a
 publish to the workers subscribed to its channel (never back to the sender),
 so the interest-based routing is the same as with Redis.
 
@@ -18,7 +18,7 @@ channel cannot be carried (too long, not UTF-8) fails alone with
 :class:`~fastws.broker.SubscribeError`: the other keys of the call are
 subscribed, and the failed one is not recorded.  A publish larger than a
 frame fails with :class:`~fastws.broker.PublishError` instead of breaking
-the link.  The hub drops a link that sends a malformed frame.
+the link.  The relay drops a link that sends a malformed frame.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .wire import (ACK, HELLO, LINK_HEAD, MAX_CHANNEL, MAX_FRAME, MAX_REQUEST, M
 
 log = logging.getLogger("fastws.broker")
 
-__all__ = ["EmbeddedHub", "EmbeddedBroker", "MAX_FRAME", "MAX_CHANNEL", "MAX_REQUEST", "MalformedFrame",
+__all__ = ["EmbeddedRelay", "EmbeddedBroker", "MAX_FRAME", "MAX_CHANNEL", "MAX_REQUEST", "MalformedFrame",
            "parse_unix_url"]
 
 UNIX_URL_FORM = "unix:///absolute/path.sock"
@@ -108,35 +108,35 @@ class _Framed(asyncio.Protocol):
         self.closed = True
 
 
-class _HubLink(_Framed):
-    """The hub's end of one worker's connection."""
+class _RelayLink(_Framed):
+    """The relay's end of one worker's connection."""
 
-    def __init__(self, hub) -> None:
+    def __init__(self, relay) -> None:
         super().__init__()
-        self.hub = hub
+        self.relay = relay
         self.node = "?"
         self.channels: set = set()
 
     def on_frame(self, kind: int, body: bytes) -> None:
-        hub = self.hub
+        relay = self.relay
         if kind == PUB:
             ch, _ = link_split_channel(body)
-            subs = hub.routes.get(ch)
-            hub.publishes += 1
+            subs = relay.routes.get(ch)
+            relay.publishes += 1
             if subs:
                 frame = link_frame(MSG, body)
                 for link in subs:
                     if link is not self:
                         link.transport.write(frame)
-                        hub.deliveries += 1
+                        relay.deliveries += 1
         elif kind == SUB or kind == UNSUB:
             for ch in link_channels(body, 4):
                 if kind == SUB:
                     self.channels.add(ch)
-                    hub.routes.setdefault(ch, set()).add(self)
+                    relay.routes.setdefault(ch, set()).add(self)
                 else:
                     self.channels.discard(ch)
-                    hub._drop(ch, self)
+                    relay._drop(ch, self)
             self.send(ACK, body[:4])
         elif kind == PING:
             self.send(PONG, body[:4])
@@ -149,21 +149,21 @@ class _HubLink(_Framed):
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         for ch in self.channels:
-            self.hub._drop(ch, self)
+            self.relay._drop(ch, self)
         self.channels.clear()
-        self.hub.links.discard(self)
+        self.relay.links.discard(self)
 
 
-class EmbeddedHub:
+class EmbeddedRelay:
     """The supervisor's side: routes publishes to subscribed workers.
 
-    In a running loop: ``await hub.start()`` / ``await hub.close()``. From a
-    plain (supervisor) thread: ``hub.run_in_thread()`` / ``hub.stop_thread()``.
+    In a running loop: ``await relay.start()`` / ``await relay.close()``. From a
+    plain (supervisor) thread: ``relay.run_in_thread()`` / ``relay.stop_thread()``.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path            # the Unix socket
-        self.routes: dict = {}      # channel -> set of _HubLink
+        self.routes: dict = {}      # channel -> set of _RelayLink
         self.links: set = set()     # connected workers
         self.publishes = 0
         self.deliveries = 0
@@ -179,7 +179,7 @@ class EmbeddedHub:
                 del self.routes[ch]
 
     def _link(self):
-        link = _HubLink(self)
+        link = _RelayLink(self)
         self.links.add(link)
         return link
 
@@ -331,7 +331,7 @@ class EmbeddedBroker(Broker):
 
     async def _request(self, kind: int, chans):
         """Send SUB/UNSUB (in frames of at most MAX_REQUEST bytes) or PING and
-        wait for the hub's answers: True when all came, False if the link is
+        wait for the relay's answers: True when all came, False if the link is
         down or went down meanwhile, None if it is up but an answer did not
         come within ``ack_timeout``."""
         link = self._link
@@ -425,7 +425,7 @@ class EmbeddedBroker(Broker):
         if self.state != "connected":
             return False, self.state
         ok = await self._request(PING, [])
-        return bool(ok), self.state if ok else "no answer from the hub"
+        return bool(ok), self.state if ok else "no answer from the relay"
 
     async def close(self) -> None:
         self._closing = True

@@ -1,6 +1,6 @@
 """Fixtures of the broker suite: real backends only.
 
-``backend``        parametrized: "memory", "embedded" (an EmbeddedHub on a
+``backend``        parametrized: "memory", "embedded" (an EmbeddedRelay on a
                    temporary Unix socket, in-process), "redis" (the server
                    of $FASTWS_TEST_REDIS, default redis://127.0.0.1:6379/0,
                    see brokerutil), "streams" (the Redis Streams
@@ -98,7 +98,7 @@ def backend(request):
 def make_broker(backend, request):
     """An async factory of started brokers of ``backend`` sharing a per-test prefix."""
     from fastws.broker import create_broker
-    from fastws.broker.embedded import EmbeddedHub
+    from fastws.broker.embedded import EmbeddedRelay
 
     prefix = new_prefix()
     state = {"brokers": [], "hub": None, "path": None}
@@ -111,7 +111,7 @@ def make_broker(backend, request):
         elif backend == "embedded":
             if state["hub"] is None:
                 state["path"] = os.path.join(tempfile.mkdtemp(prefix="fws-"), "hub.sock")
-                state["hub"] = EmbeddedHub(state["path"])
+                state["hub"] = EmbeddedRelay(state["path"])
                 await state["hub"].start()
             b = create_broker("unix://" + state["path"], **opts)
         elif backend == "redis":

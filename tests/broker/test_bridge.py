@@ -22,7 +22,7 @@ import fastws
 from fastws.broker import channel_name, create_broker
 from fastws.broker import wire
 from fastws.broker.bridge import Bridge
-from fastws.broker.embedded import EmbeddedHub
+from fastws.broker.embedded import EmbeddedRelay
 from fastws.presence import Presence, presence_client
 from fastws.config import Config
 from fastws.frames import BINARY
@@ -120,7 +120,7 @@ async def make_nodes(kind, url, n):
     hub = None
     if kind == "embedded":
         path = os.path.join(tempfile.mkdtemp(prefix="fws-"), "hub.sock")
-        hub = EmbeddedHub(path)
+        hub = EmbeddedRelay(path)
         await hub.start()
         url = "unix://" + path
     nodes = [await Node(url, prefix).start() for _ in range(n)]

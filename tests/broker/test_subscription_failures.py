@@ -1,6 +1,6 @@
 """One failing subscription never poisons the others.
 
-Against the real embedded broker (an :class:`EmbeddedHub` on a Unix socket)
+Against the real embedded broker (an :class:`EmbeddedRelay` on a Unix socket)
 and real Redis:
 
 * the embedded broker carries channels far longer than 64 KiB (its framing
@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fastws
 from fastws.broker import PublishError, SubscribeError, create_broker
-from fastws.broker.embedded import MAX_CHANNEL, EmbeddedHub
+from fastws.broker.embedded import MAX_CHANNEL, EmbeddedRelay
 from fastws.config import Config
 from fastws.server import NativeServer
 
@@ -51,7 +51,7 @@ def _hub_path() -> str:
 def test_embedded_bad_key_fails_alone_and_long_names_are_carried():
     async def main():
         path = _hub_path()
-        hub = EmbeddedHub(path)
+        hub = EmbeddedRelay(path)
         await hub.start()
         prefix = new_prefix()
         a = create_broker("unix://" + path, prefix=prefix)
@@ -217,7 +217,7 @@ def test_stalled_hub_subscription_fails_is_counted_shown_in_health_and_retried()
 
     async def main():
         path = _hub_path()
-        hub = EmbeddedHub(path)
+        hub = EmbeddedRelay(path)
         hub.run_in_thread()
         prefix = new_prefix()
         a = await start_node(path, prefix)
@@ -270,7 +270,7 @@ def test_a_key_the_broker_cannot_carry_leaves_the_rest_of_its_batch_working():
 
     async def main():
         path = _hub_path()
-        hub = EmbeddedHub(path)
+        hub = EmbeddedRelay(path)
         await hub.start()
         prefix = new_prefix()
         a = await start_node(path, prefix)
