@@ -380,7 +380,9 @@ class App:
 
     async def disconnect(self, conn_id, code: int = 1000, reason: str = ""):
         """Close the connection ``conn_id`` (a :meth:`global_id`), on
-        whichever node holds it.  True / False / None as :meth:`send_to`."""
+        whichever node holds it.  True / False / None as :meth:`send_to`;
+        ValueError for a code no server may send (a server sends 1000-1003,
+        1007-1014 or 3000-4999) or a reason past 123 bytes."""
         if self.node is None:
             return False
         return await self.node.disconnect(conn_id, code, reason)

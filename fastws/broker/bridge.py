@@ -48,7 +48,7 @@ import asyncio
 import itertools
 import logging
 
-from ..errors import BrokerProtocolError, PublishError
+from ..errors import BrokerProtocolError, PublishError, is_valid_close_code
 from ..frames import PRIORITY_NORMAL
 from .base import backoff_delay
 from .wire import (CLOSE, DIRECT, REPLY, ROOM, pack_close, pack_direct, pack_reply, pack_room_message,
@@ -350,7 +350,13 @@ class Bridge:
                          timeout: float = REPLY_TIMEOUT):
         """Close the connection ``gid`` wherever it is with ``code`` and
         ``reason``. True: its close handshake started; False: no such open
-        connection; None: its node did not answer in ``timeout``."""
+        connection; None: its node did not answer in ``timeout``.
+        ValueError, before anything is sent, for a code no server may send
+        or a reason past 123 bytes of UTF-8 (the other node would refuse it)."""
+        if not is_valid_close_code(code) or code in (1005, 1006):
+            raise ValueError(f"close code {code!r}: a server sends 1000-1003, 1007-1014 or 3000-4999")
+        if len(reason.encode("utf-8")) > 123:
+            raise ValueError("a close reason is at most 123 bytes of UTF-8")
         return await self._ask(gid, timeout, "close_out",
                                lambda cid: self._close_local(cid, code, reason),
                                lambda rid, cid: pack_close(rid, cid, code, reason))
