@@ -25,7 +25,6 @@ time.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import glob
 import json
@@ -33,7 +32,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -47,13 +45,13 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.attacks import CLOSE_CODES, MAX_CLOSE_SERIES, Target, close_series, open_and_close
+
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from fastws.cli.main import main; main()"]
 HOST = "127.0.0.1"
 ROOMS_APP = "tests.integration.apps.rooms_app:app"
 TOKEN = "publish-token-for-tests"
-CLOSE_CODES = range(3000, 5000)          # 2,000 codes a client may pick
-MAX_CLOSE_SERIES = 16 + 3                # 1000..1015, "3xxx", "4xxx", "other"
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -112,12 +110,6 @@ def scrape(port) -> dict:
         for s in family.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
-
-
-def close_series(samples) -> dict:
-    """{code label: count} of websocket_closes_total."""
-    return {dict(labels)["code"]: v for (name, labels), v in samples.items()
-            if name == "websocket_closes_total"}
 
 
 def env_for(engine, **extra) -> dict:
@@ -258,28 +250,6 @@ def test_publish_bearer_scheme_in_any_case(rooms_server, engine):
 # -- close codes chosen by the client ---------------------------------------------------
 
 
-async def _open_and_close(port, code) -> int:
-    """Upgrade on a raw socket, close with ``code``; the code the server echoes."""
-    r, w = await asyncio.open_connection(HOST, port)
-    try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        w.write((f"GET /room HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                 "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = await r.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        mask = os.urandom(4)
-        payload = struct.pack("!H", code)
-        w.write(bytes([0x88, 0x80 | len(payload)]) + mask
-                + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-        frame = await r.readexactly(4)            # the server's close frame: 0x88, length 2, code
-        assert frame[:2] == b"\x88\x02", frame
-        await r.read()                            # then TCP closes
-        return struct.unpack("!H", frame[2:])[0]
-    finally:
-        w.close()
-
-
 def test_2000_client_close_codes_keep_metrics_series_bounded(rooms_server, engine):
     port = rooms_server.port
     before = close_series(scrape(port))
@@ -289,7 +259,7 @@ def test_2000_client_close_codes_keep_metrics_series_bounded(rooms_server, engin
 
         async def one(code):
             async with sem:
-                return await asyncio.wait_for(_open_and_close(port, code), 10)
+                return await asyncio.wait_for(open_and_close(Target(port), code, "/room"), 10)
 
         echoed = await asyncio.gather(*(one(c) for c in CLOSE_CODES))
         assert echoed == list(CLOSE_CODES)       # every close was a proper close handshake
@@ -488,7 +458,7 @@ def test_worker_notices_a_dead_parent_without_prctl(engine, tmp_path):
             loop.run_until_complete(asyncio.wait_for(ws.recv(), 15))
         assert ws.close_code == 1001
         assert wait_for(lambda: gone(worker), timeout=15)
-        assert "the supervisor (pid %d) is gone" % parent.pid in out.read_text()
+        assert f"the supervisor (pid {parent.pid}) is gone" in out.read_text()
     finally:
         loop.close()
         if parent.poll() is None:

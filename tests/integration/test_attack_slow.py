@@ -22,28 +22,23 @@ All traffic goes to 127.0.0.1; every attack is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import os
-import random
 import socket
-import ssl
 import time
 import urllib.request
 
 import pytest
 import websockets
 
+from tests import attacks
+from tests.attacks import SLOW_HEAD as HEAD
+from tests.attacks import TIMEOUT_408, UPGRADE, client_context, read_all, tls_args, trickle
+
 NATIVE = "tests.integration.apps.slow_app:app"
 ASGI = "tests.integration.apps.slow_app:asgi"
 MODES = {"native": NATIVE, "asgi": ASGI}
 HOST = "127.0.0.1"
 SLOWLORIS = 300                 # concurrent slow connections
-HEAD = (b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowloris\r\n"
-        b"X-Padding: " + b"a" * 200 + b"\r\n\r\n")   # never completes at one byte per 1-2 s
-UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\n"
 
 
 @pytest.fixture(params=sorted(MODES))
@@ -51,76 +46,19 @@ def mode(request) -> str:
     return request.param
 
 
-# -- helpers -------------------------------------------------------------------
-
-
-def open_fds(server) -> int:
-    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+# -- helpers (the slow clients themselves: tests/attacks.py) ------------------------
 
 
 def wait_fds_back(server, baseline: int, timeout: float = 10.0) -> int:
     """The server's open fd count once it is back to ``baseline`` (or what
     it is after ``timeout`` seconds, for the assertion message)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        n = open_fds(server)
-        if n <= baseline or time.monotonic() > deadline:
-            return n
-        time.sleep(0.1)
+    return attacks.wait_fds_back(server.proc.pid, baseline, timeout)
 
 
 def settled_fds(server) -> int:
     """The fd count once it stops moving (connections of earlier tests on a
     shared server may still be closing)."""
-    last = open_fds(server)
-    for _ in range(50):
-        time.sleep(0.2)
-        n = open_fds(server)
-        if n == last:
-            return n
-        last = n
-    return last
-
-
-async def read_all(reader: asyncio.StreamReader, limit: float) -> tuple[bytes, bool]:
-    """(everything read, closed by the server) within ``limit`` seconds."""
-    got = bytearray()
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    try:
-        while True:
-            chunk = await asyncio.wait_for(reader.read(4096), max(0.01, end - loop.time()))
-            if not chunk:
-                return bytes(got), True
-            got += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        return bytes(got), True
-    except asyncio.TimeoutError:
-        return bytes(got), False
-
-
-async def trickle(port: int, data: bytes, delay: tuple[float, float], limit: float,
-                  first: bytes = b"", ssl_ctx=None) -> tuple[bytes, bool, float]:
-    """Send ``first`` at once, then ``data`` one byte per ``delay`` seconds
-    (uniform), while reading: (what the server sent, closed by the server,
-    seconds from connect to close)."""
-    reader, writer = await asyncio.open_connection(HOST, port, ssl=ssl_ctx)
-    t0 = time.monotonic()
-
-    async def feed():
-        if first:
-            writer.write(first)
-        for i in range(len(data)):
-            writer.write(data[i:i + 1])
-            await asyncio.sleep(random.uniform(*delay))
-
-    feeder = asyncio.create_task(feed())
-    try:
-        got, closed = await read_all(reader, limit)
-    finally:
-        feeder.cancel()
-        writer.transport.abort()
-    return got, closed, time.monotonic() - t0
+    return attacks.settled_fds(server.proc.pid)
 
 
 def run(coro, limit: float = 60):
@@ -130,36 +68,7 @@ def run(coro, limit: float = 60):
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1 (also its own CA), made here."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    d = tmp_path_factory.mktemp("tls")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-           .public_key(key.public_key()).serial_number(x509.random_serial_number())
-           .not_valid_before(now - datetime.timedelta(minutes=5))
-           .not_valid_after(now + datetime.timedelta(days=1))
-           .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST)),
-                                                       x509.DNSName("localhost")]), critical=False)
-           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-           .sign(key, hashes.SHA256()))
-    (d / "cert.pem").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
-    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                  serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    return d
-
-
-def tls_args(cert) -> tuple[str, ...]:
-    return ("--ssl-certfile", str(cert / "cert.pem"), "--ssl-keyfile", str(cert / "key.pem"))
-
-
-def client_context(cert) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(cert / "cert.pem"))   # verifies chain and host
+    return attacks.make_cert(tmp_path_factory.mktemp("tls"))
 
 
 # -- slow request heads (slowloris) ---------------------------------------------------
@@ -184,7 +93,7 @@ def test_300_slowloris_heads_get_408_and_fds_come_back(server_factory, mode):
     # 0.5 s, so up to a tick early)
     slowest = max(r[2] for r in results)
     fastest = min(r[2] for r in results)
-    assert 1.0 <= fastest and slowest < 8.0, (fastest, slowest)
+    assert fastest >= 1.0 and slowest < 8.0, (fastest, slowest)
     assert took < 20.0
     n = wait_fds_back(server, baseline)
     assert n <= baseline, f"server holds {n} fds, {baseline} before the attack"
