@@ -467,9 +467,19 @@ cdef class Connection(Engine):
             if self._wq_size > self._hub.max_queue and self.state == S_OPEN:
                 self._slow_consumer()
             return 0
+        cdef Hub hub = self._hub
         if not self._dirty:
             self._dirty = True
-            self._hub._mark_dirty(self)
+            hub._mark_dirty(self)
+        if self._wq_size > hub.high_water:
+            # More than a transport's worth queued within one loop iteration
+            # (a burst of publishes in one callback, or one large message):
+            # write it now, so that the transport's flow control
+            # (pause_writing) and then the delivery policy bound the rest,
+            # instead of the whole burst landing in the transport's buffer
+            # at the end of the iteration.
+            if self._flush():
+                hub._observe(_now_ns() - (hub._read_ns if hub._read_ns else hub._batch_ns), 1)
         return 0
 
     # -- rate limits (see Hub._rate_setup) ---------------------------------------

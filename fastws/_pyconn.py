@@ -724,9 +724,15 @@ class Connection:
             if self._wq_size > self._hub.max_queue and self.state == OPEN:
                 self._slow_consumer()
             return
+        hub = self._hub
         if not self._dirty:
             self._dirty = True
-            self._hub._mark_dirty(self)
+            hub._mark_dirty(self)
+        if self._wq_size > hub.high_water:
+            # a burst within one loop iteration, or one large message: write it
+            # now (see _core_connection.pxi)
+            if self._flush():
+                hub._observe(_now_ns() - (hub._read_ns or hub._batch_ns))
 
     # -- rate limits (see _core_hub.pxi) ----------------------------------------------------
 

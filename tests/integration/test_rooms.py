@@ -236,6 +236,33 @@ def test_rss_bounded_for_a_client_that_never_reads(server_factory):
     run(main())
 
 
+def test_one_callback_publishing_a_burst_respects_max_queue(server_factory):
+    """Many publishes inside one callback (one loop iteration) to a member
+    that never reads: what the server holds for it stays bounded by
+    ``high_water`` + ``max_queue`` (plus slack), and it is closed as a slow
+    consumer, instead of the whole burst landing in its transport's buffer
+    at the end of the iteration."""
+    env = {"FASTWS_HIGH_WATER": "16384", "FASTWS_MAX_QUEUE": "65536"}
+    srv = server_factory(app=APP, env=env)
+    host, port = srv.address
+
+    async def main():
+        slow = raw_client(host, port, "burst")
+        await asyncio.sleep(0.2)
+        before = (await stats(srv.url))["rss"]
+        async with websockets.connect(srv.url + "room") as ctl:
+            # 2,000 x 16 KiB = 32 MiB published by one callback, HIGH priority (never dropped)
+            await ctl.send(json.dumps({"publish": "burst", "count": 2000, "size": 16384, "priority": 2}))
+            while "published" not in json.loads(await ctl.recv()):
+                pass
+            st = await stats(srv.url)
+        slow.close()
+        assert st["rss"] - before < 12 * 1024 * 1024, (before, st["rss"])
+        assert st["hub"]["slow_consumer_closes"] >= 1, st["hub"]
+
+    run(main())
+
+
 def test_batching_envelope_for_members_that_ask_and_single_frames_for_others(server_factory):
     srv = server_factory(app=APP)
 
