@@ -41,7 +41,8 @@ def on_message(conn, data):
 
 PAGE = """<!doctype html>
 <meta charset="utf-8"><title>fastws chat</title>
-<style>body{font:15px sans-serif;max-width:40em;margin:2em auto}#log{border:1px solid #ccc;height:20em;overflow:auto;padding:.5em}</style>
+<style>body{font:15px sans-serif;max-width:40em;margin:2em auto}
+#log{border:1px solid #ccc;height:20em;overflow:auto;padding:.5em}</style>
 <h1>fastws chat</h1>
 <p>Room <input id="room" value="lobby"> <button id="join">Join</button> <span id="status">connecting…</span></p>
 <div id="log"></div>

@@ -360,10 +360,7 @@ class Engine:
             self._chunks.append(frame.payload)
             if not frame.message_finished:
                 return None
-            if opcode is Opcode.TEXT:
-                event = (TEXT, "".join(self._chunks))
-            else:
-                event = (BINARY, b"".join(self._chunks))
+            event = (TEXT, "".join(self._chunks)) if opcode is Opcode.TEXT else (BINARY, b"".join(self._chunks))
             self._chunks = []
             return event, b""
         if opcode is Opcode.PING:

@@ -102,11 +102,11 @@ import socket
 import time
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from . import core
-from .health import LATENCY_BUCKETS_MS  # noqa: F401  (histogram bounds, ms; re-exported)
+from .health import LATENCY_BUCKETS_MS  # histogram bounds, ms; re-exported
 from .version import __version__
 
 #: Environment variable naming the directory of the workers' metric snapshots

@@ -110,7 +110,7 @@ class Presence:
 
         def snapshot():
             return {key: {global_id(c): str(user_of(c) or "") for c in rooms.members(key[1], key[0])}
-                    for key in rooms.keys()}
+                    for key in rooms.keys()}  # noqa: SIM118 (Rooms is no dict: keys() is all it has)
 
         self._source = snapshot
 

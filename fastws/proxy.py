@@ -206,10 +206,9 @@ class TrustedProxies:
             i = self._pick([_split_host_port(e) for e in entries])
             if i is None:
                 return peer, None
+            proto = None
             if protos:
                 proto = protos[i] if len(protos) == len(entries) else protos[-1]
-            else:
-                proto = None
             return _split_host_port(entries[i]), _SCHEMES.get((proto or "").strip().lower())
         if forwarded:
             elements = _forwarded_elements(forwarded)

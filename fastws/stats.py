@@ -166,7 +166,8 @@ polyline { fill: none; stroke: #2f6fde; stroke-width: 1.5; vector-effect: non-sc
 </style></head>
 <body>
 <h1>fastws</h1>
-<div class="sub">live numbers of this process, last {{WINDOW}} s &middot; <span id="updated">server-rendered</span></div>
+<div class="sub">live numbers of this process, last {{WINDOW}} s &middot;
+<span id="updated">server-rendered</span></div>
 <div class="cards">
 {{CARDS}}
 </div>

@@ -15,8 +15,18 @@ from ..errors import ClientDisconnected, HandshakeError
 from ..handshake import HttpRequest, error_response, request_from_fields
 from .rooms import RoomsExtension, publish_payload, room_name
 from .websocket import DENIAL_EXTENSION, NO_SUBPROTOCOLS, WebSocketSession
-from .wire import (ASGI_HTTP, ASGI_WS, address, clock, header_pair, intern, local_address,
-                   plain_response, response_head, split_target)
+from .wire import (
+    ASGI_HTTP,
+    ASGI_WS,
+    address,
+    clock,
+    header_pair,
+    intern,
+    local_address,
+    plain_response,
+    response_head,
+    split_target,
+)
 
 log = logging.getLogger("fastws")
 
@@ -185,7 +195,7 @@ class HttpCycle:
                 result = handler(request)
                 if asyncio.iscoroutine(result):
                     result = await result
-            except Exception as exc:  # noqa: BLE001 - logged, answered with 500
+            except Exception as exc:  # logged, answered with 500
                 log.error("fastws: exception in HTTP handler %s", request.path, exc_info=exc)
                 result = (500, b"internal error\n", "text/plain; charset=utf-8")
             if self.disconnected:
@@ -530,10 +540,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _wants_websocket(self) -> bool:
-        for k, v in self.headers:
-            if k == b"upgrade" and v.lower() == b"websocket":
-                return True
-        return False
+        return any(k == b"upgrade" and v.lower() == b"websocket" for k, v in self.headers)
 
     def _upgrade(self, early: bytes) -> None:
         """The parser stopped behind a WebSocket upgrade request."""

@@ -55,7 +55,7 @@ class Lifespan:
         scope = {"type": "lifespan", "asgi": ASGI_LIFESPAN, "state": self.state}
         try:
             await self.app(scope, self._receive, self._send)
-        except BaseException as exc:  # noqa: BLE001 - the app's, reported below
+        except BaseException as exc:  # the app's, reported below
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if not self.received:

@@ -100,7 +100,7 @@ async def publish(sender, room: str, message, *, exclude_self: bool = False) -> 
             else:
                 await ws.send_bytes(bytes(message))
             n += 1
-        except Exception:  # noqa: BLE001 - a member that went away leaves the room
+        except Exception:  # a member that went away leaves the room
             members.discard(ws)
     if not members:
         _fallback.pop(room, None)

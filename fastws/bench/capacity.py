@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("server did not start")
+                    raise SystemExit("server did not start") from None
                 time.sleep(0.1)
         time.sleep(2.0)   # every worker listening
         rss_before = tree_rss(server.pid)

@@ -123,20 +123,20 @@ async def _websockets(url: str, mode: str, n: int) -> float:
 async def _aiohttp(url: str, mode: str, n: int) -> float:
     import aiohttp
 
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url, autoping=False, compress=0, max_msg_size=0) as ws:
-            t0 = time.perf_counter()
-            if mode == "pingpong":
-                for _ in range(n):
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(url, autoping=False, compress=0, max_msg_size=0) as ws:
+        t0 = time.perf_counter()
+        if mode == "pingpong":
+            for _ in range(n):
+                await ws.send_str(MESSAGE)
+                await ws.receive()
+        else:
+            for _ in range(n // WINDOW):
+                for _ in range(WINDOW):
                     await ws.send_str(MESSAGE)
+                for _ in range(WINDOW):
                     await ws.receive()
-            else:
-                for _ in range(n // WINDOW):
-                    for _ in range(WINDOW):
-                        await ws.send_str(MESSAGE)
-                    for _ in range(WINDOW):
-                        await ws.receive()
-            return time.perf_counter() - t0
+        return time.perf_counter() - t0
 
 
 async def _picows(url: str, mode: str, n: int) -> float:

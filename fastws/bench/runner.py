@@ -41,9 +41,9 @@ from urllib.parse import unquote, urlsplit
 import click
 
 from fastws import core
-from fastws.version import build_info
-from fastws.bench.loadgen import proc_cpu_ticks  # /proc helpers only
 from fastws.bench import clients as client_bench
+from fastws.bench.loadgen import proc_cpu_ticks  # /proc helpers only
+from fastws.version import build_info
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 HOST = "127.0.0.1"
@@ -202,7 +202,7 @@ def redis_url_option(url: str) -> str:
         raise click.BadParameter(f"{url!r}: a redis://HOST:PORT/DB URL of a loopback host "
                                  "(127.0.0.0/8, ::1, localhost)")
     try:
-        u.port
+        _ = u.port   # parsed on access
     except ValueError:
         raise click.BadParameter(f"{url!r}: the port is not a number") from None
     return url
@@ -301,16 +301,21 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
         elif name == "picows":
             specs.append(ServerSpec(name, "picows", _py("fastws.bench.peers.picows_relay")))
         elif name == "uvicorn-websockets":
-            specs.append(ServerSpec(name, "uvicorn+starlette, websockets", _py("fastws.bench.peers.starlette_relay", "--ws", "websockets")))
+            specs.append(ServerSpec(name, "uvicorn+starlette, websockets",
+                                    _py("fastws.bench.peers.starlette_relay", "--ws", "websockets")))
         elif name == "uvicorn-wsproto":
-            specs.append(ServerSpec(name, "uvicorn+starlette, wsproto", _py("fastws.bench.peers.starlette_relay", "--ws", "wsproto")))
+            specs.append(ServerSpec(name, "uvicorn+starlette, wsproto",
+                                    _py("fastws.bench.peers.starlette_relay", "--ws", "wsproto")))
         elif name == "socketify":
-            skip = None if importlib.util.find_spec("socketify") else "socketify is not installed (pip install socketify)"
-            specs.append(ServerSpec(name, "socketify (uWebSockets)", _py("fastws.bench.peers.socketify_relay"), skip=skip))
+            skip = (None if importlib.util.find_spec("socketify")
+                    else "socketify is not installed (pip install socketify)")
+            specs.append(ServerSpec(name, "socketify (uWebSockets)", _py("fastws.bench.peers.socketify_relay"),
+                                    skip=skip))
         elif name == "node-ws":
             skip, env = _node_env()
             js = str(PEERS_DIR / "ws_relay.js")
-            specs.append(ServerSpec(name, "Node ws", lambda port: ["node", js, str(port), HOST], env=env, skip=skip))
+            specs.append(ServerSpec(name, "Node ws", lambda port, js=js: ["node", js, str(port), HOST],
+                                    env=env, skip=skip))
         elif name == "fastws-asgi":
             specs.append(_fastws_asgi_spec())
         elif name in ASGI_PEERS:
@@ -354,12 +359,11 @@ class RunningServer:
         self.stop()
         self.port = free_port()
         self.starts += 1
-        log = open(self.logdir / f"{self.spec.key}.{self.starts}.log", "wb")
-        self.proc = subprocess.Popen(
-            self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.spec.env}, cwd=self.spec.cwd, start_new_session=True,
-        )
-        log.close()
+        with open(self.logdir / f"{self.spec.key}.{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.spec.env}, cwd=self.spec.cwd, start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -554,7 +558,8 @@ SCENARIOS = [
              ["--conns", "8", "--window", "4", "--size", "32", "--duration", "0.15", "--warmup", "0.05"],
              asgi=True, path="/echo"),
     Scenario("asgi-broadcast", "fanout",
-             "ASGI (Starlette) broadcast to 1,000 subscribers, 64 B binary (fastws: asgi_rooms; others: ConnectionManager)",
+             "ASGI (Starlette) broadcast to 1,000 subscribers, 64 B binary "
+             "(fastws: asgi_rooms; others: ConnectionManager)",
              ["--subscribers", "1000", "--size", "64", "--duration", "3"],
              ["--subscribers", "50", "--size", "64", "--duration", "0.15"],
              relay=True, asgi=True, path=ASGI_MANAGER_PATH),
@@ -634,7 +639,8 @@ def environment(specs: list[ServerSpec]) -> dict:
     node = next((s for s in specs if s.name == "node-ws"), None)
     if shutil.which("node"):
         try:
-            versions["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+            versions["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True,
+                                              timeout=10).stdout.strip()
             if node and not node.skip:
                 versions["ws (npm)"] = subprocess.run(
                     ["node", "-e", "console.log(require('ws/package.json').version)"], capture_output=True, text=True,
@@ -731,7 +737,7 @@ def markdown(results: dict) -> str:
         for name, runs in lat["runs"].items():
             good = [r for r in runs if r.get("ok")]
             if good:
-                med = lambda k: statistics.median(r[k] for r in good)  # noqa: E731
+                med = lambda k: statistics.median(r[k] for r in good)  # noqa: E731, B023 (used in this iteration)
                 out.append(f"| {name} | {fmt(med('p50_us'))} | {fmt(med('p99_us'))} | {fmt(med('p999_us'))} |")
     for key in ("fanout-latency", "fanout-1k", "fanout-10k", "fanout-10k-w8"):
         fo = results["scenarios"].get(key)
@@ -756,9 +762,10 @@ def markdown(results: dict) -> str:
                 good = [r for r in runs if r.get("ok")]
                 if not good:
                     continue
-                med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731
+                # (med and node are called within this iteration: B023 does not apply)
+                med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731, B023
                 two = all(len(set(r.get("nodes", []))) == 2 for r in good)  # 2 nodes (not one --workers port)
-                node = (lambda i: med(lambda r: r["latency_by_node"][i]["p99_us"])) if two else (lambda i: "-")
+                node = (lambda i: med(lambda r: r["latency_by_node"][i]["p99_us"])) if two else (lambda i: "-")  # noqa: B023
                 workers = good[-1].get("worker_connections")
                 per_worker = ", ".join(f"{w}: {n:,}" for w, n in sorted(workers.items())) if workers else "-"
                 out.append(f"| {name} | {med(lambda r: r['p50_us'])} | {med(lambda r: r['p99_us'])} | {node(0)} | "

@@ -85,16 +85,17 @@ import importlib
 from ..config import mask_url
 from ..errors import BrokerError, BrokerURLError, PublishError, SubscribeError
 from .base import Broker, Entry, History, HistoryPage, backoff_delay, new_node_id
-from .wire import MAGIC, VERSION, channel_name, pack_envelope, unpack_envelope
 from .cluster import ClusterBroker
 from .embedded import EmbeddedBroker, parse_unix_url
 from .memory import MemoryBroker
 from .redis import RedisBroker
 from .streams import StreamsBroker
+from .wire import MAGIC, VERSION, channel_name, pack_envelope, unpack_envelope
 
 __all__ = [
     "Broker", "History", "Entry", "HistoryPage", "BrokerError", "PublishError", "SubscribeError",
-    "create_broker", "BrokerURLError", "BROKER_URL_FORMS", "channel_name", "new_node_id", "backoff_delay", "pack_envelope", "unpack_envelope",
+    "create_broker", "BrokerURLError", "BROKER_URL_FORMS", "channel_name", "new_node_id", "backoff_delay",
+    "pack_envelope", "unpack_envelope",
     "MAGIC", "VERSION",
 ]
 

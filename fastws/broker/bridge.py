@@ -51,8 +51,21 @@ import logging
 from ..errors import BrokerProtocolError, PublishError, is_valid_close_code
 from ..frames import PRIORITY_NORMAL
 from .base import backoff_delay
-from .wire import (CLOSE, DIRECT, REPLY, ROOM, pack_close, pack_direct, pack_reply, pack_room_message,
-                   payload_kind, unpack_close, unpack_direct, unpack_reply, unpack_room)
+from .wire import (
+    CLOSE,
+    DIRECT,
+    REPLY,
+    ROOM,
+    pack_close,
+    pack_direct,
+    pack_reply,
+    pack_room_message,
+    payload_kind,
+    unpack_close,
+    unpack_direct,
+    unpack_reply,
+    unpack_room,
+)
 
 log = logging.getLogger("fastws.broker")
 
@@ -93,7 +106,7 @@ class Bridge:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> "Bridge":
+    async def start(self) -> Bridge:
         """Install the handler, start the broker (unless it runs already),
         subscribe to the node key and every room that has local members, and
         follow membership from now on.  Never raises because the backend is

@@ -26,8 +26,7 @@ from urllib.parse import unquote, urlsplit
 from ..config import mask_url
 from ..errors import BrokerURLError, PublishError
 from .base import Broker, backoff_delay
-from .redis import (ACK_TIMEOUT, URL_OPTIONS, RedisBroker, ReplyError, is_auth_error, open_conn, tls_context,
-                    url_options)
+from .redis import ACK_TIMEOUT, URL_OPTIONS, RedisBroker, ReplyError, is_auth_error, open_conn, tls_context, url_options
 from .wire import key_slot
 
 log = logging.getLogger("fastws.broker")

@@ -31,9 +31,27 @@ import threading
 
 from ..errors import BrokerURLError, PublishError, SubscribeError
 from .base import Broker, backoff_delay
-from .wire import (ACK, HELLO, LINK_HEAD, MAX_CHANNEL, MAX_FRAME, MAX_REQUEST, MSG, PING, PONG, PUB, SUB, U32,
-                   UNSUB, MalformedFrame, link_batches, link_channels, link_frame, link_pub_body,
-                   link_split_channel)
+from .wire import (
+    ACK,
+    HELLO,
+    LINK_HEAD,
+    MAX_CHANNEL,
+    MAX_FRAME,
+    MAX_REQUEST,
+    MSG,
+    PING,
+    PONG,
+    PUB,
+    SUB,
+    U32,
+    UNSUB,
+    MalformedFrame,
+    link_batches,
+    link_channels,
+    link_frame,
+    link_pub_body,
+    link_split_channel,
+)
 
 log = logging.getLogger("fastws.broker")
 
@@ -129,7 +147,7 @@ class _RelayLink(_Framed):
                     if link is not self:
                         link.transport.write(frame)
                         relay.deliveries += 1
-        elif kind == SUB or kind == UNSUB:
+        elif kind in (SUB, UNSUB):
             for ch in link_channels(body, 4):
                 if kind == SUB:
                     self.channels.add(ch)
@@ -248,7 +266,7 @@ class _WorkerLink(_Framed):
         if kind == MSG:
             ch, data = link_split_channel(body)
             self.broker._deliver(ch, data)
-        elif kind == ACK or kind == PONG:
+        elif kind in (ACK, PONG):
             f = self.broker._requests.pop(U32.unpack_from(body, 0)[0], None)
             if f is not None and not f.done():
                 f.set_result(True)
@@ -346,7 +364,7 @@ class EmbeddedBroker(Broker):
             link.send(kind, U32.pack(rid) + payload)
         done, _ = await asyncio.wait([f for _, f in futs], timeout=self.ack_timeout)
         if len(done) < len(futs):
-            for rid, f in futs:
+            for rid, _ in futs:
                 self._requests.pop(rid, None)
             return False if link.closed else None
         return all(f.result() for _, f in futs)

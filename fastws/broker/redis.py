@@ -35,15 +35,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl as _ssl
 from collections import deque
-import os
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..errors import (BrokerAuthError, BrokerProtocolError, BrokerReplyError, BrokerURLError, PublishError,
-                      SubscribeError)
-from .base import Broker, backoff_delay
 from ..config import mask_url
+from ..errors import (
+    BrokerAuthError,
+    BrokerProtocolError,
+    BrokerReplyError,
+    BrokerURLError,
+    PublishError,
+    SubscribeError,
+)
+from .base import Broker, backoff_delay
 
 log = logging.getLogger("fastws.broker")
 

@@ -122,10 +122,10 @@ import heapq
 import itertools
 import logging
 import time
+
 from ..errors import BrokerError, BrokerURLError
 from .base import Entry, History, HistoryPage
-from .redis import (ACK_TIMEOUT, URL_OPTIONS, AuthenticationError, RedisBroker, ReplyError, is_auth_error,
-                    url_options)
+from .redis import ACK_TIMEOUT, URL_OPTIONS, AuthenticationError, RedisBroker, ReplyError, is_auth_error, url_options
 from .wire import MAX_SEQ, ZERO, entry_fields, envelope_origin, id_after, parse_id, room_message, unpack_envelope
 
 log = logging.getLogger("fastws.broker")
@@ -199,7 +199,7 @@ def _merge(lists) -> list:
             offer(i)
     if len(out) < sum(map(len, lists)):
         # counters that contradict the streams (two nodes with one id): the rest by id
-        rest = [lst[h:] for lst, h in zip(lists, heads) if h < len(lst)]
+        rest = [lst[h:] for lst, h in zip(lists, heads, strict=True) if h < len(lst)]
         out.extend(heapq.merge(*rest, key=lambda e: e[0]))
     return out
 
@@ -428,7 +428,7 @@ class StreamsBroker(RedisBroker, History):
                     del self._inflight[ch]
             batch.set_result(None)   # its waiters run after the lines below (no await between)
         added = 0
-        for ch, r in zip(chans, replies):
+        for ch, r in zip(chans, replies, strict=True):    # one reply per XREVRANGE
             if ch not in self._keys or ch in self._last:
                 continue
             if isinstance(r, ReplyError):
@@ -512,7 +512,7 @@ class StreamsBroker(RedisBroker, History):
         if "WRONGTYPE" in str(err) and pub is not None and not pub.closed:
             types = await asyncio.wait_for(asyncio.gather(*pub.pipeline([(b"TYPE", ch) for ch in chans])),
                                            ACK_TIMEOUT)
-            for ch, t in zip(chans, types):
+            for ch, t in zip(chans, types, strict=True):
                 if t not in (b"stream", b"none"):
                     log.error("fastws: broker key %r is a %s, not a stream; not read", ch, t)
                     self._last.pop(ch, None)
@@ -549,7 +549,7 @@ class StreamsBroker(RedisBroker, History):
                 lst.append((t, ch, bytes(eid), data, origin, n if origin is not None else None))
             lists.append(lst)
         handler = self._entry_handler
-        for t, ch, eid, data, origin, _ in _merge(lists):
+        for _t, ch, eid, data, origin, _ in _merge(lists):
             if ch not in self._last:
                 self.counters["stray"] += 1
                 continue
@@ -640,7 +640,7 @@ class StreamsBroker(RedisBroker, History):
             if env is not None:
                 out.append(Entry(bytes(eid).decode(), env[1], env[0].decode("utf-8", "replace")))
         if since is not None and isinstance(info, list):
-            out.complete = _complete(dict(zip(info[::2], info[1::2])), since)
+            out.complete = _complete(dict(zip(info[::2], info[1::2], strict=False)), since)
         return out
 
 

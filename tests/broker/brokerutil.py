@@ -111,7 +111,7 @@ class TcpProxy:
         self.mode = "forward"     # or "reject", "blackhole" (read and drop, never answer)
         self.tasks: set = set()   # the handlers of forwarded connections, awaited by close()
 
-    async def start(self) -> "TcpProxy":
+    async def start(self) -> TcpProxy:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
         return self
 
@@ -240,7 +240,7 @@ class OwnRedis:
                 self.proc.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "OwnRedis":
+    def __enter__(self) -> OwnRedis:
         return self
 
     def __exit__(self, *exc) -> None:

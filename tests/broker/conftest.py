@@ -30,8 +30,17 @@ import time
 
 import pytest
 
-from brokerutil import (REDIS_URL, RUN_PREFIX, STREAMS_URL, delete_keys, free_port, need_redis, new_prefix,
-                        redis_available, redis_cli)
+from brokerutil import (
+    REDIS_URL,
+    RUN_PREFIX,
+    STREAMS_URL,
+    delete_keys,
+    free_port,
+    need_redis,
+    new_prefix,
+    redis_available,
+    redis_cli,
+)
 
 BACKENDS = ["memory", "embedded", "redis", "streams", "cluster"]
 

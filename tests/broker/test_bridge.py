@@ -19,18 +19,16 @@ import pytest
 import websockets
 
 import fastws
-from fastws.broker import channel_name, create_broker
-from fastws.broker import wire
+from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, need_redis, new_prefix, run, wait_for
+from fastws import publish_api
+from fastws.broker import channel_name, create_broker, wire
 from fastws.broker.bridge import Bridge
 from fastws.broker.embedded import EmbeddedRelay
-from fastws.presence import Presence, presence_client
 from fastws.config import Config
 from fastws.frames import BINARY
+from fastws.presence import Presence, presence_client
 from fastws.resume import Resumer
 from fastws.server import NativeServer
-from fastws import publish_api
-
-from brokerutil import REDIS_URL, STREAMS_URL, delete_keys, need_redis, new_prefix, run, wait_for
 
 TOKEN = "s3cret"
 
@@ -63,7 +61,7 @@ class Node:
         self.url, self.prefix = url, prefix
         self.state: dict = {}
 
-    async def start(self) -> "Node":
+    async def start(self) -> Node:
         self.server = NativeServer(node_app(self.state), Config(host="127.0.0.1", port=0, max_message_size=1 << 16,
                                                                 max_body_size=1 << 16, shutdown_timeout=1))
         await self.server.start()
@@ -242,8 +240,8 @@ def test_http_publish_api_and_send_to_across_nodes():
                                [("Authorization", "Bearer wrong")]))[0] == 401
             st, body = await http(port, "POST", "/publish", b'{"room":"news","text":"http-1"}', js)
             assert st == 200 and json.loads(body) == {"seq": 1, "remote": True}
-            st, _ = await http(port, "POST", "/publish",
-                               json.dumps({"room": "news", "base64": base64.b64encode(b"\x01\x02").decode()}).encode(), js)
+            body = {"room": "news", "base64": base64.b64encode(b"\x01\x02").decode()}
+            st, _ = await http(port, "POST", "/publish", json.dumps(body).encode(), js)
             assert st == 200
             # a JSON body whatever the Content-Type (curl -d sends a form type)
             form = auth + [("Content-Type", "application/x-www-form-urlencoded")]

@@ -14,9 +14,8 @@ import asyncio
 
 import pytest
 
-from fastws.broker import Broker, PublishError, channel_name, create_broker
-
 from brokerutil import run, wait_for
+from fastws.broker import Broker, PublishError, channel_name, create_broker
 
 K = ("", "room")
 

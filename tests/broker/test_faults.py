@@ -15,14 +15,23 @@ import websockets
 from redis.crc import key_slot
 
 import fastws
+from brokerutil import (
+    REDIS_HOST,
+    REDIS_PORT,
+    REDIS_URL,
+    TcpProxy,
+    need_redis,
+    new_prefix,
+    proxied_url,
+    redis_cli,
+    run,
+    wait_for,
+)
 from fastws.broker import PublishError, channel_name, create_broker
 from fastws.broker.bridge import Bridge
 from fastws.broker.wire import pack_room_message
 from fastws.config import Config
 from fastws.server import NativeServer
-
-from brokerutil import (REDIS_HOST, REDIS_PORT, REDIS_URL, TcpProxy, need_redis, new_prefix, proxied_url,
-                        redis_cli, run, wait_for)
 
 K, K2, K3, END = ("", "k"), ("", "k2"), ("", "k3"), ("", "end")
 

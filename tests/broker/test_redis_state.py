@@ -46,7 +46,7 @@ def state(own: OwnRedis) -> dict:
     config = own.cli("CONFIG", "GET", "*").splitlines()
     return {
         "acl": sorted(own.cli("ACL", "LIST").splitlines()),
-        "config": dict(zip(config[::2], config[1::2])),
+        "config": dict(zip(config[::2], config[1::2], strict=False)),
         "keys": sorted(own.cli("--scan").splitlines()),
         "dbsize": own.cli("DBSIZE").strip(),
     }

@@ -20,12 +20,23 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
+from brokerutil import (
+    REDIS_HOST,
+    REDIS_PORT,
+    REDIS_URL,
+    STREAMS_URL,
+    OwnRedis,
+    TcpProxy,
+    delete_keys,
+    need_redis,
+    new_prefix,
+    proxied_url,
+    run,
+    wait_for,
+)
 from fastws.broker import PublishError, channel_name, create_broker
 from fastws.broker.streams import _merge
 from fastws.broker.wire import pack_room_message, parse_id, room_message
-
-from brokerutil import (REDIS_HOST, REDIS_PORT, REDIS_URL, STREAMS_URL, OwnRedis, TcpProxy, delete_keys,
-                        need_redis, new_prefix, proxied_url, redis_cli, run, wait_for)
 
 K, K2, K3, END = ("", "k"), ("", "k2"), ("", "k3"), ("", "end")
 

@@ -33,12 +33,11 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 import fastws
+from brokerutil import REDIS_HOST, REDIS_PORT, TcpProxy, need_redis, new_prefix, proxied_url, run, wait_for
 from fastws.broker import PublishError, SubscribeError, create_broker
 from fastws.broker.embedded import MAX_CHANNEL, EmbeddedRelay
 from fastws.config import Config
 from fastws.server import NativeServer
-
-from brokerutil import REDIS_HOST, REDIS_PORT, REDIS_URL, TcpProxy, need_redis, new_prefix, proxied_url, run, wait_for
 
 
 def _hub_path() -> str:

@@ -46,7 +46,7 @@ with _harness.instrumented(__name__ == "__main__", "fastws", "wsproto"):
     from fastws import core
     from fastws.core import BINARY, TEXT, DeflateParams
 
-from tests.unit.test_differential import pieces, run  # noqa: E402  (after the instrumented imports)
+from tests.unit.test_differential import pieces, run  # after the instrumented imports
 
 #: byte 0, bits 0-2: 0 is "no limit"; 125/126 and 65535/65536 sit on the
 #: 7/16/64-bit length encodings

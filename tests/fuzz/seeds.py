@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from pathlib import Path
 
 from fastws import core
 from fastws.core import BINARY, CLOSE, CONT, PING, PONG, TEXT, DeflateParams
@@ -193,7 +192,7 @@ KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 def upgrade_seeds() -> dict:
     def lines(*extra, drop=()):
-        return [l for l in PLAIN if l.split(":")[0] not in drop] + list(extra)
+        return [line for line in PLAIN if line.split(":")[0] not in drop] + list(extra)
 
     seeds = {
         "plain": head_of(PLAIN),
@@ -207,7 +206,7 @@ def upgrade_seeds() -> dict:
         "deflate-offer": head_of(lines(
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits; server_max_window_bits=10")),
         "connection-list": head_of(
-            [l if not l.startswith("Connection") else "Connection: keep-alive, Upgrade" for l in PLAIN]),
+            [line if not line.startswith("Connection") else "Connection: keep-alive, Upgrade" for line in PLAIN]),
         "case-and-spaces": head_of(["host:example.com", "UPGRADE:\tWebSocket", "connection:  upgrade",
                                     f"sec-websocket-key: {KEY} ", "sec-websocket-version:13"]),
         "http-1.0": head_of(PLAIN, "GET / HTTP/1.0"),
@@ -216,9 +215,9 @@ def upgrade_seeds() -> dict:
         "folded-header": head_of(lines(" folded")),
         "control-in-value": head_of(lines("X-Ctl: a\x01b")),
         "latin1-value": (head_of(PLAIN).replace(b"\r\n\r\n", b"\r\nX-Latin: caf\xe9\r\n\r\n")),
-        "version-8": head_of([l.replace("13", "8") for l in PLAIN]),
-        "short-key": head_of([l.replace(KEY, "abc") for l in PLAIN]),
-        "key-17-bytes": head_of([l.replace(KEY, base64.b64encode(b"x" * 17).decode()) for l in PLAIN]),
+        "version-8": head_of([line.replace("13", "8") for line in PLAIN]),
+        "short-key": head_of([line.replace(KEY, "abc") for line in PLAIN]),
+        "key-17-bytes": head_of([line.replace(KEY, base64.b64encode(b"x" * 17).decode()) for line in PLAIN]),
         "no-host": head_of(lines(drop=("Host",))),
         "no-upgrade": head_of(lines(drop=("Upgrade",))),
         "query-odd": head_of(PLAIN, "GET /a%20b?x=%FF&y=?&&z HTTP/1.1"),
@@ -390,13 +389,13 @@ async def _clients(port: int, names: list) -> None:
             elif name == "aiohttp":
                 import aiohttp
 
-                async with aiohttp.ClientSession() as session:
-                    async with session.ws_connect(f"{url}/aiohttp", compress=15, protocols=("chat",)) as ws:
-                        await ws.send_str(CLIENT_TEXT)
-                        await ws.send_bytes(CLIENT_BINARY)
-                        await ws.ping(b"aiohttp ping")
-                        await ws.send_str(CLIENT_LONG)
-                        await ws.close(code=1000, message=b"done")
+                async with aiohttp.ClientSession() as session, \
+                        session.ws_connect(f"{url}/aiohttp", compress=15, protocols=("chat",)) as ws:
+                    await ws.send_str(CLIENT_TEXT)
+                    await ws.send_bytes(CLIENT_BINARY)
+                    await ws.ping(b"aiohttp ping")
+                    await ws.send_str(CLIENT_LONG)
+                    await ws.close(code=1000, message=b"done")
             elif name == "websocket-client":
                 import websocket
 

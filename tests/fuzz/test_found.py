@@ -21,7 +21,6 @@ from fastws.handshake import HttpRequest, parse_fast, parse_request, parse_wspro
 from tests.unit.test_fast_upgrade import PLAIN, head_of  # noqa: E402
 from tests.unit.test_handshake import answer  # noqa: E402
 
-
 # -- publish_body -----------------------------------------------------------------------
 
 

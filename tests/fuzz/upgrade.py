@@ -23,8 +23,6 @@ For every head:
 
 from __future__ import annotations
 
-import re
-
 from tests.fuzz import _harness
 
 with _harness.instrumented(__name__ == "__main__", "fastws", "wsproto", "h11"):
@@ -33,8 +31,8 @@ with _harness.instrumented(__name__ == "__main__", "fastws", "wsproto", "h11"):
     from fastws.origins import OriginPolicy
 
 # the differential comparisons of the unit tests (after the instrumented imports)
-from tests.unit.test_fast_upgrade import python_answer  # noqa: E402
-from tests.unit.test_handshake import answer  # noqa: E402
+from tests.unit.test_fast_upgrade import python_answer
+from tests.unit.test_handshake import answer
 
 #: the C path's origin modes, and the Python policy each one stands for
 POLICIES = {"*": None, "same-host": OriginPolicy("same-host"), "none": OriginPolicy("https://app.example.com")}

@@ -93,7 +93,7 @@ class AsgiProcess:
                                          start_new_session=True)
         return self.proc
 
-    def start(self) -> "AsgiProcess":
+    def start(self) -> AsgiProcess:
         self.spawn()
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
@@ -101,9 +101,8 @@ class AsgiProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}\n{self.log()}")
             marker = "Application startup complete" if self.backend == "uvicorn" else "listening on"
             if marker in self.log():
-                with contextlib.suppress(OSError):
-                    with socket.create_connection((HOST, self.port), timeout=0.5):
-                        return self
+                with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
+                    return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"server did not start in {STARTUP_TIMEOUT}s\n{self.log()}")

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import REPO, free_port, fastws_command
+from conftest import REPO, fastws_command, free_port
 
 APP = "tests.integration.apps.client_app:app"
 HOST = "127.0.0.1"
@@ -47,7 +47,7 @@ class Node:
     def http(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self) -> "Node":
+    def start(self) -> Node:
         env = dict(os.environ)
         env.pop("FASTWS_NO_EXTENSIONS", None)
         if self.engine == "wsproto":
@@ -64,9 +64,8 @@ class Node:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"fastws serve exited with {self.proc.returncode}\n{self.log()}")
-            with contextlib.suppress(OSError):
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return self
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
+                return self
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"fastws serve did not listen within {START_TIMEOUT}s\n{self.log()}")

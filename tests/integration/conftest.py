@@ -56,6 +56,7 @@ if str(REPO / "tests" / "broker") not in sys.path:      # brokerutil: the test R
     sys.path.insert(0, str(REPO / "tests" / "broker"))
 
 import brokerutil  # noqa: E402
+
 APP = "examples.echo:app"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 30.0
@@ -193,9 +194,8 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            with contextlib.suppress(OSError):
-                with socket.create_connection(self.address, timeout=0.5):
-                    return True
+            with contextlib.suppress(OSError), socket.create_connection(self.address, timeout=0.5):
+                return True
             time.sleep(0.05)
         return False
 

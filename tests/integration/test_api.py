@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+
 from brokerutil import REDIS_URL, STREAMS_URL, need_redis, new_prefix
 
 REPO = Path(__file__).resolve().parents[2]
@@ -432,9 +433,9 @@ def start_on_uds(engine, tmp_path, app, sock_path, name="server"):
     env.pop("FASTWS_NO_EXTENSIONS", None)
     if engine == "wsproto":
         env["FASTWS_NO_EXTENSIONS"] = "1"
-    log = open(tmp_path / f"{name}.log", "wb")
-    proc = subprocess.Popen(serve_cmd(app, "--uds", str(sock_path)), cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / f"{name}.log", "wb") as log:      # the child keeps its own descriptor
+        proc = subprocess.Popen(serve_cmd(app, "--uds", str(sock_path)), cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()

@@ -22,17 +22,15 @@ import socket
 import subprocess
 import time
 
-import pytest
-from brokerutil import REDIS_URL, new_prefix
-
-import fastws
-
 import httptools  # noqa: F401  (fastws's ASGI HTTP parser)
 import httpx
+import pytest
 import starlette  # noqa: F401
 import websockets
 
-from asgi_helpers import HOST, LIMIT, REPO, AsgiProcess  # noqa: E402
+import fastws
+from asgi_helpers import HOST, LIMIT, REPO, AsgiProcess
+from brokerutil import REDIS_URL, new_prefix
 
 STARLETTE = "examples.starlette_app:app"
 FASTAPI = "examples.fastapi_chat:app"
@@ -115,7 +113,7 @@ def raw_exchange(port: int, data: bytes, *, until_close=True, timeout=5.0) -> by
         while time.monotonic() < deadline:
             try:
                 chunk = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not chunk:
                 break
@@ -159,11 +157,11 @@ def test_http_chunked_request_body(app_server):
 
 
 def test_http_streaming_response(app_server):
-    with httpx.Client(base_url=app_server.http, timeout=TIMEOUT) as client:
-        with client.stream("GET", "/stream", params={"n": 200}) as r:
-            assert r.status_code == 200
-            assert r.headers.get("transfer-encoding") == "chunked"
-            text = b"".join(r.iter_bytes()).decode()
+    with httpx.Client(base_url=app_server.http, timeout=TIMEOUT) as client, \
+            client.stream("GET", "/stream", params={"n": 200}) as r:
+        assert r.status_code == 200
+        assert r.headers.get("transfer-encoding") == "chunked"
+        text = b"".join(r.iter_bytes()).decode()
     assert text.splitlines() == [f"chunk {i}" for i in range(200)]
 
 
@@ -695,9 +693,8 @@ def test_testclient_starlette_app(testclient_mod):
             assert ws.receive_text() == "hello"
             ws.send_bytes(b"\x00\xff")
             assert ws.receive_bytes() == b"\x00\xff"
-        with pytest.raises(WebSocketDisconnect) as info:
-            with client.websocket_connect("/ws/private"):
-                pass
+        with pytest.raises(WebSocketDisconnect) as info, client.websocket_connect("/ws/private"):
+            pass
         assert info.value.code == 1008
         with client.websocket_connect("/ws/echo") as ws:
             ws.send_text("close 4001 going home")

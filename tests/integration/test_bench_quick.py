@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from brokerutil import REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]

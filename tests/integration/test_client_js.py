@@ -110,8 +110,10 @@ def test_the_server_serves_the_client_when_asked(engine, tmp_path, js):
         assert status == 200 and body == source
         assert headers["Content-Type"].startswith("text/javascript")
         status, _, script = http_get(on.http + "/fastws.global.js")
-        assert status == 200 and script == open(os.path.join(os.path.dirname(js), "fastws.global.js"), "rb").read()
-        assert open(js, "rb").read() == source
+        with open(os.path.join(os.path.dirname(js), "fastws.global.js"), "rb") as f:
+            assert status == 200 and script == f.read()
+        with open(js, "rb") as f:
+            assert f.read() == source
         for path in ("/fastws.js", "/fastws.global.js"):   # not served (a plain GET is no upgrade)
             status, _, body = http_get(off.http + path)
             assert status in (400, 404) and b"globalThis" not in body
@@ -269,7 +271,8 @@ PAGE = """<!doctype html>
 <script type="module">
 import { RoomClient, SUBPROTOCOL } from "%(base)s/fastws.js";
 const post = (path, obj) => fetch(path, { method: "POST", body: JSON.stringify(obj) });
-const result = { errors: [], global: typeof window.fastws === "object" && typeof window.fastws.RoomClient === "function",
+const result = { errors: [],
+                 global: typeof window.fastws === "object" && typeof window.fastws.RoomClient === "function",
                  sameClass: window.fastws && window.fastws.SUBPROTOCOL === SUBPROTOCOL };
 try {
   const got = [];

@@ -24,7 +24,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import threading
@@ -315,7 +314,8 @@ async function run() {
     ws.send(b);
     const got = await next(ws);
     if (!(got instanceof ArrayBuffer)) errors.push('binary ' + n + ': not binary');
-    else if (!equalBytes(new Uint8Array(got), b)) errors.push('binary ' + n + ': echo differs (' + got.byteLength + ' bytes)');
+    else if (!equalBytes(new Uint8Array(got), b))
+      errors.push('binary ' + n + ': echo differs (' + got.byteLength + ' bytes)');
     else result.roundTrips++;
   }
   const done = closed(ws);

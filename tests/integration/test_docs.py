@@ -184,7 +184,7 @@ class Proc:
 
     def __init__(self, argv, cwd, env, log: Path) -> None:
         self.argv, self.log_path = argv, log
-        self.out = open(log, "ab")
+        self.out = open(log, "ab")  # noqa: SIM115 (closed by stop())
         self.popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self.out,
                                       stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -646,8 +646,8 @@ def check_auth(blk: Block, h: Harness):
         h.start(serve_args(cmd, port, h.env), port)
         secret = h.env["JWT_SECRET"]
         token = jwt.encode({"sub": "alice", "aud": "chat", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
-        wrong = jwt.encode({"sub": "alice", "aud": "chat", "exp": int(time.time()) + 600}, "another-secret-that-is-long-enough-for-hs256",
-                           algorithm="HS256")
+        wrong = jwt.encode({"sub": "alice", "aud": "chat", "exp": int(time.time()) + 600},
+                           "another-secret-that-is-long-enough-for-hs256", algorithm="HS256")
 
         async def clients():
             assert await refused_status(f"ws://{HOST}:{port}/chat") == 401
@@ -802,9 +802,10 @@ def check_asgi_rooms(blk: Block, h: Harness):
             proc = h.start(with_prefix(serve_args(cmd, port, h.env), h.prefix), port)
             room = "lobby" + uuid.uuid4().hex[:6]
 
-            async def clients():
-                conns = [await websockets.connect(f"ws://{HOST}:{port}/rooms/{room}/ws/{i}", open_timeout=TIMEOUT)
-                         for i in range(members)]
+            async def clients():    # run within this iteration (B023 does not apply)
+                conns = [await websockets.connect(f"ws://{HOST}:{port}/rooms/{room}/ws/{i}",  # noqa: B023
+                                                  open_timeout=TIMEOUT)
+                         for i in range(members)]  # noqa: B023
                 await asyncio.sleep(1.0)             # joins reach the broker on every worker
                 await conns[0].send("hi")
                 assert await recv(conns[0]) == "You wrote: hi"

@@ -33,13 +33,12 @@ import pytest
 import websockets
 import websockets.sync.server
 
+from asgi_helpers import AsgiProcess
 from fastws import core
 from fastws.errors import RATE_LIMITED
 from fastws.frames import BINARY, CLOSE, ERROR, PING, TEXT
 from fastws.handshake import check_accept, client_key, client_request, deflate_offer
-
 from test_attack_compression import cert  # noqa: F401  (the module-scoped self-signed certificate)
-from asgi_helpers import AsgiProcess
 
 HOST = "127.0.0.1"
 TOKEN = "engine-features-token"
@@ -278,7 +277,7 @@ def test_delivery_latency_histogram(engine, mode, server_factory, _asgi, cert): 
     buckets = [(float(le.replace("+Inf", "inf")), float(n)) for le, n in
                re.findall(r'^websocket_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)]
     assert [b for b, _ in buckets] == list(core.DELIVERY_LATENCY_BUCKETS) + [float("inf")]
-    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))
+    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
     assert buckets[-1][1] == count
     assert dict(buckets)[0.1] >= 0.9 * count          # echoes on an idle loopback: under 100 ms
 

@@ -846,7 +846,7 @@ def test_readme_example(tmp_path):
     (tmp_path / "chat.py").write_text(app_src)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("FASTWS_NO_EXTENSIONS", None)
-    log = open(tmp_path / "server.log", "wb")
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -75,7 +75,8 @@ def venv(tmp: Path, name: str) -> dict:
     path = tmp / name
     r = subprocess.run([sys.executable, "-m", "venv", str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    own = subprocess.run([str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    own = subprocess.run([str(path / "bin" / "python"), "-c",
+                          "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          capture_output=True, text=True, timeout=60).stdout.strip()
     system = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     Path(own, "_system_site_packages.pth").write_text("\n".join(system) + "\n")

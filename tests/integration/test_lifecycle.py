@@ -10,11 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-
-import pytest
-import websockets
-
 from pathlib import Path
+
+import websockets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,7 +101,7 @@ def test_503_paths_carry_retry_after():
         assert ha.startswith(b"HTTP/1.1 101") and hb.startswith(b"HTTP/1.1 101")
         c, hc = raw_upgrade(port)
         assert hc.startswith(b"HTTP/1.1 503"), hc
-        retry = [l for l in hc.split(b"\r\n") if l.lower().startswith(b"retry-after:")]
+        retry = [line for line in hc.split(b"\r\n") if line.lower().startswith(b"retry-after:")]
         assert retry and 3 <= int(retry[0].split(b":")[1]) <= 6
         for s in (a, b, c):
             s.close()

@@ -23,8 +23,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from brokerutil import REDIS_URL, new_prefix
 import websockets
+
+from brokerutil import REDIS_URL, new_prefix
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "tests.integration.apps.rooms_app:app"
@@ -45,7 +46,7 @@ def wait_port(port, proc=None, timeout=20):
             return
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode() if proc.stdout else "exited")
+                raise AssertionError(proc.stdout.read().decode() if proc.stdout else "exited") from None
             time.sleep(0.05)
     raise AssertionError(f"port {port} did not open")
 
@@ -89,12 +90,12 @@ def cluster(tmp_path):
     nodes = []
     for i in range(3):
         port = free_port()
-        log = open(tmp_path / f"node{i}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from fastws.cli.main import main; main()", "serve", APP,
-             "--host", "127.0.0.1", "--port", str(port), "--broker", REDIS_URL,
-             "--broker-prefix", prefix, "--publish-token", TOKEN, "--ping-interval", "0"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(tmp_path / f"node{i}.log", "wb") as log:      # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from fastws.cli.main import main; main()", "serve", APP,
+                 "--host", "127.0.0.1", "--port", str(port), "--broker", REDIS_URL,
+                 "--broker-prefix", prefix, "--publish-token", TOKEN, "--ping-interval", "0"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append((proc, port))
     for proc, port in nodes:
         wait_port(port, proc)

@@ -111,7 +111,7 @@ def test_metrics_counters_move_by_exactly_what_the_test_did(server_factory, engi
                                 - metric(before, "websocket_closes_total", code="1000") >= close_1000
                                 else None)(scrape(server)))
         assert mid, "closes with 1000 never showed in /metrics"
-        d = lambda name, **l: metric(mid, name, **l) - metric(before, name, **l)  # noqa: E731
+        d = lambda name, **labels: metric(mid, name, **labels) - metric(before, name, **labels)  # noqa: E731
         assert d("websocket_connections_total", region="", server_id=_server_id(mid)) == 5 - close_1000
         assert d("websocket_handshakes_total", result="101") == 5
         assert d("websocket_messages_total", direction="inbound") == len(sizes)
@@ -136,7 +136,7 @@ def test_metrics_counters_move_by_exactly_what_the_test_did(server_factory, engi
                               - metric(before, "websocket_closes_total", code="4xxx") >= close_4000
                               else None)(scrape(server)))
     assert after, "closes with 4000 never showed in /metrics"
-    d = lambda name, **l: metric(after, name, **l) - metric(before, name, **l)  # noqa: E731
+    d = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)  # noqa: E731
     assert d("websocket_connections_total", region="", server_id=_server_id(after)) == 0
     assert d("websocket_closes_total", code="4xxx") == close_4000
     assert d("websocket_closes_total", code="1000") == close_1000

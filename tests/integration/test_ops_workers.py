@@ -23,11 +23,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
+import psutil
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
-
-import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from fastws.cli.main import main; main()"]

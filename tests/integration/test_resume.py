@@ -32,14 +32,14 @@ def nodes(tmp_path):
     try:
         for i in range(2):
             port = free_port()
-            log = open(tmp_path / f"node{i}.log", "wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fastws.cli.main", "serve", APP, "--host", "127.0.0.1",
-                 "--port", str(port), "--broker", STREAMS_URL,
-                 "--broker-prefix", prefix, "--ping-interval", "0"],
-                stdout=log, stderr=subprocess.STDOUT))
+            with open(tmp_path / f"node{i}.log", "wb") as log:    # the child keeps its own descriptor
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "fastws.cli.main", "serve", APP, "--host", "127.0.0.1",
+                     "--port", str(port), "--broker", STREAMS_URL,
+                     "--broker-prefix", prefix, "--ping-interval", "0"],
+                    stdout=log, stderr=subprocess.STDOUT))
             ports.append(port)
-        for port, proc in zip(ports, procs):
+        for port, proc in zip(ports, procs, strict=True):
             wait_port(port, proc)
         yield ports
     finally:

@@ -23,7 +23,6 @@ engines (the ``engine`` fixture) and talks to 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -34,14 +33,13 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import websockets
-from brokerutil import REDIS_URL, need_redis, new_prefix
 
+from brokerutil import REDIS_URL, need_redis, new_prefix
 from fastws.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,7 +155,7 @@ class RawWS:
         try:
             while self.sock.recv(65536):
                 pass
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
         return time.monotonic() - t0
 
@@ -407,7 +405,7 @@ def _drain_member(member, timeout=3.0):
     try:
         while chunk := member.sock.recv(1 << 20):
             data += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     member.close()
     return len(data), (b"slow consumer" in data)
@@ -549,12 +547,13 @@ def p_per_client(ctx):
 
 def p_tls(ctx):
     """ssl_certfile, ssl_keyfile: wss:// with the certificate given."""
+    import datetime
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import datetime
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

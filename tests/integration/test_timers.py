@@ -164,7 +164,7 @@ def test_timer_wheel_holds_no_handle_per_connection(monkeypatch):
         server, closed = await start("cython", monkeypatch, ping_interval=30, ping_timeout=30)
         conns = [await upgrade(server.port) for _ in range(1000)]
         assert server.node.hub.scheduled == 1000
-        for r, w in conns:
+        for _r, w in conns:
             w.close()
         for _ in range(100):
             if server.node.hub.scheduled == 0:

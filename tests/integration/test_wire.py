@@ -533,7 +533,7 @@ def test_utf8_split_inside_a_character_across_fragments(echo_server):
 
 
 def test_5000_small_fragments(echo_server):
-    parts = [("%05d|" % i).encode() for i in range(5000)]
+    parts = [f"{i:05d}|".encode() for i in range(5000)]
     data = frame(OP_TEXT, parts[0], fin=False)
     data += b"".join(frame(OP_CONT, p, fin=False) for p in parts[1:-1])
     data += frame(OP_CONT, parts[-1], fin=True)

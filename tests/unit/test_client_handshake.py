@@ -25,8 +25,15 @@ from wsproto.utilities import RemoteProtocolError
 
 from fastws.errors import HandshakeError
 from fastws.frames import DeflateParams
-from fastws.handshake import (ClientAccept, accept_key, check_accept, client_key, client_request,
-                              deflate_offer, parse_request)
+from fastws.handshake import (
+    ClientAccept,
+    accept_key,
+    check_accept,
+    client_key,
+    client_request,
+    deflate_offer,
+    parse_request,
+)
 
 HOSTS = ["example.com", "example.com:8080", "127.0.0.1:9"]
 TARGETS = ["/", "/chat?room=a&x=1"]

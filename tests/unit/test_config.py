@@ -79,7 +79,7 @@ def test_durations(text, value):
 
 
 def test_every_knob_has_help_and_kind():
-    for name, default, meta in Config.knobs():
+    for name, _default, meta in Config.knobs():
         assert meta["help"] and meta["kind"], name
 
 

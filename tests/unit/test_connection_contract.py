@@ -30,11 +30,11 @@ HTTP statuses), so two equally wrong implementations fail too.
 from __future__ import annotations
 
 import heapq
-import time
 import inspect
 import random
 import socket
 import struct
+import time
 from collections import deque
 
 import pytest
@@ -560,7 +560,7 @@ def both(scenario, **settings):
             rigs[impl] = (rig, rig.transcript())
         finally:
             rig.close_all_peers()
-    (c, tc), (p, tp) = rigs["cython"], rigs["wsproto"]
+    (c, tc), (_, tp) = rigs["cython"], rigs["wsproto"]
     for key in tc:
         assert tc[key] == tp[key], f"{key} differ:\ncython : {tc[key]!r}\nwsproto: {tp[key]!r}"
     return c
@@ -853,7 +853,7 @@ def test_messages_of_all_sizes(chunking, opcode):
     rnd = random.Random(opcode)
     payloads = [bytes(rnd.randrange(32, 127) for _ in range(min(n, 2000))) * (n // 2000 + 1)
                 for n in SIZES]
-    payloads = [p[:n] for p, n in zip(payloads, SIZES)]
+    payloads = [p[:n] for p, n in zip(payloads, SIZES, strict=True)]
     messages = [p.decode() if opcode == TEXT else p for p in payloads]
 
     def scenario(rig):
@@ -1417,7 +1417,7 @@ def test_connection_ids_carry_the_node_id():
         assert hub.node_id == node
         assert sorted(hub.connections) == [1, 2, 3]       # keyed by number
         assert hub.connection(b.id) is b and hub.connection(2) is b
-        for other in (f"other-2", "2", f"{node}-99", f"{node}-x", f"{node}-", f"{node}--2", f"{node}-2.0",
+        for other in ("other-2", "2", f"{node}-99", f"{node}-x", f"{node}-", f"{node}--2", f"{node}-2.0",
                       f"{node}-²", None, 2.0, True, b"2", 0, -2):
             assert hub.connection(other) is None, other
         b.abort()
@@ -1573,7 +1573,7 @@ def test_delivery_latency_is_observed_per_connection_written():
 
     def scenario(rig):
         hub = rig.hub
-        echo = upgraded(rig, "echo")
+        upgraded(rig, "echo")
         quiet = [rig.adopt(f"q{i}", Route(rig, echo=False)) for i in range(3)]
         rig.feed("echo", frame(TEXT, "one") + frame(TEXT, "two"))    # one read, one reply write
         rig.loop.run()

@@ -99,10 +99,7 @@ def raw_frames(draw):
     """One frame whose every field is drawn: often valid, often not."""
     valid = [(op, 4) for op in (TEXT, BINARY, CONT, PING, PONG, CLOSE)]
     opcode = draw(weighted(*valid, *((op, 1) for op in range(16))))
-    if opcode == CLOSE and draw(st.booleans()):
-        payload = draw(close_payloads())
-    else:
-        payload = draw(payloads)
+    payload = draw(close_payloads()) if opcode == CLOSE and draw(st.booleans()) else draw(payloads)
     return {
         "kind": "frame",
         "opcode": opcode,
@@ -262,7 +259,7 @@ class Client:
 
 def pieces(data: bytes, cuts):
     bounds = [0, *sorted(set(cuts)), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def norm(events):

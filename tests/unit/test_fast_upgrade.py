@@ -23,13 +23,13 @@ from fastws.origins import OriginPolicy
 if IMPLEMENTATION != "cython":  # the fast path is a part of the Cython engine only
     pytest.fail("the Cython engine is not built (tests need it)", pytrace=False)
 
-from fastws import _core  # noqa: E402
+from fastws import _core
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
 def head_of(lines, request_line="GET /chat?room=1 HTTP/1.1"):
-    return (request_line + "\r\n" + "".join(l + "\r\n" for l in lines) + "\r\n").encode("latin-1")
+    return (request_line + "\r\n" + "".join(line + "\r\n" for line in lines) + "\r\n").encode("latin-1")
 
 
 PLAIN = [
@@ -64,7 +64,7 @@ def test_rfc_6455_example():
 
 @pytest.mark.parametrize("lines,request_line", [
     (PLAIN[1:], "GET / HTTP/1.1"),                                        # no Host
-    ([l for l in PLAIN if not l.startswith("Upgrade")], "GET / HTTP/1.1"),
+    ([line for line in PLAIN if not line.startswith("Upgrade")], "GET / HTTP/1.1"),
     (PLAIN + ["Host: b"], "GET / HTTP/1.1"),                               # duplicate
     (PLAIN + ["Sec-WebSocket-Protocol: a", "Sec-WebSocket-Protocol: b"], "GET / HTTP/1.1"),
     (PLAIN, "GET / HTTP/1.0"),
@@ -75,10 +75,10 @@ def test_rfc_6455_example():
     (PLAIN + ["X-Bad Name: 1"], "GET / HTTP/1.1"),
     (PLAIN + ["X-Ctl: a\x01b"], "GET / HTTP/1.1"),
     (PLAIN + ["X-Latin: caf\xe9"], "GET / HTTP/1.1"),
-    ([l.replace("13", "8") for l in PLAIN], "GET / HTTP/1.1"),
-    ([l.replace(KEY, KEY[:-2] + "AA") for l in PLAIN], "GET / HTTP/1.1"),
-    ([l.replace(KEY, "abc") for l in PLAIN], "GET / HTTP/1.1"),
-    ([l.replace("Upgrade", "keep-alive") if l.startswith("Connection") else l for l in PLAIN],
+    ([line.replace("13", "8") for line in PLAIN], "GET / HTTP/1.1"),
+    ([line.replace(KEY, KEY[:-2] + "AA") for line in PLAIN], "GET / HTTP/1.1"),
+    ([line.replace(KEY, "abc") for line in PLAIN], "GET / HTTP/1.1"),
+    ([line.replace("Upgrade", "keep-alive") if line.startswith("Connection") else line for line in PLAIN],
      "GET / HTTP/1.1"),
 ])
 def test_declines_what_is_not_plain_or_not_valid(lines, request_line):
@@ -126,7 +126,7 @@ def test_differential_random_requests():
         method = rnd.choice(["GET"] * 18 + ["POST", "get"])
         target = rnd.choice(["/", "/a?b=c", "/x/y", "/%20", "/q?", "/?a?b"] * 3 + ["*", "http://h/"])
         version = rnd.choice(["HTTP/1.1"] * 18 + ["HTTP/1.0", "HTTP/2"])
-        head = (f"{method} {target} {version}\r\n" + "".join(l + "\r\n" for l in lines) + "\r\n").encode("utf-8")
+        head = (f"{method} {target} {version}\r\n" + "".join(line + "\r\n" for line in lines) + "\r\n").encode("utf-8")
         fast = _core._fast_accept_for_test(head)
         if fast is None:
             continue
@@ -139,7 +139,6 @@ def test_differential_random_requests():
 def test_real_client_takes_fast_path_routes_with_on_connect_do_not():
     """A `websockets` client's upgrade is answered by the C path; a route
     with on_connect (also one given while serving) still runs it."""
-    import asyncio
 
     import uvloop
     import websockets
@@ -227,14 +226,14 @@ MODES = ("*", "same-host", "none")
     ("http://", "", (True, False, False)),
 ])
 def test_origin_modes(origin, host, taken):
-    lines = [l for l in PLAIN if not l.startswith("Host")] + [f"Host: {host}"]
+    lines = [line for line in PLAIN if not line.startswith("Host")] + [f"Host: {host}"]
     if origin is not None:
         lines.append(f"Origin: {origin}")
     head = head_of(lines)
     got = tuple(_core._fast_accept_for_test(head, mode) is not None for mode in MODES)
     assert got == taken
     policy = OriginPolicy("same-host")
-    for mode, took in zip(MODES, got):
+    for mode, took in zip(MODES, got, strict=True):
         if took and mode != "*":
             assert policy.allows_request(parse_request(head))
 
@@ -268,9 +267,9 @@ def test_differential_random_origins():
             None, f"http://{host}", f"https://{host}", f"HTTP://{host}", f"https://{host.upper()}",
             f"http://{bare}:1", f"ws://{host}", f"http://{host}/", f"http://{host}.evil",
             f"http://evil.{host}", f"https://{host}:443", "http://evil.example", "null", "",
-            f"http:/{host}", f"http//{host}", f"https://app.example.com", f" http://{host} ",
+            f"http:/{host}", f"http//{host}", "https://app.example.com", f" http://{host} ",
         ]
-        lines = [l for l in PLAIN if not l.startswith("Host")]
+        lines = [line for line in PLAIN if not line.startswith("Host")]
         lines.append(f"{rnd.choice(['Host', 'host', 'HOST'])}:{rnd.choice(['', ' ', chr(9)])}{host}")
         origin = rnd.choice(origins)
         if origin is not None:
@@ -306,7 +305,6 @@ def test_real_clients_origin_default_and_override():
     in C; a cross-site Origin gets 403 from Python, counted.  With an
     explicit list a listed origin passes through Python, the C path still
     takes requests without Origin."""
-    import asyncio
 
     import uvloop
     import websockets

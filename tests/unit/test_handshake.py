@@ -134,7 +134,8 @@ def test_differential_random_requests():
         "Host": ["h", "example.com:80", ""],
         "Upgrade": ["websocket", "WebSocket", "h2c", "websocket, foo", ""],
         "Connection": ["Upgrade", "keep-alive, Upgrade", "upgrade", "close", ""],
-        "Sec-WebSocket-Key": [KEY, base64.b64encode(b"x" * 16).decode(), "abc", "", base64.b64encode(b"x" * 15).decode()],
+        "Sec-WebSocket-Key": [KEY, base64.b64encode(b"x" * 16).decode(), "abc", "",
+                              base64.b64encode(b"x" * 15).decode()],
         "Sec-WebSocket-Version": ["13", "8", "", "13, 8"],
         "Origin": ["http://a", "null"],
         "Sec-WebSocket-Protocol": ["chat", "a, b", ""],
@@ -152,7 +153,7 @@ def test_differential_random_requests():
         rnd.shuffle(lines)
         method = rnd.choice(["GET"] * 8 + ["POST", "HEAD"])
         target = rnd.choice(["/", "/a?b=c", "/x/y", "/%20"])
-        head = (f"{method} {target} HTTP/1.1\r\n" + "".join(l + "\r\n" for l in lines) + "\r\n").encode("utf-8")
+        head = (f"{method} {target} HTTP/1.1\r\n" + "".join(line + "\r\n" for line in lines) + "\r\n").encode("utf-8")
         fast = answer(parse_fast, head)
         if fast is None:
             continue

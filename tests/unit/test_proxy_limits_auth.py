@@ -188,8 +188,8 @@ def test_rate_table_is_bounded():
 
 def test_token_auth_key_loading():
     import jwt
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     from fastws.auth import TokenAuth
 

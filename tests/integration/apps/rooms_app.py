@@ -18,7 +18,6 @@ import os
 
 import fastws
 
-
 app = fastws.App()   # delivery settings come from the Config (flags or FASTWS_* env)
 disconnects = []
 
