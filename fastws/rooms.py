@@ -126,9 +126,14 @@ class Rooms:
         #: room protocol's envelope, :mod:`fastws.roomproto`); unbatched
         #: publishes only
         self.envelopes: dict = {}
+        #: namespace -> fn(key, opcode, payload, priority) -> (seq, delivered) or
+        #: None: takes the already encoded messages (:meth:`publish_frame`, what
+        #: other nodes publish) of that namespace's rooms; None lets them go
+        #: out as usual (the Socket.IO front's envelopes, :mod:`fastws.socketio`)
+        self.frame_handlers: dict = {}
 
     @classmethod
-    def from_config(cls, hub, config) -> "Rooms":
+    def from_config(cls, hub, config) -> Rooms:
         """The registry of a server run with ``config`` (its room limits)."""
         return cls(hub, config.max_rooms_per_connection, config.max_room_name)
 
@@ -324,6 +329,12 @@ class Rooms:
         payload, to put it in its envelope.  Returns ``(seq, delivered)``
         as :meth:`publish` (a BINARY message to a batching room is refused
         with TypeError)."""
+        if self.frame_handlers:
+            handler = self.frame_handlers.get(key[0])
+            if handler is not None:
+                done = handler(key, opcode, payload, priority)
+                if done is not None:
+                    return done
         r = self._rooms.get(key)
         if r is None:
             return 0, 0

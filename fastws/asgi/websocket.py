@@ -31,6 +31,8 @@ _DONE_CONTEXT = contextvars.Context()
 _TASK_NAME = "fastws-asgi-websocket"   # every session task's name (one shared str)
 NO_SUBPROTOCOLS = ()       # scope["subprotocols"] when the client offers none
 DENIAL_EXTENSION = {}      # scope["extensions"]["websocket.http.response"]: always empty
+#: what receive() returns once the application handed its WebSocket to a fastws route
+HANDED_OVER = {"type": "websocket.disconnect", "code": 1000, "reason": "handed over to a fastws route"}
 
 
 class WebSocketSession:
@@ -238,6 +240,19 @@ class WebSocketSession:
         self.early = None
         if node.access is not None:
             node.access.opened(conn, self.scope["client"], self.scope["path"])
+        handover = message.get("fastws.route")
+        if handover is not None:
+            # the application hands the WebSocket to a fastws route (fastws.socketio):
+            # ``handover(node)`` gives the route, whose callbacks get every message;
+            # the ASGI glue is done (receive() says disconnect, send() refuses)
+            route = handover(node)
+            if node.access is not None:
+                route = node.access.route(route)
+            self.state = SESSION_CLOSED
+            self.final = HANDED_OVER
+            conn.adopt(transport, response, route, intern(req.path), intern(req.query_string),
+                       subprotocol, deflate, early)
+            return
         # the session is the connection's route (see the class docstring)
         conn.adopt(transport, response, self, intern(req.path), intern(req.query_string),
                    subprotocol, deflate, early)

@@ -50,8 +50,10 @@ LAYER_OF = {
     "fastws.limits": 3, "fastws.broker": 3, "fastws.health": 3, "fastws.metrics": 3,
     "fastws.stats": 3, "fastws.publish_api": 3, "fastws.presence": 3, "fastws.roomproto": 3,
     # 4: the fronts
-    "fastws.server": 4, "fastws.supervisor": 4, "fastws.asgi": 4, "fastws.runner": 4,
+    "fastws.server": 4, "fastws.supervisor": 4, "fastws.asgi": 4, "fastws.socketio": 4, "fastws.runner": 4,
     "fastws.cli": 4, "fastws": 4,
+    # gateway mode: a front (it serves an app's routes from a backend, on the node's services)
+    "fastws.gateway": 4,
     # beside the layers
     "fastws.bench": 5,
     "fastws.client": 6,
