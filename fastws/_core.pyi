@@ -4,7 +4,8 @@ tests/unit/test_connection_contract.py checks that the names and parameters
 here are what the built extension exports.
 """
 
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from .frames import DeflateParams
 
@@ -47,7 +48,7 @@ class Engine:
     max_frame_size: int
     def __init__(self, *, max_message_size: int = ..., max_frame_size: int = ...,
                  deflate: DeflateParams | None = ..., client: bool = ...) -> None: ...
-    def receive(self, data: bytes) -> list[tuple]: ...
+    def receive(self, data: bytes) -> list[tuple[Any, ...]]: ...
     def data_to_send(self) -> bytes: ...
     def send(self, message: str | bytes) -> bytes: ...
     def encode_message(self, opcode: int, payload: bytes) -> bytes: ...
@@ -98,7 +99,8 @@ class Hub:
     fast_upgrades: int
     def __init__(self, loop: Any, handshake: Callable[[Connection, bytes | None], None] | None = ..., *,
                  max_message_size: int = ..., max_frame_size: int = ..., max_head_size: int = ...,
-                 close_timeout: float = ..., on_callback_error: Callable[[Connection, BaseException], None] | None = ...,
+                 close_timeout: float = ...,
+                 on_callback_error: Callable[[Connection, BaseException], None] | None = ...,
                  high_water: int = ..., max_queue: int = ..., slow_grace: float = ...,
                  ping_interval: float = ..., ping_timeout: float = ..., idle_timeout: float = ...,
                  handshake_timeout: float = ..., body_timeout: float = ...,
@@ -164,6 +166,6 @@ class Connection(Engine):
     @property
     def timer_state(self) -> tuple[int, int, int, int, int]: ...
     @property
-    def store(self) -> dict: ...
+    def store(self) -> dict[str, Any]: ...
     @property
     def closed(self) -> bool: ...

@@ -37,12 +37,21 @@ Lifecycle and shared state::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from .core import Connection
 from .errors import Reject
 from .frames import PRIORITY_NORMAL
+from .handshake import HttpRequest, Request
+from .presence import Presence
 from .roomproto import RoomEndpoint
+from .rooms import Rooms
+
+if TYPE_CHECKING:
+    from .node import Node
 
 
 @dataclass
@@ -52,8 +61,43 @@ class Accept:
     of the connection's ``store`` (e.g. the authenticated user)."""
 
     subprotocol: str | None = None
-    headers: list = field(default_factory=list)
-    store: dict | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    store: dict[str, Any] | None = None
+
+
+# -- the callbacks' types (plain functions or ``async def``: an async one's result is awaited) --
+
+#: what ``on_connect`` answers: None or True (accept), an :class:`Accept`, the
+#: name of a subprotocol the client offered, a :class:`Reject` (or raises one),
+#: or False (refused with 403)
+Decision = Accept | Reject | str | bool | None
+#: ``on_connect(request)``
+ConnectCallback = Callable[[Request], Decision | Awaitable[Decision]]
+#: ``on_open(conn)``
+OpenCallback = Callable[[Connection], object]
+#: ``on_message(conn, data)``: ``str`` for a text message, ``bytes`` for a binary one
+MessageCallback = Callable[[Connection, str | bytes], object]
+#: ``on_disconnect(conn, code, reason)``
+DisconnectCallback = Callable[[Connection, int, str], object]
+#: a plain HTTP route's answer: ``(status, body, content_type)`` or
+#: ``(status, body, content_type, extra_headers)``
+HttpResponse = tuple[int, bytes | str, str] | tuple[int, bytes | str, str, Iterable[tuple[str, str]]]
+#: a plain HTTP route (:meth:`App.http`)
+HttpCallback = Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]
+#: ``authorize_join``: ``fn(conn, room) -> bool``
+JoinCheck = Callable[[Connection, str], bool]
+#: ``authorize_publish``: ``fn(conn or None, room, message) -> bool``
+PublishCheck = Callable[[Connection | None, str, str | bytes], bool]
+#: ``on_startup`` / ``on_shutdown``: ``fn()``
+Hook = Callable[[], object]
+
+_Connect = TypeVar("_Connect", bound=ConnectCallback)
+_Open = TypeVar("_Open", bound=OpenCallback)
+_Message = TypeVar("_Message", bound=MessageCallback)
+_Disconnect = TypeVar("_Disconnect", bound=DisconnectCallback)
+_Http = TypeVar("_Http", bound=HttpCallback)
+_Hook = TypeVar("_Hook", bound=Hook)
+_Check = TypeVar("_Check", bound=Callable[..., bool])
 
 
 class Route:
@@ -75,16 +119,16 @@ class Route:
     def __init__(self, path: str) -> None:
         self.path = path
         self.namespace = ""       # rooms joined from this route live here
-        self.on_connect = None
-        self.on_open = None
-        self.on_message = None
-        self.on_disconnect = None
+        self.on_connect: ConnectCallback | None = None
+        self.on_open: OpenCallback | None = None
+        self.on_message: MessageCallback | None = None
+        self.on_disconnect: DisconnectCallback | None = None
         self.connect_is_async = False
         self.open_is_async = False
         self.message_is_async = False
         self.disconnect_is_async = False
 
-    def set(self, kind: str, fn) -> None:
+    def set(self, kind: str, fn: Callable[..., object]) -> None:
         if not callable(fn):
             raise TypeError(f"{kind} callback must be callable, got {fn!r}")
         setattr(self, kind, fn)
@@ -101,7 +145,7 @@ class App:
     frame).
     """
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, **settings: object) -> None:
         if settings:
             names = ", ".join(sorted(settings))
             raise TypeError(f"App() takes no settings ({names}): every setting lives in fastws.Config; "
@@ -109,21 +153,21 @@ class App:
                             "`fastws serve --flag`, FASTWS_* or the TOML file")
         self.routes: dict[str, Route] = {}
         #: plain HTTP routes served on the same port: (METHOD, path) -> handler
-        self.http_routes: dict = {}
+        self.http_routes: dict[tuple[str, str], HttpCallback] = {}
         #: callables run when a route is added while serving (the native
         #: front refreshes its C fast-upgrade table)
-        self.route_listeners: list = []
+        self.route_listeners: list[Callable[[], object]] = []
         #: the running fastws.node.Node, while serving
-        self.node = None
+        self.node: Node | None = None
         #: room authorization by namespace: fn(conn, room) -> bool (authorize_join)
-        self.join_checks: dict = {}
+        self.join_checks: dict[str, JoinCheck] = {}
         #: ... fn(conn_or_None, room, message) -> bool (authorize_publish)
-        self.publish_checks: dict = {}
+        self.publish_checks: dict[str, PublishCheck] = {}
         #: a plain namespace for what the callbacks share (a database pool ...)
         self.state = SimpleNamespace()
         #: callables run by the node when it starts / stops (see on_startup)
-        self.startup_hooks: list = []
-        self.shutdown_hooks: list = []
+        self.startup_hooks: list[Hook] = []
+        self.shutdown_hooks: list[Hook] = []
 
     # -- registration -------------------------------------------------------
 
@@ -135,16 +179,19 @@ class App:
             r = self.routes[path] = Route(path)
         return r
 
-    def route(self, path: str, *, on_connect=None, on_open=None, on_message=None,
-              on_disconnect=None, namespace: str | None = None) -> Route:
+    def route(self, path: str, *, on_connect: ConnectCallback | None = None, on_open: OpenCallback | None = None,
+              on_message: MessageCallback | None = None, on_disconnect: DisconnectCallback | None = None,
+              namespace: str | None = None) -> Route:
         """Register callbacks for ``path`` without decorators.  ``namespace``
         keeps this route's rooms apart from other routes' (default: the
         shared namespace "")."""
         r = self._route(path)
         if namespace is not None:
             r.namespace = namespace
-        for kind, fn in (("on_connect", on_connect), ("on_open", on_open),
-                         ("on_message", on_message), ("on_disconnect", on_disconnect)):
+        callbacks: tuple[tuple[str, Callable[..., object] | None], ...] = (
+            ("on_connect", on_connect), ("on_open", on_open),
+            ("on_message", on_message), ("on_disconnect", on_disconnect))
+        for kind, fn in callbacks:
             if fn is not None:
                 r.set(kind, fn)
         self._routes_changed()
@@ -156,40 +203,40 @@ class App:
         for listener in self.route_listeners:
             listener()
 
-    def on_connect(self, path: str):
+    def on_connect(self, path: str) -> Callable[[_Connect], _Connect]:
         """Decorator: ``fn(request) -> None | Accept | Reject`` (may be async)."""
-        def deco(fn):
+        def deco(fn: _Connect) -> _Connect:
             self._route(path).set("on_connect", fn)
             self._routes_changed()
             return fn
         return deco
 
-    def on_open(self, path: str):
+    def on_open(self, path: str) -> Callable[[_Open], _Open]:
         """Decorator: ``fn(conn)`` once the connection is upgraded, before
         its first message (the place to ``conn.join`` rooms)."""
-        def deco(fn):
+        def deco(fn: _Open) -> _Open:
             self._route(path).set("on_open", fn)
             self._routes_changed()
             return fn
         return deco
 
-    def on_message(self, path: str):
+    def on_message(self, path: str) -> Callable[[_Message], _Message]:
         """Decorator: ``fn(conn, data)`` for every complete message."""
-        def deco(fn):
+        def deco(fn: _Message) -> _Message:
             self._route(path).set("on_message", fn)
             self._routes_changed()
             return fn
         return deco
 
-    def on_disconnect(self, path: str):
+    def on_disconnect(self, path: str) -> Callable[[_Disconnect], _Disconnect]:
         """Decorator: ``fn(conn, code, reason)`` once per connection."""
-        def deco(fn):
+        def deco(fn: _Disconnect) -> _Disconnect:
             self._route(path).set("on_disconnect", fn)
             self._routes_changed()
             return fn
         return deco
 
-    def on_startup(self, fn):
+    def on_startup(self, fn: _Hook) -> _Hook:
         """Decorator: ``fn()`` (sync or async) runs once the server's node is
         built (rooms, broker, presence; ``app.node`` is set) and before it
         listens, in registration order.  An exception stops the start with
@@ -199,7 +246,7 @@ class App:
         self.startup_hooks.append(fn)
         return fn
 
-    def on_shutdown(self, fn):
+    def on_shutdown(self, fn: _Hook) -> _Hook:
         """Decorator: ``fn()`` (sync or async) runs on a graceful stop, after
         the connections are closed and before the broker is, in registration
         order.  An exception is logged; the other hooks still run."""
@@ -208,7 +255,7 @@ class App:
         self.shutdown_hooks.append(fn)
         return fn
 
-    def authorize_join(self, namespace: str = ""):
+    def authorize_join(self, namespace: str = "") -> Callable[[_Check], _Check]:
         """Decorator: ``fn(conn, room) -> bool`` decides every join of a room
         of ``namespace`` (``conn.join``, ``app.resume``); False refuses it:
         the join raises :class:`fastws.errors.RoomDeniedError` (counted in
@@ -217,7 +264,7 @@ class App:
         in it is logged and refuses."""
         return self._room_check(self.join_checks, namespace, "authorize_join")
 
-    def authorize_publish(self, namespace: str = ""):
+    def authorize_publish(self, namespace: str = "") -> Callable[[_Check], _Check]:
         """Decorator: ``fn(conn, room, message) -> bool`` decides a publish to
         a room of ``namespace`` made for a connection, ``app.publish(...,
         sender=conn)`` (RoomDeniedError when False), and every publish of
@@ -227,11 +274,11 @@ class App:
         return self._room_check(self.publish_checks, namespace, "authorize_publish")
 
     @staticmethod
-    def _room_check(table: dict, namespace: str, what: str):
+    def _room_check(table: dict[str, Any], namespace: str, what: str) -> Callable[[_Check], _Check]:
         if not isinstance(namespace, str):
             raise TypeError(f"{what}: namespace must be a str, got {namespace!r}")
 
-        def deco(fn):
+        def deco(fn: _Check) -> _Check:
             if not callable(fn):
                 raise TypeError(f"{what} callback must be callable, got {fn!r}")
             if inspect.iscoroutinefunction(fn):
@@ -241,9 +288,10 @@ class App:
             return fn
         return deco
 
-    def rooms_endpoint(self, path: str, *, namespace: str | None = None, on_connect=None,
+    def rooms_endpoint(self, path: str, *, namespace: str | None = None,
+                       on_connect: ConnectCallback | None = None,
                        client_publish: bool = True, publish_rate: float = 0.0,
-                       history_limit: int = 1000):
+                       history_limit: int = 1000) -> RoomEndpoint:
         """Serve the room protocol (``fastws.rooms.v1``, ``docs/protocol.md``)
         at ``path``: the clients of :mod:`fastws.client` and ``fastws.js``
         subscribe, resume (with ``--broker redis+streams://``), publish and
@@ -266,21 +314,21 @@ class App:
             endpoint.start()
         return endpoint
 
-    def remote_address(self, conn):
+    def remote_address(self, conn: Connection) -> Any:
         """The client's address of ``conn``: with ``proxy_headers`` the one a
         trusted proxy named, else ``conn.remote_address``."""
         if self.node is None:
             return conn.remote_address
         return self.node.remote_address(conn)
 
-    def http(self, method: str, path: str):
+    def http(self, method: str, path: str) -> Callable[[_Http], _Http]:
         """Decorator: serve plain HTTP ``method path`` on the WebSocket port.
 
         The handler gets a :class:`fastws.handshake.HttpRequest` and returns
         ``(status, body, content_type)``; it may be async.  The response
         closes the connection (no keep-alive: this is for pages, health
         checks and pushes, not for a web app; use ASGI mode for that)."""
-        def deco(fn):
+        def deco(fn: _Http) -> _Http:
             self.http_routes[(method.upper(), path)] = fn
             return fn
         return deco
@@ -291,26 +339,28 @@ class App:
     # -- while serving ------------------------------------------------------
 
     @property
-    def connections(self) -> dict:
+    def connections(self) -> dict[int, Connection]:
         """Open connections of this process by id (empty when not serving)."""
-        return self.node.hub.connections if self.node is not None else {}
+        hub = self.node.hub if self.node is not None else None
+        return hub.connections if hub is not None else {}
 
-    def broadcast(self, message, connections=None, exclude=None, priority: int = PRIORITY_NORMAL) -> int:
+    def broadcast(self, message: str | bytes, connections: Iterable[Connection] | None = None,
+                  exclude: Connection | None = None, priority: int = PRIORITY_NORMAL) -> int:
         """Send ``message`` to ``connections`` (default: every open connection
         of this process) encoded once; returns how many it was queued on."""
-        if self.node is None:
+        hub = self.node.hub if self.node is not None else None
+        if hub is None:
             return 0
-        hub = self.node.hub
         return hub.broadcast(message, hub.connections.values() if connections is None else connections,
                              exclude, priority)
 
     @property
-    def rooms(self):
+    def rooms(self) -> Rooms | None:
         """The node's :class:`fastws.rooms.Rooms` (None when not serving)."""
         return self.node.rooms if self.node is not None else None
 
-    def publish(self, room: str, message, *, namespace: str = "", exclude=None,
-                priority: int = PRIORITY_NORMAL, sender=None) -> int:
+    def publish(self, room: str, message: str | bytes, *, namespace: str = "", exclude: Connection | None = None,
+                priority: int = PRIORITY_NORMAL, sender: Connection | None = None) -> int:
         """Send ``message`` to every member of ``room``, encoded once, on
         every worker and node (through the broker when there is one).
 
@@ -329,11 +379,14 @@ class App:
         if self.node is None:
             return 0
         if sender is not None:
-            self.node.rooms.check_publish(sender, room, message, namespace)
+            rooms = self.node.rooms
+            if rooms is None:         # app.node is set once the node's rooms are built
+                raise RuntimeError("publish needs a running server")
+            rooms.check_publish(sender, room, message, namespace)
         return self.node.publish(room, message, namespace=namespace, exclude=exclude, priority=priority)
 
-    async def resume(self, conn, room: str, since: str | None = None, *, namespace=None,
-                     limit: int = 1000) -> bool:
+    async def resume(self, conn: Connection, room: str, since: str | None = None, *,
+                     namespace: str | None = None, limit: int = 1000) -> bool:
         """Join ``conn`` to ``room`` as a member that can resume: it gets the
         room's messages in the order of the room's Redis Stream, each as the
         JSON text frame ``{"room": ..., "id": "<entry id>", "data": ...}``
@@ -352,7 +405,7 @@ class App:
                              "(--broker redis+streams://...)")
         return await self.node.resume(conn, room, since, namespace=namespace, limit=limit)
 
-    def global_id(self, conn) -> str:
+    def global_id(self, conn: Connection) -> str:
         """``conn``'s id on every node: ``"<node id>:<n>"`` with a broker,
         ``"<n>"`` without one.  :meth:`send_to`, :meth:`disconnect`, presence
         and the HTTP API (``/connections/{id}``) take it."""
@@ -360,7 +413,7 @@ class App:
             raise RuntimeError("global_id needs a running server")
         return self.node.global_id(conn)
 
-    async def send_to(self, conn_id, message):
+    async def send_to(self, conn_id: str, message: str | bytes) -> bool | None:
         """Send ``message`` to the connection ``conn_id`` (a
         :meth:`global_id`), on whichever node holds it.  True: queued on it;
         False: no such open connection; None: its node did not answer."""
@@ -368,7 +421,7 @@ class App:
             return False
         return await self.node.send_to(conn_id, message)
 
-    def send_local(self, conn_id, message) -> bool:
+    def send_local(self, conn_id: str | int, message: str | bytes) -> bool:
         """:meth:`send_to` for synchronous code, for a connection of this
         process only (``conn_id``: a :meth:`global_id` or ``conn.id``);
         False if there is no such open connection here."""
@@ -378,7 +431,7 @@ class App:
         conn.send(message)
         return True
 
-    async def disconnect(self, conn_id, code: int = 1000, reason: str = ""):
+    async def disconnect(self, conn_id: str, code: int = 1000, reason: str = "") -> bool | None:
         """Close the connection ``conn_id`` (a :meth:`global_id`), on
         whichever node holds it.  True / False / None as :meth:`send_to`;
         ValueError for a code no server may send (a server sends 1000-1003,
@@ -388,7 +441,7 @@ class App:
         return await self.node.disconnect(conn_id, code, reason)
 
     @property
-    def presence(self):
+    def presence(self) -> Presence:
         """Who is in which room on every node (``--presence``): a
         :class:`fastws.presence.Presence` with ``await .count(room)``,
         ``await .members(room)`` (``{global id: user id}``) and ``await

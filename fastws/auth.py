@@ -72,10 +72,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 from urllib.parse import parse_qs
 
-from .app import Accept
+from .app import Accept, Decision
 from .errors import Reject
 
 try:
@@ -90,16 +91,20 @@ SOURCES = ("header", "cookie", "query", "subprotocol")
 _UNAUTHORIZED = [("WWW-Authenticate", "Bearer")]
 _BODY = "unauthorized"
 
+#: ``then(request, claims)``: the app's decision once the token verified
+#: (plain or ``async def``; answers as ``on_connect`` does)
+Then = Callable[[Any, dict[str, Any]], Decision | Awaitable[Decision]]
+
 
 class TokenAuth:
     """An ``on_connect`` callback that verifies a JWT (see the module docstring)."""
 
-    def __init__(self, *, keys, algorithms=("HS256",), issuer: str | None = None,
+    def __init__(self, *, keys: object, algorithms: str | Iterable[str] = ("HS256",), issuer: str | None = None,
                  audience: str | None = None, leeway: float = 0.0,
-                 required_claims=("exp",), sources=SOURCES, header: str = "authorization",
-                 cookie: str = "access_token", query: str = "token",
-                 subprotocol_prefix: str = "bearer.", subprotocols=None,
-                 user_claim: str = "sub", then=None) -> None:
+                 required_claims: Iterable[str] = ("exp",), sources: str | Iterable[str] = SOURCES,
+                 header: str = "authorization", cookie: str = "access_token", query: str = "token",
+                 subprotocol_prefix: str = "bearer.", subprotocols: Iterable[str] | None = None,
+                 user_claim: str = "sub", then: Then | None = None) -> None:
         if isinstance(algorithms, str):
             algorithms = [algorithms]
         algorithms = list(algorithms)
@@ -134,11 +139,11 @@ class TokenAuth:
         self.then = then
         self.then_is_async = then is not None and inspect.iscoroutinefunction(then)
         #: refused upgrades by reason: missing, malformed, expired, invalid
-        self.failures = {"missing": 0, "malformed": 0, "expired": 0, "invalid": 0}
+        self.failures: dict[str, int] = {"missing": 0, "malformed": 0, "expired": 0, "invalid": 0}
 
     # -- the token --------------------------------------------------------------
 
-    def token_of(self, request):
+    def token_of(self, request: Any) -> tuple[str | None, str | None]:
         """``(token, the subprotocol entry it came in)`` from the first source
         that has one, else ``(None, None)``.  ``request``: a fastws
         :class:`~fastws.handshake.Request`, an object with an ASGI ``scope``
@@ -148,9 +153,9 @@ class TokenAuth:
             if source == "header":
                 value = header(self.header)
                 if value:
-                    scheme, _, token = value.strip().partition(" ")
-                    if scheme.lower() == "bearer" and token.strip():
-                        return token.strip(), None
+                    scheme, _, bearer = value.strip().partition(" ")
+                    if scheme.lower() == "bearer" and bearer.strip():
+                        return bearer.strip(), None
             elif source == "cookie":
                 token = _cookie(header("cookie"), self.cookie)
                 if token:
@@ -165,7 +170,7 @@ class TokenAuth:
                         return proto[len(self.prefix):], proto
         return None, None
 
-    def verify(self, token: str) -> dict:
+    def verify(self, token: str) -> dict[str, Any]:
         """The claims of ``token``; a ``jwt.InvalidTokenError`` (or another
         ``jwt.PyJWTError``) when it does not verify."""
         header = jwt.get_unverified_header(token)         # DecodeError when malformed
@@ -178,25 +183,26 @@ class TokenAuth:
             candidates = [c for c in candidates if c[0] == kid]
             if not candidates:
                 raise jwt.InvalidKeyError("no key for the token's kid")
-        kwargs = {"algorithms": [alg], "leeway": self.leeway, "options": {"require": self.required}}
+        kwargs: dict[str, Any] = {"algorithms": [alg], "leeway": self.leeway, "options": {"require": self.required}}
         if self.audience is not None:
             kwargs["audience"] = self.audience
         if self.issuer is not None:
             kwargs["issuer"] = self.issuer
-        last = None
+        last = jwt.InvalidSignatureError("no key verifies the token")   # (candidates is never empty)
         for _, key in candidates:
             try:
-                return jwt.decode(token, key, **kwargs)
+                claims: dict[str, Any] = jwt.decode(token, key, **kwargs)
+                return claims
             except jwt.InvalidSignatureError as exc:   # another key may sign it (rotation)
                 last = exc
         raise last
 
-    def claims(self, request):
+    def claims(self, request: Any) -> dict[str, Any] | None:
         """The verified claims of ``request``'s token, or None (the reason is
         counted in ``failures`` and logged at debug level)."""
         return self._check(request)[0]
 
-    def subprotocol_for(self, request, carrier):
+    def subprotocol_for(self, request: Any, carrier: str | None) -> str | None:
         """The ``Sec-WebSocket-Protocol`` answer when the token came in the
         offered entry ``carrier`` (see the module docstring); None when it
         did not come in one."""
@@ -210,7 +216,7 @@ class TokenAuth:
 
     # -- the on_connect callback -----------------------------------------------------
 
-    def __call__(self, request):
+    def __call__(self, request: Any) -> Decision | Awaitable[Decision]:
         claims, carrier = self._check(request)
         if claims is None:
             return Reject(401, _BODY, list(_UNAUTHORIZED))
@@ -225,10 +231,11 @@ class TokenAuth:
             return self._await_then(decision, accept)
         return _merge(accept, decision)
 
-    def _check(self, request):
+    def _check(self, request: Any) -> tuple[dict[str, Any] | None, str | None]:
         token, carrier = self.token_of(request)
         if token is None:
-            return self._refused("missing", request), None
+            self._refused("missing", request)
+            return None, None
         try:
             return self.verify(token), carrier
         except jwt.ExpiredSignatureError:
@@ -237,27 +244,31 @@ class TokenAuth:
             reason = "invalid"
         except jwt.DecodeError:
             reason = "malformed"
-        except Exception as exc:  # noqa: BLE001 - whatever a crafted token makes the decoder raise
+        except Exception as exc:  # whatever a crafted token makes the decoder raise
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("fastws: token check raised %s: %s", type(exc).__name__, exc)
             reason = "invalid"
-        return self._refused(reason, request), None
+        self._refused(reason, request)
+        return None, None
 
-    async def _then_async(self, request, claims, accept):
-        return _merge(accept, await self.then(request, claims))
-
-    @staticmethod
-    async def _await_then(decision, accept):
+    async def _then_async(self, request: Any, claims: dict[str, Any], accept: Accept) -> Decision:
+        assert self.then is not None           # then_is_async says there is one
+        decision = self.then(request, claims)
+        assert inspect.isawaitable(decision)
         return _merge(accept, await decision)
 
-    def _refused(self, reason: str, request):
+    @staticmethod
+    async def _await_then(decision: Awaitable[Decision], accept: Accept) -> Decision:
+        return _merge(accept, await decision)
+
+    def _refused(self, reason: str, request: Any) -> None:
         self.failures[reason] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fastws: token refused (%s) for %s", reason, getattr(request, "path", "?"))
         return None
 
 
-def _load_keys(keys, algorithms: list, known: dict) -> dict:
+def _load_keys(keys: object, algorithms: list[str], known: Mapping[str, Any]) -> dict[str, list[tuple[Any, Any]]]:
     """``{algorithm: [(kid, loaded key), ...]}``: each key loaded once for
     every algorithm it suits; ValueError for no key, or a key no algorithm
     takes (named by position or kid, never shown)."""
@@ -269,13 +280,13 @@ def _load_keys(keys, algorithms: list, known: dict) -> dict:
         items = [(None, keys)] if keys else []
     if not items:
         raise ValueError("TokenAuth needs at least one key")
-    table: dict = {alg: [] for alg in algorithms}
+    table: dict[str, list[tuple[Any, Any]]] = {alg: [] for alg in algorithms}
     for i, (kid, key) in enumerate(items):
         fits = 0
         for alg in algorithms:
             try:
                 loaded = known[alg].prepare_key(key)
-            except Exception:  # noqa: BLE001 - this key is not for this algorithm
+            except Exception:  # this key is not for this algorithm
                 continue
             if not hasattr(loaded, "verify") and hasattr(loaded, "public_key"):
                 loaded = loaded.public_key()           # a private key: verify with its public half
@@ -288,7 +299,7 @@ def _load_keys(keys, algorithms: list, known: dict) -> dict:
     return {alg: entries for alg, entries in table.items() if entries}
 
 
-def _merge(accept: Accept, decision):
+def _merge(accept: Accept, decision: Decision) -> Decision:
     """The verifier's acceptance, with what ``then`` decided on top."""
     if decision is None or decision is True:
         return accept
@@ -302,7 +313,7 @@ def _merge(accept: Accept, decision):
     return decision        # a Reject, or False (403)
 
 
-def _fields(request):
+def _fields(request: Any) -> tuple[Callable[[str], str | None], Callable[[str], str | None], list[str]]:
     """``(header(name), query(name), offered subprotocols)`` of a fastws
     request, of an object with an ASGI ``scope``, or of a scope."""
     scope = getattr(request, "scope", None)
@@ -313,21 +324,21 @@ def _fields(request):
 
     headers = scope.get("headers") or ()
 
-    def header(name: str):
+    def header(name: str) -> str | None:
         key = name.lower().encode("latin-1")
         for k, v in headers:
             if bytes(k).lower() == key:
                 return bytes(v).decode("latin-1")
         return None
 
-    def query(name: str):
+    def query(name: str) -> str | None:
         values = parse_qs(bytes(scope.get("query_string") or b"").decode("latin-1")).get(name)
         return values[0] if values else None
 
     return header, query, list(scope.get("subprotocols") or ())
 
 
-def _cookie(header, name: str):
+def _cookie(header: str | None, name: str) -> str | None:
     """The value of cookie ``name`` in a ``Cookie`` header, or None."""
     if not header:
         return None

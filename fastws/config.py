@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
+
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Mapping
 
 from .errors import ConfigError
 from .origins import OriginPolicy, ops_host_set
@@ -44,14 +46,15 @@ LOG_FORMATS = ("text", "json")
 MAX_ROOM_NAME_CAP = 65536
 
 
-def knob(default, help: str, *, kind: str, allowed: str = "", check=None,
-         choices: tuple = (), flag: str | None = None, secret: bool = False):
+def knob(default: Any, help: str, *, kind: str, allowed: str = "", check: Callable[[Any], object] | None = None,
+         choices: tuple[str, ...] = (), flag: str | None = None, secret: bool = False) -> Any:
     """A Config field.  ``kind``: int, bytes, float, seconds, bool, str,
     choice or path; ``check(value) -> bool`` on the typed value, with
-    ``allowed`` describing what passes."""
+    ``allowed`` describing what passes.  Returns a dataclass field (typed
+    Any, so that the annotation of the Config attribute is its type)."""
     if choices:
         allowed = allowed or "one of " + ", ".join(choices)
-        check = check or (lambda v, c=choices: v in c)
+        check = check or choices.__contains__
     return field(default=default, metadata={
         "help": help, "kind": kind, "allowed": allowed, "check": check,
         "choices": choices, "flag": flag, "secret": secret,
@@ -308,10 +311,10 @@ class Config:
     def _cross_check(self) -> None:
         """Settings that cannot apply without another one: ConfigError naming
         both keys (a value left at its default is never refused)."""
-        def given(name):
-            return getattr(self, name) != _DEFAULTS[name]
+        def given(name: str) -> bool:
+            return bool(getattr(self, name) != _DEFAULTS[name])
 
-        for name, needs, ok in (
+        rules: tuple[tuple[str, str, Callable[[], bool]], ...] = (
                 ("broker_prefix", "broker", lambda: bool(self.broker)),
                 ("stats_token", "stats", lambda: self.stats),
                 ("stats_window", "stats", lambda: self.stats),
@@ -323,7 +326,8 @@ class Config:
                 ("forwarded_allow_ips", "proxy_headers", lambda: self.proxy_headers),
                 ("health_max_loop_lag", "health", lambda: self.health),
                 ("health_max_memory", "health", lambda: self.health),
-                ("presence_ttl", "presence", lambda: self.presence)):
+                ("presence_ttl", "presence", lambda: self.presence))
+        for name, needs, ok in rules:
             if given(name) and not ok():
                 raise ConfigError(name, self._shown(name), f"unset unless {needs} is set: "
                                   f"without {needs} it has no effect")
@@ -339,7 +343,7 @@ class Config:
                     raise ConfigError(name, self._shown(name), "left unset with uds: the server "
                                       "listens on the Unix socket, not on host:port")
 
-    def _shown(self, name):
+    def _shown(self, name: str) -> Any:
         value = getattr(self, name)
         secret = next(f for f in fields(self) if f.name == name).metadata.get("secret")
         return "********" if secret and value else value
@@ -347,7 +351,7 @@ class Config:
     # -- layering ---------------------------------------------------------------
 
     @classmethod
-    def load(cls, file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+    def load(cls, file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
              overrides: Mapping[str, Any] | None = None, *, override_source: str = "cli") -> Config:
         """defaults < TOML ``file`` (or ``$FASTWS_CONFIG``) < ``FASTWS_*`` in
         ``env`` < ``overrides`` (CLI flags, by field name; None = not given)."""
@@ -385,7 +389,7 @@ class Config:
         config.sources = sources
         return config
 
-    def replace(self, **changes) -> Config:
+    def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (validated), sources kept."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
@@ -396,11 +400,11 @@ class Config:
     # -- introspection ------------------------------------------------------------
 
     @classmethod
-    def knobs(cls):
+    def knobs(cls) -> list[tuple[str, Any, Mapping[str, Any]]]:
         """(name, default, metadata) of every setting, in declaration order."""
         return [(f.name, f.default, f.metadata) for f in fields(cls)]
 
-    def items(self):
+    def items(self) -> list[tuple[str, Any, str]]:
         """(name, value, source) of every setting; secrets masked."""
         out = []
         for f in fields(self):
@@ -428,7 +432,7 @@ _DEFAULTS = {f.name: f.default for f in fields(Config)}
 # -- parsing and checking --------------------------------------------------------
 
 
-def _read_toml(path: str) -> dict:
+def _read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -446,7 +450,7 @@ def _read_toml(path: str) -> dict:
     return data
 
 
-def _coerce(f, value):
+def _coerce(f: Field[Any], value: Any) -> Any:
     """The typed value of field ``f`` from ``value`` (a string from env/CLI,
     or a native value); ConfigError when it is not allowed."""
     meta = f.metadata
@@ -455,7 +459,7 @@ def _coerce(f, value):
     allowed = meta.get("allowed") or _KIND_ALLOWED[kind]
     optional = f.default is None and f.default is not MISSING
 
-    def bad():
+    def bad() -> ConfigError:
         shown = "********" if meta.get("secret") else mask_url(value) if isinstance(value, str) else value
         return ConfigError(name, shown, allowed)
 
@@ -519,7 +523,7 @@ def _coerce(f, value):
     return v
 
 
-def _valid(parse, value) -> bool:
+def _valid(parse: Callable[[Any], object], value: object) -> bool:
     """True if ``parse(value)`` raises no ValueError."""
     try:
         parse(value)
@@ -528,15 +532,15 @@ def _valid(parse, value) -> bool:
     return True
 
 
-def _origin_policy(value):
+def _origin_policy(value: str) -> OriginPolicy:
     return OriginPolicy(value)
 
 
-def _ops_hosts(value):
+def _ops_hosts(value: str) -> frozenset[str]:
     return ops_host_set(value)
 
 
-def _networks(value):
+def _networks(value: str) -> Any:
     any_peer, nets = parse_networks(value)
     if not any_peer and not nets:
         raise ValueError("no address")
@@ -557,7 +561,7 @@ def mask_url(text: str) -> str:
     return _QUERY_SECRET.sub(r"\1****", _URL_PASSWORD.sub(r"\1:****@", text))
 
 
-def _toml_value(value) -> str:
+def _toml_value(value: object) -> str:
     if value is None:
         return '""'
     if isinstance(value, bool):

@@ -287,8 +287,12 @@ from __future__ import annotations
 
 import importlib
 import os
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from .frames import (  # noqa: F401  (re-exported: the vocabulary of the contract)
+from . import _pyconn, _wsproto_engine
+from .config import Config
+from .frames import (  # re-exported: the vocabulary of the contract
     BINARY,
     CLOSE,
     CLOSED,
@@ -304,12 +308,11 @@ from .frames import (  # noqa: F401  (re-exported: the vocabulary of the contrac
     TEXT,
     DeflateParams,
 )
-from . import _pyconn, _wsproto_engine
 
 try:
     # The Cython extension is optional (not built: the Python twins run), so
     # it is loaded by name, the one import of fastws that may fail here.
-    _core = importlib.import_module(__package__ + "._core")
+    _core: ModuleType | None = importlib.import_module(__package__ + "._core")
 except ImportError:
     _core = None
 
@@ -322,14 +325,14 @@ HUB_KNOBS = (
 )
 
 
-def hub_settings(config) -> dict:
+def hub_settings(config: Config) -> dict[str, Any]:
     """The keyword arguments of ``Hub`` taken from a :class:`fastws.Config`:
     limits, delivery policy and timers.  The one place that maps settings
     to the hub; ``Hub(loop, handshake, **hub_settings(config))``."""
     return {name: getattr(config, name) for name in HUB_KNOBS}
 
 
-def _pick():
+def _pick() -> str:
     if os.environ.get("FASTWS_NO_EXTENSIONS") == "1" or _core is None:
         return "wsproto"
     return "cython"
@@ -337,7 +340,12 @@ def _pick():
 
 #: "cython" or "wsproto": the implementation this process runs on.
 IMPLEMENTATION = _pick()
-if IMPLEMENTATION == "cython":
+if TYPE_CHECKING:
+    # What a type checker sees: the stub of the Cython module (fastws/_core.pyi).
+    # The Python twins have the same names and parameters
+    # (tests/unit/test_connection_contract.py checks both against the stub).
+    from ._core import Connection, Engine, Hub, encode_frame
+elif IMPLEMENTATION == "cython":
     Engine = _core.Engine
     encode_frame = _core.encode_frame
     Hub = _core.Hub
@@ -353,7 +361,7 @@ else:
 DELIVERY_LATENCY_BUCKETS = _pyconn.DELIVERY_LATENCY_BUCKETS
 
 
-def engine_module(name: str):
+def engine_module(name: str) -> ModuleType:
     """Return the engine module called ``name`` ("cython" or "wsproto").
 
     Raises ImportError if the Cython extension is asked for but not built.
@@ -367,7 +375,7 @@ def engine_module(name: str):
     raise ValueError(f"unknown engine {name!r}")
 
 
-def connection_module(name: str):
+def connection_module(name: str) -> ModuleType:
     """Return the module holding ``Hub`` and ``Connection`` of implementation
     ``name`` ("cython": ``fastws._core``; "wsproto": ``fastws._pyconn``)."""
     if name == "wsproto":

@@ -50,6 +50,7 @@ that a code and its reason are decided in this one table.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 # RFC 6455 section 7.4.1 and the IANA registry.
@@ -140,7 +141,7 @@ class ProtocolError(FastWSError):
 class HandshakeError(FastWSError):
     """The opening handshake is refused with HTTP ``status``."""
 
-    def __init__(self, status: int, detail: str, headers: list | None = None) -> None:
+    def __init__(self, status: int, detail: str, headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail
@@ -160,14 +161,14 @@ class Reject(HandshakeError):
                 return fastws.Reject(403, "bad token")
     """
 
-    def __init__(self, status: int = 403, body: str = "", headers: list | None = None) -> None:
+    def __init__(self, status: int = 403, body: str = "", headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(status, body, headers)
         self.body = body
 
     def __repr__(self) -> str:
         return f"Reject(status={self.status!r}, body={self.body!r}, headers={self.headers!r})"
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return (isinstance(other, Reject) and (self.status, self.body, self.headers)
                 == (other.status, other.body, other.headers))
 
@@ -273,7 +274,7 @@ class SubscribeError(BrokerError):
     acknowledge it). ``keys``: the keys of the call that failed (the others
     did apply), or None for all of them."""
 
-    def __init__(self, message: str, keys=None) -> None:
+    def __init__(self, message: str, keys: Iterable[object] | None = None) -> None:
         super().__init__(message)
         self.keys = list(keys) if keys is not None else None
 

@@ -52,21 +52,22 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from . import core, publish_api
-from .broker import History, create_broker, new_node_id
+from .broker import Broker, History, HistoryPage, create_broker, new_node_id
 from .broker.bridge import Bridge
 from .config import Config, mask_url
-from .errors import (CALLBACK_FAILED, RESTARTING, SHUTTING_DOWN, BrokerError, HandshakeError,
-                     ServerStartError)
-from .frames import PRIORITY_NORMAL
-from .handshake import accept_response, negotiate_deflate
-from .origins import OriginPolicy, host_name, ops_host_set
-from .proxy import TrustedProxies, client_key
+from .errors import CALLBACK_FAILED, RESTARTING, SHUTTING_DOWN, BrokerError, HandshakeError, ServerStartError
+from .frames import PRIORITY_NORMAL, DeflateParams
+from .handshake import HttpRequest, Request, accept_response, negotiate_deflate
 from .health import Health
 from .limits import Admission, ClientLimits, jittered
 from .metrics import Metrics
+from .origins import OriginPolicy, host_name, ops_host_set
 from .presence import Presence, presence_client
+from .proxy import TrustedProxies, client_key
 from .resume import Resumer
 from .roomproto import serve_client_js
 from .rooms import Rooms
@@ -78,8 +79,12 @@ _FORWARDED_HEADERS = {"x-forwarded-for": 0, "x-forwarded-proto": 1, "forwarded":
                       b"x-forwarded-for": 0, b"x-forwarded-proto": 1, b"forwarded": 2}
 access_log = logging.getLogger("fastws.access")
 
+#: a plain HTTP route's handler: ``handler(request)`` (sync or async) returning
+#: ``(status, body, content_type[, extra_headers])`` (see :class:`HttpRoutes`)
+HttpHandler = Callable[[HttpRequest], Any]
 
-async def _quietly(awaitable) -> None:
+
+async def _quietly(awaitable: Awaitable[object]) -> None:
     """Await a release step whose failure changes nothing (Redis gone)."""
     try:
         await awaitable
@@ -98,28 +103,29 @@ class AccessLog:
     ASGI front calls :meth:`opened`/:meth:`closed` from its session."""
 
     def __init__(self) -> None:
-        self.since: dict = {}          # open connection -> (monotonic time of its 101, peer, path)
-        self._routes: dict = {}        # id(app route) -> its _AccessRoute
+        # open connection -> (monotonic time of its 101, peer, path)
+        self.since: dict[core.Connection, tuple[float, str, str | None]] = {}
+        self._routes: dict[int, _AccessRoute] = {}   # id(app route) -> its _AccessRoute
 
     @staticmethod
-    def peer(address) -> str:
+    def peer(address: object) -> str:
         if isinstance(address, tuple) and len(address) >= 2:
             return f"{address[0]}:{address[1]}"
         return str(address) if address else "-"
 
-    def refused(self, address, path, status: int, detail: str = "") -> None:
+    def refused(self, address: object, path: str | None, status: int, detail: str = "") -> None:
         access_log.info('%s "%s" %d %s', self.peer(address), path or "-", status, detail or "")
 
-    def opened(self, conn, address, path) -> None:
+    def opened(self, conn: core.Connection, address: object, path: str | None) -> None:
         peer = self.peer(address)
         self.since[conn] = (time.monotonic(), peer, path)
         access_log.info('%s "%s" 101 upgraded', peer, path)
 
-    def forget(self, conn) -> None:
+    def forget(self, conn: core.Connection) -> None:
         """``conn`` never opened after all (the upgrade could not be written)."""
         self.since.pop(conn, None)
 
-    def closed(self, conn, code, reason) -> None:
+    def closed(self, conn: core.Connection, code: int | None, reason: str | None) -> None:
         entry = self.since.pop(conn, None)
         if entry is None:
             return
@@ -127,7 +133,7 @@ class AccessLog:
         access_log.info('%s "%s" closed %s %r after %.3fs', peer, path, code, reason or "",
                         time.monotonic() - t0)
 
-    def route(self, route):
+    def route(self, route: Any) -> _AccessRoute:
         """``route`` as the engine should see it: the same callbacks, and a
         close reported here first."""
         wrapped = self._routes.get(id(route))
@@ -143,7 +149,7 @@ class _AccessRoute:
 
     __slots__ = ("inner", "log")
 
-    def __init__(self, inner, access: AccessLog) -> None:
+    def __init__(self, inner: Any, access: AccessLog) -> None:
         self.inner = inner
         self.log = access
 
@@ -156,17 +162,17 @@ class _AccessRoute:
     disconnect_is_async = property(lambda self: self.inner.disconnect_is_async)
 
     @property
-    def on_disconnect(self):
+    def on_disconnect(self) -> Callable[[core.Connection, int, str], object]:
         inner, access = self.inner.on_disconnect, self.log
         if inner is None:
             return access.closed
         if self.inner.disconnect_is_async:
-            async def closed_async(conn, code, reason):
+            async def closed_async(conn: core.Connection, code: int, reason: str) -> None:
                 access.closed(conn, code, reason)
                 await inner(conn, code, reason)
             return closed_async
 
-        def closed(conn, code, reason):
+        def closed(conn: core.Connection, code: int, reason: str) -> object:
             access.closed(conn, code, reason)
             return inner(conn, code, reason)
         return closed
@@ -184,14 +190,14 @@ class HttpRoutes:
     ``fastws.App``'s own routes answer every host.
     """
 
-    def __init__(self, ops_hosts=frozenset()) -> None:
-        self.exact: dict = {}          # (METHOD, path) -> (handler, is_ops)
-        self.prefixes: list = []       # (METHOD, path prefix, handler), always operations routes
-        self.paths: set = set()        # every exact path, for a cheap first test
-        self.prefix_paths: tuple = ()  # every prefix, for str.startswith
+    def __init__(self, ops_hosts: frozenset[str] = frozenset()) -> None:
+        self.exact: dict[tuple[str, str], tuple[HttpHandler, bool]] = {}  # (METHOD, path) -> (handler, is_ops)
+        self.prefixes: list[tuple[str, str, HttpHandler]] = []  # (METHOD, path prefix, handler), operations routes
+        self.paths: set[str] = set()   # every exact path, for a cheap first test
+        self.prefix_paths: tuple[str, ...] = ()  # every prefix, for str.startswith
         self.ops_hosts = ops_hosts     # host names that may reach operations routes (empty: any)
 
-    def add(self, method: str, path: str, handler, *, prefix: bool = False, ops: bool = True) -> None:
+    def add(self, method: str, path: str, handler: HttpHandler, *, prefix: bool = False, ops: bool = True) -> None:
         """Serve ``method path`` with ``handler`` (an existing route of the
         same method and path is kept: the application's own route wins)."""
         method = method.upper()
@@ -202,7 +208,7 @@ class HttpRoutes:
         self.exact.setdefault((method, path), (handler, ops))
         self.paths.add(path)
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self.exact
 
     def __bool__(self) -> bool:
@@ -212,11 +218,11 @@ class HttpRoutes:
         """Cheap test: could a route answer ``path`` (any method)?"""
         return path in self.paths or bool(self.prefix_paths and path.startswith(self.prefix_paths))
 
-    def host_allowed(self, host) -> bool:
+    def host_allowed(self, host: str | None) -> bool:
         """May an operations route answer a request with this ``Host`` value?"""
         return not self.ops_hosts or host_name(host) in self.ops_hosts
 
-    def find(self, method: str, path: str, host=None):
+    def find(self, method: str, path: str, host: str | None = None) -> HttpHandler | None:
         """The handler of ``method path`` for a request to ``Host`` ``host``,
         or None (no such route, or an operations route for another host)."""
         entry = self.exact.get((method, path))
@@ -228,7 +234,7 @@ class HttpRoutes:
                 return h if self.host_allowed(host) else None
         return None
 
-    def methods(self, path: str) -> list:
+    def methods(self, path: str) -> list[str]:
         """The methods served at the exact ``path`` (for a 405's Allow)."""
         return sorted(m for (m, p) in self.exact if p == path)
 
@@ -236,23 +242,23 @@ class HttpRoutes:
 class Node:
     """See the module docstring."""
 
-    def __init__(self, config: Config, app=None) -> None:
+    def __init__(self, config: Config, app: Any = None) -> None:
         self.config = config                  # every setting
-        self.app = app                        # fastws.App, or None (ASGI)
-        self.loop = None                      # the running loop, once started
-        self.hub = None                       # core.Hub, once started
-        self.rooms = None                     # Rooms over the hub, once started
-        self.broker = None                    # the Broker, when config.broker is set
-        self.bridge = None                    # rooms <-> broker
-        self.resumer = None                   # replay + live stream for resuming members (history brokers)
-        self.presence = None                  # fastws.presence.Presence, with config.presence
+        self.app = app                        # fastws.App, or None (ASGI) (Any: fastws.app imports this module)
+        self.loop: asyncio.AbstractEventLoop | None = None   # the running loop, once started
+        self.hub: core.Hub | None = None      # core.Hub, once started
+        self.rooms: Rooms | None = None       # Rooms over the hub, once started
+        self.broker: Broker | None = None     # the Broker, when config.broker is set
+        self.bridge: Bridge | None = None     # rooms <-> broker
+        self.resumer: Resumer | None = None   # replay + live stream for resuming members (history brokers)
+        self.presence: Presence | None = None  # fastws.presence.Presence, with config.presence
         self.access = AccessLog() if config.access_log else None
         self.admission = Admission(config.max_connections, config.handshake_rate,
                                    config.handshake_burst or None, config.retry_after)
         self.client_limits = ClientLimits(config.max_connections_per_ip, config.handshake_rate_per_ip,
                                           config.handshake_burst_per_ip or None, config.retry_after)
         self.proxies = TrustedProxies(config.forwarded_allow_ips) if config.proxy_headers else None
-        self.clients: dict = {}               # open connection -> the client address a proxy named
+        self.clients: dict[core.Connection, Any] = {}  # open connection -> the client address a proxy named
         self._clients_sweep_at = 1024         # len(clients) that triggers the next sweep
         try:
             self.origins = OriginPolicy(config.allowed_origins)
@@ -260,18 +266,18 @@ class Node:
         except ValueError as exc:
             raise ServerStartError(str(exc)) from None
         self.routes = HttpRoutes(ops_hosts)   # plain HTTP on the WebSocket port
-        self.handshakes: dict = {}            # HTTP status of each upgrade decision -> count
+        self.handshakes: dict[int, int] = {}  # HTTP status of each upgrade decision -> count
         self.draining = False                 # a shutdown started (/health says 503)
         self.refuse_upgrades = False          # upgrades get 503 (while draining, unless handing off)
-        self.health = None                    # /health, /livez and the checks registry
-        self.metrics = None                   # /metrics, when config.metrics
-        self.stats_page = None                # /stats, when config.stats
-        self._paths: dict = {}                # interned request paths (bounded), shared by connections
+        self.health: Health | None = None     # /health, /livez and the checks registry
+        self.metrics: Metrics | None = None   # /metrics, when config.metrics
+        self.stats_page: StatsPage | None = None  # /stats, when config.stats
+        self._paths: dict[str, str] = {}      # interned request paths (bounded), shared by connections
         self.node_id = new_node_id()          # the hub's (connection ids "<node_id>-<n>") and the broker's
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self, handshake=None) -> None:
+    async def start(self, handshake: Callable[[core.Connection, bytes | None], None] | None = None) -> None:
         """Build the hub (``handshake(conn, head)`` decides upgrades that
         arrive on the hub's own protocol; None when the front hands decided
         upgrades over with ``Connection.adopt``), the rooms, the operations
@@ -327,12 +333,13 @@ class Node:
         self.bridge = Bridge(self.rooms, self.broker, lookup=self.connection)
         await self.bridge.start()           # never raises when the backend is down: it retries
         self.resumer = Resumer.for_bridge(self.rooms, self.bridge)
+        assert self.health is not None      # start() made it
         self.health.add_check("broker", self.broker.ping)
         # fails while a room's (un)subscription waits for a retry
         self.health.add_check("broker_subscriptions", self.bridge.check)
         log.info("fastws: broker %s (node %s)", mask_url(c.broker), self.broker.node_id)
 
-    async def _start_presence(self, client) -> None:
+    async def _start_presence(self, client: Any) -> None:
         c = self.config
         if self.broker is None:     # Config refuses presence without a Redis broker
             raise ServerStartError("presence needs a Redis broker (--broker redis://...)")
@@ -341,7 +348,7 @@ class Node:
         await self.presence.start()
         log.info("fastws: presence on (ttl %gs)", c.presence_ttl)
 
-    async def _run_hooks(self, kind: str, hooks) -> None:
+    async def _run_hooks(self, kind: str, hooks: Iterable[Callable[[], object]]) -> None:
         """Run the app's ``on_startup``/``on_shutdown`` hooks in order (sync
         or async).  A startup hook that raises stops the start
         (ServerStartError, one line); a shutdown hook's exception is logged
@@ -397,7 +404,7 @@ class Node:
         ``max_connections`` or the handshake rate)."""
         if self.refuse_upgrades:
             return HandshakeError(503, "server shutting down")
-        refused = self.admission.check(len(self.hub.connections))
+        refused = self.admission.check(len(self._running_hub().connections))
         if refused is not None:
             reason, retry = refused
             return HandshakeError(503, reason, [("Retry-After", str(retry))])
@@ -409,7 +416,7 @@ class Node:
         proxy headers to read)?  Then the native front takes no upgrade in C."""
         return self.client_limits.enabled or self.proxies is not None
 
-    def forwarded(self, peer, headers) -> tuple:
+    def forwarded(self, peer: Any, headers: Iterable[tuple[Any, Any]]) -> tuple[Any, bool | None]:
         """``(client, secure)`` of a request from the direct ``peer`` with
         ``headers`` (``(lower-case name, value)`` pairs, str or bytes): the
         address and scheme a trusted proxy named (``proxy_headers``,
@@ -418,16 +425,18 @@ class Node:
         proxies = self.proxies
         if proxies is None:
             return peer, None
-        values = [None, None, None]
+        values: list[str | None] = [None, None, None]
         for name, value in headers:
             i = _FORWARDED_HEADERS.get(name)
             if i is not None:
                 if type(value) is not str:
                     value = bytes(value).decode("latin-1")
-                values[i] = value if values[i] is None else values[i] + "," + value
-        return proxies.resolve(peer, *values)
+                before = values[i]
+                values[i] = value if before is None else before + "," + value
+        resolved: tuple[Any, bool | None] = proxies.resolve(peer, *values)
+        return resolved
 
-    def admit_client(self, client, holder) -> HandshakeError | None:
+    def admit_client(self, client: Any, holder: object) -> HandshakeError | None:
         """Once the upgrade request is parsed: None to go on, or 429 with a
         jittered ``Retry-After`` past ``max_connections_per_ip`` or
         ``handshake_rate_per_ip`` for ``client`` (its address, see
@@ -449,7 +458,7 @@ class Node:
             log.debug("fastws: upgrade from %s refused: %s", host, reason)
         return HandshakeError(429, reason, [("Retry-After", str(retry))])
 
-    def remember_client(self, conn, client) -> None:
+    def remember_client(self, conn: core.Connection, client: Any) -> None:
         """Keep the address a trusted proxy named for ``conn`` (see
         :meth:`remote_address`); entries of lost connections are swept when
         the table has doubled since the last sweep."""
@@ -462,17 +471,17 @@ class Node:
                     del clients[c]
             self._clients_sweep_at = max(1024, 2 * len(clients))
 
-    def remote_address(self, conn):
+    def remote_address(self, conn: core.Connection) -> Any:
         """The client's address of ``conn``: the one a trusted proxy named
         (``proxy_headers``), else its peer's."""
         client = self.clients.get(conn) if self.clients else None
         return client if client is not None else conn.remote_address
 
-    def auth_failures(self) -> dict:
+    def auth_failures(self) -> dict[str, int]:
         """Upgrades refused by authentication, by reason, summed over the
         app's verifiers: each route's ``on_connect`` that counts its
         refusals in a ``failures`` dict (``fastws.auth.TokenAuth`` does)."""
-        out: dict = {}
+        out: dict[str, int] = {}
         if self.app is None:
             return out
         seen = set()
@@ -485,9 +494,11 @@ class Node:
                     out[reason] = out.get(reason, 0) + n
         return out
 
-    def _authorize_room(self, action: str, conn, key, message) -> bool:
+    def _authorize_room(self, action: str, conn: core.Connection | None, key: tuple[str, str],
+                        message: object) -> bool:
         """``Rooms.authorize``: the app's check for ``key``'s namespace
         (``App.authorize_join`` / ``authorize_publish``); none: allowed."""
+        args: tuple[object, ...]
         if action == "join":
             check = self.app.join_checks.get(key[0])
             args = (conn, key[1])
@@ -510,13 +521,14 @@ class Node:
             return False
         return bool(allowed)
 
-    def check_origin(self, request) -> HandshakeError | None:
+    def check_origin(self, request: Request) -> HandshakeError | None:
         """A browser page of a site ``allowed_origins`` does not list: 403."""
         if self.origins.allows_request(request):
             return None
         return HandshakeError(403, "origin not allowed")
 
-    def accept(self, request, subprotocol=None, headers=()) -> tuple:
+    def accept(self, request: Request, subprotocol: str | None = None,
+               headers: Iterable[tuple[str, str]] = ()) -> tuple[bytes, DeflateParams | None]:
         """``(response, deflate)``: the 101 answer to ``request`` and the
         negotiated permessage-deflate parameters (None without compression)."""
         ext_header = deflate = None
@@ -541,62 +553,69 @@ class Node:
 
     # -- messages ---------------------------------------------------------------------
 
-    def connection(self, conn_id):
+    def connection(self, conn_id: str | int) -> core.Connection | None:
         """The open connection of this process with id ``conn_id`` (its
         ``conn.id``, or its number as an int), or None."""
         conn = self.hub.connection(conn_id) if self.hub is not None else None
         return conn if conn is not None and not conn.closed else None
 
-    def publish(self, room: str, message, *, namespace: str = "", exclude=None,
-                priority: int = PRIORITY_NORMAL) -> int:
+    def publish(self, room: str, message: str | bytes, *, namespace: str = "",
+                exclude: core.Connection | None = None, priority: int = PRIORITY_NORMAL) -> int:
         """Send ``message`` to every member of ``room`` on every node (through
         the broker when there is one), encoded once per node.  Returns this
         node's sequence number for it (0 when the room has no member here and
         there is no broker)."""
+        seq: int
         if self.bridge is not None:
-            return self.bridge.publish_nowait(room, message, namespace=namespace, exclude=exclude,
-                                              priority=priority)
-        seq, _ = self.rooms.publish(room, message, namespace=namespace, exclude=exclude,
-                                    priority=priority)
+            seq = self.bridge.publish_nowait(room, message, namespace=namespace, exclude=exclude,
+                                             priority=priority)
+            return seq
+        seq, _ = self._running_rooms().publish(room, message, namespace=namespace, exclude=exclude,
+                                               priority=priority)
         return seq
 
-    async def publish_confirmed(self, room: str, message, *, namespace: str = "",
-                                priority: int = PRIORITY_NORMAL) -> tuple:
+    async def publish_confirmed(self, room: str, message: str | bytes, *, namespace: str = "",
+                                priority: int = PRIORITY_NORMAL) -> tuple[int, bool]:
         """:meth:`publish`, waiting for the broker: ``(seq, remote)`` where
         ``remote`` is False when other nodes did not get it (True without a
         broker: there are no other nodes)."""
         if self.bridge is not None:
-            return await self.bridge.publish(room, message, namespace=namespace, priority=priority)
-        seq, _ = self.rooms.publish(room, message, namespace=namespace, priority=priority)
+            confirmed: tuple[int, bool] = await self.bridge.publish(room, message, namespace=namespace,
+                                                                     priority=priority)
+            return confirmed
+        seq: int
+        seq, _ = self._running_rooms().publish(room, message, namespace=namespace, priority=priority)
         return seq, True
 
-    def global_id(self, conn) -> str:
+    def global_id(self, conn: core.Connection) -> str:
         """``conn``'s id across nodes and workers: ``conn.id``, ``"<node_id>-<n>"``."""
-        return conn.id
+        return conn.id  # type: ignore[return-value]  # None only before the upgrade: no callback sees that
 
-    def local_connection(self, conn_id):
+    def local_connection(self, conn_id: str | int) -> core.Connection | None:
         """The open connection of this process named by ``conn_id`` (a
         :meth:`global_id` of this node), or None."""
         return self.connection(str(conn_id))
 
-    async def send_to(self, conn_id, message):
+    async def send_to(self, conn_id: str, message: str | bytes) -> bool | None:
         """Send ``message`` to one connection, on whichever node holds it.
         True: queued; False: no such open connection; None: its node did not
         answer (with a broker)."""
         if self.bridge is not None:
-            return await self.bridge.send_to(conn_id, message)
+            sent: bool | None = await self.bridge.send_to(conn_id, message)
+            return sent
         conn = self.local_connection(conn_id)
         if conn is None:
             return False
         conn.send(message)
         return True
 
-    async def disconnect(self, conn_id, code: int = 1000, reason: str = ""):
+    async def disconnect(self, conn_id: str, code: int = 1000, reason: str = "") -> bool | None:
         """Close one connection, on whichever node holds it, with ``code``
         and ``reason``.  True: its close handshake started; False: no such
         open connection; None: its node did not answer (with a broker)."""
         if self.bridge is not None:
-            return await self.bridge.close_conn(conn_id, code, reason)
+            closed: bool | None = await self.bridge.close_conn(conn_id, code, reason)
+            return closed
         conn = self.local_connection(conn_id)
         if conn is None:
             return False
@@ -608,16 +627,20 @@ class Node:
         """The broker keeps room history (``redis+streams://``)."""
         return self.broker is not None and isinstance(self.broker, History)
 
-    async def history(self, room: str, *, namespace: str = "", since=None, limit: int = 100):
+    async def history(self, room: str, *, namespace: str = "", since: str | None = None,
+                      limit: int = 100) -> HistoryPage:
         """The room's recent messages (a :class:`fastws.broker.HistoryPage`
         of entries, oldest first): the last ``limit``, or up to ``limit``
         after the entry id ``since``.  ValueError without a history broker;
         :class:`~fastws.errors.BrokerError` when Redis cannot be asked."""
-        if not self.has_history:
+        broker = self.broker
+        if broker is None or not isinstance(broker, History):     # self.has_history
             raise ValueError("history needs a broker with history: --broker redis+streams://...")
-        return await self.broker.history((namespace, room), since_id=since, count=limit)
+        page: HistoryPage = await broker.history((namespace, room), since_id=since, count=limit)
+        return page
 
-    async def resume(self, conn, room: str, since=None, *, namespace=None, limit: int = 1000) -> bool:
+    async def resume(self, conn: core.Connection, room: str, since: str | None = None, *,
+                     namespace: str | None = None, limit: int = 1000) -> bool:
         """See :meth:`fastws.App.resume`."""
         if self.resumer is None:
             raise ValueError("resume needs a broker with history: --broker redis+streams://...")
@@ -637,7 +660,7 @@ class Node:
         :meth:`close_connections` took its list (an async decision that
         ended late); a no-op for those already closing."""
         base = self.config.reconnect_delay
-        for conn in list(self.hub.connections.values()):
+        for conn in list(self._running_hub().connections.values()):
             if not conn.closed:
                 why = reason
                 if base > 0 and code == RESTARTING.code:
@@ -652,7 +675,7 @@ class Node:
         return together).  Stops pacing at ``deadline`` (loop time)."""
         c = self.config
         rate, base = c.drain_rate, c.reconnect_delay
-        conns = list(self.hub.connections.values())
+        conns = list(self._running_hub().connections.values())
         log.info("fastws: closing %d connections with %d%s", len(conns), code,
                  f" at {rate:g}/s" if rate else "")
         step = max(1, int(rate * 0.05)) if rate else len(conns) or 1
@@ -663,17 +686,29 @@ class Node:
                     why = RESTARTING.reason.format(delay=jittered(base, base))
                 conn.close(code, why)
             if rate and i + step < len(conns):
-                if deadline is not None and self.loop.time() >= deadline:
+                if deadline is not None and self.loop is not None and self.loop.time() >= deadline:
                     break
                 await asyncio.sleep(step / rate)
 
     def abort_connections(self) -> None:
-        for conn in list(self.hub.connections.values()):
+        for conn in list(self._running_hub().connections.values()):
             conn.abort()
+
+    def _running_hub(self) -> core.Hub:
+        """The hub (RuntimeError before :meth:`start`)."""
+        if self.hub is None:
+            raise RuntimeError("the node is not started")
+        return self.hub
+
+    def _running_rooms(self) -> Rooms:
+        """The rooms (RuntimeError before :meth:`start`)."""
+        if self.rooms is None:
+            raise RuntimeError("the node is not started")
+        return self.rooms
 
     # -- errors ------------------------------------------------------------------------
 
     @staticmethod
-    def _callback_error(conn, exc) -> None:
+    def _callback_error(conn: core.Connection, exc: BaseException) -> None:
         log.error("fastws: exception in a callback for connection %s; closing it with %d",
                   conn.id, CALLBACK_FAILED.code, exc_info=exc)

@@ -8,13 +8,25 @@ plain functions on strings, nothing of fastws imported.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Protocol
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(?::([0-9]{1,5}))?\Z", re.I)
 _HOSTPORT = re.compile(r"(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(?::([0-9]{1,5}))?\Z", re.I)
 
 
-def _split_origin(value: str):
+class HasHeaders(Protocol):
+    """What :meth:`OriginPolicy.allows_request` reads of a request
+    (:class:`fastws.Request` has both)."""
+
+    @property
+    def headers(self) -> Iterable[tuple[str, str]]: ...
+
+    def header(self, name: str) -> str | None: ...
+
+
+def _split_origin(value: str) -> tuple[str, str, int | None] | None:
     """``(scheme, host, port)`` of a serialized origin (lower-case scheme and
     host; the scheme's default port when none is written), else None."""
     m = _ORIGIN.match(value)
@@ -25,7 +37,7 @@ def _split_origin(value: str):
     return scheme, m.group(2).lower(), port
 
 
-def _split_host(value: str):
+def _split_host(value: str) -> tuple[str, int | None] | None:
     """``(host, port or None)`` of a Host header value, else None."""
     m = _HOSTPORT.match(value)
     if m is None:
@@ -33,7 +45,7 @@ def _split_host(value: str):
     return m.group(1).lower(), int(m.group(2)) if m.group(2) else None
 
 
-def _same_host(origin: str, host) -> bool:
+def _same_host(origin: str, host: str | None) -> bool:
     """The browser page's origin names the host[:port] the request was sent
     to (its ``Host``): http(s) scheme, same host name (any case), same port
     (a port left out is the scheme's default)."""
@@ -77,7 +89,7 @@ class OriginPolicy:
 
     __slots__ = ("any", "same_host", "exact", "suffixes", "spec")
 
-    def __init__(self, spec) -> None:
+    def __init__(self, spec: str | Iterable[object]) -> None:
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else \
             [str(s).strip() for s in spec]
         items = [s for s in items if s]
@@ -85,8 +97,8 @@ class OriginPolicy:
             raise ValueError("an empty list of origins; give same-host, * or origins")
         self.any = "*" in items
         self.same_host = False
-        self.exact = set()       # normalized origins: "scheme://host:port", or "null"
-        self.suffixes = []       # (scheme, ".example.com", port) of wildcard entries
+        self.exact: set[str] = set()       # normalized origins: "scheme://host:port", or "null"
+        self.suffixes: list[tuple[str, str, int | None]] = []   # (scheme, ".example.com", port) of wildcards
         for item in items:
             low = item.lower()
             if low in ("*", "same-host"):
@@ -115,7 +127,7 @@ class OriginPolicy:
             return "*"
         return "same-host" if self.same_host else "none"
 
-    def allows(self, origin, host) -> bool:
+    def allows(self, origin: str | None, host: str | None) -> bool:
         """May a request with this ``Origin`` value (None: no header) sent to
         ``Host`` ``host`` be upgraded?"""
         if origin is None or self.any:
@@ -131,7 +143,7 @@ class OriginPolicy:
             return True
         return any(o[0] == s and o[1].endswith(suf) and o[2] == p for s, suf, p in self.suffixes)
 
-    def allows_request(self, request) -> bool:
+    def allows_request(self, request: HasHeaders) -> bool:
         """``allows`` for every ``Origin`` header of an upgrade ``request``
         (a :class:`Request`; a request with several must pass with each)."""
         if self.any:
@@ -143,11 +155,11 @@ class OriginPolicy:
         return f"OriginPolicy({self.spec!r})"
 
 
-def ops_host_set(spec) -> frozenset:
+def ops_host_set(spec: str | Iterable[object]) -> frozenset[str]:
     """The host names of the ``ops_hosts`` setting (lower case, no brackets
     around an IPv6 address); ValueError for an entry that is no host name."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    out = set()
+    out: set[str] = set()
     for item in items:
         if not item:
             continue
@@ -161,7 +173,7 @@ def ops_host_set(spec) -> frozenset:
     return frozenset(out)
 
 
-def host_name(host) -> str | None:
+def host_name(host: str | None) -> str | None:
     """The host name of a ``Host`` header value: lower case, without the port
     and without the brackets of an IPv6 address; None if there is none."""
     if not host:

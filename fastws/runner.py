@@ -21,8 +21,10 @@ import os
 import signal
 import socket
 import time
-import tomllib
+from collections.abc import Callable
+from typing import Any
 
+import tomllib
 import uvloop
 
 from . import core
@@ -36,8 +38,12 @@ from .supervisor import run_workers
 
 log = logging.getLogger("fastws")
 
+#: What :func:`run` and :func:`serve` serve: a :class:`fastws.App`, or an ASGI 3
+#: application (any callable ``app(scope, receive, send)``).
+Application = App | Callable[..., Any]
 
-def make_server(app, config: Config) -> Server:
+
+def make_server(app: Application, config: Config) -> Server:
     """The front for ``app``: :class:`NativeServer` for a :class:`fastws.App`,
     :class:`fastws.asgi.AsgiServer` for any other callable (an ASGI 3 app)."""
     if isinstance(app, App):
@@ -47,14 +53,14 @@ def make_server(app, config: Config) -> Server:
     raise TypeError(f"{app!r} is neither a fastws.App nor an ASGI application")
 
 
-def _config(config: Config | None, options: dict) -> Config:
+def _config(config: Config | None, options: dict[str, Any]) -> Config:
     if config is not None:
         return config.replace(**options) if options else config
     return Config(**options)
 
 
-async def serve(app, config: Config | None = None, *, sock: socket.socket | None = None,
-                started=None, **options) -> None:
+async def serve(app: Application, config: Config | None = None, *, sock: socket.socket | None = None,
+                started: Callable[[Server], object] | None = None, **options: Any) -> None:
     """Serve ``app`` in the running loop until cancelled, then shut down
     gracefully.  Settings come from ``config`` and/or keyword ``options``
     (the fields of :class:`fastws.Config`: ``host``, ``port``, ...);
@@ -73,7 +79,8 @@ async def serve(app, config: Config | None = None, *, sock: socket.socket | None
         await asyncio.shield(server.shutdown())
 
 
-def run(app, config: Config | None = None, *, sock: socket.socket | None = None, **options) -> None:
+def run(app: Application, config: Config | None = None, *, sock: socket.socket | None = None,
+        **options: Any) -> None:
     """Serve ``app`` (blocking) on uvloop until SIGINT/SIGTERM, then shut
     down gracefully; with ``workers`` > 1 as the supervisor of that many
     worker processes sharing the port (and an embedded broker, unless
@@ -96,7 +103,7 @@ def run_until_signal(server: Server, sock: socket.socket | None = None) -> None:
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
 
-    async def main():
+    async def main() -> None:
         await server.start(sock)
         log.info("fastws: open files limit %d (hard %d)", soft, hard)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -199,5 +206,5 @@ def engine_notice() -> None:
                 "compiled one (%s)", how)
 
 
-__all__ = ["run", "serve", "make_server", "run_until_signal", "configure_logging", "load_log_config",
+__all__ = ["Application", "run", "serve", "make_server", "run_until_signal", "configure_logging", "load_log_config",
            "engine_notice", "JsonLogFormatter"]

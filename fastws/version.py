@@ -43,7 +43,7 @@ def source_checkout() -> str | None:
     return root
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, str | None]:
     """``{"version", "commit", "build_commit", "source"}``.
 
     ``build_commit``: the commit ``setup.py`` recorded when this copy was
@@ -58,7 +58,7 @@ def build_info() -> dict:
             recorded = json.load(fh).get("commit")
     except (OSError, ValueError, AttributeError):
         pass
-    info = {"version": __version__, "commit": recorded, "build_commit": recorded,
+    info: dict[str, str | None] = {"version": __version__, "commit": recorded, "build_commit": recorded,
             "source": "build" if recorded else "unknown"}
     root = source_checkout()
     if root is not None:

@@ -31,13 +31,14 @@ import email.utils
 import random
 import re
 import time
+from collections.abc import Iterable
 
 __all__ = ["Backoff", "reconnect_hint", "retry_after"]
 
 _HINT = re.compile(r"reconnect in (\d+(?:\.\d+)?)\s*s\b")
 
 
-def reconnect_hint(reason: str):
+def reconnect_hint(reason: str | None) -> float | None:
     """Seconds a close reason asks the client to wait (``"... reconnect in
     1.7s"``), or None."""
     if not reason:
@@ -46,7 +47,7 @@ def reconnect_hint(reason: str):
     return float(m.group(1)) if m else None
 
 
-def retry_after(headers, now: float | None = None):
+def retry_after(headers: Iterable[tuple[str, str]] | None, now: float | None = None) -> float | None:
     """Seconds of a ``Retry-After`` header among ``headers`` (``(lower-case
     name, value)`` pairs): delay-seconds or an HTTP date; None when absent
     or unreadable."""
@@ -87,12 +88,13 @@ class Backoff:
         self.reset_after = float(reset_after)
         self.attempt = 0                   # failed attempts since the last stable connection
         self._rng = rng or random.Random()
-        self._up_since = None              # monotonic time of the last successful connect
+        self._up_since: float | None = None   # monotonic time of the last successful connect
 
     def window(self, attempt: int | None = None) -> float:
         """The upper bound of attempt ``attempt``'s delay."""
         n = self.attempt if attempt is None else attempt
-        return min(self.cap, self.base * (2 ** min(n, 60)))
+        factor: int = 2 ** min(n, 60)
+        return min(self.cap, self.base * factor)
 
     def next_delay(self) -> float:
         """The delay before the next attempt (full jitter), counting it."""

@@ -32,22 +32,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import ssl as ssl_module
+from collections.abc import Callable, Iterable
+from typing import cast
 from urllib.parse import urlsplit
 
 from ..core import BINARY, CLOSE, ERROR, OPEN, PONG, TEXT, Engine
 from ..errors import ConnectionClosed, HandshakeError
-from ..handshake import check_accept, client_key, client_request, deflate_offer
+from ..handshake import ClientAccept, check_accept, client_key, client_request, deflate_offer
 
-__all__ = ["WebSocket", "open_connection", "parse_url", "MAX_HEAD"]
+__all__ = ["WebSocket", "open_connection", "parse_url", "MAX_HEAD", "Message"]
 
 log = logging.getLogger("fastws.client")
+
+#: a message: ``str`` for a text one, ``bytes`` for a binary one
+Message = str | bytes
 
 #: the longest handshake answer head a client reads
 MAX_HEAD = 16384
 
 
-def parse_url(url: str) -> tuple:
+def parse_url(url: str) -> tuple[bool, str, int, str, str]:
     """``(secure, host, port, resource, host_header)`` of a ``ws://`` /
     ``wss://`` URL; ValueError for anything else."""
     parts = urlsplit(url)
@@ -72,42 +78,43 @@ class WebSocket(asyncio.Protocol):
     """An open client connection (see the module docstring).  Made by
     :func:`open_connection`; not meant to be built directly."""
 
-    def __init__(self, loop, *, max_message_size: int, max_queue: int, on_message=None,
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, max_message_size: int, max_queue: int,
+                 on_message: Callable[[Message], object] | None = None,
                  ping_interval: float | None = None, ping_timeout: float | None = None,
                  close_timeout: float = 5.0) -> None:
         self.loop = loop
-        self.transport = None
-        self.engine = None                 # set once the handshake is accepted
-        self.subprotocol = None            # the server's choice among those offered
-        self.extensions: list = []         # the extensions the server accepted, as it wrote them
-        self.response_headers: list = []   # the 101's other headers, (lower-case name, value)
-        self.close_code = None             # known once closed
+        self.transport: asyncio.Transport | None = None
+        self.engine: Engine | None = None  # set once the handshake is accepted
+        self.subprotocol: str | None = None   # the server's choice among those offered
+        self.extensions: list[str] = []    # the extensions the server accepted, as it wrote them
+        self.response_headers: list[tuple[str, str]] = []   # the 101's other headers, (lower-case name, value)
+        self.close_code: int | None = None  # known once closed
         self.close_reason = ""
         self.on_message = on_message
-        self.on_close = None               # fn(code, reason) once the connection is gone
+        self.on_close: Callable[[int, str], object] | None = None   # fn(code, reason) once the connection is gone
         self._max_message_size = max_message_size
         self._max_queue = max(1, max_queue)
-        self._queue = collections.deque()
-        self._waiter = None                # future of a recv() waiting for a message
+        self._queue: collections.deque[Message] = collections.deque()
+        self._waiter: asyncio.Future[Message] | None = None   # future of a recv() waiting for a message
         self._head = bytearray()           # the handshake answer, until complete
-        self._head_future = loop.create_future()
-        self._closed = loop.create_future()  # resolved by connection_lost
+        self._head_future: asyncio.Future[bytes] = loop.create_future()
+        self._closed: asyncio.Future[None] = loop.create_future()  # resolved by connection_lost
         self._paused_reading = False
         self._write_paused = False
-        self._drain_waiters: list = []
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._ping_interval = ping_interval or 0.0
         self._ping_timeout = ping_timeout or 0.0
         self._close_timeout = close_timeout
         self._heard = 0.0                  # loop time of the last bytes received
         self._ping_sent = 0.0              # loop time of our unanswered ping, 0 when none
-        self._timer = None
-        self._abort_handle = None
-        self._out = None                   # frames sent during this loop iteration (one write at its end)
+        self._timer: asyncio.TimerHandle | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self._out: list[bytes] | None = None   # frames sent during this loop iteration (one write at its end)
 
     # -- asyncio protocol ------------------------------------------------------------
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)    # a stream transport (TCP or TLS)
 
     def data_received(self, data: bytes) -> None:
         engine = self.engine
@@ -117,18 +124,18 @@ class WebSocket(asyncio.Protocol):
         self._heard = self.loop.time()
         events = engine.receive(data)
         out = engine.data_to_send()
-        if out:
+        if out and self.transport is not None:
             self.transport.write(out)
         for ev in events:
             kind = ev[0]
-            if kind == TEXT or kind == BINARY:
+            if kind in (TEXT, BINARY):
                 self._deliver(ev[1])
             elif kind == PONG:
                 self._ping_sent = 0.0
-            elif kind == CLOSE or kind == ERROR:
+            elif kind in (CLOSE, ERROR):
                 self._peer_closed(ev[1], ev[2] if kind == CLOSE else "")
 
-    def _deliver(self, message) -> None:
+    def _deliver(self, message: Message) -> None:
         cb = self.on_message
         if cb is not None:
             try:
@@ -147,7 +154,7 @@ class WebSocket(asyncio.Protocol):
             self._paused_reading = True
             self.transport.pause_reading()
 
-    def _peer_closed(self, code, reason) -> None:
+    def _peer_closed(self, code: int, reason: str | None) -> None:
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason or ""
         # the close exchange is over: the server ends TCP; do it ourselves if it does not
@@ -164,7 +171,7 @@ class WebSocket(asyncio.Protocol):
             if not w.done():
                 w.set_result(None)
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self.close_code is None:
             engine = self.engine
             if engine is not None and engine.close_code is not None:
@@ -205,7 +212,7 @@ class WebSocket(asyncio.Protocol):
         elif len(self._head) > MAX_HEAD:
             self._head_future.set_exception(HandshakeError(0, "handshake answer head too long"))
 
-    def _start(self, accept, end: int) -> None:
+    def _start(self, accept: ClientAccept, end: int) -> None:
         rest = bytes(self._head[end:])
         self._head = bytearray()
         self.engine = Engine(max_message_size=self._max_message_size, deflate=accept.deflate, client=True)
@@ -258,20 +265,20 @@ class WebSocket(asyncio.Protocol):
     def closed(self) -> bool:
         return self._closed.done()
 
-    async def send(self, message) -> None:
+    async def send(self, message: Message) -> None:
         """Send ``message`` (str: a text frame, bytes: a binary one).  Raises
         :class:`fastws.errors.ConnectionClosed` once the connection is closing."""
-        if self.close_code is not None or self.transport is None:
+        if self.close_code is not None or self.transport is None or self.engine is None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
         self._write(self.engine.send(message))
         if self._write_paused:
-            w = self.loop.create_future()
+            w: asyncio.Future[None] = self.loop.create_future()
             self._drain_waiters.append(w)
             await w
 
-    def send_nowait(self, message) -> None:
+    def send_nowait(self, message: Message) -> None:
         """:meth:`send` without waiting for the transport's buffer to drain."""
-        if self.close_code is not None or self.transport is None:
+        if self.close_code is not None or self.transport is None or self.engine is None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
         self._write(self.engine.send(message))
 
@@ -289,7 +296,7 @@ class WebSocket(asyncio.Protocol):
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    async def recv(self):
+    async def recv(self) -> Message:
         """The next message (str or bytes).  Raises
         :class:`fastws.errors.ConnectionClosed` once the connection is gone
         and every message that came before was read."""
@@ -303,13 +310,14 @@ class WebSocket(asyncio.Protocol):
             return message
         if self._closed.done():
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
-        waiter = self._waiter = self.loop.create_future()
+        waiter: asyncio.Future[Message] = self.loop.create_future()
+        self._waiter = waiter
         return await waiter
 
-    def __aiter__(self):
+    def __aiter__(self) -> WebSocket:
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> Message:
         try:
             return await self.recv()
         except ConnectionClosed as exc:
@@ -319,7 +327,7 @@ class WebSocket(asyncio.Protocol):
 
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping (the pong only counts as a sign of life)."""
-        if self.close_code is not None or self.transport is None:
+        if self.close_code is not None or self.transport is None or self.engine is None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
         self.transport.write(self.engine.ping(payload))
 
@@ -355,11 +363,12 @@ class WebSocket(asyncio.Protocol):
         await asyncio.shield(self._closed)
 
 
-async def open_connection(url: str, *, subprotocols=(), headers=(), compression: bool = False,
-                          max_message_size: int = 1 << 20, max_queue: int = 1024, on_message=None,
+async def open_connection(url: str, *, subprotocols: Iterable[str] = (), headers: Iterable[tuple[str, str]] = (),
+                          compression: bool = False, max_message_size: int = 1 << 20, max_queue: int = 1024,
+                          on_message: Callable[[Message], object] | None = None,
                           open_timeout: float = 10.0, ping_interval: float | None = 20.0,
                           ping_timeout: float | None = 20.0, close_timeout: float = 5.0,
-                          ssl=None, sock=None) -> WebSocket:
+                          ssl: ssl_module.SSLContext | None = None, sock: socket.socket | None = None) -> WebSocket:
     """Open a WebSocket to ``url`` (``ws://`` or ``wss://``) and return the
     :class:`WebSocket` once the server accepted the upgrade.
 
@@ -379,9 +388,10 @@ async def open_connection(url: str, *, subprotocols=(), headers=(), compression:
         ssl = None
     key = client_key()
     offers = [deflate_offer(client_max_window_bits=15)] if compression else []
-    request = client_request(host_header, resource, key, list(subprotocols), offers, list(headers))
+    offered = list(subprotocols)           # read twice: once for the request, once for the answer
+    request = client_request(host_header, resource, key, offered, offers, list(headers))
 
-    async def handshake():
+    async def handshake() -> None:
         if sock is not None:
             transport, _ = await loop.create_connection(lambda: ws, sock=sock, ssl=ssl,
                                                         server_hostname=host if ssl else None)
@@ -391,7 +401,7 @@ async def open_connection(url: str, *, subprotocols=(), headers=(), compression:
             transport.write(request)
             head = await ws._head_future
             end = head.find(b"\r\n\r\n") + 4
-            accept = check_accept(head[:end], key, list(subprotocols), offers)
+            accept = check_accept(head[:end], key, offered, offers)
         except BaseException:
             transport.abort()
             raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Iterable, Sequence
 
 from .connection import parse_url
 
@@ -30,26 +31,26 @@ async def _rtt(host: str, port: int, timeout: float) -> float:
     return elapsed
 
 
-async def measure(urls, timeout: float = 2.0) -> dict:
+async def measure(urls: Sequence[str], timeout: float = 2.0) -> dict[str, float]:
     """``{url: seconds}`` (``inf`` for one not reached in ``timeout``): the
     TCP connect time to each URL, all measured at once."""
     targets = [parse_url(u) for u in urls]
     times = await asyncio.gather(*(_rtt(t[1], t[2], timeout) for t in targets))
-    return dict(zip(urls, times))
+    return dict(zip(urls, times, strict=True))
 
 
 class Ranking:
     """The URLs in the order to try them (see the module docstring)."""
 
-    def __init__(self, urls, timeout: float = 2.0) -> None:
+    def __init__(self, urls: Iterable[str], timeout: float = 2.0) -> None:
         self.urls = list(urls)
         if not self.urls:
             raise ValueError("no URL to connect to")
         for u in self.urls:
             parse_url(u)                       # a bad URL fails at once
         self.timeout = timeout
-        self.rtts: dict = {}                   # url -> seconds of the last measurement
-        self.order: list = []                  # urls, fastest first
+        self.rtts: dict[str, float] = {}       # url -> seconds of the last measurement
+        self.order: list[str] = []             # urls, fastest first
         self._next = 0                         # index in order of the next attempt
 
     async def pick(self) -> str:

@@ -45,6 +45,8 @@ import base64
 import collections
 import json
 import logging
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, TypeVar
 
 from ..errors import ConnectionClosed
 from .errors import SubscriptionError
@@ -58,8 +60,12 @@ log = logging.getLogger("fastws.client")
 SUBPROTOCOL = "fastws.rooms.v1"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
+#: a frame of the room protocol (a JSON object)
+Frame = dict[str, Any]
+_T = TypeVar("_T")
 
-def stream_id(eid: str) -> tuple:
+
+def stream_id(eid: str) -> tuple[int, int]:
     """A Redis Stream entry id ``"1700000000000-3"`` as a comparable ``(ms, seq)``."""
     ms, _, seq = eid.partition("-")
     return int(ms), int(seq or 0)
@@ -72,16 +78,17 @@ class Message:
 
     __slots__ = ("room", "data", "seq", "id")
 
-    def __init__(self, room, data, seq, id) -> None:
+    def __init__(self, room: str, data: str | bytes, seq: int | None, id: str | None) -> None:
         self.room, self.data, self.seq, self.id = room, data, seq, id
 
     def __repr__(self) -> str:
         return f"Message(room={self.room!r}, seq={self.seq!r}, id={self.id!r}, data={self.data!r})"
 
 
-def _data(frame):
+def _data(frame: Frame) -> str | bytes:
     if "data" in frame:
-        return frame["data"]
+        text: str = frame["data"]
+        return text
     return base64.b64decode(frame.get("b64", ""))
 
 
@@ -91,29 +98,30 @@ class Subscription:
     sent as ``since`` when resubscribing; ``recovered``: the last answer's;
     ``gaps``: gaps reported; ``delivered``: messages handed out."""
 
-    def __init__(self, client: "RoomClient", room: str, handler=None, on_gap=None,
-                 since=None) -> None:
+    def __init__(self, client: RoomClient, room: str, handler: Callable[[Message], object] | None = None,
+                 on_gap: Callable[[Subscription, dict[str, Any]], object] | None = None,
+                 since: str | int | None = None) -> None:
         self.client = client
         self.room = room
         self.handler = handler
         self.on_gap = on_gap
         self.position = since
-        self.recovered = None
-        self.history = None               # the server keeps history (positions are stream ids)
+        self.recovered: bool | None = None
+        self.history: bool | None = None  # the server keeps history (positions are stream ids)
         self.gaps = 0
         self.recoveries = 0               # recovery requests made after a gap
         self.delivered = 0
         self.active = True
         self._last_id = stream_id(since) if isinstance(since, str) else None
-        self._next_seq = None             # the seq the next message must have (None: not known yet)
+        self._next_seq: int | None = None  # the seq the next message must have (None: not known yet)
         self._answered = False            # the server answered the last sub
-        self._collect = []                # frames that came between our sub and its answer
-        self._held = {}                   # seq -> frame: early frames waiting for the missing ones
-        self._timer = None
-        self._answer = None               # future of the pending sub's answer
-        self._queue = collections.deque()
-        self._waiter = None
-        self._retry = None
+        self._collect: list[Frame] = []   # frames that came between our sub and its answer
+        self._held: dict[int, Frame] = {}  # seq -> frame: early frames waiting for the missing ones
+        self._timer: asyncio.TimerHandle | None = None
+        self._answer: asyncio.Future[Subscription] | None = None   # future of the pending sub's answer
+        self._queue: collections.deque[Message] = collections.deque()
+        self._waiter: asyncio.Future[Message] | None = None
+        self._retry: asyncio.TimerHandle | None = None
 
     # -- what the client sends -----------------------------------------------------
 
@@ -123,14 +131,14 @@ class Subscription:
         self._collect = []
         if recovering:
             self.recoveries += 1
-        req = {"t": "sub", "room": self.room}
+        req: dict[str, object] = {"t": "sub", "room": self.room}
         if self.position is not None:
             req["since"] = self.position
         return _dumps(req)
 
     # -- what the server sends -------------------------------------------------------
 
-    def _frame(self, frame) -> None:
+    def _frame(self, frame: Frame) -> None:
         if not self._answered:
             self._collect.append(frame)
             if len(self._collect) > self.client.collect_max:      # a server that never answers
@@ -157,9 +165,12 @@ class Subscription:
 
     def _drain(self) -> None:
         held = self._held
-        while self._next_seq in held:
-            frame = held.pop(self._next_seq)
-            self._next_seq += 1
+        while True:
+            nxt = self._next_seq
+            if nxt is None or nxt not in held:
+                break
+            frame = held.pop(nxt)
+            self._next_seq = nxt + 1
             self._deliver(frame)
         if not held and self._timer is not None:
             self._timer.cancel()
@@ -173,7 +184,8 @@ class Subscription:
         if not self._held:
             return
         first = min(self._held)
-        missing = first - self._next_seq
+        # (no next seq: a sub answered without one while frames were held)
+        missing = first - self._next_seq if self._next_seq is not None else None
         if self.history and self.client.connected:
             # ask for the recovery from our position: the replay brings the
             # missing messages and the held ones again, in stream order
@@ -186,7 +198,7 @@ class Subscription:
         self._next_seq = first
         self._drain()
 
-    def _answered_with(self, answer) -> None:
+    def _answered_with(self, answer: Frame) -> None:
         self._answered = True
         self.recovered = bool(answer.get("recovered"))
         pos = answer.get("pos")
@@ -239,7 +251,7 @@ class Subscription:
         if self.active and self.client.connected:
             self.client.client.send_nowait(self._request())
 
-    def _report_gap(self, info: dict) -> None:
+    def _report_gap(self, info: dict[str, Any]) -> None:
         self.gaps += 1
         info["room"] = self.room
         if self.on_gap is not None:
@@ -250,7 +262,7 @@ class Subscription:
         else:
             log.warning("fastws.client: room %r: gap: %s", self.room, info["reason"])
 
-    def _deliver(self, frame) -> None:
+    def _deliver(self, frame: Frame) -> None:
         eid = frame.get("id")
         if isinstance(eid, str):
             try:
@@ -282,7 +294,7 @@ class Subscription:
                 return
         self._queue.append(message)
 
-    def _end(self, exc) -> None:
+    def _end(self, exc: BaseException) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -295,7 +307,7 @@ class Subscription:
 
     # -- the application's side ------------------------------------------------------
 
-    def __aiter__(self):
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Message:
@@ -303,9 +315,10 @@ class Subscription:
             return self._queue.popleft()
         if not self.active:
             raise StopAsyncIteration
-        self._waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
         try:
-            return await self._waiter
+            return await waiter
         except (ConnectionClosed, SubscriptionError):
             raise StopAsyncIteration from None
 
@@ -322,8 +335,8 @@ class RoomClient:
     the other options are :class:`fastws.client.Client`'s (backoff,
     on_refused, send_queue, ping_interval ...)."""
 
-    def __init__(self, urls, *, reorder_wait: float = 0.5, reorder_max: int = 1000,
-                 ack_timeout: float = 10.0, collect_max: int = 100_000, **options) -> None:
+    def __init__(self, urls: str | Iterable[str], *, reorder_wait: float = 0.5, reorder_max: int = 1000,
+                 ack_timeout: float = 10.0, collect_max: int = 100_000, **options: Any) -> None:
         for name in ("on_message", "subprotocols"):
             if name in options:
                 raise TypeError(f"RoomClient sets {name} itself")
@@ -337,27 +350,27 @@ class RoomClient:
         if user_connect is not None:
             self.client.connect_callbacks.append(user_connect)
         self.client.disconnect_callbacks.insert(0, self._on_disconnect)
-        self.subs: dict = {}               # room -> Subscription
-        self._acks: dict = {}              # ack number -> future
-        self._pings: dict = {}             # ping ts -> (future, loop time sent)
-        self._unsubs: dict = {}            # room -> future of the unsubscribe answer
-        self._sent_acks: set = set()       # acks whose publish went out on the current connection
+        self.subs: dict[str, Subscription] = {}   # room -> Subscription
+        self._acks: dict[int, asyncio.Future[Frame]] = {}   # ack number -> future
+        self._pings: dict[int, tuple[asyncio.Future[float], float]] = {}   # ping ts -> (future, loop time sent)
+        self._unsubs: dict[str, asyncio.Future[None]] = {}   # room -> future of the unsubscribe answer
+        self._sent_acks: set[int] = set()  # acks whose publish went out on the current connection
         self._ack_seq = 0
-        self.errors: list = []             # error answers not tied to a request
+        self.errors: list[SubscriptionError] = []   # error answers not tied to a request
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self, wait: bool = True) -> "RoomClient":
+    async def start(self, wait: bool = True) -> RoomClient:
         await self.client.start(wait)
         return self
 
-    async def __aenter__(self) -> "RoomClient":
+    async def __aenter__(self) -> RoomClient:
         return await self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, RoomClient]:
         return self.start().__await__()
 
     async def close(self) -> None:
@@ -372,15 +385,16 @@ class RoomClient:
     def connected(self) -> bool:
         return self.client.connected
 
-    def _on_connect(self, client) -> None:
+    def _on_connect(self, client: Client) -> None:
         """Connected (again): every subscription is asked for again, with its position."""
         ws = client.websocket
+        assert ws is not None                  # the connect callbacks run once it is open
         for sub in list(self.subs.values()):
             if sub.active:
                 ws.send_nowait(sub._request())
         self._sent_acks = set(self._acks)      # the queued publishes go out right after
 
-    def _on_disconnect(self, client, code, reason) -> None:
+    def _on_disconnect(self, client: Client, code: int, reason: str) -> None:
         lost = ConnectionClosed(code, reason)
         for n in self._sent_acks:
             fut = self._acks.pop(n, None)
@@ -395,8 +409,10 @@ class RoomClient:
             sub._held = {}
             sub._next_seq = None
 
-    def _fail_pending(self, exc) -> None:
-        for fut in list(self._acks.values()) + [p[0] for p in self._pings.values()] + list(self._unsubs.values()):
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending: list[asyncio.Future[Any]] = [*self._acks.values(), *(p[0] for p in self._pings.values()),
+                                              *self._unsubs.values()]
+        for fut in pending:
             if not fut.done():
                 fut.set_exception(exc)
         self._acks.clear()
@@ -405,7 +421,7 @@ class RoomClient:
 
     # -- frames from the server -------------------------------------------------------
 
-    def _on_frame(self, text) -> None:
+    def _on_frame(self, text: str | bytes) -> None:
         try:
             frame = json.loads(text)
             t = frame["t"]
@@ -429,13 +445,13 @@ class RoomClient:
             if entry is not None and not entry[0].done():
                 entry[0].set_result(asyncio.get_running_loop().time() - entry[1])
         elif t == "unsubscribed":
-            fut = self._unsubs.pop(frame.get("room"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            gone = self._unsubs.pop(frame.get("room"), None)
+            if gone is not None and not gone.done():
+                gone.set_result(None)
         elif t == "error":
             self._on_error(frame)
 
-    def _on_error(self, frame) -> None:
+    def _on_error(self, frame: Frame) -> None:
         error = SubscriptionError(str(frame.get("code")), str(frame.get("message", "")), frame.get("room"))
         ack = frame.get("ack")
         if ack is not None:
@@ -443,7 +459,8 @@ class RoomClient:
             if fut is not None and not fut.done():
                 fut.set_exception(error)
                 return
-        sub = self.subs.get(frame.get("room"))
+        room = frame.get("room")
+        sub = self.subs.get(room) if isinstance(room, str) else None
         if sub is not None and not sub._answered:
             sub._refused(error)
             return
@@ -452,7 +469,9 @@ class RoomClient:
 
     # -- the API ----------------------------------------------------------------------
 
-    async def subscribe(self, room: str, handler=None, *, since=None, on_gap=None) -> Subscription:
+    async def subscribe(self, room: str, handler: Callable[[Message], object] | None = None, *,
+                        since: str | int | None = None,
+                        on_gap: Callable[[Subscription, dict[str, Any]], object] | None = None) -> Subscription:
         """Subscribe to ``room``; returns the :class:`Subscription` once the
         server answered (raises :class:`SubscriptionError` when it refused).
         ``handler(message)``: called for each :class:`Message` (else iterate
@@ -466,7 +485,8 @@ class RoomClient:
             raise ValueError(f"already subscribed to {room!r}")
         sub = self.subs[room] = Subscription(self, room, handler, on_gap, since)
         loop = asyncio.get_running_loop()
-        sub._answer = fut = loop.create_future()
+        fut: asyncio.Future[Subscription] = loop.create_future()
+        sub._answer = fut
         if self.client.connected:         # else the (re)connection sends it
             self.client.send_nowait(sub._request())
         try:
@@ -477,7 +497,7 @@ class RoomClient:
             sub.active = False
             raise
 
-    async def _answer_of(self, fut):
+    async def _answer_of(self, fut: asyncio.Future[_T]) -> _T:
         """``fut``'s result, or the client's end (gave up, closed) if that comes first."""
         task = self.client._task
         if task is None or task.done():
@@ -500,18 +520,19 @@ class RoomClient:
         sub._end(ConnectionClosed(1000, "unsubscribed"))
         if not self.client.connected:
             return
-        fut = self._unsubs[room] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unsubs[room] = fut
         self.client.send_nowait(_dumps({"t": "unsub", "room": room}))
         try:
             await asyncio.wait_for(fut, self.ack_timeout)
         except (asyncio.TimeoutError, ConnectionClosed):
             pass
 
-    async def publish(self, room: str, data, *, ack: bool = True):
+    async def publish(self, room: str, data: str | bytes, *, ack: bool = True) -> Frame | None:
         """Publish ``data`` (str, or bytes) to ``room``.  ``ack``: wait for the
         server's answer (its ack frame, a dict) and raise
         :class:`SubscriptionError` when it refused; else return at once."""
-        req = {"t": "pub", "room": room}
+        req: dict[str, object] = {"t": "pub", "room": room}
         if isinstance(data, str):
             req["data"] = data
         else:
@@ -521,7 +542,8 @@ class RoomClient:
             return None
         self._ack_seq += 1
         n = req["ack"] = self._ack_seq
-        fut = self._acks[n] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._acks[n] = fut
         if self.client.connected:
             self._sent_acks.add(n)
         self.client.send_nowait(_dumps(req))
@@ -536,7 +558,7 @@ class RoomClient:
         loop = asyncio.get_running_loop()
         self._ack_seq += 1
         ts = self._ack_seq
-        fut = loop.create_future()
+        fut: asyncio.Future[float] = loop.create_future()
         self._pings[ts] = (fut, loop.time())
         self.client.send_nowait(_dumps({"t": "ping", "ts": ts}))
         try:

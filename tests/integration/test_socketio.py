@@ -437,3 +437,63 @@ def test_volatile_emits_dropped_for_a_slow_client(sio_server):
     dropped = after["dropped_low"] - before["dropped_low"]
     assert dropped > 0, after
     assert fast_got == 2000           # the reading client got every one
+
+
+# -- two nodes on Redis ---------------------------------------------------------------------------
+
+
+def test_broadcasts_across_two_nodes_on_redis(sio_server, redis_url, broker_prefix):
+    """Two nodes share rooms through Redis: room emits, the whole namespace,
+    binary attachments, a list of rooms (each socket once), skip_sid, an emit
+    to a sid of the other node, and an emit made by a plain HTTP request."""
+    args = ("--broker", redis_url, "--broker-prefix", broker_prefix)
+    a_srv = sio_server(*args, env={"SIO_NODE": "a"})
+    b_srv = sio_server(*args, env={"SIO_NODE": "b"})
+
+    async def main():
+        a1, a2 = await client(a_srv), await client(a_srv)
+        b1, b2 = await client(b_srv), await client(b_srv)
+        inbox = {n: Inbox(c, "room_msg", "all_msg", "direct") for n, c in
+                 (("a1", a1), ("a2", a2), ("b1", b1), ("b2", b2))}
+        try:
+            for c in (a1, b1, b2):
+                await c.call("join", "x", timeout=5)
+            await b2.call("join", "y", timeout=5)
+            await a2.call("join", "y", timeout=5)
+            await asyncio.sleep(0.5)             # the nodes subscribe to the rooms' channels
+            # a room on both nodes, the sender skipped
+            await a1.call("to_room", {"room": "x", "data": "hello-x", "skip": True}, timeout=5)
+            for n in ("b1", "b2"):
+                assert await inbox[n].wait("room_msg") == ["hello-x"], n
+            # binary attachments across nodes
+            blob = {"bin": b"\x00\xff" * 500, "k": 1}
+            await b1.call("to_room", {"room": "x", "data": blob}, timeout=5)
+            for n in ("a1", "b1", "b2"):
+                assert (await inbox[n].wait("room_msg", 2 if n != "a1" else 1))[-1] == blob, n
+            # two rooms: b2 is in both, gets it once; a2 (only y) once
+            await a1.call("to_rooms", {"rooms": ["x", "y"], "data": "xy"}, timeout=5)
+            assert (await inbox["a2"].wait("room_msg"))[-1] == "xy"
+            assert (await inbox["b1"].wait("room_msg", 3))[-1] == "xy"
+            assert (await inbox["b2"].wait("room_msg", 3))[-1] == "xy"
+            # the whole namespace, everyone on both nodes
+            await b2.call("to_all", "everyone", timeout=5)
+            for n in inbox:
+                assert await inbox[n].wait("all_msg") == ["everyone"], n
+            # a sid of the other node
+            b1_sid = (await b1.call("whoami", timeout=5))["sid"]
+            await a2.call("to_sid", {"sid": b1_sid, "data": "psst"}, timeout=5)
+            assert await inbox["b1"].wait("direct") == ["psst"]
+            # an emit made by a plain HTTP request to node B reaches node A's room members
+            status, _ = await asyncio.to_thread(http, b_srv, "POST", "/emit",
+                                                {"event": "room_msg", "data": "from-http", "to": "y"})
+            assert status == 200
+            assert (await inbox["a2"].wait("room_msg", 2))[-1] == "from-http"
+            await asyncio.sleep(0.3)
+            assert inbox["a1"].got["room_msg"] == [blob, "xy"]
+            assert inbox["b2"].got["room_msg"] == ["hello-x", blob, "xy", "from-http"]
+            assert inbox["a1"].got["direct"] == [] and inbox["b2"].got["direct"] == []
+        finally:
+            for c in (a1, a2, b1, b2):
+                await c.disconnect()
+
+    run(main())

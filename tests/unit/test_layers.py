@@ -21,7 +21,9 @@ module level or not.  The rules:
 
 * no module imports from a higher layer;
 * no import circle between modules;
-* no function-level import of a fastws module (the usual way to hide a circle);
+* no function-level import of a fastws module (the usual way to hide a circle); the
+  imports of a module-level ``if TYPE_CHECKING:`` block count as module-level (they
+  are read by type checkers only, and obey the other rules all the same);
 * no module takes another layer's underscore names (``from x import _y``,
   ``x._y`` on an imported module).
 """
@@ -136,6 +138,9 @@ def imports_of(path: Path) -> list[Import]:
         return out
     tree = ast.parse(text)
     top = set(map(id, tree.body))
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            top.update(map(id, node.body))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             target = resolve(module, node.level, node.module, is_package)
