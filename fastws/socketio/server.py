@@ -549,12 +549,9 @@ class Server:
             return
         r = s.reason
         if r is None:
-            # a close frame of the client with 1000 or none: it left on purpose (python-socketio's
-            # client may close before its DISCONNECT packets are out); 1001 or a lost link: the
-            # transport closed; a protocol error: the transport failed
-            if code in (1000, 1005):
-                r = reason.CLIENT_DISCONNECT
-            elif code in (1001, 1006):
+            # no DISCONNECT packet and no Engine.IO close first: the transport closed (a close
+            # frame or a lost link; recoverable), or failed (a protocol error)
+            if code in (1000, 1001, 1005, 1006):
                 r = reason.SERVER_SHUTTING_DOWN if why.startswith("server") else reason.TRANSPORT_CLOSE
             else:
                 r = reason.TRANSPORT_ERROR

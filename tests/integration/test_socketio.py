@@ -246,10 +246,13 @@ def test_disconnect_reasons(sio_server):
         obs = await client(server, auth={"observer": True})
         gone = Inbox(obs, "gone")
         try:
-            # the client says goodbye
-            a = await client(server)
-            sid_a = (await a.call("whoami", timeout=5))["sid"]
-            await a.disconnect()
+            # the client says goodbye: DISCONNECT, then the Engine.IO close
+            ws, _ = await asyncio.to_thread(raw_open, server, connect=False)
+            ws.send("40")
+            sid_a = json.loads(ws.recv(timeout=10)[2:])["sid"]
+            ws.send("41")
+            ws.send("1")
+            ws.close()
             # the server disconnects a socket: the client hears "io server disconnect"
             reasons: list = []
             b = await client(server, reasons=reasons)
