@@ -118,18 +118,18 @@ def test_membership_removed_on_leave_and_disconnect(server_factory):
         for r, w in conns:
             await r.readuntil(b"\r\n\r\n")
             w.write(frame)
-        for r, w in conns:
+        for r, _w in conns:
             await r.readexactly(2)  # the hello reply's header ...
         st = await stats(srv.url, ["churn"])
         assert st["count"]["churn"] == 1000
         # half leave explicitly, half just disconnect
         leave = json.dumps({"leave": "churn"}).encode()
         lframe = bytes([0x81, 0x80 | len(leave)]) + b"\0\0\0\0" + leave
-        for j, (r, w) in enumerate(conns):
+        for j, (_r, w) in enumerate(conns):
             if j % 2:
                 w.write(lframe)
         await asyncio.sleep(0.2)
-        for r, w in conns:
+        for _r, w in conns:
             w.close()
         deadline = time.monotonic() + 20
         while True:
