@@ -197,7 +197,7 @@ def check_broker(config: Config) -> None:
 
 
 @cli.command(context_settings={"max_content_width": 120})
-@click.argument("app")
+@click.argument("app", required=False)
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="TOML file of settings (also $FASTWS_CONFIG); FASTWS_* env vars and flags override it.")
 @click.option("--interface", default="auto", show_default=True,
@@ -212,10 +212,14 @@ def check_broker(config: Config) -> None:
 def serve(app, config_file, interface, app_dir, reload, **overrides):
     """Serve APP (MODULE:ATTRIBUTE): a fastws.App or an ASGI application.
 
+    Without APP, --gateway URL serves every WebSocket path from that backend (gateway mode).
     Settings: defaults < --config FILE < FASTWS_* environment < these flags.
     Sizes take units (64KiB, 1MiB), durations too (500ms, 2s, 1m).
     """
     config = build_config(config_file, overrides)
+    if app is None and not config.gateway:
+        raise CliError("missing APP (MODULE:ATTRIBUTE)", "e.g. fastws serve examples.echo:app, or "
+                       "--gateway URL to hand every connection's events to a backend")
     if reload and config.workers > 1:
         raise CliError(f"--reload runs one server process; it cannot be combined with --workers {config.workers}",
                        "drop --reload, or serve with --workers 1")
@@ -223,7 +227,7 @@ def serve(app, config_file, interface, app_dir, reload, **overrides):
     if reload:
         _serve_reloading(app, config, app_dir)
         return
-    _, application = load_app(app, interface, app_dir)
+    application = load_app(app, interface, app_dir)[1] if app is not None else App()   # gateway mode alone
     try:
         run(application, config)
     except ConfigError as exc:

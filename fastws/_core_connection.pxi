@@ -376,8 +376,9 @@ cdef class Connection(Engine):
         if deflate is not None:
             self._set_deflate(deflate)
         cdef Hub hub = self._hub
-        hub._next_id += 1
-        self._num = hub._next_id
+        if not self._num:              # not reserved by reserve_id() during the decision
+            hub._next_id += 1
+            self._num = hub._next_id
         hub.connections[self._num] = self
         self._phase = P_OPEN
         self._rx_tick = self._msg_tick = hub._tick_no
@@ -420,6 +421,16 @@ cdef class Connection(Engine):
         """Stop reading while an async decision (on_connect) runs."""
         if self.transport is not None:
             self.transport.pause_reading()
+
+    def reserve_id(self):
+        """The public id this connection has once upgraded, fixed now (while
+        its upgrade is being decided, so that the decision can name it); the
+        same id on every call.  A connection whose upgrade is refused never
+        uses its number."""
+        if not self._num:
+            self._hub._next_id += 1
+            self._num = self._hub._next_id
+        return self.id
 
     # ---------------------------------------------------------- engine hooks
 

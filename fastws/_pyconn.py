@@ -651,8 +651,9 @@ class Connection:
         self._engine = engine_mod.Engine(max_message_size=hub.max_message_size,
                                          max_frame_size=hub.max_frame_size, deflate=deflate)
         self._deflate = deflate
-        hub._next_id += 1
-        self._num = hub._next_id
+        if not self._num:              # not reserved by reserve_id() during the decision
+            hub._next_id += 1
+            self._num = hub._next_id
         hub.connections[self._num] = self
         self._phase = P_OPEN
         self._rx_tick = self._msg_tick = hub._tick_no
@@ -675,6 +676,16 @@ class Connection:
         """Stop reading while an async decision (on_connect) runs."""
         if self.transport is not None:
             self.transport.pause_reading()
+
+    def reserve_id(self):
+        """The public id this connection has once upgraded, fixed now (while
+        its upgrade is being decided, so that the decision can name it); the
+        same id on every call.  A connection whose upgrade is refused never
+        uses its number."""
+        if not self._num:
+            self._hub._next_id += 1
+            self._num = self._hub._next_id
+        return self.id
 
     # -- frames ---------------------------------------------------------------------------
 

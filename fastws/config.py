@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import tomllib
 
@@ -232,6 +233,45 @@ class Config:
                                      "unset: the API is off.", kind="str",
                                      check=lambda v: v is None or len(v) >= 8,
                                      allowed="a string of at least 8 characters", secret=True)
+    # -- gateway mode (fastws.gateway: the application runs elsewhere) -----------
+    gateway: str = knob("", "Gateway mode: hand the connect, message and disconnect events of "
+                        "WebSocket connections to a backend and do what it answers: "
+                        "http://host:port/path or https://... (JSON POSTs), or redis://host:port/db"
+                        "[?stream=NAME&group=NAME] (a Redis Stream read by a worker group). "
+                        "Serves --gateway-routes (empty: off; a fastws.App and no app at all, not ASGI).",
+                        kind="str", check=lambda v: v == "" or _valid(_gateway_url, v),
+                        allowed="empty, http(s)://host[:port][/path] or redis(s)://host[:port][/db]"
+                        "[?stream=NAME&group=NAME]")
+    gateway_routes: str = knob("*", "With --gateway: the WebSocket paths whose connections go to the "
+                               "backend, comma-separated (* = every path the app has no route for).",
+                               kind="list", check=lambda v: _valid(_gateway_paths, v),
+                               allowed="* or a comma-separated list of paths starting with /")
+    gateway_token: str | None = knob(None, "With --gateway http(s)://: sent as 'Authorization: Bearer "
+                                     "<token>' with every event, for the backend to check.", kind="str",
+                                     check=lambda v: v is None or len(v) >= 8,
+                                     allowed="a string of at least 8 characters", secret=True)
+    gateway_timeout: float = knob(5.0, "With --gateway: seconds the backend has to answer an event; a "
+                                  "connect not answered in time gets 503 with a Retry-After.",
+                                  kind="seconds", check=lambda v: 0.05 <= v <= 300,
+                                  allowed="seconds 0.05..300")
+    gateway_concurrency: int = knob(32, "With --gateway: requests (HTTP: pooled keep-alive connections) "
+                                    "or stream entries waiting for the backend at once.", kind="int",
+                                    check=lambda v: 1 <= v <= 4096, allowed="an integer 1..4096")
+    gateway_batch: int = knob(100, "With --gateway: events per request at most, once an HTTP backend "
+                              "opts in (its answer says Fastws-Gateway-Batch: N), or per stream entry "
+                              "(1 = one event per request).", kind="int",
+                              check=lambda v: 1 <= v <= 10000, allowed="an integer 1..10000")
+    gateway_retries: int = knob(3, "With --gateway: attempts after the first for a connect or disconnect "
+                                "event whose request failed after it was sent (messages are retried only "
+                                "when the backend cannot have seen them; otherwise they are counted as "
+                                "failed).", kind="int", check=lambda v: 0 <= v <= 100,
+                                allowed="an integer 0..100")
+    gateway_queue: int = knob(256, "With --gateway: events of one connection waiting for the backend at "
+                              "most; past it --gateway-overflow applies.", kind="int",
+                              check=lambda v: 1 <= v <= 1_000_000, allowed="an integer 1..1000000")
+    gateway_overflow: str = knob("close", "With --gateway: what happens to a message past --gateway-queue: "
+                                 "close (the connection is closed 1013 'try again later') or drop (the "
+                                 "message is dropped and counted).", kind="choice", choices=("close", "drop"))
     # -- workers ----------------------------------------------------------------
     workers: int = knob(1, "Worker processes sharing the port with SO_REUSEPORT, supervised "
                         "(1 = a single process, no supervisor).", kind="int",
@@ -326,7 +366,8 @@ class Config:
                 ("forwarded_allow_ips", "proxy_headers", lambda: self.proxy_headers),
                 ("health_max_loop_lag", "health", lambda: self.health),
                 ("health_max_memory", "health", lambda: self.health),
-                ("presence_ttl", "presence", lambda: self.presence))
+                ("presence_ttl", "presence", lambda: self.presence),
+                *((name, "gateway", lambda: bool(self.gateway)) for name in _GATEWAY_KNOBS))
         for name, needs, ok in rules:
             if given(name) and not ok():
                 raise ConfigError(name, self._shown(name), f"unset unless {needs} is set: "
@@ -337,6 +378,9 @@ class Config:
                 raise ConfigError("presence", True, "unset unless broker is a Redis broker "
                                   "(redis://, rediss://, redis+streams://, redis+cluster://): "
                                   "presence is kept in Redis")
+        if self.gateway_token is not None and self.gateway.split("://", 1)[0].lower() not in ("http", "https"):
+            raise ConfigError("gateway_token", "********", "unset unless gateway is an http:// or https:// "
+                              "URL: a Streams backend is reached through Redis")
         if self.uds is not None:
             for name in ("host", "port", "reuse_port", "workers"):
                 if given(name):
@@ -538,6 +582,37 @@ def _origin_policy(value: str) -> OriginPolicy:
 
 def _ops_hosts(value: str) -> frozenset[str]:
     return ops_host_set(value)
+
+
+#: the settings that mean something only with ``gateway`` set
+_GATEWAY_KNOBS = ("gateway_routes", "gateway_token", "gateway_timeout", "gateway_concurrency", "gateway_batch",
+                  "gateway_retries", "gateway_queue", "gateway_overflow")
+
+
+def _gateway_url(value: str) -> None:
+    """A backend URL of gateway mode: http(s)://host[:port][/path] or
+    redis(s)://host[:port][/db][?stream=..&group=..] (ValueError otherwise)."""
+    u = urlsplit(value)
+    scheme = u.scheme.lower()
+    if scheme not in ("http", "https", "redis", "rediss") or not u.hostname:
+        raise ValueError("scheme or host")
+    _ = u.port                    # ValueError for a port that is not a number
+    if scheme.startswith("redis"):
+        if u.path.strip("/") and not u.path.strip("/").isdigit():
+            raise ValueError("db")
+        for key, _v in parse_qsl(u.query, keep_blank_values=True):
+            if key not in ("stream", "group"):
+                raise ValueError(key)
+    elif u.query or u.fragment:
+        raise ValueError("query")
+
+
+def _gateway_paths(value: str) -> None:
+    for path in value.split(","):
+        if path != "*" and not path.startswith("/"):
+            raise ValueError(path)
+    if not value:
+        raise ValueError("empty")
 
 
 def _networks(value: str) -> Any:

@@ -239,6 +239,9 @@ The upgrade decision, called by ``handshake`` (or later, when held):
   gone.
 * ``reject_upgrade(response)``: write the HTTP answer and close.
 * ``hold_upgrade()``: stop reading while an async decision runs.
+* ``reserve_id() -> str``: fix the connection's number (and so its public
+  ``id``) now, while its upgrade is decided (gateway mode names the
+  connection to its backend before the 101); the upgrade then keeps it.
 * ``read_body(size, callback)``: a plain HTTP request: call
   ``callback(body)`` once ``size`` bytes behind the head are in (reading
   then stops; the answer must follow within ``handshake_timeout``), 408

@@ -37,6 +37,7 @@ from . import core
 from .app import Accept
 from .config import Config
 from .errors import SHUTTING_DOWN, HandshakeError, Reject, ServerStartError
+from .gateway import Gateway
 from .handshake import HttpRequest, error_response, http_response, parse_http_head, parse_request
 from .node import Node
 
@@ -327,6 +328,10 @@ class NativeServer(Server):
     def __init__(self, app, config: Config) -> None:
         super().__init__(config, app)
         self.app = app                        # routes and callbacks
+        self.gateway = None                   # gateway mode (--gateway): routes served by a backend
+        if config.gateway:
+            self.gateway = Gateway.from_config(config)
+            self.gateway.serve(app, config.gateway_routes)
 
     def describe(self) -> str:
         return "server"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..config import Config
+from ..errors import ServerStartError
 from ..server import Server
 from .http import HttpProtocol
 from .lifespan import Lifespan
@@ -46,6 +47,11 @@ class AsgiServer(Server):
 
     def describe(self) -> str:
         return "ASGI app"
+
+    def check_config(self) -> None:
+        if self.config.gateway:
+            raise ServerStartError("gateway: an ASGI application handles its own WebSockets; serve the "
+                                   "gateway without an app (fastws serve --gateway URL) or with a fastws.App")
 
     def protocol_factory(self):
         return lambda: HttpProtocol(self)

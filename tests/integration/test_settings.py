@@ -41,6 +41,7 @@ import websockets
 
 from brokerutil import REDIS_URL, need_redis, new_prefix
 from fastws.config import Config
+from gateway_helpers import Procs as GatewayProcs
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = {"native": "tests.integration.apps.settings_app:app",
@@ -761,6 +762,57 @@ def p_client_js(ctx):
     assert raw_http(ctx.server(), "GET", "/fastws.js")[0] in (400, 404)
 
 
+def p_gateway(ctx):
+    """gateway and its settings: /gw of the native app goes to a real backend
+    (a FastAPI app, tests/integration/apps/gateway_backend.py) while its own
+    routes stay its own; the token reaches the backend, a slow connect gets
+    503, requests at once and events per request are bounded, a failed
+    connect is sent once more, a full queue closes 1013 (the ASGI front
+    refuses the setting, REFUSED_BY)."""
+    with GatewayProcs(ctx.tmp_path) as ps:
+        be = ps.backend(GW_TOKEN="settings-gw-token", GW_BATCH="1000")
+        srv = ctx.server("--gateway", be.url, "--gateway-routes", "/gw,/gw2", "--gateway-token", "settings-gw-token",
+                         "--gateway-timeout", "1", "--gateway-concurrency", "2", "--gateway-batch", "5",
+                         "--gateway-retries", "1", "--gateway-queue", "4", "--gateway-overflow", "close")
+        url = f"ws://{srv.host}:{srv.port}"
+
+        async def main():
+            ws = await websockets.connect(url + "/gw", open_timeout=TIMEOUT)
+            await ws.send("echo via backend")
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == "via backend"       # gateway, gateway_routes
+            own, hello = await ws_connect(srv, "/ws")
+            assert hello["path"] == "/ws"                                             # the app's own route
+            await own.close()
+            conns = [await websockets.connect(url + "/gw2", open_timeout=TIMEOUT) for _ in range(6)]
+            for c in conns:                      # batch, concurrency (before the slow requests below)
+                for i in range(4):
+                    await c.send(f"echo {i}")
+            for c in conns:
+                assert [await asyncio.wait_for(c.recv(), TIMEOUT) for _ in range(4)] == [str(i) for i in range(4)]
+                await c.close()
+            t0 = time.monotonic()                                                     # gateway_timeout
+            assert (await refused(url + "/gw?sleep=3")).response.status_code == 503
+            assert time.monotonic() - t0 < 2.5
+            ok = await websockets.connect(url + "/gw?flaky=s1&fails=1", open_timeout=TIMEOUT)   # gateway_retries
+            await ok.close()
+            assert (await refused(url + "/gw?flaky=s2&fails=5")).response.status_code == 502
+            await ws.send("sleep 2 slow")                                             # gateway_queue, _overflow
+            await asyncio.sleep(0.3)
+            for i in range(10):
+                await ws.send(f"echo {i}")
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), TIMEOUT)
+            assert (ws.close_code, ws.close_reason) == (1013, "try again later")
+
+        run(main())
+        stats = json.loads(subprocess.run(["curl", "-s", be.url.replace("/events/", "/stats")],
+                                          capture_output=True, text=True, timeout=10).stdout)
+        assert stats["auth"] == ["Bearer settings-gw-token"], stats                  # gateway_token
+        assert stats["attempts"] == {"s1": 2, "s2": 2}, stats
+        assert 1 < stats["max_events"] <= 5 and stats["max_concurrent"] <= 2, stats
+
+
 SCENARIOS = {
     "listen-and-protocol": (p_listen_and_protocol, (
         "host", "port", "backlog", "region", "server_id", "access_log", "max_head_size", "max_message_size",
@@ -787,11 +839,17 @@ SCENARIOS = {
     "loop-lag": (p_loop_lag, ("health_max_loop_lag",)),
     "root-path": (p_root_path, ("root_path",)),
     "client-js": (p_client_js, ("serve_client_js",)),
+    "gateway": (p_gateway, ("gateway", "gateway_routes", "gateway_token", "gateway_timeout", "gateway_concurrency",
+                            "gateway_batch", "gateway_retries", "gateway_queue", "gateway_overflow")),
 }
 
 #: scenarios one front refuses at startup instead (front -> scenario): the
 #: front's one-line refusal is checked in its place
-REFUSED_BY = {"root_path": "native"}
+REFUSED_BY = {"root_path": "native",
+              # an ASGI application handles its own WebSockets (the gateway_* settings need gateway)
+              **{k: "asgi" for k in ("gateway", "gateway_routes", "gateway_token", "gateway_timeout",
+                                     "gateway_concurrency", "gateway_batch", "gateway_retries", "gateway_queue",
+                                     "gateway_overflow")}}
 
 #: settings that do not depend on the front, and why
 FRONT_INDEPENDENT = {
@@ -823,7 +881,8 @@ def test_setting_in_both_fronts(scenario, front, engine, server_factory, tmp_pat
     ctx = Ctx(front, engine, tmp_path, server_factory)
     try:
         if refusing:
-            args = {"root_path": ("--root-path", "/mounted")}[refusing[0]]
+            args = {"root_path": ("--root-path", "/mounted"),
+                    "gateway": ("--gateway", "http://127.0.0.1:9/events")}[refusing[0]]
             out = subprocess.run(serve_cmd(APPS[front], "--port", "0", *args), cwd=REPO, env=engine_env(engine),
                                  capture_output=True, text=True, timeout=30)
             lines = [ln for ln in out.stderr.strip().splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", ln)]
