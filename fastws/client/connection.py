@@ -42,12 +42,12 @@ from ..core import BINARY, CLOSE, ERROR, OPEN, PONG, TEXT, Engine
 from ..errors import ConnectionClosed, HandshakeError
 from ..handshake import ClientAccept, check_accept, client_key, client_request, deflate_offer
 
-__all__ = ["WebSocket", "open_connection", "parse_url", "MAX_HEAD", "Message"]
+__all__ = ["WebSocket", "open_connection", "parse_url", "MAX_HEAD", "Data"]
 
 log = logging.getLogger("fastws.client")
 
-#: a message: ``str`` for a text one, ``bytes`` for a binary one
-Message = str | bytes
+#: a message's data: ``str`` for a text message, ``bytes`` for a binary one
+Data = str | bytes
 
 #: the longest handshake answer head a client reads
 MAX_HEAD = 16384
@@ -79,7 +79,7 @@ class WebSocket(asyncio.Protocol):
     :func:`open_connection`; not meant to be built directly."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_message_size: int, max_queue: int,
-                 on_message: Callable[[Message], object] | None = None,
+                 on_message: Callable[[Data], object] | None = None,
                  ping_interval: float | None = None, ping_timeout: float | None = None,
                  close_timeout: float = 5.0) -> None:
         self.loop = loop
@@ -94,8 +94,8 @@ class WebSocket(asyncio.Protocol):
         self.on_close: Callable[[int, str], object] | None = None   # fn(code, reason) once the connection is gone
         self._max_message_size = max_message_size
         self._max_queue = max(1, max_queue)
-        self._queue: collections.deque[Message] = collections.deque()
-        self._waiter: asyncio.Future[Message] | None = None   # future of a recv() waiting for a message
+        self._queue: collections.deque[Data] = collections.deque()
+        self._waiter: asyncio.Future[Data] | None = None   # future of a recv() waiting for a message
         self._head = bytearray()           # the handshake answer, until complete
         self._head_future: asyncio.Future[bytes] = loop.create_future()
         self._closed: asyncio.Future[None] = loop.create_future()  # resolved by connection_lost
@@ -135,7 +135,7 @@ class WebSocket(asyncio.Protocol):
             elif kind in (CLOSE, ERROR):
                 self._peer_closed(ev[1], ev[2] if kind == CLOSE else "")
 
-    def _deliver(self, message: Message) -> None:
+    def _deliver(self, message: Data) -> None:
         cb = self.on_message
         if cb is not None:
             try:
@@ -265,7 +265,7 @@ class WebSocket(asyncio.Protocol):
     def closed(self) -> bool:
         return self._closed.done()
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Data) -> None:
         """Send ``message`` (str: a text frame, bytes: a binary one).  Raises
         :class:`fastws.errors.ConnectionClosed` once the connection is closing."""
         if self.close_code is not None or self.transport is None or self.engine is None:
@@ -276,7 +276,7 @@ class WebSocket(asyncio.Protocol):
             self._drain_waiters.append(w)
             await w
 
-    def send_nowait(self, message: Message) -> None:
+    def send_nowait(self, message: Data) -> None:
         """:meth:`send` without waiting for the transport's buffer to drain."""
         if self.close_code is not None or self.transport is None or self.engine is None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
@@ -296,7 +296,7 @@ class WebSocket(asyncio.Protocol):
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    async def recv(self) -> Message:
+    async def recv(self) -> Data:
         """The next message (str or bytes).  Raises
         :class:`fastws.errors.ConnectionClosed` once the connection is gone
         and every message that came before was read."""
@@ -310,14 +310,14 @@ class WebSocket(asyncio.Protocol):
             return message
         if self._closed.done():
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
-        waiter: asyncio.Future[Message] = self.loop.create_future()
+        waiter: asyncio.Future[Data] = self.loop.create_future()
         self._waiter = waiter
         return await waiter
 
     def __aiter__(self) -> WebSocket:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Data:
         try:
             return await self.recv()
         except ConnectionClosed as exc:
@@ -365,7 +365,7 @@ class WebSocket(asyncio.Protocol):
 
 async def open_connection(url: str, *, subprotocols: Iterable[str] = (), headers: Iterable[tuple[str, str]] = (),
                           compression: bool = False, max_message_size: int = 1 << 20, max_queue: int = 1024,
-                          on_message: Callable[[Message], object] | None = None,
+                          on_message: Callable[[Data], object] | None = None,
                           open_timeout: float = 10.0, ping_interval: float | None = 20.0,
                           ping_timeout: float | None = 20.0, close_timeout: float = 5.0,
                           ssl: ssl_module.SSLContext | None = None, sock: socket.socket | None = None) -> WebSocket:

@@ -40,10 +40,13 @@ import collections
 import inspect
 import logging
 import random
+import ssl as ssl_module
+from collections.abc import Callable, Generator, Iterable
+from typing import Any
 
 from ..errors import ConnectionClosed, HandshakeError
 from .backoff import Backoff, reconnect_hint, retry_after
-from .connection import open_connection
+from .connection import Data, WebSocket, open_connection
 from .errors import GaveUp, SendQueueFull
 from .regions import Ranking
 
@@ -57,6 +60,11 @@ RETRIED = frozenset((408, 429, 500, 502, 503, 504))
 REFUSED = frozenset((401, 403))
 POLICIES = ("drop_oldest", "raise")
 
+#: ``on_connect(client)`` (plain or ``async``)
+ConnectCallback = Callable[["Client"], object]
+#: ``on_disconnect(client, code, reason)`` (plain or ``async``)
+DisconnectCallback = Callable[["Client", int, str], object]
+
 
 class Client:
     """A reconnecting WebSocket client (see the module docstring); made by
@@ -68,13 +76,15 @@ class Client:
     ``on_message(message)`` instead of ``recv``/``async for`` (a plain
     call per message: the fastest way)."""
 
-    def __init__(self, urls, *, subprotocols=(), headers=(), compression: bool = False,
+    def __init__(self, urls: str | Iterable[str], *, subprotocols: Iterable[str] = (),
+                 headers: Iterable[tuple[str, str]] = (), compression: bool = False,
                  backoff: Backoff | None = None, on_refused: str = "raise", refused_delay: float = 60.0,
                  send_queue: int = 1024, send_queue_policy: str = "drop_oldest",
                  max_message_size: int = 1 << 20, max_queue: int = 1024, open_timeout: float = 10.0,
                  ping_interval: float | None = 20.0, ping_timeout: float | None = 20.0,
-                 close_timeout: float = 5.0, ssl=None, on_connect=None, on_disconnect=None,
-                 on_message=None, rtt_timeout: float = 2.0) -> None:
+                 close_timeout: float = 5.0, ssl: ssl_module.SSLContext | None = None,
+                 on_connect: ConnectCallback | None = None, on_disconnect: DisconnectCallback | None = None,
+                 on_message: Callable[[Data], object] | None = None, rtt_timeout: float = 2.0) -> None:
         if isinstance(urls, str):
             urls = [urls]
         if on_refused not in ("raise", "backoff"):
@@ -89,35 +99,35 @@ class Client:
         self.refused_delay = float(refused_delay)
         self.send_queue_size = int(send_queue)
         self.send_queue_policy = send_queue_policy
-        self._options = dict(subprotocols=tuple(subprotocols), headers=list(headers), compression=compression,
-                             max_message_size=max_message_size, max_queue=max_queue, open_timeout=open_timeout,
-                             ping_interval=ping_interval, ping_timeout=ping_timeout,
-                             close_timeout=close_timeout, ssl=ssl)
-        self.connect_callbacks = [on_connect] if on_connect else []
-        self.disconnect_callbacks = [on_disconnect] if on_disconnect else []
+        self._options: dict[str, Any] = dict(
+            subprotocols=tuple(subprotocols), headers=list(headers), compression=compression,
+            max_message_size=max_message_size, max_queue=max_queue, open_timeout=open_timeout,
+            ping_interval=ping_interval, ping_timeout=ping_timeout, close_timeout=close_timeout, ssl=ssl)
+        self.connect_callbacks: list[ConnectCallback] = [on_connect] if on_connect else []
+        self.disconnect_callbacks: list[DisconnectCallback] = [on_disconnect] if on_disconnect else []
         self.on_message = on_message
-        self.websocket = None              # the open WebSocket, or None while disconnected
-        self.url = None                    # the URL of the current (or last) connection
+        self.websocket: WebSocket | None = None   # the open WebSocket, or None while disconnected
+        self.url: str | None = None        # the URL of the current (or last) connection
         self.connections = 0               # successful connections so far
         self.dropped = 0                   # queued messages dropped (drop_oldest)
-        self.delays: list = []             # every delay waited before an attempt (seconds)
-        self.last_close = None             # (code, reason) of the last lost connection
-        self.last_error = None             # the last failed attempt's exception
-        self.gave_up = None                # the GaveUp, once given up
+        self.delays: list[float] = []      # every delay waited before an attempt (seconds)
+        self.last_close: tuple[int, str] | None = None   # (code, reason) of the last lost connection
+        self.last_error: BaseException | None = None     # the last failed attempt's exception
+        self.gave_up: GaveUp | None = None  # the GaveUp, once given up
         self._refusals = 0
-        self._outbox = collections.deque()
-        self._inbox = collections.deque()
+        self._outbox: collections.deque[Data] = collections.deque()
+        self._inbox: collections.deque[Data] = collections.deque()
         self._max_inbox = max(1, max_queue)
-        self._waiter = None
-        self._connected = None             # future: the next connection is up
+        self._waiter: asyncio.Future[Data] | None = None
+        self._connected: asyncio.Future[None] | None = None   # future: the next connection is up
         self._closing = False
-        self._task = None
-        self._sleep = None
-        self._loop = None
+        self._task: asyncio.Task[None] | None = None
+        self._sleep: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self, wait: bool = True) -> "Client":
+    async def start(self, wait: bool = True) -> Client:
         """Start connecting; ``wait``: until the first connection is up
         (raises :class:`GaveUp` if it never comes)."""
         if self._task is None:
@@ -135,15 +145,17 @@ class Client:
                 raise self.gave_up
             if self._closing:
                 raise ConnectionClosed(1000, "closed by the client")
+            if self._connected is None:
+                raise RuntimeError("the client is not started (await client.start())")
             await asyncio.shield(self._connected)
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, Client]:
         return self.start().__await__()
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return await self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
@@ -185,10 +197,17 @@ class Client:
 
     async def _wait(self, delay: float) -> None:
         self.delays.append(delay)
-        self._sleep = self._loop.create_future()
-        handle = self._loop.call_later(delay, lambda f=self._sleep: f.done() or f.set_result(None))
+        loop = self._started_loop()
+        sleep: asyncio.Future[None] = loop.create_future()
+        self._sleep = sleep
+
+        def wake() -> None:
+            if not sleep.done():
+                sleep.set_result(None)
+
+        handle = loop.call_later(delay, wake)
         try:
-            await self._sleep
+            await sleep
         except asyncio.CancelledError:
             if not self._closing:
                 raise
@@ -196,7 +215,13 @@ class Client:
             handle.cancel()
             self._sleep = None
 
-    async def _attempt(self):
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop :meth:`start` ran in (RuntimeError before)."""
+        if self._loop is None:
+            raise RuntimeError("the client is not started (await client.start())")
+        return self._loop
+
+    async def _attempt(self) -> float | None:
         """One connection attempt, and the connection's life if it is made;
         returns the delay before the next attempt, None to give up."""
         url = await self.ranking.pick()
@@ -220,22 +245,28 @@ class Client:
         self._refusals = 0
         self.connections += 1
         self.websocket = ws
-        lost = self._loop.create_future()
-        ws.on_close = lambda code, reason: lost.done() or lost.set_result((code, reason))
-        if ws.closed:
-            lost.done() or lost.set_result((ws.close_code, ws.close_reason))
+        loop = self._started_loop()
+        lost: asyncio.Future[tuple[int, str]] = loop.create_future()
+
+        def closed(code: int, reason: str) -> None:
+            if not lost.done():
+                lost.set_result((code, reason))
+
+        ws.on_close = closed
+        if ws.closed and not lost.done():       # (a closed WebSocket knows its close code)
+            lost.set_result((ws.close_code if ws.close_code is not None else 1006, ws.close_reason))
         for cb in list(self.connect_callbacks):
             await self._call(cb, self)
         self._flush_outbox(ws)
-        if not self._connected.done():
+        if self._connected is not None and not self._connected.done():
             self._connected.set_result(None)
         code, reason = await lost
         self.websocket = None
-        self._connected = self._loop.create_future()
+        self._connected = loop.create_future()
         self.backoff.disconnected()
         self.last_close = (code, reason)
-        for cb in list(self.disconnect_callbacks):
-            await self._call(cb, self, code, reason)
+        for on_lost in list(self.disconnect_callbacks):
+            await self._call(on_lost, self, code, reason)
         if self._closing:
             return None
         hint = reconnect_hint(reason)
@@ -243,32 +274,33 @@ class Client:
             return hint
         return self._next_delay(None)
 
-    def _after_refusal(self, exc: HandshakeError):
+    def _after_refusal(self, exc: HandshakeError) -> float | None:
         status = exc.status
         if status in REFUSED or (400 <= status < 500 and status not in RETRIED):
             if self.on_refused == "raise":
-                return self._give_up(exc)
+                self._give_up(exc)
+                return None
             self._refusals += 1
             window = self.refused_delay * (2 ** min(self._refusals - 1, 4))
             return random.uniform(window / 2, window)
         hinted = retry_after(exc.headers) if status in (429, 503) else None
         return self._next_delay(hinted)
 
-    def _next_delay(self, hinted):
+    def _next_delay(self, hinted: float | None) -> float | None:
         if self.backoff.exhausted:
-            return self._give_up(self.last_error)
+            self._give_up(self.last_error)
+            return None
         delay = self.backoff.next_delay()
         return hinted if hinted is not None else delay
 
-    def _give_up(self, error):
-        self.gave_up = GaveUp(error, self.backoff.attempt)
-        log.warning("fastws.client: %s", self.gave_up)
-        if not self._connected.done():
+    def _give_up(self, error: BaseException | None) -> None:
+        gave_up = self.gave_up = GaveUp(error, self.backoff.attempt)
+        log.warning("fastws.client: %s", gave_up)
+        if self._connected is not None and not self._connected.done():
             self._connected.set_result(None)
-        self._wake(self.gave_up)
-        return None
+        self._wake(gave_up)
 
-    async def _call(self, cb, *args) -> None:
+    async def _call(self, cb: Callable[..., object], *args: object) -> None:
         try:
             result = cb(*args)
             if inspect.isawaitable(result):
@@ -278,7 +310,7 @@ class Client:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def _deliver(self, message) -> None:
+    def _deliver(self, message: Data) -> None:
         cb = self.on_message
         if cb is not None:
             cb(message)
@@ -296,12 +328,12 @@ class Client:
                 ws._paused_reading = True
                 ws.transport.pause_reading()
 
-    def _wake(self, exc) -> None:
+    def _wake(self, exc: BaseException) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def recv(self):
+    async def recv(self) -> Data:
         """The next message from any connection; raises :class:`GaveUp`
         once given up, ``ConnectionClosed`` once closed by :meth:`close`."""
         inbox = self._inbox
@@ -317,13 +349,14 @@ class Client:
             raise self.gave_up
         if self._closing:
             raise ConnectionClosed(1000, "closed by the client")
-        waiter = self._waiter = self._loop.create_future()
+        waiter: asyncio.Future[Data] = self._started_loop().create_future()
+        self._waiter = waiter
         return await waiter
 
-    def __aiter__(self):
+    def __aiter__(self) -> Client:
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> Data:
         try:
             return await self.recv()
         except GaveUp:
@@ -333,7 +366,7 @@ class Client:
 
     # -- sending ------------------------------------------------------------------------
 
-    async def send(self, message) -> None:
+    async def send(self, message: Data) -> None:
         """Send ``message`` now, or queue it until connected again (see the
         module docstring)."""
         ws = self.websocket
@@ -345,7 +378,7 @@ class Client:
                 pass
         self.send_nowait(message)
 
-    def send_nowait(self, message) -> None:
+    def send_nowait(self, message: Data) -> None:
         """:meth:`send` without waiting for the transport's buffer."""
         ws = self.websocket
         if ws is not None and not self._outbox and ws.open:
@@ -363,7 +396,7 @@ class Client:
             self.dropped += 1
         outbox.append(message)
 
-    def _flush_outbox(self, ws) -> None:
+    def _flush_outbox(self, ws: WebSocket) -> None:
         outbox = self._outbox
         while outbox and ws.open:
             ws.send_nowait(outbox.popleft())
@@ -374,7 +407,7 @@ class Client:
         return len(self._outbox)
 
 
-def connect(urls, **options) -> Client:
+def connect(urls: str | Iterable[str], **options: Any) -> Client:
     """A reconnecting client of ``urls`` (one ``ws://``/``wss://`` URL, or a
     list: the fastest reachable one is used, see
     :mod:`fastws.client.regions`).  Use it as ``async with fastws.connect(url)

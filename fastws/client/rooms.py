@@ -504,7 +504,8 @@ class RoomClient:
             if self.client.gave_up is not None:
                 raise self.client.gave_up
             return await fut
-        await asyncio.wait({fut, task}, return_when=asyncio.FIRST_COMPLETED)
+        first: set[asyncio.Future[Any]] = {fut, task}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
         if fut.done():
             return fut.result()
         fut.cancel()
