@@ -124,7 +124,7 @@ class Procs:
         p = Proc(cmd, self.tmp / f"worker-{name}-{len(self.all)}.log",
                  {"GW_LOG": str(self.events_log), "GW_NAME": name, **env})
         self.all.append(p)
-        p.wait_listening(text="worker")
+        p.wait_listening(text=f"worker {name} on")
         return p
 
     def gateway(self, engine: str, url: str, *args: str, app: str | None = None, env=None) -> Proc:
