@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from docblocks import block
+
 NODE_DIR = Path(__file__).resolve().parent / "node"
 SCRIPT = NODE_DIR / "sio_client.mjs"
 BUNDLE = NODE_DIR / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js"
@@ -233,3 +235,47 @@ def test_chromium_socketio_client(server_factory, front, tmp_path, missing_clien
     assert result["binary"] is True
     assert result["ask"] == {"answer": "browser says hi"}
     assert result["all"] == ["to everyone"]
+
+
+README_CLIENT = """
+import { io } from "socket.io-client";
+const url = process.argv[2];
+const out = {};
+const a = io(url, { transports: ["websocket"], auth: { token: "secret" }, reconnection: false });
+const b = io(url, { transports: ["websocket"], auth: { token: "secret" }, reconnection: false });
+const bad = io(url, { transports: ["websocket"], auth: { token: "nope" }, reconnection: false });
+out.refused = await new Promise((r) => {
+  bad.once("connect_error", (e) => r(e.message));
+  bad.once("connect", () => r("connected"));
+});
+await Promise.all([a, b].map((s) => new Promise((r) => (s.connected ? r() : s.once("connect", r)))));
+const got = { a: [], b: [] };
+a.on("chat message", (t) => got.a.push(t));
+b.on("chat message", (t) => got.b.push(t));
+out.ack = await a.timeout(5000).emitWithAck("chat message", "hi");
+const end = Date.now() + 5000;
+while (!got.b.length && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
+await new Promise((r) => setTimeout(r, 200));
+out.got = got;
+a.disconnect(); b.disconnect(); bad.close();
+console.log(JSON.stringify(out));
+process.exit(0);
+"""
+
+
+def test_readme_example(server_factory, tmp_path, need_node):
+    """README's Socket.IO example, served by `fastws serve chat:app`, with the README's client calls."""
+    (tmp_path / "chat.py").write_text(block("README.md", "sio-readme").text)
+    server = server_factory(app="chat:app", env={"PYTHONPATH": str(tmp_path)})
+    script = NODE_DIR / "sio_readme.tmp.mjs"
+    script.write_text(README_CLIENT)
+    try:
+        out = subprocess.run(["node", str(script), f"http://{server.host}:{server.port}"], cwd=NODE_DIR,
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        script.unlink()
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["refused"] == "bad token"
+    assert res["ack"] == "delivered"
+    assert res["got"] == {"a": [], "b": ["hi"]}        # to the lobby, the sender skipped

@@ -42,7 +42,7 @@ def make_server(redis_url: str, channel: str, async_mode: str, ping_interval: fl
                 async_handlers: bool) -> socketio.AsyncServer:
     sio = socketio.AsyncServer(
         async_mode=async_mode,
-        client_manager=socketio.AsyncRedisManager(redis_url, channel=channel),
+        client_manager=socketio.AsyncRedisManager(redis_url, channel=channel) if redis_url != "none" else None,
         transports=["websocket"],
         http_compression=False,
         ping_interval=ping_interval,
@@ -59,6 +59,10 @@ def make_server(redis_url: str, channel: str, async_mode: str, ping_interval: fl
     async def msg(sid, data):
         await sio.emit("msg", data, room=ROOM)
 
+    @sio.on("echo")
+    async def echo(sid, data):
+        return data      # answered through the client's ack
+
     return sio
 
 
@@ -66,7 +70,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL of the AsyncRedisManager")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0",
+                   help="Redis URL of the AsyncRedisManager ('none': one node, no manager)")
     p.add_argument("--channel", default="socketio", help="Redis channel (unique per benchmark run)")
     p.add_argument("--server", choices=("aiohttp", "uvicorn"), default="aiohttp")
     p.add_argument("--ping-interval", type=float, default=25.0, help="Engine.IO ping interval, seconds")

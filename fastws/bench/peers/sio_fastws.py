@@ -1,0 +1,35 @@
+"""The Socket.IO relay on fastws.socketio, the same app as ``socketio_relay.py`` and ``socketio_relay.js``.
+
+    fastws serve fastws.bench.peers.sio_fastws:app --port 9001 [--broker redis://...]
+
+Every client joins the room ``relay`` on connect; a ``msg`` event from any
+client is emitted to the whole room, the sender included (its own copy is
+the load generator's acknowledgement); an ``echo`` event is answered through
+its ack with the same data.
+"""
+
+import fastws
+import fastws.socketio
+
+ROOM = "relay"
+
+sio = fastws.socketio.Server(max_http_buffer_size=16 * 1024 * 1024)
+
+
+@sio.event
+def connect(sid, environ):
+    sio.enter_room(sid, ROOM)
+
+
+@sio.event
+def msg(sid, data):
+    sio.emit("msg", data, to=ROOM)
+
+
+@sio.event
+def echo(sid, data):
+    return data
+
+
+app = fastws.App()
+sio.attach(app)
