@@ -35,8 +35,7 @@ import math
 import time
 
 from . import _wsproto_engine as engine_mod
-from .errors import (CALLBACK_FAILED, IDLE_TIMEOUT, PING_TIMEOUT, RATE_LIMITED, SLOW_CONSUMER,
-                     ConnectionClosed)
+from .errors import CALLBACK_FAILED, IDLE_TIMEOUT, PING_TIMEOUT, RATE_LIMITED, SLOW_CONSUMER, ConnectionClosed
 from .frames import BINARY, CLOSED, ERROR, OPEN, PRIORITY_LOW, PRIORITY_NORMAL, TEXT
 from .handshake import error_response
 
@@ -502,7 +501,7 @@ class Connection:
         self._phase = P_DONE
         self._wq = None
         hub._unschedule(self)
-        if phase == P_OPEN or phase == P_DONE:
+        if phase in (P_OPEN, P_DONE):
             hub.connections.pop(self._num, None)
         eng = self._engine
         if eng is None:
@@ -699,7 +698,7 @@ class Connection:
             if out:
                 self._queue(out)
             kind = ev[0]
-            if kind == TEXT or kind == BINARY:
+            if kind in (TEXT, BINARY):
                 hub.messages_in += 1
                 self._msg_tick = hub._tick_no
                 if hub._rate_on and self._rate_message():
@@ -739,11 +738,10 @@ class Connection:
         if not self._dirty:
             self._dirty = True
             hub._mark_dirty(self)
-        if self._wq_size > hub.high_water:
-            # a burst within one loop iteration, or one large message: write it
-            # now (see _core_connection.pxi)
-            if self._flush():
-                hub._observe(_now_ns() - (hub._read_ns or hub._batch_ns))
+        # a burst within one loop iteration, or one large message: write it
+        # now (see _core_connection.pxi)
+        if self._wq_size > hub.high_water and self._flush():
+            hub._observe(_now_ns() - (hub._read_ns or hub._batch_ns))
 
     # -- rate limits (see _core_hub.pxi) ----------------------------------------------------
 
