@@ -42,6 +42,7 @@ import click
 
 from fastws import core
 from fastws.bench import clients as client_bench
+from fastws.bench import gateway as gateway_bench
 from fastws.bench.loadgen import proc_cpu_ticks  # /proc helpers only
 from fastws.version import build_info
 
@@ -973,10 +974,15 @@ def _split(value: str | None, known: list[str], what: str) -> list[str]:
 @click.option("--clients", is_flag=True,
               help="compare the Python clients instead (fastws.client, websockets, picows, aiohttp: echo "
                    "msg/s against one fastws server; the room client's resume cost with --redis-url)")
-def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, clients):
+@click.option("--gateway", "gateway", is_flag=True,
+              help="gateway mode instead: message -> backend -> reply round trips/s, p99 and CPU per event over "
+                   "Redis Streams (--redis-url) and HTTP, against the same app in process and on python-socketio")
+def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, clients, gateway):
     """Benchmark fastws against its peers with a neutral load generator."""
     global REDIS_URL
     REDIS_URL = redis_url
+    if gateway:
+        sys.exit(gateway_bench.run(redis_url=redis_url or "redis://127.0.0.1:6379/0", out=out, quick=quick))
     if clients:
         client_bench.run(repeat=repeat, n=2000 if quick else 20000, redis_url=redis_url or None,
                          missed=100 if quick else 1000, out=out)

@@ -508,21 +508,36 @@ class Gateway:
         self.recent.append(took)
         answered = self.answered
         for item, answer in zip(batch.items, results, strict=True):
-            answered[item.kind] += 1
-            if item.kind == CONNECT:
+            kind = item.kind
+            answered[kind] += 1
+            if kind == CONNECT:
                 if not item.future.done():
                     item.future.set_result(answer if type(answer) is dict else {})
                 continue
             link = item.link
-            if item.kind == DISCONNECT:
+            if kind == DISCONNECT:
                 link.done = True
-            if answer and type(answer) is dict:
-                try:
-                    self._carry_out(link, answer, item.kind)
-                except AnswerError as exc:
-                    self._bad_answer(item.kind, exc)
-            elif answer and type(answer) is not dict:
-                self._bad_answer(item.kind, AnswerError("an answer is a JSON object"))
+            if not answer:
+                continue
+            if type(answer) is not dict:
+                self._bad_answer(kind, AnswerError("an answer is a JSON object"))
+                continue
+            if len(answer) == 1 and not link.closed:       # the common answer: one text reply
+                reply = answer.get("reply")
+                if type(reply) is list and len(reply) == 1:
+                    reply = reply[0]
+                if type(reply) is dict and len(reply) == 1:
+                    text = reply.get("text")
+                    if type(text) is str:
+                        try:
+                            link.conn.send(text)
+                        except ConnectionClosed:
+                            pass
+                        continue
+            try:
+                self._carry_out(link, answer, kind)
+            except AnswerError as exc:
+                self._bad_answer(kind, exc)
         now = time.perf_counter()
         added = self.added
         for item in batch.items:

@@ -83,7 +83,9 @@ class HttpTransport:
             if status == 503:
                 raise Unseen("the backend answered 503")
             if status != 200:
-                raise Failed(f"the backend answered HTTP {status}")
+                where = dict(headers).get(b"location") if 300 <= status < 400 else None
+                raise Failed(f"the backend answered HTTP {status}" + (
+                    f" (a redirect to {where.decode('latin-1')}: give --gateway that URL)" if where else ""))
             results = results_of(data, len(frags), batched)
         except BackendError as exc:
             gw.batch_failed(batch, exc)

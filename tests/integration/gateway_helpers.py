@@ -208,3 +208,61 @@ def metric(gw: Proc, name: str, **labels) -> float:
 def health(gw: Proc) -> tuple:
     status, body, _ = http_get(gw.http + "/health")
     return status, json.loads(body)
+
+
+def doc_commands(text: str) -> list:
+    """The command lines of a shell block (comments and blank lines dropped,
+    a trailing ``&`` and comment removed), as lists of words."""
+    import shlex
+
+    out = []
+    for line in text.splitlines():
+        line = line.split("  #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        out.append(shlex.split(line.rstrip("&").strip()))
+    return out
+
+
+async def chat_traffic(url: str, clients: int, seconds: float, during, per_second: float = 20.0) -> dict:
+    """``clients`` connections to the README's chat backend (``?user=uN``), each
+    sending ``m<i>`` ``per_second`` times a second for ``seconds``; ``during()``
+    (a coroutine function) runs meanwhile.  Returns, per client, what it sent,
+    its "sent" replies, the lobby lines it got and whether it stayed open."""
+    import asyncio
+
+    import websockets
+    from websockets.protocol import State
+
+    conns = [await websockets.connect(f"{url}?user=u{i}", open_timeout=10) for i in range(clients)]
+    got = {i: {"sent": 0, "lines": [], "n": 0} for i in range(clients)}
+
+    async def reader(i, ws):
+        try:
+            async for m in ws:
+                if m == "sent":
+                    got[i]["sent"] += 1
+                else:
+                    got[i]["lines"].append(m)
+        except websockets.ConnectionClosed:
+            pass
+
+    async def writer(i, ws):
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            await ws.send(f"m{got[i]['n']}")
+            got[i]["n"] += 1
+            await asyncio.sleep(1 / per_second)
+
+    readers = [asyncio.get_running_loop().create_task(reader(i, ws)) for i, ws in enumerate(conns)]
+    await asyncio.gather(during(), *(writer(i, ws) for i, ws in enumerate(conns)))
+    total = sum(g["n"] for g in got.values())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(g["sent"] == g["n"] and len(g["lines"]) == total
+                                                  for g in got.values()):
+        await asyncio.sleep(0.1)
+    for i, ws in enumerate(conns):
+        got[i]["open"] = ws.state is State.OPEN
+        await ws.close()
+        readers[i].cancel()
+    return got

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import struct
@@ -25,12 +26,15 @@ import pytest
 import websockets
 from websockets.protocol import State
 
+from docblocks import block
 from gateway_helpers import (
     HOST,
     REPO,
     TOKEN,
     Proc,
     Procs,
+    chat_traffic,
+    doc_commands,
     events,
     free_port,
     health,
@@ -597,3 +601,83 @@ def test_graceful_stop_delivers_the_disconnects(engine, tmp_path):
         assert gw.stop() == 0
         disc = [e for _, e in events(ps, "disconnect")]
         assert len(disc) == 5 and {e["code"] for e in disc} == {1001}
+
+
+def test_readme_example(engine, tmp_path):
+    """README.md's gateway example as written (blocks readme-backend and
+    readme-run): backend.py under uvicorn, ``fastws serve --gateway``; ann's
+    "hi" is answered "sent" and reaches the lobby as "ann: hi"; without
+    ?user= the upgrade is refused with 401."""
+    (tmp_path / "backend.py").write_text(block("README.md", "readme-backend").text)
+    lines = [ln for ln in block("README.md", "readme-run").text.splitlines() if ln.strip()]
+    bport, gport = free_port(), free_port()
+    uv = shlex.split(lines[0].rstrip("& ").replace("9000", str(bport)))
+    serve = shlex.split(lines[1].replace("9000", str(bport)).replace("8000", str(gport)))
+    assert uv[0] == "uvicorn" and serve[:2] == ["fastws", "serve"], lines
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    with Procs(tmp_path) as ps:
+        be = Proc([sys.executable, "-m", *uv], tmp_path / "uvicorn.log", env, bport)
+        ps.all.append(be)
+        be.wait_listening(bport)
+        if engine == "wsproto":
+            env["FASTWS_NO_EXTENSIONS"] = "1"
+        gw = Proc([sys.executable, "-c", "from fastws.cli.main import main; main()", *serve[1:], "--host", HOST],
+                  tmp_path / "gateway.log", env, gport)
+        ps.all.append(gw)
+        gw.wait_listening(gport, "listening on")
+
+        async def main():
+            ann = await websockets.connect(f"ws://{HOST}:{gport}/chat?user=ann", open_timeout=TIMEOUT)
+            bob = await websockets.connect(f"ws://{HOST}:{gport}/chat?user=bob", open_timeout=TIMEOUT)
+            await ann.send("hi")
+            assert [await recv(ann), await recv(ann)] == ["sent", "ann: hi"]
+            assert await recv(bob) == "ann: hi"
+            r = await refused(f"ws://{HOST}:{gport}/chat")
+            assert r.status_code == 401 and b"who are you?" in r.body
+            await ann.close()
+            await bob.close()
+
+        run(main())
+
+
+def test_deployment_doc_http_deploy(engine, tmp_path):
+    """docs/deployment.md's HTTP deploy (block deploy-http) with README's
+    backend: v1 serves, the gateway holds 10 chatting clients, v1 is stopped
+    (SIGTERM) and v2 started on its port.  No client reconnects, every
+    message is answered "sent" and reaches every member of the lobby."""
+    (tmp_path / "backend.py").write_text(block("README.md", "readme-backend").text)
+    cmds = doc_commands(block("docs/deployment.md", "deploy-http").text)
+    assert [c[0] for c in cmds] == ["uvicorn", "fastws", "kill", "uvicorn"], cmds
+    bport, gport = free_port(), free_port()
+
+    def ports(words):
+        return [w.replace("9000", str(bport)).replace("8000", str(gport)) for w in words]
+
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    with Procs(tmp_path) as ps:
+        def uvicorn(tag):
+            p = Proc([sys.executable, "-m", *ports(cmds[0])], tmp_path / f"uvicorn-{tag}.log", env, bport)
+            ps.all.append(p)
+            p.wait_listening(bport)
+            return p
+
+        v1 = uvicorn("v1")
+        genv = dict(env, **({"FASTWS_NO_EXTENSIONS": "1"} if engine == "wsproto" else {}))
+        gw = Proc([sys.executable, "-c", "from fastws.cli.main import main; main()", *ports(cmds[1])[1:],
+                   "--host", HOST], tmp_path / "gateway.log", genv, gport)
+        ps.all.append(gw)
+        gw.wait_listening(gport, "listening on")
+        gw.http = f"http://{HOST}:{gport}"
+
+        async def deploy():
+            await asyncio.sleep(1.0)
+            assert cmds[2][:2] == ["kill", "-TERM"]
+            await asyncio.to_thread(v1.stop)                      # kill -TERM %1 && wait %1
+            await asyncio.to_thread(uvicorn, "v2")                # uvicorn backend:app --port 9000 &
+
+        got = run(chat_traffic(f"ws://{HOST}:{gport}/chat", 10, 3.0, deploy))
+        total = sum(g["n"] for g in got.values())
+        for g in got.values():
+            assert g["open"], "a client was disconnected"
+            assert g["sent"] == g["n"] and len(g["lines"]) == total, (g["sent"], g["n"], len(g["lines"]), total)
+        assert metric(gw, "fastws_gateway_event_failures_total", type="message", reason="failed") == 0

@@ -11,7 +11,9 @@ of events (one JSON line per event handled, naming the worker).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 
 import pytest
@@ -20,7 +22,8 @@ import websockets
 from websockets.protocol import State
 
 from brokerutil import REDIS_URL, need_redis, new_prefix
-from gateway_helpers import Procs, events, health, metric, wait_for
+from docblocks import block
+from gateway_helpers import REPO, Proc, Procs, chat_traffic, doc_commands, events, free_port, health, metric, wait_for
 
 TIMEOUT = 10.0
 pytestmark = pytest.mark.timeout(180)
@@ -185,3 +188,49 @@ def test_workers_gone_queue_bound_and_health(engine, tmp_path):
         assert texts == ["id", "echo waits in redis"] + [f"echo {i}" for i in range(5)], texts
         assert metric(gw, "fastws_gateway_overflow_closes_total") == 1
         wait_for(lambda: health(gw)[0] == 200, 10, "/health 200 again")
+
+
+def test_deployment_doc_streams_deploy(engine, tmp_path):
+    """docs/deployment.md's Streams deploy (block deploy-streams) with
+    README's backend: a v1 worker serves 10 chatting clients, a v2 worker
+    starts, v1 is stopped (SIGTERM).  No client reconnects, every message is
+    answered "sent" and reaches every member of the lobby."""
+    need_redis()
+    (tmp_path / "backend.py").write_text(block("README.md", "readme-backend").text)
+    cmds = doc_commands(block("docs/deployment.md", "deploy-streams").text)
+    assert [c[0] for c in cmds] == ["fastws", "python", "python", "kill"], cmds
+    stream = new_prefix("gwdoc") + ":events"
+    port = free_port()
+
+    def adapt(words):
+        return [w.replace("redis://127.0.0.1:6379/0", REDIS_URL).replace("chat:events", stream)
+                .replace("8000", str(port)) for w in words]
+
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    with Procs(tmp_path) as ps:
+        genv = dict(env, **({"FASTWS_NO_EXTENSIONS": "1"} if engine == "wsproto" else {}))
+        gw = Proc([sys.executable, "-c", "from fastws.cli.main import main; main()", *adapt(cmds[0])[1:],
+                   "--host", "127.0.0.1"], tmp_path / "gateway.log", genv, port)
+        ps.all.append(gw)
+        gw.wait_listening(port, "listening on")
+        gw.http = f"http://127.0.0.1:{port}"
+
+        def worker(words, tag):
+            p = Proc([sys.executable, *adapt(words)[1:], "--consumer", tag], tmp_path / f"{tag}.log", env)
+            ps.all.append(p)
+            p.wait_listening(text=f"worker {tag} on")
+            return p
+
+        v1 = worker(cmds[1], "v1")
+
+        async def deploy():
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(worker, cmds[2], "v2")
+            assert cmds[3] == ["kill", "-TERM", "%2"]             # %2: the v1 worker
+            await asyncio.to_thread(v1.stop)
+
+        got = run(chat_traffic(f"ws://127.0.0.1:{port}/chat", 10, 3.0, deploy))
+        total = sum(g["n"] for g in got.values())
+        for g in got.values():
+            assert g["open"], "a client was disconnected"
+            assert g["sent"] == g["n"] and len(g["lines"]) == total, (g["sent"], g["n"], len(g["lines"]), total)
