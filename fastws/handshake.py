@@ -24,8 +24,10 @@ import binascii
 import hashlib
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 import h11
@@ -67,8 +69,10 @@ class _Fields:
     """Header and query access shared by :class:`Request` and :class:`HttpRequest`."""
 
     __slots__ = ()
+    headers: list[tuple[str, str]]     # (what the subclasses hold)
+    query_string: str
 
-    def header(self, name: str, default=None):
+    def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of header ``name`` (any case), else ``default``."""
         name = name.lower()
         for k, v in self.headers:
@@ -77,7 +81,7 @@ class _Fields:
         return default
 
     @property
-    def query(self) -> dict:
+    def query(self) -> dict[str, str]:
         """Query parameters, first value of each."""
         return {k: v[0] for k, v in parse_qs(self.query_string).items()}
 
@@ -92,15 +96,15 @@ class Request(_Fields):
 
     path: str
     query_string: str
-    headers: list
+    headers: list[tuple[str, str]]
     key: str
-    subprotocols: list = field(default_factory=list)
-    extensions: list = field(default_factory=list)
-    conn: object = field(default=None, repr=False)   # the connection asking (for remote_address)
-    client: object = field(default=None, repr=False)  # the client's address a trusted proxy named
+    subprotocols: list[str] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=list)
+    conn: Any = field(default=None, repr=False)   # the connection asking (for remote_address)
+    client: Any = field(default=None, repr=False)  # the client's address a trusted proxy named
 
     @property
-    def remote_address(self):
+    def remote_address(self) -> Any:
         """The client's (host, port): the one a trusted proxy named
         (``proxy_headers``), else the peer's, looked up on first use (a syscall)."""
         if self.client is not None:
@@ -109,11 +113,11 @@ class Request(_Fields):
 
 
     @property
-    def origin(self):
+    def origin(self) -> str | None:
         return self.header("origin")
 
 
-def _split_tokens(value: str) -> list:
+def _split_tokens(value: str) -> list[str]:
     # wsproto's split_comma_header: empty pieces are kept, as wsproto does
     return [t.strip() for t in value.split(",")]
 
@@ -127,7 +131,8 @@ def _check_key(key: str) -> None:
         raise HandshakeError(400, "Sec-WebSocket-Key is not 16 base64-encoded bytes")
 
 
-def _validate(method, connection, version, key, upgrade, host):
+def _validate(method: str, connection: str | None, version: str | None, key: str | None, upgrade: str | None,
+              host: str | None) -> None:
     """The checks, in h11's then wsproto's order, with wsproto's statuses."""
     if host is None:  # h11 refuses an HTTP/1.1 request without Host first
         raise HandshakeError(400, "Missing mandatory Host: header")
@@ -146,12 +151,12 @@ def _validate(method, connection, version, key, upgrade, host):
     _check_key(key)
 
 
-def _split_target(target: str):
+def _split_target(target: str) -> tuple[str, str]:
     path, _, query = target.partition("?")
     return path, query
 
 
-def parse_fast(head: bytes):
+def parse_fast(head: bytes) -> Request | None:
     """Parse a plain upgrade request; None if it is not plain (use wsproto)."""
     if not head.startswith(b"GET ") or not head.endswith(b"\r\n\r\n"):
         return None
@@ -159,8 +164,8 @@ def parse_fast(head: bytes):
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not parts[1].startswith(b"/"):
         return None
-    headers = []
-    seen = set()
+    headers: list[tuple[str, str]] = []
+    seen: set[bytes] = set()
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         # a token name (so no folding, no space before the colon), a plain value
@@ -203,7 +208,7 @@ def parse_fast(head: bytes):
     )
 
 
-def request_from_fields(method: bytes, target: bytes, headers) -> Request:
+def request_from_fields(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> Request:
     """The upgrade request that another HTTP parser (the ASGI front's
     httptools) has already split into ``method``, ``target`` and ``headers``
     (``(lower-case name, value)`` bytes pairs, in order): the same checks
@@ -213,8 +218,8 @@ def request_from_fields(method: bytes, target: bytes, headers) -> Request:
     which defines the semantics; that is rare and costs one more parse."""
     plain = method == b"GET" and target.startswith(b"/") and _FIELD_VALUE.match(target) is not None \
         and b" " not in target and b"\t" not in target
-    out = []
-    seen = set()
+    out: list[tuple[str, str]] = []
+    seen: set[bytes] = set()
     if plain:
         for name, value in headers:
             if name in _BODY_HEADERS:
@@ -275,7 +280,7 @@ def parse_wsproto(head: bytes) -> Request:
         headers=headers,
         key=key,
         subprotocols=list(req.subprotocols),
-        extensions=list(req.extensions),
+        extensions=list(cast("Sequence[str]", req.extensions)),   # a server's are offers: str
     )
 
 
@@ -295,13 +300,13 @@ class HttpRequest(_Fields):
     method: str
     path: str
     query_string: str
-    headers: list
+    headers: list[tuple[str, str]]
     body: bytes = b""
-    remote_address: object = None
+    remote_address: Any = None
 
 
 
-def parse_http_head(head: bytes):
+def parse_http_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]] | None:
     """Method, target and lower-cased headers of a request head, or None if
     it is not a well-formed HTTP/1.x request head."""
     lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else None
@@ -310,7 +315,7 @@ def parse_http_head(head: bytes):
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not _TOKEN.match(parts[0]):
         return None
-    headers = []
+    headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not _TOKEN.match(name) or not _FIELD_VALUE.match(value.strip(b" \t")):
@@ -324,7 +329,7 @@ def parse_http_head(head: bytes):
 
 
 def http_response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
-                  headers=()) -> bytes:
+                  headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A complete HTTP/1.1 response that closes the connection."""
     try:
         phrase = HTTPStatus(status).phrase
@@ -346,8 +351,8 @@ def accept_key(key: str) -> str:
                                newline=False).decode("ascii")
 
 
-def negotiate_deflate(offers: list, *, server_no_context_takeover=False,
-                      client_no_context_takeover=False):
+def negotiate_deflate(offers: list[str], *, server_no_context_takeover: bool = False,
+                      client_no_context_takeover: bool = False) -> tuple[str | None, DeflateParams | None]:
     """Run wsproto's permessage-deflate negotiation on the client's offers.
 
     Returns ``(header_value_or_None, DeflateParams_or_None)``.
@@ -373,7 +378,8 @@ def negotiate_deflate(offers: list, *, server_no_context_takeover=False,
     return header.decode("ascii"), params
 
 
-def accept_response(request: Request, subprotocol=None, extensions_header=None, headers=()) -> bytes:
+def accept_response(request: Request, subprotocol: str | None = None, extensions_header: str | None = None,
+                    headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """The 101 Switching Protocols response."""
     lines = [
         "HTTP/1.1 101 Switching Protocols",
@@ -390,7 +396,7 @@ def accept_response(request: Request, subprotocol=None, extensions_header=None, 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def error_response(status: int, body: str = "", headers=()) -> bytes:
+def error_response(status: int, body: str = "", headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A plain-text HTTP error response that closes the connection."""
     try:
         phrase = HTTPStatus(status).phrase
@@ -436,8 +442,9 @@ def deflate_offer(*, client_no_context_takeover: bool = False, server_no_context
     return "; ".join(params)
 
 
-def client_request(host: str, path: str = "/", key: str | None = None, subprotocols=(),
-                   extensions=(), headers=()) -> bytes:
+def client_request(host: str, path: str = "/", key: str | None = None, subprotocols: Sequence[str] = (),
+                   extensions: Sequence[str] = (),
+                   headers: Iterable[tuple[str | bytes, str | bytes]] = ()) -> bytes:
     """The opening handshake request of a client, byte for byte what
     wsproto's client handshake writes for the same arguments: ``GET path``,
     ``Host``, ``Upgrade: websocket``, ``Connection: Upgrade``,
@@ -464,11 +471,11 @@ def client_request(host: str, path: str = "/", key: str | None = None, subprotoc
     if extensions:
         lines.append(b"Sec-WebSocket-Extensions: " + ", ".join(extensions).encode("ascii"))
     for name, value in headers:
-        name = name.encode("ascii") if isinstance(name, str) else bytes(name)
-        value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
-        if not _TOKEN.match(name) or b"\r" in value or b"\n" in value or b"\x00" in value:
-            raise ValueError(f"bad header {name!r}: {value!r}")
-        lines.append(name + b": " + value.strip(b" \t"))
+        raw_name = name.encode("ascii") if isinstance(name, str) else bytes(name)
+        raw_value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
+        if not _TOKEN.match(raw_name) or b"\r" in raw_value or b"\n" in raw_value or b"\x00" in raw_value:
+            raise ValueError(f"bad header {raw_name!r}: {raw_value!r}")
+        lines.append(raw_name + b": " + raw_value.strip(b" \t"))
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -477,12 +484,12 @@ class ClientAccept:
     """What a server's 101 answer agreed to (see :func:`check_accept`)."""
 
     subprotocol: str | None                 # the server's choice, one of those offered
-    extensions: list                        # the accepted extensions, as the server wrote them
+    extensions: list[str]                   # the accepted extensions, as the server wrote them
     deflate: DeflateParams | None = None    # permessage-deflate, negotiated (client: swap roles)
-    headers: list = field(default_factory=list)   # the other headers, (lower-case name, value)
+    headers: list[tuple[str, str]] = field(default_factory=list)   # the other headers, (lower-case name, value)
 
 
-def _response_head(head: bytes):
+def _response_head(head: bytes) -> tuple[int, list[tuple[str, str]]] | None:
     """Status and ``(lower-case name, value)`` headers of a response head, or None."""
     end = head.find(b"\r\n\r\n")
     if end < 0:
@@ -492,7 +499,7 @@ def _response_head(head: bytes):
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 \
             or not parts[1].isdigit():
         return None
-    headers = []
+    headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         value = value.strip(b" \t")
@@ -502,7 +509,8 @@ def _response_head(head: bytes):
     return int(parts[1]), headers
 
 
-def check_accept(response_head: bytes, key: str, subprotocols=(), extensions=()) -> ClientAccept:
+def check_accept(response_head: bytes, key: str, subprotocols: Sequence[str] = (),
+                 extensions: Iterable[str] = ()) -> ClientAccept:
     """Check the server's answer to :func:`client_request` (its head, up to
     and including the blank line; bytes after it are not looked at) with
     wsproto's client semantics, in wsproto's order: the status must be 101,
@@ -527,9 +535,12 @@ def check_accept(response_head: bytes, key: str, subprotocols=(), extensions=())
     status, headers = parsed
     if status != 101:
         raise HandshakeError(status, f"the server answered {status} instead of 101", headers)
-    connection = accepted = accept = subprotocol = None
+    connection: list[str] | None = None
+    accepted: list[str] | None = None
+    accept: str | None = None
+    subprotocol: str | None = None
     upgrade = ""
-    extra = []
+    extra: list[tuple[str, str]] = []
     for name, value in headers:
         if name == "connection":
             connection = _split_tokens(value)
@@ -551,10 +562,10 @@ def check_accept(response_head: bytes, key: str, subprotocols=(), extensions=())
         raise HandshakeError(101, "Bad accept token")
     if subprotocol is not None and subprotocol not in subprotocols:
         raise HandshakeError(101, f"unrecognized subprotocol {subprotocol}")
-    offers = {}
+    offers: dict[str, str] = {}
     for offer in extensions:
         offers.setdefault(offer.split(";", 1)[0].strip(), offer)
-    deflate = None
+    deflate: DeflateParams | None = None
     for ext in accepted or ():
         name = ext.split(";", 1)[0].strip()
         if name not in offers:
@@ -567,7 +578,7 @@ def check_accept(response_head: bytes, key: str, subprotocols=(), extensions=())
 def _finalize_deflate(offer: str, accept: str) -> DeflateParams:
     """The parameters a client negotiated: those of its ``offer``, updated
     by the server's ``accept`` (wsproto's ``PerMessageDeflate.finalize``)."""
-    state = {"client_no_context_takeover": False, "server_no_context_takeover": False,
+    state: dict[str, Any] = {"client_no_context_takeover": False, "server_no_context_takeover": False,
              "client_max_window_bits": 15, "server_max_window_bits": 15}
     for text in (offer, accept):
         for bit in (b.strip() for b in text.split(";")[1:]):
