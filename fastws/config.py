@@ -32,7 +32,10 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import tomllib
+try:                       # the standard library from Python 3.11
+    import tomllib
+except ImportError:        # Python 3.10: the same parser, as a package
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from .errors import ConfigError
 from .origins import OriginPolicy, ops_host_set

@@ -24,7 +24,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import tomllib
+try:                       # the standard library from Python 3.11
+    import tomllib
+except ImportError:        # Python 3.10: the same parser, as a package
+    import tomli as tomllib  # type: ignore[no-redef]
 import uvloop
 
 from . import core
