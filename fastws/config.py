@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, urlsplit
 try:                       # the standard library from Python 3.11
     import tomllib
 except ImportError:        # Python 3.10: the same parser, as a package
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef,import-not-found]
 
 from .errors import ConfigError
 from .origins import OriginPolicy, ops_host_set

@@ -27,7 +27,7 @@ from typing import Any
 try:                       # the standard library from Python 3.11
     import tomllib
 except ImportError:        # Python 3.10: the same parser, as a package
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef,import-not-found]
 import uvloop
 
 from . import core
