@@ -368,7 +368,8 @@ async def open_connection(url: str, *, subprotocols: Iterable[str] = (), headers
                           on_message: Callable[[Data], object] | None = None,
                           open_timeout: float = 10.0, ping_interval: float | None = 20.0,
                           ping_timeout: float | None = 20.0, close_timeout: float = 5.0,
-                          ssl: ssl_module.SSLContext | None = None, sock: socket.socket | None = None) -> WebSocket:
+                          ssl: ssl_module.SSLContext | None = None, sock: socket.socket | None = None,
+                          local_addr: tuple[str, int] | None = None) -> WebSocket:
     """Open a WebSocket to ``url`` (``ws://`` or ``wss://``) and return the
     :class:`WebSocket` once the server accepted the upgrade.
 
@@ -377,7 +378,8 @@ async def open_connection(url: str, *, subprotocols: Iterable[str] = (), headers
     ``OSError``/``ConnectionError`` when it cannot be reached,
     ``asyncio.TimeoutError`` after ``open_timeout`` seconds.
     ``ssl``: an ``ssl.SSLContext`` for ``wss://`` (default: the system's
-    trust store).  ``sock``: an already connected socket to use."""
+    trust store).  ``sock``: an already connected socket to use;
+    ``local_addr``: ``(host, port)`` to connect from."""
     secure, host, port, resource, host_header = parse_url(url)
     loop = asyncio.get_running_loop()
     ws = WebSocket(loop, max_message_size=max_message_size, max_queue=max_queue, on_message=on_message,
@@ -396,7 +398,7 @@ async def open_connection(url: str, *, subprotocols: Iterable[str] = (), headers
             transport, _ = await loop.create_connection(lambda: ws, sock=sock, ssl=ssl,
                                                         server_hostname=host if ssl else None)
         else:
-            transport, _ = await loop.create_connection(lambda: ws, host, port, ssl=ssl)
+            transport, _ = await loop.create_connection(lambda: ws, host, port, ssl=ssl, local_addr=local_addr)
         try:
             transport.write(request)
             head = await ws._head_future

@@ -70,6 +70,10 @@ class Client:
     """A reconnecting WebSocket client (see the module docstring); made by
     :func:`connect`.
 
+    ``server_hints=False`` ignores the server's reconnect hint and
+    ``Retry-After`` (the backoff alone decides; for comparisons).
+    ``local_addr``: ``(host, port)`` to connect from.
+
     Callbacks (plain or ``async``): ``on_connect(client)`` after each
     successful connection, before queued messages are sent;
     ``on_disconnect(client, code, reason)`` after each loss;
@@ -84,7 +88,8 @@ class Client:
                  ping_interval: float | None = 20.0, ping_timeout: float | None = 20.0,
                  close_timeout: float = 5.0, ssl: ssl_module.SSLContext | None = None,
                  on_connect: ConnectCallback | None = None, on_disconnect: DisconnectCallback | None = None,
-                 on_message: Callable[[Data], object] | None = None, rtt_timeout: float = 2.0) -> None:
+                 on_message: Callable[[Data], object] | None = None, rtt_timeout: float = 2.0,
+                 server_hints: bool = True, local_addr: tuple[str, int] | None = None) -> None:
         if isinstance(urls, str):
             urls = [urls]
         if on_refused not in ("raise", "backoff"):
@@ -96,13 +101,15 @@ class Client:
         self.ranking = Ranking(urls, rtt_timeout)
         self.backoff = backoff or Backoff()
         self.on_refused = on_refused
+        self.server_hints = server_hints   # False: the backoff alone decides (hint and Retry-After ignored)
         self.refused_delay = float(refused_delay)
         self.send_queue_size = int(send_queue)
         self.send_queue_policy = send_queue_policy
         self._options: dict[str, Any] = dict(
             subprotocols=tuple(subprotocols), headers=list(headers), compression=compression,
             max_message_size=max_message_size, max_queue=max_queue, open_timeout=open_timeout,
-            ping_interval=ping_interval, ping_timeout=ping_timeout, close_timeout=close_timeout, ssl=ssl)
+            ping_interval=ping_interval, ping_timeout=ping_timeout, close_timeout=close_timeout, ssl=ssl,
+            local_addr=local_addr)
         self.connect_callbacks: list[ConnectCallback] = [on_connect] if on_connect else []
         self.disconnect_callbacks: list[DisconnectCallback] = [on_disconnect] if on_disconnect else []
         self.on_message = on_message
@@ -174,6 +181,18 @@ class Client:
             except asyncio.CancelledError:
                 pass
         self._wake(ConnectionClosed(code, reason or "closed by the client"))
+
+    def abort(self) -> None:
+        """Stop reconnecting and drop the connection at once (no close
+        handshake); iteration ends."""
+        self._closing = True
+        if self._sleep is not None and not self._sleep.done():
+            self._sleep.cancel()
+        if self.websocket is not None:
+            self.websocket.abort()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._wake(ConnectionClosed(1006, "aborted by the client"))
 
     @property
     def connected(self) -> bool:
@@ -269,7 +288,7 @@ class Client:
             await self._call(on_lost, self, code, reason)
         if self._closing:
             return None
-        hint = reconnect_hint(reason)
+        hint = reconnect_hint(reason) if self.server_hints else None
         if hint is not None:
             return hint
         return self._next_delay(None)
@@ -283,7 +302,7 @@ class Client:
             self._refusals += 1
             window = self.refused_delay * (2 ** min(self._refusals - 1, 4))
             return random.uniform(window / 2, window)
-        hinted = retry_after(exc.headers) if status in (429, 503) else None
+        hinted = retry_after(exc.headers) if status in (429, 503) and self.server_hints else None
         return self._next_delay(hinted)
 
     def _next_delay(self, hinted: float | None) -> float | None:
