@@ -26,7 +26,10 @@ from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["HttpPool", "BackendError", "Unseen", "Failed", "parse_http_url"]
+__all__ = ["HttpPool", "BackendError", "Unseen", "Failed", "parse_http_url", "MAX_ANSWER"]
+
+#: the largest answer body read (bytes); a larger one fails its request
+MAX_ANSWER = 64 << 20
 
 
 class BackendError(Exception):
@@ -70,6 +73,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False       # a byte of the current answer came
         self.headers: list = []
         self.body: list = []
+        self.size = 0                # bytes of the current answer's body
         self.closed = False
 
     # -- asyncio ---------------------------------------------------------------------------
@@ -100,6 +104,11 @@ class _Conn(asyncio.Protocol):
         self.headers.append((name.lower(), value))
 
     def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > MAX_ANSWER:
+            self._fail(Failed(f"the answer is larger than {MAX_ANSWER} bytes"))
+            self.transport.abort()
+            return
         self.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -111,12 +120,12 @@ class _Conn(asyncio.Protocol):
         status = self.parser.get_status_code()
         keep = self.parser.should_keep_alive()
         headers, body = self.headers, b"".join(self.body)
-        self.headers, self.body = [], []
+        self.headers, self.body, self.size = [], [], 0
         self.used += 1
         self.got_bytes = False
         if waiter is not None and not waiter.done():
             waiter.set_result((status, headers, body, time.perf_counter()))
-        if keep and not self.closed:
+        if keep and not self.closed and not self.transport.is_closing():
             self.pool.release(self)
         else:
             self.transport.close()
@@ -187,7 +196,7 @@ class HttpPool:
         conn = None
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed:
+            if not conn.closed and not conn.transport.is_closing():
                 break
             conn = None
         if conn is None:

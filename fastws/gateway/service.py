@@ -83,6 +83,8 @@ BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 LOG_EVERY = 5.0
 #: the slowest recent answer times kept for /health's percentiles
 RECENT = 2048
+#: a batch stops growing past this many characters of JSON (one large message still goes alone)
+BATCH_CHARS = 1 << 20
 
 
 class _Item:
@@ -355,7 +357,10 @@ class Gateway:
         self.links[conn] = link
         answer = conn.store.pop(_ANSWER, None)
         if answer:
-            self._carry_out(link, answer, CONNECT)
+            try:
+                self._carry_out(link, answer, CONNECT)
+            except AnswerError as exc:          # the connection is open: it stays, the rest is not done
+                self._bad_answer(CONNECT, exc)
 
     def on_message(self, conn, data) -> None:
         """One message: queue its event (or apply the overflow policy)."""
@@ -429,17 +434,23 @@ class Gateway:
         room = self.concurrency - self.inflight
         while len(batches) < room and (connects or ready):
             items, links = [], []
+            size = 0                              # characters of JSON in the batch
             while connects and len(items) < cap:
                 it = connects.popleft()
                 if not it.future.done():          # not given up by its on_connect
                     items.append(it)
-            while ready and len(items) < cap:
+                    size += len(it.frag)
+            while ready and len(items) < cap and size < BATCH_CHARS:
                 link = ready.popleft()
                 link.ready = False
                 queue = link.queue
                 take = min(len(queue), cap - len(items))
                 for _ in range(take):
-                    items.append(queue.popleft())
+                    it = queue.popleft()
+                    items.append(it)
+                    size += len(it.frag)
+                    if size >= BATCH_CHARS:       # large messages: fewer per batch
+                        break
                 link.busy = True
                 links.append(link)
             if items:

@@ -681,3 +681,82 @@ def test_deployment_doc_http_deploy(engine, tmp_path):
             assert g["open"], "a client was disconnected"
             assert g["sent"] == g["n"] and len(g["lines"]) == total, (g["sent"], g["n"], len(g["lines"]), total)
         assert metric(gw, "fastws_gateway_event_failures_total", type="message", reason="failed") == 0
+
+
+class RawBackend:
+    """An HTTP backend written by hand (asyncio, in a thread of the test) that
+    answers what the event's text (or connect query ``?a=``) names, malformed
+    answers included."""
+
+    ANSWERS = {
+        "bad-json": b"this is not json",
+        "bad-type": b'{"reply": 5}',
+        "bad-close": b'{"close": {"code": 999}}',
+        "bad-join": b'{"join": 5}',
+        "bad-accept": b'{"accept": "yes"}',
+        "ok": b'{"reply": {"text": "ok"}}',
+    }
+
+    def __init__(self) -> None:
+        import threading
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, HOST, self.port))
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n")
+                                  if ln.lower().startswith(b"content-length")))
+                ev = json.loads(await reader.readexactly(length))
+                key = ev.get("text") if ev["type"] == "message" else (ev.get("query") or {}).get("a", "")
+                body = self.ANSWERS.get(key, b"{}")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_malformed_answers_are_counted_not_fatal(engine, tmp_path):
+    """A backend's malformed answers (not JSON, a reply of the wrong type, a
+    close code no server may send, a connect answer of the wrong type) are
+    counted and logged; the connection stays open and goes on; a malformed
+    accept refuses the upgrade with 502."""
+    be = RawBackend()
+    try:
+        with Procs(tmp_path) as ps:
+            gw = ps.gateway(engine, f"http://{HOST}:{be.port}/")
+
+            async def main():
+                ws = await websockets.connect(gw.ws("/x?a=bad-join"), open_timeout=TIMEOUT)
+                for bad in ("bad-json", "bad-type", "bad-close"):
+                    await ws.send(bad)
+                assert await ask(ws, "ok") == "ok"
+                assert ws.state is State.OPEN
+                r = await refused(gw.ws("/x?a=bad-accept"))
+                assert r.status_code == 502
+                await ws.close()
+
+            run(main())
+            assert metric(gw, "fastws_gateway_event_failures_total", type="message", reason="bad_answer") == 2
+            assert metric(gw, "fastws_gateway_event_failures_total", type="message", reason="failed") == 1
+            assert metric(gw, "fastws_gateway_event_failures_total", type="connect", reason="bad_answer") == 2
+            assert "malformed" in gw.log()
+    finally:
+        be.close()
