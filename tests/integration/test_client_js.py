@@ -1,7 +1,8 @@
 """fastws.js, the browser client: served by the server, built for npm, run in Node and in headless Chromium.
 
 * ``--serve-client-js`` serves ``/fastws.js`` (the ES module, byte for byte
-  ``fastws/client/fastws.js``) and ``/fastws.global.js`` (the plain script);
+  ``fastws/client/fastws.js``) and ``/fastws.global.js`` (the plain script),
+  for a fastws.App and for an ASGI app alike;
   without it neither is served; ``clients/js/build.mjs`` (the npm package's
   build) writes the same two files;
 * in Node (with the ``ws`` package as its WebSocket): the room protocol and
@@ -89,11 +90,12 @@ class Scenario:
 
 
 def http_get(url: str):
+    """(status, headers (case-insensitive), body)."""
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, exc.headers, exc.read()
 
 
 # -- served and built -----------------------------------------------------------------------------
@@ -105,10 +107,12 @@ def test_the_server_serves_the_client_when_asked(engine, tmp_path, js):
     with nodes() as ns:
         on = Node(engine, tmp_path, "--serve-client-js", name="on")
         off = Node(engine, tmp_path, name="off")
-        ns += [on.start(), off.start()]
-        status, headers, body = http_get(on.http + "/fastws.js")
-        assert status == 200 and body == source
-        assert headers["Content-Type"].startswith("text/javascript")
+        asgi = Node(engine, tmp_path, "--serve-client-js", app="examples.starlette_app:app", name="asgi")
+        ns += [on.start(), off.start(), asgi.start()]
+        for node in (on, asgi):                       # both fronts serve it
+            status, headers, body = http_get(node.http + "/fastws.js")
+            assert status == 200 and body == source
+            assert headers["Content-Type"].startswith("text/javascript")
         status, _, script = http_get(on.http + "/fastws.global.js")
         with open(os.path.join(os.path.dirname(js), "fastws.global.js"), "rb") as f:
             assert status == 200 and script == f.read()
