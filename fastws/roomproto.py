@@ -399,6 +399,8 @@ class RoomEndpoint:
     async def _confirmed(self, conn, room, message, ack) -> None:
         try:
             _, remote = await self.node.publish_confirmed(room, message, namespace=self.namespace)
+        except BrokerError:
+            remote = False
         finally:
             conn.store["fastws.rt.acks"] -= 1
         if conn.closed:
