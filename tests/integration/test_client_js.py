@@ -34,7 +34,7 @@ import pytest
 
 from brokerutil import STREAMS_URL, need_redis, new_prefix
 from client_helpers import NODE_DIR, Node, build_js, nodes
-from conftest import REPO
+from conftest import REPO, free_port
 
 CHROMIUM = os.environ.get("FASTWS_CHROMIUM", "/usr/bin/chromium")
 ECHO = "examples.echo:app"
@@ -241,6 +241,28 @@ def test_node_first_retries_spread_by_full_jitter(engine, tmp_path, js):
     quarters = [sum(1 for d in firsts if q / 4 <= d / base < (q + 1) / 4) for q in range(4)]
     assert all(20 <= c <= 80 for c in quarters), quarters
     assert 0.2 * base < statistics.pstdev(firsts) < 0.4 * base
+
+
+def test_node_the_fastest_handshake_of_several_urls_wins(engine, tmp_path, js):
+    """Three URLs, one of them dead: the handshakes race, the first open
+    socket is kept (each live URL's handshake time is measured, the dead one
+    is not); when that server dies the client goes to the other live one."""
+    with nodes() as ns:
+        a = Node(engine, tmp_path, app=ECHO, name="a")
+        b = Node(engine, tmp_path, app=ECHO, name="b")
+        ns += [a.start(), b.start()]
+        dead = f"ws://127.0.0.1:{free_port()}"
+        with Scenario("regions", js, urls=[a.url, b.url], dead=dead) as s:
+            first = s.wait("connected")
+            mine = a if first["url"].startswith(a.url) else b
+            other = b if mine is a else a
+            rtts = first["rtts"]
+            assert rtts[mine.url + "/e"] is not None and 0 <= rtts[mine.url + "/e"] < 1.0, rtts
+            assert rtts.get(dead + "/e") is None            # Infinity: never opened (JSON null)
+            mine.kill()
+            done = s.wait("done", timeout=30)
+    assert done["url"].startswith(other.url) and done["got"] == ["after the failover"]
+    assert done["connections"] == 2
 
 
 def test_node_reconnect_hint_and_send_queue(engine, tmp_path, js):

@@ -132,6 +132,23 @@ const scenarios = {
     c.close();
   },
 
+  // several URLs: the handshakes race, the first open socket wins, the others are closed;
+  // when the winner's server dies the client goes to the other one
+  async regions() {
+    const urls = config.urls.map((u) => u + "/e");
+    const c = fastws.connect(urls.concat([config.dead + "/e"]), options);
+    await c.ready();
+    say({ event: "connected", url: c.url, rtts: c.rtts });
+    await until(() => c.lastClose !== null, 30000);
+    await c.ready();
+    const got = [];
+    c.on("message", (m) => got.push(m));
+    c.send("after the failover");
+    await until(() => got.length === 1);
+    say({ event: "done", url: c.url, got, connections: c.connections });
+    c.close();
+  },
+
   // messages sent while disconnected wait in the bounded queue and go out in order
   async queue() {
     const c = fastws.connect(config.url, Object.assign({ sendQueue: 3 }, options));
