@@ -224,6 +224,12 @@ class Resumer:
         else:
             st.replaying[conn] = after
 
+    def seq(self, key) -> int:
+        """The room's live entries sent to its stream members on this node
+        so far (the ``seq`` of the last one; 0 when none)."""
+        st = self._streams.get(key)
+        return st.seq if st is not None else 0
+
     def stats(self) -> dict:
         return dict(self.counters, rooms=len(self._streams),
                     replaying=sum(len(st.replaying) for st in self._streams.values()))

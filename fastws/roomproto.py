@@ -13,7 +13,8 @@ client -> server
     ``{"t":"sub","room":R,"since":POS}`` subscribe (``since``: the last
     position seen, to resume), ``{"t":"unsub","room":R}``,
     ``{"t":"pub","room":R,"data":TEXT}`` (``"b64"`` for binary, ``"ack":N``
-    to get an answer), ``{"t":"ping","ts":X}``;
+    to get an answer), ``{"t":"ping","ts":X}`` (``"seqs":true``: the pong
+    names each room's last seq);
 server -> client
     ``{"t":"m","room":R,"seq":N,"id":ID,"data":TEXT}`` a message (``seq``:
     this node's count of the room's messages; ``id``: the Redis Stream entry
@@ -204,11 +205,26 @@ class RoomEndpoint:
                 self._unsub(conn, req)
             elif t == "ping":
                 self.counters["ping"] += 1
-                conn.send('{"t":"pong","ts":%s}' % _dumps(req.get("ts")))
+                if req.get("seqs") is True:
+                    conn.send(self._pong_with_seqs(conn, req.get("ts")))
+                else:
+                    conn.send('{"t":"pong","ts":%s}' % _dumps(req.get("ts")))
             else:
                 raise _Bad(f"unknown request type {t!r}")
         except _Bad as exc:
             self._fail(conn, BAD_REQUEST, str(exc), ack=req.get("ack") if type(req) is dict else None)
+
+    def _pong_with_seqs(self, conn, ts) -> str:
+        """A pong that names the seq of the last message of each of the
+        connection's rooms on this node (sent or dropped before this pong):
+        a client that has less lost the rest."""
+        ns = self.namespace
+        node = self.node
+        seqs = {}
+        for key in conn.rooms or ():
+            if key[0] == ns:
+                seqs[key[1]] = node.resumer.seq(key) if self.history else node.rooms.seq(key[1], ns)
+        return _dumps({"t": "pong", "ts": ts, "seqs": seqs})
 
     def on_disconnect(self, conn, code, reason) -> None:
         ops = conn.store.get("fastws.rt.ops") if conn.store else None

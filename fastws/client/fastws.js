@@ -32,7 +32,8 @@
 // global one by default), protocols, base, cap, maxAttempts, resetAfter,
 // onRefused, refusedDelay, sendQueue, sendQueuePolicy, openTimeout; the
 // room client also: reorderWait, reorderMax, ackTimeout, pingInterval,
-// pingTimeout.
+// pingTimeout, syncInterval (seconds between two checks of every room's last
+// seq on the server: messages lost at the end of a burst are found).
 
 const SUBPROTOCOL = "fastws.rooms.v1";
 const VERSION = "0.1.0";
@@ -357,16 +358,30 @@ class Subscription {
     if (!this._held.size) return;
     const seqs = Array.from(this._held.keys()).sort((a, b) => a - b);
     const missing = seqs[0] - this._nextSeq;
-    if (this.history && this.rooms.client.connected) {
-      const held = seqs.map((s) => this._held.get(s));
-      this._held = new Map(); this._nextSeq = null;
-      this.rooms.client.send(this._request(true));
-      this._collect.push(...held);
-      return;
-    }
+    if (this._recover()) return;
     this._reportGap({ missing, reason: "messages lost (no history to recover from)" });
     this._nextSeq = seqs[0];
     this._drain();
+  }
+
+  // with history: ask for everything after our position (the replay brings the
+  // missing messages and the held ones again, in stream order); false without
+  _recover() {
+    if (!(this.history && this.rooms.client.connected)) return false;
+    const held = Array.from(this._held.keys()).sort((a, b) => a - b).map((s) => this._held.get(s));
+    this._held = new Map(); this._nextSeq = null;
+    this.rooms.client.send(this._request(true));
+    this._collect.push(...held);
+    return true;
+  }
+
+  // a sync pong says the room's last message here was `seq`: one we lack is lost
+  _checkTail(seq) {
+    const nxt = this._nextSeq;
+    if (!this._answered || nxt === null || !Number.isInteger(seq) || this._held.size || seq < nxt) return;
+    if (this._recover()) return;
+    this._reportGap({ missing: seq - nxt + 1, reason: "messages lost (no history to recover from)" });
+    this._nextSeq = seq + 1;
   }
 
   _answeredWith(a) {
@@ -440,13 +455,16 @@ class RoomClient extends Emitter {
     this.collectMax = options.collectMax != null ? options.collectMax : 100000;
     this.pingInterval = options.pingInterval != null ? options.pingInterval : 20;
     this.pingTimeout = options.pingTimeout != null ? options.pingTimeout : 20;
+    this.syncInterval = options.syncInterval != null ? options.syncInterval : 10;
+    this._synced = Date.now();
     this.subs = new Map(); this._acks = new Map(); this._pings = new Map(); this._unsubs = new Map();
     this._sentAcks = new Set(); this._n = 0; this._heard = Date.now(); this._pingSent = 0; this._alive = null;
     this.client = new Client(urls, Object.assign({}, options, { protocols: [SUBPROTOCOL] }));
     this.client._connectHooks.push((sock) => this._onConnect(sock));
     this.client.on("message", (text) => this._onFrame(text));
     this.client.on("close", (ev) => this._onDisconnect(ev));
-    if (this.pingInterval > 0) this._alive = setInterval(() => this._checkAlive(), Math.max(50, Math.min(this.pingInterval, this.pingTimeout) * 250));
+    const every = Math.min(...[this.pingInterval, this.pingTimeout, this.syncInterval].filter((x) => x > 0));
+    if (every !== Infinity) this._alive = setInterval(() => this._checkAlive(), Math.max(50, every * 250));
   }
 
   get connected() { return this.client.connected; }
@@ -486,7 +504,11 @@ class RoomClient extends Emitter {
     }
     if (now - this._heard >= this.pingInterval * 1000) {
       this._pingSent = now;
-      this.client.send(JSON.stringify({ t: "ping", ts: 0 }));
+      this.client.send(JSON.stringify({ t: "ping", ts: 0, seqs: true }));
+    }
+    if (this.syncInterval > 0 && this.subs.size && now - this._synced >= this.syncInterval * 1000) {
+      this._synced = now;
+      this.client.send(JSON.stringify({ t: "ping", ts: "sync", seqs: true }));
     }
   }
 
@@ -499,7 +521,12 @@ class RoomClient extends Emitter {
     if (t === "m") { const s = this.subs.get(f.room); if (s && s.active) s._frame(f); }
     else if (t === "subscribed") { const s = this.subs.get(f.room); if (s) s._answeredWith(f); }
     else if (t === "ack") { const p = this._acks.get(f.ack); if (p) { this._acks.delete(f.ack); p.resolve(f); } }
-    else if (t === "pong") { const p = this._pings.get(f.ts); if (p) { this._pings.delete(f.ts); p.resolve(((globalThis.performance || Date).now() - p.t0) / 1000); } }
+    else if (t === "pong") {
+      if (f.seqs && typeof f.seqs === "object") {
+        for (const [room, seq] of Object.entries(f.seqs)) { const s = this.subs.get(room); if (s && s.active) s._checkTail(seq); }
+      }
+      const p = this._pings.get(f.ts); if (p) { this._pings.delete(f.ts); p.resolve(((globalThis.performance || Date).now() - p.t0) / 1000); }
+    }
     else if (t === "unsubscribed") { const p = this._unsubs.get(f.room); if (p) { this._unsubs.delete(f.room); p.resolve(); } }
     else if (t === "error") this._onError(f);
   }
@@ -559,11 +586,13 @@ class RoomClient extends Emitter {
     return p;
   }
 
-  // a round trip of the room protocol, in seconds
-  ping() {
+  // a round trip of the room protocol, in seconds; { sync: true }: the pong also names each
+  // subscribed room's last seq on the server, and a room that lacks messages up to it recovers
+  // them (with history) or reports the gap (done every syncInterval seconds anyway)
+  ping({ sync = false } = {}) {
     const ts = ++this._n;
     const p = this._pending(this._pings, ts, this.ackTimeout);
-    this.client.send(JSON.stringify({ t: "ping", ts }));
+    this.client.send(JSON.stringify(sync ? { t: "ping", ts, seqs: true } : { t: "ping", ts }));
     return p;
   }
 }

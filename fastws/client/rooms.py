@@ -28,7 +28,10 @@ queue).  What it adds:
   for the missing ones; when they do not come, that is a gap: with a
   history broker the client asks the server for recovery (a ``sub`` with
   its position) and delivers what the replay brings, in stream order;
-  without one it delivers what it has and reports the gap.
+  without one it delivers what it has and reports the gap.  Every
+  ``sync_interval`` seconds the client also asks for each room's last seq
+  (a ping with ``seqs``): messages lost at the end of a burst are found
+  and recovered (or reported) the same way.
 * **acks**: ``publish(..., ack=True)`` waits for the server's answer (an
   error answer raises :class:`~fastws.client.errors.SubscriptionError`
   with its code); a connection lost before the answer raises
@@ -186,17 +189,35 @@ class Subscription:
         first = min(self._held)
         # (no next seq: a sub answered without one while frames were held)
         missing = first - self._next_seq if self._next_seq is not None else None
-        if self.history and self.client.connected:
-            # ask for the recovery from our position: the replay brings the
-            # missing messages and the held ones again, in stream order
-            held, self._held = self._held, {}
-            self._next_seq = None
-            self.client.client.send_nowait(self._request(recovering=True))
-            self._collect.extend(held[s] for s in sorted(held))
+        if self._recover():
             return
         self._report_gap({"missing": missing, "reason": "messages lost (no history to recover from)"})
         self._next_seq = first
         self._drain()
+
+    def _recover(self) -> bool:
+        """With history: ask for everything after our position (the replay
+        brings the missing messages and the held ones again, in stream
+        order); False without history."""
+        if not (self.history and self.client.connected):
+            return False
+        held, self._held = self._held, {}
+        self._next_seq = None
+        self.client.client.send_nowait(self._request(recovering=True))
+        self._collect.extend(held[s] for s in sorted(held))
+        return True
+
+    def _check_tail(self, seq: object) -> None:
+        """A sync pong says the room's last message here was ``seq``: every
+        message up to it came before the pong, so one we lack is lost (a gap
+        at the end of a burst, which no later message reveals)."""
+        nxt = self._next_seq
+        if not self._answered or nxt is None or type(seq) is not int or self._held or seq < nxt:
+            return
+        if self._recover():
+            return
+        self._report_gap({"missing": seq - nxt + 1, "reason": "messages lost (no history to recover from)"})
+        self._next_seq = seq + 1
 
     def _answered_with(self, answer: Frame) -> None:
         self._answered = True
@@ -332,11 +353,14 @@ class RoomClient:
     ``urls``: one URL or several (regions: the fastest reachable is used);
     ``reorder_wait``/``reorder_max``: the reorder buffer's bound (seconds,
     messages); ``ack_timeout``: seconds :meth:`publish` waits for the ack;
+    ``sync_interval``: seconds between two checks of every room's last seq
+    on the server (``ping(sync=True)``; 0: never);
     the other options are :class:`fastws.client.Client`'s (backoff,
     on_refused, send_queue, ping_interval ...)."""
 
     def __init__(self, urls: str | Iterable[str], *, reorder_wait: float = 0.5, reorder_max: int = 1000,
-                 ack_timeout: float = 10.0, collect_max: int = 100_000, **options: Any) -> None:
+                 ack_timeout: float = 10.0, collect_max: int = 100_000, sync_interval: float = 10.0,
+                 **options: Any) -> None:
         for name in ("on_message", "subprotocols"):
             if name in options:
                 raise TypeError(f"RoomClient sets {name} itself")
@@ -344,6 +368,8 @@ class RoomClient:
         self.reorder_max = int(reorder_max)
         self.ack_timeout = float(ack_timeout)
         self.collect_max = int(collect_max)
+        self.sync_interval = float(sync_interval)
+        self._sync_task: asyncio.Task[None] | None = None
         user_connect = options.pop("on_connect", None)
         self.client = Client(urls, subprotocols=[SUBPROTOCOL], on_message=self._on_frame, **options)
         self.client.connect_callbacks.insert(0, self._on_connect)
@@ -361,8 +387,18 @@ class RoomClient:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self, wait: bool = True) -> RoomClient:
+        if self.sync_interval > 0 and self._sync_task is None:
+            self._sync_task = asyncio.ensure_future(self._sync_loop())
         await self.client.start(wait)
         return self
+
+    async def _sync_loop(self) -> None:
+        """Every ``sync_interval`` seconds: a ping whose pong names each
+        room's last seq (see :meth:`ping`)."""
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            if self.client.connected and self.subs:
+                self.client.send_nowait(_dumps({"t": "ping", "ts": "sync", "seqs": True}))
 
     async def __aenter__(self) -> RoomClient:
         return await self.start()
@@ -374,6 +410,9 @@ class RoomClient:
         return self.start().__await__()
 
     async def close(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            self._sync_task = None
         await self.client.close()
         closed = ConnectionClosed(1000, "closed by the client")
         for sub in list(self.subs.values()):
@@ -441,6 +480,12 @@ class RoomClient:
             if fut is not None and not fut.done():
                 fut.set_result(frame)
         elif t == "pong":
+            seqs = frame.get("seqs")
+            if isinstance(seqs, dict):
+                for room, seq in seqs.items():
+                    sub = self.subs.get(room)
+                    if sub is not None and sub.active:
+                        sub._check_tail(seq)
             entry = self._pings.pop(frame.get("ts"), None)
             if entry is not None and not entry[0].done():
                 entry[0].set_result(asyncio.get_running_loop().time() - entry[1])
@@ -554,14 +599,22 @@ class RoomClient:
             self._acks.pop(n, None)
             self._sent_acks.discard(n)
 
-    async def ping(self) -> float:
-        """A round trip of the room protocol (``ping``/``pong``), in seconds."""
+    async def ping(self, *, sync: bool = False) -> float:
+        """A round trip of the room protocol (``ping``/``pong``), in seconds.
+        ``sync``: the pong also names each subscribed room's last seq on the
+        server, and a room that lacks messages up to it recovers them (with
+        history) or reports the gap.  Such a ping goes out every
+        ``sync_interval`` seconds anyway: a gap at the end of a burst is
+        otherwise noticed only when the room's next message comes."""
         loop = asyncio.get_running_loop()
         self._ack_seq += 1
         ts = self._ack_seq
         fut: asyncio.Future[float] = loop.create_future()
         self._pings[ts] = (fut, loop.time())
-        self.client.send_nowait(_dumps({"t": "ping", "ts": ts}))
+        req: dict[str, object] = {"t": "ping", "ts": ts}
+        if sync:
+            req["seqs"] = True
+        self.client.send_nowait(_dumps(req))
         try:
             return await asyncio.wait_for(fut, self.ack_timeout)
         finally:

@@ -53,7 +53,8 @@ class Scenario:
 
     def __init__(self, name: str, js: str, **config) -> None:
         self.proc = subprocess.Popen(["node", "client_scenarios.mjs", name, js, json.dumps(config)], cwd=NODE_DIR,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
         self.events: queue.Queue = queue.Queue()
         self.stderr = ""
         threading.Thread(target=self._read, daemon=True).start()
@@ -76,6 +77,10 @@ class Scenario:
                 continue
             if ev["event"] == event:
                 return ev
+
+    def tell(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -212,6 +217,35 @@ def test_node_reorder_buffer(engine, tmp_path, js):
     assert done["got"] == list(range(1, 301))
     assert done["got2"] == [i for i in range(1, 51) if i != 20]
     assert len(done["gaps"]) == 1 and done["gaps"][0][1] == 1 and 0.3 <= done["gaps"][0][0] < 2.0
+
+
+def test_node_dropped_messages_are_reported_with_their_count(engine, tmp_path, js):
+    """No history: the server drops messages for a client that does not
+    read; once it reads again, its gaps (in the middle: by seq; at the end:
+    by the periodic sync) add up to exactly what the server dropped."""
+    with nodes() as ns:
+        node = Node(engine, tmp_path, "--high-water", "16KiB", "--max-queue", "4MiB", "--slow-grace", "60")
+        ns.append(node.start())
+
+        def dropped() -> float:
+            for line in node.metrics().splitlines():
+                if line.startswith("websocket_dropped_messages_total") and 'priority="normal"' in line:
+                    return float(line.rsplit(" ", 1)[1])
+            return 0.0
+
+        with Scenario("drops", js, url=node.url, room="flood") as s:
+            s.wait("paused")
+            before, sent = dropped(), 0
+            while sent < 30000 and dropped() == before:
+                node.get("/publish?room=flood&text=x&count=200&size=2000")
+                sent += 200
+                time.sleep(0.05)
+            lost = int(dropped() - before)
+            assert lost > 0
+            s.tell(f"resume {sent}")
+            done = s.wait("done", timeout=60)
+    assert len(done["got"]) + lost == sent and sum(done["gaps"]) == lost
+    assert done["got"] == sorted(done["got"]) and len(set(done["got"])) == len(done["got"])
 
 
 def test_node_refusing_server_is_not_stormed(engine, tmp_path, js):

@@ -15,7 +15,9 @@ the real Redis with ``redis+streams://`` (a prefix per test), real kills:
 * the reorder buffer puts shuffled messages back in order and reports a
   message that never comes after its bounded wait;
 * messages the server dropped for a slow reader (its delivery policy) are
-  noticed as a seq gap and recovered from the stream's history.
+  noticed as a seq gap (by the next message, or by the periodic sync when
+  none follows) and recovered from the stream's history, or, without
+  history, reported with their exact count.
 """
 
 from __future__ import annotations
@@ -272,11 +274,40 @@ def test_shuffled_messages_come_out_in_order_and_a_missing_one_is_reported(engin
         run(main())
 
 
-def test_messages_dropped_for_a_slow_reader_are_recovered_from_history(engine, tmp_path):
+def _metric_dropped(node: Node) -> float:
+    for line in get(node, "/metrics").splitlines():
+        if line.startswith("websocket_dropped_messages_total") and 'priority="normal"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def _flood_a_paused_reader(node: Node, rt: RoomClient, room: str) -> int:
+    """Stop reading on ``rt``'s connection and publish to ``room`` (200
+    messages of 2 KB at a time) until the server drops some for it (bounded);
+    then read again.  Returns how many were published."""
+    transport = rt.client.websocket.transport
+    transport.pause_reading()                          # a slow reader
+    before = await asyncio.to_thread(_metric_dropped, node)
+    sent = 0
+    while sent < 30000:
+        await asyncio.to_thread(get, node, f"/publish?room={room}&text=x{sent}&count=200&size=2000")
+        sent += 200
+        await asyncio.sleep(0.05)
+        if await asyncio.to_thread(_metric_dropped, node) > before:
+            break
+    assert await asyncio.to_thread(_metric_dropped, node) > before
+    transport.resume_reading()
+    return sent
+
+
+@pytest.mark.parametrize("noticed_by", ["next message", "sync"])
+def test_messages_dropped_for_a_slow_reader_are_recovered_from_history(engine, tmp_path, noticed_by):
     """The client stops reading while a room is flooded: the server's
-    delivery policy drops messages for it (counted in /metrics).  When it
-    reads again, the next messages show a seq gap; the client asks for
-    recovery from its last stream id and gets every message, in order."""
+    delivery policy drops messages for it (counted in /metrics).  The gap is
+    noticed by the seq of the room's next message, or, when no message
+    follows, by the periodic sync (a ping whose pong names the room's last
+    seq); the client asks for recovery from its last stream id and gets
+    every message, in order."""
     need_redis()
     prefix = new_prefix("client-drop-")
     with nodes() as ns:
@@ -284,33 +315,49 @@ def test_messages_dropped_for_a_slow_reader_are_recovered_from_history(engine, t
                     "--slow-grace", "60")
         ns.append(node.start())
 
-        def dropped() -> float:
-            for line in get(node, "/metrics").splitlines():
-                if line.startswith("websocket_dropped_messages_total") and 'priority="normal"' in line:
-                    return float(line.rsplit(" ", 1)[1])
-            return 0.0
-
         async def main():
             got = []
-            rt = await RoomClient(node.url + "/rt", reorder_wait=0.3)
+            sync = noticed_by == "sync"
+            rt = await RoomClient(node.url + "/rt", reorder_wait=0.3, sync_interval=0.5 if sync else 0)
             sub = await rt.subscribe("flood", got.append)
-            transport = rt.client.websocket.transport
-            transport.pause_reading()                          # a slow reader
-            sent = 0
-            while sent < 30000:                                # until the server drops some (bounded)
-                await asyncio.to_thread(get, node, f"/publish?room=flood&text=x{sent}&count=200&size=2000")
-                sent += 200
-                await asyncio.sleep(0.05)
-                if await asyncio.to_thread(dropped) > 0:
-                    break
-            assert await asyncio.to_thread(dropped) > 0
-            transport.resume_reading()
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(get, node, "/publish?room=flood&text=tail&count=10")
-            await eventually(lambda: len(got) >= sent + 10, timeout=30)
+            sent = await _flood_a_paused_reader(node, rt, "flood")
             expected = [f"x{b}#{i}" for b in range(0, sent, 200) for i in range(200)]
-            assert [m.data.split(".")[0] for m in got] == expected + [f"tail#{i}" for i in range(10)]
+            if not sync:
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(get, node, "/publish?room=flood&text=tail&count=10")
+                expected += [f"tail#{i}" for i in range(10)]
+            await eventually(lambda: len(got) >= len(expected), timeout=30)
+            await asyncio.sleep(0.3)
+            assert [m.data.split(".")[0] for m in got] == expected
             assert sub.recoveries >= 1 and sub.gaps == 0
             assert rt.client.connections == 1
+            await rt.close()
+        run(main(), timeout=120)
+
+
+def test_messages_dropped_without_history_are_reported_with_their_count(engine, tmp_path):
+    """No history broker: the messages the server dropped for a slow reader
+    cannot be recovered; the gaps are reported (on_gap) with exactly as many
+    missing messages as the server dropped, also at the end of the burst
+    (found by the sync), and the room goes on."""
+    with nodes() as ns:
+        node = Node(engine, tmp_path, "--high-water", "16KiB", "--max-queue", "4MiB", "--slow-grace", "60")
+        ns.append(node.start())
+
+        async def main():
+            got, gaps = [], []
+            rt = await RoomClient(node.url + "/rt", reorder_wait=0.3, sync_interval=0.5)
+            await rt.subscribe("flood", got.append, on_gap=lambda s, info: gaps.append(info))
+            before = await asyncio.to_thread(_metric_dropped, node)
+            sent = await _flood_a_paused_reader(node, rt, "flood")
+            dropped = int(await asyncio.to_thread(_metric_dropped, node) - before)
+            await eventually(lambda: len(got) + sum(g["missing"] for g in gaps) >= sent, timeout=30)
+            assert len(got) + dropped == sent
+            assert sum(g["missing"] for g in gaps) == dropped
+            seqs = [m.seq for m in got]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            await asyncio.to_thread(get, node, "/publish?room=flood&text=after")
+            await eventually(lambda: got[-1].data == "after")
+            assert got[-1].seq == sent + 1
             await rt.close()
         run(main(), timeout=120)

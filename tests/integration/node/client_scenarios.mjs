@@ -149,6 +149,22 @@ const scenarios = {
     c.close();
   },
 
+  // a slow reader: the test floods the room while this client does not read (the server drops
+  // messages for it), then sends "resume SENT" on stdin; the gaps are reported with their counts
+  async drops() {
+    const got = [], gaps = [];
+    const rt = new fastws.RoomClient(config.url + "/rt", Object.assign({ reorderWait: 0.3, syncInterval: 0.5 }, options));
+    await rt.subscribe(config.room, (m) => got.push(m.seq), { onGap: (s, info) => gaps.push(info.missing) });
+    rt.client.socket._socket.pause();                 // the ws package's net.Socket: stop reading
+    say({ event: "paused" });
+    const line = await new Promise((r) => process.stdin.once("data", (d) => r(String(d))));
+    const sent = parseInt(line.split(" ")[1], 10);
+    rt.client.socket._socket.resume();
+    await until(() => got.length + gaps.reduce((a, b) => a + b, 0) >= sent, 30000);
+    say({ event: "done", got, gaps });
+    rt.close();
+  },
+
   // messages sent while disconnected wait in the bounded queue and go out in order
   async queue() {
     const c = fastws.connect(config.url, Object.assign({ sendQueue: 3 }, options));
