@@ -277,6 +277,42 @@ def _crossnode_spec(name: str) -> ServerSpec:
                       loadgen_args=["--metrics"])
 
 
+#: ``--baseline DIR``: another fastws checkout (built in place) measured as
+#: a peer in the same run, for before/after comparisons of a change.
+BASELINE_DIR: str | None = None
+BASELINE = ["base", "base-asgi", "base-redis", "base-embedded"]
+
+
+def _baseline_spec(name: str) -> ServerSpec:
+    """The fastws of ``--baseline DIR`` in one of the setups of this fastws:
+    its own CLI (``cli/main.py``) and apps, imported from DIR first."""
+    base = BASELINE_DIR
+    if not base:
+        return ServerSpec(name, name, lambda port: [], skip="give --baseline DIR (a fastws checkout, built in place)")
+    cli = [sys.executable, "-c", f"import sys; sys.path.insert(0, {base!r}); from cli.main import main; main()"]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [base, os.environ.get("PYTHONPATH")]))}
+    skip = None if Path(base, "cli", "main.py").is_file() else f"{base} is no fastws checkout"
+    limits = ["--host", HOST, "--max-message-size", str(16 * 1024 * 1024), "--log-level", "warning"]
+    label = f"fastws at {base}"
+    if name == "base":
+        return ServerSpec(name, label, lambda port: [*cli, "serve", "examples.relay:app", *limits, "--port", str(port)],
+                          env=env, cwd=base, skip=skip)
+    if name == "base-asgi":
+        return ServerSpec(name, label + " (ASGI)", lambda port: [*cli, "serve", ASGI_APP, "--interface", "asgi",
+                                                                  *limits, "--port", str(port), "--ping-interval", "0"],
+                          env=env, cwd=base, skip=skip or _missing("starlette"), asgi=True,
+                          paths={"asgi-broadcast": ASGI_ROOMS_PATH})
+    if name == "base-redis":
+        argv = lambda port, channel: [*cli, "serve", "examples.relay:app", *limits, "--port", str(port),  # noqa: E731
+                                      "--broker", REDIS_URL, "--broker-prefix", channel]
+        return ServerSpec(name, label + f" x 2 nodes, --broker {REDIS_URL}", argv, env=env, cwd=base,
+                          skip=skip or _redis_skip(), suite="crossnode", nodes=2)
+    argv = lambda port, channel: [*cli, "serve", "examples.relay:app", *limits, "--port", str(port),  # noqa: E731
+                                  "--workers", "2"]
+    return ServerSpec(name, label + " --workers 2", argv, env=env, cwd=base, skip=skip, suite="crossnode", nodes=1,
+                      workers=2, loadgen_args=["--metrics"])
+
+
 NEEDS = {
     "websockets": ("websockets",), "aiohttp": ("aiohttp",), "picows": ("picows",),
     "uvicorn-websockets": ("uvicorn", "starlette", "websockets"),
@@ -323,6 +359,8 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
             specs.append(_asgi_peer_spec(name))
         elif name in CROSSNODE:
             specs.append(_crossnode_spec(name))
+        elif name in BASELINE:
+            specs.append(_baseline_spec(name))
         else:
             raise click.BadParameter(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")
         if name in NEEDS and specs[-1].skip is None:
@@ -332,7 +370,7 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
 
 ASGI_PEERS = ["uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi", "granian-asgi"]
 ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws",
-               "socketify", *ASGI_PEERS, *CROSSNODE[1:]]
+               "socketify", *ASGI_PEERS, *CROSSNODE[1:], *BASELINE]
 
 
 def free_port() -> int:
@@ -974,15 +1012,20 @@ def _split(value: str | None, known: list[str], what: str) -> list[str]:
 @click.option("--clients", is_flag=True,
               help="compare the Python clients instead (fastws.client, websockets, picows, aiohttp: echo "
                    "msg/s against one fastws server; the room client's resume cost with --redis-url)")
+@click.option("--baseline", "baseline", default=None, type=click.Path(file_okay=False, exists=True),
+              help="another fastws checkout, built in place: measured as the peers base, base-asgi, "
+                   "base-redis and base-embedded (--vs base,...) for a before/after comparison in one run")
 @click.option("--gateway", "gateway", is_flag=True,
               help="gateway mode instead: message -> backend -> reply round trips/s, p99 and CPU per event over "
                    "Redis Streams (--redis-url) and HTTP, against the same app in process and on python-socketio")
-def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, clients, gateway):
+def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, baseline, clients, gateway):
     """Benchmark fastws against its peers with a neutral load generator."""
-    global REDIS_URL
+    global REDIS_URL, BASELINE_DIR
     REDIS_URL = redis_url
+    BASELINE_DIR = str(Path(baseline).resolve()) if baseline else None
     if gateway:
-        sys.exit(gateway_bench.run(redis_url=redis_url or "redis://127.0.0.1:6379/0", out=out, quick=quick))
+        sys.exit(gateway_bench.run(redis_url=redis_url or "redis://127.0.0.1:6379/0", out=out, quick=quick,
+                                   repeat=repeat))
     if clients:
         client_bench.run(repeat=repeat, n=2000 if quick else 20000, redis_url=redis_url or None,
                          missed=100 if quick else 1000, out=out)
