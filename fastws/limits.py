@@ -178,6 +178,29 @@ class ClientLimits:
                 self.sweep()
         return None
 
+    def release(self, key, holder) -> None:
+        """``holder`` of ``key`` is over (its connection closed): stop
+        counting it now, so nothing of it is kept until a sweep."""
+        held = self.holders.get(key)
+        if not held:
+            return
+        try:
+            held.remove(holder)
+        except ValueError:
+            return
+        if not held:
+            del self.holders[key]
+
+    def replace(self, key, old, new) -> None:
+        """The upgrade ``old`` stood for is now the connection ``new`` (the
+        ASGI front hands the transport over to an engine connection)."""
+        held = self.holders.get(key)
+        if held:
+            for i, h in enumerate(held):
+                if h is old:
+                    held[i] = new
+                    return
+
     def open_count(self, key) -> int:
         """Open connections and upgrades in progress of ``key`` (prunes it)."""
         held = self.holders.get(key)

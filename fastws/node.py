@@ -287,6 +287,9 @@ class Node:
         self.hub = core.Hub(self.loop, handshake, on_callback_error=self._callback_error,
                             node_id=self.node_id, **core.hub_settings(c))
         self.rooms = Rooms.from_config(self.hub, c)
+        if self.client_limits.max_connections or c.proxy_headers:
+            # per-address counts and forwarded addresses end with their connection
+            self.hub.on_closed = self._connection_closed
         if self.app is not None:
             self.rooms.authorize = self._authorize_room   # the app's authorize_join/_publish
         if self.app is not None:
@@ -457,6 +460,35 @@ class Node:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fastws: upgrade from %s refused: %s", host, reason)
         return HandshakeError(429, reason, [("Retry-After", str(retry))])
+
+    def _client_key(self, client: Any) -> Any:
+        host = client[0] if isinstance(client, tuple) and client else client
+        return client_key(host) if host else None
+
+    def release_client(self, client: Any, holder: object) -> None:
+        """An admitted upgrade (``holder``) of ``client`` is over before it
+        became a connection (refused later, or the client left): stop
+        counting it for the per-address limit now."""
+        key = self._client_key(client)
+        if key is not None:
+            self.client_limits.release(key, holder)
+
+    def handed_over(self, client: Any, transport: object, conn: core.Connection) -> None:
+        """The ASGI front handed ``client``'s upgraded ``transport`` to ``conn``:
+        ``conn`` now stands for it in the per-address count (and is released
+        when it closes, see :meth:`_connection_closed`)."""
+        key = self._client_key(client)
+        if key is not None:
+            self.client_limits.replace(key, transport, conn)
+        if self.config.proxy_headers or self.client_limits.max_connections:
+            self.clients[conn] = client
+
+    def _connection_closed(self, conn: core.Connection) -> None:
+        """``hub.on_closed``: an upgraded connection ended; forget its
+        forwarded address and stop counting it for its address's limit."""
+        client = self.clients.pop(conn, None)
+        if self.client_limits.max_connections:
+            self.release_client(client if client is not None else conn.remote_address, conn)
 
     def remember_client(self, conn: core.Connection, client: Any) -> None:
         """Keep the address a trusted proxy named for ``conn`` (see

@@ -439,6 +439,8 @@ class NativeServer(Server):
             self.node.access.refused(client or conn.remote_address, path, status, detail)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fastws: handshake from %s refused: %d %s", client or conn.remote_address, status, detail)
+        if self.node.client_limits.max_connections:   # an admitted upgrade no longer counts
+            self.node.release_client(client or conn.remote_address, conn)
         conn.reject_upgrade(error_response(status, detail, headers))
 
     def _async_decided(self, task, conn, req, route) -> None:
@@ -494,6 +496,8 @@ class NativeServer(Server):
                 node.clients.pop(conn, None)
             if access is not None:
                 access.forget(conn)
+            if node.client_limits.max_connections:   # the client left while it was decided
+                node.release_client(req.client or conn.remote_address, conn)
 
     # -- plain HTTP on the same port ------------------------------------------------
 

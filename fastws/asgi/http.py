@@ -298,7 +298,7 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = ("server", "loop", "transport", "parser", "url", "headers", "head_size",
                  "cycle", "receiving", "pipeline", "timer", "timer_kind", "reading",
-                 "write_paused", "drain_waiter", "ws", "client", "local", "read_paused", "closed")
+                 "write_paused", "drain_waiter", "ws", "client", "local", "read_paused", "closed", "held")
 
     def __init__(self, server) -> None:
         self.server = server
@@ -321,6 +321,7 @@ class HttpProtocol(asyncio.Protocol):
         self.local = None
         self.read_paused = False
         self.closed = False
+        self.held = None              # the client address an admitted upgrade is counted for
 
     # -- asyncio protocol --------------------------------------------------
 
@@ -358,6 +359,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server.http_connections.discard(self)
+        if self.held is not None:     # an admitted upgrade that never became a connection
+            self.server.node.release_client(self.held, self.transport)
+            self.held = None
         self._cancel_timer()
         for c in (self.cycle, self.receiving, *self.pipeline):
             if c is not None:
@@ -565,10 +569,15 @@ class HttpProtocol(asyncio.Protocol):
                     if secure is not None:
                         scheme = "wss" if secure else "ws"
                     refused = node.admit_client(client, t)   # per-client limits: 429
+                    if refused is None and node.client_limits.max_connections:
+                        self.held = client    # counted until handed over or gone
                 if refused is None:
                     # a browser page of a site not allowed (allowed_origins): the app never sees it
                     refused = node.check_origin(request)
         if refused is not None:
+            if self.held is not None:
+                node.release_client(self.held, t)
+                self.held = None
             node.count_handshake(refused.status)
             if node.access is not None:
                 node.access.refused(client, self.url.decode("latin-1"), refused.status, refused.detail)

@@ -234,8 +234,11 @@ class WebSocketSession:
         self.conn = conn
         self.state = SESSION_OPEN
         self.request = None
+        held, proto.held = proto.held, None
         proto.detach()
         self.proto = None
+        if held is not None:          # the per-address count: conn stands for the upgrade now
+            node.handed_over(held, transport, conn)
         early = bytes(self.early) if self.early else b""
         self.early = None
         if node.access is not None:

@@ -223,3 +223,26 @@ def test_token_auth_import_without_pyjwt_names_the_extra():
             "try:\n import fastws.auth\nexcept ImportError as e:\n print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert 'pip install "fastws[auth]"' in out.stdout, out
+
+
+def test_client_limits_release_and_hand_over_at_once():
+    """An upgrade's holder is released when its connection ends (not at the
+    next sweep, which kept closed TLS transports alive), and an ASGI
+    hand-over swaps the transport for the connection in the count."""
+    from fastws.limits import ClientLimits
+
+    class Holder:
+        def is_closing(self):
+            return False
+
+    limits = ClientLimits(max_connections=2)
+    t1, t2, conn = Holder(), Holder(), Holder()
+    assert limits.check("k", t1) is None and limits.check("k", t2) is None
+    assert limits.check("k", Holder()) is not None          # at the limit
+    limits.replace("k", t1, conn)
+    assert limits.holders["k"] == [conn, t2]
+    limits.release("k", t2)
+    limits.release("k", conn)
+    assert "k" not in limits.holders                        # nothing of them kept
+    limits.release("k", conn)                               # twice: no error
+    assert limits.check("k", Holder()) is None
