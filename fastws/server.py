@@ -413,7 +413,7 @@ class NativeServer(Server):
             self._decide(conn, req, route, None)
         elif route.connect_is_async:
             conn.hold_upgrade()
-            task = node.loop.create_task(route.on_connect(req))
+            task = node.loop.create_task(self._in_time(route.on_connect(req)))
             task.add_done_callback(lambda t: self._async_decided(t, conn, req, route))
         else:
             try:
@@ -426,7 +426,7 @@ class NativeServer(Server):
                 return
             if asyncio.iscoroutine(decision):   # a sync callable that answered with a coroutine
                 conn.hold_upgrade()
-                task = node.loop.create_task(decision)
+                task = node.loop.create_task(self._in_time(decision))
                 task.add_done_callback(lambda t: self._async_decided(t, conn, req, route))
                 return
             self._decide(conn, req, route, decision)
@@ -443,11 +443,22 @@ class NativeServer(Server):
             self.node.release_client(client or conn.remote_address, conn)
         conn.reject_upgrade(error_response(status, detail, headers))
 
+    def _in_time(self, decision):
+        """An async ``on_connect`` has ``handshake_timeout`` to decide (the
+        connection is dropped then anyway): past it, it is cancelled instead
+        of running on for a client that is gone."""
+        return asyncio.wait_for(decision, self.config.handshake_timeout)
+
     def _async_decided(self, task, conn, req, route) -> None:
         if task.cancelled():
             self._reject(conn, 503, "server shutting down")
             return
         exc = task.exception()
+        if isinstance(exc, asyncio.TimeoutError):
+            log.warning("fastws: on_connect for %s did not decide within the handshake timeout (%gs)",
+                        req.path, self.config.handshake_timeout)
+            self._reject(conn, 503, "not decided in time")
+            return
         if isinstance(exc, Reject):
             self._decide(conn, req, route, exc)
         elif exc is not None:

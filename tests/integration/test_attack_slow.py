@@ -127,6 +127,16 @@ def test_undecided_upgrade_is_dropped_after_handshake_timeout(server_factory, mo
     assert closed and got == b"", got
     assert 0.5 <= took < 5.0, took
     assert wait_fds_back(server, baseline) <= baseline
+    if mode.startswith("native"):
+        # the application's decision is cancelled, not left running for a client that is gone
+        deadline = time.monotonic() + 5
+        while True:
+            with urllib.request.urlopen(f"http://{HOST}:{server.port}/undecided-state", timeout=5) as r:
+                state = r.read().decode()
+            if state == "cancelled" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert state == "cancelled", state
 
 
 def test_keepalive_next_head_counted_from_its_first_byte(server_factory):

@@ -9,6 +9,8 @@ Routes
              then echoes (ASGI)
              /undecided: the decision on the upgrade takes 30 s
   POST /upload   the length of the request body, as text
+  GET  /undecided-state   "cancelled", "finished" or "running": what became of the
+                 last /undecided decision (native only)
   GET  /scheme   scope["scheme"] (ASGI only; native has no scope)
   GET  /         "ok" (ASGI only)
 """
@@ -21,9 +23,23 @@ app = fastws.App()
 UNDECIDED_FOR = 30      # seconds the /undecided upgrade waits before it is accepted
 
 
+UNDECIDED = {"state": "none"}
+
+
 @app.on_connect("/undecided")
 async def undecided(request):
-    await asyncio.sleep(UNDECIDED_FOR)
+    UNDECIDED["state"] = "running"
+    try:
+        await asyncio.sleep(UNDECIDED_FOR)
+    except asyncio.CancelledError:
+        UNDECIDED["state"] = "cancelled"
+        raise
+    UNDECIDED["state"] = "finished"
+
+
+@app.http("GET", "/undecided-state")
+def undecided_state(request):
+    return 200, UNDECIDED["state"].encode(), "text/plain"
 
 
 @app.on_message("*")
