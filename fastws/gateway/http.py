@@ -20,12 +20,14 @@ Failures come in two kinds, because what may be sent again depends on it:
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from urllib.parse import urlsplit
 
 import httptools
 
+log = logging.getLogger("fastws.gateway")
 __all__ = ["HttpPool", "BackendError", "Unseen", "Failed", "parse_http_url", "MAX_ANSWER"]
 
 #: the largest answer body read (bytes); a larger one fails its request
@@ -67,7 +69,7 @@ class _Conn(asyncio.Protocol):
         self.pool = pool
         self.transport = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter = None           # the Future of the request in flight
+        self.waiter = None           # done(result, exc) of the request in flight
         self.timer = None            # its timeout
         self.used = 0                # requests answered on this connection
         self.got_bytes = False       # a byte of the current answer came
@@ -123,22 +125,24 @@ class _Conn(asyncio.Protocol):
         self.headers, self.body, self.size = [], [], 0
         self.used += 1
         self.got_bytes = False
-        if waiter is not None and not waiter.done():
-            waiter.set_result((status, headers, body, time.perf_counter()))
         if keep and not self.closed and not self.transport.is_closing():
-            self.pool.release(self)
+            self.pool.release(self)      # first: the answer's handler may send again at once
         else:
             self.transport.close()
+        if waiter is not None:
+            try:
+                waiter((status, headers, body, time.perf_counter()), None)
+            except Exception as exc:         # the answer's handler failed: not the parser's business
+                log.error("fastws: gateway: handling an answer failed", exc_info=exc)
 
     # -- the pool's side ----------------------------------------------------------------------
 
-    def request(self, data: bytes, timeout: float):
-        loop = self.pool.loop
-        self.waiter = fut = loop.create_future()
+    def request(self, data: bytes, timeout: float, done) -> None:
+        """Write one request; ``done(result, None)`` or ``done(None, exc)`` once (see HttpPool.send)."""
+        self.waiter = done
         self.got_bytes = False
-        self.timer = loop.call_later(timeout, self._timed_out, timeout)
+        self.timer = self.pool.loop.call_later(timeout, self._timed_out, timeout)
         self.transport.write(data)
-        return fut
 
     def _timed_out(self, timeout: float) -> None:
         self.timer = None
@@ -151,8 +155,11 @@ class _Conn(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        if waiter is not None:
+            try:
+                waiter(None, exc)
+            except Exception as err:
+                log.error("fastws: gateway: handling a failed request failed", exc_info=err)
 
 
 class HttpPool:
@@ -170,6 +177,7 @@ class HttpPool:
         self.loop = None
         self.idle: list = []          # connections ready for a request, most recently used last
         self.open: set = set()        # every open connection
+        self.tasks: set = set()       # requests waiting for a new connection
         self.target = target
         self.host_header = host_header
         self.auth = f"Authorization: Bearer {token}\r\n" if token else ""
@@ -185,23 +193,51 @@ class HttpPool:
                 f"User-Agent: fastws-gateway\r\n{self.auth}Content-Length: ").encode("latin-1")
         return head
 
-    async def post(self, body: bytes, *, method: str = "POST", path: str | None = None) -> tuple:
+    def send(self, body: bytes, done, *, method: str = "POST", path: str | None = None) -> None:
         """POST ``body`` (or another ``method``, to ``path`` instead of the
-        URL's); ``(status, [(name, value)], body, answered_at)`` (names
-        lower-case bytes; ``answered_at``: ``time.perf_counter()`` when the
-        answer was complete).  Raises :class:`Unseen` or :class:`Failed`."""
+        URL's) and call ``done(result, None)`` with ``result = (status,
+        [(name, value)], body, answered_at)`` (names lower-case bytes;
+        ``answered_at``: ``time.perf_counter()`` when the answer was
+        complete), or ``done(None, exc)`` with an :class:`Unseen` or
+        :class:`Failed`.  On an idle connection the request is written now and
+        ``done`` runs as the answer is read (no task, no extra loop turn);
+        otherwise a connection is opened first."""
         head = self.head if path is None and method == "POST" else self._head(method, path or self.target)
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        conn = None
+        data = head + b"%d\r\n\r\n" % len(body) + body
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed and not conn.transport.is_closing():
-                break
-            conn = None
-        if conn is None:
+                conn.request(data, self.timeout, done)
+                return
+        task = self.loop.create_task(self._send_new(data, done))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send_new(self, data: bytes, done) -> None:
+        try:
             conn = await self._connect()
-        return await conn.request(head + b"%d\r\n\r\n" % len(body) + body, self.timeout)
+        except BackendError as exc:
+            done(None, exc)
+            return
+        conn.request(data, self.timeout, done)
+
+    async def post(self, body: bytes, *, method: str = "POST", path: str | None = None) -> tuple:
+        """:meth:`send`, awaited: the result, or raises :class:`Unseen` / :class:`Failed`."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        fut = self.loop.create_future()
+
+        def done(result, exc):
+            if not fut.done():
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+
+        self.send(body, done, method=method, path=path)
+        return await fut
 
     async def _connect(self) -> _Conn:
         if self.closing:
@@ -242,6 +278,8 @@ class HttpPool:
 
     def close(self) -> None:
         self.closing = True
+        for task in list(self.tasks):
+            task.cancel()
         for conn in list(self.open):
             if conn.transport is not None:
                 conn.transport.close()

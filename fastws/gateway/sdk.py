@@ -208,46 +208,115 @@ def _answer_of(event: Event, api: Api, result) -> dict:
     return answer
 
 
-async def _one(handle, is_async: bool, raw) -> dict:
+def _failed(event: Event, api: Api, exc: Exception) -> dict:
+    api._done = True
+    log.error("fastws.gateway: the handler raised on a %s event of %s", event.type, event.connection_id,
+              exc_info=exc)
+    if event.type == CONNECT:
+        return {"accept": False, "status": 500, "reason": "internal error"}
+    return {}
+
+
+class _Yield:
+    """Awaiting it passes ``value`` (what a suspended coroutine yielded) up to
+    the task and hands back what the task sends in."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __await__(self):
+        return (yield self.value)
+
+
+def _begin(handle, raw):
+    """Run the handler on one event until it is done or first waits for
+    something: ``(True, answer)`` or ``(False, (event, api, coroutine, what it
+    yielded))``.  A handler that never really waits (the common case: ``api``
+    calls complete at once) costs no task."""
     if type(raw) is not dict:
-        return {}
+        return True, {}
     event = Event(raw)
     api = Api(event)
     try:
         result = handle(event, api)
-        if is_async or inspect.isawaitable(result):
-            result = await result
+        if inspect.isawaitable(result):
+            coro = result if inspect.iscoroutine(result) else result.__await__()
+            try:
+                yielded = coro.send(None)
+            except StopIteration as stop:
+                result = stop.value
+            else:
+                return False, (event, api, coro, yielded)
     except Exception as exc:
-        api._done = True
-        log.error("fastws.gateway: the handler raised on a %s event of %s", event.type, event.connection_id,
-                  exc_info=exc)
-        if event.type == CONNECT:
-            return {"accept": False, "status": 500, "reason": "internal error"}
-        return {}
-    return _answer_of(event, api, result)
+        return True, _failed(event, api, exc)
+    return True, _answer_of(event, api, result)
+
+
+async def _resume(coro, yielded):
+    """Go on with a coroutine that was started by hand and is waiting on
+    ``yielded``; its result."""
+    try:
+        while True:
+            try:
+                sent = await _Yield(yielded)
+            except BaseException as exc:
+                yielded = coro.throw(exc)
+            else:
+                yielded = coro.send(sent)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def _complete(pending) -> dict:
+    """Finish a handler :func:`_begin` left waiting (in the task that awaits this)."""
+    event, api, coro, yielded = pending
+    try:
+        while True:
+            try:
+                sent = await _Yield(yielded)
+            except BaseException as exc:        # the awaited thing failed, or the task is cancelled
+                yielded = coro.throw(exc)
+            else:
+                yielded = coro.send(sent)
+    except StopIteration as stop:
+        return _answer_of(event, api, stop.value)
+    except Exception as exc:
+        return _failed(event, api, exc)
 
 
 async def handle_events(handle, events: list) -> list:
     """The answers to ``events`` (JSON objects), in order: the events of one
-    connection one after the other, different connections concurrently."""
-    is_async = inspect.iscoroutinefunction(handle)
-    if len(events) == 1:
-        return [await _one(handle, is_async, events[0])]
-    groups: dict = {}
+    connection one after the other, different connections concurrently (a
+    handler that waits for something holds up its connection's later events
+    only; one that never waits runs without a task)."""
+    answers: list = [None] * len(events)
+    blocked: dict = {}          # connection id -> indexes of its events behind a waiting handler
+    tasks = []
     for i, raw in enumerate(events):
         key = raw.get("connection_id") if type(raw) is dict else None
-        groups.setdefault(key, []).append(i)
-    answers: list = [None] * len(events)
-
-    async def run(indexes):
-        for i in indexes:
-            answers[i] = await _one(handle, is_async, events[i])
-
-    if len(groups) == 1:
-        await run(next(iter(groups.values())))
-    else:
-        await asyncio.gather(*(run(ix) for ix in groups.values()))
+        behind = blocked.get(key)
+        if behind is not None:
+            behind.append(i)
+            continue
+        done, value = _begin(handle, raw)
+        if done:
+            answers[i] = value
+        else:
+            behind = blocked[key] = []
+            tasks.append(_rest_of(handle, events, answers, i, value, behind))
+    if tasks:
+        await asyncio.gather(*tasks)
     return answers
+
+
+async def _rest_of(handle, events, answers, first: int, pending, behind: list) -> None:
+    """One connection's events from a waiting handler on, in order."""
+    answers[first] = await _complete(pending)
+    for j in behind:
+        done, value = _begin(handle, events[j])
+        answers[j] = value if done else await _complete(value)
 
 
 class GatewayApp:
@@ -353,42 +422,61 @@ class Worker:
         self._tasks: set = set()
 
     async def run(self) -> None:
-        """Work until :meth:`stop`; then finish the entries in hand and return."""
+        """Work until :meth:`stop`; then finish the entries in hand and return.
+        Claiming and trimming run beside the reading, so they never hold it up."""
         import redis.asyncio as aioredis
 
         self.redis = aioredis.from_url(self.redis_url, decode_responses=False)
         self._slots = asyncio.Semaphore(self.concurrency)
         self.running = True
-        claimed_at = trimmed_at = 0.0
         backoff = 0.05
+        upkeep = asyncio.get_running_loop().create_task(self._upkeep())
         try:
             while self.running:
                 try:
                     await self._ensure_group()
-                    now = time.monotonic()
-                    if now - claimed_at >= max(0.2, self.claim_idle / 2):
-                        claimed_at = now
-                        await self._claim()
-                    if now - trimmed_at >= 5.0:
-                        trimmed_at = now
-                        await self._trim()
                     got = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
                                                       count=self.count, block=self.block_ms)
                     backoff = 0.05
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    if "NOGROUP" in str(exc) or "no longer exists" in str(exc):   # the stream is gone: make it again
+                        self._group_ok = False
                     log.warning("fastws.gateway: worker %s: Redis: %s; retrying", self.consumer, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(2.0, backoff * 2)
                     continue
                 for _key, entries in got or ():
-                    for eid, fields in entries:
-                        await self._start(eid, fields)
+                    if entries:
+                        await self._start(entries)
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
         finally:
+            upkeep.cancel()
+            try:
+                await upkeep
+            except (asyncio.CancelledError, Exception):
+                pass
             await self.redis.aclose()
+
+    async def _upkeep(self) -> None:
+        """Claim the entries of consumers that died, and trim the stream, now and then."""
+        claimed_at = trimmed_at = 0.0
+        while self.running:
+            now = time.monotonic()
+            try:
+                if self._group_ok and now - claimed_at >= max(0.2, self.claim_idle / 2):
+                    claimed_at = now
+                    await self._claim()
+                if self._group_ok and now - trimmed_at >= 5.0:
+                    trimmed_at = now
+                    await self._trim()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("fastws.gateway: worker %s: claiming/trimming: %s", self.consumer, exc)
+            await asyncio.sleep(0.1)
 
     def stop(self) -> None:
         self.running = False
@@ -405,40 +493,57 @@ class Worker:
                 raise
         self._group_ok = True
 
-    async def _start(self, eid, fields) -> None:
+    async def _start(self, entries) -> None:
+        """Hand ``entries`` (read together) to a task of their own, at most
+        ``concurrency`` such tasks at once."""
         await self._slots.acquire()
-        task = asyncio.get_running_loop().create_task(self._entry(eid, fields))
+        task = asyncio.get_running_loop().create_task(self._entries(entries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _entry(self, eid, fields) -> None:
+    async def _entries(self, entries) -> None:
+        """Answer the entries read together: their events handled (an entry
+        whose handler waits does not hold up the others), then every answer
+        written and every entry acknowledged in one round trip to Redis."""
         try:
-            events_json, reply_key = fields.get(b"e"), fields.get(b"r")
-            try:
-                events = json.loads(events_json) if events_json else []
-                if type(events) is not list:
-                    raise ValueError
-            except ValueError:
-                log.error("fastws.gateway: worker %s: entry %s is not a list of events; acknowledged",
-                          self.consumer, eid)
-                await self.redis.xack(self.stream, self.group, eid)
-                return
-            answers = await handle_events(self.handle, events)
+            out = []                     # (entry id, reply stream, answers or a task, events)
+            for eid, fields in entries:
+                events_json, reply_key = fields.get(b"e"), fields.get(b"r")
+                try:
+                    events = json.loads(events_json) if events_json else []
+                    if type(events) is not list:
+                        raise ValueError
+                except ValueError:
+                    log.error("fastws.gateway: worker %s: entry %s is not a list of events; acknowledged",
+                              self.consumer, eid)
+                    out.append((eid, None, None, ()))
+                    continue
+                coro = handle_events(self.handle, events)
+                try:
+                    yielded = coro.send(None)
+                except StopIteration as stop:          # nothing waited: no task
+                    out.append((eid, reply_key, stop.value, events))
+                else:
+                    task = asyncio.get_running_loop().create_task(_resume(coro, yielded))
+                    out.append((eid, reply_key, task, events))
             pipe = self.redis.pipeline(transaction=False)
-            if reply_key:
-                pipe.xadd(reply_key, {"i": eid, "a": _dumps(answers)}, nomkstream=True)
-            pipe.xack(self.stream, self.group, eid)
+            for eid, reply_key, answers, _events in out:
+                if isinstance(answers, asyncio.Task):
+                    answers = await answers
+                if reply_key:
+                    pipe.xadd(reply_key, {"i": eid, "a": _dumps(answers)}, nomkstream=True)
+            pipe.xack(self.stream, self.group, *[eid for eid, *_ in out])
             while True:
                 try:
                     await pipe.execute()
                     break
-                except Exception as exc:     # the answer must go out: Redis is back soon, or we are claimed
+                except Exception as exc:     # the answers must go out: Redis is back soon, or we are claimed
                     if not self.running:
                         raise
-                    log.warning("fastws.gateway: worker %s: writing an answer: %s; retrying", self.consumer, exc)
+                    log.warning("fastws.gateway: worker %s: writing answers: %s; retrying", self.consumer, exc)
                     await asyncio.sleep(0.2)
-            self.entries += 1
-            self.events += len(events)
+            self.entries += len(out)
+            self.events += sum(len(events) for *_, events in out)
         finally:
             self._slots.release()
 
@@ -449,10 +554,10 @@ class Worker:
             res = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
                                               int(self.claim_idle * 1000), start_id=start, count=self.count)
             start, entries = res[0], res[1]
-            for eid, fields in entries:
-                if fields:               # None: trimmed away meanwhile
-                    self.claimed += 1
-                    await self._start(eid, fields)
+            entries = [(eid, fields) for eid, fields in entries if fields]   # None: trimmed away meanwhile
+            if entries:
+                self.claimed += len(entries)
+                await self._start(entries)
             if not entries or start in (b"0-0", "0-0"):
                 return
 

@@ -21,6 +21,7 @@ import logging
 import time
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from ..broker.redis import ReplyError, link_problem, open_conn, parse_redis_url
 from ..config import mask_url
 from .http import BackendError, Failed, HttpPool, Unseen
 from .wire import BATCH_HEADER, DEFAULT_GROUP, DEFAULT_STREAM, AnswerError, batch_body, reply_stream, results_of
@@ -34,6 +35,8 @@ _BATCH_HEADER = BATCH_HEADER.encode()
 REPLY_TTL = 60
 #: answers that came for no entry out (early, or duplicates) kept at most, and for how long
 EARLY_MAX, EARLY_AGE = 10000, 30.0
+#: seconds between attempts to reach Redis again
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 
 
 def make_transport(gateway):
@@ -52,51 +55,45 @@ class HttpTransport:
         self.gw = gateway
         self.pool = HttpPool(gateway.url, size=gateway.concurrency, timeout=gateway.timeout, token=gateway.token)
         self.max_batch = 1          # until the backend's answer says it takes batches
-        self.tasks: set = set()
 
     async def start(self) -> None:
         pass
 
     async def stop(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
         self.pool.close()
 
     def batch_size(self) -> int:
         return self.max_batch
 
     def submit(self, batches) -> None:
-        loop = self.gw.loop
         for batch in batches:
-            task = loop.create_task(self._post(batch))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            frags = batch.frags
+            batched = len(frags) > 1
+            body = (batch_body(frags) if batched else frags[0]).encode()
+            batch.sent_at = time.perf_counter()
+            self.pool.send(body, lambda result, exc, batch=batch, batched=batched:
+                           self._answered(batch, batched, result, exc))
 
-    async def _post(self, batch) -> None:
+    def _answered(self, batch, batched: bool, result, exc) -> None:
+        """The request of ``batch`` ended: its answers, or why not (runs as the answer is read)."""
         gw = self.gw
-        frags = batch.frags
-        batched = len(frags) > 1
-        body = (batch_body(frags) if batched else frags[0]).encode()
-        batch.sent_at = time.perf_counter()
+        if exc is not None:
+            gw.batch_failed(batch, exc)
+            return
+        status, headers, data, answered_at = result
         try:
-            status, headers, data, answered_at = await self.pool.post(body)
             if status == 503:
                 raise Unseen("the backend answered 503")
             if status != 200:
                 where = dict(headers).get(b"location") if 300 <= status < 400 else None
                 raise Failed(f"the backend answered HTTP {status}" + (
                     f" (a redirect to {where.decode('latin-1')}: give --gateway that URL)" if where else ""))
-            results = results_of(data, len(frags), batched)
+            results = results_of(data, len(batch.frags), batched)
         except BackendError as exc:
             gw.batch_failed(batch, exc)
             return
         except AnswerError as exc:
             gw.batch_failed(batch, Failed(f"malformed answer: {exc}"))
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:      # a bug here must not leave the batch out forever
-            gw.batch_failed(batch, exc)
             return
         self._opt_in(headers)
         gw.batch_done(batch, results, answered_at)
@@ -136,55 +133,79 @@ class StreamsTransport:
     node's own reply stream (``<stream>:replies:<node id>``, expiring
     ``REPLY_TTL`` seconds after this node stops refreshing it).  An entry in
     Redis is never lost: it waits for a worker however long it takes (the
-    connection's queue bounds what piles up behind it)."""
+    connection's queue bounds what piles up behind it).
+
+    Two connections of fastws's own RESP client
+    (:class:`fastws.broker.redis.RespConn`): one writes the XADD commands of a
+    loop iteration's batches at once, in the iteration that made them (one
+    pipelined write, no task), the other waits on the reply stream (``XREAD
+    BLOCK``) and carries out each answer as it is read.  A write that fails
+    because Redis is unreachable sends its batches back to their queues
+    (:class:`~fastws.gateway.http.Unseen`); an ``XADD`` whose reply was lost
+    with the connection may then be in the stream twice (events are handled
+    at least once; their ``id`` tells a repeat)."""
 
     kind = "streams"
 
     def __init__(self, gateway) -> None:
         self.gw = gateway
         self.redis_url, self.stream, self.group = streams_url(gateway.url)
-        self.redis = None
+        self.opts = None            # host, port, db, credentials, TLS of the URL
+        self.cmd = None             # RespConn for XADD and the upkeep
+        self.rd = None              # RespConn blocked in XREAD on the reply stream
         self.reply_key = ""
         self.waiting: dict = {}     # entry id -> batch
         self.early: dict = {}       # entry id -> (answers, answered_at): came before we knew the entry
         self.tasks: set = set()
         self.reader = None
-        self.ready = False          # the group and the reply stream exist
+        self.ready = False          # connected, the group and the reply stream exist
         self.running = False
         self.error = ""
+        self.last = "0-0"           # the last answer entry read
 
     async def start(self) -> None:
-        try:
-            import redis.asyncio as aioredis
-        except ImportError:
-            raise ImportError("the Streams transport needs the redis package: pip install 'fastws[redis]'") \
-                from None
-        self.redis = aioredis.from_url(self.redis_url, decode_responses=False)
+        self.opts = parse_redis_url(self.redis_url)
         self.reply_key = reply_stream(self.stream, self.gw.node_id)
         self.running = True
         try:
-            await self._setup()
-        except Exception as exc:       # Redis down at start: the reader sets up when it is back
-            self.error = mask_url(str(exc))
-            log.warning("fastws: gateway: Redis %s is not reachable (%s); retrying", mask_url(self.redis_url),
-                        self.error)
+            await self._connect()
+        except Exception as exc:       # Redis down at start: the reader connects when it is back
+            self.error = link_problem(exc)
+            log.warning("fastws: gateway: Redis %s is %s; retrying", mask_url(self.redis_url), self.error)
         self.reader = self.gw.loop.create_task(self._read_answers())
+        upkeep = self.gw.loop.create_task(self._upkeep())
+        self.tasks.add(upkeep)
+        upkeep.add_done_callback(self.tasks.discard)
 
-    async def _setup(self) -> None:
-        r = self.redis
+    async def _connect(self) -> None:
+        """Both connections, the consumer group and the reply stream."""
+        self._drop()
+        o = self.opts
+        kw = {"ssl": o["ssl"], "username": o["username"], "password": o["password"], "db": o["db"],
+              "timeout": max(2.0, self.gw.timeout)}
+        cmd = await open_conn(o["host"], o["port"], **kw)
         try:
-            await r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except Exception as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        try:                            # the reply stream exists (workers answer with NOMKSTREAM)
-            await r.xgroup_create(self.reply_key, "gateway", id="$", mkstream=True)
-        except Exception as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        await r.expire(self.reply_key, REPLY_TTL)
+            rd = await open_conn(o["host"], o["port"], **kw)
+        except BaseException:
+            cmd.close()
+            raise
+        self.cmd, self.rd = cmd, rd
+        for args in (("XGROUP", "CREATE", self.stream, self.group, "0", "MKSTREAM"),
+                     # the reply stream exists (workers answer with NOMKSTREAM); an empty group makes it
+                     ("XGROUP", "CREATE", self.reply_key, "gateway", "$", "MKSTREAM")):
+            r = await asyncio.wait_for(cmd.send(*args), kw["timeout"])
+            if isinstance(r, ReplyError) and "BUSYGROUP" not in str(r):
+                raise r
+        await asyncio.wait_for(cmd.send("EXPIRE", self.reply_key, REPLY_TTL), kw["timeout"])
         self.ready = True
         self.error = ""
+
+    def _drop(self) -> None:
+        self.ready = False
+        for conn in (self.cmd, self.rd):
+            if conn is not None:
+                conn.close()
+        self.cmd = self.rd = None
 
     async def stop(self) -> None:
         self.running = False
@@ -196,75 +217,71 @@ class StreamsTransport:
                 await self.reader
             except (asyncio.CancelledError, Exception):
                 pass
-        if self.redis is not None:
+        if self.cmd is not None and not self.cmd.closed:
             try:
-                await asyncio.wait_for(self.redis.delete(self.reply_key), 2)
+                await asyncio.wait_for(self.cmd.send("DEL", self.reply_key), 2)
             except Exception:
                 pass
-            try:
-                await self.redis.aclose()
-            except Exception:
-                pass
+        self._drop()
 
     def batch_size(self) -> int:
         return self.gw.batch
 
     def submit(self, batches) -> None:
-        task = self.gw.loop.create_task(self._add(batches))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _add(self, batches) -> None:
         gw = self.gw
+        cmd = self.cmd
         now = time.perf_counter()
-        try:
-            if not self.ready:
-                await self._setup()
-            pipe = self.redis.pipeline(transaction=False)
+        if cmd is None or cmd.closed or not self.ready:
             for b in batches:
-                b.sent_at = now
-                pipe.xadd(self.stream, {"e": "[" + ",".join(b.frags) + "]", "r": self.reply_key})
-            ids = await pipe.execute()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.error = mask_url(str(exc))
-            for b in batches:
-                gw.batch_failed(b, Unseen(f"Redis: {self.error}"))
+                gw.batch_failed(b, Unseen(f"Redis: {self.error or 'not connected'}"))
             return
-        for b, eid in zip(batches, ids, strict=True):
-            eid = eid.decode() if isinstance(eid, bytes) else str(eid)
-            early = self.early.pop(eid, None)
-            if early is not None:
-                self._answered(b, *early)
-            else:
-                self.waiting[eid] = b
+        key, reply_key = self.stream, self.reply_key
+        futs = cmd.pipeline([("XADD", key, "*", "e", "[" + ",".join(b.frags) + "]", "r", reply_key)
+                             for b in batches])
+        for b, fut in zip(batches, futs, strict=True):
+            b.sent_at = now
+            fut.add_done_callback(lambda f, b=b: self._added(b, f))
+
+    def _added(self, batch, fut) -> None:
+        """Redis answered the XADD of ``batch``: its entry id, or an error."""
+        exc = fut.exception()
+        reply = None if exc is not None else fut.result()
+        if exc is not None or isinstance(reply, ReplyError):
+            self.error = mask_url(str(exc or reply))
+            self.gw.batch_failed(batch, Unseen(f"Redis: {self.error}"))
+            return
+        eid = reply.decode() if isinstance(reply, bytes) else str(reply)
+        early = self.early.pop(eid, None)
+        if early is not None:
+            self._answered(batch, *early)
+        else:
+            self.waiting[eid] = batch
 
     async def _read_answers(self) -> None:
-        last = "0-0"
-        backoff = 0.05
-        trimmed_at = time.monotonic()
-        refreshed_at = time.monotonic()
+        backoff = BACKOFF_MIN
         while self.running:
             try:
-                if not self.ready:
-                    await self._setup()
-                got = await self.redis.xread({self.reply_key: last}, count=1000, block=1000)
-                backoff = 0.05
+                if not self.ready or self.rd is None or self.rd.closed:
+                    await self._connect()
+                got = await self.rd.send("XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", self.reply_key,
+                                         self.last)
+                if isinstance(got, ReplyError):
+                    raise got
+                backoff = BACKOFF_MIN
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.error = mask_url(str(exc))
-                self.ready = False
+                self.error = link_problem(exc)
+                self._drop()
                 await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
+                backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
             now = time.perf_counter()
             for _key, entries in got or ():
                 for rid, fields in entries:
-                    last = rid.decode() if isinstance(rid, bytes) else rid
-                    eid = fields.get(b"i")
-                    answers = fields.get(b"a")
+                    self.last = rid.decode() if isinstance(rid, bytes) else rid
+                    f = dict(zip(fields[::2], fields[1::2], strict=True))
+                    eid, answers = f.get(b"i"), f.get(b"a")
                     if eid is None or answers is None:
                         continue
                     eid = eid.decode()
@@ -273,19 +290,24 @@ class StreamsTransport:
                         self._keep_early(eid, answers, now)
                     else:
                         self._answered(batch, answers, now)
-            mono = time.monotonic()
-            if mono - trimmed_at > 1.0 and last != "0-0":
-                trimmed_at = mono
-                try:
-                    await self.redis.xtrim(self.reply_key, minid=last, approximate=False)
-                except Exception:
-                    pass
-            if mono - refreshed_at > REPLY_TTL / 6:
-                refreshed_at = mono
-                try:
-                    await self.redis.expire(self.reply_key, REPLY_TTL)
-                except Exception:
-                    pass
+
+    async def _upkeep(self) -> None:
+        """Beside the reading: trim the answers read from the reply stream,
+        and keep the stream alive (its TTL), now and then."""
+        ticks = 0
+        while self.running:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            cmd = self.cmd
+            if cmd is None or cmd.closed:
+                continue
+            try:
+                if self.last != "0-0":
+                    cmd.send("XTRIM", self.reply_key, "MINID", self.last)
+                if ticks % (REPLY_TTL // 6) == 0:
+                    cmd.send("EXPIRE", self.reply_key, REPLY_TTL)
+            except ConnectionError:
+                pass
 
     def _keep_early(self, eid: str, answers: bytes, now: float) -> None:
         early = self.early
@@ -305,11 +327,14 @@ class StreamsTransport:
         self.gw.batch_done(batch, results, answered_at)
 
     async def probe(self) -> bool:
+        cmd = self.cmd
+        if cmd is None or cmd.closed:
+            return False
         try:
-            await asyncio.wait_for(self.redis.ping(), self.gw.timeout)
+            r = await asyncio.wait_for(cmd.send("PING"), self.gw.timeout)
         except Exception:
             return False
-        return True
+        return not isinstance(r, ReplyError)
 
     def late(self) -> int:
         if not self.waiting:
