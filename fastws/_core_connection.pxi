@@ -818,6 +818,16 @@ cdef class Connection(Engine):
         return self.transport.get_extra_info("peername")
 
     @property
+    def backlog(self):
+        """Bytes sent on this connection that the kernel has not taken yet:
+        fastws's own queue plus the transport's buffer.  A sender of many
+        messages (a replay) waits while it is over ``hub.high_water``."""
+        cdef Py_ssize_t n = self._wq_size
+        if self.transport is not None:
+            n += self.transport.get_write_buffer_size()
+        return n
+
+    @property
     def timer_state(self):
         """(due tick, timer kind, last read tick, last ping tick, hub tick):
         for tests and debugging."""

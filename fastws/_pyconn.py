@@ -1034,6 +1034,15 @@ class Connection:
         return self.transport.get_extra_info("peername")
 
     @property
+    def backlog(self):
+        """Bytes sent on this connection that the kernel has not taken yet
+        (see ``_core.Connection.backlog``)."""
+        n = self._wq_size
+        if self.transport is not None:
+            n += self.transport.get_write_buffer_size()
+        return n
+
+    @property
     def timer_state(self):
         """(due tick, timer kind, last read tick, last ping tick, hub tick):
         for tests and debugging."""

@@ -272,10 +272,13 @@ closing; the transport closes when the peer answers or after
 str), ``number`` (its int key in ``hub.connections``), ``path``,
 ``query_string``, ``subprotocol``, ``route``, ``remote_address``,
 ``store`` (a dict), ``closed``, ``state``, ``close_code``,
-``close_reason``, ``dropped``, ``rooms``.
+``close_reason``, ``dropped``, ``rooms``, ``backlog`` (bytes sent that the
+kernel has not taken yet: fastws's queue plus the transport's buffer).
 
 Writes: whatever is queued in one loop iteration goes out in one write per
-connection (the hub flushes once per iteration, ``call_soon``); a close or
+connection (the hub flushes once per iteration, ``call_soon``), or as soon
+as more than ``high_water`` bytes are queued within the iteration (so that
+a burst meets the transport's flow control and the delivery policy); a close or
 error ends the transport after the queue is written (a protocol error
 half-closes with ``write_eof`` and lingers until the peer's EOF or
 ``close_timeout``).  The Cython connection writes with ``send(2)`` /

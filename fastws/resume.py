@@ -26,13 +26,14 @@ APIs: the rooms' ``join``/``indirect_members``/``listeners``, the bridge's
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 
 from .broker.base import History
 from .broker.wire import parse_id, room_message
-from .errors import BrokerProtocolError
+from .errors import SLOW_CONSUMER, BrokerProtocolError
 
 log = logging.getLogger("fastws")
 
@@ -40,6 +41,7 @@ __all__ = ["Resumer", "stream_envelope", "DEFAULT_LIMIT"]
 
 #: entries a resume replays at most (the newest ones when more were missed)
 DEFAULT_LIMIT = 1000
+REPLAY_POLL = 0.005     # seconds between two looks at a paced replay's backlog
 
 
 def stream_envelope(room: str, entry_id: str, message) -> str:
@@ -76,7 +78,7 @@ class Resumer:
         self.bridge = bridge
         self.history: History = broker
         self._streams: dict = {}            # room key -> _Stream, while the room has members here
-        self.counters = {"resumes": 0, "replayed": 0, "incomplete": 0, "live": 0}
+        self.counters = {"resumes": 0, "replayed": 0, "incomplete": 0, "live": 0, "stalled": 0}
         #: namespace -> fn(room, entry_id, seq, message) -> str: the frame the
         #: stream members of that namespace's rooms get instead of
         #: :func:`stream_envelope`'s; ``seq`` counts the room's live entries
@@ -196,11 +198,35 @@ class Resumer:
                           else build(key[1], e.id, None, message))
                 self.counters["replayed"] += 1
                 last = parse_id(e.id)
+                if conn.backlog > self.rooms.hub.high_water:
+                    await self._paced(conn)
         finally:
             self._end_replay(conn, key, last)
         if complete is not True:
             self.counters["incomplete"] += 1
         return complete
+
+    async def _paced(self, conn) -> None:
+        """A replay larger than a connection's send budget goes out at the
+        pace the client reads it (instead of closing it as a slow consumer,
+        which would only make it resume the same replay again): wait while
+        more than ``high_water`` bytes are unsent.  A client that takes
+        nothing for ``slow_grace`` seconds is closed as a slow consumer."""
+        hub = self.rooms.hub
+        stalled_since = None
+        last = conn.backlog
+        while not conn.closed and conn.backlog > hub.high_water:
+            await asyncio.sleep(REPLAY_POLL)
+            now = conn.backlog
+            if now < last:
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = hub.loop.time()
+            elif hub.loop.time() - stalled_since > hub.slow_grace:
+                self.counters["stalled"] += 1
+                conn.close(SLOW_CONSUMER.code, SLOW_CONSUMER.reason)
+                return
+            last = now
 
     def _end_replay(self, conn, key, after: tuple) -> None:
         """End the replay to ``conn`` in room ``key``, whose last entry was

@@ -190,3 +190,39 @@ def test_more_missed_than_the_limit_or_a_bad_id_is_reported(nodes):
             await ws.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_replay_larger_than_the_send_budget_is_paced_not_closed(nodes):
+    """A replay of ~8 MB (999 messages of 8 KiB) to a client that reads
+    slowly, far more than ``max_queue`` (1 MiB): it goes out at the pace the
+    client reads it and arrives whole and in order, instead of the client
+    being closed as a slow consumer (and resuming the same replay again)."""
+    a_port, b_port = nodes
+
+    async def main():
+        pub = await connect(b_port)
+        a = await connect(a_port)
+        await command(a, {"resume": "big8", "since": None}, "resumed")
+        await pub.send(json.dumps({"say": "big8", "text": "first"}))
+        first = (await stream(a, 1))[0]["id"]
+        await a.close()
+        await pub.send(json.dumps({"say": "big8", "text": "p" * 8192, "count": 999}))
+        await asyncio.sleep(1.0)
+        slow = await websockets.connect(f"ws://127.0.0.1:{a_port}/r", max_queue=1, max_size=None)
+        await slow.send(json.dumps({"resume": "big8", "since": first}))
+        got = []
+        reply = None
+        while reply is None:
+            msg = json.loads(await asyncio.wait_for(slow.recv(), 20))
+            if "resumed" in msg:
+                reply = msg
+            else:
+                got.append(msg)
+                if len(got) % 50 == 0:
+                    await asyncio.sleep(0.05)          # a slow reader
+        assert reply == {"resumed": True}
+        assert [m["data"] for m in got] == [f"{'p' * 8192}#{i}" for i in range(999)]
+        for ws in (slow, pub):
+            await ws.close()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
