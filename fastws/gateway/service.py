@@ -73,7 +73,8 @@ log = logging.getLogger("fastws.gateway")
 __all__ = ["Gateway", "GatewayCollector", "ADDED_BUCKETS", "BACKEND_BUCKETS"]
 
 #: histogram bounds (seconds) of the gateway's own time per event
-ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1,
+                 0.25, 1.0)
 #: histogram bounds (seconds) of the backend's answer time per request / stream entry
 BACKEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: the key of conn.store that carries a connect answer from on_connect to on_open

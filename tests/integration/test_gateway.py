@@ -760,3 +760,24 @@ def test_malformed_answers_are_counted_not_fatal(engine, tmp_path):
             assert "malformed" in gw.log()
     finally:
         be.close()
+
+
+@pytest.mark.timeout(300)
+def test_bench_gateway_quick(tmp_path):
+    """``fastws bench --gateway --quick``: every system (Streams, HTTP, the app in
+    process, python-socketio) runs, every round trip is answered and checked,
+    the table and the JSON file are written (timings are not asserted)."""
+    from brokerutil import REDIS_URL, need_redis
+
+    need_redis()
+    out = subprocess.run([sys.executable, "-c", "from fastws.cli.main import main; main()", "bench", "--gateway",
+                          "--quick", "--out", str(tmp_path), "--redis-url", REDIS_URL],
+                         cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for name in ("gateway-streams", "gateway-http", "fastws-app", "socketio"):
+        assert f"| {name} |" in out.stdout, out.stdout
+    (result,) = tmp_path.glob("gateway-*.json")
+    doc = json.loads(result.read_text())
+    assert all(s["throughput"] > 0 and s["throughput_ok"] and s["paced_ok"] for s in doc["systems"]), doc
+    gateways = [s for s in doc["systems"] if s["system"].startswith("gateway")]
+    assert all(s["paced"][0]["added_p50_us"] is not None for s in gateways), gateways
