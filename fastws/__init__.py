@@ -42,6 +42,7 @@ from .errors import (
     RoomError,
     RoomLimitError,
     RoomNameError,
+    RoomRateError,
     ServerStartError,
 )
 from .frames import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL
@@ -71,6 +72,7 @@ __all__ = [
     "RoomError",
     "RoomLimitError",
     "RoomDeniedError",
+    "RoomRateError",
     "RoomNameError",
     "ServerStartError",
     "__version__",

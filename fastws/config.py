@@ -231,6 +231,10 @@ class Config:
                               "one raises fastws.errors.RoomNameError.", kind="bytes",
                               check=lambda v: 1 <= v <= MAX_ROOM_NAME_CAP,
                               allowed=f"bytes 1..{MAX_ROOM_NAME_CAP} (what every broker carries)")
+    max_joins_per_second: float = knob(0.0, "Room joins one connection may make per second, counted over "
+                                       "--rate-burst-seconds; past it the connection is closed with 1008 "
+                                       "(0 = no limit).", kind="float", check=lambda v: v >= 0,
+                                       allowed="a number >= 0 (0 = no limit)")
     publish_token: str | None = knob(None, "Bearer token of the HTTP API (POST /publish, "
                                      "POST and DELETE /connections/{id}, GET /presence, GET /history); "
                                      "unset: the API is off.", kind="str",

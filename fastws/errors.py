@@ -244,6 +244,16 @@ class RoomDeniedError(RoomError):
         self.action = action
 
 
+class RoomRateError(RoomError):
+    """A connection joined rooms faster than ``max_joins_per_second`` allows;
+    it is being closed with 1008 "rate limit exceeded" (``RATE_LIMITED``)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(f"join rate limit reached: at most {rate:g} joins per second "
+                         "(max_joins_per_second); the connection is closed")
+        self.rate = rate
+
+
 class ClientDisconnected(ConnectionClosed, OSError):
     """ASGI: ``send()`` on a WebSocket the client has closed (ASGI spec 2.4
     asks for an ``OSError``)."""

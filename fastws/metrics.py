@@ -27,7 +27,7 @@ Exported (``{...}`` are labels)::
     websocket_broker_publishes_total                     counter
     websocket_broker_failures_total                      counter
     websocket_broker_reconnects_total                    counter
-    websocket_room_refusals_total{reason=limit|name|denied}
+    websocket_room_refusals_total{reason=limit|name|denied|rate}
                                                          counter  joins/publishes refused (RoomLimitError,
                                                                   RoomNameError, RoomDeniedError)
     websocket_auth_failures_total{reason=missing|malformed|expired|invalid}
@@ -172,6 +172,7 @@ def snapshot(node) -> dict:
     snap["room_refusals_limit"] = refused.get("limit", 0)
     snap["room_refusals_name"] = refused.get("name", 0)
     snap["room_refusals_denied"] = refused.get("denied", 0)
+    snap["room_refusals_rate"] = refused.get("rate", 0)
     snap["auth_failures"] = node.auth_failures()
     subs = node.bridge.subscription_state() if node.bridge is not None else {}
     snap["broker_subscribe_failures"] = subs.get("subscribe_failures", 0)
@@ -190,7 +191,8 @@ def snapshot(node) -> dict:
 
 _SUMMED = ("connections", "messages_in", "messages_out", "bytes_in", "bytes_out", "slow_consumer_closes",
            "queued_bytes_total", "rooms", "broker_publishes", "broker_failures", "broker_reconnects",
-           "room_refusals_limit", "room_refusals_name", "room_refusals_denied", "broker_subscribe_failures",
+           "room_refusals_limit", "room_refusals_name", "room_refusals_denied", "room_refusals_rate",
+           "broker_subscribe_failures",
            "broker_unsubscribe_failures", "broker_subscriptions_failing",
            "dropped_total", "latency_ms_sum", "delivery_latency_sum")
 _WORST = ("queued_bytes_max", "loop_lag")
@@ -424,10 +426,11 @@ class FastwsCollector:
         rr = CounterMetricFamily("websocket_room_refusals", "Room joins and publishes refused: past "
                                  "max_rooms_per_connection (limit), a room name past max_room_name or "
                                  "not UTF-8 (name), refused by the app's authorize_join/authorize_publish "
-                                 "(denied)", labels=["reason"])
+                                 "(denied), joins past max_joins_per_second (rate)", labels=["reason"])
         rr.add_metric(["limit"], s.get("room_refusals_limit", 0))
         rr.add_metric(["name"], s.get("room_refusals_name", 0))
         rr.add_metric(["denied"], s.get("room_refusals_denied", 0))
+        rr.add_metric(["rate"], s.get("room_refusals_rate", 0))
         yield rr
         af = CounterMetricFamily("websocket_auth_failures", "Upgrades refused by a token verifier "
                                  "(fastws.auth.TokenAuth as a route's on_connect), by reason",

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import RoomDeniedError, RoomLimitError, RoomNameError
+from .errors import RATE_LIMITED, RoomDeniedError, RoomLimitError, RoomNameError, RoomRateError
 from .frames import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, TEXT
 
 __all__ = ["Rooms", "Room", "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH",
@@ -99,7 +99,8 @@ class Rooms:
     """The rooms of one server (one per worker process)."""
 
     def __init__(self, hub, max_rooms_per_connection: int = DEFAULT_MAX_ROOMS,
-                 max_room_name: int | None = DEFAULT_MAX_ROOM_NAME, authorize=None) -> None:
+                 max_room_name: int | None = DEFAULT_MAX_ROOM_NAME, authorize=None,
+                 max_joins_per_second: float = 0.0, burst_seconds: float = 2.0) -> None:
         self.hub = hub                  # _core.Hub: encode-once fan-out, delivery policy
         self._rooms: dict = {}          # (namespace, name) -> Room
         #: rooms one connection may be in (0: no limit)
@@ -109,7 +110,14 @@ class Rooms:
         self.max_room_name = max_room_name
         #: refused operations by reason: "limit" (RoomLimitError), "name"
         #: (RoomNameError), "denied" (RoomDeniedError)
-        self.refused = {"limit": 0, "name": 0, "denied": 0}
+        self.refused = {"limit": 0, "name": 0, "denied": 0, "rate": 0}
+        #: joins one connection may make per second (0: no limit), counted in
+        #: windows of ``burst_seconds``: past ``rate * window`` joins in one
+        #: window the connection is closed 1008 "rate limit exceeded"
+        self.max_joins_per_second = float(max_joins_per_second or 0.0)
+        self.join_window = max(float(burst_seconds or 1.0), 0.001)
+        self._joins: dict = {}          # conn -> joins in the current window (joiners only)
+        self._joins_since = 0.0         # loop time the current window began
         #: fn(action, conn, key, message) -> bool asked before a join or a
         #: checked publish (see the module docstring), or None: all allowed
         self.authorize = authorize
@@ -135,7 +143,9 @@ class Rooms:
     @classmethod
     def from_config(cls, hub, config) -> Rooms:
         """The registry of a server run with ``config`` (its room limits)."""
-        return cls(hub, config.max_rooms_per_connection, config.max_room_name)
+        return cls(hub, config.max_rooms_per_connection, config.max_room_name,
+                   max_joins_per_second=config.max_joins_per_second,
+                   burst_seconds=config.rate_burst_seconds)
 
     def _name_problem(self, room):
         """Why ``room`` is refused (str), or None when it is taken; TypeError
@@ -214,6 +224,20 @@ class Rooms:
             raise ValueError("max_delay must be > 0 seconds")
         self.batching[key] = (int(max_batch), float(max_delay))
 
+    def _count_join(self, conn) -> None:
+        """The join rate limit: a fixed window of ``join_window`` seconds;
+        the table holds only the connections that joined in it."""
+        now = self.hub.loop.time()
+        if now - self._joins_since >= self.join_window:
+            self._joins.clear()
+            self._joins_since = now
+        n = self._joins.get(conn, 0) + 1
+        self._joins[conn] = n
+        if n > self.max_joins_per_second * self.join_window:
+            self.refused["rate"] += 1
+            conn.close(RATE_LIMITED.code, RATE_LIMITED.reason)
+            raise RoomRateError(self.max_joins_per_second)
+
     def join(self, conn, room: str, namespace=None, batch: bool = False, direct: bool = True) -> None:
         """Add ``conn`` to ``room``; ``batch=True``: it wants the batch envelope
         when the room batches; ``direct=False``: an indirect member, which
@@ -222,11 +246,14 @@ class Rooms:
         :class:`~fastws.errors.RoomLimitError` when ``conn`` is already in
         ``max_rooms_per_connection`` other rooms,
         :class:`~fastws.errors.RoomNameError` for a name that is too long,
-        :class:`~fastws.errors.RoomDeniedError` when ``authorize`` refuses;
-        then nothing changes.  O(1) whatever the number of rooms."""
+        :class:`~fastws.errors.RoomDeniedError` when ``authorize`` refuses,
+        :class:`~fastws.errors.RoomRateError` past ``max_joins_per_second``
+        (the connection is then closed 1008); then nothing changes.  O(1) whatever the number of rooms."""
         if conn.closed:
             return
         key = self.key_for(conn, room, namespace)
+        if self.max_joins_per_second:
+            self._count_join(conn)
         if self.authorize is not None:
             self._allowed("join", conn, key, None)
         mine = conn.rooms

@@ -476,6 +476,26 @@ def p_rates(ctx):
     run(main())
 
 
+def p_join_rate(ctx):
+    """max_joins_per_second (with rate_burst_seconds): 3 joins a second over a
+    1 s window: three joins pass, the fourth closes the connection with 1008
+    'rate limit exceeded'."""
+    srv = ctx.server("--max-joins-per-second", "3", "--rate-burst-seconds", "1")
+
+    async def main():
+        ws, _ = await ws_connect(srv)
+        for room in ("a", "b", "c"):
+            await ws.send("join " + room)
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == "joined " + room
+        await ws.send("join d")
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert (ws.close_code, ws.close_reason) == (1008, "rate limit exceeded")
+
+    run(main())
+
+
 def p_admission(ctx):
     """max_connections, retry_after: the third connection gets 503 with a
     Retry-After between 7 and 14 s."""
@@ -826,6 +846,7 @@ SCENARIOS = {
     "queue": (p_queue, ("max_queue",)),
     "grace-and-high-water": (p_grace_and_high_water, ("slow_grace", "high_water")),
     "rates": (p_rates, ("max_messages_per_second", "max_bytes_per_second", "rate_burst_seconds")),
+    "join-rate": (p_join_rate, ("max_joins_per_second",)),
     "admission": (p_admission, ("max_connections", "retry_after")),
     "handshake-rate": (p_handshake_rate, ("handshake_rate", "handshake_burst")),
     "per-client": (p_per_client, ("max_connections_per_ip", "handshake_rate_per_ip", "handshake_burst_per_ip",
