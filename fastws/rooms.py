@@ -13,19 +13,9 @@ as a ready frame payload (``Hub.broadcast_frame``), never decoded and encoded
 again.  Membership is removed when a connection leaves or is lost, and
 a room with no members disappears (no leak).
 
-Batching (opt-in, per room): ``rooms.set_batching(room, max_batch=50,
-max_delay=0.05)`` makes the room collect published messages and send them
-when ``max_batch`` are waiting or ``max_delay`` seconds after the first.
-Members that joined with ``batch=True`` get
-one text frame per batch, the JSON envelope::
-
-    {"room": "lobby", "seq": 41, "messages": ["m41", "m42", "m43"]}
-
-(``seq`` is the sequence number of the first message; the others follow
-consecutively); every other member gets the batch's messages as usual, one
-frame each, in order. Messages published to a batched room must be ``str``.
-Whatever the batching, every connection's frames of one loop iteration go out
-in one write.
+Batching (opt-in, per room: ``rooms.set_batching(room, ...)``): see
+:mod:`fastws.delivery`, which collects and flushes a batching room's
+messages.
 
 Indirect members: ``join(conn, room, direct=False)`` makes ``conn`` a member
 (counted, kept, subscribed across nodes like any other) that publishes do
@@ -63,8 +53,7 @@ sequence number; messages from two nodes interleave in arrival order.
 
 from __future__ import annotations
 
-import json
-
+from .delivery import collect, flush_batch
 from .errors import RATE_LIMITED, RoomDeniedError, RoomLimitError, RoomNameError, RoomRateError
 from .frames import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, TEXT
 
@@ -216,7 +205,7 @@ class Rooms:
         key = (namespace, room)
         r = self._rooms.get(key)
         if r is not None and r.pending:
-            self._flush_batch(r)
+            flush_batch(self.hub, r)
         if max_batch <= 0:
             self.batching.pop(key, None)
             return
@@ -346,7 +335,7 @@ class Rooms:
             return r.seq, self.hub.broadcast(message, members, exclude, priority)
         if not isinstance(message, str):
             raise TypeError("messages published to a batched room must be str")
-        return self._collect(r, policy, message)
+        return collect(self.hub, r, policy, message)
 
     def publish_frame(self, key, opcode: int, payload: bytes, priority: int = PRIORITY_NORMAL) -> tuple:
         """Send an already encoded message to the local members of room
@@ -376,41 +365,7 @@ class Rooms:
             return r.seq, self.hub.broadcast_frame(opcode, payload, members, None, priority)
         if opcode != TEXT:
             raise TypeError("messages published to a batched room must be str")
-        return self._collect(r, policy, payload.decode("utf-8"))
-
-    def _collect(self, r: Room, policy: tuple, message: str) -> tuple:
-        """Add ``message`` to the batch of ``r`` (flushed by size or delay)."""
-        r.seq += 1
-        if r.pending is None:
-            r.pending = []
-        if not r.pending:
-            r.first_seq = r.seq
-            r.timer = self.hub.loop.call_later(policy[1], self._flush_batch, r)
-        r.pending.append(message)
-        if len(r.pending) >= policy[0]:
-            self._flush_batch(r)
-        return r.seq, len(r.members)
-
-    def _flush_batch(self, r: Room) -> None:
-        """Send what ``r`` collected: the envelope to batch members, the
-        messages one by one to the others."""
-        if r.timer is not None:
-            r.timer.cancel()
-            r.timer = None
-        pending, r.pending = r.pending, []
-        if not pending:
-            return
-        batched = r.batched or ()
-        if batched:
-            envelope = json.dumps({"room": r.key[1], "seq": r.first_seq, "messages": pending},
-                                  separators=(",", ":"))
-            self.hub.broadcast(envelope, batched)
-        others = r.members - batched if batched else r.members
-        if r.indirect:
-            others = others - r.indirect
-        if others:
-            for message in pending:
-                self.hub.broadcast(message, others)
+        return collect(self.hub, r, policy, payload.decode("utf-8"))
 
     def count(self, room: str, namespace: str = "") -> int:
         r = self._rooms.get((namespace, room))
