@@ -18,10 +18,11 @@ seconds; **latency** - the same connections paced at 10,000 and 25,000
 round trips/s (half the throughput targets of HTTP and Streams; skipped
 past 90 % of what the system can do) and at half the system's own
 throughput: the round trip's p50 and p99 seen by the client and, for the
-gateway systems, the gateway's own time per event
-(``fastws_gateway_added_latency_seconds`` of its /metrics: from a
-message's arrival to its request or stream entry being sent, plus from the
-answer to the reply being queued; p50, p99 and the share under 2 ms);
+gateway systems, the gateway's own time per message
+(``fastws_gateway_added_latency_seconds{type="message"}`` of its /metrics:
+from a message's arrival to its request or stream entry being sent, plus
+from the answer to the reply being queued; p50, p99 and the share under
+2 ms);
 **CPU** - CPU time per round trip of the front
 process (the gateway, the fastws app, the socketio server) during the
 throughput run, and of the backend (uvicorn, the workers, Redis).
@@ -338,8 +339,8 @@ class System:
         with urllib.request.urlopen(f"http://{HOST}:{self.port}/metrics", timeout=10) as r:
             text = r.read().decode()
         out = {}
-        for line in text.splitlines():
-            if line.startswith("fastws_gateway_added_latency_seconds_bucket{"):
+        for line in text.splitlines():          # message events: the round trips measured
+            if line.startswith("fastws_gateway_added_latency_seconds_bucket{") and 'type="message"' in line:
                 le = line.split('le="', 1)[1].split('"', 1)[0]
                 out[float(le)] = float(line.rsplit(" ", 1)[1])
         return out

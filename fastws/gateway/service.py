@@ -147,12 +147,15 @@ class _Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        cumulative, acc = [], 0
+    def cumulative(self) -> list:
+        out, acc = [], 0
         for le, n in zip(self.bounds + (float("inf"),), self.counts, strict=True):
             acc += n
-            cumulative.append((floatToGoString(le), acc))
-        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.sum)
+            out.append((floatToGoString(le), acc))
+        return out
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(name, doc, buckets=self.cumulative(), sum_value=self.sum)
 
 
 class Gateway:
@@ -204,7 +207,7 @@ class Gateway:
         self.overflow_closes = 0          # connections closed past gateway_queue (policy close)
         self.requests = 0                 # requests / stream entries sent
         self.refused = 0                  # connects the backend refused
-        self.added = _Histogram(ADDED_BUCKETS)
+        self.added = {kind: _Histogram(ADDED_BUCKETS) for kind in (CONNECT, MESSAGE, DISCONNECT)}
         self.backend_time = _Histogram(BACKEND_BUCKETS)
         self.recent: deque = deque(maxlen=RECENT)     # recent backend answer times, seconds
 
@@ -553,7 +556,7 @@ class Gateway:
         now = time.perf_counter()
         added = self.added
         for item in batch.items:
-            added.observe((batch.sent_at - item.t0) + (now - answered_at))
+            added[item.kind].observe((batch.sent_at - item.t0) + (now - answered_at))
         self._release(batch.links)
 
     def batch_failed(self, batch: _Batch, exc: BaseException) -> None:
@@ -748,7 +751,7 @@ class GatewayCollector:
         fastws_gateway_queued_events_max                gauge    ... of the most backed-up connection
         fastws_gateway_in_flight_events                 gauge    events sent and not answered
         fastws_gateway_backend_latency_seconds          histogram  a request's (entry's) answer time
-        fastws_gateway_added_latency_seconds            histogram  the gateway's own time per event:
+        fastws_gateway_added_latency_seconds{type}      histogram  the gateway's own time per event:
                                                                  arrival -> sent, plus answer -> carried out
 
     With ``--workers N`` they are the answering worker's own numbers."""
@@ -791,9 +794,13 @@ class GatewayCollector:
                                 value=gw.inflight_events)
         yield gw.backend_time.family("fastws_gateway_backend_latency_seconds",
                                      "Time from a request (stream entry) sent to its answer, seconds")
-        yield gw.added.family("fastws_gateway_added_latency_seconds",
-                              "The gateway's own time per event, seconds: from its arrival to its request "
-                              "being sent, plus from the answer to it being carried out")
+        fam = HistogramMetricFamily("fastws_gateway_added_latency_seconds",
+                                    "The gateway's own time per event, seconds, by event type: from its arrival "
+                                    "to its request being sent, plus from the answer to it being carried out",
+                                    labels=["type"])
+        for kind, hist in gw.added.items():
+            fam.add_metric([kind], hist.cumulative(), hist.sum)
+        yield fam
 
 
 def _obj(d: dict) -> str:
