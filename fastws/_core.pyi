@@ -23,6 +23,7 @@ PRIORITY_LOW: int
 PRIORITY_NORMAL: int
 PRIORITY_HIGH: int
 DELIVERY_LATENCY_BUCKETS: tuple[float, ...]
+DELIVERY_LATENCY_ROUTES: int
 
 def encode_frame(opcode: int, payload: bytes | str, fin: bool = ..., mask: bytes | None = ...,
                  rsv1: bool = ...) -> bytes: ...
@@ -31,7 +32,9 @@ def _fast_accept_for_test(head: bytes, origins: str = ...) -> tuple[str, str, by
 def _sha1_for_test(data: bytes) -> bytes: ...
 
 class _Route(Protocol):
-    """What a connection needs of a route (any object with these)."""
+    """What a connection needs of a route (any object with these).  A
+    ``path`` attribute (a non-empty str), when the route has one, labels its
+    connections' delivery-latency histogram in ``Hub.stats()`` (else "asgi")."""
 
     on_open: Callable[[Connection], Any] | None
     on_message: Callable[[Connection, str | bytes], Any] | None

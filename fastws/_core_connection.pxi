@@ -36,7 +36,9 @@ cdef class Connection(Engine):
     cdef object _store                 # user dict, created lazily
     cdef long _due_tick                # the wheel tick this connection waits for, -1 if none
     cdef Connection _wnext, _wprev     # neighbours in the wheel slot's list
-    cdef int _due_kind                 # TimerKind
+    cdef uint8_t _due_kind             # TimerKind
+    cdef uint8_t _lat_slot             # the route's delivery-latency slot (see Hub._route_slot);
+                                       # with _due_kind, in the 4 bytes before _rl_start
     # the rate-limit window (see Hub._rate_setup); the three 4-byte fields
     # are spread so that each fills alignment padding after an int field
     cdef uint32_t _rl_start            # wheel tick (low 32 bits) the window began
@@ -376,6 +378,7 @@ cdef class Connection(Engine):
         if deflate is not None:
             self._set_deflate(deflate)
         cdef Hub hub = self._hub
+        self._lat_slot = hub._route_slot(route)
         if not self._num:              # not reserved by reserve_id() during the decision
             hub._next_id += 1
             self._num = hub._next_id
@@ -490,7 +493,8 @@ cdef class Connection(Engine):
             # instead of the whole burst landing in the transport's buffer
             # at the end of the iteration.
             if self._flush():
-                hub._observe(_now_ns() - (hub._read_ns if hub._read_ns else hub._batch_ns), 1)
+                hub._observe(self._lat_slot,
+                             _now_ns() - (hub._read_ns if hub._read_ns else hub._batch_ns))
         return 0
 
     # -- rate limits (see Hub._rate_setup) ---------------------------------------
@@ -554,7 +558,8 @@ cdef class Connection(Engine):
         if self._dirty:
             hub = self._hub
             if self._flush() and hub._read_ns:
-                hub._observe(_now_ns() - hub._read_ns, 1)   # a reply, from the read that brought it
+                # a reply, from the read that brought it
+                hub._observe(self._lat_slot, _now_ns() - hub._read_ns)
         elif self._end_mode != END_NONE:
             self._end_transport()
         return 0

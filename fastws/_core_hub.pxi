@@ -2,6 +2,14 @@
 
 # ---------------------------------------------------------------- hub
 
+DEF LAT_SLOTS = 64         # delivery-latency histograms per hub: one per route, the last for "other"
+DEF LAT_OTHER = 63         # the slot of every route past the first LAT_SLOTS - 1
+DEF LAT_ROW = LAT_BUCKETS + 1   # counters per slot: the buckets and the one above the last
+
+#: How many delivery-latency histograms a hub keeps (Hub.stats()["delivery_latency"]):
+#: one per route label for the first DELIVERY_LATENCY_ROUTES - 1 labels, one "other".
+DELIVERY_LATENCY_ROUTES = LAT_SLOTS
+
 cdef class Hub:
     """Per-server state shared by its connections: limits, the handshake,
     the registry of open connections, the per-loop write coalescer, the
@@ -55,11 +63,14 @@ cdef class Hub:
     cdef uint32_t _rate_ticks          # window length, whole wheel ticks
     cdef uint32_t _rate_msgs_cap       # messages allowed per window (0: no limit)
     cdef uint32_t _rate_bytes_cap      # bytes read allowed per window (0: no limit)
-    # -- delivery latency (see _flush_all) --
+    # -- delivery latency (see _flush_all), one histogram per route slot --
     cdef int64_t _read_ns              # monotonic ns at the start of the read being handled, else 0
     cdef int64_t _batch_ns             # monotonic ns when the pending flush was scheduled
-    cdef unsigned long long _lat_counts[LAT_BUCKETS + 1]
-    cdef int64_t _lat_sum_ns
+    cdef unsigned long long _lat_counts[LAT_SLOTS * LAT_ROW]   # slot * LAT_ROW + bucket
+    cdef int64_t _lat_sum_ns[LAT_SLOTS]
+    cdef dict _lat_slot_of             # route label (str) -> slot, at most LAT_SLOTS - 1 entries
+    cdef list _lat_labels              # slot -> route label, in the order routes were first accepted on
+    cdef bint _lat_overflow            # a route label was sent to the LAT_OTHER slot
     # -- timers: one wheel per hub (see _on_tick) --
     cdef public double ping_interval   # seconds between server pings (0: no pings)
     cdef public double ping_timeout    # seconds to wait for proof of life after a ping
@@ -111,8 +122,11 @@ cdef class Hub:
         self.on_closed = None
         self._read_ns = 0
         self._batch_ns = 0
-        self._lat_sum_ns = 0
         memset(self._lat_counts, 0, sizeof(self._lat_counts))
+        memset(self._lat_sum_ns, 0, sizeof(self._lat_sum_ns))
+        self._lat_slot_of = {}
+        self._lat_labels = []
+        self._lat_overflow = False
         self._slots = [None] * WHEEL_SIZE
         self._waiting = 0
         self._tick_no = 0
@@ -311,10 +325,20 @@ cdef class Hub:
     # task), and observes ``write time - start`` once per connection written:
     # the reply written at the end of the read that delivered a message
     # (_after_input) counts from that read, the frames of a batch from the
-    # batch's start.  In a batch the clock is read once per 16 connections
-    # written (the time of the 16th write stands for the group).  Frames held back by a paused connection (the delivery policy)
-    # are not observed when they finally go out.  Counts per bucket live in a
-    # C array (LAT_BOUNDS_NS); nothing is allocated per frame.
+    # batch's start.  In a batch the clock is read, and its bucket found,
+    # once per 16 connections written (the time of the 16th write stands for
+    # the group).  Frames held back by a paused connection (the delivery
+    # policy) are not observed when they finally go out.
+    #
+    # One histogram per route: a connection takes the slot of its route's
+    # label when it is accepted (_accept: the handshake's accept_upgrade,
+    # the C fast path, adopt) and keeps it in one byte of the Connection
+    # struct (_lat_slot, beside _due_kind in what was padding).  A label is
+    # the route's ``path`` (a non-empty str), else "asgi" (the ASGI front's
+    # sessions and handed-over routes, whose paths are per connection); the
+    # first LAT_SLOTS - 1 labels get a slot each, later ones share LAT_OTHER
+    # ("other").  Counts and sums live in C arrays indexed by slot
+    # (_lat_counts, _lat_sum_ns); nothing is allocated per frame.
 
     cdef inline void _mark_dirty(self, Connection c):
         self._dirty.append(c)
@@ -323,31 +347,81 @@ cdef class Hub:
             self._batch_ns = self._read_ns if self._read_ns else _now_ns()
             self.loop.call_soon(self._flush_all)
 
-    cdef inline void _observe(self, int64_t dt, unsigned int n) noexcept:
-        """``n`` writes, ``dt`` ns each."""
+    cdef uint8_t _route_slot(self, route) except? 255:
+        """The latency slot of connections accepted on ``route`` (a new one
+        for a label not seen before, while there are free slots)."""
+        label = getattr(route, "path", None)
+        if not isinstance(label, str) or not label:
+            label = "asgi"
+        slot = self._lat_slot_of.get(label)
+        if slot is not None:
+            return <uint8_t>slot
+        if len(self._lat_labels) >= LAT_OTHER:
+            self._lat_overflow = True
+            return LAT_OTHER
+        slot = len(self._lat_labels)
+        self._lat_labels.append(label)
+        self._lat_slot_of[label] = slot
+        return <uint8_t>slot
+
+    cdef inline void _observe(self, unsigned int slot, int64_t dt) noexcept:
+        """One write, on a connection of ``slot``, ``dt`` ns after its start."""
         cdef int i = 0
         if dt < 0:
             dt = 0
         while i < LAT_BUCKETS and dt > LAT_BOUNDS_NS[i]:
             i += 1
-        self._lat_counts[i] += n
-        self._lat_sum_ns += dt * n
+        self._lat_counts[slot * LAT_ROW + i] += 1
+        self._lat_sum_ns[slot] += dt
+
+    cdef inline void _observe_group(self, const uint8_t* slots, unsigned int n,
+                                    int64_t dt) noexcept:
+        """``n`` writes, ``dt`` ns each, on connections of ``slots[0:n]``."""
+        cdef int i = 0
+        cdef unsigned int k, slot
+        if dt < 0:
+            dt = 0
+        while i < LAT_BUCKETS and dt > LAT_BOUNDS_NS[i]:
+            i += 1
+        for k in range(n):
+            slot = slots[k]
+            self._lat_counts[slot * LAT_ROW + i] += 1
+            self._lat_sum_ns[slot] += dt
 
     def _flush_all(self):
         cdef Connection c
         cdef list dirty = self._dirty
         cdef int64_t start = self._batch_ns
-        cdef unsigned int group = 0          # written since the clock was last read
+        cdef uint8_t group[16]               # the slots written since the clock was last read
+        cdef unsigned int n = 0
         self._dirty = []
         self._scheduled = False
         for c in dirty:
             if c._flush():
-                group += 1
-                if group == 16:              # one clock read (and bucket) per 16 writes
-                    self._observe(_now_ns() - start, group)
-                    group = 0
-        if group:
-            self._observe(_now_ns() - start, group)
+                group[n] = c._lat_slot
+                n += 1
+                if n == 16:                  # one clock read (and bucket) per 16 writes
+                    self._observe_group(group, n, _now_ns() - start)
+                    n = 0
+        if n:
+            self._observe_group(group, n, _now_ns() - start)
+
+    def _latency_stats(self):
+        """route label -> {"buckets", "sum", "count"} (see stats)."""
+        cdef Py_ssize_t slot, i
+        out = {}
+        slots = list(enumerate(self._lat_labels))
+        if self._lat_overflow:
+            slots.append((LAT_OTHER, "other"))
+        for slot, label in slots:
+            buckets = [self._lat_counts[slot * LAT_ROW + i] for i in range(LAT_ROW)]
+            seconds = self._lat_sum_ns[slot] / 1e9
+            prev = out.get(label)
+            if prev is not None:            # a route whose path is "other" shares the entry
+                buckets = [a + b for a, b in zip(prev["buckets"], buckets, strict=True)]
+                seconds += prev["sum"]
+            out[label] = {"buckets": buckets, "sum": seconds, "count": sum(buckets)}
+        return out
 
     def stats(self):
         """Counters and gauges for metrics (a new dict; O(connections))."""
@@ -372,9 +446,7 @@ cdef class Hub:
             "queued_bytes_total": total,
             "queued_bytes_max": largest,
             "rate_limited": dict(self.rate_limited),
-            "delivery_latency_buckets": [self._lat_counts[i] for i in range(LAT_BUCKETS + 1)],
-            "delivery_latency_sum": self._lat_sum_ns / 1e9,
-            "delivery_latency_count": sum([self._lat_counts[i] for i in range(LAT_BUCKETS + 1)]),
+            "delivery_latency": self._latency_stats(),
         }
 
     cdef void _count_drop(self, str reason, int priority):

@@ -81,6 +81,10 @@ RL_CLOSED = 4294967295      # Connection._rl_msgs of a connection closed for its
 DELIVERY_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                             0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LAT_BOUNDS_NS = tuple(round(b * 1e9) for b in DELIVERY_LATENCY_BUCKETS)
+#: How many delivery-latency histograms a hub keeps (Hub.stats()["delivery_latency"]):
+#: one per route label for the first DELIVERY_LATENCY_ROUTES - 1 labels, one "other".
+DELIVERY_LATENCY_ROUTES = 64
+_LAT_OTHER = DELIVERY_LATENCY_ROUTES - 1   # the slot of every route past the first 63
 _now_ns = time.monotonic_ns
 
 
@@ -142,8 +146,13 @@ class Hub:
         self.on_closed = None          # callable(conn): every lost connection that was upgraded
         self._read_ns = 0              # the delivery latency (see _flush_all)
         self._batch_ns = 0
-        self._lat_counts = [0] * (len(DELIVERY_LATENCY_BUCKETS) + 1)
-        self._lat_sum_ns = 0
+        # per route slot: counts per bucket, and the sum (ns)
+        self._lat_counts = [[0] * (len(DELIVERY_LATENCY_BUCKETS) + 1)
+                            for _ in range(DELIVERY_LATENCY_ROUTES)]
+        self._lat_sum_ns = [0] * DELIVERY_LATENCY_ROUTES
+        self._lat_slot_of = {}         # route label -> slot (at most 63)
+        self._lat_labels = []          # slot -> route label
+        self._lat_overflow = False     # a route label was sent to the "other" slot
         # the wheel: per slot, the connections due there in the order they
         # were put in (walked newest first, as the Cython intrusive lists are)
         self._slots = [{} for _ in range(WHEEL_SIZE)]
@@ -275,28 +284,74 @@ class Hub:
             self._batch_ns = self._read_ns or _now_ns()
             self.loop.call_soon(self._flush_all)
 
-    def _observe(self, dt, n=1):
-        """``n`` writes, ``dt`` ns each."""
-        dt = max(0, dt)
+    def _route_slot(self, route):
+        """The latency slot of connections accepted on ``route``: one per
+        label (the route's ``path`` when a non-empty str, else "asgi") for
+        the first 63 labels, then the "other" slot."""
+        label = getattr(route, "path", None)
+        if not isinstance(label, str) or not label:
+            label = "asgi"
+        slot = self._lat_slot_of.get(label)
+        if slot is not None:
+            return slot
+        if len(self._lat_labels) >= _LAT_OTHER:
+            self._lat_overflow = True
+            return _LAT_OTHER
+        slot = len(self._lat_labels)
+        self._lat_labels.append(label)
+        self._lat_slot_of[label] = slot
+        return slot
+
+    @staticmethod
+    def _bucket(dt):
         i = 0
         bounds = _LAT_BOUNDS_NS
         while i < len(bounds) and dt > bounds[i]:
             i += 1
-        self._lat_counts[i] += n
-        self._lat_sum_ns += dt * n
+        return i
+
+    def _observe(self, slot, dt):
+        """One write, on a connection of ``slot``, ``dt`` ns after its start."""
+        dt = max(0, dt)
+        self._lat_counts[slot][self._bucket(dt)] += 1
+        self._lat_sum_ns[slot] += dt
+
+    def _observe_group(self, slots, dt):
+        """A write on a connection of each of ``slots``, ``dt`` ns each."""
+        dt = max(0, dt)
+        i = self._bucket(dt)
+        for slot in slots:
+            self._lat_counts[slot][i] += 1
+            self._lat_sum_ns[slot] += dt
 
     def _flush_all(self):
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
-        start, group = self._batch_ns, 0       # group: written since the clock was last read
+        start, group = self._batch_ns, []      # group: slots written since the clock was last read
         for c in dirty:
             if c._flush():
-                group += 1
-                if group == 16:                # one clock read (and bucket) per 16 writes
-                    self._observe(_now_ns() - start, group)
-                    group = 0
+                group.append(c._lat_slot)
+                if len(group) == 16:           # one clock read (and bucket) per 16 writes
+                    self._observe_group(group, _now_ns() - start)
+                    group = []
         if group:
-            self._observe(_now_ns() - start, group)
+            self._observe_group(group, _now_ns() - start)
+
+    def _latency_stats(self):
+        """route label -> {"buckets", "sum", "count"} (see stats)."""
+        out = {}
+        slots = list(enumerate(self._lat_labels))
+        if self._lat_overflow:
+            slots.append((_LAT_OTHER, "other"))
+        for slot, label in slots:
+            buckets = list(self._lat_counts[slot])
+            seconds = self._lat_sum_ns[slot] / 1e9
+            prev = out.get(label)
+            if prev is not None:               # a route whose path is "other" shares the entry
+                buckets = [a + b for a, b in zip(prev["buckets"], buckets, strict=True)]
+                seconds += prev["sum"]
+            out[label] = {"buckets": buckets, "sum": seconds, "count": sum(buckets)}
+        return out
 
     # -- counters and delivery -----------------------------------------------------------
 
@@ -322,9 +377,7 @@ class Hub:
             "queued_bytes_total": total,
             "queued_bytes_max": largest,
             "rate_limited": dict(self.rate_limited),
-            "delivery_latency_buckets": list(self._lat_counts),
-            "delivery_latency_sum": self._lat_sum_ns / 1e9,
-            "delivery_latency_count": sum(self._lat_counts),
+            "delivery_latency": self._latency_stats(),
         }
 
     def _count_drop(self, reason, priority):
@@ -402,6 +455,7 @@ class Connection:
         self._store = None
         self._due_tick = -1          # the wheel tick this connection waits for
         self._due_kind = T_NONE
+        self._lat_slot = 0           # the route's delivery-latency slot (Hub._route_slot)
         self._rx_tick = 0            # wheel tick of the last read (proof of life)
         self._msg_tick = 0           # wheel tick of the last complete message
         self._ping_tick = 0          # wheel tick our last ping went out
@@ -650,6 +704,7 @@ class Connection:
         self._engine = engine_mod.Engine(max_message_size=hub.max_message_size,
                                          max_frame_size=hub.max_frame_size, deflate=deflate)
         self._deflate = deflate
+        self._lat_slot = hub._route_slot(route)
         if not self._num:              # not reserved by reserve_id() during the decision
             hub._next_id += 1
             self._num = hub._next_id
@@ -741,7 +796,7 @@ class Connection:
         # a burst within one loop iteration, or one large message: write it
         # now (see _core_connection.pxi)
         if self._wq_size > hub.high_water and self._flush():
-            hub._observe(_now_ns() - (hub._read_ns or hub._batch_ns))
+            hub._observe(self._lat_slot, _now_ns() - (hub._read_ns or hub._batch_ns))
 
     # -- rate limits (see _core_hub.pxi) ----------------------------------------------------
 
@@ -800,7 +855,8 @@ class Connection:
         if self._dirty:
             hub = self._hub
             if self._flush() and hub._read_ns:
-                hub._observe(_now_ns() - hub._read_ns)   # a reply, from the read that brought it
+                # a reply, from the read that brought it
+                hub._observe(self._lat_slot, _now_ns() - hub._read_ns)
         elif self._end_mode != END_NONE:
             self._end_transport()
 

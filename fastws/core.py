@@ -151,9 +151,9 @@ Hub: the per-server state of the connections
   ((reason, priority) -> count), ``slow_consumer_closes``,
   ``queued_bytes_total``, ``queued_bytes_max``, ``rate_limited``
   ("messages"/"bytes" -> connections closed for their rate),
-  ``delivery_latency_buckets`` (counts per bucket of
-  ``DELIVERY_LATENCY_BUCKETS``, not cumulative, plus one above the last),
-  ``delivery_latency_sum`` (seconds), ``delivery_latency_count``.  Also
+  ``delivery_latency`` (route label -> ``{"buckets": counts per bucket of
+  DELIVERY_LATENCY_BUCKETS, not cumulative, plus one above the last,
+  "sum": seconds, "count": n}``, one entry per label seen, see below).  Also
   attributes: ``handshake_timeouts``, ``body_timeouts``, ``ping_timeouts``,
   ``idle_timeouts``, ``fast_upgrades``, ``open_connections``,
   ``rate_limited``, ``rate_window``.
@@ -200,17 +200,26 @@ are still read, so its close answer ends the connection).  The Cython
 connection keeps the window in 12 bytes that fill alignment padding: no
 memory per connection.
 
-Delivery latency: a histogram of the time from a message's arrival to its
-frame being written, kept in the hub (fixed buckets, C integers in the
-Cython hub, nothing allocated per frame).  A reply written at the end of the
-read that delivered a message counts from the start of that read; frames
-queued otherwise (a publish, a broadcast, a timer, a task) count from the
-moment the first frame of their loop iteration's batch was queued (inside a
-read: that read's start) to their connection's write in the batch's flush
-(the clock is read once per 16 connections written: the time of the 16th
-write stands for the group).  One observation per
-connection written; frames a paused connection holds are not observed when
-they finally go out.
+Delivery latency: histograms of the time from a message's arrival to its
+frame being written, one per route, kept in the hub (fixed buckets, C
+integers in the Cython hub, nothing allocated per frame).  A reply written
+at the end of the read that delivered a message counts from the start of
+that read; frames queued otherwise (a publish, a broadcast, a timer, a task)
+count from the moment the first frame of their loop iteration's batch was
+queued (inside a read: that read's start) to their connection's write in
+the batch's flush (the clock is read once per 16 connections written: the
+time of the 16th write stands for the group).  One observation per
+connection written, in the histogram of the connection's route; frames a
+paused connection holds are not observed when they finally go out.  A
+route's label is its ``path`` attribute when that is a non-empty str (a
+``fastws.App`` route: ``"/chat"``, ``"*"``), else ``"asgi"`` (the ASGI
+front's sessions and handed-over routes: their paths are per connection).
+The hub keeps ``DELIVERY_LATENCY_ROUTES`` (64) histograms: the first 63
+labels get one each, in the order connections are first accepted on them;
+later labels share ``"other"`` (in ``stats()`` once used).  The label is
+looked up once per accepted connection (``accept_upgrade``, ``adopt`` and
+the C fast path); the Cython connection keeps its slot in one byte of
+former struct padding.
 
 Delivery policy: a connection's output is the transport's buffer (up to
 ``high_water``, then the transport calls ``pause_writing``) plus the
@@ -365,6 +374,8 @@ else:
 #: upper bounds (seconds) of the delivery-latency buckets of ``Hub.stats()``
 #: (the same tuple in both implementations)
 DELIVERY_LATENCY_BUCKETS = _pyconn.DELIVERY_LATENCY_BUCKETS
+#: delivery-latency histograms per hub: one per route label, the last one "other"
+DELIVERY_LATENCY_ROUTES = _pyconn.DELIVERY_LATENCY_ROUTES
 
 
 def engine_module(name: str) -> ModuleType:
@@ -391,7 +402,7 @@ def connection_module(name: str) -> ModuleType:
 
 __all__ = [
     "IMPLEMENTATION", "Engine", "encode_frame", "Hub", "Connection", "hub_settings",
-    "DELIVERY_LATENCY_BUCKETS",
+    "DELIVERY_LATENCY_BUCKETS", "DELIVERY_LATENCY_ROUTES",
     "HUB_KNOBS", "engine_module", "connection_module", "DeflateParams",
     "CONT", "TEXT", "BINARY", "CLOSE", "PING", "PONG", "ERROR", "OPEN", "CLOSING", "CLOSED",
     "PRIORITY_LOW", "PRIORITY_NORMAL", "PRIORITY_HIGH",

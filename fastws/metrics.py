@@ -10,8 +10,8 @@ Exported (``{...}`` are labels)::
 
     websocket_connections_total{region,server_id}        gauge   open connections
     websocket_message_latency_ms                         histogram  buckets 1..1000 ms (see below)
-    websocket_delivery_latency_seconds                   histogram  arrival (or publish) -> write, per
-                                                                  connection written (see below)
+    websocket_delivery_latency_seconds{route}            histogram  arrival (or publish) -> write, per
+                                                                  connection written, per route (see below)
     websocket_rate_limited_total{kind=messages|bytes}    counter  connections closed over their rate limit
     websocket_messages_total{direction=inbound|outbound} counter
     websocket_bytes_total{direction=inbound|outbound}    counter  bytes on the wire
@@ -57,7 +57,13 @@ reply queued while handling it, or, for frames queued otherwise (a publish,
 a broadcast, a send from a task or a timer), from the moment the first
 frame of that loop iteration was queued to the write of each connection in
 the iteration's flush.  Frames held back by a connection that cannot keep
-up are not in it (they show in the queued-bytes gauges and the drops).
+up are not in it (they show in the queued-bytes gauges and the drops).  One
+histogram per ``route`` label: the path of a ``fastws.App`` route
+(``route="/chat"``; ``"*"`` for the catch-all route), ``"asgi"`` for every
+connection of the ASGI front (its paths are per connection, so one label);
+the first 63 labels of a process get their own series, later ones share
+``route="other"``.  There is no unlabeled total: ``sum without (route)``
+gives it.
 
 With ``--workers N`` (the supervisor sets ``FASTWS_METRICS_DIR`` and each
 worker ``FASTWS_WORKER``) every worker writes its snapshot to
@@ -81,10 +87,12 @@ Where each number comes from, so another component can feed it:
 * ``node.hub.stats()`` -> dict with ``connections, messages_in,
   messages_out, bytes_in, bytes_out, closes ({code: n}), dropped
   ({(reason, priority): n}), slow_consumer_closes, queued_bytes_total,
-  queued_bytes_max`` and, optionally, ``latency_ms_buckets`` (non-cumulative
-  counts per bucket of :data:`LATENCY_BUCKETS_MS` plus one for +Inf) with
-  ``latency_ms_sum``.  A hub without ``stats()`` yields the connection count
-  only.
+  queued_bytes_max``, ``delivery_latency`` (route label -> ``{"buckets":
+  non-cumulative counts per bucket of DELIVERY_LATENCY_BUCKETS plus +Inf,
+  "sum": seconds, "count": n}``) and, optionally, ``latency_ms_buckets``
+  (non-cumulative counts per bucket of :data:`LATENCY_BUCKETS_MS` plus one
+  for +Inf) with ``latency_ms_sum``.  A hub without ``stats()`` yields the
+  connection count only.
 * ``node.hub.handshake_timeouts``, ``ping_timeouts``, ``idle_timeouts``.
 * ``node.handshakes`` -> {HTTP status: n}.
 * ``node.rooms`` -> ``len()`` is the number of rooms with local members;
@@ -129,7 +137,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _HUB_DEFAULTS = {
     "connections": 0, "messages_in": 0, "messages_out": 0, "bytes_in": 0, "bytes_out": 0,
     "closes": {}, "dropped": {}, "slow_consumer_closes": 0,
-    "queued_bytes_total": 0, "queued_bytes_max": 0,
+    "queued_bytes_total": 0, "queued_bytes_max": 0, "delivery_latency": {},
 }
 
 
@@ -194,7 +202,7 @@ _SUMMED = ("connections", "messages_in", "messages_out", "bytes_in", "bytes_out"
            "room_refusals_limit", "room_refusals_name", "room_refusals_denied", "room_refusals_rate",
            "broker_subscribe_failures",
            "broker_unsubscribe_failures", "broker_subscriptions_failing",
-           "dropped_total", "latency_ms_sum", "delivery_latency_sum")
+           "dropped_total", "latency_ms_sum")
 _WORST = ("queued_bytes_max", "loop_lag")
 
 
@@ -207,7 +215,8 @@ def portable(snap: dict) -> dict:
     out["auth_failures"] = dict(snap.get("auth_failures", {}))
     out["dropped"] = [[str(r), p, n] for (r, p), n in snap.get("dropped", {}).items()]
     out["latency_ms_buckets"] = list(snap.get("latency_ms_buckets") or [0] * (len(LATENCY_BUCKETS_MS) + 1))
-    out["delivery_latency_buckets"] = list(snap.get("delivery_latency_buckets") or [])
+    out["delivery_latency"] = {str(label): {"buckets": list(h["buckets"]), "sum": h["sum"]}
+                               for label, h in (snap.get("delivery_latency") or {}).items()}
     out["rate_limited"] = dict(snap.get("rate_limited") or {})
     return out
 
@@ -218,7 +227,8 @@ def merge(snaps: list[dict]) -> dict:
     out.update({k: 0 for k in _WORST})
     closes, handshakes, timeouts, dropped, auth = {}, {}, {}, {}, {}
     buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-    delivery, rate_limited = [0] * (len(core.DELIVERY_LATENCY_BUCKETS) + 1), {}
+    delivery, rate_limited = {}, {}     # delivery: route label -> {"buckets", "sum"}
+    width = len(core.DELIVERY_LATENCY_BUCKETS) + 1
     for s in snaps:
         for k in _SUMMED:
             out[k] += s.get(k, 0)
@@ -232,13 +242,16 @@ def merge(snaps: list[dict]) -> dict:
             dropped[(reason, prio)] = dropped.get((reason, prio), 0) + n
         for i, n in enumerate(s.get("latency_ms_buckets", ())[:len(buckets)]):
             buckets[i] += n
-        for i, n in enumerate(s.get("delivery_latency_buckets", ())[:len(delivery)]):
-            delivery[i] += n
+        for label, h in (s.get("delivery_latency") or {}).items():
+            acc = delivery.setdefault(label, {"buckets": [0] * width, "sum": 0.0})
+            for i, n in enumerate(h.get("buckets", ())[:width]):
+                acc["buckets"][i] += n
+            acc["sum"] += h.get("sum", 0.0)
         for kind, n in s.get("rate_limited", {}).items():
             rate_limited[kind] = rate_limited.get(kind, 0) + n
     out.update(closes=closes, handshakes=handshakes, timeouts=timeouts, dropped=dropped,
                latency_ms_buckets=buckets, auth_failures=auth,
-               delivery_latency_buckets=delivery, rate_limited=rate_limited)
+               delivery_latency=delivery, rate_limited=rate_limited)
     return out
 
 
@@ -353,18 +366,7 @@ class FastwsCollector:
                                     "second as the lateness of a timer (not timed per message)",
                                     buckets=cumulative, sum_value=s.get("latency_ms_sum", 0.0))
 
-        delivery = s.get("delivery_latency_buckets")
-        cumulative, acc = [], 0
-        for i, le in enumerate(core.DELIVERY_LATENCY_BUCKETS + (float("inf"),)):
-            acc += delivery[i] if delivery else 0
-            cumulative.append((floatToGoString(le), acc))
-        yield HistogramMetricFamily("websocket_delivery_latency_seconds",
-                                    "Time from a message's arrival to its frame's write, seconds, one "
-                                    "observation per connection written: a reply from the start of the "
-                                    "read that brought the message; frames of a publish, broadcast or "
-                                    "send from a task or timer from the first frame queued in that loop "
-                                    "iteration; frames held by a backed-up connection not counted",
-                                    buckets=cumulative, sum_value=s.get("delivery_latency_sum", 0.0))
+        yield self._delivery_latency(s.get("delivery_latency") or {})
         rl = CounterMetricFamily("websocket_rate_limited", "Connections closed for sending over their "
                                  "rate limit (max_messages_per_second: messages, max_bytes_per_second: "
                                  "bytes)", labels=["kind"])
@@ -450,6 +452,29 @@ class FastwsCollector:
                                 "the last 5 seconds", value=s["loop_lag"])
         if per_worker is not None:
             yield from self._per_worker(per_worker, now)
+
+    @staticmethod
+    def _delivery_latency(per_route: dict) -> HistogramMetricFamily:
+        """``websocket_delivery_latency_seconds{route}`` from ``{label: {"buckets", "sum"}}``."""
+        fam = HistogramMetricFamily(
+            "websocket_delivery_latency_seconds",
+            "Time from a message's arrival to its frame's write, seconds, one observation per "
+            "connection written, by the connection's route: a reply from the start of the read that "
+            "brought the message; frames of a publish, broadcast or send from a task or timer from "
+            "the first frame queued in that loop iteration; frames held by a backed-up connection "
+            "not counted. route is the fastws.App route's path, \"asgi\" for every ASGI connection; "
+            f"past the first {core.DELIVERY_LATENCY_ROUTES - 1} routes of a process, routes share "
+            "route=\"other\"",
+            labels=["route"])
+        bounds = core.DELIVERY_LATENCY_BUCKETS + (float("inf"),)
+        for label in sorted(per_route):
+            h = per_route[label]
+            cumulative, acc = [], 0
+            for i, le in enumerate(bounds):
+                acc += h["buckets"][i] if i < len(h["buckets"]) else 0
+                cumulative.append((floatToGoString(le), acc))
+            fam.add_metric([label], cumulative, sum_value=h.get("sum", 0.0))
+        return fam
 
     @staticmethod
     def _per_worker(docs, now):

@@ -9,7 +9,8 @@
 * connection ids unique across workers (``"<node_id>-<n>"``, one node id per
   worker), and the HTTP API reaching each connection by that id whichever
   worker answers the request;
-* the delivery-latency histogram in ``/metrics``;
+* the delivery-latency histograms in ``/metrics``, one per route (native, TLS,
+  ``--workers 2`` merged, ASGI);
 * the client role of the engines (``Engine(client=True)`` with
   ``fastws.handshake.client_request``/``check_accept``) against a fastws
   server and a ``websockets`` server, with and without permessage-deflate.
@@ -32,6 +33,7 @@ import urllib.request
 import pytest
 import websockets
 import websockets.sync.server
+from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_helpers import AsgiProcess
 from fastws import core
@@ -258,28 +260,90 @@ def test_connection_ids_are_unique_across_workers(engine, server_factory):
 # -- the delivery latency ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["native", "asgi"])
-def test_delivery_latency_histogram(engine, mode, server_factory, _asgi, cert):  # noqa: F811
-    target = target_for(mode, (), server_factory, _asgi, cert)
+LATENCY_APP = "tests.integration.apps.latency_app:app"
+
+
+def delivery_latency(text) -> dict:
+    """route -> {"buckets": [(le, cumulative count), ...], "count", "sum"} of
+    websocket_delivery_latency_seconds, read with prometheus_client's parser."""
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "websocket_delivery_latency_seconds":
+            continue
+        assert family.type == "histogram"
+        for sample in family.samples:
+            h = out.setdefault(sample.labels["route"], {"buckets": []})
+            if sample.name.endswith("_bucket"):
+                h["buckets"].append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_count"):
+                h["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                h["sum"] = sample.value
+    return out
+
+
+@pytest.mark.parametrize("mode", ["native", "tls", "workers", "asgi"])
+def test_delivery_latency_per_route(engine, mode, server_factory, _asgi, cert):  # noqa: F811
+    """websocket_delivery_latency_seconds has one histogram per route: the
+    App's paths natively (one upgraded by the C fast path, one through
+    on_connect), merged across --workers, "asgi" for the ASGI front."""
+    tls = None
+    if mode == "asgi":
+        server = _asgi()
+        urls = {"asgi": server.ws + "/ws/echo"}
+    else:
+        args = []
+        if mode == "tls":
+            args += ["--ssl-certfile", str(cert / "cert.pem"), "--ssl-keyfile", str(cert / "key.pem")]
+            tls = ssl.create_default_context(cafile=str(cert / "cert.pem"))
+        elif mode == "workers":
+            args += ["--workers", "2"]
+        server = server_factory(*args, app=LATENCY_APP)
+        scheme = "wss" if tls else "ws"
+        urls = {path: f"{scheme}://{HOST}:{server.port}{path}" for path in ("/chat", "/feed")}
+    rounds = {"/chat": 120, "/feed": 40, "asgi": 80}
+    clients = 4
+    before = delivery_latency(scrape(server.port, tls))    # a server of the pool may have served before
+
+    async def talk(url, n):
+        async with websockets.connect(url, ssl=tls, open_timeout=10) as ws:
+            for i in range(n):
+                await ws.send(f"m{i}")
+                assert await asyncio.wait_for(ws.recv(), 10) == f"m{i}"
+            # scraped while open: each echo is one write (a close would add its echo)
+            await done.wait()
 
     async def main():
-        async with websockets.connect(target.url) as ws:
-            for i in range(200):
-                await ws.send(f"m{i}")
-                assert await ws.recv() == f"m{i}"
+        nonlocal done
+        done = asyncio.Event()
+        tasks = [asyncio.create_task(talk(url, rounds[route])) for route, url in urls.items()
+                 for _ in range(clients)]
+        loop = asyncio.get_running_loop()
+        want = {route: before.get(route, {}).get("count", 0) + clients * rounds[route] for route in urls}
+        deadline = loop.time() + 30
+        while True:   # --workers: the answering worker adds the others' snapshots (<= 1 s old)
+            await asyncio.sleep(0.2)
+            assert not any(t.done() and t.exception() for t in tasks), [t.exception() for t in tasks if t.done()]
+            text = await loop.run_in_executor(None, scrape, server.port, tls)
+            lat = delivery_latency(text)
+            if {r: lat.get(r, {}).get("count") for r in want} == want or loop.time() > deadline:
+                break
+        done.set()
+        await asyncio.gather(*tasks)
+        return lat, want
 
-    asyncio.run(asyncio.wait_for(main(), 60))
-    text = scrape(target.port)
-    assert "# TYPE websocket_delivery_latency_seconds histogram" in text
-    count = metric(text, "websocket_delivery_latency_seconds_count")
-    total = metric(text, "websocket_delivery_latency_seconds_sum")
-    assert count >= 200 and 0 < total < count * 0.5
-    buckets = [(float(le.replace("+Inf", "inf")), float(n)) for le, n in
-               re.findall(r'^websocket_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)]
-    assert [b for b, _ in buckets] == list(core.DELIVERY_LATENCY_BUCKETS) + [float("inf")]
-    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
-    assert buckets[-1][1] == count
-    assert dict(buckets)[0.1] >= 0.9 * count          # echoes on an idle loopback: under 100 ms
+    done = None
+    lat, want = asyncio.run(asyncio.wait_for(main(), 90))
+    # exactly the routes that had connections, each with its own echoes
+    assert set(lat) == set(want) | set(before), lat.keys()
+    for route, n in want.items():
+        h = lat[route]
+        assert h["count"] == n, (route, h["count"], n)
+        assert [le for le, _ in h["buckets"]] == list(core.DELIVERY_LATENCY_BUCKETS) + [float("inf")]
+        counts = [c for _, c in h["buckets"]]
+        assert counts == sorted(counts) and counts[-1] == n
+        assert 0 < h["sum"] < n * 0.5
+        assert dict(h["buckets"])[0.1] >= 0.9 * n      # echoes on an idle loopback: under 100 ms
 
 
 # -- the client role against real servers -------------------------------------------------------

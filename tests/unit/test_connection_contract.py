@@ -329,8 +329,10 @@ class Route:
     call is logged."""
 
     def __init__(self, rig, *, echo=True, fail_on=None, async_message=False, async_open=False,
-                 on_open=None):
+                 on_open=None, path=None):
         self.rig = rig
+        if path is not None:
+            self.path = path                # labels the route's delivery-latency histogram
         self.echo = echo
         self.fail_on = fail_on              # a message that makes on_message raise
         self.open_is_async = async_open
@@ -534,9 +536,11 @@ class Rig:
         state = {name: (c.state, c.closed, c.close_code, c.close_reason, c.id, c.dropped)
                  for name, c in self.conns.items()}
         stats = hub.stats()
-        # the delivery latency is real time: its count is compared, its values are not
-        stats.pop("delivery_latency_sum")
-        assert sum(stats.pop("delivery_latency_buckets")) == stats["delivery_latency_count"]
+        # the delivery latency is real time: per route label its count is compared, not its values
+        latency = stats.pop("delivery_latency")
+        for h in latency.values():
+            assert sum(h["buckets"]) == h["count"] and len(h["buckets"]) == len(core.DELIVERY_LATENCY_BUCKETS) + 1
+        stats["delivery_latency_counts"] = {label: h["count"] for label, h in latency.items()}
         return {"log": self.log, "received": self.received, "stats": stats,
                 "counters": counters, "conns": state, "open": sorted(hub.connections)}
 
@@ -1566,35 +1570,72 @@ def test_rate_limit_bytes_counts_every_frame():
     assert rig.hub.stats()["rate_limited"] == {"messages": 0, "bytes": 2}
 
 
-def test_delivery_latency_is_observed_per_connection_written():
+def latency_counts(hub):
+    """route label -> observations, from hub.stats()."""
+    return {label: h["count"] for label, h in hub.stats()["delivery_latency"].items()}
+
+
+def test_delivery_latency_is_observed_per_route_per_connection_written():
     bounds = core.DELIVERY_LATENCY_BUCKETS
     assert load("cython").DELIVERY_LATENCY_BUCKETS == load("wsproto").DELIVERY_LATENCY_BUCKETS == bounds
     assert list(bounds) == sorted(bounds)
+    assert (load("cython").DELIVERY_LATENCY_ROUTES == load("wsproto").DELIVERY_LATENCY_ROUTES
+            == core.DELIVERY_LATENCY_ROUTES == 64)
 
     def scenario(rig):
         hub = rig.hub
-        upgraded(rig, "echo")
-        quiet = [rig.adopt(f"q{i}", Route(rig, echo=False)) for i in range(3)]
+        assert hub.stats()["delivery_latency"] == {}
+        echo = upgraded(rig, "echo", path="/chat", route=Route(rig, path="/chat"))
+        feed = Route(rig, echo=False, path="/feed")
+        quiet = [rig.adopt(f"q{i}", feed, path="/feed") for i in range(18)]
+        pathless = rig.adopt("pathless", Route(rig, echo=False), path="/any/thing")
+        # a label per route (its path; "asgi" without one), in the order of the first accept
+        assert list(hub.stats()["delivery_latency"]) == ["/chat", "/feed", "asgi"]
+        assert latency_counts(hub) == {"/chat": 0, "/feed": 0, "asgi": 0}
         rig.feed("echo", frame(TEXT, "one") + frame(TEXT, "two"))    # one read, one reply write
         rig.loop.run()
-        st = hub.stats()
-        assert st["delivery_latency_count"] == 1
-        assert st["delivery_latency_buckets"][-1] == 0
-        # a broadcast outside any read, flushed 30 ms later: 3 writes of >= 30 ms
-        hub.broadcast("news", quiet)
+        lat = hub.stats()["delivery_latency"]
+        assert latency_counts(hub) == {"/chat": 1, "/feed": 0, "asgi": 0}
+        assert lat["/chat"]["buckets"][-1] == 0
+        chat = lat["/chat"]
+        # a broadcast outside any read, flushed 30 ms later: 3 writes of >= 30 ms, all /feed's
+        hub.broadcast("news", quiet[:3])
         time.sleep(0.03)
         rig.loop.run()
-        st = hub.stats()
-        assert st["delivery_latency_count"] == 4
-        slow = sum(st["delivery_latency_buckets"][bounds.index(0.025) + 1:])
-        assert slow == 3 and st["delivery_latency_sum"] >= 0.09
+        lat = hub.stats()["delivery_latency"]
+        assert latency_counts(hub) == {"/chat": 1, "/feed": 3, "asgi": 0}
+        slow = sum(lat["/feed"]["buckets"][bounds.index(0.025) + 1:])
+        assert slow == 3 and lat["/feed"]["sum"] >= 0.09
+        assert lat["/chat"] == chat and lat["asgi"]["sum"] == 0
+        # one flush of 20 connections of the three routes (past a group of 16):
+        # each write lands in its own route's histogram
+        hub.broadcast("all", [echo, *quiet, pathless])
+        rig.loop.run()
+        assert latency_counts(hub) == {"/chat": 2, "/feed": 21, "asgi": 1}
         # frames a paused connection holds are not observed when they go out
         quiet[0].pause_writing()
         hub.broadcast("held", quiet[:1])
         rig.loop.run()
         quiet[0].resume_writing()
         rig.loop.run()
-        assert hub.stats()["delivery_latency_count"] == 4
+        assert latency_counts(hub) == {"/chat": 2, "/feed": 21, "asgi": 1}
         assert quiet[0].closed is False
+
+    both(scenario)
+
+
+def test_delivery_latency_routes_past_the_slots_share_other():
+    def scenario(rig):
+        hub = rig.hub
+        # 70 routes: the first 63 labels get a histogram each, the other 7 share "other";
+        # a route whose path is "other" itself shares that entry
+        paths = ["other"] + [f"/r{i}" for i in range(1, 70)]
+        conns = [rig.adopt(f"c{i}", Route(rig, echo=False, path=p), path="/x") for i, p in enumerate(paths)]
+        hub.broadcast("x", conns)
+        rig.loop.run()
+        counts = latency_counts(hub)
+        assert list(counts) == paths[:63]
+        assert counts == {**{p: 1 for p in paths[1:63]}, "other": 1 + 7}
+        assert len(hub.stats()["delivery_latency"]) == core.DELIVERY_LATENCY_ROUTES - 1
 
     both(scenario)
