@@ -1039,6 +1039,8 @@ def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, base
         repeat = 1
     peers = _split(vs, ALL_SERVERS, "server")
     asked = set() if not vs or vs == "all" else set(peers)
+    if not asked and not BASELINE_DIR:
+        peers = [p for p in peers if p not in BASELINE]   # "all" means the baseline only when one is given
     code = run(peers, _split(scenario, SCENARIO_NAMES, "scenario"), repeat, quick, out, seed, asked)
     sys.exit(code)
 

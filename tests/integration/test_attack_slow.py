@@ -124,7 +124,9 @@ def test_undecided_upgrade_is_dropped_after_handshake_timeout(server_factory, mo
     baseline = settled_fds(server)
     got, closed, took = run(trickle(server.port, b"", (0, 0), limit=10,
                                     first=UPGRADE.replace(b"/ws", b"/undecided")))
-    assert closed and got == b"", got
+    # dropped by the handshake timer, or (native, the same deadline) answered
+    # 503 when the decision's own timeout fires first: either way, closed in time
+    assert closed and (got == b"" or got.startswith(b"HTTP/1.1 503 ")), got
     assert 0.5 <= took < 5.0, took
     assert wait_fds_back(server, baseline) <= baseline
     if mode.startswith("native"):

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import fastws
+from fastws.bench.peers._common import parse_args
 from fastws.gateway import GatewayApp
 
 
@@ -41,8 +42,6 @@ def main() -> None:
     import socketio
     import uvloop
     from aiohttp import web
-
-    from fastws.bench.peers._common import parse_args
 
     a = parse_args(__doc__.splitlines()[0])
     sio = socketio.AsyncServer(async_mode="aiohttp", transports=["websocket"], http_compression=False,
