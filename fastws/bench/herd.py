@@ -1,28 +1,58 @@
-"""The thundering herd: 20,000 clients lose their server at once and come back.
+"""The thundering herd: 20,000 room clients lose their server at once, come back and resume.
 
 ::
 
-    python -m fastws.bench.herd [--clients 20000] [--procs 2] [--out bench/results]
+    python -m fastws.bench.herd [--clients 20000] [--procs 2] [--variants sigterm,sigkill]
+                                [--modes hinted,naive] [--out bench/results]
 
-One ``fastws serve --workers 2`` (A) holds ``--clients`` connections of
-``fastws.connect`` clients spread over ``--procs`` client processes.  A second
-server (B, ``--workers 2`` too) listens on the same port (``--reuse-port``),
-then A gets SIGTERM: it closes every
-connection with ``1001 "server restarting; reconnect in X s"``, X jittered per
-connection in ``[reconnect_delay, 2 * reconnect_delay]``, and the clients come
-back to B.  Measured per client: when its connection was closed, the hint it
-got, when it was connected again, how many attempts it took.
+What runs (everything on 127.0.0.0/8, bounded in count and time):
 
-It runs twice: the clients as they are (``hinted``: the hint and the
-full-jitter backoff), and clients that ignore the hint and retry at once
-(``naive``: ``server_hints=False``, a 1 ms backoff), which is what a client
-without those does.  The plot (``client-herd.png``) shows the reconnections
-per 100 ms after the close; the JSON has every figure.
+* a ``redis-server`` of the run's own on a free port (``--save "" --appendonly
+  no``), stopped at the end; every server uses it as its broker,
+  ``--broker redis+streams://...`` (a fresh ``--broker-prefix`` per herd);
+* server A, ``fastws serve fastws.bench.peers.herd_rooms:app --workers 2
+  --reuse-port`` (the room protocol, ``app.rooms_endpoint("/rt")``), which
+  takes the clients' first connections (without admission limits: a 503 there
+  would leave a client's backoff raised into the herd, as a connection up
+  less than the backoff's ``reset_after``, 10 s, does not reset it);
+* ``--clients`` :class:`fastws.client.RoomClient` spread over ``--procs``
+  client processes (and 16 loopback source addresses), client ``i``
+  subscribed to room ``r{i % rooms}``;
+* a publisher: a ``RoomClient`` on a third server (C, same broker, never
+  restarted, as a backend would publish) that publishes sequence-numbered
+  payloads (``"1"``, ``"2"``, ... per room) at a fixed ``--rate`` (messages per
+  second over all rooms, round robin) during the whole herd, each one
+  acknowledged by the broker, and is itself subscribed to every room: what it
+  sees there is the room's truth;
+* once every client is subscribed and the publisher has run ``--warmup``
+  seconds, server B starts on the same port with the admission knobs
+  ``--handshake-rate`` (per worker: upgrades accepted per second, a token
+  bucket of ``--handshake-burst``; the excess gets 503 with a jittered
+  ``Retry-After`` of ``--retry-after`` to twice it), and A is
+  **restarted** (``sigterm``: SIGTERM, every connection closed with
+  ``1001 "server restarting; reconnect in X s"``, X jittered per connection
+  over ``[d, 2d]``, ``--reconnect-delay d``) or **killed** (``sigkill``:
+  SIGKILL to A's supervisor and workers: the clients see their connection
+  drop without a close frame and back off with full jitter).
 
-Every process raises its open-files limit as far as it may; with a hard
-limit of 20,000 per process, 20,000 clients need two client processes and
-two server workers (the defaults).  Everything is on 127.0.0.1 and ends by
-itself (every wait is bounded).
+Each herd runs with the clients as they are (``hinted``: the server's hint,
+``Retry-After`` on 503, full-jitter backoff) and with clients that ignore
+hints and retry at once (``naive``: ``server_hints=False``, a 1 ms backoff).
+
+Measured per client: every payload it got (so: **lost** = payloads of its
+room's truth it never got, **duplicated** = payloads it got more than once,
+out of order), when its connection was lost, when it was subscribed again
+(``back``), its connection attempts, whether it gave up, subscriptions
+answered ``recovered: false`` and gaps its client reported.  Over the herd:
+the accepted reconnections (handshakes) per 100 ms and their peak over any
+second against the admission bound ``workers * (handshake_rate +
+handshake_burst)`` per second, the connection attempts per 100 ms, and the
+time until all are back.  The handshake times are those the clients saw
+(the 101 answer), so a client process that falls behind shifts them later.
+
+The JSON (``client-herd.json``) has every figure, the PNG
+(``client-herd.png``) the reconnections per second over time, with and
+without jitter, for both variants.
 """
 
 from __future__ import annotations
@@ -31,22 +61,29 @@ import argparse
 import asyncio
 import json
 import os
+import queue
 import resource
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
-import fastws
-from fastws.client import Backoff, reconnect_hint
+from fastws.client import Backoff, RoomClient, reconnect_hint
 
 HOST = "127.0.0.1"
 NOFILE = 65536
 SOURCES = 16          # loopback source addresses the clients connect from (127.0.1.1 ... 127.0.16.1)
+APP = "fastws.bench.peers.herd_rooms:app"
+PATH = "/rt"
+ROOT = Path(__file__).resolve().parents[2]
+BIN = 0.1             # seconds per bin of the time series
 
 
 def _raise_nofile() -> None:
@@ -58,57 +95,288 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-# -- a client process -----------------------------------------------------------------------------
+def _say(**obj) -> None:
+    print(json.dumps(obj), flush=True)
 
 
-async def _worker(url: str, n: int, mode: str, timeout: float, first_ip: int) -> dict:
-    closed, reconnected, hints = {}, {}, {}
-    clients = []
-    for i in range(n):
+def _stdin_queue(loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+    """The JSON lines the parent writes to our stdin, as an asyncio queue."""
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, json.loads(line))
+            except (ValueError, RuntimeError):
+                pass
+
+    threading.Thread(target=read, daemon=True).start()
+    return inbox
+
+
+def _bins(times, t0: float) -> dict:
+    out: dict = {}
+    for t in times:
+        k = int((t - t0) // BIN)
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+# -- a client process ------------------------------------------------------------------------------
+
+
+class _Rec:
+    """What one client saw."""
+
+    __slots__ = ("room", "got", "conns", "subs", "not_recovered", "closes", "seen_delays", "base_delays")
+
+    def __init__(self, room: str) -> None:
+        self.room = room
+        self.got: list = []           # payload numbers, in delivery order
+        self.conns: list = []         # times of successful connections (after the herd started)
+        self.subs: list = []          # times of "subscribed" answers (after the herd started)
+        self.not_recovered = 0        # "subscribed" answers with recovered: false
+        self.closes: list = []        # (time, code, reason) of lost connections (after the herd started)
+        self.seen_delays = 0
+        self.base_delays = 0
+
+
+async def _worker(args) -> dict:
+    loop = asyncio.get_running_loop()
+    inbox = _stdin_queue(loop)
+    herd = False
+    recs, clients = [], []
+    for i in range(args.n):
+        g = args.first_index + i
+        rec = _Rec(f"r{g % args.rooms}")
         # clients come from SOURCES loopback addresses: the server's TIME_WAIT of
         # 20,000 closed connections would take most of one address's ephemeral ports
-        local = (f"127.0.{1 + (first_ip + i) % SOURCES}.1", 0)
-        if mode == "naive":
-            c = fastws.connect(url, backoff=Backoff(0.001, 0.001), server_hints=False, ping_interval=None,
-                               open_timeout=30, local_addr=local)
-        else:
-            c = fastws.connect(url, ping_interval=None, open_timeout=30, local_addr=local)
+        local = (f"127.0.{1 + g % SOURCES}.1", 0)
+        opts: dict = dict(ping_interval=None, open_timeout=30, local_addr=local)
+        if args.mode == "naive":
+            opts.update(backoff=Backoff(0.001, 0.001), server_hints=False)
 
-        def lost(client, code, reason, i=i):
-            closed.setdefault(i, time.time())
-            hints.setdefault(i, reconnect_hint(reason))
+        def connected(client, rec=rec):
+            if herd:
+                rec.conns.append(time.time())
 
-        def up(client, i=i):
-            if client.connections == 2:
-                reconnected[i] = time.time()
-        c.disconnect_callbacks.append(lost)
-        c.connect_callbacks.append(up)
-        clients.append(c)
-    for k in range(0, n, 500):                       # 500 upgrades at a time
-        await asyncio.gather(*(c.start() for c in clients[k:k + 500]))
-    print(json.dumps({"ready": n}), flush=True)
-    deadline = time.monotonic() + timeout
-    while len(reconnected) < n and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    out = {"closed": [closed.get(i) for i in range(n)], "reconnected": [reconnected.get(i) for i in range(n)],
-           "hints": [hints.get(i) for i in range(n)], "attempts": [len(c.delays) for c in clients]}
+        def lost(client, code, reason, rec=rec):
+            if herd:
+                rec.closes.append((time.time(), code, reason))
+
+        rc = RoomClient(f"ws://{HOST}:{args.port}{PATH}", on_connect=connected, on_disconnect=lost, **opts)
+        frames = rc.client.on_message
+
+        def on_frame(text, rec=rec, frames=frames):
+            if herd and text[:17] == '{"t":"subscribed"':
+                rec.subs.append(time.time())
+                if '"recovered":false' in text:
+                    rec.not_recovered += 1
+            frames(text)
+
+        rc.client.on_message = on_frame
+        recs.append(rec)
+        clients.append(rc)
+
+    async def up(rc: RoomClient, rec: _Rec) -> None:
+        await rc.start()
+        await rc.subscribe(rec.room, lambda m, got=rec.got: got.append(int(m.data)))
+
+    deadline = time.monotonic() + args.timeout
+    for k in range(0, args.n, 500):                       # 500 upgrades at a time
+        left = deadline - time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(up(c, r) for c, r in zip(clients[k:k + 500], recs[k:k + 500],
+                                                                            strict=True))), max(1.0, left))
+    for c, r in zip(clients, recs, strict=True):
+        r.base_delays = r.seen_delays = len(c.client.delays)
+    herd = True
+    _say(ready=args.n)
+
+    # the herd: until every client is back (or the parent has the truth, or the timeout)
+    attempts: dict = {}        # 100 ms bin of absolute time -> connection attempts started
+    truth = None
+    said_back = False
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        now = time.time()
+        for c, r in zip(clients, recs, strict=True):
+            d = c.client.delays
+            if len(d) > r.seen_delays:
+                for x in d[r.seen_delays:]:           # an attempt starts once its delay is waited
+                    k = int((now + x) // BIN)
+                    attempts[k] = attempts.get(k, 0) + 1
+                r.seen_delays = len(d)
+        if not said_back and all(_back(r) is not None for r in recs):
+            _say(back=max(_back(r) for r in recs))
+            said_back = True
+        try:
+            msg = await asyncio.wait_for(inbox.get(), 0.2)
+        except asyncio.TimeoutError:
+            continue
+        if "truth" in msg:
+            truth = msg["truth"]
+            break
+    if truth is None:
+        msg = await asyncio.wait_for(inbox.get(), max(1.0, deadline + 60 - time.monotonic()))
+        truth = msg["truth"]
+
+    # every client must end with its room's whole truth (bounded wait for the last deliveries)
+    want = {room: set(ks) for room, ks in truth.items()}
+    until = time.monotonic() + args.settle
+    while time.monotonic() < until:
+        if all(want[r.room] <= set(r.got) for r in recs):
+            break
+        await asyncio.sleep(0.2)
+    out: dict = {k: [] for k in ("lost", "dup", "disorder", "extra", "gaps", "not_recovered", "closed", "code",
+                                 "hint", "back", "reconnects", "attempts", "gave_up", "connected", "delivered")}
+    for c, r in zip(clients, recs, strict=True):
+        got = r.got
+        have = set(got)
+        out["lost"].append(len(want[r.room] - have))
+        out["dup"].append(len(got) - len(have))
+        out["disorder"].append(sum(1 for a, b in zip(got, got[1:], strict=False) if b < a))
+        out["extra"].append(len(have - want[r.room]))
+        sub = c.subs.get(r.room)
+        out["gaps"].append(sub.gaps if sub is not None else None)
+        out["not_recovered"].append(r.not_recovered)
+        first = r.closes[0] if r.closes else None
+        out["closed"].append(first[0] if first else None)
+        out["code"].append(first[1] if first else None)
+        out["hint"].append(reconnect_hint(first[2]) if first else None)
+        out["back"].append(_back(r))
+        out["reconnects"].append(r.conns)
+        out["attempts"].append(len(c.client.delays) - r.base_delays)
+        out["gave_up"].append(c.client.gave_up is not None)
+        out["connected"].append(c.connected)
+        out["delivered"].append(len(got))
+    out["attempt_bins"] = attempts
     for c in clients:
-        c.abort()                                    # stop quickly: no close handshakes needed
+        c.client.abort()                                  # stop quickly: no close handshakes needed
     await asyncio.sleep(0.1)
     return out
 
 
-def _worker_main(args) -> None:
+def _back(r: _Rec) -> float | None:
+    """When the client was subscribed again after it lost its connection."""
+    if not r.closes:
+        return None
+    lost = r.closes[0][0]
+    return next((t for t in r.subs if t >= lost), None)
+
+
+# -- the publisher -----------------------------------------------------------------------------------
+
+
+async def _publisher(args) -> dict:
+    loop = asyncio.get_running_loop()
+    inbox = _stdin_queue(loop)
+    rooms = [f"r{i}" for i in range(args.rooms)]
+    seen: dict = {r: [] for r in rooms}
+    rc = RoomClient(f"ws://{HOST}:{args.port}{PATH}", ping_interval=None)
+    await asyncio.wait_for(rc.start(), 30)
+    for r in rooms:
+        await asyncio.wait_for(rc.subscribe(r, lambda m, s=seen[r]: s.append(int(m.data))), 30)
+    stop = asyncio.ensure_future(inbox.get())
+    sent = dict.fromkeys(rooms, 0)
+    failed: list = []
+    tasks: set = set()
+
+    def done(t: asyncio.Task, room: str, k: int) -> None:
+        tasks.discard(t)
+        if t.cancelled() or t.exception() is not None:
+            failed.append((room, k, repr(t.exception()) if not t.cancelled() else "cancelled"))
+
+    _say(ready=True)
+    t0, w0 = loop.time(), time.time()
+    i = 0
+    while not stop.done() and loop.time() - t0 < args.timeout:
+        room = rooms[i % len(rooms)]
+        sent[room] += 1
+        t = asyncio.ensure_future(rc.publish(room, str(sent[room])))
+        tasks.add(t)
+        t.add_done_callback(lambda t, room=room, k=sent[room]: done(t, room, k))
+        i += 1
+        delay = t0 + i / args.rate - loop.time()
+        if delay > 0:
+            await asyncio.wait([stop], timeout=delay)
+    elapsed = loop.time() - t0
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=15)
+    failed_keys = {(room, k) for room, k, _ in failed}
+    acked = {r: [k for k in range(1, sent[r] + 1) if (r, k) not in failed_keys] for r in rooms}
+    until = loop.time() + 15
+    while loop.time() < until and any(not set(acked[r]) <= set(seen[r]) for r in rooms):
+        await asyncio.sleep(0.1)
+    stop.cancel()
+    await rc.close()
+    return {"sent": sent, "seen": seen, "failed": failed[:20], "failed_count": len(failed),
+            "acked_not_seen": sum(len(set(acked[r]) - set(seen[r])) for r in rooms),
+            "messages": i, "seconds": elapsed, "rate": i / elapsed if elapsed else 0.0, "start": w0}
+
+
+def _child_main(args) -> None:
     import uvloop
 
     _raise_nofile()
-    result = uvloop.run(_worker(args.url, args.n, args.mode, args.timeout, args.first_ip))
-    path = Path(tempfile.mkstemp(prefix="fastws-herd-", suffix=".json")[1])
-    path.write_text(json.dumps(result))      # a file: the figures of 10,000 clients are large
-    print(json.dumps({"figures": str(path)}), flush=True)
+    result = uvloop.run(_publisher(args) if args.publisher else _worker(args))
+    fd, name = tempfile.mkstemp(prefix="fastws-herd-", suffix=".json")
+    os.close(fd)
+    Path(name).write_text(json.dumps(result))    # a file: the figures of 10,000 clients are large
+    _say(figures=name)
 
 
 # -- the parent ------------------------------------------------------------------------------------------
+
+
+class _Child:
+    """A child process speaking JSON lines: its stdout read by a thread, waited for with a bound."""
+
+    def __init__(self, argv: list, log: Path, **kw) -> None:
+        with open(log, "w") as err:              # (the child has its own copy of the file)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         text=True, **kw)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def expect(self, key: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {key!r} from a child process within {timeout:g} s")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"a child process ended (exit {self.proc.wait(5)}) before {key!r}")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and key in msg:
+                return msg
+
+    def tell(self, **obj) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(obj) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def figures(self, timeout: float) -> dict:
+        path = Path(self.expect("figures", timeout)["figures"])
+        try:
+            return json.loads(path.read_text())
+        finally:
+            path.unlink()
 
 
 def _free_port() -> int:
@@ -117,92 +385,247 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(port: int, *extra: str, workers: int = 2, log=subprocess.DEVNULL) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("FASTWS_NO_EXTENSIONS", None)
-    return subprocess.Popen([sys.executable, "-m", "fastws", "serve", "examples.echo:app", "--host", HOST, "--port",
-                             str(port), "--reuse-port", "--workers", str(workers), "--log-level", "warning",
-                             "--ping-interval", "0", "--backlog", "4096", *extra], stdout=log, stderr=log, env=env,
-                            preexec_fn=_raise_nofile, cwd=str(Path(__file__).resolve().parents[2]))
+class _Redis:
+    """A redis-server of the run's own on a free port, no persistence."""
+
+    def __init__(self, logdir: Path) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("the herd needs redis-server (apt-get install redis-server)")
+        self.port = _free_port()
+        with open(logdir / "redis.log", "w") as log:
+            self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "",
+                                          "--appendonly", "no", "--maxclients", "1000"],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        _wait_port(self.port, self.proc, 10)
+        self.url = f"redis+streams://{HOST}:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
-def _wait_listening(port: int, proc, timeout: float = 30.0) -> None:
+def _wait_port(port: int, proc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("the server exited at start")
+            raise RuntimeError(f"a process exited at start (exit {proc.returncode})")
         try:
             with socket.create_connection((HOST, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("the server did not listen")
+    raise RuntimeError(f"nothing listens on port {port} after {timeout:g} s")
 
 
-def run_once(clients: int, procs: int, mode: str, reconnect_delay: float = 2.0, timeout: float = 90.0) -> dict:
-    """One herd (see the module docstring); returns the per-client figures."""
-    port = _free_port()
-    a = _serve(port, "--reconnect-delay", str(reconnect_delay), "--shutdown-timeout", "30")
-    b = None
-    workers = []
+class _Server:
+    """``fastws serve`` of the herd's app (its own process group: SIGKILL takes its workers too)."""
+
+    def __init__(self, port: int, log: Path, *extra: str, workers: int = 2) -> None:
+        env = dict(os.environ)
+        env.pop("FASTWS_NO_EXTENSIONS", None)
+        self.log = log
+        self.workers = workers
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fastws", "serve", APP, "--host", HOST, "--port", str(port), "--reuse-port",
+                 "--workers", str(workers), "--log-level", "info", "--ping-interval", "0", "--backlog", "4096",
+                 *extra], stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_raise_nofile,
+                cwd=str(ROOT), start_new_session=True)
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        """Until every worker of this server said it listens (another server may hold the port)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"a server exited at start: {self.tail()}")
+            if self.log.read_text(errors="replace").count("server listening on") >= self.workers:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"a server did not listen within {timeout:g} s: {self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 40.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:                                     # workers that outlived their supervisor, if any
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+
+
+def _metrics_handshakes(port: int) -> dict:
+    """B's ``websocket_handshakes_total`` by status (all workers; best effort)."""
     try:
-        _wait_listening(port, a)
-        per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-        for i, n in enumerate(per):
-            workers.append(subprocess.Popen([sys.executable, "-m", "fastws.bench.herd", "--worker", "--url",
-                                             f"ws://{HOST}:{port}/e", "--n", str(n), "--mode", mode,
-                                             "--timeout", str(timeout), "--first-ip", str(i * SOURCES // procs)],
-                                            stdout=subprocess.PIPE, text=True, preexec_fn=_raise_nofile))
-        for w in workers:
-            line = w.stdout.readline()
-            if not line.startswith('{"ready"'):
-                raise RuntimeError(f"a client process did not connect its clients: {line!r}")
-        b = _serve(port, "--reconnect-delay", str(reconnect_delay))
-        _wait_listening(port, b)
-        t_term = time.time()
-        a.send_signal(signal.SIGTERM)
-        results = []
-        for w in workers:
-            out, _ = w.communicate(timeout=timeout + 60)
-            lines = [line for line in out.splitlines() if line.startswith('{"figures": ')]
-            if not lines:
-                raise RuntimeError(f"a client process ended without its figures (exit {w.returncode})")
-            figures = Path(json.loads(lines[-1])["figures"])
-            results.append(json.loads(figures.read_text()))
-            figures.unlink()
-    finally:
-        for p in workers + [a] + ([b] if b else []):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in workers + [a] + ([b] if b else []):
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("websocket_handshakes_total{"):
+            status = line.split('result="', 1)[1].split('"', 1)[0]
+            out[status] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def run_once(cfg: argparse.Namespace, variant: str, mode: str, redis: _Redis, logdir: Path) -> dict:
+    """One herd (see the module docstring); returns the merged per-client figures."""
+    port, cport = _free_port(), _free_port()
+    broker = ["--broker", redis.url, "--broker-prefix", f"herd-{os.getpid()}-{variant}-{mode}"]
+    drain = ["--reconnect-delay", f"{cfg.reconnect_delay:g}", "--shutdown-timeout", "30"]
+    admission = ["--handshake-rate", f"{cfg.handshake_rate:g}", "--handshake-burst", str(cfg.handshake_burst),
+                 "--retry-after", f"{cfg.retry_after:g}"]
+    tag = f"{variant}-{mode}"
+    c = _Server(cport, logdir / f"{tag}-C.log", *broker, workers=1)
+    # A takes the clients' first connections without admission limits: 503s there would leave the
+    # clients' backoff raised (a connection up less than reset_after, 10 s, does not reset it)
+    a = _Server(port, logdir / f"{tag}-A.log", *broker, *drain, workers=cfg.workers)
+    b: _Server | None = None
+    children: list = []
+    pub = None
+    try:
+        c.wait_listening()
+        a.wait_listening()
+        per = [cfg.clients // cfg.procs + (1 if i < cfg.clients % cfg.procs else 0) for i in range(cfg.procs)]
+        first = 0
+        common = ["--port", str(port), "--rooms", str(cfg.rooms), "--timeout", f"{cfg.timeout:g}",
+                  "--settle", f"{cfg.settle:g}"]
+        for n in per:
+            children.append(_Child([sys.executable, "-m", "fastws.bench.herd", "--worker", "--n", str(n),
+                                    "--mode", mode, "--first-index", str(first), *common],
+                                   logdir / f"{tag}-clients-{first}.log", preexec_fn=_raise_nofile, cwd=str(ROOT)))
+            first += n
+        for w in children:
+            w.expect("ready", cfg.timeout + 30)
+        pub = _Child([sys.executable, "-m", "fastws.bench.herd", "--publisher", "--port", str(cport),
+                      "--rooms", str(cfg.rooms), "--rate", f"{cfg.rate:g}", "--timeout", f"{cfg.timeout * 3:g}"],
+                     logdir / f"{tag}-publisher.log", cwd=str(ROOT))
+        pub.expect("ready", 60)
+        b = _Server(port, logdir / f"{tag}-B.log", *broker, *drain, *admission, workers=cfg.workers)
+        b.wait_listening()
+        time.sleep(cfg.warmup)
+        t_signal = time.time()
+        if variant == "sigkill":
+            a.kill()
+        else:
+            a.proc.send_signal(signal.SIGTERM)
+        all_back = True
+        for w in children:
             try:
-                p.wait(30)
+                w.expect("back", cfg.timeout)
+            except TimeoutError:
+                all_back = False
+        time.sleep(cfg.tail)                      # the publisher goes on: the live flow after the return
+        pub.tell(stop=True)
+        published = pub.figures(60)
+        for w in children:
+            w.tell(truth=published["seen"])
+        results = [w.figures(cfg.settle + 120) for w in children]
+        time.sleep(1.5)                           # the workers' metric snapshots are up to ~1 s old
+        server = _metrics_handshakes(port)
+    finally:
+        for ch in children + ([pub] if pub else []):
+            if ch.proc.poll() is None:
+                ch.proc.terminate()
+        for ch in children + ([pub] if pub else []):
+            try:
+                ch.proc.wait(30)
             except subprocess.TimeoutExpired:
-                p.kill()
-    merged = {k: [x for r in results for x in r[k]] for k in ("closed", "reconnected", "hints", "attempts")}
-    merged.update(mode=mode, clients=clients, sigterm=t_term, reconnect_delay=reconnect_delay)
+                ch.proc.kill()
+                ch.proc.wait(5)
+        for s in (a, b, c):
+            if s is not None:
+                s.stop()
+    keys = [k for k in results[0] if k != "attempt_bins"]
+    merged: dict = {k: [x for r in results for x in r[k]] for k in keys}
+    bins: dict = {}
+    for r in results:
+        for k, v in r["attempt_bins"].items():
+            bins[int(k)] = bins.get(int(k), 0) + v
+    merged.update(variant=variant, mode=mode, clients=cfg.clients, signal_at=t_signal, all_back_said=all_back,
+                  attempt_bins=bins, publisher={k: v for k, v in published.items() if k != "seen"},
+                  truth_sizes={r: len(ks) for r, ks in published["seen"].items()}, server_b_handshakes=server,
+                  config={k: getattr(cfg, k) for k in ("rooms", "rate", "workers", "handshake_rate",
+                                                         "handshake_burst", "retry_after", "reconnect_delay",
+                                                         "procs", "warmup", "tail")})
     return merged
 
 
 def summary(r: dict) -> dict:
-    """The figures of one herd: reconnected, spread, peak per 100 ms, attempts."""
-    t0 = min((c for c in r["closed"] if c is not None), default=r["sigterm"])
-    back = [(up - t0) for up in r["reconnected"] if up is not None]
-    waited = [(up - c, h) for up, c, h in zip(r["reconnected"], r["closed"], r["hints"], strict=True)
-              if up is not None and c is not None]
-    buckets: dict = {}
-    for t in back:
-        buckets[int(t * 10)] = buckets.get(int(t * 10), 0) + 1
-    q = statistics.quantiles(back, n=10) if len(back) >= 10 else [0] * 9
+    """The figures of one herd (see the module docstring)."""
+    t0 = r["signal_at"]
+    cfg = r["config"]
+    n = r["clients"]
+    back = [b - t0 for b in r["back"] if b is not None]
+    closed = [c - t0 for c in r["closed"] if c is not None]
+    reconnects = [t for ts in r["reconnects"] for t in ts]
+    hs = _bins(reconnects, t0)
+    attempts = {int(k) - int(t0 // BIN): v for k, v in r["attempt_bins"].items()}
+    last = max([*hs, *attempts, 0])
+    first = min([*hs, *attempts, 0])
+    series = [hs.get(i, 0) for i in range(first, last + 1)]
+    per_s = [sum(series[i:i + round(1 / BIN)]) for i in range(len(series))]
+    waited = [(b - c, h) for b, c, h in zip(r["back"], r["closed"], r["hint"], strict=True)
+              if b is not None and c is not None]
+    q = statistics.quantiles(back, n=10) if len(back) >= 10 else [0.0] * 9
+    bound_rate = cfg["workers"] * cfg["handshake_rate"]
+    bound_burst = cfg["workers"] * (cfg["handshake_burst"] or cfg["handshake_rate"])
     return {
-        "mode": r["mode"], "clients": r["clients"], "reconnect_delay": r["reconnect_delay"], "reconnected": len(back),
-        "first_s": min(back, default=None), "last_s": max(back, default=None),
+        "variant": r["variant"], "mode": r["mode"], "clients": n, **cfg,
+        "lost": sum(r["lost"]), "duplicated": sum(r["dup"]), "out_of_order": sum(r["disorder"]),
+        "unexpected": sum(r["extra"]),
+        "clients_with_loss": sum(1 for x in r["lost"] if x), "clients_with_dup": sum(1 for x in r["dup"] if x),
+        "gaps_reported": sum(x or 0 for x in r["gaps"]), "not_recovered": sum(r["not_recovered"]),
+        "delivered": sum(r["delivered"]),
+        "closed_by_server": len(closed), "close_codes": _count(r["code"]),
+        "back": len(back), "gave_up": sum(r["gave_up"]), "connected_at_end": sum(r["connected"]),
+        "first_close_s": min(closed, default=None), "first_back_s": min(back, default=None),
+        "all_back_s": max(back) if len(back) == n else None, "last_back_s": max(back, default=None),
         "p10_s": q[0], "p50_s": q[4], "p90_s": q[8],
-        "peak_per_100ms": max(buckets.values(), default=0),
+        "reconnect_handshakes": len(reconnects),
+        "peak_per_100ms": max(series, default=0), "peak_per_s": max(per_s, default=0),
+        "admission_rate_per_s": bound_rate, "admission_bound_per_s": bound_rate + bound_burst,
+        "under_admission_bound": max(per_s, default=0) <= bound_rate + bound_burst,
         "attempts_total": sum(r["attempts"]), "attempts_max": max(r["attempts"], default=0),
+        "attempts_p50": statistics.median(r["attempts"]) if r["attempts"] else 0,
         "waited_less_than_hint": sum(1 for w, h in waited if h is not None and w < h - 0.05),
-        "buckets_100ms": [buckets.get(i, 0) for i in range(max(buckets, default=-1) + 1)],
+        "server_b_handshakes": r["server_b_handshakes"],
+        "publisher": r["publisher"], "truth_sizes": r["truth_sizes"],
+        "series_start_s": first * BIN,
+        "handshakes_100ms": series,
+        "attempts_100ms": [attempts.get(i, 0) for i in range(first, last + 1)],
     }
+
+
+def _count(xs) -> dict:
+    out: dict = {}
+    for x in xs:
+        out[str(x)] = out.get(str(x), 0) + 1
+    return out
+
+
+LABELS = {"hinted": "fastws client: server hint, Retry-After, full jitter",
+          "naive": "no jitter: hints ignored, retry at once"}
 
 
 def plot(summaries: list, path: Path) -> None:
@@ -211,57 +634,116 @@ def plot(summaries: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for s in summaries:
-        xs = [i / 10 for i in range(len(s["buckets_100ms"]))]
-        label = {"hinted": "fastws.connect (server hint + full jitter)",
-                 "naive": "retry at once (no hint, no jitter)"}.get(s["mode"], s["mode"])
-        ax.step(xs, s["buckets_100ms"], where="post", label=f"{label}: peak {s['peak_per_100ms']:,}/100 ms, "
-                f"last at {s['last_s']:.1f} s, {s['attempts_total']:,} attempts")
-    ax.set_xlabel("seconds after the server closed the connections")
-    ax.set_ylabel("reconnections per 100 ms")
-    ax.set_title(f"{summaries[0]['clients']:,} clients, server restarted (SIGTERM, --reconnect-delay "
-                 f"{summaries[0]['reconnect_delay']:g})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    variants = list(dict.fromkeys(s["variant"] for s in summaries))
+    fig, axes = plt.subplots(len(variants), 1, figsize=(10, 4.2 * len(variants)), squeeze=False)
+    titles = {"sigterm": "server restarted: SIGTERM, paced by the close reason's hint (--reconnect-delay {d:g})",
+              "sigkill": "server killed: SIGKILL, no close frame"}
+    colors = {"hinted": "tab:blue", "naive": "tab:red"}
+    for ax, variant in zip(axes[:, 0], variants, strict=True):
+        rows = [s for s in summaries if s["variant"] == variant]
+        for s in rows:
+            series = s["handshakes_100ms"]
+            window = round(1 / BIN)
+            xs = [s["series_start_s"] + (i + 1) * BIN for i in range(len(series))]
+            trailing = [sum(series[max(0, i - window + 1):i + 1]) for i in range(len(series))]
+            back = f"all back at {s['all_back_s']:.1f} s" if s["all_back_s"] is not None else \
+                f"{s['back']:,}/{s['clients']:,} back"
+            ax.plot(xs, trailing, color=colors.get(s["mode"]), linewidth=1.4,
+                    label=f"{LABELS.get(s['mode'], s['mode'])}: {back}, peak {s['peak_per_s']:,}/s, "
+                    f"lost {s['lost']}, dup {s['duplicated']}, gave up {s['gave_up']}, "
+                    f"{s['attempts_total']:,} attempts")
+            ax.step(xs, [v / BIN for v in series], where="pre", color=colors.get(s["mode"]), linewidth=0.5,
+                    alpha=0.35)
+        s0 = rows[0]
+        ax.axhline(s0["admission_bound_per_s"], color="black", linestyle="--", linewidth=1,
+                   label=f"admission bound in any 1 s: {s0['workers']} workers x (--handshake-rate "
+                   f"{s0['handshake_rate']:g} + --handshake-burst {s0['handshake_burst']}) = "
+                   f"{s0['admission_bound_per_s']:,.0f}")
+        ax.set_xlabel("seconds after the signal to the first server")
+        ax.set_ylabel("reconnections (handshakes) per second\n(line: last 1 s; pale: 100 ms bins x 10)")
+        ax.set_title(f"{s0['clients']:,} room clients, {s0['rooms']} rooms, publisher {s0['rate']:g} msg/s; "
+                     + titles.get(variant, variant).format(d=s0["reconnect_delay"]), fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=min(0.0, s0["series_start_s"]))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run(clients: int = 20000, procs: int = 2, out: Path | None = None, modes=("hinted", "naive"),
-        reconnect_delay: float = 5.0) -> list:
+def run(clients: int = 20000, procs: int = 2, out: Path | None = None, variants=("sigterm", "sigkill"),
+        modes=("hinted", "naive"), **options) -> list:
+    """Every herd of ``variants`` x ``modes``; returns their summaries (and
+    writes ``client-herd.json`` and ``client-herd.png`` to ``out``)."""
+    cfg = _parser().parse_args([])
+    cfg.clients, cfg.procs = clients, procs
+    for k, v in options.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown option {k!r}")
+        setattr(cfg, k, v)
     summaries = []
-    for mode in modes:
-        s = summary(run_once(clients, procs, mode, reconnect_delay))
-        summaries.append(s)
-        print(json.dumps({k: v for k, v in s.items() if k != "buckets_100ms"}))
+    logdir = Path(tempfile.mkdtemp(prefix="fastws-herd-logs-"))
+    redis = _Redis(logdir)
+    ok = False
+    try:
+        for variant in variants:
+            for mode in modes:
+                s = summary(run_once(cfg, variant, mode, redis, logdir))
+                summaries.append(s)
+                print(json.dumps({k: v for k, v in s.items() if not k.endswith("_100ms")}), flush=True)
+        ok = True
+    finally:
+        redis.stop()
+        if ok:
+            shutil.rmtree(logdir, ignore_errors=True)
+        else:
+            print(f"herd: logs kept in {logdir}", file=sys.stderr)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "client-herd.json").write_text(json.dumps(summaries, indent=2))
+        (out / "client-herd.json").write_text(json.dumps(summaries, indent=1))
         plot(summaries, out / "client-herd.png")
     return summaries
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastws.bench.herd", description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--url", default="")
-    p.add_argument("--n", type=int, default=0)
-    p.add_argument("--mode", default="hinted", choices=("hinted", "naive"))
-    p.add_argument("--first-ip", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=90.0)
+    p.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="hinted", choices=("hinted", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, default=20000)
-    p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--modes", default="hinted,naive")
+    p.add_argument("--procs", type=int, default=2, help="client processes (at most 19,000 clients each)")
+    p.add_argument("--variants", default="sigterm,sigkill", help="sigterm (paced drain), sigkill, or both")
+    p.add_argument("--modes", default="hinted,naive", help="hinted (the client as it is), naive (no jitter)")
+    p.add_argument("--rooms", type=int, default=20, help="rooms; client i subscribes to room r{i %% rooms}")
+    p.add_argument("--rate", type=float, default=40.0, help="publisher messages per second, over all rooms")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of each restarted server")
+    p.add_argument("--handshake-rate", type=float, default=1000.0,
+                   help="the servers' --handshake-rate (per worker; excess upgrades get 503)")
+    p.add_argument("--handshake-burst", type=int, default=100, help="the servers' --handshake-burst (per worker)")
+    p.add_argument("--retry-after", type=float, default=5.0, help="the servers' --retry-after (base, seconds)")
     p.add_argument("--reconnect-delay", type=float, default=5.0,
-                   help="the servers' --reconnect-delay (hints spread over [d, 2d] s)")
+                   help="the servers' --reconnect-delay (SIGTERM: hints spread over [d, 2d] s)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of publishing before the signal")
+    p.add_argument("--tail", type=float, default=3.0, help="seconds of publishing after every client is back")
+    p.add_argument("--timeout", type=float, default=120.0, help="bound of each phase's wait, seconds")
+    p.add_argument("--settle", type=float, default=30.0,
+                   help="seconds the clients may take for the last messages once the publisher stopped")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.worker:
-        _worker_main(args)
+    return p
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    if args.worker or args.publisher:
+        _child_main(args)
         return
-    run(args.clients, args.procs, args.out, args.modes.split(","), args.reconnect_delay)
+    run(args.clients, args.procs, args.out, tuple(args.variants.split(",")), tuple(args.modes.split(",")),
+        **{k: getattr(args, k) for k in ("rooms", "rate", "workers", "handshake_rate", "handshake_burst",
+                                         "retry_after", "reconnect_delay", "warmup", "tail", "timeout",
+                                         "settle")})
 
 
 if __name__ == "__main__":
