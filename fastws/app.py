@@ -440,6 +440,35 @@ class App:
             return False
         return await self.node.disconnect(conn_id, code, reason)
 
+    def bind_user(self, conn: Connection, user_id: str) -> None:
+        """``conn`` belongs to user ``user_id`` (call it in ``on_open``):
+        :meth:`send_to_user` reaches it from any node and, with
+        ``--region-peers``, from any region.  With regions the user is in
+        this region's directory while one of its connections is open here;
+        closing the connection unbinds it.  It counts as one of ``conn``'s
+        rooms (``max_rooms_per_connection``)."""
+        if self.node is None:
+            raise RuntimeError("bind_user needs a running server")
+        self.node.bind_user(conn, user_id)
+
+    def unbind_user(self, conn: Connection, user_id: str) -> None:
+        """Undo :meth:`bind_user` while ``conn`` stays open."""
+        if self.node is not None:
+            self.node.unbind_user(conn, user_id)
+
+    async def send_to_user(self, user_id: str, message: str | bytes) -> list[str]:
+        """Send ``message`` to every connection bound to ``user_id``
+        (:meth:`bind_user`) wherever it is.  Returns the regions the message
+        was handed to: with ``--region-peers``, those whose directory holds
+        the user (``[]``: none does); without, ``[region]`` (this node's
+        broker reaches every node of the region).  Delivery to another region
+        is at-least-once on the wire, exactly once at each connection, and
+        waits in a bounded queue while that region cannot be reached
+        (see :mod:`fastws.regions`)."""
+        if self.node is None:
+            raise RuntimeError("send_to_user needs a running server")
+        return await self.node.send_to_user(user_id, message)
+
     @property
     def presence(self) -> Presence:
         """Who is in which room on every node (``--presence``): a

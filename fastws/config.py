@@ -222,6 +222,30 @@ class Config:
     presence_ttl: float = knob(30.0, "With --presence: seconds a node's presence entries live "
                                "without a refresh (a crashed node's members vanish after it).",
                                kind="seconds", check=lambda v: 3 <= v <= 3600, allowed="seconds 3..3600")
+    # -- regions (fastws.regions) ---------------------------------------------------
+    region_peers: str = knob("", "The other regions, name=redis-url pairs, comma-separated "
+                             "(eu=redis://10.1.0.5:6379/0,ap=rediss://...): each region's own Redis, "
+                             "reached to hand it messages and to ask it where a user is. An entry "
+                             "for this node's --region is skipped (every region can be given the "
+                             "same list). Needs --region and a redis:// or rediss:// broker, which is "
+                             "this region's Redis (empty: one region).", kind="list",
+                             check=lambda v: _valid(parse_region_peers, v),
+                             allowed="name=redis://host:port[/db] pairs, comma-separated, names of "
+                             "letters, digits, '.', '_', '-', each name once")
+    region_queue_max: int = knob(100_000, "With --region-peers: messages queued for one unreachable "
+                                 "region at most; the oldest past it are dropped and counted "
+                                 "(fastws_region_dropped_total{reason=\"length\"}).", kind="int",
+                                 check=lambda v: 1 <= v <= 100_000_000, allowed="an integer 1..100000000")
+    region_queue_age: float = knob(3600.0, "With --region-peers: seconds a message may wait for an "
+                                   "unreachable region; older ones are dropped and counted "
+                                   "(fastws_region_dropped_total{reason=\"age\"}; 0 = no age bound).",
+                                   kind="seconds", check=lambda v: 0 <= v <= 7 * 86400,
+                                   allowed="seconds 0..604800 (0 = no age bound)")
+    region_directory_ttl: float = knob(30.0, "With --region-peers: seconds a user's entry in the region's "
+                                       "directory lives without a refresh (refreshed every third of it "
+                                       "while the user is connected; a crashed node's users vanish "
+                                       "after it).", kind="seconds", check=lambda v: 3 <= v <= 3600,
+                                       allowed="seconds 3..3600")
     # -- rooms (fastws.rooms) -------------------------------------------------------
     max_rooms_per_connection: int = knob(1000, "Rooms one connection may be in at once; a join past it "
                                          "raises fastws.errors.RoomLimitError in the app (0 = no limit).",
@@ -309,7 +333,9 @@ class Config:
                             kind="bool")
     # -- metrics -----------------------------------------------------------------
     metrics: bool = knob(True, "Serve Prometheus metrics at GET /metrics on the same port.", kind="bool")
-    region: str = knob("", "Value of the 'region' label of the metrics.", kind="str")
+    region: str = knob("", "This node's region: the 'region' label of the metrics, and with "
+                       "--region-peers the region whose users this node serves (letters, digits, "
+                       "'.', '_', '-').", kind="str")
     server_id: str = knob("", "Value of the 'server_id' label (empty: the host name).", kind="str")
     # -- health --------------------------------------------------------------------
     health: bool = knob(True, "Serve GET /health (readiness) and GET /livez (liveness).", kind="bool")
@@ -374,6 +400,9 @@ class Config:
                 ("health_max_loop_lag", "health", lambda: self.health),
                 ("health_max_memory", "health", lambda: self.health),
                 ("presence_ttl", "presence", lambda: self.presence),
+                ("region_queue_max", "region_peers", lambda: bool(self.region_peers)),
+                ("region_queue_age", "region_peers", lambda: bool(self.region_peers)),
+                ("region_directory_ttl", "region_peers", lambda: bool(self.region_peers)),
                 *((name, "gateway", lambda: bool(self.gateway)) for name in _GATEWAY_KNOBS))
         for name, needs, ok in rules:
             if given(name) and not ok():
@@ -385,6 +414,15 @@ class Config:
                 raise ConfigError("presence", True, "unset unless broker is a Redis broker "
                                   "(redis://, rediss://, redis+streams://, redis+cluster://): "
                                   "presence is kept in Redis")
+        if self.region_peers:
+            if not _REGION_NAME.match(self.region):
+                raise ConfigError("region", self.region, "a region name (letters, digits, '.', '_', '-', "
+                                  "at most 64) when region_peers is set")
+            scheme = self.broker.split("://", 1)[0].lower() if "://" in self.broker else ""
+            if scheme not in ("redis", "rediss"):
+                raise ConfigError("region_peers", mask_url(self.region_peers), "unset unless broker is a "
+                                  "redis:// or rediss:// URL: it is this region's Redis, whose pub/sub "
+                                  "carries what other regions send")
         if self.gateway_token is not None and self.gateway.split("://", 1)[0].lower() not in ("http", "https"):
             raise ConfigError("gateway_token", "********", "unset unless gateway is an http:// or https:// "
                               "URL: a Streams backend is reached through Redis")
@@ -591,6 +629,32 @@ def _ops_hosts(value: str) -> frozenset[str]:
     return ops_host_set(value)
 
 
+_REGION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def parse_region_peers(value: str) -> dict[str, str]:
+    """``{name: redis URL}`` of a ``region_peers`` value
+    (``name=redis://host:port/db,...``); ValueError naming the bad pair."""
+    peers: dict[str, str] = {}
+    for pair in (p.strip() for p in value.split(",")):
+        if not pair:
+            continue
+        name, eq, url = pair.partition("=")
+        name, url = name.strip(), url.strip()
+        if not eq or not _REGION_NAME.match(name):
+            raise ValueError(f"{pair!r}: not name=redis-url")
+        u = urlsplit(url)
+        if u.scheme.lower() not in ("redis", "rediss") or not u.hostname:
+            raise ValueError(f"{name}: not a redis:// or rediss:// URL")
+        _ = u.port                # ValueError for a port that is not a number
+        if u.path.strip("/") and not u.path.strip("/").isdigit():
+            raise ValueError(f"{name}: the database is not a number")
+        if name in peers:
+            raise ValueError(f"{name}: named twice")
+        peers[name] = url
+    return peers
+
+
 #: the settings that mean something only with ``gateway`` set
 _GATEWAY_KNOBS = ("gateway_routes", "gateway_token", "gateway_timeout", "gateway_concurrency", "gateway_batch",
                   "gateway_retries", "gateway_queue", "gateway_overflow")
@@ -653,4 +717,4 @@ def _toml_value(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-__all__ = ["Config", "ConfigError", "ENV_PREFIX", "LOG_LEVELS", "LOG_FORMATS", "mask_url"]
+__all__ = ["Config", "ConfigError", "ENV_PREFIX", "LOG_LEVELS", "LOG_FORMATS", "mask_url", "parse_region_peers"]

@@ -193,6 +193,7 @@ class Health:
         body = {
             "status": "healthy" if ok else ("draining" if self.node.draining
                                               else "unhealthy"),
+            "region": self.node.config.region,
             "connections": len(hub.connections) if hub is not None else 0,
             "memory": {"rss_bytes": rss_bytes(), "limit_bytes": self.node.config.health_max_memory},
             "loop_lag_ms": round(self.monitor.lag * 1000, 3),

@@ -38,6 +38,14 @@ Exported (``{...}`` are labels)::
     websocket_broker_subscriptions_failing               gauge    room keys waiting for a retry
     websocket_event_loop_lag_seconds                     gauge    worst lag over the last 5 s
     fastws_info{version,engine,region,server_id}         gauge    1
+    fastws_region_peer_up{region,peer}                   gauge    with --region-peers (fastws.regions):
+    fastws_region_queued{region,peer}                    gauge      the peer answers; its outbox length
+    fastws_region_forwarded_total{region,peer}           counter    messages moved to the peer
+    fastws_region_dropped_total{region,peer,reason}      counter    reason=length|age|local: never silent
+    fastws_region_received_total{region,origin}          counter    delivered here from another region
+    fastws_region_inbound_total{region,outcome}          counter    duplicates|redirected|undeliverable
+    fastws_region_directory_lookups_total{region,result} counter    result=cached|asked
+    fastws_region_users{region}                          gauge      users bound on this node
     process_*                                            prometheus_client's process collector
 
 ``websocket_message_latency_ms`` is the time a message that has just arrived
@@ -450,8 +458,51 @@ class FastwsCollector:
                                 value=s.get("broker_subscriptions_failing", 0))
         yield GaugeMetricFamily("websocket_event_loop_lag_seconds", "Worst event-loop lag over "
                                 "the last 5 seconds", value=s["loop_lag"])
+        if getattr(self.node, "regions", None) is not None:
+            yield from self._regions(self.node.regions.stats())
         if per_worker is not None:
             yield from self._per_worker(per_worker, now)
+
+    @staticmethod
+    def _regions(r: dict):
+        """The families of ``--region-peers`` (this node's counts)."""
+        region = r["region"]
+        up = GaugeMetricFamily("fastws_region_peer_up", "1 when the peer region's Redis answers this node",
+                               labels=["region", "peer"])
+        queued = GaugeMetricFamily("fastws_region_queued", "Messages waiting in this region's outbox for "
+                                   "the peer region", labels=["region", "peer"])
+        fwd = CounterMetricFamily("fastws_region_forwarded", "Messages this node moved to the peer region's "
+                                  "inbound stream", labels=["region", "peer"])
+        drop = CounterMetricFamily("fastws_region_dropped", "Messages for the peer region dropped by this node: "
+                                   "over region_queue_max (length) or region_queue_age (age) while it could "
+                                   "not take them, or while this region's Redis was down (local)",
+                                   labels=["region", "peer", "reason"])
+        for peer, p in sorted(r["peers"].items()):
+            up.add_metric([region, peer], 1 if p["up"] else 0)
+            queued.add_metric([region, peer], p["queued"])
+            fwd.add_metric([region, peer], p["forwarded"])
+            for reason, n in sorted(p["dropped"].items()):
+                drop.add_metric([region, peer, reason], n)
+        rec = CounterMetricFamily("fastws_region_received", "Messages from another region delivered to this "
+                                  "region by this node", labels=["region", "origin"])
+        for origin, n in sorted(r["received"].items()):
+            rec.add_metric([region, origin], n)
+        c = r["counters"]
+        other = CounterMetricFamily("fastws_region_inbound", "Other outcomes of messages from other regions: "
+                                    "duplicates (sent again, not delivered twice), redirected (the user "
+                                    "moved: sent on to its region once), undeliverable (the user is in no "
+                                    "region)", labels=["region", "outcome"])
+        for outcome in ("duplicates", "redirected", "undeliverable"):
+            other.add_metric([region, outcome], c[outcome])
+        look = CounterMetricFamily("fastws_region_directory_lookups", "Where-is-this-user lookups: answered "
+                                   "from this node's cache or by asking the regions' directories",
+                                   labels=["region", "result"])
+        look.add_metric([region, "cached"], c["lookups_cached"])
+        look.add_metric([region, "asked"], c["lookups_asked"])
+        users = GaugeMetricFamily("fastws_region_users", "Users with a connection on this node",
+                                  labels=["region"])
+        users.add_metric([region], r["users"])
+        yield from (up, queued, fwd, drop, rec, other, look, users)
 
     @staticmethod
     def _delivery_latency(per_route: dict) -> HistogramMetricFamily:

@@ -29,6 +29,10 @@ lives here, one field per collaborator:
                   ``/metrics``, ``/stats``;
 * ``presence``  - who is in which room on every node (``--presence``, a
                   :class:`fastws.presence.Presence` in the broker's Redis);
+* ``regions``   - this node's part in a deployment over several regions
+                  (``--region-peers``, a :class:`fastws.regions.Regions`):
+                  the user directory, messages to and from other regions,
+                  ``GET /regions``;
 * ``access``    - the access log (``--access-log``, an :class:`AccessLog`), or None;
 * ``draining``  - set when a shutdown starts: upgrades get 503, ``/health``
                   says 503.
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -68,6 +73,7 @@ from .metrics import Metrics
 from .origins import OriginPolicy, host_name, ops_host_set
 from .presence import Presence, presence_client
 from .proxy import TrustedProxies, client_key
+from .regions import USER_NAMESPACE, Regions
 from .resume import Resumer
 from .roomproto import serve_client_js
 from .rooms import Rooms
@@ -252,6 +258,7 @@ class Node:
         self.bridge: Bridge | None = None     # rooms <-> broker
         self.resumer: Resumer | None = None   # replay + live stream for resuming members (history brokers)
         self.presence: Presence | None = None  # fastws.presence.Presence, with config.presence
+        self.regions: Regions | None = None   # with config.region_peers
         self.access = AccessLog() if config.access_log else None
         self.admission = Admission(config.max_connections, config.handshake_rate,
                                    config.handshake_burst or None, config.retry_after)
@@ -314,6 +321,8 @@ class Node:
                 await self._start_broker()
             if presence_redis is not None:
                 await self._start_presence(presence_redis)
+            if c.region_peers:
+                await self._start_regions()
             if c.publish_token:
                 publish_api.register(self, c.publish_token)
             if self.app is not None:
@@ -351,6 +360,30 @@ class Node:
         await self.presence.start()
         log.info("fastws: presence on (ttl %gs)", c.presence_ttl)
 
+    async def _start_regions(self) -> None:
+        try:
+            regions = Regions(self.config, self.node_id, self._publish_in_region)
+            await regions.start()
+        except ImportError as exc:
+            raise ServerStartError(str(exc)) from None
+        self.regions = regions
+        self._running_rooms().listeners.append(regions.on_room)
+        assert self.health is not None      # start() made it
+        self.health.add_check("region", regions.check)
+        self.routes.add("GET", "/regions", self._regions_page)
+
+    async def _regions_page(self, request: HttpRequest) -> tuple[int, bytes, str, list[tuple[str, str]]]:
+        assert self.regions is not None
+        body = json.dumps(await self.regions.describe()).encode()
+        return 200, body, "application/json", [("Cache-Control", "no-store")]
+
+    def _publish_in_region(self, namespace: str, room: str, message: str | bytes, priority: int) -> None:
+        """Deliver to this region only (what another region sent, a user here)."""
+        if self.bridge is not None:
+            self.bridge.publish_nowait(room, message, namespace=namespace, priority=priority)
+        else:
+            self._running_rooms().publish(room, message, namespace=namespace, priority=priority)
+
     async def _run_hooks(self, kind: str, hooks: Iterable[Callable[[], object]]) -> None:
         """Run the app's ``on_startup``/``on_shutdown`` hooks in order (sync
         or async).  A startup hook that raises stops the start
@@ -372,6 +405,9 @@ class Node:
         the app's ``on_shutdown`` hooks run first."""
         if run_hooks and self.app is not None and self.app.node is self:
             await self._run_hooks("on_shutdown", self.app.shutdown_hooks)
+        if self.regions is not None:
+            regions, self.regions = self.regions, None
+            await regions.close()
         if self.presence is not None:
             presence, self.presence = self.presence, None
             await presence.close()
@@ -598,6 +634,8 @@ class Node:
         node's sequence number for it (0 when the room has no member here and
         there is no broker)."""
         seq: int
+        if self.regions is not None:
+            self.regions.forward_room(namespace, room, message, priority)
         if self.bridge is not None:
             seq = self.bridge.publish_nowait(room, message, namespace=namespace, exclude=exclude,
                                              priority=priority)
@@ -611,6 +649,8 @@ class Node:
         """:meth:`publish`, waiting for the broker: ``(seq, remote)`` where
         ``remote`` is False when other nodes did not get it (True without a
         broker: there are no other nodes)."""
+        if self.regions is not None:
+            self.regions.forward_room(namespace, room, message, priority)
         if self.bridge is not None:
             confirmed: tuple[int, bool] = await self.bridge.publish(room, message, namespace=namespace,
                                                                      priority=priority)
@@ -618,6 +658,30 @@ class Node:
         seq: int
         seq, _ = self._running_rooms().publish(room, message, namespace=namespace, priority=priority)
         return seq, True
+
+    def bind_user(self, conn: core.Connection, user_id: str) -> None:
+        """``conn`` belongs to user ``user_id``: messages sent to the user
+        (:meth:`send_to_user`) reach it, from any node and, with regions, from
+        any region (the user is in this region's directory while one of its
+        connections is open here).  It counts as a room of ``conn``."""
+        if not isinstance(user_id, str) or not user_id:
+            raise ValueError("a user id is a non-empty str")
+        self._running_rooms().join(conn, user_id, namespace=USER_NAMESPACE)
+
+    def unbind_user(self, conn: core.Connection, user_id: str) -> None:
+        """Undo :meth:`bind_user` before ``conn`` closes (closing does it)."""
+        self._running_rooms().leave(conn, user_id, namespace=USER_NAMESPACE)
+
+    async def send_to_user(self, user_id: str, message: str | bytes, *, priority: int = PRIORITY_NORMAL) -> list[str]:
+        """Send ``message`` to every connection bound to ``user_id``, on every
+        node and, with regions, in every region.  Returns the regions it was
+        handed to (``[]``: the user is in no region that answered); without
+        regions, ``[region]``: handed to this node's broker, which reaches
+        the user's connections on any node."""
+        if self.regions is not None:
+            return await self.regions.send_to_user(user_id, message, priority)
+        self._publish_in_region(USER_NAMESPACE, user_id, message, priority)
+        return [self.config.region]
 
     def global_id(self, conn: core.Connection) -> str:
         """``conn``'s id across nodes and workers: ``conn.id``, ``"<node_id>-<n>"``."""

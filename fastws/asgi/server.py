@@ -49,6 +49,9 @@ class AsgiServer(Server):
         return "ASGI app"
 
     def check_config(self) -> None:
+        if self.config.region_peers:
+            raise ServerStartError("region_peers: an ASGI application has no user binding (fastws.App.bind_user) "
+                                   "to route between regions; serve a fastws.App for regions")
         if self.config.gateway:
             raise ServerStartError("gateway: an ASGI application handles its own WebSockets; serve the "
                                    "gateway without an app (fastws serve --gateway URL) or with a fastws.App")

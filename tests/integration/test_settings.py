@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from brokerutil import REDIS_URL, need_redis, new_prefix
+from brokerutil import REDIS_URL, OwnRedis, need_redis, new_prefix
 from fastws.config import Config
 from gateway_helpers import Procs as GatewayProcs
 
@@ -833,6 +833,54 @@ def p_gateway(ctx):
         assert 1 < stats["max_events"] <= 5 and stats["max_concurrent"] <= 2, stats
 
 
+def p_regions(ctx):
+    """region_peers, region_queue_max, region_queue_age, region_directory_ttl:
+    two regions, each on a redis-server of its own; a publish in region a
+    reaches a member in region b; a user bound in b is in b's directory
+    with the TTL; for a third region that cannot be reached, the queue keeps
+    3 messages (the others dropped, reason length) and those age out after
+    2 s (reason age), both counted in /metrics (the ASGI front refuses the
+    settings, REFUSED_BY)."""
+    ra, rb = OwnRedis(), OwnRedis()
+    ctx.owned += [ra, rb]
+    app = "tests.integration.apps.regions_app:app"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]            # nothing listens there once closed
+    a = ctx.factory("--broker", ra.url, "--region", "a", "--region-peers", f"b={rb.url},dead=redis://127.0.0.1:{dead}/0",
+                    "--region-queue-max", "3", "--region-queue-age", "2", app=app)
+    b = ctx.factory("--broker", rb.url, "--region", "b", "--region-peers", f"a={ra.url}",
+                    "--region-directory-ttl", "9", app=app)
+
+    async def main():
+        member = await websockets.connect(f"ws://{b.host}:{b.port}/ws?user=bea", open_timeout=TIMEOUT)
+        await asyncio.wait_for(member.recv(), TIMEOUT)                             # hello
+        await member.send(json.dumps({"op": "join", "room": "news"}))
+        assert json.loads(await asyncio.wait_for(member.recv(), TIMEOUT))["op"] == "joined"
+        pub = await websockets.connect(f"ws://{a.host}:{a.port}/ws", open_timeout=TIMEOUT)
+        await asyncio.wait_for(pub.recv(), TIMEOUT)
+        for i in range(9):
+            await pub.send(json.dumps({"op": "pub", "room": "news", "data": f"m{i}"}))
+        got = [json.loads(await asyncio.wait_for(member.recv(), TIMEOUT))["data"] for _ in range(9)]
+        assert got == [f"m{i}" for i in range(9)]                                  # region_peers
+        key = "fastws:region:b:user:bea"
+        assert 0 < int(rb.cli("PTTL", key)) <= 9000, rb.cli("PTTL", key)          # region_directory_ttl
+        deadline = time.monotonic() + 20
+        want = {"length": 6.0, "age": 3.0}                                        # region_queue_max / _age
+        while True:
+            m = (await asyncio.to_thread(raw_http, a, "GET", "/metrics"))[2].decode()
+            seen = {r: float(v) for r, v in re.findall(
+                r'fastws_region_dropped_total\{peer="dead",reason="(length|age)",region="a"\} (\S+)', m)}
+            if seen == want:
+                break
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.3)
+        await member.close()
+        await pub.close()
+
+    run(main())
+
+
 SCENARIOS = {
     "listen-and-protocol": (p_listen_and_protocol, (
         "host", "port", "backlog", "region", "server_id", "access_log", "max_head_size", "max_message_size",
@@ -860,6 +908,7 @@ SCENARIOS = {
     "loop-lag": (p_loop_lag, ("health_max_loop_lag",)),
     "root-path": (p_root_path, ("root_path",)),
     "client-js": (p_client_js, ("serve_client_js",)),
+    "regions": (p_regions, ("region_peers", "region_queue_max", "region_queue_age", "region_directory_ttl")),
     "gateway": (p_gateway, ("gateway", "gateway_routes", "gateway_token", "gateway_timeout", "gateway_concurrency",
                             "gateway_batch", "gateway_retries", "gateway_queue", "gateway_overflow")),
 }
@@ -870,7 +919,10 @@ REFUSED_BY = {"root_path": "native",
               # an ASGI application handles its own WebSockets (the gateway_* settings need gateway)
               **{k: "asgi" for k in ("gateway", "gateway_routes", "gateway_token", "gateway_timeout",
                                      "gateway_concurrency", "gateway_batch", "gateway_retries", "gateway_queue",
-                                     "gateway_overflow")}}
+                                     "gateway_overflow")},
+              # users are bound by a fastws.App (App.bind_user); an ASGI application has none
+              **{k: "asgi" for k in ("region_peers", "region_queue_max", "region_queue_age",
+                                     "region_directory_ttl")}}
 
 #: settings that do not depend on the front, and why
 FRONT_INDEPENDENT = {
@@ -903,7 +955,9 @@ def test_setting_in_both_fronts(scenario, front, engine, server_factory, tmp_pat
     try:
         if refusing:
             args = {"root_path": ("--root-path", "/mounted"),
-                    "gateway": ("--gateway", "http://127.0.0.1:9/events")}[refusing[0]]
+                    "gateway": ("--gateway", "http://127.0.0.1:9/events"),
+                    "region_peers": ("--broker", "redis://127.0.0.1:9/0", "--region", "a",
+                                     "--region-peers", "b=redis://127.0.0.1:9/0")}[refusing[0]]
             out = subprocess.run(serve_cmd(APPS[front], "--port", "0", *args), cwd=REPO, env=engine_env(engine),
                                  capture_output=True, text=True, timeout=30)
             lines = [ln for ln in out.stderr.strip().splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", ln)]

@@ -3,7 +3,7 @@
     1  frames, errors, config (and origins, proxy, version): the shared vocabulary
     2  engines and connections: core, _core (Cython), _wsproto_engine, _pyconn, handshake
     3  the node: app, node, rooms, delivery, resume, limits, broker/, health, metrics,
-       stats, publish_api
+       stats, publish_api, presence, roomproto, regions
     4  the fronts: server, supervisor, asgi/, runner, the CLI (fastws.cli), and the
        package's own __init__ (the public API re-exports everything)
 
@@ -51,6 +51,7 @@ LAYER_OF = {
     "fastws.app": 3, "fastws.node": 3, "fastws.rooms": 3, "fastws.delivery": 3, "fastws.resume": 3,
     "fastws.limits": 3, "fastws.broker": 3, "fastws.health": 3, "fastws.metrics": 3,
     "fastws.stats": 3, "fastws.publish_api": 3, "fastws.presence": 3, "fastws.roomproto": 3,
+    "fastws.regions": 3,
     # 4: the fronts
     "fastws.server": 4, "fastws.supervisor": 4, "fastws.asgi": 4, "fastws.socketio": 4, "fastws.runner": 4,
     "fastws.cli": 4, "fastws": 4,

@@ -1,0 +1,776 @@
+"""Regions: users in several regions reach each other; each region runs alone.
+
+A *region* is a group of nodes sharing one Redis (their broker, ``redis://``
+or ``rediss://``).  Every region has its own Redis: nothing on the message
+path is shared between regions.  A node is told its region (``region``) and
+the other regions with the address of their Redis (``region_peers``).
+
+Users and the directory
+-----------------------
+``app.bind_user(conn, user_id)`` puts the connection in the user's room
+(namespace :data:`USER_NAMESPACE`, name ``user_id``): a message for the user
+is a publish to that room, so every connection of the user on every node of
+the region gets it through the region's broker.  The first local connection
+of a user registers it in the region's *directory*, in the region's own
+Redis::
+
+    fastws:{prefix}:region:{region}:user:{user_id}   sorted set: node id -> expiry (unix ms)
+
+with a TTL of ``region_directory_ttl``; the node rewrites its entries every
+third of it while the user is connected, and removes its node from the set
+when the user's last local connection closes.  A crashed node stops
+refreshing: its users vanish from the directory after the TTL.
+
+A region knows only its own users.  To find a user, a node asks its own
+region's directory and, in parallel, every other region's (one command
+each); the answer (the set of regions holding the user) is cached for
+:data:`CACHE_TTL` seconds, so routing does not ask Redis per message.  A
+bind or unbind is announced on the region's channel
+``fastws:{prefix}:region:{region}:directory``, and every node of the region
+drops its cached answer for that user at once.  A cached answer about
+another region may be stale for up to :data:`CACHE_TTL`: a message sent to
+a region the user has left is forwarded once more by that region to where
+its directory lookup finds the user now (at most one such extra hop, marked
+in the message, so nothing loops).
+
+Crossing a region boundary
+--------------------------
+A message for another region (a room publish goes to every other region; a
+message for a user to the regions holding the user) is first appended, in
+call order, to this region's *outbox* for that region, in its own Redis::
+
+    fastws:{prefix}:region:{region}:out:{peer}      stream
+
+One node of the region (whichever holds the lease
+``fastws:{prefix}:region:{region}:lease:out:{peer}``; any other takes over
+when it stops) reads the outbox in order and appends each entry to the
+peer's inbound stream in the peer's Redis::
+
+    fastws:{prefix}:messages:{peer}                 stream
+
+one ``XADD`` per message and target region, whatever the number of nodes and
+members there.  The outbox entry's id is the message's *per-origin sequence*
+(it grows with every entry of that outbox).  Only once the peer's Redis has
+taken a batch are its entries deleted from the outbox, so a crash between
+the two sends them again: the hop is at-least-once.
+
+While a peer region cannot be reached, its outbox grows, bounded by
+``region_queue_max`` entries and ``region_queue_age`` seconds: the oldest
+entries past either bound are trimmed and counted
+(``fastws_region_dropped_total{peer,reason="length"|"age"}`` in
+``/metrics``, ``dropped`` in ``/regions``; a warning is logged).  When the
+peer comes back, the outbox drains in order.  A peer whose inbound stream is
+longer than ``region_queue_max`` (its nodes are not consuming) is treated
+the same way: its messages wait in the outbox.
+
+Receiving
+---------
+The nodes of a region read their inbound stream with a consumer group:
+each entry is delivered once per region.  One node reads at a time (the
+holder of ``fastws:{prefix}:region:{region}:lease:in``; when it stops,
+another takes over and claims what it had read but not acknowledged), so
+the entries of one origin are handled in their order.  For each entry the
+reader, in one ``MULTI``/``EXEC`` on the region's Redis, publishes the
+message on the room's channel of the region's broker (so every node of the
+region delivers it to its local members, as if it had been published
+there), records the entry's sequence as the last one applied from its
+origin (``fastws:{prefix}:region:{region}:applied``, a hash origin ->
+sequence), acknowledges and deletes the entry.  An entry whose sequence is
+not above the last applied from its origin is a copy sent again: it is
+acknowledged and counted (``fastws_region_duplicates_total``), not
+delivered.  So a member gets each message exactly once, and per room the
+messages of one origin region in the order that region published them.
+Nothing received is forwarded again, except a user message for a user who
+is no longer in this region (see above).
+
+Faults
+------
+* A peer region unreachable: its messages queue in the outbox (bounded, see
+  above); ``/regions`` shows it ``unreachable`` and its queue.
+* This region's Redis down: ``/health`` says 503 (check ``region``);
+  messages for other regions wait in this node's memory (at most
+  ``max(region_queue_max, 100000)`` writes, the oldest past it dropped and
+  counted with ``reason="local"``) until the Redis is back.  The other regions keep
+  serving their users and queue for this one.
+* This region's Redis restarted empty: the directory is rewritten by the
+  next refresh, the consumer group is created again.
+
+This module speaks to Redis with ``redis.asyncio`` (``pip install
+"fastws[redis]"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .broker.wire import channel_name, pack_envelope, pack_room_message
+from .config import Config, mask_url, parse_region_peers
+from .frames import PRIORITY_NORMAL
+
+log = logging.getLogger("fastws.regions")
+
+#: the namespace of the users' rooms (a user's connections on a node)
+USER_NAMESPACE = "\x00user"
+#: seconds a node keeps the answer to "where is this user?"
+CACHE_TTL = 2.0
+#: seconds a node keeps that answer when a region could not be asked
+CACHE_TTL_PARTIAL = 0.5
+#: seconds a lease lives without a refresh (a stopped holder is replaced after it)
+LEASE_TTL = 3.0
+#: entries moved per batch (outbox -> peer, inbound -> local delivery)
+BATCH = 256
+#: seconds to wait for one Redis command of a peer region
+PEER_TIMEOUT = 2.0
+#: writes to this region's Redis a node keeps in memory at least while it is down
+#: (more with a larger region_queue_max)
+BUFFER_MIN = 100_000
+#: seconds between two looks at the peers' state (PING, queue lengths)
+WATCH_INTERVAL = 1.0
+#: seconds the reader waits, once this region's Redis is back after an outage,
+#: before it delivers again: every node's broker has then subscribed again
+#: (its reconnect backoff is at most 5 s), so no member misses what follows
+READ_SETTLE = 6.0
+INSTALL_HINT = 'pip install "fastws[redis]"'
+GROUP = "fastws"
+
+_LEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2]) return 1
+end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+def _seq(eid: Any) -> tuple[int, int]:
+    """A stream id ("ms-n", str or bytes) as a comparable tuple."""
+    text = eid.decode() if isinstance(eid, bytes) else str(eid)
+    ms, _, n = text.partition("-")
+    return int(ms), int(n or 0)
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def redis_client(url: str, timeout: float) -> Any:
+    """A ``redis.asyncio`` client for ``url`` that fails fast (no retries:
+    the callers retry, and tell an unreachable region apart)."""
+    try:
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+    except ImportError:
+        raise ImportError(f"regions need the redis package: {INSTALL_HINT}") from None
+    return aioredis.from_url(url.split("?", 1)[0], socket_timeout=timeout, socket_connect_timeout=timeout,
+                             retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+
+class Peer:
+    """What this node knows of another region."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.url = url
+        self.client: Any = None           # redis.asyncio client of its Redis
+        self.up: bool | None = None       # last PING answered (None: not asked yet)
+        self.problem = ""                 # why it is not up
+        self.queued = 0                   # entries in our outbox for it (last look)
+        self.backlogged = False           # its inbound stream is over region_queue_max
+        self.forwarded = 0                # entries this node moved to it
+        self.dropped = {"length": 0, "age": 0, "local": 0}   # counted by this node
+        self.forwarding = False           # this node holds the outbox lease
+
+    def state(self) -> str:
+        if self.up is None:
+            return "unknown"
+        if not self.up:
+            return "unreachable"
+        return "backlogged" if self.backlogged else "up"
+
+
+class Regions:
+    """One node's part in the regions (see the module docstring).
+
+    ``publish_local(namespace, room, message, priority)`` delivers to the
+    region (this node's members and, through the broker, the other nodes'),
+    without forwarding to other regions."""
+
+    def __init__(self, config: Config, node_id: str,
+                 publish_local: Callable[[str, str, Any, int], object]) -> None:
+        self.region = config.region
+        self.node_id = node_id
+        self.prefix = config.broker_prefix
+        self.local_url = config.broker
+        self.queue_max = config.region_queue_max
+        self.queue_age = config.region_queue_age
+        self.directory_ttl = config.region_directory_ttl
+        self.publish_local = publish_local
+        self.peers = {name: Peer(name, url) for name, url in parse_region_peers(config.region_peers).items()
+                      if name != self.region}
+        self.local: Any = None                  # redis.asyncio client of this region's Redis
+        self.local_up = False
+        self.local_problem = "not started"
+        self._local_since = 0.0                 # monotonic time local_up last became True
+        self._outage = False                    # this region's Redis was down since this node started
+        self.users: set[str] = set()            # users with a connection on this node
+        self._cache: dict[str, tuple[float, frozenset[str], frozenset[str]]] = {}
+        self._ops: deque[tuple[str, str, Any]] = deque()   # ordered writes to the local Redis
+        #: writes kept in memory while this region's Redis does not take them
+        self.buffer_max = max(self.queue_max, BUFFER_MIN)
+        self._buffer_full_logged = False
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._applied: dict[str, tuple[int, int]] = {}
+        self._reading = False                   # this node holds the inbound lease
+        self._closing = False
+        self.counters = {"received": 0, "duplicates": 0, "redirected": 0, "undeliverable": 0,
+                         "lookups_cached": 0, "lookups_asked": 0}
+        self.received_from: dict[str, int] = {}
+
+    # -- keys ------------------------------------------------------------------------
+
+    def _key(self, region: str, tail: str) -> str:
+        base = f"fastws:{self.prefix}:" if self.prefix else "fastws:"
+        return f"{base}region:{region}:{tail}"
+
+    def user_key(self, region: str, user: str) -> str:
+        return self._key(region, "user:" + user)
+
+    def outbox_key(self, peer: str) -> str:
+        return self._key(self.region, "out:" + peer)
+
+    def inbound_key(self, region: str) -> str:
+        base = f"fastws:{self.prefix}:" if self.prefix else "fastws:"
+        return f"{base}messages:{region}"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (lazily: a Redis that is down is retried, never fatal) and
+        start the writer, the forwarders, the reader and the watcher."""
+        self.local = redis_client(self.local_url, 5.0)
+        for p in self.peers.values():
+            p.client = redis_client(p.url, PEER_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._writer()), loop.create_task(self._reader()),
+                       loop.create_task(self._watch()), loop.create_task(self._refresher()),
+                       loop.create_task(self._invalidations())]
+        self._tasks += [loop.create_task(self._forwarder(p)) for p in self.peers.values()]
+        log.info("fastws: region %s, peers %s", self.region,
+                 ", ".join(f"{p.name}={mask_url(p.url)}" for p in self.peers.values()) or "none")
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+        if self.users and self.local is not None:
+            try:
+                pipe = self.local.pipeline(transaction=False)
+                for user in self.users:
+                    pipe.zrem(self.user_key(self.region, user), self.node_id)
+                await asyncio.wait_for(pipe.execute(), 2.0)
+            except Exception as exc:
+                log.warning("fastws: region directory cleanup failed: %s", mask_url(str(exc)))
+        for client in [self.local, *(p.client for p in self.peers.values())]:
+            if client is not None:
+                try:
+                    await client.aclose()
+                except Exception:   # closing a client whose Redis is gone
+                    pass
+
+    # -- users (the rooms' listener) ------------------------------------------------------
+
+    def on_room(self, key: tuple[str, str], joined: bool) -> None:
+        """``Rooms.listeners``: a user room gained its first or lost its last
+        local member: the user is bound here, or no longer."""
+        if key[0] != USER_NAMESPACE:
+            return
+        user = key[1]
+        if joined:
+            self.users.add(user)
+            self._push("bind", user, None)
+        else:
+            self.users.discard(user)
+            self._push("unbind", user, None)
+        self._cache.pop(user, None)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def forward_room(self, namespace: str, room: str, message: str | bytes, priority: int = PRIORITY_NORMAL) -> None:
+        """Hand a room publish to every other region (call order kept)."""
+        if not self.peers or namespace == USER_NAMESPACE:
+            return
+        payload = pack_room_message(message, priority)
+        for name in self.peers:
+            self._push("xadd", name, {b"k": b"r", b"n": namespace.encode(), b"t": room.encode(),
+                                      b"p": payload, b"h": b"0"})
+
+    async def send_to_user(self, user: str, message: str | bytes, priority: int = PRIORITY_NORMAL) -> list[str]:
+        """Send ``message`` to every connection of ``user`` in every region;
+        the regions it was handed to (this one first when the user is here).
+        A region that could not be asked gets it too when no region that
+        answered holds the user (it is dropped there if the user is not
+        there either, counted as undeliverable)."""
+        found, unknown = await self.locate(user)
+        out: list[str] = []
+        if self.region in found:
+            self.publish_local(USER_NAMESPACE, user, message, priority)
+            out.append(self.region)
+        targets = sorted(r for r in found if r != self.region)
+        if not found:
+            targets = sorted(unknown)
+        payload = pack_room_message(message, priority)
+        for name in targets:
+            self._push("xadd", name, {b"k": b"u", b"n": b"", b"t": user.encode(), b"p": payload, b"h": b"0"})
+            out.append(name)
+        return out
+
+    async def locate(self, user: str, *, cached: bool = True) -> tuple[frozenset[str], frozenset[str]]:
+        """``(regions holding user, regions that could not be asked)``."""
+        now = time.monotonic()
+        hit = self._cache.get(user) if cached else None
+        if hit is not None and hit[0] > now:
+            self.counters["lookups_cached"] += 1
+            return hit[1], hit[2]
+        self.counters["lookups_asked"] += 1
+        ms = int(time.time() * 1000)
+        asks = [(self.region, self.local)] + [(p.name, p.client) for p in self.peers.values()]
+
+        async def ask(region: str, client: Any) -> bool | None:
+            try:
+                got = await asyncio.wait_for(
+                    client.zrangebyscore(self.user_key(region, user), ms, "+inf", start=0, num=1), PEER_TIMEOUT)
+            except Exception:
+                return None
+            return bool(got)
+
+        answers = await asyncio.gather(*(ask(r, c) for r, c in asks))
+        found = frozenset(r for (r, _), a in zip(asks, answers, strict=True) if a)
+        unknown = frozenset(r for (r, _), a in zip(asks, answers, strict=True) if a is None and r != self.region)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[user] = (now + (CACHE_TTL_PARTIAL if unknown else CACHE_TTL), found, unknown)
+        return found, unknown
+
+    def _push(self, op: str, a: str, b: Any) -> None:
+        ops = self._ops
+        if len(ops) >= self.buffer_max:
+            old = ops.popleft()
+            peer = self.peers.get(old[1]) if old[0] == "xadd" else None
+            if peer is not None:
+                peer.dropped["local"] += 1
+                if not self._buffer_full_logged:
+                    self._buffer_full_logged = True
+                    log.warning("fastws: region %s: %d writes wait for this region's Redis; dropping the "
+                                "oldest messages for other regions (counted as reason=local)", self.region,
+                                len(ops))
+        ops.append((op, a, b))
+        self._wake.set()
+
+    # -- the ordered writer (this node -> its region's Redis) -----------------------------
+
+    async def _writer(self) -> None:
+        delay = 0.05
+        while True:
+            if not self._ops:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = [self._ops[i] for i in range(min(len(self._ops), 1024))]
+            try:
+                pipe = self.local.pipeline(transaction=False)
+                ttl_ms = int(self.directory_ttl * 1000)
+                expiry = int(time.time() * 1000) + ttl_ms
+                channel = self._key(self.region, "directory")
+                for op, a, b in batch:
+                    if op == "xadd":
+                        pipe.xadd(self.outbox_key(a), b)
+                    elif op == "bind":
+                        key = self.user_key(self.region, a)
+                        pipe.zadd(key, {self.node_id: expiry})
+                        pipe.pexpire(key, ttl_ms)
+                        pipe.publish(channel, a)
+                    else:
+                        pipe.zrem(self.user_key(self.region, a), self.node_id)
+                        pipe.publish(channel, a)
+                await pipe.execute()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._local_failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            delay = 0.05
+            self._buffer_full_logged = False
+            for _ in batch:
+                self._ops.popleft()
+
+    def _local_failed(self, exc: BaseException) -> None:
+        problem = mask_url(f"{type(exc).__name__}: {exc}")
+        if self.local_up or problem != self.local_problem:
+            log.warning("fastws: region %s: its Redis is not reachable: %s", self.region, problem)
+        if self.local_up:
+            self._outage = True
+        self.local_up = False
+        self.local_problem = problem
+
+    async def _refresher(self) -> None:
+        """Rewrite this node's directory entries every third of their TTL."""
+        while True:
+            await asyncio.sleep(self.directory_ttl / 3)
+            users = list(self.users)
+            ttl_ms = int(self.directory_ttl * 1000)
+            expiry = int(time.time() * 1000) + ttl_ms
+            try:
+                for i in range(0, len(users), 1000):
+                    pipe = self.local.pipeline(transaction=False)
+                    for user in users[i:i + 1000]:
+                        key = self.user_key(self.region, user)
+                        pipe.zadd(key, {self.node_id: expiry})
+                        pipe.pexpire(key, ttl_ms)
+                    await pipe.execute()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._local_failed(exc)
+
+    async def _invalidations(self) -> None:
+        """Drop cached answers about users bound or unbound in this region."""
+        channel = self._key(self.region, "directory")
+        while True:
+            pubsub = self.local.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                self._cache.clear()       # what changed while not subscribed is unknown
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        self._cache.pop(_text(msg["data"]), None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._local_failed(exc)
+                await asyncio.sleep(0.5)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:    # the connection is gone already
+                    pass
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def _lease(self, name: str) -> bool:
+        got = await self.local.eval(_LEASE, 1, self._key(self.region, "lease:" + name), self.node_id,
+                                    int(LEASE_TTL * 1000))
+        return bool(got)
+
+    # -- outbox -> peer ----------------------------------------------------------------------
+
+    async def _forwarder(self, peer: Peer) -> None:
+        out = self.outbox_key(peer.name)
+        inbound = self.inbound_key(peer.name)
+        delay = 0.1
+        while True:
+            try:
+                peer.forwarding = await self._lease("out:" + peer.name)
+                if not peer.forwarding:
+                    await asyncio.sleep(LEASE_TTL / 3)
+                    continue
+                if peer.up is False or peer.backlogged:
+                    await self._trim(peer, out)      # the bounds hold while it cannot take them
+                if peer.backlogged or peer.up is False:
+                    # probe the peer before moving anything
+                    try:
+                        n = await asyncio.wait_for(peer.client.xlen(inbound), PEER_TIMEOUT)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        self._peer_failed(peer, exc)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
+                    if peer.up is False:
+                        log.info("fastws: region %s: %s reachable again", self.region, peer.name)
+                    peer.up, peer.problem = True, ""
+                    peer.backlogged = n > self.queue_max
+                    if peer.backlogged:
+                        await asyncio.sleep(0.5)
+                        continue
+                got = await self.local.xread({out: "0-0"}, count=BATCH, block=int(LEASE_TTL * 1000 / 3))
+                entries = got[0][1] if got else []
+                if not entries:
+                    continue
+                pipe = peer.client.pipeline(transaction=False)
+                for eid, fields in entries:
+                    fields = dict(fields)
+                    fields[b"o"] = self.region.encode()
+                    fields[b"s"] = eid
+                    pipe.xadd(inbound, fields)
+                pipe.xlen(inbound)
+                try:
+                    replies = await asyncio.wait_for(pipe.execute(), PEER_TIMEOUT * 2)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._peer_failed(peer, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.1
+                if peer.up is False:
+                    log.info("fastws: region %s: %s reachable again", self.region, peer.name)
+                peer.up, peer.problem = True, ""
+                peer.backlogged = replies[-1] > self.queue_max
+                await self.local.xdel(out, *[eid for eid, _ in entries])
+                peer.forwarded += len(entries)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:        # our own Redis
+                peer.forwarding = False
+                self._local_failed(exc)
+                await asyncio.sleep(0.5)
+
+    def _peer_failed(self, peer: Peer, exc: BaseException) -> None:
+        problem = mask_url(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
+        if peer.up is not False:
+            log.warning("fastws: region %s: %s not reachable (%s); queueing its messages", self.region,
+                        peer.name, problem)
+        peer.up, peer.problem = False, problem
+
+    async def _trim(self, peer: Peer, out: str) -> None:
+        """Apply the outbox's bounds; count what they remove."""
+        pipe = self.local.pipeline(transaction=False)
+        pipe.xtrim(out, maxlen=self.queue_max, approximate=False)
+        if self.queue_age > 0:
+            minid = int(time.time() * 1000 - self.queue_age * 1000)
+            pipe.xtrim(out, minid=f"{max(minid, 0)}-0", approximate=False)
+        else:
+            pipe.xlen(out)
+        by_length, by_age = await pipe.execute()
+        if not self.queue_age:
+            peer.queued, by_age = by_age, 0
+        for reason, n in (("length", by_length), ("age", by_age)):
+            if n:
+                peer.dropped[reason] += n
+                await self.local.hincrby(self._key(self.region, "dropped"), f"{peer.name}:{reason}", n)
+                log.warning("fastws: region %s: dropped %d queued messages for %s (over the %s bound; "
+                            "counted)", self.region, n, peer.name, reason)
+
+    # -- inbound -> this region --------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        key = self.inbound_key(self.region)
+        while True:
+            if self._outage and (not self.local_up or time.monotonic() - self._local_since < READ_SETTLE):
+                self._reading = False
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                was = self._reading
+                self._reading = await self._lease("in")
+                if not self._reading:
+                    await asyncio.sleep(LEASE_TTL / 3)
+                    continue
+                if not was:
+                    await self._take_over(key)
+                got = await self.local.xreadgroup(GROUP, self.node_id, {key: ">"}, count=BATCH,
+                                                  block=int(LEASE_TTL * 1000 / 3))
+                entries = got[0][1] if got else []
+                if entries:
+                    await self._apply(key, entries)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if "NOGROUP" in str(exc):
+                    self._reading = False     # create it, take over again
+                    continue
+                self._reading = False
+                self._local_failed(exc)
+                await asyncio.sleep(0.5)
+
+    async def _take_over(self, key: str) -> None:
+        """Become the region's reader: make sure the group exists, load the
+        last applied sequences, claim and apply what an earlier reader read
+        but did not acknowledge."""
+        try:
+            await self.local.xgroup_create(key, GROUP, id="0", mkstream=True)
+        except Exception as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        applied = await self.local.hgetall(self._key(self.region, "applied"))
+        self._applied = {_text(k): _seq(v) for k, v in applied.items()}
+        start = "0-0"
+        while True:
+            r = await self.local.xautoclaim(key, GROUP, self.node_id, 0, start_id=start, count=BATCH)
+            start = _text(r[0])
+            if start == "0-0":
+                break
+        while True:
+            got = await self.local.xreadgroup(GROUP, self.node_id, {key: "0"}, count=BATCH)
+            entries = got[0][1] if got else []
+            if not entries:
+                break
+            await self._apply(key, entries)
+
+    async def _apply(self, key: str, entries: list[Any]) -> None:
+        """Deliver ``entries`` to this region, exactly once each (see the
+        module docstring), in one transaction."""
+        decoded = []
+        for eid, fields in entries:
+            origin = _text(fields.get(b"o", b""))
+            seq = _seq(fields.get(b"s", b"0-0"))
+            decoded.append((eid, fields, origin, seq))
+        # users: is each here, or where is it now?
+        where: dict[str, tuple[bool, frozenset[str]]] = {}
+        for _eid, fields, _o, _s in decoded:
+            if fields.get(b"k") == b"u":
+                user = _text(fields[b"t"])
+                if user not in where:
+                    found, _unknown = await self.locate(user, cached=False)
+                    where[user] = (self.region in found, found)
+        applied = dict(self._applied)
+        pipe = self.local.pipeline(transaction=True)
+        counted: list[tuple[str, str]] = []
+        for _eid, fields, origin, seq in decoded:
+            if seq <= applied.get(origin, (0, 0)):
+                counted.append(("duplicates", origin))
+                continue
+            applied[origin] = seq
+            envelope_origin = ("region:" + origin).encode()[:255]
+            if fields.get(b"k") == b"u":
+                user = _text(fields[b"t"])
+                here, found = where[user]
+                if here:
+                    pipe.publish(channel_name(self.prefix, (USER_NAMESPACE, user)),
+                                 pack_envelope(envelope_origin, fields[b"p"]))
+                    counted.append(("received", origin))
+                elif fields.get(b"h") == b"0" and found - {self.region}:
+                    for target in sorted(found - {self.region}):
+                        if target in self.peers:
+                            pipe.xadd(self.outbox_key(target), {b"k": b"u", b"n": b"", b"t": fields[b"t"],
+                                                                b"p": fields[b"p"], b"h": b"1"})
+                    counted.append(("redirected", origin))
+                else:
+                    counted.append(("undeliverable", origin))
+            else:
+                room = (_text(fields.get(b"n", b"")), _text(fields.get(b"t", b"")))
+                pipe.publish(channel_name(self.prefix, room), pack_envelope(envelope_origin, fields[b"p"]))
+                counted.append(("received", origin))
+        changed = {o: f"{s[0]}-{s[1]}" for o, s in applied.items() if self._applied.get(o) != s}
+        if changed:
+            pipe.hset(self._key(self.region, "applied"), mapping=changed)
+        ids = [eid for eid, *_ in decoded]
+        pipe.xack(key, GROUP, *ids)
+        pipe.xdel(key, *ids)
+        try:
+            await pipe.execute()
+        except BaseException:
+            # unknown whether it applied: read the truth again before the next batch
+            self._reading = False
+            raise
+        self._applied = applied
+        for what, origin in counted:
+            self.counters[what] += 1
+            if what == "received":
+                self.received_from[origin] = self.received_from.get(origin, 0) + 1
+        if any(w == "undeliverable" for w, _ in counted):
+            log.info("fastws: region %s: a message for a user found in no region was dropped (counted)",
+                     self.region)
+
+    # -- watching ---------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Every WATCH_INTERVAL: is this region's Redis up, is each peer's,
+        how long is each outbox."""
+        while True:
+            await self.look()
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    async def look(self) -> None:
+        try:
+            pipe = self.local.pipeline(transaction=False)
+            pipe.ping()
+            for p in self.peers.values():
+                pipe.xlen(self.outbox_key(p.name))
+            replies = await asyncio.wait_for(pipe.execute(), PEER_TIMEOUT)
+            for p, n in zip(self.peers.values(), replies[1:], strict=True):
+                p.queued = int(n)
+            if not self.local_up:
+                log.info("fastws: region %s: its Redis is reachable", self.region)
+                self._local_since = time.monotonic()
+            self.local_up, self.local_problem = True, ""
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._local_failed(exc)
+
+        async def ping(p: Peer) -> None:
+            try:
+                await asyncio.wait_for(p.client.ping(), PEER_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._peer_failed(p, exc)
+                return
+            if p.up is False and not p.forwarding:
+                log.info("fastws: region %s: %s reachable again", self.region, p.name)
+            if not p.forwarding or p.up is None:
+                p.up, p.problem = True, ""
+
+        await asyncio.gather(*(ping(p) for p in self.peers.values()))
+
+    # -- reports ----------------------------------------------------------------------------
+
+    def check(self) -> tuple[bool, str]:
+        """The ``region`` check of ``/health``: this region's Redis answers."""
+        if self.local_up:
+            return True, f"region {self.region}: Redis reachable"
+        return False, f"region {self.region}: Redis not reachable ({self.local_problem})"
+
+    async def describe(self) -> dict[str, Any]:
+        """``GET /regions``: this region and every peer with its state."""
+        dropped: dict[str, int] = {}
+        try:
+            raw = await asyncio.wait_for(self.local.hgetall(self._key(self.region, "dropped")), 1.0)
+            dropped = {_text(k): int(v) for k, v in raw.items()}
+        except Exception:   # this region's Redis is down: the node's own counts only
+            dropped = {}
+        regions: list[dict[str, Any]] = [{
+            "name": self.region, "self": True, "state": "up" if self.local_up else "down",
+            **({} if self.local_up else {"problem": self.local_problem})}]
+        for p in self.peers.values():
+            entry: dict[str, Any] = {
+                "name": p.name, "self": False, "state": p.state(), "queued": p.queued,
+                "dropped": {r: max(dropped.get(f"{p.name}:{r}", 0), p.dropped[r]) if r != "local"
+                            else p.dropped[r] for r in p.dropped},
+            }
+            if p.problem:
+                entry["problem"] = p.problem
+            regions.append(entry)
+        return {"region": self.region, "node": self.node_id, "healthy": self.local_up, "regions": regions}
+
+    def stats(self) -> dict[str, Any]:
+        """What ``/metrics`` shows (this node's counts)."""
+        return {
+            "region": self.region,
+            "peers": {p.name: {"up": p.up is True, "queued": p.queued, "forwarded": p.forwarded,
+                               "dropped": dict(p.dropped)} for p in self.peers.values()},
+            "received": dict(self.received_from),
+            "counters": dict(self.counters),
+            "users": len(self.users),
+        }
+
+
+__all__ = ["Regions", "USER_NAMESPACE", "CACHE_TTL"]

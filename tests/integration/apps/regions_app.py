@@ -1,0 +1,43 @@
+"""A test app for regions, driven by JSON commands.
+
+    /ws?user=U          binds the connection to user U (app.bind_user), then
+                        sends {"op": "hello", "region": R, "user": U}
+    {"op": "join", "room": r}              -> {"op": "joined", "room": r}
+    {"op": "pub", "room": r, "data": d}    publishes {"op": "msg", "room": r, "data": d,
+                                           "region": R} to r (every region)
+    {"op": "to", "user": u, "data": d}     sends {"op": "dm", "from": U, "data": d} to user u
+                                           in any region, answers {"op": "sent", "regions": [...]}
+"""
+
+import json
+
+import fastws
+
+app = fastws.App()
+
+
+@app.on_open("/ws")
+def opened(conn):
+    user = dict(p.split("=", 1) for p in conn.query_string.split("&") if "=" in p).get("user")
+    region = app.node.config.region if app.node is not None else ""
+    if user:
+        app.bind_user(conn, user)
+        conn.store["user"] = user
+    conn.send(json.dumps({"op": "hello", "region": region, "user": user}))
+
+
+@app.on_message("/ws")
+async def message(conn, data):
+    cmd = json.loads(data)
+    op = cmd.get("op")
+    region = app.node.config.region if app.node is not None else ""
+    if op == "join":
+        app.rooms.join(conn, cmd["room"])
+        conn.send(json.dumps({"op": "joined", "room": cmd["room"]}))
+    elif op == "pub":
+        app.publish(cmd["room"], json.dumps({"op": "msg", "room": cmd["room"], "data": cmd["data"],
+                                             "region": region}))
+    elif op == "to":
+        sent = await app.send_to_user(cmd["user"], json.dumps({"op": "dm", "from": conn.store.get("user"),
+                                                                "data": cmd["data"]}))
+        conn.send(json.dumps({"op": "sent", "regions": sent, "data": cmd["data"]}))
