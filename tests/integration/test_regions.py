@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from fastws.regions import CACHE_TTL
 from regions_helpers import Client, Deployment
 
 DELAY = 0.04
@@ -66,5 +67,195 @@ def test_user_to_user_across_regions(world: Deployment) -> None:
         finally:
             await alice.close()
             await bob.close()
+
+    run(main())
+
+
+def _sum(world: Deployment, region: str, name: str, **labels: str) -> float:
+    return sum(n.metric(name, **labels) for n in world.nodes[region])
+
+
+async def _members(world: Deployment, room: str, tag: str) -> list[Client]:
+    """A member of ``room`` on every node of every region."""
+    out = []
+    for region in world.names:
+        for i in range(len(world.nodes[region])):
+            c = await Client.connect(world.node(region, i), f"{tag}-{region}{i}")
+            await c.join(room)
+            out.append(c)
+    await asyncio.sleep(0.5)           # the nodes' broker subscriptions are acknowledged
+    return out
+
+
+def _check_order(c: Client, room: str, pubs: dict[str, int]) -> None:
+    """``c`` got, from each publisher, 0..n-1 exactly once and in order."""
+    msgs = c.of("msg", room=room)
+    for pub, n in pubs.items():
+        assert _seqs(msgs, pub) == list(range(n)), (c.user, pub, _seqs(msgs, pub))
+    assert len(msgs) == sum(pubs.values()), (c.user, len(msgs))
+
+
+@pytest.mark.timeout(180)
+def test_room_spans_three_regions_in_order(world: Deployment) -> None:
+    """Members on both nodes of all three regions; a publisher in each region
+    sends 40 messages: every member gets all 120 once, each publisher's in
+    its order.  Each message crosses into each other region once: region a's
+    nodes moved exactly 40 entries to b (not one per node or member) and b
+    delivered exactly 40 from a."""
+    N = 40
+
+    async def main() -> None:
+        members = await _members(world, "r3", "m")
+        fwd0 = _sum(world, "a", "fastws_region_forwarded_total", peer="b")
+        rec0 = _sum(world, "b", "fastws_region_received_total", origin="a")
+        try:
+            pubs = {m.region: m for m in members[::2]}       # one member per region publishes
+            for i in range(N):
+                for region, p in pubs.items():
+                    await p.send(op="pub", room="r3", data=f"{region}:{i}")
+            for m in members:
+                await m.wait_count("msg", 3 * N, room="r3")
+            await asyncio.sleep(1.0)                          # nothing more comes
+            for m in members:
+                _check_order(m, "r3", {r: N for r in pubs})
+            assert _sum(world, "a", "fastws_region_forwarded_total", peer="b") - fwd0 == N
+            assert _sum(world, "b", "fastws_region_received_total", origin="a") - rec0 == N
+        finally:
+            for m in members:
+                await m.close()
+
+    run(main())
+
+
+@pytest.mark.timeout(180)
+def test_cut_link_heals_without_loss_duplicate_or_reorder(world: Deployment) -> None:
+    """The link between a and b is cut: what a publishes reaches c at once
+    and waits for b (a's /regions says b is unreachable and counts the
+    queue); healed, b gets all of it in order, once, and a gets what b
+    published meanwhile."""
+    async def main() -> None:
+        members = await _members(world, "cut", "k")
+        a0, b0 = members[0], members[2]
+        world.cut("a", "b")
+        try:
+            for i in range(30):
+                await a0.send(op="pub", room="cut", data=f"a:{i}")
+            for i in range(10):
+                await b0.send(op="pub", room="cut", data=f"b:{i}")
+            for m in members:
+                if m.region == "c":
+                    await m.wait_count("msg", 40, room="cut")
+            await asyncio.sleep(1.5)
+            for m in members:
+                if m.region == "b":
+                    assert _seqs(m.of("msg", room="cut"), "a") == [], m.got[-3:]
+                if m.region == "a":
+                    assert _seqs(m.of("msg", room="cut"), "b") == [], m.got[-3:]
+            status, doc = world.node("a", 1).get_json("/regions")
+            peer_b = next(r for r in doc["regions"] if r["name"] == "b")
+            assert status == 200 and doc["region"] == "a" and peer_b["state"] == "unreachable", doc
+            assert peer_b["queued"] > 0, doc
+            assert next(r for r in doc["regions"] if r["name"] == "c")["state"] == "up", doc
+        finally:
+            world.heal("a", "b")
+        for m in members:
+            await m.wait_count("msg", 40, room="cut", timeout=30)
+        await asyncio.sleep(1.5)
+        for m in members:
+            _check_order(m, "cut", {"a": 30, "b": 10})
+        deadline = time.monotonic() + 10
+        while True:
+            doc = world.node("a", 0).get_json("/regions")[1]
+            peer_b = next(r for r in doc["regions"] if r["name"] == "b")
+            if peer_b["state"] == "up" and peer_b["queued"] == 0:
+                break
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.2)
+        assert peer_b["dropped"] == {"length": 0, "age": 0, "local": 0}, doc
+        for m in members:
+            await m.close()
+
+    run(main())
+
+
+@pytest.mark.timeout(240)
+def test_region_redis_killed_and_restored(world: Deployment) -> None:
+    """Region b's Redis is killed: b's nodes say 503 on /health; a and c keep
+    serving their users (a user message and a room publish between them);
+    what a publishes for the room waits for b.  Restarted (empty), b's nodes
+    are healthy again, b's members get what they missed in order, once, and
+    b's users are in its directory again."""
+    async def main() -> None:
+        members = await _members(world, "kill", "r")
+        a0 = members[0]
+        dan = await Client.connect(world.node("a", 1), "dan")
+        eve = await Client.connect(world.node("c", 0), "eve")
+        world.redis["b"].kill()
+        try:
+            for node in world.nodes["b"]:
+                node.wait_health(503, timeout=20)
+            status, doc = world.node("b", 0).get_json("/health")
+            assert doc["region"] == "b" and doc["checks"]["region"]["ok"] is False, doc
+            for node in world.nodes["a"] + world.nodes["c"]:
+                assert node.healthy()
+            await dan.send(op="to", user="eve", data="still here")
+            assert (await eve.wait(lambda m: m.get("op") == "dm"))["data"] == "still here"
+            for i in range(20):
+                await a0.send(op="pub", room="kill", data=f"a:{i}")
+            for m in members:
+                if m.region != "b":
+                    await m.wait_count("msg", 20, room="kill")
+            deadline = time.monotonic() + 10
+            while True:
+                doc = world.node("a", 0).get_json("/regions")[1]
+                peer_b = next(r for r in doc["regions"] if r["name"] == "b")
+                if peer_b["state"] == "unreachable" and peer_b["queued"] > 0:
+                    break
+                assert time.monotonic() < deadline, doc
+                await asyncio.sleep(0.2)
+        finally:
+            world.redis["b"].start()
+        for node in world.nodes["b"]:
+            node.wait_health(200, timeout=30)
+        for m in members:
+            await m.wait_count("msg", 20, room="kill", timeout=30)
+        await asyncio.sleep(1.5)
+        for m in members:
+            _check_order(m, "kill", {"a": 20})
+        # b's users are back in its directory: a user of b is reached from a
+        b_user = members[2]
+        await asyncio.sleep(1.5)       # a refresh (every third of the directory TTL, 3 s)
+        await dan.send(op="to", user=b_user.user, data="welcome back")
+        assert (await b_user.wait(lambda m: m.get("op") == "dm"))["data"] == "welcome back"
+        for c in [*members, dan, eve]:
+            await c.close()
+
+    run(main())
+
+
+@pytest.mark.timeout(180)
+def test_user_reconnects_in_another_region(world: Deployment) -> None:
+    """carol is in b, then reconnects in c: a message sent to her at once
+    (a's cached answer still says b) reaches her in c, forwarded once by b;
+    after the cache's time a's node hands it to c directly."""
+    async def main() -> None:
+        alice = await Client.connect(world.node("a", 0), "alice2")
+        carol = await Client.connect(world.node("b", 0), "carol")
+        await alice.send(op="to", user="carol", data="1")
+        assert (await carol.wait(lambda m: m.get("op") == "dm"))["data"] == "1"
+        assert (await alice.wait(lambda m: m.get("op") == "sent" and m["data"] == "1"))["regions"] == ["b"]
+        await carol.close()
+        carol = await Client.connect(world.node("c", 1), "carol")
+        await alice.send(op="to", user="carol", data="2")
+        assert (await carol.wait(lambda m: m.get("op") == "dm"))["data"] == "2"
+        assert (await alice.wait(lambda m: m.get("op") == "sent" and m["data"] == "2"))["regions"] == ["b"]
+        await asyncio.sleep(CACHE_TTL + 0.5)
+        await alice.send(op="to", user="carol", data="3")
+        await carol.wait(lambda m: m.get("op") == "dm" and m["data"] == "3")
+        assert (await alice.wait(lambda m: m.get("op") == "sent" and m["data"] == "3"))["regions"] == ["c"]
+        await asyncio.sleep(1.0)
+        assert [m["data"] for m in carol.of("dm")] == ["2", "3"]
+        await alice.close()
+        await carol.close()
 
     run(main())
