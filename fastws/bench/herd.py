@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import queue
@@ -433,7 +434,8 @@ class _Server:
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fastws", "serve", APP, "--host", HOST, "--port", str(port), "--reuse-port",
-                 "--workers", str(workers), "--log-level", "info", "--ping-interval", "0", "--backlog", "4096",
+                 "--workers", str(workers), "--log-level", "info", "--log-format", "json", "--ping-interval", "0",
+                 "--backlog", "4096",
                  *extra], stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_raise_nofile,
                 cwd=str(ROOT), start_new_session=True)
 
@@ -521,7 +523,9 @@ def run_once(cfg: argparse.Namespace, variant: str, mode: str, redis: _Redis, lo
                       "--rooms", str(cfg.rooms), "--rate", f"{cfg.rate:g}", "--timeout", f"{cfg.timeout * 3:g}"],
                      logdir / f"{tag}-publisher.log", cwd=str(ROOT))
         pub.expect("ready", 60)
-        b = _Server(port, logdir / f"{tag}-B.log", *broker, *drain, *admission, workers=cfg.workers)
+        # B's access log: the time of each upgrade it answered (101) or refused (503), by worker
+        b = _Server(port, logdir / f"{tag}-B.log", *broker, *drain, *admission, "--access-log",
+                    workers=cfg.workers)
         b.wait_listening()
         time.sleep(cfg.warmup)
         t_signal = time.time()
@@ -556,6 +560,7 @@ def run_once(cfg: argparse.Namespace, variant: str, mode: str, redis: _Redis, lo
         for s in (a, b, c):
             if s is not None:
                 s.stop()
+    accepted, refused = _access_log(b.log)
     keys = [k for k in results[0] if k != "attempt_bins"]
     merged: dict = {k: [x for r in results for x in r[k]] for k in keys}
     bins: dict = {}
@@ -565,10 +570,44 @@ def run_once(cfg: argparse.Namespace, variant: str, mode: str, redis: _Redis, lo
     merged.update(variant=variant, mode=mode, clients=cfg.clients, signal_at=t_signal, all_back_said=all_back,
                   attempt_bins=bins, publisher={k: v for k, v in published.items() if k != "seen"},
                   truth_sizes={r: len(ks) for r, ks in published["seen"].items()}, server_b_handshakes=server,
+                  server_accepted=accepted, server_refused=refused,
                   config={k: getattr(cfg, k) for k in ("rooms", "rate", "workers", "handshake_rate",
                                                          "handshake_burst", "retry_after", "reconnect_delay",
                                                          "procs", "warmup", "tail")})
     return merged
+
+
+def _access_log(log: Path) -> tuple:
+    """From a server's JSON log with ``--access-log``: ``{pid: [times]}`` of
+    the upgrades it answered 101, and the times of those it refused with 503."""
+    accepted: dict = {}
+    refused: list = []
+    with open(log, errors="replace") as f:
+        for line in f:
+            if '"fastws.access"' not in line:
+                continue
+            try:
+                rec = json.loads(line)
+                t = datetime.datetime.fromisoformat(rec["ts"].replace("Z", "+00:00")).timestamp()
+            except (ValueError, KeyError):
+                continue
+            msg = rec.get("msg", "")
+            if '" 101 ' in msg:
+                accepted.setdefault(rec.get("pid"), []).append(t)
+            elif '" 503 ' in msg:
+                refused.append(t)
+    return accepted, refused
+
+
+def _peak(times, window: float = 1.0) -> int:
+    """The most of ``times`` in any ``window`` seconds."""
+    ts = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(ts):
+        while ts[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
 
 
 def summary(r: dict) -> dict:
@@ -578,42 +617,53 @@ def summary(r: dict) -> dict:
     n = r["clients"]
     back = [b - t0 for b in r["back"] if b is not None]
     closed = [c - t0 for c in r["closed"] if c is not None]
-    reconnects = [t for ts in r["reconnects"] for t in ts]
-    hs = _bins(reconnects, t0)
+    reconnects = [t for ts in r["reconnects"] for t in ts]        # as the clients saw them (their 101)
+    accepted = [t for ts in r["server_accepted"].values() for t in ts]   # as B's access log has them
+    ok, no, seen = _bins(accepted, t0), _bins(r["server_refused"], t0), _bins(reconnects, t0)
     attempts = {int(k) - int(t0 // BIN): v for k, v in r["attempt_bins"].items()}
-    last = max([*hs, *attempts, 0])
-    first = min([*hs, *attempts, 0])
-    series = [hs.get(i, 0) for i in range(first, last + 1)]
-    per_s = [sum(series[i:i + round(1 / BIN)]) for i in range(len(series))]
+    first = min([*ok, *no, *seen, *attempts, 0])
+    last = max([*ok, *no, *seen, *attempts, 0])
+    span = range(first, last + 1)
     waited = [(b - c, h) for b, c, h in zip(r["back"], r["closed"], r["hint"], strict=True)
               if b is not None and c is not None]
     q = statistics.quantiles(back, n=10) if len(back) >= 10 else [0.0] * 9
-    bound_rate = cfg["workers"] * cfg["handshake_rate"]
-    bound_burst = cfg["workers"] * (cfg["handshake_burst"] or cfg["handshake_rate"])
+    rate = cfg["handshake_rate"]
+    burst = cfg["handshake_burst"] or rate           # 0: one second's worth
+    per_worker = max((_peak(ts) for ts in r["server_accepted"].values()), default=0)
     return {
         "variant": r["variant"], "mode": r["mode"], "clients": n, **cfg,
+        # every client against its room's truth (what the publisher saw in the stream)
         "lost": sum(r["lost"]), "duplicated": sum(r["dup"]), "out_of_order": sum(r["disorder"]),
         "unexpected": sum(r["extra"]),
         "clients_with_loss": sum(1 for x in r["lost"] if x), "clients_with_dup": sum(1 for x in r["dup"] if x),
         "gaps_reported": sum(x or 0 for x in r["gaps"]), "not_recovered": sum(r["not_recovered"]),
         "delivered": sum(r["delivered"]),
+        # their connections (seconds after the signal)
         "closed_by_server": len(closed), "close_codes": _count(r["code"]),
         "back": len(back), "gave_up": sum(r["gave_up"]), "connected_at_end": sum(r["connected"]),
         "first_close_s": min(closed, default=None), "first_back_s": min(back, default=None),
         "all_back_s": max(back) if len(back) == n else None, "last_back_s": max(back, default=None),
         "p10_s": q[0], "p50_s": q[4], "p90_s": q[8],
-        "reconnect_handshakes": len(reconnects),
-        "peak_per_100ms": max(series, default=0), "peak_per_s": max(per_s, default=0),
-        "admission_rate_per_s": bound_rate, "admission_bound_per_s": bound_rate + bound_burst,
-        "under_admission_bound": max(per_s, default=0) <= bound_rate + bound_burst,
         "attempts_total": sum(r["attempts"]), "attempts_max": max(r["attempts"], default=0),
         "attempts_p50": statistics.median(r["attempts"]) if r["attempts"] else 0,
         "waited_less_than_hint": sum(1 for w, h in waited if h is not None and w < h - 0.05),
+        # the handshakes B answered: 101 and 503 (its access log), against the admission bound
+        "handshakes_accepted": len(accepted), "handshakes_refused": len(r["server_refused"]),
+        "peak_per_100ms": max(ok.values(), default=0),
+        "peak_per_s": _peak(accepted), "peak_per_s_per_worker": per_worker,
+        "admission_rate_per_s": cfg["workers"] * rate, "admission_bound_per_s": cfg["workers"] * (rate + burst),
+        "admission_bound_per_s_per_worker": rate + burst,
+        "under_admission_bound": per_worker <= rate + burst,
+        "refused_peak_per_s": _peak(r["server_refused"]),
+        # the same reconnections as the clients saw them (later when their process is busy)
+        "reconnect_handshakes": len(reconnects), "client_seen_peak_per_s": _peak(reconnects),
         "server_b_handshakes": r["server_b_handshakes"],
         "publisher": r["publisher"], "truth_sizes": r["truth_sizes"],
-        "series_start_s": first * BIN,
-        "handshakes_100ms": series,
-        "attempts_100ms": [attempts.get(i, 0) for i in range(first, last + 1)],
+        # per 100 ms from start_s (seconds after the signal): B's 101s and 503s, the 101s the
+        # clients saw, the connection attempts the clients started
+        "series": {"start_s": first * BIN, "accepted": [ok.get(i, 0) for i in span],
+                   "refused": [no.get(i, 0) for i in span], "client_seen": [seen.get(i, 0) for i in span],
+                   "attempts": [attempts.get(i, 0) for i in span]},
     }
 
 
@@ -628,6 +678,15 @@ LABELS = {"hinted": "fastws client: server hint, Retry-After, full jitter",
           "naive": "no jitter: hints ignored, retry at once"}
 
 
+def _trailing(series: list, window: int) -> list:
+    """Per bin: the sum of the last ``window`` bins (a count per second from 100 ms bins)."""
+    out, acc = [], 0
+    for i, v in enumerate(series):
+        acc += v - (series[i - window] if i >= window else 0)
+        out.append(acc)
+    return out
+
+
 def plot(summaries: list, path: Path) -> None:
     import matplotlib
 
@@ -635,39 +694,45 @@ def plot(summaries: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(s["variant"] for s in summaries))
-    fig, axes = plt.subplots(len(variants), 1, figsize=(10, 4.2 * len(variants)), squeeze=False)
-    titles = {"sigterm": "server restarted: SIGTERM, paced by the close reason's hint (--reconnect-delay {d:g})",
-              "sigkill": "server killed: SIGKILL, no close frame"}
+    fig, axes = plt.subplots(len(variants), 2, figsize=(15, 4.6 * len(variants)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]})
+    titles = {"sigterm": "restarted: SIGTERM, close reason 'reconnect in X s' (--reconnect-delay {d:g})",
+              "sigkill": "killed: SIGKILL, no close frame"}
     colors = {"hinted": "tab:blue", "naive": "tab:red"}
-    for ax, variant in zip(axes[:, 0], variants, strict=True):
+    window = round(1 / BIN)
+    for (ax, ax503), variant in zip(axes, variants, strict=True):
         rows = [s for s in summaries if s["variant"] == variant]
         for s in rows:
-            series = s["handshakes_100ms"]
-            window = round(1 / BIN)
-            xs = [s["series_start_s"] + (i + 1) * BIN for i in range(len(series))]
-            trailing = [sum(series[max(0, i - window + 1):i + 1]) for i in range(len(series))]
+            se = s["series"]
+            xs = [se["start_s"] + (i + 1) * BIN for i in range(len(se["accepted"]))]
             back = f"all back at {s['all_back_s']:.1f} s" if s["all_back_s"] is not None else \
                 f"{s['back']:,}/{s['clients']:,} back"
-            ax.plot(xs, trailing, color=colors.get(s["mode"]), linewidth=1.4,
-                    label=f"{LABELS.get(s['mode'], s['mode'])}: {back}, peak {s['peak_per_s']:,}/s, "
-                    f"lost {s['lost']}, dup {s['duplicated']}, gave up {s['gave_up']}, "
-                    f"{s['attempts_total']:,} attempts")
-            ax.step(xs, [v / BIN for v in series], where="pre", color=colors.get(s["mode"]), linewidth=0.5,
-                    alpha=0.35)
+            ax.plot(xs, _trailing(se["accepted"], window), color=colors.get(s["mode"]), linewidth=1.4,
+                    label=f"{LABELS.get(s['mode'], s['mode'])}:\n{back}, peak {s['peak_per_s']:,}/s, "
+                    f"lost {s['lost']}, dup {s['duplicated']}, gave up {s['gave_up']}")
+            ax503.plot(xs, _trailing(se["refused"], window), color=colors.get(s["mode"]), linewidth=1.2,
+                       label=f"{s['mode']}: {s['handshakes_refused']:,} refused, "
+                       f"{s['attempts_total']:,} attempts")
         s0 = rows[0]
         ax.axhline(s0["admission_bound_per_s"], color="black", linestyle="--", linewidth=1,
-                   label=f"admission bound in any 1 s: {s0['workers']} workers x (--handshake-rate "
-                   f"{s0['handshake_rate']:g} + --handshake-burst {s0['handshake_burst']}) = "
-                   f"{s0['admission_bound_per_s']:,.0f}")
+                   label=f"admission bound in any second: {s0['workers']} workers x (--handshake-rate "
+                   f"{s0['handshake_rate']:g} + --handshake-burst {s0['handshake_burst']})")
         ax.set_xlabel("seconds after the signal to the first server")
-        ax.set_ylabel("reconnections (handshakes) per second\n(line: last 1 s; pale: 100 ms bins x 10)")
-        ax.set_title(f"{s0['clients']:,} room clients, {s0['rooms']} rooms, publisher {s0['rate']:g} msg/s; "
-                     + titles.get(variant, variant).format(d=s0["reconnect_delay"]), fontsize=9)
+        ax.set_ylabel("reconnections per second\n(101s of the new server in the last 1 s)")
+        ax.set_title(f"{s0['clients']:,} room clients ({s0['rooms']} rooms, Redis Streams, publisher "
+                     f"{s0['rate']:g} msg/s); server " + titles.get(variant, variant).format(d=s0["reconnect_delay"]),
+                     fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
-        ax.set_xlim(left=min(0.0, s0["series_start_s"]))
+        top = max([s0["admission_bound_per_s"], *(s["peak_per_s"] for s in rows)])
+        ax.set_ylim(0, top * 1.5)                  # room for the legend above the curves
+        ax503.set_title("upgrades refused with 503 (Retry-After) per second", fontsize=9)
+        ax503.set_xlabel("seconds after the signal")
+        ax503.set_yscale("symlog", linthresh=10)
+        ax503.legend(fontsize=7, loc="upper right")
+        ax503.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -690,7 +755,7 @@ def run(clients: int = 20000, procs: int = 2, out: Path | None = None, variants=
             for mode in modes:
                 s = summary(run_once(cfg, variant, mode, redis, logdir))
                 summaries.append(s)
-                print(json.dumps({k: v for k, v in s.items() if not k.endswith("_100ms")}), flush=True)
+                print(json.dumps({k: v for k, v in s.items() if k != "series"}), flush=True)
         ok = True
     finally:
         redis.stop()
