@@ -66,20 +66,23 @@ the same way: its messages wait in the outbox.
 Receiving
 ---------
 The nodes of a region read their inbound stream with a consumer group:
-each entry is delivered once per region.  One node reads at a time (the
-holder of ``fastws:{prefix}:region:{region}:lease:in``; when it stops,
-another takes over and claims what it had read but not acknowledged), so
-the entries of one origin are handled in their order.  For each entry the
-reader, in one ``MULTI``/``EXEC`` on the region's Redis, publishes the
-message on the room's channel of the region's broker (so every node of the
-region delivers it to its local members, as if it had been published
-there), records the entry's sequence as the last one applied from its
-origin (``fastws:{prefix}:region:{region}:applied``, a hash origin ->
-sequence), acknowledges and deletes the entry.  An entry whose sequence is
-not above the last applied from its origin is a copy sent again: it is
-acknowledged and counted (``fastws_region_duplicates_total``), not
-delivered.  So a member gets each message exactly once, and per room the
-messages of one origin region in the order that region published them.
+each entry is delivered once per region.  One node reads at a time, the
+holder of the lease ``fastws:{prefix}:region:{region}:lease:in``, under the
+group's one consumer name ``reader``; when it stops, another node takes the
+lease and first delivers what the former holder read but did not
+acknowledge (it is still pending for ``reader``), so the entries of one
+origin are handled in their order.  Reading and delivering are Lua scripts
+that first check the lease: a node that lost it reads and delivers nothing.
+For each batch the reader, in one script on the region's Redis, publishes
+each message on its room's channel of the region's broker (so every node of
+the region delivers it to its local members, as if it had been published
+there), records the batch's last sequence per origin
+(``fastws:{prefix}:region:{region}:applied``, a hash origin -> sequence),
+acknowledges and deletes the entries.  An entry whose sequence is not above
+the last applied from its origin is a copy sent again: it is acknowledged
+and counted (``fastws_region_inbound_total{outcome="duplicates"}``), not
+delivered.  So a member gets each message once, and per room the messages
+of one origin region in the order that region published them.
 Nothing received is forwarded again, except a user message for a user who
 is no longer in this region (see above).
 
@@ -93,7 +96,13 @@ Faults
   counted with ``reason="local"``) until the Redis is back.  The other regions keep
   serving their users and queue for this one.
 * This region's Redis restarted empty: the directory is rewritten by the
-  next refresh, the consumer group is created again.
+  next refresh, the consumer group is created again.  Once this region's
+  Redis is back after an outage, the reader waits :data:`READ_SETTLE`
+  seconds before it delivers again, so that every node's broker has
+  subscribed again (the broker's pub/sub reaches only the nodes subscribed
+  at the time of a publish).
+* The reader's node stops: its lease expires after :data:`LEASE_TTL`
+  seconds, another node of the region takes over (see Receiving).
 
 This module speaks to Redis with ``redis.asyncio`` (``pip install
 "fastws[redis]"``).
@@ -137,6 +146,52 @@ WATCH_INTERVAL = 1.0
 READ_SETTLE = 6.0
 INSTALL_HINT = 'pip install "fastws[redis]"'
 GROUP = "fastws"
+#: the consumer name of the region's reader, whichever node it runs on: what
+#: one holder read and did not acknowledge is pending for the next one
+READER = "reader"
+
+#: the reader's step: hold (or take) the lease, then read what is pending,
+#: else what is new; {1, entries, last id in the stream} or nil (not the holder)
+_READ = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+elseif not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
+end
+local r = redis.call('xreadgroup', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'STREAMS', KEYS[2], '0')
+if r and r[1] and #r[1][2] > 0 then return {1, r[1][2], false} end
+r = redis.call('xreadgroup', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'STREAMS', KEYS[2], '>')
+if r and r[1] and #r[1][2] > 0 then return {1, r[1][2], false} end
+local last = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', 1)
+if #last > 0 then return {1, {}, last[1][1]} end
+return {1, {}, false}
+"""
+
+#: the reader's delivery of one batch, only while it holds the lease: P channel
+#: payload (publish), X outbox user payload (send on to the user's region), A
+#: origin seq (last applied), I id (acknowledge and delete)
+_APPLY = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+local ids = {}
+local i = 3
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'P' then
+    redis.call('publish', ARGV[i + 1], ARGV[i + 2]); i = i + 3
+  elseif op == 'X' then
+    redis.call('xadd', ARGV[i + 1], '*', 'k', 'u', 'n', '', 't', ARGV[i + 2], 'p', ARGV[i + 3], 'h', '1'); i = i + 4
+  elseif op == 'A' then
+    redis.call('hset', KEYS[2], ARGV[i + 1], ARGV[i + 2]); i = i + 3
+  else
+    ids[#ids + 1] = ARGV[i + 1]; i = i + 2
+  end
+end
+if #ids > 0 then
+  redis.call('xack', KEYS[3], ARGV[2], unpack(ids))
+  redis.call('xdel', KEYS[3], unpack(ids))
+end
+return 1
+"""
 
 _LEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -324,6 +379,8 @@ class Regions:
         answered holds the user (it is dropped there if the user is not
         there either, counted as undeliverable)."""
         found, unknown = await self.locate(user)
+        if user in self.users:          # here, whatever this region's Redis says
+            found |= {self.region}
         out: list[str] = []
         if self.region in found:
             self.publish_local(USER_NAMESPACE, user, message, priority)
@@ -572,61 +629,48 @@ class Regions:
 
     async def _reader(self) -> None:
         key = self.inbound_key(self.region)
+        lease = self._key(self.region, "lease:in")
         while True:
             if self._outage and (not self.local_up or time.monotonic() - self._local_since < READ_SETTLE):
                 self._reading = False
                 await asyncio.sleep(0.2)
                 continue
             try:
-                was = self._reading
-                self._reading = await self._lease("in")
-                if not self._reading:
+                got = await self.local.eval(_READ, 2, lease, key, self.node_id, int(LEASE_TTL * 1000), GROUP,
+                                            READER, BATCH)
+                if not got:
+                    self._reading = False
                     await asyncio.sleep(LEASE_TTL / 3)
                     continue
-                if not was:
-                    await self._take_over(key)
-                got = await self.local.xreadgroup(GROUP, self.node_id, {key: ">"}, count=BATCH,
-                                                  block=int(LEASE_TTL * 1000 / 3))
-                entries = got[0][1] if got else []
+                if not self._reading:         # a new holder: what was applied, by whoever held it
+                    applied = await self.local.hgetall(self._key(self.region, "applied"))
+                    self._applied = {_text(k): _seq(v) for k, v in applied.items()}
+                    self._reading = True
+                entries = [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in got[1]]
                 if entries:
-                    await self._apply(key, entries)
+                    await self._apply(key, lease, entries)
+                else:                         # wait for an entry after the last one there
+                    await self.local.xread({key: _text(got[2]) if got[2] else "0-0"}, count=1,
+                                           block=int(LEASE_TTL * 1000 / 3))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if "NOGROUP" in str(exc):
-                    self._reading = False     # create it, take over again
-                    continue
                 self._reading = False
+                if "NOGROUP" in str(exc):     # a new stream (this region's Redis restarted empty)
+                    try:
+                        await self.local.xgroup_create(key, GROUP, id="0", mkstream=True)
+                        continue
+                    except Exception as again:
+                        if "BUSYGROUP" in str(again):
+                            continue
+                        exc = again
                 self._local_failed(exc)
                 await asyncio.sleep(0.5)
 
-    async def _take_over(self, key: str) -> None:
-        """Become the region's reader: make sure the group exists, load the
-        last applied sequences, claim and apply what an earlier reader read
-        but did not acknowledge."""
-        try:
-            await self.local.xgroup_create(key, GROUP, id="0", mkstream=True)
-        except Exception as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        applied = await self.local.hgetall(self._key(self.region, "applied"))
-        self._applied = {_text(k): _seq(v) for k, v in applied.items()}
-        start = "0-0"
-        while True:
-            r = await self.local.xautoclaim(key, GROUP, self.node_id, 0, start_id=start, count=BATCH)
-            start = _text(r[0])
-            if start == "0-0":
-                break
-        while True:
-            got = await self.local.xreadgroup(GROUP, self.node_id, {key: "0"}, count=BATCH)
-            entries = got[0][1] if got else []
-            if not entries:
-                break
-            await self._apply(key, entries)
-
-    async def _apply(self, key: str, entries: list[Any]) -> None:
+    async def _apply(self, key: str, lease: str, entries: list[Any]) -> None:
         """Deliver ``entries`` to this region, exactly once each (see the
-        module docstring), in one transaction."""
+        module docstring), in one script that runs only while this node
+        still holds the reader's lease."""
         decoded = []
         for eid, fields in entries:
             origin = _text(fields.get(b"o", b""))
@@ -641,9 +685,10 @@ class Regions:
                     found, _unknown = await self.locate(user, cached=False)
                     where[user] = (self.region in found, found)
         applied = dict(self._applied)
-        pipe = self.local.pipeline(transaction=True)
+        ops: list[Any] = []
         counted: list[tuple[str, str]] = []
-        for _eid, fields, origin, seq in decoded:
+        for eid, fields, origin, seq in decoded:
+            ops += ["I", eid]
             if seq <= applied.get(origin, (0, 0)):
                 counted.append(("duplicates", origin))
                 continue
@@ -653,33 +698,33 @@ class Regions:
                 user = _text(fields[b"t"])
                 here, found = where[user]
                 if here:
-                    pipe.publish(channel_name(self.prefix, (USER_NAMESPACE, user)),
-                                 pack_envelope(envelope_origin, fields[b"p"]))
+                    ops += ["P", channel_name(self.prefix, (USER_NAMESPACE, user)),
+                            pack_envelope(envelope_origin, fields[b"p"])]
                     counted.append(("received", origin))
                 elif fields.get(b"h") == b"0" and found - {self.region}:
                     for target in sorted(found - {self.region}):
                         if target in self.peers:
-                            pipe.xadd(self.outbox_key(target), {b"k": b"u", b"n": b"", b"t": fields[b"t"],
-                                                                b"p": fields[b"p"], b"h": b"1"})
+                            ops += ["X", self.outbox_key(target), fields[b"t"], fields[b"p"]]
                     counted.append(("redirected", origin))
                 else:
                     counted.append(("undeliverable", origin))
             else:
                 room = (_text(fields.get(b"n", b"")), _text(fields.get(b"t", b"")))
-                pipe.publish(channel_name(self.prefix, room), pack_envelope(envelope_origin, fields[b"p"]))
+                ops += ["P", channel_name(self.prefix, room), pack_envelope(envelope_origin, fields[b"p"])]
                 counted.append(("received", origin))
-        changed = {o: f"{s[0]}-{s[1]}" for o, s in applied.items() if self._applied.get(o) != s}
-        if changed:
-            pipe.hset(self._key(self.region, "applied"), mapping=changed)
-        ids = [eid for eid, *_ in decoded]
-        pipe.xack(key, GROUP, *ids)
-        pipe.xdel(key, *ids)
+        for o, sq in applied.items():
+            if self._applied.get(o) != sq:
+                ops += ["A", o, f"{sq[0]}-{sq[1]}"]
         try:
-            await pipe.execute()
+            done = await self.local.eval(_APPLY, 3, lease, self._key(self.region, "applied"), key,
+                                         self.node_id, GROUP, *ops)
         except BaseException:
             # unknown whether it applied: read the truth again before the next batch
             self._reading = False
             raise
+        if not done:           # the lease went to another node: it delivers these
+            self._reading = False
+            return
         self._applied = applied
         for what, origin in counted:
             self.counters[what] += 1
@@ -740,11 +785,22 @@ class Regions:
         return False, f"region {self.region}: Redis not reachable ({self.local_problem})"
 
     async def describe(self) -> dict[str, Any]:
-        """``GET /regions``: this region and every peer with its state."""
+        """``GET /regions``: this region and every peer with its state:
+        ``up``, ``unreachable``, ``backlogged`` (its inbound stream is over
+        ``region_queue_max``: not consumed) or ``unknown`` (not asked yet),
+        the messages queued for it and dropped (by reason), and whether this
+        node moves them (``forwarder``); ``reader``: this node delivers what
+        other regions send here."""
         dropped: dict[str, int] = {}
         try:
-            raw = await asyncio.wait_for(self.local.hgetall(self._key(self.region, "dropped")), 1.0)
+            pipe = self.local.pipeline(transaction=False)
+            pipe.hgetall(self._key(self.region, "dropped"))
+            for p in self.peers.values():
+                pipe.xlen(self.outbox_key(p.name))
+            raw, *lengths = await asyncio.wait_for(pipe.execute(), 1.0)
             dropped = {_text(k): int(v) for k, v in raw.items()}
+            for p, n in zip(self.peers.values(), lengths, strict=True):
+                p.queued = int(n)
         except Exception:   # this region's Redis is down: the node's own counts only
             dropped = {}
         regions: list[dict[str, Any]] = [{
@@ -753,13 +809,15 @@ class Regions:
         for p in self.peers.values():
             entry: dict[str, Any] = {
                 "name": p.name, "self": False, "state": p.state(), "queued": p.queued,
+                "forwarder": p.forwarding,
                 "dropped": {r: max(dropped.get(f"{p.name}:{r}", 0), p.dropped[r]) if r != "local"
                             else p.dropped[r] for r in p.dropped},
             }
             if p.problem:
                 entry["problem"] = p.problem
             regions.append(entry)
-        return {"region": self.region, "node": self.node_id, "healthy": self.local_up, "regions": regions}
+        return {"region": self.region, "node": self.node_id, "healthy": self.local_up, "reader": self._reading,
+                "regions": regions}
 
     def stats(self) -> dict[str, Any]:
         """What ``/metrics`` shows (this node's counts)."""

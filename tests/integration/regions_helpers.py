@@ -43,6 +43,10 @@ REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 APP = "tests.integration.apps.regions_app:app"
 START_TIMEOUT = 30.0
+#: ``fastws`` of this tree whatever is installed: the CLI package (``cli/``,
+#: installed as ``fastws.cli``) is found beside ``fastws/``
+SERVE = [sys.executable, "-c", "import sys, fastws; fastws.__path__.append(sys.argv.pop(1)); "
+         "from fastws.cli.main import main; main()", str(REPO)]
 
 
 def free_port() -> int:
@@ -217,7 +221,7 @@ class NodeProc:
         self.port = free_port()
         self.url = f"ws://{HOST}:{self.port}"
         self.log_path = log_dir / f"node-{region}{index}.log"
-        self.argv = [sys.executable, "-c", "from fastws.cli.main import main; main()", "serve", app,
+        self.argv = [*SERVE, "serve", app,
                      "--host", HOST, "--port", str(self.port), "--broker", broker, "--region", region,
                      "--region-peers", peers, "--server-id", f"{region}{index}", *extra]
         env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
