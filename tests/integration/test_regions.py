@@ -10,13 +10,16 @@ each way and can cut the link (``regions_helpers.py``).  Clients are real
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from docblocks import block
 from fastws.regions import CACHE_TTL
-from regions_helpers import Client, Deployment
+from regions_helpers import REPO, Client, Deployment
 
 DELAY = 0.04
 
@@ -259,3 +262,17 @@ def test_user_reconnects_in_another_region(world: Deployment) -> None:
         await carol.close()
 
     run(main())
+
+
+@pytest.mark.timeout(120)
+def test_readme_example_runs_and_prints_what_it_shows() -> None:
+    """README's Regions example (``regions-example``) starts three regions on
+    this machine, chats and stops by itself, printing exactly the output the
+    README shows (``regions-output``)."""
+    cmd = block("README.md", "regions-example").text.strip()
+    want = block("README.md", "regions-output").text.strip().splitlines()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(cmd, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines() == want, out.stdout
