@@ -747,7 +747,9 @@ def run(clients: int = 20000, procs: int = 2, out: Path | None = None, variants=
             raise TypeError(f"unknown option {k!r}")
         setattr(cfg, k, v)
     summaries = []
-    logdir = Path(tempfile.mkdtemp(prefix="fastws-herd-logs-"))
+    keep = cfg.logs is not None
+    logdir = Path(cfg.logs) if keep else Path(tempfile.mkdtemp(prefix="fastws-herd-logs-"))
+    logdir.mkdir(parents=True, exist_ok=True)
     redis = _Redis(logdir)
     ok = False
     try:
@@ -759,7 +761,7 @@ def run(clients: int = 20000, procs: int = 2, out: Path | None = None, variants=
         ok = True
     finally:
         redis.stop()
-        if ok:
+        if ok and not keep:
             shutil.rmtree(logdir, ignore_errors=True)
         else:
             print(f"herd: logs kept in {logdir}", file=sys.stderr)
@@ -796,6 +798,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="bound of each phase's wait, seconds")
     p.add_argument("--settle", type=float, default=30.0,
                    help="seconds the clients may take for the last messages once the publisher stopped")
+    p.add_argument("--logs", type=Path, default=None,
+                   help="keep every process's log in this directory (else kept only when the run fails)")
     p.add_argument("--out", type=Path, default=None)
     return p
 
@@ -808,7 +812,7 @@ def main(argv=None) -> None:
     run(args.clients, args.procs, args.out, tuple(args.variants.split(",")), tuple(args.modes.split(",")),
         **{k: getattr(args, k) for k in ("rooms", "rate", "workers", "handshake_rate", "handshake_burst",
                                          "retry_after", "reconnect_delay", "warmup", "tail", "timeout",
-                                         "settle")})
+                                         "settle", "logs")})
 
 
 if __name__ == "__main__":
