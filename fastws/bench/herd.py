@@ -31,7 +31,8 @@ What runs (everything on 127.0.0.0/8, bounded in count and time):
   ``Retry-After`` of ``--retry-after`` to twice it), and A is
   **restarted** (``sigterm``: SIGTERM, every connection closed with
   ``1001 "server restarting; reconnect in X s"``, X jittered per connection
-  over ``[d, 2d]``, ``--reconnect-delay d``) or **killed** (``sigkill``:
+  over ``[d, 2d]``, ``--reconnect-delay d``; ``--drain-rate`` paces the
+  closes too, 0 closes them all at once) or **killed** (``sigkill``:
   SIGKILL to A's supervisor and workers: the clients see their connection
   drop without a close frame and back off with full jitter).
 
@@ -494,7 +495,8 @@ def run_once(cfg: argparse.Namespace, variant: str, mode: str, redis: _Redis, lo
     """One herd (see the module docstring); returns the merged per-client figures."""
     port, cport = _free_port(), _free_port()
     broker = ["--broker", redis.url, "--broker-prefix", f"herd-{os.getpid()}-{variant}-{mode}"]
-    drain = ["--reconnect-delay", f"{cfg.reconnect_delay:g}", "--shutdown-timeout", "30"]
+    drain = ["--reconnect-delay", f"{cfg.reconnect_delay:g}", "--drain-rate", f"{cfg.drain_rate:g}",
+             "--shutdown-timeout", "30"]
     admission = ["--handshake-rate", f"{cfg.handshake_rate:g}", "--handshake-burst", str(cfg.handshake_burst),
                  "--retry-after", f"{cfg.retry_after:g}"]
     tag = f"{variant}-{mode}"
@@ -573,7 +575,7 @@ def run_once(cfg: argparse.Namespace, variant: str, mode: str, redis: _Redis, lo
                   server_accepted=accepted, server_refused=refused,
                   config={k: getattr(cfg, k) for k in ("rooms", "rate", "workers", "handshake_rate",
                                                          "handshake_burst", "retry_after", "reconnect_delay",
-                                                         "procs", "warmup", "tail")})
+                                                         "drain_rate", "procs", "warmup", "tail")})
     return merged
 
 
@@ -793,6 +795,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=float, default=5.0, help="the servers' --retry-after (base, seconds)")
     p.add_argument("--reconnect-delay", type=float, default=5.0,
                    help="the servers' --reconnect-delay (SIGTERM: hints spread over [d, 2d] s)")
+    p.add_argument("--drain-rate", type=float, default=0.0,
+                   help="the servers' --drain-rate (SIGTERM: connections closed per second per worker; 0: all "
+                   "at once, the hints alone spread the returns)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of publishing before the signal")
     p.add_argument("--tail", type=float, default=3.0, help="seconds of publishing after every client is back")
     p.add_argument("--timeout", type=float, default=120.0, help="bound of each phase's wait, seconds")
@@ -811,7 +816,7 @@ def main(argv=None) -> None:
         return
     run(args.clients, args.procs, args.out, tuple(args.variants.split(",")), tuple(args.modes.split(",")),
         **{k: getattr(args, k) for k in ("rooms", "rate", "workers", "handshake_rate", "handshake_burst",
-                                         "retry_after", "reconnect_delay", "warmup", "tail", "timeout",
+                                         "retry_after", "reconnect_delay", "drain_rate", "warmup", "tail", "timeout",
                                          "settle", "logs")})
 
 
