@@ -40,16 +40,21 @@ Each herd runs with the clients as they are (``hinted``: the server's hint,
 ``Retry-After`` on 503, full-jitter backoff) and with clients that ignore
 hints and retry at once (``naive``: ``server_hints=False``, a 1 ms backoff).
 
-Measured per client: every payload it got (so: **lost** = payloads of its
-room's truth it never got, **duplicated** = payloads it got more than once,
-out of order), when its connection was lost, when it was subscribed again
-(``back``), its connection attempts, whether it gave up, subscriptions
-answered ``recovered: false`` and gaps its client reported.  Over the herd:
-the accepted reconnections (handshakes) per 100 ms and their peak over any
-second against the admission bound ``workers * (handshake_rate +
-handshake_burst)`` per second, the connection attempts per 100 ms, and the
-time until all are back.  The handshake times are those the clients saw
-(the 101 answer), so a client process that falls behind shifts them later.
+Every client is subscribed before the publisher's first message, so each
+must end with its room's whole sequence.  Measured per client: every payload
+it got (so: **lost** = payloads of its room's truth it never got,
+**duplicated** = payloads it got more than once, out of order), when its
+connection was lost, when it was subscribed again (``back``: the
+``subscribed`` answer after the reconnect), its connection attempts, whether
+it gave up, subscriptions answered ``recovered: false`` and gaps its client
+reported.  Over the herd, from B's access log (``--access-log``, JSON lines
+with millisecond times and the worker's pid): the upgrades B accepted (101)
+and refused (503) per 100 ms, the most any worker accepted in any second
+against its admission bound ``handshake_rate + handshake_burst`` (the token
+bucket allows no more in any second), the whole node's peak against
+``workers`` times that; also the 101s as the clients saw them (later when
+their process is busy, so they may bunch above the bound), the attempts they
+started per 100 ms, and the time until all are back.
 
 The JSON (``client-herd.json``) has every figure, the PNG
 (``client-herd.png``) the reconnections per second over time, with and
@@ -313,6 +318,8 @@ async def _publisher(args) -> dict:
     await rc.close()
     return {"sent": sent, "seen": seen, "failed": failed[:20], "failed_count": len(failed),
             "acked_not_seen": sum(len(set(acked[r]) - set(seen[r])) for r in rooms),
+            # the stream holds exactly what was published, in order, once: the truth is the sequence sent
+            "stream_is_sent": all(seen[r] == list(range(1, sent[r] + 1)) for r in rooms),
             "messages": i, "seconds": elapsed, "rate": i / elapsed if elapsed else 0.0, "start": w0}
 
 
