@@ -49,8 +49,11 @@ peer's inbound stream in the peer's Redis::
     fastws:{prefix}:messages:{peer}                 stream
 
 one ``XADD`` per message and target region, whatever the number of nodes and
-members there.  The outbox entry's id is the message's *per-origin sequence*
-(it grows with every entry of that outbox).  Only once the peer's Redis has
+members there.  Batches go out back to back on one connection (up to
+:data:`WINDOW` batches not answered yet), so a link with a long round trip
+is not idle while it waits for answers, and the peer gets them in order.
+The outbox entry's id is the message's *per-origin sequence* (it grows with
+every entry of that outbox).  Only once the peer's Redis has
 taken a batch are its entries deleted from the outbox, so a crash between
 the two sends them again: the hop is at-least-once.
 
@@ -105,7 +108,11 @@ Faults
   seconds, another node of the region takes over (see Receiving).
 
 This module speaks to Redis with ``redis.asyncio`` (``pip install
-"fastws[redis]"``).
+"fastws[redis]"``), except for the batches it moves to another region: they
+go on the broker's own RESP connection (:class:`fastws.broker.redis.RespConn`),
+which writes each command at once and matches the answers in order, so many
+batches can be in flight on one connection (``redis.asyncio`` would spread
+concurrent pipelines over its pool's connections, and their order with them).
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .broker.redis import RespConn, open_conn, parse_redis_url
 from .broker.wire import channel_name, pack_envelope, pack_room_message
 from .config import Config, mask_url, parse_region_peers
 from .frames import PRIORITY_NORMAL
@@ -133,6 +141,8 @@ CACHE_TTL_PARTIAL = 0.5
 LEASE_TTL = 3.0
 #: entries moved per batch (outbox -> peer, inbound -> local delivery)
 BATCH = 256
+#: batches sent to a peer region and not answered yet, at most
+WINDOW = 64
 #: seconds to wait for one Redis command of a peer region
 PEER_TIMEOUT = 2.0
 #: writes to this region's Redis a node keeps in memory at least while it is down
@@ -226,6 +236,10 @@ def redis_client(url: str, timeout: float) -> Any:
                              retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
+class _PeerDown(Exception):
+    """The peer region's Redis failed (not this region's)."""
+
+
 class Peer:
     """What this node knows of another region."""
 
@@ -240,6 +254,7 @@ class Peer:
         self.forwarded = 0                # entries this node moved to it
         self.dropped = {"length": 0, "age": 0, "local": 0}   # counted by this node
         self.forwarding = False           # this node holds the outbox lease
+        self.conn: RespConn | None = None  # this node's link to its Redis, while it forwards
 
     def state(self) -> str:
         if self.up is None:
@@ -536,6 +551,9 @@ class Regions:
     # -- outbox -> peer ----------------------------------------------------------------------
 
     async def _forwarder(self, peer: Peer) -> None:
+        """While this node holds the peer's outbox lease: move the outbox to
+        the peer (see :meth:`_stream`); while the peer cannot take it, apply
+        the outbox's bounds and try again with backoff."""
         out = self.outbox_key(peer.name)
         inbound = self.inbound_key(peer.name)
         delay = 0.1
@@ -543,61 +561,129 @@ class Regions:
             try:
                 peer.forwarding = await self._lease("out:" + peer.name)
                 if not peer.forwarding:
+                    self._drop_conn(peer)
                     await asyncio.sleep(LEASE_TTL / 3)
                     continue
                 if peer.up is False or peer.backlogged:
                     await self._trim(peer, out)      # the bounds hold while it cannot take them
-                if peer.backlogged or peer.up is False:
-                    # probe the peer before moving anything
-                    try:
-                        n = await asyncio.wait_for(peer.client.xlen(inbound), PEER_TIMEOUT)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        self._peer_failed(peer, exc)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 2.0)
-                        continue
-                    if peer.up is False:
-                        log.info("fastws: region %s: %s reachable again", self.region, peer.name)
-                    peer.up, peer.problem = True, ""
-                    peer.backlogged = n > self.queue_max
-                    if peer.backlogged:
-                        await asyncio.sleep(0.5)
-                        continue
-                got = await self.local.xread({out: "0-0"}, count=BATCH, block=int(LEASE_TTL * 1000 / 3))
-                entries = got[0][1] if got else []
-                if not entries:
-                    continue
-                pipe = peer.client.pipeline(transaction=False)
-                for eid, fields in entries:
-                    fields = dict(fields)
-                    fields[b"o"] = self.region.encode()
-                    fields[b"s"] = eid
-                    pipe.xadd(inbound, fields)
-                pipe.xlen(inbound)
                 try:
-                    replies = await asyncio.wait_for(pipe.execute(), PEER_TIMEOUT * 2)
+                    conn = await self._peer_conn(peer)
+                    n = await asyncio.wait_for(conn.send("XLEN", inbound), PEER_TIMEOUT)
+                    if isinstance(n, Exception):
+                        raise n
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._peer_failed(peer, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                delay = 0.1
+                    raise _PeerDown(f"{type(exc).__name__}: {exc}") from exc
                 if peer.up is False:
                     log.info("fastws: region %s: %s reachable again", self.region, peer.name)
                 peer.up, peer.problem = True, ""
-                peer.backlogged = replies[-1] > self.queue_max
-                await self.local.xdel(out, *[eid for eid, _ in entries])
-                peer.forwarded += len(entries)
+                peer.backlogged = int(n) > self.queue_max
+                if peer.backlogged:              # its nodes do not consume: keep ours here
+                    await asyncio.sleep(0.5)
+                    continue
+                delay = 0.1
+                await self._stream(peer, conn, out, inbound)
             except asyncio.CancelledError:
+                self._drop_conn(peer)
                 raise
+            except _PeerDown as exc:
+                self._drop_conn(peer)
+                self._peer_failed(peer, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
             except Exception as exc:        # our own Redis
+                self._drop_conn(peer)
                 peer.forwarding = False
                 self._local_failed(exc)
                 await asyncio.sleep(0.5)
+
+    async def _peer_conn(self, peer: Peer) -> RespConn:
+        conn = peer.conn
+        if conn is None or conn.closed:
+            o = parse_redis_url(peer.url)
+            conn = peer.conn = await open_conn(o["host"], o["port"], ssl=o["ssl"], username=o["username"],
+                                               password=o["password"], db=o["db"], timeout=PEER_TIMEOUT)
+        return conn
+
+    @staticmethod
+    def _drop_conn(peer: Peer) -> None:
+        if peer.conn is not None:
+            peer.conn.close()
+            peer.conn = None
+
+    async def _stream(self, peer: Peer, conn: RespConn, out: str, inbound: str) -> None:
+        """Move the outbox to the peer's inbound stream, in order, on one
+        connection with up to :data:`WINDOW` batches sent and not yet
+        answered; a batch leaves the outbox once the peer answered it.
+        Returns when the lease is lost or the peer is backlogged; raises
+        :class:`_PeerDown` when the peer fails (what it did not answer is
+        sent again from the outbox: the receiver drops the copies)."""
+        inflight: deque[tuple[list[Any], list[asyncio.Future[Any]]]] = deque()
+        region = self.region.encode()
+        last: Any = "0-0"
+        lease_at = time.monotonic()
+
+        async def settle(block: bool) -> None:
+            """Take the answered batches (waiting for the oldest if ``block``)
+            out of the outbox, oldest first."""
+            while inflight:
+                ids, futs = inflight[0]
+                if not block and not futs[-1].done():
+                    return
+                block = False
+                try:
+                    replies = await asyncio.wait_for(asyncio.gather(*futs), PEER_TIMEOUT * 2)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    raise _PeerDown(f"{type(exc).__name__}: {exc}") from exc
+                refused = next((r for r in replies if isinstance(r, Exception)), None)
+                if refused is not None:
+                    raise _PeerDown(f"refused: {refused}")
+                inflight.popleft()
+                await self.local.xdel(out, *ids)
+                peer.forwarded += len(ids)
+                peer.backlogged = int(replies[-1]) > self.queue_max
+
+        try:
+            while True:
+                now = time.monotonic()
+                if now - lease_at > LEASE_TTL / 3:
+                    if not await self._lease("out:" + peer.name):
+                        peer.forwarding = False
+                        return
+                    lease_at = now
+                await settle(len(inflight) >= WINDOW)
+                if peer.backlogged:
+                    return
+                if conn.closed:
+                    raise _PeerDown("connection lost")
+                got = await self.local.xread({out: last}, count=BATCH, block=50 if inflight else 1000)
+                entries = got[0][1] if got else []
+                if not entries:
+                    continue
+                cmds: list[tuple[Any, ...]] = []
+                for eid, fields in entries:
+                    args: list[Any] = ["XADD", inbound, "*", b"o", region, b"s", eid]
+                    for k, v in fields.items():
+                        args += [k, v]
+                    cmds.append(tuple(args))
+                cmds.append(("XLEN", inbound))
+                try:
+                    futs = conn.pipeline(cmds)
+                except ConnectionError as exc:
+                    raise _PeerDown(str(exc)) from exc
+                ids = [eid for eid, _ in entries]
+                inflight.append((ids, futs))
+                last = ids[-1]
+        finally:
+            for _ids, futs in inflight:         # nobody waits for these any more
+                for f in futs:
+                    if f.done() and not f.cancelled():
+                        f.exception()
+                    else:
+                        f.cancel()
 
     def _peer_failed(self, peer: Peer, exc: BaseException) -> None:
         problem = mask_url(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
