@@ -663,6 +663,9 @@ def summary(r: dict) -> dict:
         "admission_rate_per_s": cfg["workers"] * rate, "admission_bound_per_s": cfg["workers"] * (rate + burst),
         "admission_bound_per_s_per_worker": rate + burst,
         "under_admission_bound": per_worker <= rate + burst,
+        # over longer windows the bucket allows burst + rate x window: the rate itself shows
+        "peak_per_5s_per_worker": max((_peak(ts, 5.0) for ts in r["server_accepted"].values()), default=0),
+        "admission_bound_per_5s_per_worker": 5 * rate + burst,
         "refused_peak_per_s": _peak(r["server_refused"]),
         # the same reconnections as the clients saw them (later when their process is busy)
         "reconnect_handshakes": len(reconnects), "client_seen_peak_per_s": _peak(reconnects),
