@@ -228,10 +228,7 @@ class Config:
                              "reached to hand it messages and to ask it where a user is. An entry "
                              "for this node's --region is skipped (every region can be given the "
                              "same list). Needs --region and a redis:// or rediss:// broker, which is "
-                             "this region's Redis (empty: one region).", kind="list",
-                             check=lambda v: _valid(parse_region_peers, v),
-                             allowed="name=redis://host:port[/db] pairs, comma-separated, names of "
-                             "letters, digits, '.', '_', '-', each name once")
+                             "this region's Redis (empty: one region).", kind="list")
     region_queue_max: int = knob(100_000, "With --region-peers: messages queued for one unreachable "
                                  "region at most; the oldest past it are dropped and counted "
                                  "(fastws_region_dropped_total{reason=\"length\"}).", kind="int",
@@ -415,6 +412,12 @@ class Config:
                                   "(redis://, rediss://, redis+streams://, redis+cluster://): "
                                   "presence is kept in Redis")
         if self.region_peers:
+            try:
+                parse_region_peers(self.region_peers)
+            except ValueError as exc:
+                raise ConfigError("region_peers", mask_url(self.region_peers), "name=redis://host:port[/db] "
+                                  f"pairs, comma-separated, names of letters, digits, '.', '_', '-', each "
+                                  f"name once ({exc})") from None
             if not _REGION_NAME.match(self.region):
                 raise ConfigError("region", self.region, "a region name (letters, digits, '.', '_', '-', "
                                   "at most 64) when region_peers is set")
