@@ -131,7 +131,9 @@ from .frames import PRIORITY_NORMAL
 
 log = logging.getLogger("fastws.regions")
 
-#: the namespace of the users' rooms (a user's connections on a node)
+#: the namespace of the users' rooms (a user's connections on a node); a
+#: namespace starting with NUL is fastws's own: ``Rooms.rooms_of`` and
+#: ``Rooms.names()`` leave it out
 USER_NAMESPACE = "\x00user"
 #: seconds a node keeps the answer to "where is this user?"
 CACHE_TTL = 2.0

@@ -380,7 +380,9 @@ class Rooms:
         return r.seq if r is not None else 0
 
     def rooms_of(self, conn) -> list:
-        return sorted(name for _, name in (conn.rooms or ()))
+        """The names of ``conn``'s rooms (not fastws's own: a namespace that
+        starts with NUL, such as the users' rooms of ``App.bind_user``)."""
+        return sorted(name for ns, name in (conn.rooms or ()) if not ns.startswith("\x00"))
 
     def keys(self) -> list:
         """The keys ``(namespace, name)`` of every room with local members."""
@@ -393,7 +395,10 @@ class Rooms:
         return r.indirect if r is not None and r.indirect else ()
 
     def names(self, namespace: str | None = None) -> list:
-        return sorted(n for ns, n in self._rooms if namespace is None or ns == namespace)
+        """The rooms with local members: of ``namespace``, or of every
+        namespace but fastws's own (None)."""
+        return sorted(n for ns, n in self._rooms
+                      if ns == namespace or namespace is None and not ns.startswith("\x00"))
 
     def __len__(self) -> int:
         return len(self._rooms)

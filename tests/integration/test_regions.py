@@ -112,6 +112,8 @@ def test_room_spans_three_regions_in_order(world: Deployment) -> None:
         fwd0 = _sum(world, "a", "fastws_region_forwarded_total", peer="b")
         rec0 = _sum(world, "b", "fastws_region_received_total", origin="a")
         try:
+            await members[0].send(op="rooms")                # the user's own room is not listed
+            assert (await members[0].wait(lambda m: m.get("op") == "rooms"))["rooms"] == ["r3"]
             pubs = {m.region: m for m in members[::2]}       # one member per region publishes
             for i in range(N):
                 for region, p in pubs.items():

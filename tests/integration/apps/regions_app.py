@@ -7,6 +7,7 @@
                                            "region": R} to r (every region)
     {"op": "to", "user": u, "data": d}     sends {"op": "dm", "from": U, "data": d} to user u
                                            in any region, answers {"op": "sent", "regions": [...]}
+    {"op": "rooms"}                        -> {"op": "rooms", "rooms": app.rooms.rooms_of(conn)}
 """
 
 import json
@@ -37,6 +38,8 @@ async def message(conn, data):
     elif op == "pub":
         app.publish(cmd["room"], json.dumps({"op": "msg", "room": cmd["room"], "data": cmd["data"],
                                              "region": region}))
+    elif op == "rooms":
+        conn.send(json.dumps({"op": "rooms", "rooms": app.rooms.rooms_of(conn)}))
     elif op == "to":
         sent = await app.send_to_user(cmd["user"], json.dumps({"op": "dm", "from": conn.store.get("user"),
                                                                 "data": cmd["data"]}))
