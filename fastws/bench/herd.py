@@ -770,6 +770,8 @@ def run(clients: int = 20000, procs: int = 2, out: Path | None = None, variants=
                 s = summary(run_once(cfg, variant, mode, redis, logdir))
                 summaries.append(s)
                 print(json.dumps({k: v for k, v in s.items() if k != "series"}), flush=True)
+                if out is not None:                   # after each herd: a later failure keeps these
+                    _write(summaries, out)
         ok = True
     finally:
         redis.stop()
@@ -777,11 +779,13 @@ def run(clients: int = 20000, procs: int = 2, out: Path | None = None, variants=
             shutil.rmtree(logdir, ignore_errors=True)
         else:
             print(f"herd: logs kept in {logdir}", file=sys.stderr)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "client-herd.json").write_text(json.dumps(summaries, indent=1))
-        plot(summaries, out / "client-herd.png")
     return summaries
+
+
+def _write(summaries: list, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "client-herd.json").write_text(json.dumps(summaries, indent=1))
+    plot(summaries, out / "client-herd.png")
 
 
 def _parser() -> argparse.ArgumentParser:
