@@ -238,6 +238,25 @@ def redis_client(url: str, timeout: float) -> Any:
                              retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
+async def _answer(fut: asyncio.Future[Any], timeout: float) -> Any:
+    """The answer to one command sent on a :class:`RespConn` (an error
+    answer raised)."""
+    r = await asyncio.wait_for(fut, timeout)
+    if isinstance(r, Exception):
+        raise r
+    return r
+
+
+async def _answers(futs: list[asyncio.Future[Any]], timeout: float) -> list[Any]:
+    """The answers to a pipeline sent on a :class:`RespConn` (the first error
+    answer raised)."""
+    replies = await asyncio.wait_for(asyncio.gather(*futs), timeout)
+    for r in replies:
+        if isinstance(r, Exception):
+            raise r
+    return replies
+
+
 class _PeerDown(Exception):
     """The peer region's Redis failed (not this region's)."""
 
@@ -293,6 +312,7 @@ class Regions:
         self.users: set[str] = set()            # users with a connection on this node
         self._cache: dict[str, tuple[float, frozenset[str], frozenset[str]]] = {}
         self._ops: deque[tuple[str, str, Any]] = deque()   # ordered writes to the local Redis
+        self._conns: dict[str, RespConn] = {}   # this node's own links to its Redis, by use
         #: writes kept in memory while this region's Redis does not take them
         self.buffer_max = max(self.queue_max, BUFFER_MIN)
         self._buffer_full_logged = False
@@ -355,6 +375,10 @@ class Regions:
                 await asyncio.wait_for(pipe.execute(), 2.0)
             except Exception as exc:
                 log.warning("fastws: region directory cleanup failed: %s", mask_url(str(exc)))
+        for conn in self._conns.values():
+            conn.close()
+        for p in self.peers.values():
+            self._drop_conn(p)
         for client in [self.local, *(p.client for p in self.peers.values())]:
             if client is not None:
                 try:
@@ -384,10 +408,10 @@ class Regions:
         """Hand a room publish to every other region (call order kept)."""
         if not self.peers or namespace == USER_NAMESPACE:
             return
-        payload = pack_room_message(message, priority)
+        fields = (b"k", b"r", b"n", namespace.encode(), b"t", room.encode(), b"p",
+                  pack_room_message(message, priority), b"h", b"0")
         for name in self.peers:
-            self._push("xadd", name, {b"k": b"r", b"n": namespace.encode(), b"t": room.encode(),
-                                      b"p": payload, b"h": b"0"})
+            self._push("xadd", name, fields)
 
     async def send_to_user(self, user: str, message: str | bytes, priority: int = PRIORITY_NORMAL) -> list[str]:
         """Send ``message`` to every connection of ``user`` in every region;
@@ -407,7 +431,7 @@ class Regions:
             targets = sorted(unknown)
         payload = pack_room_message(message, priority)
         for name in targets:
-            self._push("xadd", name, {b"k": b"u", b"n": b"", b"t": user.encode(), b"p": payload, b"h": b"0"})
+            self._push("xadd", name, (b"k", b"u", b"n", b"", b"t", user.encode(), b"p", payload, b"h", b"0"))
             out.append(name)
         return out
 
@@ -463,22 +487,21 @@ class Regions:
                 await self._wake.wait()
             batch = [self._ops[i] for i in range(min(len(self._ops), 1024))]
             try:
-                pipe = self.local.pipeline(transaction=False)
+                conn = await self._local_conn("writer")
                 ttl_ms = int(self.directory_ttl * 1000)
                 expiry = int(time.time() * 1000) + ttl_ms
                 channel = self._key(self.region, "directory")
+                cmds: list[tuple[Any, ...]] = []
                 for op, a, b in batch:
                     if op == "xadd":
-                        pipe.xadd(self.outbox_key(a), b)
+                        cmds.append(("XADD", self.outbox_key(a), "*", *b))
                     elif op == "bind":
                         key = self.user_key(self.region, a)
-                        pipe.zadd(key, {self.node_id: expiry})
-                        pipe.pexpire(key, ttl_ms)
-                        pipe.publish(channel, a)
+                        cmds += [("ZADD", key, expiry, self.node_id), ("PEXPIRE", key, ttl_ms),
+                                 ("PUBLISH", channel, a)]
                     else:
-                        pipe.zrem(self.user_key(self.region, a), self.node_id)
-                        pipe.publish(channel, a)
-                await pipe.execute()
+                        cmds += [("ZREM", self.user_key(self.region, a), self.node_id), ("PUBLISH", channel, a)]
+                await _answers(conn.pipeline(cmds), 5.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -490,6 +513,17 @@ class Regions:
             self._buffer_full_logged = False
             for _ in batch:
                 self._ops.popleft()
+
+    async def _local_conn(self, name: str) -> RespConn:
+        """This node's own connection ``name`` to this region's Redis (for
+        the ordered writes, one per forwarder): commands written at once,
+        answers matched in order (see the module docstring)."""
+        conn = self._conns.get(name)
+        if conn is None or conn.closed:
+            o = parse_redis_url(self.local_url)
+            conn = self._conns[name] = await open_conn(o["host"], o["port"], ssl=o["ssl"], username=o["username"],
+                                                       password=o["password"], db=o["db"], timeout=5.0)
+        return conn
 
     def _local_failed(self, exc: BaseException) -> None:
         problem = mask_url(f"{type(exc).__name__}: {exc}")
@@ -623,6 +657,7 @@ class Regions:
         sent again from the outbox: the receiver drops the copies)."""
         inflight: deque[tuple[list[Any], list[asyncio.Future[Any]]]] = deque()
         region = self.region.encode()
+        local = await self._local_conn("out:" + peer.name)
         last: Any = "0-0"
         lease_at = time.monotonic()
 
@@ -644,7 +679,7 @@ class Regions:
                 if refused is not None:
                     raise _PeerDown(f"refused: {refused}")
                 inflight.popleft()
-                await self.local.xdel(out, *ids)
+                await _answer(local.send("XDEL", out, *ids), 5.0)
                 peer.forwarded += len(ids)
                 peer.backlogged = int(replies[-1]) > self.queue_max
 
@@ -661,16 +696,13 @@ class Regions:
                     return
                 if conn.closed:
                     raise _PeerDown("connection lost")
-                got = await self.local.xread({out: last}, count=BATCH, block=50 if inflight else 1000)
+                got = await _answer(local.send("XREAD", "COUNT", BATCH, "BLOCK", 50 if inflight else 1000,
+                                                "STREAMS", out, last), 10.0)
                 entries = got[0][1] if got else []
                 if not entries:
                     continue
-                cmds: list[tuple[Any, ...]] = []
-                for eid, fields in entries:
-                    args: list[Any] = ["XADD", inbound, "*", b"o", region, b"s", eid]
-                    for k, v in fields.items():
-                        args += [k, v]
-                    cmds.append(tuple(args))
+                cmds: list[tuple[Any, ...]] = [("XADD", inbound, "*", b"o", region, b"s", eid, *flat)
+                                               for eid, flat in entries]
                 cmds.append(("XLEN", inbound))
                 try:
                     futs = conn.pipeline(cmds)
