@@ -278,3 +278,25 @@ def test_readme_example_runs_and_prints_what_it_shows() -> None:
     out = subprocess.run(cmd, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines() == want, out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_user_in_two_regions_gets_each_message_once_in_each(world: Deployment) -> None:
+    """dave has a connection in a and one in c (and a second one in c, on the
+    other node): a message sent to him from b reaches all three, once each,
+    and the sender is told both regions."""
+    async def main() -> None:
+        daves = [await Client.connect(world.node("a", 0), "dave"), await Client.connect(world.node("c", 0), "dave"),
+                 await Client.connect(world.node("c", 1), "dave")]
+        eve = await Client.connect(world.node("b", 1), "eve2")
+        await asyncio.sleep(0.3)
+        await eve.send(op="to", user="dave", data="to every dave")
+        for d in daves:
+            await d.wait(lambda m: m.get("op") == "dm")
+        assert (await eve.wait(lambda m: m.get("op") == "sent"))["regions"] == ["a", "c"]
+        await asyncio.sleep(1.0)
+        assert all(len(d.of("dm")) == 1 for d in daves), [d.got for d in daves]
+        for c in (*daves, eve):
+            await c.close()
+
+    run(main())

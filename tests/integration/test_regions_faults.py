@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fastws.regions import CACHE_TTL
 from regions_helpers import Client, Deployment
 
 QUEUE_MAX = 5
@@ -84,7 +85,7 @@ def test_queue_for_a_cut_off_region_is_bounded_and_counted(world: Deployment) ->
 @pytest.fixture
 def own_world(tmp_path: Path) -> Iterator[Deployment]:
     """Regions a and b with the default queue bound (a test that kills a node)."""
-    d = Deployment(tmp_path, names=("a", "b"))
+    d = Deployment(tmp_path, names=("a", "b"), extra=("--region-directory-ttl", "3"))
     try:
         yield d
     finally:
@@ -95,7 +96,9 @@ def own_world(tmp_path: Path) -> Iterator[Deployment]:
 def test_reader_killed_another_node_takes_over(own_world: Deployment) -> None:
     """The node of b that delivers what a sends (the reader) is killed
     (SIGKILL) while a publishes 80 messages: the other node of b takes over,
-    and its member gets all 80 once, in order; nothing was dropped."""
+    and its member gets all 80 once, in order; nothing was dropped.  The
+    user who was connected to the killed node leaves b's directory when its
+    entry's TTL (3 s) runs out: nobody is told the user is anywhere."""
     world = own_world
 
     async def main() -> None:
@@ -104,9 +107,13 @@ def test_reader_killed_another_node_takes_over(own_world: Deployment) -> None:
         victim = next(n for n, d in zip(world.nodes["b"], docs, strict=True) if d["reader"])
         survivor = next(n for n in world.nodes["b"] if n is not victim)
         member = await Client.connect(survivor, "survivor")
+        ghost = await Client.connect(victim, "ghost")
         await member.join("failover")
         pub = await Client.connect(world.node("a", 1), "pub2")
         await asyncio.sleep(0.5)
+        await pub.send(op="to", user="ghost", data="are you there")
+        assert (await pub.wait(lambda m: m.get("op") == "sent"))["regions"] == ["b"]
+        await ghost.wait(lambda m: m.get("op") == "dm")
         for i in range(80):
             await pub.send(op="pub", room="failover", data=f"m{i}")
             if i == 20:
@@ -118,6 +125,11 @@ def test_reader_killed_another_node_takes_over(own_world: Deployment) -> None:
         assert survivor.get_json("/regions")[1]["reader"] is True
         for n in world.nodes["a"]:
             assert n.metric("fastws_region_dropped_total", peer="b", reason="length") == 0
+        await asyncio.sleep(3.0 + CACHE_TTL + 0.5)    # the entry's TTL, then the cache's
+        await pub.send(op="to", user="ghost", data="still there?")
+        sent = await pub.wait(lambda m: m.get("op") == "sent" and m["data"] == "still there?")
+        assert sent["regions"] == [], sent
+        await ghost.close()
         await member.close()
         await pub.close()
 
