@@ -686,6 +686,9 @@ class Regions:
                 await _answer(local.send("XDEL", out, *ids), 5.0)
                 peer.forwarded += len(ids)
                 peer.backlogged = int(replies[-1]) > self.queue_max
+                if peer.up is not True:          # it answers, whatever a ping said meanwhile
+                    log.info("fastws: region %s: %s reachable again", self.region, peer.name)
+                    peer.up, peer.problem = True, ""
 
         try:
             while True:
