@@ -322,6 +322,7 @@ class Regions:
         self._buffer_full_logged = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._scripts: dict[str, Any] = {}
         self._applied: dict[str, tuple[int, int]] = {}
         self._reading = False                   # this node holds the inbound lease
         self._closing = False
@@ -351,6 +352,9 @@ class Regions:
         """Connect (lazily: a Redis that is down is retried, never fatal) and
         start the writer, the forwarders, the reader and the watcher."""
         self.local = redis_client(self.local_url, 5.0)
+        # EVALSHA, the script itself only when Redis does not know it (again)
+        self._scripts = {name: self.local.register_script(text)
+                         for name, text in (("lease", _LEASE), ("read", _READ), ("apply", _APPLY))}
         for p in self.peers.values():
             p.client = redis_client(p.url, PEER_TIMEOUT)
         loop = asyncio.get_running_loop()
@@ -362,6 +366,10 @@ class Regions:
                  ", ".join(f"{p.name}={mask_url(p.url)}" for p in self.peers.values()) or "none")
 
     async def close(self) -> None:
+        # the unbinds of the connections just closed go out first (a second at most)
+        deadline = time.monotonic() + 1.0
+        while self._ops and self.local_up and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self._closing = True
         for t in self._tasks:
             t.cancel()
@@ -584,8 +592,8 @@ class Regions:
     # -- leases ---------------------------------------------------------------------------
 
     async def _lease(self, name: str) -> bool:
-        got = await self.local.eval(_LEASE, 1, self._key(self.region, "lease:" + name), self.node_id,
-                                    int(LEASE_TTL * 1000))
+        got = await self._scripts["lease"](keys=[self._key(self.region, "lease:" + name)],
+                                           args=[self.node_id, int(LEASE_TTL * 1000)])
         return bool(got)
 
     # -- outbox -> peer ----------------------------------------------------------------------
@@ -763,8 +771,8 @@ class Regions:
                 await asyncio.sleep(0.2)
                 continue
             try:
-                got = await self.local.eval(_READ, 2, lease, key, self.node_id, int(LEASE_TTL * 1000), GROUP,
-                                            READER, BATCH)
+                got = await self._scripts["read"](keys=[lease, key],
+                                                  args=[self.node_id, int(LEASE_TTL * 1000), GROUP, READER, BATCH])
                 if not got:
                     self._reading = False
                     await asyncio.sleep(LEASE_TTL / 3)
@@ -843,8 +851,8 @@ class Regions:
             if self._applied.get(o) != sq:
                 ops += ["A", o, f"{sq[0]}-{sq[1]}"]
         try:
-            done = await self.local.eval(_APPLY, 3, lease, self._key(self.region, "applied"), key,
-                                         self.node_id, GROUP, *ops)
+            done = await self._scripts["apply"](keys=[lease, self._key(self.region, "applied"), key],
+                                                args=[self.node_id, GROUP, *ops])
         except BaseException:
             # unknown whether it applied: read the truth again before the next batch
             self._reading = False

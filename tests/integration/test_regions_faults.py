@@ -134,3 +134,33 @@ def test_reader_killed_another_node_takes_over(own_world: Deployment) -> None:
         await pub.close()
 
     run(main())
+
+
+@pytest.mark.timeout(120)
+def test_graceful_stop_takes_its_users_out_of_the_directory(own_world: Deployment) -> None:
+    """A node stopped with SIGTERM removes its users from its region's
+    directory as it stops (not a TTL later): right after, nobody is told the
+    user is anywhere, while the same user on the region's other node stays."""
+    world = own_world
+
+    async def main() -> None:
+        stays = await Client.connect(world.node("b", 1), "stays")
+        leaves = await Client.connect(world.node("b", 0), "leaves")
+        key = "fastws:region:b:user:{}"
+        deadline = time.monotonic() + 5
+        while not (world.redis["b"].cli("ZCARD", key.format("leaves")) == "1"
+                   and world.redis["b"].cli("ZCARD", key.format("stays")) == "1"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        node = world.node("b", 0)
+        node.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(node.proc.wait, 20)
+        assert world.redis["b"].cli("ZCARD", key.format("leaves")) == "0"
+        assert world.redis["b"].cli("ZCARD", key.format("stays")) == "1"
+        pub = await Client.connect(world.node("a", 0), "asker")
+        await pub.send(op="to", user="leaves", data="gone?")
+        assert (await pub.wait(lambda m: m.get("op") == "sent"))["regions"] == []
+        for c in (stays, leaves, pub):
+            await c.close()
+
+    run(main())
