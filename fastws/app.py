@@ -58,11 +58,14 @@ if TYPE_CHECKING:
 class Accept:
     """Returned by ``on_connect`` to accept with a subprotocol, extra
     response headers (a list of ``(name, value)``) and/or initial contents
-    of the connection's ``store`` (e.g. the authenticated user)."""
+    of the connection's ``store`` (e.g. the authenticated user); ``user``
+    binds the connection to that user once it is open, as
+    :meth:`App.bind_user` does (the native front)."""
 
     subprotocol: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     store: dict[str, Any] | None = None
+    user: str | None = None
 
 
 # -- the callbacks' types (plain functions or ``async def``: an async one's result is awaited) --

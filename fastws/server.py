@@ -36,7 +36,7 @@ import stat
 from . import core
 from .app import Accept
 from .config import Config
-from .errors import SHUTTING_DOWN, HandshakeError, Reject, ServerStartError
+from .errors import CALLBACK_FAILED, SHUTTING_DOWN, HandshakeError, Reject, ServerStartError
 from .gateway import Gateway
 from .handshake import HttpRequest, error_response, http_response, parse_http_head, parse_request
 from .node import Node
@@ -478,10 +478,12 @@ class NativeServer(Server):
         subprotocol = None
         headers = ()
         store = None
+        user = None
         if isinstance(decision, Accept):
             subprotocol = decision.subprotocol
             headers = decision.headers
             store = decision.store
+            user = decision.user
             if subprotocol is not None and subprotocol not in req.subprotocols:
                 log.error("fastws: on_connect chose subprotocol %r the client did not offer", subprotocol)
                 self._reject(conn, 500, "internal error")
@@ -509,6 +511,13 @@ class NativeServer(Server):
                 access.forget(conn)
             if node.client_limits.max_connections:   # the client left while it was decided
                 node.release_client(req.client or conn.remote_address, conn)
+        elif user is not None:                        # Accept(user=...): the auth hook names the user
+            try:
+                node.bind_user(conn, str(user))
+            except Exception as exc:                  # past max_rooms_per_connection, an empty id
+                log.error("fastws: could not bind the connection to user %r; closing it with %d", user,
+                          CALLBACK_FAILED.code, exc_info=exc)
+                conn.close(CALLBACK_FAILED.code, CALLBACK_FAILED.reason)
 
     # -- plain HTTP on the same port ------------------------------------------------
 

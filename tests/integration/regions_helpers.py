@@ -350,8 +350,8 @@ class Client:
         self._new = asyncio.Event()
 
     @classmethod
-    async def connect(cls, node: NodeProc, user: str | None = None) -> Client:
-        ws = await websockets.connect(node.url + "/ws" + (f"?user={user}" if user else ""), open_timeout=10)
+    async def connect(cls, node: NodeProc, user: str | None = None, path: str = "/ws") -> Client:
+        ws = await websockets.connect(node.url + path + (f"?user={user}" if user else ""), open_timeout=10)
         hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert hello == {"op": "hello", "region": node.region, "user": user}, hello
         return cls(ws, user, node.region)

@@ -300,3 +300,23 @@ def test_user_in_two_regions_gets_each_message_once_in_each(world: Deployment) -
             await c.close()
 
     run(main())
+
+
+@pytest.mark.timeout(120)
+def test_user_bound_by_the_auth_hook(world: Deployment) -> None:
+    """on_connect answers fastws.Accept(user=...): the connection is bound to
+    that user as by app.bind_user, and a message from another region reaches it."""
+    async def main() -> None:
+        fay = await Client.connect(world.node("b", 0), "fay", path="/auth")
+        gus = await Client.connect(world.node("c", 1), "gus")
+        await asyncio.sleep(0.2)
+        await gus.send(op="to", user="fay", data="via the auth hook")
+        assert (await fay.wait(lambda m: m.get("op") == "dm")) == {"op": "dm", "from": "gus",
+                                                                      "data": "via the auth hook"}
+        assert (await gus.wait(lambda m: m.get("op") == "sent"))["regions"] == ["b"]
+        await fay.send(op="rooms")
+        assert (await fay.wait(lambda m: m.get("op") == "rooms"))["rooms"] == []
+        await fay.close()
+        await gus.close()
+
+    run(main())

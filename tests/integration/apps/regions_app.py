@@ -2,6 +2,8 @@
 
     /ws?user=U          binds the connection to user U (app.bind_user), then
                         sends {"op": "hello", "region": R, "user": U}
+    /auth?user=U        the same, bound by the auth hook (on_connect answers
+                        fastws.Accept(user=U, store={"user": U}))
     {"op": "join", "room": r}              -> {"op": "joined", "room": r}
     {"op": "pub", "room": r, "data": d}    publishes {"op": "msg", "room": r, "data": d,
                                            "region": R} to r (every region)
@@ -25,6 +27,23 @@ def opened(conn):
         app.bind_user(conn, user)
         conn.store["user"] = user
     conn.send(json.dumps({"op": "hello", "region": region, "user": user}))
+
+
+@app.on_connect("/auth")
+def authenticate(request):
+    user = request.query.get("user")
+    return fastws.Accept(user=user, store={"user": user}) if user else fastws.Reject(401, "who are you?")
+
+
+@app.on_open("/auth")
+def auth_opened(conn):
+    region = app.node.config.region if app.node is not None else ""
+    conn.send(json.dumps({"op": "hello", "region": region, "user": conn.store.get("user")}))
+
+
+@app.on_message("/auth")
+async def auth_message(conn, data):
+    await message(conn, data)
 
 
 @app.on_message("/ws")
