@@ -7,7 +7,8 @@ the other regions with the address of their Redis (``region_peers``).
 
 Users and the directory
 -----------------------
-``app.bind_user(conn, user_id)`` puts the connection in the user's room
+``app.bind_user(conn, user_id)`` (or ``fastws.Accept(user=user_id)`` from
+``on_connect``) puts the connection in the user's room
 (namespace :data:`USER_NAMESPACE`, name ``user_id``): a message for the user
 is a publish to that room, so every connection of the user on every node of
 the region gets it through the region's broker.  The first local connection
@@ -781,7 +782,8 @@ class Regions:
                     applied = await self.local.hgetall(self._key(self.region, "applied"))
                     self._applied = {_text(k): _seq(v) for k, v in applied.items()}
                     self._reading = True
-                entries = [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in got[1]]
+                entries = [(eid, dict(zip((flat or [])[::2], (flat or [])[1::2], strict=True)))
+                           for eid, flat in got[1]]
                 if entries:
                     await self._apply(key, lease, entries)
                 else:                         # wait for an entry after the last one there
