@@ -44,10 +44,28 @@ WINDOW = 100
 # -- one client, one mode (runs in its own process) --------------------------------------------------
 
 
-async def _fastws(url: str, mode: str, n: int) -> float:
+async def _drive(send, recv, mode: str, n: int) -> tuple[float, float]:
+    """``n`` echoes through awaitable ``send(MESSAGE)`` / ``recv()``: one at a
+    time (pingpong) or WINDOW in flight (pipelined); the seconds it took and
+    the CPU seconds this process spent meanwhile."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    if mode == "pingpong":
+        for _ in range(n):
+            await send(MESSAGE)
+            await recv()
+    else:
+        for _ in range(n // WINDOW):
+            for _ in range(WINDOW):
+                await send(MESSAGE)
+            for _ in range(WINDOW):
+                await recv()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+async def _fastws(url: str, mode: str, n: int) -> tuple[float, float]:
     ws = await fastws.connect(url, ping_interval=None, max_queue=10 * WINDOW)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if mode == "pingpong":
             for _ in range(n):
                 await ws.send(MESSAGE)
@@ -58,12 +76,12 @@ async def _fastws(url: str, mode: str, n: int) -> float:
                     ws.send_nowait(MESSAGE)
                 for _ in range(WINDOW):
                     await ws.recv()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
     finally:
         await ws.close()
 
 
-async def _fastws_cb(url: str, mode: str, n: int) -> float:
+async def _fastws_cb(url: str, mode: str, n: int) -> tuple[float, float]:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     state = {"left": n, "ws": None, "batch": 0}
@@ -89,7 +107,7 @@ async def _fastws_cb(url: str, mode: str, n: int) -> float:
     cb = on_message_pingpong if mode == "pingpong" else on_message_pipelined
     ws = state["ws"] = await fastws.connect(url, ping_interval=None, on_message=cb)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if mode == "pingpong":
             ws.send_nowait(MESSAGE)
         else:
@@ -97,49 +115,27 @@ async def _fastws_cb(url: str, mode: str, n: int) -> float:
             for _ in range(WINDOW):
                 ws.send_nowait(MESSAGE)
         await done
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
     finally:
         await ws.close()
 
 
-async def _websockets(url: str, mode: str, n: int) -> float:
+async def _websockets(url: str, mode: str, n: int) -> tuple[float, float]:
     from websockets.asyncio.client import connect
 
     async with connect(url, ping_interval=None, compression=None, max_size=None) as ws:
-        t0 = time.perf_counter()
-        if mode == "pingpong":
-            for _ in range(n):
-                await ws.send(MESSAGE)
-                await ws.recv()
-        else:
-            for _ in range(n // WINDOW):
-                for _ in range(WINDOW):
-                    await ws.send(MESSAGE)
-                for _ in range(WINDOW):
-                    await ws.recv()
-        return time.perf_counter() - t0
+        return await _drive(ws.send, ws.recv, mode, n)
 
 
-async def _aiohttp(url: str, mode: str, n: int) -> float:
+async def _aiohttp(url: str, mode: str, n: int) -> tuple[float, float]:
     import aiohttp
 
     async with aiohttp.ClientSession() as session, \
             session.ws_connect(url, autoping=False, compress=0, max_msg_size=0) as ws:
-        t0 = time.perf_counter()
-        if mode == "pingpong":
-            for _ in range(n):
-                await ws.send_str(MESSAGE)
-                await ws.receive()
-        else:
-            for _ in range(n // WINDOW):
-                for _ in range(WINDOW):
-                    await ws.send_str(MESSAGE)
-                for _ in range(WINDOW):
-                    await ws.receive()
-        return time.perf_counter() - t0
+        return await _drive(ws.send_str, ws.receive, mode, n)
 
 
-async def _picows(url: str, mode: str, n: int) -> float:
+async def _picows(url: str, mode: str, n: int) -> tuple[float, float]:
     from picows import WSListener, WSMsgType, ws_connect
 
     loop = asyncio.get_running_loop()
@@ -171,7 +167,7 @@ async def _picows(url: str, mode: str, n: int) -> float:
 
     transport, client = await ws_connect(Client, url)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if mode == "pingpong":
             transport.send(WSMsgType.TEXT, payload)
         else:
@@ -179,7 +175,7 @@ async def _picows(url: str, mode: str, n: int) -> float:
             for _ in range(WINDOW):
                 transport.send(WSMsgType.TEXT, payload)
         await done
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
     finally:
         transport.disconnect()
 
@@ -233,8 +229,8 @@ def _child(args) -> None:
     if args.client == "resume":
         result = uvloop.run(_resume(args.url, args.http, args.n))
     else:
-        elapsed = uvloop.run(RUNNERS[args.client](args.url, args.mode, args.n))
-        result = {"msgs_per_s": args.n / elapsed, "seconds": elapsed}
+        elapsed, cpu = uvloop.run(RUNNERS[args.client](args.url, args.mode, args.n))
+        result = {"msgs_per_s": args.n / elapsed, "seconds": elapsed, "cpu_us_per_msg": cpu / args.n * 1e6}
     print(json.dumps(result))
 
 
@@ -314,10 +310,15 @@ def run(clients=CLIENTS, modes=MODES, repeat: int = 3, n: int = 20000, redis_url
     try:
         for mode in modes:
             runs: dict = {c: [] for c in usable}
+            cpu: dict = {c: [] for c in usable}
             for _ in range(repeat):
                 for c in usable:                       # alternate: drift hits every client alike
-                    runs[c].append(_run_child("--client", c, "--mode", mode, "--url", url, "--n", str(n))["msgs_per_s"])
-            results["modes"][mode] = {c: {"median": statistics.median(v), "runs": v} for c, v in runs.items()}
+                    r = _run_child("--client", c, "--mode", mode, "--url", url, "--n", str(n))
+                    runs[c].append(r["msgs_per_s"])
+                    cpu[c].append(r["cpu_us_per_msg"])
+            results["modes"][mode] = {c: {"median": statistics.median(v), "runs": v,
+                                          "cpu_us_per_msg": statistics.median(cpu[c]), "cpu_runs": cpu[c]}
+                                      for c, v in runs.items()}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -346,12 +347,15 @@ def run(clients=CLIENTS, modes=MODES, repeat: int = 3, n: int = 20000, redis_url
 def table(results: dict) -> str:
     lines = [f"Python clients against fastws serve (echo, {results['message_bytes']} B text, "
              f"{results['n']} messages, median of {results['repeat']})", "",
-             "| mode | client | msg/s | vs websockets |", "|---|---|---:|---:|"]
+             "| mode | client | msg/s | vs websockets | client CPU µs/msg | websockets' CPU / this |",
+             "|---|---|---:|---:|---:|---:|"]
     for mode, by_client in results["modes"].items():
         base = by_client.get("websockets", {}).get("median")
+        base_cpu = by_client.get("websockets", {}).get("cpu_us_per_msg")
         for c, r in sorted(by_client.items(), key=lambda kv: -kv[1]["median"]):
             ratio = f"{r['median'] / base:.2f}x" if base else "-"
-            lines.append(f"| {mode} | {c} | {r['median']:,.0f} | {ratio} |")
+            cpu_ratio = f"{base_cpu / r['cpu_us_per_msg']:.2f}x" if base_cpu and r["cpu_us_per_msg"] else "-"
+            lines.append(f"| {mode} | {c} | {r['median']:,.0f} | {ratio} | {r['cpu_us_per_msg']:.2f} | {cpu_ratio} |")
     if "resume" in results:
         r = results["resume"]
         lines += ["", f"resume: {r['missed']} missed messages replayed in {r['median_seconds'] * 1000:.1f} ms "

@@ -126,14 +126,23 @@ class WebSocket(asyncio.Protocol):
         out = engine.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
-        for ev in events:
-            kind = ev[0]
-            if kind in (TEXT, BINARY):
-                self._deliver(ev[1])
-            elif kind == PONG:
-                self._ping_sent = 0.0
-            elif kind in (CLOSE, ERROR):
-                self._peer_closed(ev[1], ev[2] if kind == CLOSE else "")
+        # frames sent by on_message while this read is handled go out in one
+        # write when it ends, not in a callback of the next loop iteration
+        reading = self._out is None
+        if reading:
+            self._out = []
+        try:
+            for ev in events:
+                kind = ev[0]
+                if kind in (TEXT, BINARY):
+                    self._deliver(ev[1])
+                elif kind == PONG:
+                    self._ping_sent = 0.0
+                elif kind in (CLOSE, ERROR):
+                    self._peer_closed(ev[1], ev[2] if kind == CLOSE else "")
+        finally:
+            if reading:
+                self._flush()
 
     def _deliver(self, message: Data) -> None:
         cb = self.on_message
