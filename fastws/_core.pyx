@@ -160,6 +160,11 @@ PRIORITY_HIGH = PRIO_HIGH
 
 cdef bytes _EMPTY = b""
 cdef bytes _DEFLATE_TAIL = b"\x00\x00\xff\xff"
+# One compressor per window size for every message compressed without
+# context takeover (see Engine._compress): a full flush after each message
+# leaves nothing of it in the compressor, so the bytes are those a fresh
+# compressor would give, without allocating and clearing one per message.
+cdef dict _SHARED_DEFLATERS = {}
 
 # -- connections and the hub (_core_connection.pxi, _core_hub.pxi) --
 

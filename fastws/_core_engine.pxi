@@ -211,16 +211,22 @@ cdef class Engine:
         parameters (window, no_context_takeover) on the server side, the
         client's on the client side."""
         p = self._deflate_params
-        if self._deflater is None:
-            # zlib cannot deflate with a raw 8-bit window; 9 is what it uses
-            bits = p.client_max_window_bits if self._client else p.server_max_window_bits
-            self._deflater = _zlib.compressobj(
-                _zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -max(9, bits))
-        out = self._deflater.compress(data) + self._deflater.flush(_zlib.Z_SYNC_FLUSH)
+        # zlib cannot deflate with a raw 8-bit window; 9 is what it uses
+        cdef int bits = max(9, p.client_max_window_bits if self._client else p.server_max_window_bits)
+        if p.client_no_context_takeover if self._client else p.server_no_context_takeover:
+            # every message on its own: the shared compressor of this window
+            # size, emptied by a full flush (no memory kept per connection)
+            deflater = _SHARED_DEFLATERS.get(bits)
+            if deflater is None:
+                deflater = _SHARED_DEFLATERS[bits] = _zlib.compressobj(
+                    _zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -bits)
+            out = deflater.compress(data) + deflater.flush(_zlib.Z_FULL_FLUSH)
+        else:
+            if self._deflater is None:
+                self._deflater = _zlib.compressobj(_zlib.Z_DEFAULT_COMPRESSION, _zlib.DEFLATED, -bits)
+            out = self._deflater.compress(data) + self._deflater.flush(_zlib.Z_SYNC_FLUSH)
         if out.endswith(_DEFLATE_TAIL):
             out = out[:len(out) - 4]
-        if p.client_no_context_takeover if self._client else p.server_no_context_takeover:
-            self._deflater = None
         return _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(out),
                        PyBytes_GET_SIZE(out), True,
                        _next_mask() if self._client else NULL, True)

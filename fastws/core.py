@@ -94,7 +94,8 @@ are that, however many are read at once.  Frames received must be
 unmasked: a masked frame is an ERROR 1002 (checked with the other header
 bits, stage 2 of the order the wsproto engine documents).  With
 permessage-deflate the client compresses with the ``client_*`` parameters
-(``client_no_context_takeover``: a fresh compressor per message) and
+(``client_no_context_takeover``: every message on its own, from a compressor
+shared by the process and emptied by a full flush after each message) and
 inflates with the ``server_*`` ones.  The close handshake is the same
 exchange of close frames; the engine says nothing about TCP: a client
 waits for the server to close the connection after the exchange (RFC

@@ -1183,6 +1183,24 @@ def test_deflate_send_server_no_context_takeover(make_engine, wire):
 
 
 @deflate
+def test_deflate_no_context_takeover_connections_share_nothing(make_engine, wire):
+    """Connections that compress every message on its own (the Cython engine
+    shares one compressor per window size between them): each frame is what
+    a fresh compressor gives for that message alone, whatever the other
+    connections sent before, and inflates on its own."""
+    params = DeflateParams(server_no_context_takeover=True, server_max_window_bits=12)
+    a, b = make_engine(deflate=params), make_engine(deflate=params)
+    decode = server_side_inflater(params)
+    sent = [(a, "alpha " * 40), (b, "beta beta beta " * 9), (a, "alpha " * 40), (b, b"\x00\x01" * 300),
+            (a, "gamma, and alpha " * 3)]
+    for engine, message in sent:
+        opcode = TEXT if isinstance(message, str) else BINARY
+        frame = engine.send(message)
+        assert frame == wire.server_frame(opcode, wire.deflate(message, wbits=12), rsv=RSV1)
+        assert decode(frame) == [(opcode, message if isinstance(message, str) else bytes(message))]
+
+
+@deflate
 def test_deflate_echo_of_pings_and_close_while_compressing(make_engine, wire):
     engine = make_engine(deflate=DeflateParams())
     data = wire.frame(PING, b"x") + wire.frame(CLOSE, wire.close_payload(1000, "bye"))
