@@ -472,8 +472,9 @@ cdef class Hub:
         nothing is decoded) on every open connection of ``connections`` (an
         iterable of Connection) except ``exclude``, under the delivery policy
         for ``priority``.  The frame is built once; a connection with
-        permessage-deflate gets its own compressed one.  Returns the number
-        of connections it was queued on."""
+        permessage-deflate gets its own compressed one, except that members
+        taking messages without context takeover share one per window size.
+        Returns the number of connections it was queued on."""
         if opcode != OP_TEXT and opcode != OP_BINARY:
             raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
         return self._broadcast(opcode, payload if type(payload) is bytes else bytes(payload),
@@ -482,6 +483,7 @@ cdef class Hub:
     cdef int _broadcast(self, int opcode, bytes data, connections, exclude, int priority) except -1:
         cdef Connection c
         cdef bytes frame = None
+        cdef dict compressed = None          # window bits -> the frame compressed without context
         cdef int n = 0
         for c in connections:
             if c is exclude or c.state != S_OPEN or c._phase != P_OPEN:
@@ -489,7 +491,19 @@ cdef class Hub:
             if c._wpaused and not c._admit(priority):
                 continue
             if c._deflate_params is not None:
-                c._queue(c._compress(opcode, data))
+                p = c._deflate_params
+                if p.server_no_context_takeover:
+                    # the message on its own: the same bytes for every member
+                    # with this window size, so compressed once for all of them
+                    bits = p.server_max_window_bits
+                    if compressed is None:
+                        compressed = {}
+                    cframe = compressed.get(bits)
+                    if cframe is None:
+                        cframe = compressed[bits] = c._compress(opcode, data)
+                    c._queue(cframe)
+                else:
+                    c._queue(c._compress(opcode, data))
             else:
                 if frame is None:
                     frame = _encode(opcode, <const uint8_t*>PyBytes_AS_STRING(data),

@@ -399,8 +399,9 @@ class Hub:
         nothing is decoded) on every open connection of ``connections``
         except ``exclude``, under the delivery policy for ``priority``.  The
         frame is built once; a connection with permessage-deflate gets its
-        own compressed one.  Returns the number of connections it was
-        queued on."""
+        own compressed one (the Cython hub shares one per window size among
+        members without context takeover: the same bytes).  Returns the
+        number of connections it was queued on."""
         if opcode != TEXT and opcode != BINARY:
             raise ValueError(f"opcode {opcode} is not TEXT or BINARY")
         return self._broadcast(opcode, bytes(payload), connections, exclude, priority)

@@ -143,7 +143,9 @@ Hub: the per-server state of the connections
   BINARY) around ``payload`` (already-encoded bytes; a text payload is
   trusted to be UTF-8, nothing is decoded), built once and queued on every
   open connection of ``connections`` except ``exclude``; a connection with
-  permessage-deflate gets its own compressed frame.  The delivery policy
+  permessage-deflate gets its own compressed frame (the Cython hub compresses
+  once per window size for the members that take messages without context
+  takeover: the same bytes each would get).  The delivery policy
   (below) applies per recipient.  Returns the number of connections it was
   queued on (and adds it to ``messages_out``).
 * ``stats()``: a new dict: ``connections``, ``messages_in``,

@@ -35,6 +35,7 @@ import random
 import socket
 import struct
 import time
+import zlib
 from collections import deque
 
 import pytest
@@ -1225,6 +1226,36 @@ def test_broadcast_to_compressed_and_plain_connections():
     assert rig.frames("plain")[0] == (TEXT, b"message 0 message 0")
     assert all(rig.stream(n)[rig.stream(n).find(b"\r\n\r\n") + 4] & 0x40 for n in ("deflated", "nocontext"))
     assert rig.hub.stats()["messages_out"] == 18
+
+
+def test_broadcast_compressed_once_for_members_without_context_takeover():
+    """Members that take each message on its own get the same compressed
+    frames (compressed once per window size, as a fresh compressor would);
+    each inflates on its own; a member with context takeover gets its own."""
+    nocontext = frames.DeflateParams(server_no_context_takeover=True)
+    small = frames.DeflateParams(server_no_context_takeover=True, server_max_window_bits=10)
+    messages = [f"room message {i} ".encode() * 20 for i in range(3)]
+
+    def scenario(rig):
+        route = Route(rig, echo=False)
+        conns = [rig.adopt("a", route, deflate=nocontext), rig.adopt("b", route, deflate=nocontext),
+                 rig.adopt("small", route, deflate=small),
+                 rig.adopt("takeover", route, deflate=frames.DeflateParams())]
+        rig.loop.run()
+        for m in messages:
+            assert rig.hub.broadcast_frame(TEXT, m, conns) == 4
+        rig.loop.run()
+
+    rig = both(scenario, handshake=None)
+    assert rig.frames("a") == rig.frames("b")
+    for name, bits in (("a", 15), ("small", 10)):
+        got = rig.frames(name)
+        for (op, payload), m in zip(got, messages, strict=True):
+            fresh = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
+            assert op == TEXT and payload == (fresh.compress(m) + fresh.flush(zlib.Z_SYNC_FLUSH))[:-4]
+            assert zlib.decompressobj(-bits).decompress(payload + b"\x00\x00\xff\xff") == m
+    inflater = zlib.decompressobj(-15)        # the context member: one stream over its messages
+    assert [inflater.decompress(p + b"\x00\x00\xff\xff") for _, p in rig.frames("takeover")] == messages
 
 
 def test_one_loop_timer_per_hub():
