@@ -1,4 +1,7 @@
-"""The relay app on ``aiohttp`` (``web.WebSocketResponse``)."""
+"""The relay app on ``aiohttp`` (``web.WebSocketResponse``).
+
+``--compression``: ``compress=True`` (permessage-deflate with aiohttp's
+defaults: each connection compresses for itself)."""
 
 from __future__ import annotations
 
@@ -10,10 +13,11 @@ from aiohttp import WSMsgType, web
 from fastws.bench.peers._common import MAX_SIZE, parse_args
 
 SUBSCRIBERS: set = set()
+COMPRESS = False
 
 
 async def echo(request):
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_SIZE, autoping=True)
+    ws = web.WebSocketResponse(compress=COMPRESS, max_msg_size=MAX_SIZE, autoping=True)
     await ws.prepare(request)
     async for msg in ws:
         if msg.type == WSMsgType.TEXT:
@@ -24,7 +28,7 @@ async def echo(request):
 
 
 async def subscriber(request):
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_SIZE, autoping=True)
+    ws = web.WebSocketResponse(compress=COMPRESS, max_msg_size=MAX_SIZE, autoping=True)
     await ws.prepare(request)
     SUBSCRIBERS.add(ws)
     try:
@@ -50,6 +54,7 @@ def make_app() -> web.Application:
 
 
 if __name__ == "__main__":
-    a = parse_args(__doc__.splitlines()[0])
+    a = parse_args(__doc__.splitlines()[0], compression=("deflate",))
+    COMPRESS = a.compression is not None
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(make_app(), host=a.host, port=a.port, access_log=None, print=None, backlog=4096)

@@ -1,4 +1,11 @@
-"""The relay app on socketify (Python bindings to uWebSockets), pub/sub fan-out."""
+"""The relay app on socketify (Python bindings to uWebSockets), pub/sub fan-out.
+
+``--compression [shared|dedicated]``: permessage-deflate, every message sent
+compressed. ``shared`` (CompressOptions.SHARED_COMPRESSOR and
+SHARED_DECOMPRESSOR): one compressor for the whole server, no context
+takeover, as fastws's default; ``dedicated`` (DEDICATED_COMPRESSOR and
+DEDICATED_DECOMPRESSOR): one compressor per connection with context takeover
+(smaller frames, more memory and CPU per connection)."""
 
 from __future__ import annotations
 
@@ -9,20 +16,28 @@ from fastws.bench.peers._common import MAX_SIZE, parse_args
 ROOM = "relay"
 
 
-def make_app() -> App:
+COMPRESSION = {
+    None: CompressOptions.DISABLED,
+    "shared": CompressOptions.SHARED_COMPRESSOR | CompressOptions.SHARED_DECOMPRESSOR,
+    "dedicated": CompressOptions.DEDICATED_COMPRESSOR | CompressOptions.DEDICATED_DECOMPRESSOR_32KB,
+}
+
+
+def make_app(compression: str | None = None) -> App:
     app = App()
+    compress = compression is not None
 
     def echo_message(ws, message, opcode):
-        ws.send(message, opcode)
+        ws.send(message, opcode, compress)
 
     def sub_open(ws):
         ws.subscribe(ROOM)
 
     def sub_message(ws, message, opcode):
-        app.publish(ROOM, message, opcode)  # app.publish reaches the sender too
+        app.publish(ROOM, message, opcode, compress)  # app.publish reaches the sender too
 
     common = {
-        "compression": CompressOptions.DISABLED,
+        "compression": COMPRESSION[compression],
         "max_payload_length": MAX_SIZE,
         "max_backpressure": 64 * MAX_SIZE,
         "idle_timeout": 960,
@@ -33,7 +48,7 @@ def make_app() -> App:
 
 
 if __name__ == "__main__":
-    a = parse_args(__doc__.splitlines()[0])
-    app = make_app()
+    a = parse_args(__doc__.splitlines()[0], compression=("shared", "dedicated"))
+    app = make_app(a.compression)
     app.listen(AppListenOptions(port=a.port, host=a.host), lambda config: None)
     app.run()

@@ -1,4 +1,7 @@
-"""The relay app on Starlette, served by uvicorn (``--ws websockets`` or ``wsproto``)."""
+"""The relay app on Starlette, served by uvicorn (``--ws websockets`` or ``wsproto``).
+
+``--compression``: ``ws_per_message_deflate=True`` (permessage-deflate as the
+chosen --ws implementation does it under uvicorn)."""
 
 from __future__ import annotations
 
@@ -55,11 +58,12 @@ if __name__ == "__main__":
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ws", default="websockets", choices=["websockets", "wsproto", "websockets-sansio"])
+    p.add_argument("--compression", action="store_true", help="negotiate permessage-deflate")
     a = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvicorn.run(
         app, host=a.host, port=a.port, ws=a.ws, loop="uvloop", http="auto",
         lifespan="off", log_level="warning", access_log=False, backlog=4096,
-        ws_max_size=MAX_SIZE, ws_per_message_deflate=False, ws_ping_interval=None,
+        ws_max_size=MAX_SIZE, ws_per_message_deflate=a.compression, ws_ping_interval=None,
     )
