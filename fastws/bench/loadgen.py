@@ -12,7 +12,12 @@ it receives:
 * fan-out subscribers parse every frame and check the sequence number;
 * with ``--protocol sio`` they are minimal Socket.IO v5 / Engine.IO v4
   clients on a raw WebSocket (open packet, namespace CONNECT, ping/pong,
-  events and binary attachments), checked frame by frame the same way.
+  events and binary attachments), checked frame by frame the same way;
+* with ``--deflate`` (echo, fanout) every client offers permessage-deflate
+  (RFC 7692) and fails unless the server accepts it; messages are 512-byte
+  JSON ticks, sent compressed, and every message received is inflated and
+  checked byte for byte (echo: the message sent; fan-out: the tick its
+  sequence number and send time make).
 
 ``crossnode`` spreads the subscribers over two servers (``--port``,
 ``--port-b``) that share rooms through a broker, publishes on the first and
@@ -21,6 +26,7 @@ counts a message as acknowledged once a subscriber on the second also got it.
 One scenario per command, one JSON line on stdout::
 
     python -m fastws.bench.loadgen echo --port 9001 [--conns 64 --window 16 --size 32]
+    python -m fastws.bench.loadgen echo --port 9001 --deflate --size 512
     python -m fastws.bench.loadgen latency --port 9001
     python -m fastws.bench.loadgen fanout --port 9001 --subscribers 1000
     python -m fastws.bench.loadgen crossnode --port 9001 --port-b 9002 --subscribers 2000 [--protocol sio]
@@ -55,6 +61,7 @@ import socket
 import struct
 import sys
 import time
+import zlib
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = base64.b64encode(
@@ -71,7 +78,7 @@ now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: comparable across processes
 # --------------------------------------------------------------------- frames
 
 
-def upgrade_request(host: str, port: int, path: str) -> bytes:
+def upgrade_request(host: str, port: int, path: str, deflate: bool = False) -> bytes:
     return (
         f"GET {path} HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
@@ -79,7 +86,8 @@ def upgrade_request(host: str, port: int, path: str) -> bytes:
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {KEY}\r\n"
         "Sec-WebSocket-Version: 13\r\n"
-        "\r\n"
+        + (f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n" if deflate else "")
+        + "\r\n"
     ).encode()
 
 
@@ -225,6 +233,7 @@ class Client(asyncio.Protocol):
         self.closed = False
         self.closing = False
         self.head = b""
+        self.extensions = None  # the 101's Sec-WebSocket-Extensions (None: none)
         self.opened = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
@@ -250,8 +259,12 @@ class Client(asyncio.Protocol):
         accept = None
         for line in rest.split(b"\r\n"):
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"sec-websocket-accept":
+            name = name.strip().lower()
+            if name == b"sec-websocket-accept":
                 accept = value.strip()
+            elif name == b"sec-websocket-extensions":
+                ext = value.strip().decode("latin-1")
+                self.extensions = f"{self.extensions}, {ext}" if self.extensions else ext
         if accept != ACCEPT:
             self.fail(f"bad Sec-WebSocket-Accept {accept!r}")
             return
@@ -787,6 +800,326 @@ PROTOCOLS = {
 }
 
 
+# permessage-deflate (RFC 7692), ``--deflate``: the client offers the
+# extension (letting the server choose client_max_window_bits), sends every
+# message compressed on its own (RSV1, raw deflate, the 00 00 ff ff tail
+# stripped; a full flush after each message, so it never refers to an earlier
+# one: always allowed, client_no_context_takeover or not) and inflates every
+# message received: one decompressor per connection carried from message to
+# message, or a fresh one per message when the server said
+# server_no_context_takeover. A server that declines the extension fails the
+# connection. Messages are JSON ticks of --size bytes, realistic and
+# compressible, every one different: its text follows from its sequence number
+# and send time, so each received message is checked byte for byte.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+DEFLATE_MIN_SIZE = 256  # the tick's fields take ~150 bytes; the rest is padding
+_TICK_HEAD = b'{"type":"tick","seq":'
+_TICK_SYMBOLS = (b"AAPL", b"MSFT", b"NVDA", b"AMZN", b"GOOG", b"META", b"TSLA", b"AVGO")
+_TICK_WORDS = (b"bid ask last open high low close volume trade quote auction halt resume index spread "
+               b"venue session block odd-lot imbalance").split()
+_TICK_PAD = b" ".join(random.Random(7).choices(_TICK_WORDS, k=4000))
+ECHO_RING = 1024  # distinct echo messages (each connection starts at its own place in the ring)
+#: no server context takeover: inflating is a function of the compressed bytes
+#: alone, so a fan-out subscriber process checks each distinct message once
+#: (every subscriber still checks its sequence number); bounded
+_CHECKED: dict = {}
+
+
+def tick_payload(seq: int, t: int, size: int) -> bytes:
+    """The JSON tick number ``seq`` sent at ``t`` (ns), exactly ``size`` bytes."""
+    c = 10000 + (seq * 7919) % 90000  # cents
+    head = (b'{"type":"tick","seq":%d,"t":%d,"symbol":"%s","price":%d.%02d,"bid":%d.%02d,"ask":%d.%02d,'
+            b'"qty":%d,"pad":"' % (seq, t, _TICK_SYMBOLS[seq % 8], c // 100, c % 100, (c - 1) // 100,
+                                  (c - 1) % 100, (c + 1) // 100, (c + 1) % 100, 100 * (1 + seq % 50)))
+    off = (seq * 61) % (len(_TICK_PAD) - size)
+    return head + _TICK_PAD[off:off + size - len(head) - 2] + b'"}'
+
+
+def tick_fields(text: bytes, size: int) -> tuple[int, int] | None:
+    """(seq, send time) of a correct tick of ``size`` bytes, else None."""
+    if len(text) != size or not text.startswith(_TICK_HEAD):
+        return None
+    try:
+        _, s, t, _ = text.split(b",", 3)
+        seq, sent = int(s[6:]), int(t[4:])
+    except ValueError:
+        return None
+    return (seq, sent) if tick_payload(seq, sent, size) == text else None
+
+
+def negotiate_deflate(header: str | None) -> dict:
+    """The permessage-deflate parameters the server answered; ValueError if
+    it declined the extension or answered something not allowed."""
+    if not header:
+        raise ValueError("the server declined permessage-deflate (no Sec-WebSocket-Extensions in its 101)")
+    exts = [e.strip() for e in header.split(",") if e.strip()]
+    name, *params = [p.strip() for p in exts[0].split(";")]
+    if len(exts) != 1 or name.lower() != "permessage-deflate":
+        raise ValueError(f"the server answered Sec-WebSocket-Extensions: {header!r} to a permessage-deflate offer")
+    out = {"server_no_context_takeover": False, "client_no_context_takeover": False,
+           "server_max_window_bits": 15, "client_max_window_bits": 15}
+    seen = set()
+    for p in params:
+        k, eq, v = p.partition("=")
+        k, v = k.strip().lower(), v.strip().strip('"')
+        if k not in out or k in seen or (k.endswith("takeover") and eq):
+            raise ValueError(f"bad permessage-deflate parameter {p!r} in {header!r}")
+        seen.add(k)
+        if k.endswith("window_bits"):
+            if not (v.isdigit() and 8 <= int(v) <= 15):
+                raise ValueError(f"bad permessage-deflate parameter {p!r} in {header!r}")
+            out[k] = int(v)
+        else:
+            out[k] = True
+    if out["client_max_window_bits"] < 9:
+        # zlib cannot make a raw deflate stream with a 256-byte window
+        raise ValueError(f"client_max_window_bits={out['client_max_window_bits']} is not supported by this client")
+    return out
+
+
+def deflate_frame(compressed: bytes, mask: bytes) -> bytes:
+    """A masked, final, compressed (RSV1) text frame."""
+    h = _header(TEXT, len(compressed), True)
+    return bytes([h[0] | 0x40]) + h[1:] + mask + xor_mask(compressed, mask)
+
+
+def deflate_message(compressor, payload: bytes) -> bytes:
+    """``payload`` compressed on its own (full flush), the 00 00 ff ff tail stripped."""
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert data.endswith(DEFLATE_TAIL)
+    return data[:-4]
+
+
+class DeflateParser(FrameParser):
+    """FrameParser for a permessage-deflate connection: RSV1 on the first
+    frame of a data message marks it compressed; messages come out as
+    ``(opcode, payload, compressed)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frag_rsv1 = False
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes, bool]]:
+        buf = self.buf
+        buf += data
+        out = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 & 0x30:
+                raise ProtocolError("RSV2/RSV3 set")
+            if b1 & 0x80:
+                raise ProtocolError("masked frame from the server")
+            rsv1 = bool(b0 & 0x40)
+            op = b0 & 0x0F
+            fin = b0 & 0x80
+            ln = b1
+            hl = 2
+            if ln == 126:
+                if n - pos < 4:
+                    break
+                ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                hl = 4
+            elif ln == 127:
+                if n - pos < 10:
+                    break
+                ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                hl = 10
+            if n - pos < hl + ln:
+                break
+            payload = bytes(buf[pos + hl : pos + hl + ln])
+            pos += hl + ln
+            if op >= 8:
+                if op not in (CLOSE, PING, PONG):
+                    raise ProtocolError(f"unknown control opcode {op:#x}")
+                if not fin or ln > 125 or rsv1:
+                    raise ProtocolError("bad control frame")
+                out.append((op, payload, False))
+            elif op == 0:
+                if self.frag_op is None or rsv1:
+                    raise ProtocolError("continuation without a start, or with RSV1")
+                self.frags.append(payload)
+                if fin:
+                    out.append((self.frag_op, b"".join(self.frags), self.frag_rsv1))
+                    self.frag_op = None
+                    self.frags = []
+            elif op in (TEXT, BINARY):
+                if self.frag_op is not None:
+                    raise ProtocolError("new data frame inside a fragmented message")
+                if fin:
+                    out.append((op, payload, rsv1))
+                else:
+                    self.frag_op = op
+                    self.frag_rsv1 = rsv1
+                    self.frags = [payload]
+            else:
+                raise ProtocolError(f"unknown opcode {op:#x}")
+        del buf[:pos]
+        return out
+
+
+class _Inflating:
+    """Client side of permessage-deflate: checks the 101's answer, inflates."""
+
+    deflate: dict | None = None  # the negotiated parameters
+    compressed = 0  # data messages received compressed
+
+    def on_upgraded(self) -> None:
+        try:
+            self.deflate = negotiate_deflate(self.extensions)
+        except ValueError as e:
+            self.fail(str(e))
+            return
+        self.takeover = not self.deflate["server_no_context_takeover"]
+        self.inflater = zlib.decompressobj(-15)
+        super().on_upgraded()
+
+    def inflate(self, payload: bytes) -> bytes:
+        d = self.inflater if self.takeover else zlib.decompressobj(-15)
+        out = d.decompress(payload + DEFLATE_TAIL)
+        if d.eof:  # a final block: the next message starts a new stream
+            self.inflater = zlib.decompressobj(-15)
+        return out
+
+
+class DeflateEchoClient(_Inflating, Client):
+    """``window`` compressed JSON ticks in flight, taken in turn from a ring
+    of ``ECHO_RING`` pre-compressed frames from ``offset`` on; every echo is
+    inflated (when compressed) and compared with the tick sent."""
+
+    def __init__(self, request, stats, mask, frames, payloads, window, offset):
+        super().__init__(request, stats, mask)
+        self.frames = frames  # ECHO_RING + window frames (the ring, wrapped)
+        self.payloads = payloads
+        self.window = window
+        self.next_send = offset
+        self.next_recv = offset
+        self.parser = DeflateParser()
+        self.sent = 0
+        self.received = 0
+        self.running = True
+
+    def send(self, k: int) -> None:
+        i = self.next_send
+        while k > 0:
+            m = min(k, self.window)
+            self.transport.write(b"".join(self.frames[i : i + m]))
+            i = (i + m) % ECHO_RING
+            self.sent += m
+            k -= m
+        self.next_send = i
+
+    def start(self) -> None:
+        self.send(self.window)
+
+    def on_data(self, data: bytes) -> None:
+        if self.deflate is None:
+            return
+        try:
+            msgs = self.parser.feed(data)
+        except ProtocolError as e:
+            self.fail(f"protocol error: {e}")
+            return
+        k = 0
+        for op, payload, comp in msgs:
+            if op >= 8:
+                self.handle_control(op, payload)
+                continue
+            if comp:
+                try:
+                    payload = self.inflate(payload)
+                except zlib.error as e:
+                    self.fail(f"inflate failed: {e}")
+                    return
+                self.compressed += 1
+            want = self.payloads[self.next_recv]
+            if op != TEXT or payload != want:
+                self.fail(f"wrong echo: opcode {op}, {len(payload)} bytes {payload[:48]!r}, "
+                          f"expected {want[:48]!r}")
+                return
+            self.next_recv = (self.next_recv + 1) % ECHO_RING
+            k += 1
+        if k:
+            self.received += k
+            if self.received > self.sent:
+                self.fail("more echoes than messages sent")
+                return
+            if self.running:
+                self.send(k)
+
+
+class DeflateSubscriber(_Inflating, Subscriber):
+    """A fan-out subscriber of compressed JSON ticks (``expect_len`` bytes
+    each once inflated), checked byte for byte and in sequence."""
+
+    def __init__(self, request, stats, mask, expect_len, sample):
+        super().__init__(request, stats, mask, expect_len, sample)
+        self.slow = True
+        self.parser = DeflateParser()
+        self.compressor = None
+
+    def on_data(self, data: bytes) -> None:
+        t = now_ns()
+        if self.deflate is None:
+            return
+        try:
+            msgs = self.parser.feed(data)
+        except ProtocolError as e:
+            self.fail(f"protocol error: {e}")
+            return
+        size = self.expect_len
+        memo = None if self.takeover else _CHECKED
+        got = False
+        for op, payload, comp in msgs:
+            if op >= 8:
+                self.handle_control(op, payload)
+                continue
+            fields = memo.get(payload) if comp and memo is not None else None
+            if fields is None:
+                text = payload
+                if comp:
+                    try:
+                        text = self.inflate(payload)
+                    except zlib.error as e:
+                        self.fail(f"inflate failed: {e}")
+                        return
+                fields = tick_fields(text, size) if op == TEXT else None
+                if fields is None:
+                    self.fail(f"unexpected message: opcode {op}, {len(text)} bytes {text[:48]!r}")
+                    return
+                if comp and memo is not None:
+                    if len(memo) >= 4096:
+                        memo.clear()
+                    memo[payload] = fields
+            if comp:
+                self.compressed += 1
+            if not self.delivered(fields[0], fields[1], t):
+                return
+            got = True
+        if got:
+            self.last_ns = t
+        self.on_delivered()
+
+    def publish_frames(self, seq: int, t: int, size: int) -> bytes:
+        if self.compressor is None:
+            self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        return deflate_frame(deflate_message(self.compressor, tick_payload(seq, t, size)), self.mask)
+
+
+class DeflatePublisher(_Publishing, DeflateSubscriber):
+    pass
+
+
+def fanout_classes(a) -> tuple:
+    """(subscriber class, publisher class) of the fan-out clients."""
+    if a.deflate:
+        return DeflateSubscriber, DeflatePublisher
+    return PROTOCOLS[a.protocol][:2]
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -1024,6 +1357,66 @@ async def run_echo(a) -> dict:
         sent_total=sum(c.sent for c in clients),
         echoed_total=sum(c.received for c in clients),
         parser_fallbacks=sum(1 for c in clients if c.parser is not None),
+    )
+    await close_all(clients)
+    return finish(res, stats, complete)
+
+
+async def run_deflate_echo(a) -> dict:
+    """``run_echo`` with permessage-deflate (``--deflate``): C connections x W
+    compressed JSON ticks of ``a.size`` bytes in flight; messages/s echoed."""
+    stats = Stats()
+    rng = random.Random(a.seed)
+    mask = mask_from(rng)
+    t0_ns = 1_700_000_000_000_000_000 + rng.randrange(10**15)
+    payloads = [tick_payload(i, t0_ns + i * 1_000_003, a.size) for i in range(ECHO_RING)]
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    frames = [deflate_frame(deflate_message(compressor, p), mask) for p in payloads]
+    frames += frames[: a.window]
+    req = upgrade_request(a.host, a.port, a.path, deflate=True)
+    srcs = source_addresses(a.conns, a.src_addrs)
+    index = [0]
+
+    def factory():
+        index[0] += 1
+        return DeflateEchoClient(req, stats, mask, frames, payloads, a.window, (index[0] * 97) % ECHO_RING)
+
+    clients = await open_many(a.conns, factory, a.host, a.port, srcs=srcs, stats=stats)
+    res = result_base(a, "echo")
+    res.update(conns=a.conns, window=a.window, size=a.size, opcode=TEXT,
+               deflate=clients[0].extensions if clients else None,
+               compressed_bytes_sent=round(sum(len(f) for f in frames[:ECHO_RING]) / ECHO_RING, 1))
+    if len(clients) < a.conns:
+        res["value"] = 0
+        return finish(res, stats, False)
+    for c in clients:
+        c.start()
+    await asyncio.sleep(a.warmup)
+    cpu = CpuMeter(a.server_pid)
+    t0 = time.monotonic()
+    cpu.start()
+    r0 = sum(c.received for c in clients)
+    deadline = t0 + a.duration
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        if sum(c.received for c in clients) - r0 >= a.max_messages:
+            break
+    r1 = sum(c.received for c in clients)
+    t1 = time.monotonic()
+    res.update(cpu.stop())
+    for c in clients:
+        c.running = False
+    drained = await wait_until(lambda: all(c.received == c.sent or c.closed for c in clients), 5.0)
+    complete = drained and all(c.received == c.sent for c in clients)
+    echoed = sum(c.received for c in clients)
+    res.update(
+        value=round((r1 - r0) / (t1 - t0)),
+        unit="messages/s",
+        seconds=round(t1 - t0, 3),
+        messages=r1 - r0,
+        sent_total=sum(c.sent for c in clients),
+        echoed_total=echoed,
+        received_compressed=sum(c.compressed for c in clients),
     )
     await close_all(clients)
     return finish(res, stats, complete)
@@ -1292,10 +1685,10 @@ def _fanout_child(a, n, conn, srcs, sample_every, index0, port, path):
     async def main():
         stats = Stats()
         mask = mask_from(random.Random(a.seed + index0))
-        req = upgrade_request(a.host, port, path)
+        req = upgrade_request(a.host, port, path, a.deflate)
         samples = array.array("q")
         idx = [index0]
-        sub_cls = PROTOCOLS[a.protocol][0]
+        sub_cls = fanout_classes(a)[0]
 
         def factory():
             i = idx[0]
@@ -1323,6 +1716,7 @@ def _fanout_child(a, n, conn, srcs, sample_every, index0, port, path):
             "done", complete, len(clients), sum(c.next_seq for c in clients),
             max((c.last_ns for c in clients), default=0), samples.tobytes(),
             stats.errors, stats.first_errors, stats.lost, round(cpu, 3),
+            sum(getattr(c, "compressed", 0) for c in clients),
         ))
         await read_pipe(conn)  # "close"
         await close_all(clients, 1.0)
@@ -1448,7 +1842,7 @@ def fanout(a, nodes, scenario: str, witness: bool = False) -> dict:
     for pipe in pipes:
         if pipe.poll(max(0.1, deadline - time.monotonic())):
             opened += pipe.recv()[1]
-    sub_cls, pub_cls, _ = PROTOCOLS[a.protocol]
+    sub_cls, pub_cls = fanout_classes(a)
 
     async def publish():
         stats = Stats()
@@ -1460,7 +1854,7 @@ def fanout(a, nodes, scenario: str, witness: bool = False) -> dict:
         pubs = await open_many(
             1,
             lambda: pub_cls(
-                upgrade_request(a.host, port_a, path_a), stats, mask, a.size, samples, window=a.window,
+                upgrade_request(a.host, port_a, path_a, a.deflate), stats, mask, a.size, samples, window=a.window,
                 size=a.size, max_msgs=a.max_messages, deadline_ns=deadline_ns, rate=a.rate,
             ),
             a.host, port_a, stats=stats,
@@ -1516,7 +1910,8 @@ def fanout(a, nodes, scenario: str, witness: bool = False) -> dict:
                 await asyncio.sleep(0.25)
         out = dict(published=published, stats=stats, first_ns=pub.first_ns, samples=samples,
                    wsamples=wsamples, results=results, cpu=cpu_res, workers=workers,
-                   own=[c.next_seq for c in mine], last=[c.last_ns for c in mine])
+                   own=[c.next_seq for c in mine], last=[c.last_ns for c in mine],
+                   extensions=pub.extensions, compressed=sum(getattr(c, "compressed", 0) for c in mine))
         await close_all(mine, 0.5)
         return out, stats
 
@@ -1587,6 +1982,8 @@ def fanout(a, nodes, scenario: str, witness: bool = False) -> dict:
         ]
     if out["workers"]:
         res["worker_connections"] = out["workers"]
+    if a.deflate:
+        res.update(deflate=out["extensions"], received_compressed=out["compressed"] + sum(r[10] for r in results))
     ok = res["opened"] == n_subs and complete == n_subs and published > 0
     return finish(res, stats, ok)
 
@@ -1648,6 +2045,9 @@ def parse_args(argv=None):
     p.add_argument("--settle", type=float, default=0.5, help="memory: settle time before RSS reads")
     p.add_argument("--binary", action="store_true", help="echo/latency: binary instead of text")
     p.add_argument("--raw", action="store_true", help="server echoes raw bytes (our masked frames)")
+    p.add_argument("--deflate", action="store_true",
+                   help="echo/fanout: offer permessage-deflate (fail if declined), send --size-byte JSON ticks "
+                        "compressed, inflate and check every message received")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args(argv)
     for k, v in DEFAULTS[a.scenario].items():
@@ -1658,6 +2058,9 @@ def parse_args(argv=None):
             setattr(a, k, 1)
     if a.path is None:
         a.path = PROTOCOLS[a.protocol][2]
+    if a.deflate and (a.scenario not in ("echo", "fanout") or a.protocol != "ws" or a.raw or a.binary
+                      or a.size < DEFLATE_MIN_SIZE):
+        p.error(f"--deflate: echo or fanout, --protocol ws, text, --size {DEFLATE_MIN_SIZE} or more")
     if a.scenario in ("fanout", "crossnode"):
         low = 32 if a.protocol == "sio" else 16
         if a.size < low or (a.protocol == "sio" and a.size + len(SIO_EVENT) + len(SIO_END) > 125):
@@ -1683,6 +2086,8 @@ def main(argv=None) -> int:
         res = run_crossnode(a)
     else:
         fn = {"echo": run_echo, "latency": run_latency, "large": run_large, "handshake": run_handshake}[a.scenario]
+        if a.deflate:
+            fn = run_deflate_echo
         res = run_loop(fn(a))
     print(json.dumps(res), flush=True)
     return 0 if res.get("ok") else 1
