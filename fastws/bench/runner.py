@@ -277,6 +277,43 @@ def _crossnode_spec(name: str) -> ServerSpec:
                       loadgen_args=["--metrics"])
 
 
+DEFLATE = ["websockets-deflate", "aiohttp-deflate", "uvicorn-websockets-deflate", "node-ws-deflate",
+           "socketify-deflate", "socketify-dedicated-deflate"]
+
+
+def _deflate_spec(name: str) -> ServerSpec:
+    """The relay with permessage-deflate on (the "deflate" suite): fastws
+    --compression (its default: server_no_context_takeover, one compressor
+    per process, a broadcast compressed once) and each peer that has the
+    extension, with its own defaults; picows has no permessage-deflate."""
+    if name == "fastws-deflate":
+        base = _fastws_spec()
+        return ServerSpec("fastws", base.label + " --compression", lambda port: [*base.argv(port), "--compression"],
+                          env=base.env, cwd=base.cwd, skip=base.skip, key=name, suite="deflate")
+    if name == "node-ws-deflate":
+        skip, env = _node_env()
+        js = str(PEERS_DIR / "ws_relay.js")
+        return ServerSpec(name, "Node ws, perMessageDeflate (threshold 0: every message compressed)",
+                          lambda port: ["node", js, str(port), HOST, "deflate"], env=env, skip=skip, suite="deflate")
+    if name.startswith("socketify-"):
+        mode = "dedicated" if "dedicated" in name else "shared"
+        skip = None if importlib.util.find_spec("socketify") else "socketify is not installed (pip install socketify)"
+        what = ("SHARED_COMPRESSOR (one per server, no context takeover)" if mode == "shared"
+                else "DEDICATED_COMPRESSOR (one per connection, context takeover)")
+        return ServerSpec(name, f"socketify (uWebSockets), {what}",
+                          _py("fastws.bench.peers.socketify_relay", "--compression", mode), skip=skip, suite="deflate")
+    peers = {
+        "websockets-deflate": ("websockets (broadcast), compression=\"deflate\"", "websockets_relay", (),
+                               ("websockets",)),
+        "aiohttp-deflate": ("aiohttp, compress=True", "aiohttp_relay", (), ("aiohttp",)),
+        "uvicorn-websockets-deflate": ("uvicorn+starlette, websockets, ws_per_message_deflate=True", "starlette_relay",
+                                       ("--ws", "websockets"), ("uvicorn", "starlette", "websockets")),
+    }
+    label, module, extra, needs = peers[name]
+    return ServerSpec(name, label, _py(f"fastws.bench.peers.{module}", *extra, "--compression"),
+                      skip=_missing(*needs), suite="deflate")
+
+
 #: ``--baseline DIR``: another fastws checkout (built in place) measured as
 #: a peer in the same run, for before/after comparisons of a change.
 BASELINE_DIR: str | None = None
@@ -361,6 +398,8 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
             specs.append(_crossnode_spec(name))
         elif name in BASELINE:
             specs.append(_baseline_spec(name))
+        elif name in ("fastws-deflate", *DEFLATE):
+            specs.append(_deflate_spec(name))
         else:
             raise click.BadParameter(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")
         if name in NEEDS and specs[-1].skip is None:
@@ -370,7 +409,7 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
 
 ASGI_PEERS = ["uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi", "granian-asgi"]
 ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws",
-               "socketify", *ASGI_PEERS, *CROSSNODE[1:], *BASELINE]
+               "socketify", *ASGI_PEERS, *CROSSNODE[1:], *DEFLATE, *BASELINE]
 
 
 def free_port() -> int:
@@ -620,6 +659,26 @@ SCENARIOS = [
              ["--subscribers", "40", "--size", "64", "--duration", "0.2", "--rate", "40"],
              higher_is_better=False, relay=True, fresh=True, suite="crossnode", timeout=240),
 ]
+# permessage-deflate: the relay with compression on (fastws --compression, each peer with the
+# extension: the "deflate" suite); 512-byte JSON ticks (~250 bytes compressed), every one different,
+# sent compressed, inflated and checked byte for byte by the load generator (--deflate).
+SCENARIOS += [
+    Scenario("deflate-echo", "echo", "Compressed echo (permessage-deflate), 64 conns x 16 in flight, 512 B JSON",
+             ["--deflate", "--conns", "64", "--window", "16", "--size", "512", "--duration", "3"],
+             ["--deflate", "--conns", "8", "--window", "4", "--size", "512", "--duration", "0.15", "--warmup", "0.05"],
+             suite="deflate"),
+    Scenario("deflate-fanout-1k", "fanout",
+             "Compressed fan-out (permessage-deflate) to 1,000 subscribers, 512 B JSON, 32 in flight",
+             ["--deflate", "--subscribers", "1000", "--size", "512", "--duration", "3", "--window", "32"],
+             ["--deflate", "--subscribers", "50", "--size", "512", "--duration", "0.15"],
+             relay=True, suite="deflate", timeout=300),
+    Scenario("deflate-fanout-10k", "fanout",
+             "Compressed fan-out (permessage-deflate) to 10,000 subscribers, 512 B JSON, 32 in flight",
+             ["--deflate", "--subscribers", "10000", "--size", "512", "--duration", "3", "--window", "32"],
+             ["--deflate", "--subscribers", "200", "--size", "512", "--duration", "0.15"],
+             relay=True, suite="deflate", timeout=420),
+]
+DEFLATE_SCENARIOS = ("deflate-echo", "deflate-fanout-1k", "deflate-fanout-10k")
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
 
 
@@ -732,6 +791,11 @@ def fmt(v) -> str:
     return f"{v:,.0f}"
 
 
+def _compressed_percent(r: dict) -> float:
+    """deflate-*: the share of the messages received that came compressed (RSV1)."""
+    return 100 * r.get("received_compressed", 0) / (r.get("echoed_total") or r.get("deliveries") or 1)
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     out = [
@@ -778,7 +842,8 @@ def markdown(results: dict) -> str:
             if good:
                 med = lambda k: statistics.median(r[k] for r in good)  # noqa: E731, B023 (used in this iteration)
                 out.append(f"| {name} | {fmt(med('p50_us'))} | {fmt(med('p99_us'))} | {fmt(med('p999_us'))} |")
-    for key in ("fanout-latency", "fanout-1k", "fanout-10k", "fanout-10k-w8"):
+    for key in ("fanout-latency", "fanout-1k", "fanout-10k", "fanout-10k-w8", "deflate-fanout-1k",
+                "deflate-fanout-10k"):
         fo = results["scenarios"].get(key)
         if fo:
             how = "at a fixed rate" if key == "fanout-latency" else "while saturated (queueing included)"
@@ -809,6 +874,26 @@ def markdown(results: dict) -> str:
                 per_worker = ", ".join(f"{w}: {n:,}" for w, n in sorted(workers.items())) if workers else "-"
                 out.append(f"| {name} | {med(lambda r: r['p50_us'])} | {med(lambda r: r['p99_us'])} | {node(0)} | "
                            f"{node(1)} | {med(lambda r: r['deliveries_per_s'])} | {per_worker} |")
+    for key in DEFLATE_SCENARIOS:
+        dsc = results["scenarios"].get(key)
+        if not dsc:
+            continue
+        # the server's CPU per message says what each server needs whoever is the bottleneck; the load
+        # generator's CPU (cores: its parent process + its subscriber processes) says when it is the limit
+        out += ["", f"{key}: server CPU per message, load generator CPU (median over repeats), permessage-deflate "
+                "as the server answered:", "",
+                "| server | server cores | server µs/message | load generator cores | compressed | negotiated |",
+                "|---|---:|---:|---:|---:|---|"]
+        for name, runs in dsc["runs"].items():
+            good = [r for r in runs if r.get("ok") and r.get("value") and r.get("server_cpu") is not None]
+            if not good:
+                continue
+            med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731, B023 (used in this iteration)
+            out.append(f"| {name} | {med(lambda r: r['server_cpu'])} | "
+                       f"{med(lambda r: r['server_cpu'] / r['value'] * 1e6)} | "
+                       f"{med(lambda r: r.get('client_cpu', 0) + sum(r.get('subscriber_procs_cpu', [])))} | "
+                       f"{med(_compressed_percent)}% | "
+                       f"{good[-1].get('deflate')} |")
     if results["skipped"]:
         out += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in results["skipped"].items()]
     return "\n".join(out) + "\n"
@@ -856,7 +941,7 @@ def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
 # ------------------------------------------------------------------- runner
 
 
-FASTWS_SETUPS = ("fastws", "fastws-asgi", "fastws-redis", "fastws-embedded")
+FASTWS_SETUPS = ("fastws", "fastws-asgi", "fastws-redis", "fastws-embedded", "fastws-deflate")
 
 
 def unavailable(specs: list[ServerSpec], asked: set[str], chosen: list) -> list[str]:
@@ -879,11 +964,13 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
     every run passed.  A server the run was asked to measure that cannot
     start here (see :func:`unavailable`; ``asked``: the peers named
     explicitly) makes it exit 2 at once with one line naming it and why."""
-    names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi", "fastws-redis")]
+    names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi", "fastws-redis", "fastws-deflate")]
     if any(s.asgi for s in SCENARIOS if s.name in scenarios):
         names.insert(1, "fastws-asgi")  # the same engine serving the ASGI app (reported as "fastws")
     if any(s.suite == "crossnode" for s in SCENARIOS if s.name in scenarios):
         names.insert(1, "fastws-redis")  # the relay on 2 nodes through Redis (reported as "fastws")
+    if any(s.suite == "deflate" for s in SCENARIOS if s.name in scenarios):
+        names.insert(1, "fastws-deflate")  # the relay with --compression (reported as "fastws")
     specs = server_specs(names)
     skipped = {}
     for s in specs:

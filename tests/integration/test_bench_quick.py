@@ -4,7 +4,7 @@ The smoke mode uses tiny sizes and asserts correctness only (every message
 echoed byte for byte, every subscriber got every broadcast in order, every
 connection upgraded); it never asserts a timing. A peer whose library is not
 installed is skipped by the runner with a line saying so; here only socketify
-(optional, not in ``[bench]``) may be. The cross-node scenarios need the test
+(optional, not in ``[bench]``: also its compressed setups) may be. The cross-node scenarios need the test
 Redis, ``$FASTWS_TEST_REDIS`` (``.ci/run`` starts it), given to the bench
 with ``--redis-url``.
 """
@@ -53,7 +53,7 @@ def test_bench_quick(tmp_path):
     skipped = results["skipped"]
     assert "fastws" not in skipped, skipped
     # every peer of the [bench] extra must run; socketify is optional (not in [bench])
-    assert set(skipped) <= {"socketify"}, skipped
+    assert set(skipped) <= {"socketify", "socketify-deflate", "socketify-dedicated-deflate"}, skipped
 
     from fastws.bench.runner import SCENARIO_NAMES
 
@@ -99,6 +99,22 @@ def test_bench_quick(tmp_path):
                 else:
                     assert len(set(r["nodes"])) == 2, (name, server, r)
                     assert all(n > 0 for n in r["subscribers_per_node"]), (name, server, r)
+    # permessage-deflate: the relay with compression on (fastws --compression and each peer that has
+    # it; picows has none). Every client offered the extension, the server accepted it (recorded as
+    # answered), every message came back compressed and was inflated and checked byte for byte.
+    deflate_peers = {"fastws", "websockets-deflate", "aiohttp-deflate", "uvicorn-websockets-deflate", "node-ws-deflate",
+                     "socketify-deflate", "socketify-dedicated-deflate"} - set(skipped)
+    for name in ("deflate-echo", "deflate-fanout-1k", "deflate-fanout-10k"):
+        sc = results["scenarios"][name]
+        assert set(sc["runs"]) == deflate_peers, (name, set(sc["runs"]))
+        assert "--compression" in sc["servers"]["fastws"]["label"], sc["servers"]["fastws"]
+        for server, rs in sc["runs"].items():
+            for r in rs:
+                assert r["deflate"].startswith("permessage-deflate"), (name, server, r)
+                got = r["echoed_total"] if name == "deflate-echo" else r["deliveries"]
+                assert r["received_compressed"] == got > 0, (name, server, r)
+                if server == "fastws":  # the default: no server context takeover
+                    assert "server_no_context_takeover" in r["deflate"], (name, r)
     assert list(tmp_path.glob("quick-*.md")), report
     assert list(tmp_path.glob("quick-*-echo.png")), report
 
