@@ -293,7 +293,7 @@ def _deflate_spec(name: str) -> ServerSpec:
     if name == "node-ws-deflate":
         skip, env = _node_env()
         js = str(PEERS_DIR / "ws_relay.js")
-        return ServerSpec(name, "Node ws, perMessageDeflate (threshold 0: every message compressed)",
+        return ServerSpec(name, "Node ws, perMessageDeflate: true (context takeover)",
                           lambda port: ["node", js, str(port), HOST, "deflate"], env=env, skip=skip, suite="deflate")
     if name.startswith("socketify-"):
         mode = "dedicated" if "dedicated" in name else "shared"
