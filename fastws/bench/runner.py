@@ -65,7 +65,9 @@ class ServerSpec:
     asgi: bool = False  # serves fastws.bench.peers.asgi_apps (the asgi-* scenarios), nothing else
     key: str | None = None  # key among the running servers (default: name; fastws has several setups)
     paths: dict = field(default_factory=dict)  # scenario name -> --path for the load generator
-    suite: str = ""  # which scenarios it serves: "ws" (the relay), "asgi", "crossnode"
+    # which scenarios it serves: "ws" (the relay), "asgi", "crossnode", "sio" (the Socket.IO relay, one
+    # process), "sio-crossnode" (the Socket.IO relay on 2 nodes); several separated by "|"
+    suite: str = ""
     # crossnode suite: processes started together (node A, node B); argv is then
     # (port, channel) -> list, channel being a fresh Redis channel/prefix per start
     nodes: int = 0
@@ -83,13 +85,15 @@ def _py(module: str, *extra: str):
     return lambda port: [sys.executable, "-m", module, "--host", HOST, "--port", str(port), *extra]
 
 
-def _node_env() -> tuple[str | None, dict]:
-    """Find node and the ws module: NODE_PATH, ./node_modules, npm root -g."""
+def _node_env(*modules: str) -> tuple[str | None, dict]:
+    """Find node and the npm ``modules`` (default: ws): NODE_PATH, ./node_modules,
+    fastws/bench/peers/node_modules (``npm ci`` there), npm root -g."""
+    modules = modules or ("ws",)
     node = shutil.which("node")
     if not node:
         return "node is not installed", {}
     paths = [p for p in os.environ.get("NODE_PATH", "").split(os.pathsep) if p]
-    paths.append(str(Path.cwd() / "node_modules"))
+    paths += [str(Path.cwd() / "node_modules"), str(PEERS_DIR / "node_modules")]
     npm = shutil.which("npm")
     if npm:
         try:
@@ -99,15 +103,17 @@ def _node_env() -> tuple[str | None, dict]:
         except (OSError, subprocess.TimeoutExpired):
             pass
     env = {"NODE_PATH": os.pathsep.join(paths)}
-    try:
-        r = subprocess.run(
-            [node, "-e", "require.resolve('ws')"], env={**os.environ, **env},
-            capture_output=True, timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"node failed: {e}", {}
-    if r.returncode != 0:
-        return "the npm module 'ws' is not found (npm install ws, or set NODE_PATH)", {}
+    for module in modules:
+        try:
+            r = subprocess.run(
+                [node, "-e", f"require.resolve({module!r})"], env={**os.environ, **env},
+                capture_output=True, timeout=20,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"node failed: {e}", {}
+        if r.returncode != 0:
+            return (f"the npm module '{module}' is not found (npm ci in {PEERS_DIR}, npm install {module}, "
+                    "or set NODE_PATH)"), {}
     return None, env
 
 
@@ -261,10 +267,11 @@ def _crossnode_spec(name: str) -> ServerSpec:
     if name == "socketio-redis":
         argv = lambda port, channel: [  # noqa: E731
             sys.executable, "-m", "fastws.bench.peers.socketio_relay", "--host", HOST, "--port", str(port),
-            "--redis", REDIS_URL, "--channel", channel]
-        return ServerSpec(name, f"python-socketio AsyncServer (aiohttp) + AsyncRedisManager({REDIS_URL}) x 2 nodes",
+            "--redis", REDIS_URL, "--channel", channel, "--ping-interval", "300", "--ping-timeout", "300"]
+        return ServerSpec(name, f"python-socketio AsyncServer (aiohttp) + AsyncRedisManager({REDIS_URL}) x 2 nodes, "
+                          "pings every 300 s",
                           argv, skip=_missing("socketio", "engineio", "aiohttp", "uvloop") or _redis_skip(),
-                          suite="crossnode", nodes=2, loadgen_args=["--protocol", "sio"])
+                          suite="crossnode|sio-crossnode", nodes=2, loadgen_args=["--protocol", "sio"])
     base = _fastws_spec()
     app = _relay_app()[0]
     if name == "fastws-redis":
@@ -275,6 +282,51 @@ def _crossnode_spec(name: str) -> ServerSpec:
     return ServerSpec(name, f"fastws ({app}) --workers 2, embedded broker (no Redis)", argv, env=base.env,
                       cwd=base.cwd, skip=base.skip, suite="crossnode", nodes=1, workers=2,
                       loadgen_args=["--metrics"])
+
+
+SIO = ["socketio", "node-socketio"]
+SIO_CROSSNODE = ["fastws-sio-redis", "node-socketio-redis"]  # and socketio-redis (also in CROSSNODE)
+SIO_APP = "fastws.bench.peers.sio_fastws:app"
+
+
+def _sio_spec(name: str) -> ServerSpec:
+    """The Socket.IO relay (every client in room ``relay``; ``msg`` to the room,
+    ``echo`` answered through its ack) on fastws.socketio, python-socketio and
+    Node's socket.io: one process each ("sio"), or 2 nodes sharing rooms
+    through Redis ("sio-crossnode")."""
+    limits = ["--host", HOST, "--max-message-size", str(16 * 1024 * 1024), "--log-level", "warning"]
+    serve = [sys.executable, "-m", "fastws.cli.main", "serve", SIO_APP, *limits]
+    skip = _fastws_spec().skip
+    proto = ["--protocol", "sio"]
+    js = str(PEERS_DIR / "socketio_relay.js")
+    if name == "fastws-sio":
+        return ServerSpec("fastws", f"fastws ({SIO_APP}, fastws.socketio)",
+                          lambda port: [*serve, "--port", str(port)], skip=skip, key=name, suite="sio",
+                          loadgen_args=proto)
+    if name == "fastws-sio-redis":
+        argv = lambda port, channel: [*serve, "--port", str(port), "--broker", REDIS_URL,  # noqa: E731
+                                      "--broker-prefix", channel]
+        return ServerSpec("fastws", f"fastws ({SIO_APP}) x 2 nodes, --broker {REDIS_URL}", argv,
+                          skip=skip or _redis_skip(), key=name, suite="sio-crossnode", nodes=2, loadgen_args=proto)
+    if name == "socketio":
+        # Engine.IO pings every 300 s, as the fastws and Node relays: with the defaults (25 s, 20 s to
+        # answer) python-socketio closes members of a room of 10,000 whose pong waits behind its own
+        # backlog of deliveries, and the run fails
+        argv = lambda port: [sys.executable, "-m", "fastws.bench.peers.socketio_relay", "--host", HOST,  # noqa: E731
+                             "--port", str(port), "--redis", "none", "--server", "uvicorn",
+                             "--ping-interval", "300", "--ping-timeout", "300"]
+        return ServerSpec(name, "python-socketio AsyncServer on uvicorn (websockets, uvloop, httptools), "
+                          "pings every 300 s", argv,
+                          skip=_missing("socketio", "engineio", "uvicorn", "websockets", "uvloop", "httptools"),
+                          suite="sio", loadgen_args=proto)
+    if name == "node-socketio":
+        skip, env = _node_env("socket.io")
+        return ServerSpec(name, "Node socket.io", lambda port: ["node", js, str(port), HOST], env=env, skip=skip,
+                          suite="sio", loadgen_args=proto)
+    skip, env = _node_env("socket.io", "@socket.io/redis-adapter", "redis")
+    argv = lambda port, channel: ["node", js, str(port), HOST, REDIS_URL, channel]  # noqa: E731
+    return ServerSpec(name, f"Node socket.io + @socket.io/redis-adapter({REDIS_URL}) x 2 nodes", argv, env=env,
+                      skip=skip or _redis_skip(), suite="sio-crossnode", nodes=2, loadgen_args=proto)
 
 
 DEFLATE = ["websockets-deflate", "aiohttp-deflate", "uvicorn-websockets-deflate", "node-ws-deflate",
@@ -396,10 +448,12 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
             specs.append(_asgi_peer_spec(name))
         elif name in CROSSNODE:
             specs.append(_crossnode_spec(name))
-        elif name in BASELINE:
-            specs.append(_baseline_spec(name))
+        elif name in ("fastws-sio", *SIO, *SIO_CROSSNODE):
+            specs.append(_sio_spec(name))
         elif name in ("fastws-deflate", *DEFLATE):
             specs.append(_deflate_spec(name))
+        elif name in BASELINE:
+            specs.append(_baseline_spec(name))
         else:
             raise click.BadParameter(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")
         if name in NEEDS and specs[-1].skip is None:
@@ -409,7 +463,7 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
 
 ASGI_PEERS = ["uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi", "granian-asgi"]
 ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws",
-               "socketify", *ASGI_PEERS, *CROSSNODE[1:], *DEFLATE, *BASELINE]
+               "socketify", *ASGI_PEERS, *CROSSNODE[1:], *SIO, SIO_CROSSNODE[1], *DEFLATE, *BASELINE]
 
 
 def free_port() -> int:
@@ -585,14 +639,15 @@ class Scenario:
     timeout: float = 180.0
     asgi: bool = False  # served by the ASGI servers (fastws.bench.peers.asgi_apps) only
     path: str | None = None  # --path for the load generator (a server's own `paths` wins)
-    suite: str = ""  # the servers it runs on (ServerSpec.suite): "ws", "asgi" or "crossnode"
+    suite: str = ""  # the servers it runs on (ServerSpec.suite): "ws", "asgi", "crossnode", "sio", "sio-crossnode"
+    module: str = "fastws.bench.loadgen"  # the load generator (same command line, one JSON line on stdout)
 
     def __post_init__(self) -> None:
         if not self.suite:
             self.suite = "asgi" if self.asgi else "ws"
 
     def runs_on(self, spec: ServerSpec) -> bool:
-        if self.suite != spec.suite:
+        if self.suite not in spec.suite.split("|"):
             return False
         return not (self.relay and spec.raw)
 
@@ -659,6 +714,34 @@ SCENARIOS = [
              ["--subscribers", "40", "--size", "64", "--duration", "0.2", "--rate", "40"],
              higher_is_better=False, relay=True, fresh=True, suite="crossnode", timeout=240),
 ]
+# Socket.IO: the same relay on fastws.socketio, python-socketio and Node's socket.io, every client a
+# raw Engine.IO v4 / Socket.IO v5 client on a WebSocket (no Socket.IO library on the client side);
+# an event is 42["msg","<64 characters>"] (76 bytes on the wire), sent to the whole room.
+SCENARIOS += [
+    Scenario("sio-fanout-1k", "fanout", "Socket.IO fan-out to a room of 1,000, 64-character events, 32 in flight",
+             ["--subscribers", "1000", "--size", "64", "--duration", "3", "--window", "32"],
+             ["--subscribers", "50", "--size", "64", "--duration", "0.15"], relay=True, suite="sio", timeout=240),
+    Scenario("sio-fanout-10k", "fanout", "Socket.IO fan-out to a room of 10,000, 64-character events, 32 in flight",
+             ["--subscribers", "10000", "--size", "64", "--duration", "3", "--window", "32"],
+             ["--subscribers", "200", "--size", "64", "--duration", "0.15"], relay=True, suite="sio", timeout=420),
+    Scenario("sio-ackecho", "ackecho", "Socket.IO echo with ack, 64 conns x 16 in flight, 32 characters",
+             ["--conns", "64", "--window", "16", "--size", "32", "--duration", "3"],
+             ["--conns", "8", "--window", "4", "--size", "32", "--duration", "0.15", "--warmup", "0.05"],
+             suite="sio", module="fastws.bench.sio"),
+    Scenario("sio-memory", "memory", "Socket.IO idle memory per connection (namespace / joined), K = 10,000",
+             ["--conns", "10000"], ["--conns", "200", "--settle", "0"], higher_is_better=False, fresh=True,
+             timeout=300, suite="sio", module="fastws.bench.sio"),
+    Scenario("sio-crossnode", "crossnode",
+             "Socket.IO room across 2 nodes via Redis, 2,000 members, 64-character events",
+             ["--subscribers", "2000", "--size", "64", "--duration", "3"],
+             ["--subscribers", "40", "--size", "64", "--duration", "0.2"],
+             relay=True, fresh=True, suite="sio-crossnode", timeout=300),
+    Scenario("sio-crossnode-10k", "crossnode",
+             "Socket.IO room across 2 nodes via Redis, 10,000 members, 64-character events",
+             ["--subscribers", "10000", "--size", "64", "--duration", "3"],
+             ["--subscribers", "100", "--size", "64", "--duration", "0.2"],
+             relay=True, fresh=True, suite="sio-crossnode", timeout=420),
+]
 # permessage-deflate: the relay with compression on (fastws --compression, each peer with the
 # extension: the "deflate" suite); 512-byte JSON ticks (~250 bytes compressed), every one different,
 # sent compressed, inflated and checked byte for byte by the load generator (--deflate). Inflating
@@ -687,7 +770,7 @@ SCENARIO_NAMES = [s.name for s in SCENARIOS]
 
 
 def run_loadgen(sc: Scenario, server: RunningServer, quick: bool, seed: int) -> dict:
-    argv = [sys.executable, "-m", "fastws.bench.loadgen", sc.kind, "--host", HOST, "--port", str(server.port),
+    argv = [sys.executable, "-m", sc.module, sc.kind, "--host", HOST, "--port", str(server.port),
             "--server-pid", str(server.pid), "--seed", str(seed), *(sc.quick if quick else sc.full)]
     if server.spec.raw:
         argv.append("--raw")
@@ -736,7 +819,7 @@ def environment(specs: list[ServerSpec]) -> dict:
         "fastws", "uvloop", "websockets", "aiohttp", "picows", "wsproto", "uvicorn", "starlette",
         "socketify", "httptools", "click", "matplotlib", "Cython", "hypercorn", "granian", "h11",
         "python-socketio", "python-engineio", "redis", "hiredis")}
-    if any(s.suite == "crossnode" and not s.skip for s in specs):
+    if any("crossnode" in s.suite and not s.skip for s in specs):
         versions["redis-server"] = _redis_version()
     node = next((s for s in specs if s.name == "node-ws"), None)
     if shutil.which("node"):
@@ -846,8 +929,8 @@ def markdown(results: dict) -> str:
             if good:
                 med = lambda k: statistics.median(r[k] for r in good)  # noqa: E731, B023 (used in this iteration)
                 out.append(f"| {name} | {fmt(med('p50_us'))} | {fmt(med('p99_us'))} | {fmt(med('p999_us'))} |")
-    for key in ("fanout-latency", "fanout-1k", "fanout-10k", "fanout-10k-w8", "deflate-fanout-1k",
-                "deflate-fanout-10k"):
+    for key in ("fanout-latency", "fanout-1k", "fanout-10k", "fanout-10k-w8", "sio-fanout-1k", "sio-fanout-10k",
+                "deflate-fanout-1k", "deflate-fanout-10k"):
         fo = results["scenarios"].get(key)
         if fo:
             how = "at a fixed rate" if key == "fanout-latency" else "while saturated (queueing included)"
@@ -858,7 +941,7 @@ def markdown(results: dict) -> str:
                 if good:
                     out.append(f"| {name} | {fmt(statistics.median(r['p50_us'] for r in good))} | "
                                f"{fmt(statistics.median(r['p99_us'] for r in good))} |")
-    for key in ("crossnode", "crossnode-latency"):
+    for key in ("crossnode", "crossnode-latency", "sio-crossnode", "sio-crossnode-10k"):
         cn = results["scenarios"].get(key)
         if cn:
             how = "at a fixed rate" if key == "crossnode-latency" else "while saturated (8 in flight)"
@@ -945,7 +1028,8 @@ def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
 # ------------------------------------------------------------------- runner
 
 
-FASTWS_SETUPS = ("fastws", "fastws-asgi", "fastws-redis", "fastws-embedded", "fastws-deflate")
+FASTWS_SETUPS = ("fastws", "fastws-asgi", "fastws-redis", "fastws-embedded", "fastws-sio", "fastws-sio-redis",
+                 "fastws-deflate")
 
 
 def unavailable(specs: list[ServerSpec], asked: set[str], chosen: list) -> list[str]:
@@ -968,12 +1052,18 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
     every run passed.  A server the run was asked to measure that cannot
     start here (see :func:`unavailable`; ``asked``: the peers named
     explicitly) makes it exit 2 at once with one line naming it and why."""
-    names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi", "fastws-redis", "fastws-deflate")]
-    if any(s.asgi for s in SCENARIOS if s.name in scenarios):
+    names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi", "fastws-redis", "fastws-sio",
+                                                       "fastws-sio-redis", "fastws-deflate")]
+    suites = {s.suite for s in SCENARIOS if s.name in scenarios}
+    if "asgi" in suites:
         names.insert(1, "fastws-asgi")  # the same engine serving the ASGI app (reported as "fastws")
-    if any(s.suite == "crossnode" for s in SCENARIOS if s.name in scenarios):
+    if "crossnode" in suites:
         names.insert(1, "fastws-redis")  # the relay on 2 nodes through Redis (reported as "fastws")
-    if any(s.suite == "deflate" for s in SCENARIOS if s.name in scenarios):
+    if "sio" in suites:
+        names.insert(1, "fastws-sio")  # the Socket.IO relay on fastws.socketio (reported as "fastws")
+    if "sio-crossnode" in suites:
+        names.insert(1, "fastws-sio-redis")  # ... on 2 nodes through Redis (reported as "fastws")
+    if "deflate" in suites:
         names.insert(1, "fastws-deflate")  # the relay with --compression (reported as "fastws")
     specs = server_specs(names)
     skipped = {}
@@ -1101,8 +1191,9 @@ def _split(value: str | None, known: list[str], what: str) -> list[str]:
               help="Redis of the cross-node scenarios (a loopback host; keys and channels carry a "
                    "per-run prefix); env FASTWS_BENCH_REDIS")
 @click.option("--clients", is_flag=True,
-              help="compare the Python clients instead (fastws.client, websockets, picows, aiohttp: echo "
-                   "msg/s against one fastws server; the room client's resume cost with --redis-url)")
+              help="compare the Python clients instead (fastws.client, websockets, picows, aiohttp and two "
+                   "raw-socket ceilings: echo msg/s and CPU per message against one fastws server; with "
+                   "--redis-url the room client's resume cost and a live message's latency, Streams vs pub/sub)")
 @click.option("--baseline", "baseline", default=None, type=click.Path(file_okay=False, exists=True),
               help="another fastws checkout, built in place: measured as the peers base, base-asgi, "
                    "base-redis and base-embedded (--vs base,...) for a before/after comparison in one run")
@@ -1119,7 +1210,7 @@ def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, base
                                    repeat=repeat))
     if clients:
         client_bench.run(repeat=repeat, n=2000 if quick else 20000, redis_url=redis_url or None,
-                         missed=100 if quick else 1000, out=out)
+                         missed=100 if quick else 1000, out=out, live_n=200 if quick else 2000)
         return
     if list_:
         click.echo("servers: " + ", ".join(ALL_SERVERS))

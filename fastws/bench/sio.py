@@ -203,13 +203,14 @@ async def ackecho(a) -> dict:
         drained = True
     except asyncio.TimeoutError:
         drained = False
+    lost = sum(1 for c in clients if c.closed or c.error is not None)
     for c in clients:
         c.transport.abort()
     rate = (acks1 - acks0) / (t1 - t0)
-    ok = not errors and stats["bad"] == 0 and drained and len(clients) == a.conns
+    ok = not errors and stats["bad"] == 0 and drained and len(clients) == a.conns and not lost
     res = {"scenario": "sio-ackecho", "value": round(rate), "unit": "acks/s", "conns": a.conns,
            "window": a.window, "size": a.size, "opened": len(clients), "bad": stats["bad"],
-           "drained": drained, "ok": ok}
+           "errors": len(errors) + stats["bad"], "lost_connections": lost, "drained": drained, "ok": ok}
     first = errors[:3] + ([stats["first_bad"]] if stats["first_bad"] else [])
     if first:
         res["first_errors"] = first
@@ -234,7 +235,8 @@ async def memory(a) -> dict:
     per = (rss1 - rss0) / max(1, len(clients))
     res = {"scenario": "sio-memory", "value": round(per), "unit": "bytes/conn", "kib_per_conn": round(per / 1024, 2),
            "conns": a.conns, "opened": len(clients), "alive": alive, "rss_before": rss0, "rss_after": rss1,
-           "open_seconds": round(t_open, 3), "ok": not errors and alive == a.conns}
+           "open_seconds": round(t_open, 3), "errors": len(errors), "lost_connections": len(clients) - alive,
+           "ok": not errors and alive == a.conns}
     if errors:
         res["first_errors"] = errors[:3]
     return res
@@ -254,6 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--server-pid", type=int, default=0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--path", help="ignored: Socket.IO is at /socket.io/")
+    p.add_argument("--protocol", choices=("sio",), default="sio",
+                   help="accepted for the runner's sake: these clients speak Socket.IO only")
     a = p.parse_args(argv)
     if a.host not in ("127.0.0.1", "localhost") and not a.host.startswith("127."):
         p.error("--host: the load goes to the loopback host only")

@@ -6,7 +6,9 @@ connection upgraded); it never asserts a timing. A peer whose library is not
 installed is skipped by the runner with a line saying so; here only socketify
 (optional, not in ``[bench]``: also its compressed setups) may be. The cross-node scenarios need the test
 Redis, ``$FASTWS_TEST_REDIS`` (``.ci/run`` starts it), given to the bench
-with ``--redis-url``.
+with ``--redis-url``; the Node peers need ``ws`` (tests/integration/node) and
+``socket.io`` with its Redis adapter (``npm ci`` in fastws/bench/peers, which
+``.ci/run`` does).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def test_bench_quick(tmp_path):
                     assert r["subscribers_complete"] == r["subscribers"], r
                 elif r["scenario"] in ("memory", "handshake"):
                     assert r["opened"] == r["conns" if r["scenario"] == "memory" else "requested"], r
+                elif r["scenario"] == "sio-ackecho":
+                    assert r["opened"] == r["conns"] and r["bad"] == 0 and r["drained"] and r["value"] > 0, r
+                elif r["scenario"] == "sio-memory":
+                    assert r["opened"] == r["alive"] == r["conns"], r
     # ASGI scenarios: the same Starlette app (fastws.bench.peers.asgi_apps) on every ASGI server;
     # fastws broadcasts through fastws.asgi.rooms, the others through FastAPI's ConnectionManager.
     for name in ("asgi-echo", "asgi-broadcast", "asgi-memory"):
@@ -99,6 +105,23 @@ def test_bench_quick(tmp_path):
                 else:
                     assert len(set(r["nodes"])) == 2, (name, server, r)
                     assert all(n > 0 for n in r["subscribers_per_node"]), (name, server, r)
+    # Socket.IO: the same relay on fastws.socketio, python-socketio (uvicorn) and Node's socket.io, one
+    # process each; and on 2 nodes through Redis (fastws --broker, AsyncRedisManager, the Node Redis
+    # adapter). Every load generator client spoke Engine.IO/Socket.IO and got every event in order.
+    for name in ("sio-fanout-1k", "sio-fanout-10k", "sio-ackecho", "sio-memory"):
+        runs = results["scenarios"][name]["runs"]
+        assert set(runs) == {"fastws", "socketio", "node-socketio"}, (name, set(runs))
+    for name in ("sio-crossnode", "sio-crossnode-10k"):
+        runs = results["scenarios"][name]["runs"]
+        assert set(runs) == {"fastws", "socketio-redis", "node-socketio-redis"}, (name, set(runs))
+        for server, rs in runs.items():
+            for r in rs:
+                assert r["subscribers_complete"] == r["subscribers"] == r["opened"], (name, server, r)
+                assert len(set(r["nodes"])) == 2 and all(n > 0 for n in r["subscribers_per_node"]), (name, r)
+    for name in ("sio-fanout-1k", "sio-fanout-10k", "sio-crossnode", "sio-crossnode-10k"):
+        for server, rs in results["scenarios"][name]["runs"].items():
+            assert all(r["protocol"] == "sio" for r in rs), (name, server, rs)
+    assert "fastws.socketio" in results["scenarios"]["sio-ackecho"]["servers"]["fastws"]["label"]
     # permessage-deflate: the relay with compression on (fastws --compression and each peer that has
     # it; picows has none). Every client offered the extension, the server accepted it (recorded as
     # answered), every message came back compressed and was inflated and checked byte for byte.

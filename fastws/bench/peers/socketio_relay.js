@@ -1,7 +1,7 @@
 // The Socket.IO relay on Node's socket.io server (npm), the same app as socketio_relay.py
 // and sio_fastws.py.  Usage: node socketio_relay.js PORT [HOST] [REDIS_URL CHANNEL]
 // With REDIS_URL: @socket.io/redis-adapter (pub/sub) shares rooms between nodes.
-// WebSocket transport only, no compression; every client joins "relay" on connect,
+// WebSocket transport only, no compression, pings every 300 s; every client joins "relay" on connect,
 // a "msg" event goes to the whole room (sender included), "echo" answers its ack.
 'use strict';
 const { Server } = require('socket.io');
@@ -17,7 +17,10 @@ async function start() {
   const server = http.createServer();
   const io = new Server(server, {
     transports: ['websocket'], perMessageDeflate: false, httpCompression: false,
-    maxHttpBufferSize: 16 * 1024 * 1024, serveClient: false });
+    maxHttpBufferSize: 16 * 1024 * 1024, serveClient: false,
+    // pings every 300 s, as the other relays of fastws bench (a saturated run queues seconds of
+    // deliveries ahead of a ping's answer)
+    pingInterval: 300000, pingTimeout: 300000 });
   if (redisUrl) {
     const { createClient } = require('redis');
     const { createAdapter } = require('@socket.io/redis-adapter');
