@@ -12,11 +12,21 @@ other, ``repeat`` times, alternating, and the median is kept:
   reconnects; the time from its new connection to the last replayed message
   (needs ``--redis-url``; skipped without Redis).
 
+* ``live``: the extra latency of a live room message with the Streams
+  broker against pub/sub: two nodes on the loopback Redis (``redis://``,
+  then ``redis+streams://``), a room client publishing on node A at a fixed
+  rate and a room client subscribed on each node; publish-to-receive p50/p99
+  per node (needs ``--redis-url``).
+
 Clients: ``fastws`` (``fastws.connect``, ``await recv``), ``fastws-cb``
 (``fastws.connect(on_message=...)``: a plain call per message), ``websockets``
 (``websockets.asyncio.client``), ``picows`` (its listener callbacks),
-``aiohttp`` (``ws_connect``).  A client whose package is missing is skipped
-and named.  ``python -m fastws.bench.clients`` runs it too.
+``aiohttp`` (``ws_connect``).  Two ceilings that are no WebSocket client at
+all: ``raw-loop`` (a uvloop protocol writing one prebuilt masked frame and
+counting the echoed bytes, no parsing) and ``raw-blocking`` (the same on a
+blocking socket, no event loop): what any Python client on this machine can
+reach at most.  A client whose package is missing is skipped and named.
+``python -m fastws.bench.clients`` runs it too.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ from pathlib import Path
 import fastws
 from fastws.client import Backoff, RoomClient
 
-CLIENTS = ("fastws", "fastws-cb", "websockets", "picows", "aiohttp")
+CLIENTS = ("fastws", "fastws-cb", "websockets", "picows", "aiohttp", "raw-loop", "raw-blocking")
+CEILINGS = ("raw-loop", "raw-blocking")
 MODES = ("pingpong", "pipelined")
 MESSAGE = "x" * 32
 WINDOW = 100
@@ -180,6 +191,95 @@ async def _picows(url: str, mode: str, n: int) -> tuple[float, float]:
         transport.disconnect()
 
 
+def _raw_frames(url: str) -> tuple[str, int, bytes, bytes, int]:
+    """(host, port, upgrade request, one masked 32 B text frame, the echo's size)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    request = (f"GET {u.path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    payload, mask = MESSAGE.encode(), b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return host, port, request, bytes([0x81, 0x80 | len(payload)]) + mask + masked, 2 + len(payload)
+
+
+async def _raw_loop(url: str, mode: str, n: int) -> tuple[float, float]:
+    """The ceiling of a client on the event loop: the upgrade by hand, then one
+    prebuilt frame (or WINDOW of them in one write) per echo awaited, the echoed
+    bytes counted, never parsed."""
+    host, port, request, frame, echo = _raw_frames(url)
+    loop = asyncio.get_running_loop()
+    done, upgraded = loop.create_future(), loop.create_future()
+    batch = frame * WINDOW
+
+    class Raw(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.head, self.pending, self.left = b"", 0, n
+
+        def connection_made(self, transport) -> None:
+            self.t = transport
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport.write(request)
+
+        def data_received(self, data: bytes) -> None:
+            if not upgraded.done():
+                self.head += data
+                if b"\r\n\r\n" in self.head:
+                    upgraded.set_result(self.head.startswith(b"HTTP/1.1 101"))
+                return
+            self.pending += len(data)
+            want = echo if mode == "pingpong" else echo * WINDOW
+            while self.pending >= want:
+                self.pending -= want
+                self.left -= 1 if mode == "pingpong" else WINDOW
+                if self.left <= 0:
+                    if not done.done():
+                        done.set_result(None)
+                    return
+                self.t.write(frame if mode == "pingpong" else batch)
+
+    transport, proto = await loop.create_connection(Raw, host, port)
+    try:
+        if not await upgraded:
+            raise RuntimeError("upgrade refused")
+        t0, c0 = time.perf_counter(), time.process_time()
+        transport.write(frame if mode == "pingpong" else batch)
+        await done
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        transport.abort()
+
+
+async def _raw_blocking(url: str, mode: str, n: int) -> tuple[float, float]:
+    """The ceiling without an event loop: the same bytes on a blocking socket."""
+    host, port, request, frame, echo = _raw_frames(url)
+    sock = socket.create_connection((host, port))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError("upgrade refused")
+        out, want = (frame, echo) if mode == "pingpong" else (frame * WINDOW, echo * WINDOW)
+        recv_into, buf = sock.recv_into, bytearray(want)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n if mode == "pingpong" else n // WINDOW):
+            sock.sendall(out)
+            got = 0
+            while got < want:
+                k = recv_into(memoryview(buf)[got:])
+                if not k:
+                    raise RuntimeError("closed by the server")
+                got += k
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        sock.close()
+
+
 #: the server of the resume measurement: the room protocol and a publish route
 app = fastws.App()
 rooms = app.rooms_endpoint("/rt", history_limit=100_000)
@@ -194,9 +294,9 @@ def _publish(request):
 
 
 RUNNERS = {"fastws": _fastws, "fastws-cb": _fastws_cb, "websockets": _websockets, "picows": _picows,
-           "aiohttp": _aiohttp}
+           "aiohttp": _aiohttp, "raw-loop": _raw_loop, "raw-blocking": _raw_blocking}
 PACKAGES = {"fastws": "fastws", "fastws-cb": "fastws", "websockets": "websockets", "picows": "picows",
-            "aiohttp": "aiohttp"}
+            "aiohttp": "aiohttp", "raw-loop": "uvloop", "raw-blocking": "socket"}
 
 
 async def _resume(url: str, http: str, missed: int) -> dict:
@@ -223,11 +323,52 @@ async def _resume(url: str, http: str, missed: int) -> dict:
     return {"seconds": t_end - t_connected, "connect_seconds": t_connected - t0, "messages": len(got)}
 
 
+async def _live(url_a: str, url_b: str, n: int, rate: float) -> dict:
+    """``n`` room messages published on node A at ``rate`` per second (each
+    carrying its send time), received by a subscriber on node A and one on
+    node B: publish-to-receive latencies per node, µs."""
+    lat: dict[str, list[float]] = {"a": [], "b": []}
+    room = "bench-live"
+
+    def handler(node: str):
+        def on(message) -> None:
+            lat[node].append((time.perf_counter_ns() - int(message.data)) / 1000)
+        return on
+
+    subs = [await RoomClient(u, backoff=Backoff(0.01, 0.02), ping_interval=None) for u in (url_a, url_b)]
+    for node, client in zip("ab", subs, strict=True):
+        await client.subscribe(room, handler(node))
+    pub = await RoomClient(url_a, backoff=Backoff(0.01, 0.02), ping_interval=None)
+    await pub.publish(room, str(time.perf_counter_ns()))     # the path is live on both nodes
+    deadline = time.monotonic() + 10
+    while min(len(v) for v in lat.values()) < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    for v in lat.values():
+        v.clear()
+    t0 = time.perf_counter()
+    for i in range(n):
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        await pub.publish(room, str(time.perf_counter_ns()), ack=False)
+    deadline = time.monotonic() + 10
+    while min(len(v) for v in lat.values()) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    for client in (*subs, pub):
+        await client.close()
+
+    def pct(v: list[float], q: float) -> float:
+        v = sorted(v)
+        return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
+
+    return {node: {"received": len(v), "p50_us": pct(v, 0.5), "p99_us": pct(v, 0.99)} for node, v in lat.items()}
+
+
 def _child(args) -> None:
     import uvloop
 
     if args.client == "resume":
         result = uvloop.run(_resume(args.url, args.http, args.n))
+    elif args.client == "live":
+        result = uvloop.run(_live(args.url, args.http, args.n, args.rate))
     else:
         elapsed, cpu = uvloop.run(RUNNERS[args.client](args.url, args.mode, args.n))
         result = {"msgs_per_s": args.n / elapsed, "seconds": elapsed, "cpu_us_per_msg": cpu / args.n * 1e6}
@@ -296,8 +437,32 @@ def _available(client: str) -> bool:
     return True
 
 
+def _live_runs(redis_url: str, repeat: int, n: int, rate: float = 500.0) -> dict:
+    """The ``live`` measurement on 2 nodes per broker kind, the kinds alternated."""
+    kinds = {"pubsub": redis_url, "streams": redis_url.replace("redis://", "redis+streams://", 1)}
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for rep in range(repeat):
+        for kind, url in kinds.items():
+            prefix = f"bench-live-{os.getpid()}-{kind}-{rep}"
+            nodes = [_start_server("fastws.bench.clients:app", "--broker", url, "--broker-prefix", prefix)
+                     for _ in range(2)]
+            try:
+                runs[kind].append(_run_child("--client", "live", "--url", f"ws://127.0.0.1:{nodes[0][1]}/rt",
+                                             "--http", f"ws://127.0.0.1:{nodes[1][1]}/rt", "--n", str(n),
+                                             "--rate", str(rate)))
+            finally:
+                for proc, _ in nodes:
+                    proc.terminate()
+                    proc.wait(10)
+                _delete_keys(redis_url, prefix)
+    med = {kind: {node: {q: statistics.median(r[node][q] for r in rs) for q in ("p50_us", "p99_us")}
+                  for node in ("a", "b")} for kind, rs in runs.items()}
+    complete = all(r[node]["received"] == n for rs in runs.values() for r in rs for node in ("a", "b"))
+    return {"messages": n, "rate": rate, "median": med, "complete": complete, "runs": runs}
+
+
 def run(clients=CLIENTS, modes=MODES, repeat: int = 3, n: int = 20000, redis_url: str | None = None,
-        missed: int = 1000, out: Path | None = None) -> dict:
+        missed: int = 1000, out: Path | None = None, live_n: int = 2000) -> dict:
     """Measure; print a table; write JSON to ``out`` when given.  Returns the results."""
     results: dict = {"n": n, "repeat": repeat, "window": WINDOW, "message_bytes": len(MESSAGE), "modes": {},
                      "skipped": {}}
@@ -337,6 +502,7 @@ def run(clients=CLIENTS, modes=MODES, repeat: int = 3, n: int = 20000, redis_url
             proc.terminate()
             proc.wait(10)
             _delete_keys(redis_url, prefix)
+        results["live"] = _live_runs(redis_url, repeat, live_n)
     print(table(results))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -355,11 +521,23 @@ def table(results: dict) -> str:
         for c, r in sorted(by_client.items(), key=lambda kv: -kv[1]["median"]):
             ratio = f"{r['median'] / base:.2f}x" if base else "-"
             cpu_ratio = f"{base_cpu / r['cpu_us_per_msg']:.2f}x" if base_cpu and r["cpu_us_per_msg"] else "-"
-            lines.append(f"| {mode} | {c} | {r['median']:,.0f} | {ratio} | {r['cpu_us_per_msg']:.2f} | {cpu_ratio} |")
+            name = f"{c} (ceiling, no WebSocket client)" if c in CEILINGS else c
+            lines.append(f"| {mode} | {name} | {r['median']:,.0f} | {ratio} | {r['cpu_us_per_msg']:.2f} | "
+                         f"{cpu_ratio} |")
     if "resume" in results:
         r = results["resume"]
         lines += ["", f"resume: {r['missed']} missed messages replayed in {r['median_seconds'] * 1000:.1f} ms "
                       f"(median; from the new connection to the last message)"]
+    if "live" in results:
+        lv = results["live"]
+        lines += ["", f"live room messages, {lv['messages']} at {lv['rate']:.0f}/s published on node A, "
+                      "publish-to-receive µs (median of runs):", "",
+                      "| broker | p50 node A | p99 node A | p50 node B | p99 node B |", "|---|---:|---:|---:|---:|"]
+        for kind, m in lv["median"].items():
+            lines.append(f"| {kind} | {m['a']['p50_us']:,.0f} | {m['a']['p99_us']:,.0f} | {m['b']['p50_us']:,.0f} | "
+                         f"{m['b']['p99_us']:,.0f} |")
+        if not lv["complete"]:
+            lines.append("INCOMPLETE: a subscriber missed live messages (see the runs)")
     for c, why in results["skipped"].items():
         lines.append(f"skipped {c}: {why}")
     return "\n".join(lines)
@@ -373,6 +551,7 @@ def main(argv=None) -> None:
     p.add_argument("--url", default="")
     p.add_argument("--http", default="")
     p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--rate", type=float, default=500.0, help=argparse.SUPPRESS)
     p.add_argument("--clients", default=",".join(CLIENTS))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--repeat", type=int, default=3)
