@@ -213,7 +213,8 @@ class Config:
     # -- scale-out (fastws.broker) ------------------------------------------------
     broker: str = knob("", "Broker URL for rooms across workers and nodes: redis://host:port/db, "
                        "rediss://..., redis+streams://host:port/db (no loss over short outages, room history), "
-                       "redis+cluster://host:port[,host:port], unix:///path.sock, "
+                       "redis+cluster://host:port[,host:port], redis+sentinel://host:port[,host:port]/service[/db] "
+                       "(follows a Sentinel failover), unix:///path.sock, "
                        "memory:// (empty: rooms are local to the process; with --workers an "
                        "embedded broker joins the workers).", kind="str")
     broker_prefix: str = knob("", "Prefix of the broker's channel names (several apps on one Redis).",
@@ -699,7 +700,7 @@ def _networks(value: str) -> Any:
 
 
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s'\"]*):[^\s'\"]*@")   # up to the last @
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pass|pwd|token|secret)=)[^&#\s]*")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:\w*_)?(?:password|passwd|pass|pwd|token|secret)=)[^&#\s]*")
 
 
 def mask_url(text: str) -> str:

@@ -14,6 +14,9 @@ One contract, :class:`Broker`, several backends chosen by URL
                                     over a short outage, history
                                     (:mod:`fastws.broker.streams`; ``rediss+streams://``
                                     for TLS)
+``redis+sentinel://s:p[,s:p]/svc``  Redis pub/sub on the master Redis Sentinel names,
+                                    followed through a failover
+                                    (:mod:`fastws.broker.sentinel`)
 ``package.module.Class``            your own class, called as ``Class(url, **opts)``
 ==================================  ====================================================
 
@@ -89,6 +92,7 @@ from .cluster import ClusterBroker
 from .embedded import EmbeddedBroker, parse_unix_url
 from .memory import MemoryBroker
 from .redis import RedisBroker
+from .sentinel import SentinelBroker
 from .streams import StreamsBroker
 from .wire import MAGIC, VERSION, channel_name, pack_envelope, unpack_envelope
 
@@ -102,7 +106,8 @@ __all__ = [
 
 BROKER_URL_FORMS = ("memory://[name]", "unix:///path.sock", "redis://[user:password@]host:port/db",
                     "rediss://...", "redis+streams://host:port/db[?maxlen=N&block=S&count=N&ttl=S]",
-                    "redis+cluster://host:port[,host:port]", "package.module.Class")
+                    "redis+cluster://host:port[,host:port]",
+                    "redis+sentinel://sentinel:port[,sentinel:port]/service[/db]", "package.module.Class")
 
 
 def create_broker(url: str | None = None, **opts) -> Broker:
@@ -126,6 +131,8 @@ def create_broker(url: str | None = None, **opts) -> Broker:
         return ClusterBroker(url, **opts)
     if scheme in ("redis+streams", "rediss+streams"):
         return StreamsBroker(url, **opts)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return SentinelBroker(url, **opts)
     if scheme == "unix":
         return EmbeddedBroker(parse_unix_url(url), **opts)
     if not scheme and "." in url and all(part.isidentifier() for part in url.split(".")):

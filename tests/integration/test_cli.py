@@ -189,6 +189,8 @@ BAD_BROKERS = [
     ("rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent.pem", "ssl_ca_certs '/nonexistent.pem' is not a readable"),
     ("redis+cluster://127.0.0.1:7000,127.0.0.1:x", "port 'x' of seed '127.0.0.1:x'"),
     ("redis+cluster://127.0.0.1:7000/2", "unexpected path '/2'"),
+    ("redis+sentinel://127.0.0.1:26379", "no service name"),
+    ("redis+sentinel://127.0.0.1:26379,127.0.0.1:x/mymaster", "port 'x' of Sentinel '127.0.0.1:x'"),
     ("unix://relative.sock", "socket path 'relative.sock' is not absolute"),
     ("unix:///tmp/x.sock?mode=1", "unexpected options"),
     ("memory://bus?x=1", "unexpected ? after the bus name"),
