@@ -425,10 +425,10 @@ class Config:
                 raise ConfigError("region", self.region, "a region name (letters, digits, '.', '_', '-', "
                                   "at most 64) when region_peers is set")
             scheme = self.broker.split("://", 1)[0].lower() if "://" in self.broker else ""
-            if scheme not in ("redis", "rediss"):
+            if scheme not in ("redis", "rediss", "redis+sentinel", "rediss+sentinel"):
                 raise ConfigError("region_peers", mask_url(self.region_peers), "unset unless broker is a "
-                                  "redis:// or rediss:// URL: it is this region's Redis, whose pub/sub "
-                                  "carries what other regions send")
+                                  "redis://, rediss:// or redis+sentinel:// URL: it is this region's Redis, "
+                                  "whose pub/sub carries what other regions send")
         if self.gateway_token is not None and self.gateway.split("://", 1)[0].lower() not in ("http", "https"):
             raise ConfigError("gateway_token", "********", "unset unless gateway is an http:// or https:// "
                               "URL: a Streams backend is reached through Redis")
@@ -642,7 +642,9 @@ def parse_region_peers(value: str) -> dict[str, str]:
     """``{name: redis URL}`` of a ``region_peers`` value
     (``name=redis://host:port/db,...``); ValueError naming the bad pair."""
     peers: dict[str, str] = {}
-    for pair in (p.strip() for p in value.split(",")):
+    # a pair starts after a comma followed by "name=" (a redis+sentinel:// URL
+    # has commas of its own, between its Sentinels)
+    for pair in (p.strip() for p in re.split(r",(?=\s*[A-Za-z0-9._-]+=)", value)):
         if not pair:
             continue
         name, eq, url = pair.partition("=")
@@ -650,11 +652,19 @@ def parse_region_peers(value: str) -> dict[str, str]:
         if not eq or not _REGION_NAME.match(name):
             raise ValueError(f"{pair!r}: not name=redis-url")
         u = urlsplit(url)
-        if u.scheme.lower() not in ("redis", "rediss") or not u.hostname:
-            raise ValueError(f"{name}: not a redis:// or rediss:// URL")
-        _ = u.port                # ValueError for a port that is not a number
-        if u.path.strip("/") and not u.path.strip("/").isdigit():
-            raise ValueError(f"{name}: the database is not a number")
+        if u.scheme.lower() in ("redis+sentinel", "rediss+sentinel"):
+            if not u.netloc.rpartition("@")[2] or not u.path.strip("/"):
+                raise ValueError(f"{name}: a redis+sentinel:// URL names its Sentinels and the service")
+        elif u.scheme.lower() not in ("redis", "rediss") or not u.hostname:
+            raise ValueError(f"{name}: not a redis://, rediss:// or redis+sentinel:// URL")
+        else:
+            try:
+                _ = u.port
+            except ValueError:
+                raise ValueError(f"{name}: the port of {mask_url(url)!r} is not a number (pairs are "
+                                 "name=redis-url, separated by commas)") from None
+            if u.path.strip("/") and not u.path.strip("/").isdigit():
+                raise ValueError(f"{name}: the database is not a number")
         if name in peers:
             raise ValueError(f"{name}: named twice")
         peers[name] = url

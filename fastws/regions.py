@@ -1,7 +1,9 @@
 """Regions: users in several regions reach each other; each region runs alone.
 
-A *region* is a group of nodes sharing one Redis (their broker, ``redis://``
-or ``rediss://``).  Every region has its own Redis: nothing on the message
+A *region* is a group of nodes sharing one Redis (their broker, ``redis://``,
+``rediss://``, or ``redis+sentinel://`` for a Redis that Sentinel fails over:
+every link of this module then asks the Sentinels for the master, again after
+each lost connection).  Every region has its own Redis: nothing on the message
 path is shared between regions.  A node is told its region (``region``) and
 the other regions with the address of their Redis (``region_peers``).
 
@@ -129,7 +131,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .broker.redis import RespConn, open_conn, parse_redis_url
+from .broker.redis import RespConn
+from .broker.sentinel import is_sentinel_url, open_url, parse_sentinel_url
 from .broker.wire import channel_name, pack_envelope, pack_room_message
 from .config import Config, mask_url, parse_region_peers
 from .frames import PRIORITY_NORMAL
@@ -235,10 +238,21 @@ def redis_client(url: str, timeout: float) -> Any:
     the callers retry, and tell an unreachable region apart)."""
     try:
         import redis.asyncio as aioredis
+        from redis.asyncio.sentinel import Sentinel
         from redis.backoff import NoBackoff
         from redis.retry import Retry
     except ImportError:
         raise ImportError(f"regions need the redis package: {INSTALL_HINT}") from None
+    if is_sentinel_url(url):
+        # the master its Sentinels name, asked again when a connection fails
+        # (redis-py's Sentinel client): the region follows a failover
+        sentinels, service, o = parse_sentinel_url(url)
+        sentinel = Sentinel(sentinels, socket_timeout=timeout, socket_connect_timeout=timeout,  # type: ignore[no-untyped-call]
+                            sentinel_kwargs={"password": o["sentinel_password"], "socket_timeout": timeout,
+                                             "socket_connect_timeout": timeout})
+        return sentinel.master_for(service, db=o["db"], username=o["username"], password=o["password"],
+                                   socket_timeout=timeout, socket_connect_timeout=timeout,
+                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
     return aioredis.from_url(url.split("?", 1)[0], socket_timeout=timeout, socket_connect_timeout=timeout,
                              retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
@@ -309,6 +323,9 @@ class Regions:
         self.publish_local = publish_local
         self.peers = {name: Peer(name, url) for name, url in parse_region_peers(config.region_peers).items()
                       if name != self.region}
+        for peer in self.peers.values():
+            if is_sentinel_url(peer.url):
+                parse_sentinel_url(peer.url)    # checked whole at startup (BrokerURLError names the part)
         self.local: Any = None                  # redis.asyncio client of this region's Redis
         self.local_up = False
         self.local_problem = "not started"
@@ -533,9 +550,7 @@ class Regions:
         answers matched in order (see the module docstring)."""
         conn = self._conns.get(name)
         if conn is None or conn.closed:
-            o = parse_redis_url(self.local_url)
-            conn = self._conns[name] = await open_conn(o["host"], o["port"], ssl=o["ssl"], username=o["username"],
-                                                       password=o["password"], db=o["db"], timeout=5.0)
+            conn = self._conns[name] = await open_url(self.local_url, 5.0)
         return conn
 
     def _local_failed(self, exc: BaseException) -> None:
@@ -650,9 +665,7 @@ class Regions:
     async def _peer_conn(self, peer: Peer) -> RespConn:
         conn = peer.conn
         if conn is None or conn.closed:
-            o = parse_redis_url(peer.url)
-            conn = peer.conn = await open_conn(o["host"], o["port"], ssl=o["ssl"], username=o["username"],
-                                               password=o["password"], db=o["db"], timeout=PEER_TIMEOUT)
+            conn = peer.conn = await open_url(peer.url, PEER_TIMEOUT)
         return conn
 
     @staticmethod

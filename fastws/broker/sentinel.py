@@ -28,11 +28,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..config import mask_url
 from ..errors import BrokerURLError
-from .redis import URL_OPTIONS, RedisBroker, ReplyError, open_conn, tls_context, url_options
+from .redis import (
+    URL_OPTIONS,
+    RedisBroker,
+    ReplyError,
+    RespConn,
+    open_conn,
+    parse_redis_url,
+    tls_context,
+    url_options,
+)
 
 log = logging.getLogger("fastws.broker")
 
@@ -103,6 +113,66 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def is_sentinel_url(url: str) -> bool:
+    """True for a ``redis+sentinel://`` or ``rediss+sentinel://`` URL."""
+    return url.split("://", 1)[0].lower() in ("redis+sentinel", "rediss+sentinel")
+
+
+async def master_address(sentinels: list[tuple[str, int]], service: str, *, ssl: Any = None,
+                         password: str | None = None, timeout: float = 2.0) -> tuple[str, int]:
+    """The master of ``service`` as the first Sentinel that knows it names it
+    (asked in turn); :class:`NoMasterError` saying what each answered otherwise."""
+    problems = []
+    for host, port in sentinels:
+        try:
+            conn = await open_conn(host, port, ssl=ssl, password=password, timeout=timeout)
+        except (OSError, asyncio.TimeoutError, ReplyError, ConnectionError) as exc:
+            problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            continue
+        try:
+            r = await asyncio.wait_for(conn.send("SENTINEL", "get-master-addr-by-name", service), timeout)
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            continue
+        finally:
+            conn.close()
+        if isinstance(r, list) and len(r) == 2:
+            return _text(r[0]), int(_text(r[1]))
+        problems.append(f"{host}:{port}: {r!r}" if isinstance(r, ReplyError)
+                        else f"{host}:{port}: does not know the service {service!r}")
+    raise NoMasterError("no Sentinel named a master: " + "; ".join(problems))
+
+
+async def open_master(url: str, timeout: float = 2.0) -> tuple[RespConn, tuple[str, int]]:
+    """A connection to the master of the ``redis+sentinel://`` ``url``
+    (authenticated, its database selected, checked with ``ROLE``) and its
+    address; :class:`NoMasterError` when there is none (yet)."""
+    sentinels, service, o = parse_sentinel_url(url)
+    host, port = await master_address(sentinels, service, ssl=o["ssl"], password=o["sentinel_password"],
+                                      timeout=timeout)
+    conn = await open_conn(host, port, ssl=o["ssl"], username=o["username"], password=o["password"], db=o["db"],
+                           timeout=timeout)
+    try:
+        role = await asyncio.wait_for(conn.send("ROLE"), timeout)
+    except BaseException:
+        conn.close()
+        raise
+    if not (isinstance(role, list) and role and _text(role[0]) == "master"):
+        conn.close()
+        raise NoMasterError(f"{host}:{port}, named master by the Sentinels, is not a master (yet)")
+    return conn, (host, port)
+
+
+async def open_url(url: str, timeout: float = 2.0) -> RespConn:
+    """A connection to the Redis of ``url``: ``redis://`` / ``rediss://``
+    directly, ``redis+sentinel://`` to the master its Sentinels name."""
+    if is_sentinel_url(url):
+        return (await open_master(url, timeout))[0]
+    o = parse_redis_url(url)
+    return await open_conn(o["host"], o["port"], ssl=o["ssl"], username=o["username"], password=o["password"],
+                           db=o["db"], timeout=timeout)
+
+
 class SentinelBroker(RedisBroker):
     """Redis pub/sub on the master that Redis Sentinel names (see the module doc)."""
 
@@ -122,49 +192,13 @@ class SentinelBroker(RedisBroker):
         self.conn_opts = sentinel_opts
         self.master: tuple[str, int] | None = None   # the address of the last master connected to
 
-    async def _master_address(self) -> tuple[str, int]:
-        """Ask the Sentinels in turn; the first one that names the master wins."""
-        o = self.conn_opts
-        problems = []
-        for host, port in self.sentinels:
-            try:
-                conn = await open_conn(host, port, ssl=o["ssl"], password=self.sentinel_password,
-                                       timeout=self.connect_timeout)
-            except (OSError, asyncio.TimeoutError, ReplyError, ConnectionError) as exc:
-                problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
-                continue
-            try:
-                r = await asyncio.wait_for(conn.send("SENTINEL", "get-master-addr-by-name", self.service),
-                                           self.connect_timeout)
-            except (asyncio.TimeoutError, ConnectionError) as exc:
-                problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
-                continue
-            finally:
-                conn.close()
-            if isinstance(r, list) and len(r) == 2:
-                return _text(r[0]), int(_text(r[1]))
-            problems.append(f"{host}:{port}: {r!r}" if isinstance(r, ReplyError)
-                            else f"{host}:{port}: does not know the service {self.service!r}")
-        raise NoMasterError("no Sentinel named a master: " + "; ".join(problems))
-
     async def _connect(self):
-        host, port = await self._master_address()
-        o = self.conn_opts
-        conn = await open_conn(host, port, ssl=o["ssl"], username=o["username"], password=o["password"],
-                               db=o["db"], timeout=self.connect_timeout)
-        try:
-            role = await asyncio.wait_for(conn.send("ROLE"), self.connect_timeout)
-        except BaseException:
-            conn.close()
-            raise
-        if not (isinstance(role, list) and role and _text(role[0]) == "master"):
-            conn.close()
-            raise NoMasterError(f"{host}:{port}, named master by the Sentinels, is not a master (yet)")
-        if self.master != (host, port):
+        conn, address = await open_master(self.url, self.connect_timeout)
+        if self.master != address:
             if self.master is not None:
-                log.warning("fastws: broker %s: the master is now %s:%d (was %s:%d)", self.safe_url, host, port,
+                log.warning("fastws: broker %s: the master is now %s:%d (was %s:%d)", self.safe_url, *address,
                             *self.master)
-            self.master = (host, port)
+            self.master = address
         return conn
 
     def _count_result(self, fut) -> None:
@@ -181,4 +215,5 @@ class SentinelBroker(RedisBroker):
             self._pub.close()                    # on_lost: the links are served no more, reconnect
 
 
-__all__ = ["SentinelBroker", "parse_sentinel_url", "SENTINEL_URL_FORM", "NoMasterError"]
+__all__ = ["SentinelBroker", "parse_sentinel_url", "SENTINEL_URL_FORM", "NoMasterError", "is_sentinel_url",
+           "master_address", "open_master", "open_url"]

@@ -11,92 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
 
 import pytest
 
-from brokerutil import OwnRedis, free_port, redis_available, redis_cli, run, wait_for
+from brokerutil import SERVICE, free_port, redis_cli, run, sentinel_group_start, sentinel_group_stop, wait_for
 from fastws.broker import BrokerURLError, PublishError, create_broker
 from fastws.broker.sentinel import SentinelBroker
 
 K = ("", "room")
-SERVICE = "fastws-test"
-
-
-class Sentinels:
-    """Three Sentinels watching ``master_port`` as SERVICE (quorum 2)."""
-
-    def __init__(self, master_port: int, n: int = 3) -> None:
-        self.dir = tempfile.mkdtemp(prefix="fastws-sentinel-")
-        self.ports, self.procs = [], []
-        for i in range(n):
-            port = free_port()
-            conf = os.path.join(self.dir, f"sentinel-{i}.conf")
-            with open(conf, "w") as f:
-                f.write(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
-                        f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2\n"
-                        f"sentinel down-after-milliseconds {SERVICE} 1000\n"
-                        f"sentinel failover-timeout {SERVICE} 6000\n"
-                        f"sentinel parallel-syncs {SERVICE} 1\n")
-            self.procs.append(subprocess.Popen(["redis-server", conf, "--sentinel"],
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            self.ports.append(port)
-        deadline = time.monotonic() + 15
-        for port in self.ports:
-            while not redis_available("127.0.0.1", port):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"Sentinel on port {port} did not start")
-                time.sleep(0.05)
-
-    def url(self, db: int = 0) -> str:
-        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}/{db}"
-
-    def master(self) -> str:
-        return redis_cli(self.ports[0], "SENTINEL", "get-master-addr-by-name", SERVICE)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
 def sentinel_group():
-    if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed (bash .ci/run installs it)")
-    master = OwnRedis()
-    replica = OwnRedis("--replicaof", "127.0.0.1", str(master.port))
-    deadline = time.monotonic() + 15
-    while "master_link_status:up" not in replica.cli("INFO", "replication"):
-        if time.monotonic() > deadline:
-            pytest.fail("the replica did not sync with the master")
-        time.sleep(0.05)
-    sentinels = Sentinels(master.port)
-    # every Sentinel has found the replica (it is what they promote)
-    deadline = time.monotonic() + 20
-    while any(f"127.0.0.1:{replica.port}" not in
-              redis_cli(p, "SENTINEL", "replicas", SERVICE).replace("\n", ":") for p in sentinels.ports):
-        if time.monotonic() > deadline:
-            pytest.fail("the Sentinels did not discover the replica")
-        time.sleep(0.1)
+    group = sentinel_group_start()
     try:
-        yield master, replica, sentinels
+        yield group
     finally:
-        sentinels.stop()
-        replica.stop()
-        master.stop()
+        sentinel_group_stop(*group)
 
 
 def test_sentinel_url_is_checked_at_creation():
