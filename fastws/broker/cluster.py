@@ -21,12 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from ..config import mask_url
 from ..errors import BrokerURLError, PublishError
 from .base import Broker, backoff_delay
-from .redis import ACK_TIMEOUT, URL_OPTIONS, RedisBroker, ReplyError, is_auth_error, open_conn, tls_context, url_options
+from .redis import (
+    ACK_TIMEOUT,
+    URL_OPTIONS,
+    RedisBroker,
+    ReplyError,
+    is_auth_error,
+    open_conn,
+    parse_hosts,
+    tls_context,
+    url_options,
+)
 from .wire import key_slot
 
 log = logging.getLogger("fastws.broker")
@@ -51,29 +61,8 @@ def parse_cluster_url(url: str):
     if u.path.strip("/"):
         raise BrokerURLError(safe, f"unexpected path {u.path!r}",
                              f"a cluster has only database 0: expected {CLUSTER_URL_FORM}")
-    opts = {"username": None, "password": None,
-            "ssl": tls_context(url, u.scheme.lower().startswith("rediss"), q)}
-    userinfo, _, hosts = u.netloc.rpartition("@")
-    if userinfo:
-        user, _, password = userinfo.partition(":")
-        opts["username"] = unquote(user) or None
-        opts["password"] = unquote(password) or None
-    seeds = []
-    for part in hosts.split(","):
-        part = part.strip()
-        if part.startswith("["):                   # [v6]:port
-            host, _, port = part[1:].partition("]")
-            port = port[1:] if port.startswith(":") else ""
-        else:
-            host, sep, port = part.rpartition(":")
-            if not sep:
-                host, port = port, ""
-        if not host:
-            raise BrokerURLError(safe, f"seed {part!r} has no host", f"expected {CLUSTER_URL_FORM}")
-        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise BrokerURLError(safe, f"port {port!r} of seed {part!r} is not a port number 1..65535",
-                                 f"expected {CLUSTER_URL_FORM}")
-        seeds.append((host, int(port) if port else 6379))
+    creds, seeds = parse_hosts(url, "seed", 6379, CLUSTER_URL_FORM)
+    opts = {**creds, "ssl": tls_context(url, u.scheme.lower().startswith("rediss"), q)}
     return seeds, opts
 
 

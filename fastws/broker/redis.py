@@ -335,6 +335,38 @@ def tls_context(url: str, tls: bool, q: dict):
     return ctx
 
 
+def parse_hosts(url: str, what: str, default_port: int, form: str) -> tuple[dict, list[tuple[str, int]]]:
+    """The userinfo (``username``, ``password``) and the comma-separated
+    ``host[:port]`` list (``[v6]:port`` too) of a URL that names several
+    servers (cluster seeds, Sentinels); each host and port is checked and a
+    bad one raises :class:`~fastws.errors.BrokerURLError` naming the
+    ``what`` ("seed", "Sentinel") it belongs to."""
+    safe = mask_url(url)
+    creds: dict = {"username": None, "password": None}
+    userinfo, _, hosts = urlsplit(url).netloc.rpartition("@")
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        creds["username"] = unquote(user) or None
+        creds["password"] = unquote(password) or None
+    out = []
+    for part in hosts.split(","):
+        part = part.strip()
+        if part.startswith("["):                   # [v6]:port
+            host, _, port = part[1:].partition("]")
+            port = port[1:] if port.startswith(":") else ""
+        else:
+            host, sep, port = part.rpartition(":")
+            if not sep:
+                host, port = port, ""
+        if not host:
+            raise BrokerURLError(safe, f"{what} {part!r} has no host", f"expected {form}")
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise BrokerURLError(safe, f"port {port!r} of {what} {part!r} is not a port number 1..65535",
+                                 f"expected {form}")
+        out.append((host, int(port) if port else default_port))
+    return creds, out
+
+
 def parse_redis_url(url: str, options: dict = URL_OPTIONS, form: str = URL_FORM) -> dict:
     """host, port, db, username, password, ssl context of a redis:// URL.
 

@@ -39,6 +39,7 @@ from .redis import (
     ReplyError,
     RespConn,
     open_conn,
+    parse_hosts,
     parse_redis_url,
     tls_context,
     url_options,
@@ -82,30 +83,9 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict]:
     raw_db = parts[1] if len(parts) == 2 else "0"
     if not (raw_db.isascii() and raw_db.isdigit()):
         raise BrokerURLError(safe, f"database {raw_db!r} is not a number", f"expected {SENTINEL_URL_FORM}")
-    opts: dict = {"username": None, "password": None, "db": int(raw_db),
-                  "ssl": tls_context(url, scheme.startswith("rediss"), q),
+    creds, sentinels = parse_hosts(url, "Sentinel", SENTINEL_PORT, SENTINEL_URL_FORM)
+    opts: dict = {**creds, "db": int(raw_db), "ssl": tls_context(url, scheme.startswith("rediss"), q),
                   "sentinel_password": q.get("sentinel_password") or None}
-    userinfo, _, hosts = u.netloc.rpartition("@")
-    if userinfo:
-        user, _, password = userinfo.partition(":")
-        opts["username"] = unquote(user) or None
-        opts["password"] = unquote(password) or None
-    sentinels = []
-    for part in hosts.split(","):
-        part = part.strip()
-        if part.startswith("["):                   # [v6]:port
-            host, _, port = part[1:].partition("]")
-            port = port[1:] if port.startswith(":") else ""
-        else:
-            host, sep, port = part.rpartition(":")
-            if not sep:
-                host, port = port, ""
-        if not host:
-            raise BrokerURLError(safe, f"Sentinel {part!r} has no host", f"expected {SENTINEL_URL_FORM}")
-        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise BrokerURLError(safe, f"port {port!r} of Sentinel {part!r} is not a port number 1..65535",
-                                 f"expected {SENTINEL_URL_FORM}")
-        sentinels.append((host, int(port) if port else SENTINEL_PORT))
     return sentinels, service, opts
 
 

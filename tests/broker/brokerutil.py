@@ -24,6 +24,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pytest
 
+from fastws.broker import PublishError
+
 REDIS_URL = os.environ.get("FASTWS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 STREAMS_URL = REDIS_URL.replace("redis://", "redis+streams://", 1).replace("rediss://", "rediss+streams://", 1)
 _U = urlsplit(REDIS_URL)
@@ -322,3 +324,70 @@ def sentinel_group_stop(master: OwnRedis, replica: OwnRedis, sentinels: Sentinel
     sentinels.stop()
     replica.stop()
     master.stop()
+
+
+async def publish_until_one_arrives(pub, key, got: list, timeout: float = 40.0) -> int:
+    """After a failover: ``pub`` publishes ``after-<i>`` to ``key`` every
+    0.2 s until one of them is in ``got`` (bounded); the publishes that
+    failed meanwhile (PublishError: no master yet), counted."""
+    failed, i = 0, 0
+    deadline = time.monotonic() + timeout
+    while not any(p.startswith(b"after") for p in got):
+        assert time.monotonic() < deadline, (pub.state, pub.problem, failed)
+        i += 1
+        try:
+            await pub.publish(key, b"after-%d" % i)
+        except PublishError:
+            failed += 1
+        await asyncio.sleep(0.2)
+    return failed
+
+
+def start_cluster(n: int, replicas: int = 0, node_timeout: int = 3000, *extra: str):
+    """A Redis Cluster of ``n`` ``redis-server`` processes on free ports
+    (``replicas`` per master), state ok; ``(ports, {port: process}, workdir)``
+    for :func:`stop_cluster`."""
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.fail("redis-server / redis-cli not installed (bash .ci/run installs them)")
+    workdir = tempfile.mkdtemp(prefix="fastws-cluster-")
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port(bus=True)
+        if p not in ports:
+            ports.append(p)
+    procs = {p: subprocess.Popen(
+        ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+         "--cluster-config-file", f"nodes-{p}.conf", "--cluster-node-timeout", str(node_timeout),
+         "--save", "", "--appendonly", "no", "--dir", workdir, "--logfile", f"redis-{p}.log", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports}
+    try:
+        deadline = time.monotonic() + 15
+        for p in ports:
+            while "PONG" not in redis_cli(p, "PING"):
+                assert time.monotonic() < deadline, f"redis-server on {p} did not start"
+                time.sleep(0.05)
+        out = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                              "--cluster-replicas", str(replicas), "--cluster-yes"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        deadline = time.monotonic() + 45
+        for p in ports:
+            while "cluster_state:ok" not in redis_cli(p, "CLUSTER", "INFO"):
+                assert time.monotonic() < deadline, "cluster did not become ok"
+                time.sleep(0.1)
+    except BaseException:
+        stop_cluster(procs, workdir)
+        raise
+    return ports, procs, workdir
+
+
+def stop_cluster(procs: dict, workdir: str) -> None:
+    for pr in procs.values():
+        if pr.poll() is None:
+            pr.terminate()
+    for pr in procs.values():
+        try:
+            pr.wait(10)
+        except subprocess.TimeoutExpired:
+            pr.kill()
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -35,11 +32,11 @@ from brokerutil import (
     RUN_PREFIX,
     STREAMS_URL,
     delete_keys,
-    free_port,
     need_redis,
     new_prefix,
     redis_available,
-    redis_cli,
+    start_cluster,
+    stop_cluster,
 )
 
 BACKENDS = ["memory", "embedded", "redis", "streams", "cluster"]
@@ -55,43 +52,11 @@ def _leave_redis_as_found():
 
 @pytest.fixture(scope="session")
 def redis_cluster():
-    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
-        pytest.fail("redis-server / redis-cli not installed (bash .ci/run installs them)")
-    workdir = tempfile.mkdtemp(prefix="fastws-cluster-")
-    ports = []
-    while len(ports) < 3:
-        p = free_port(bus=True)
-        if p not in ports:
-            ports.append(p)
-    procs = [subprocess.Popen(
-        ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", f"nodes-{p}.conf", "--cluster-node-timeout", "3000",
-         "--save", "", "--appendonly", "no", "--dir", workdir, "--logfile", f"redis-{p}.log"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+    ports, procs, workdir = start_cluster(3)
     try:
-        deadline = time.monotonic() + 15
-        for p in ports:
-            while "PONG" not in redis_cli(p, "PING"):
-                assert time.monotonic() < deadline, f"redis-server on {p} did not start"
-                time.sleep(0.05)
-        out = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                              "--cluster-replicas", "0", "--cluster-yes"],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
-        for p in ports:
-            while "cluster_state:ok" not in redis_cli(p, "CLUSTER", "INFO"):
-                assert time.monotonic() < deadline + 30, "cluster did not become ok"
-                time.sleep(0.1)
         yield [("127.0.0.1", p) for p in ports]
     finally:
-        for pr in procs:
-            pr.terminate()
-        for pr in procs:
-            try:
-                pr.wait(10)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_cluster(procs, workdir)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -9,70 +9,33 @@ subscription: a message published after the failover arrives.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
 
 import pytest
 from redis.crc import key_slot
 
-from brokerutil import free_port, new_prefix, redis_cli, run, wait_for
-from fastws.broker import PublishError, channel_name, create_broker
+from brokerutil import new_prefix, publish_until_one_arrives, redis_cli, run, start_cluster, stop_cluster, wait_for
+from fastws.broker import channel_name, create_broker
 
 K = ("", "failover-room")
 
 
 @pytest.fixture
 def replicated_cluster():
-    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
-        pytest.fail("redis-server / redis-cli not installed (bash .ci/run installs them)")
-    workdir = tempfile.mkdtemp(prefix="fastws-cluster-ha-")
-    ports: list[int] = []
-    while len(ports) < 6:
-        p = free_port(bus=True)
-        if p not in ports:
-            ports.append(p)
-    procs = {p: subprocess.Popen(
-        ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", f"nodes-{p}.conf", "--cluster-node-timeout", "1000",
-         "--repl-diskless-sync-delay", "0", "--cluster-replica-validity-factor", "0",
-         "--save", "", "--appendonly", "no", "--dir", workdir, "--logfile", f"redis-{p}.log"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports}
+    ports, procs, workdir = start_cluster(6, 1, 1000, "--repl-diskless-sync-delay", "0",
+                                          "--cluster-replica-validity-factor", "0")
     try:
-        deadline = time.monotonic() + 15
-        for p in ports:
-            while "PONG" not in redis_cli(p, "PING"):
-                assert time.monotonic() < deadline, f"redis-server on {p} did not start"
-                time.sleep(0.05)
-        out = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                              "--cluster-replicas", "1", "--cluster-yes"],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
-        deadline = time.monotonic() + 40
-        for p in ports:
-            while "cluster_state:ok" not in redis_cli(p, "CLUSTER", "INFO"):
-                assert time.monotonic() < deadline, "cluster did not become ok"
-                time.sleep(0.1)
         # every replica has synced with its master (a replica that never did is not promoted)
+        deadline = time.monotonic() + 30
         for p in ports:
             while _role(p) != "master" and "master_link_status:up" not in redis_cli(p, "INFO", "replication"):
                 assert time.monotonic() < deadline, f"replica {p} did not sync"
                 time.sleep(0.1)
         yield ports, procs
     finally:
-        for pr in procs.values():
-            if pr.poll() is None:
-                pr.terminate()
-        for pr in procs.values():
-            try:
-                pr.wait(10)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_cluster(procs, workdir)
 
 
 def _role(port: int) -> str:
@@ -119,16 +82,7 @@ def test_cluster_failover_keeps_subscription_without_restart(replicated_cluster)
                            "a replica promoted for the slot")
             new_owner = _owner(others[0], slot)
             assert _role(new_owner) == "master"
-            failed, i = 0, 0
-            deadline = time.monotonic() + 40
-            while not any(p.startswith(b"after") for p in got):
-                assert time.monotonic() < deadline, (a.state, b.state, a.problem, b.problem, failed)
-                i += 1
-                try:
-                    await a.publish(K, b"after-%d" % i)
-                except PublishError:
-                    failed += 1
-                await asyncio.sleep(0.2)
+            await publish_until_one_arrives(a, K, got)
             after = [p for p in got if p.startswith(b"after")]
             assert len(set(after)) == len(after)
             await a.publish(K, b"last")
