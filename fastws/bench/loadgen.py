@@ -1314,22 +1314,11 @@ def echo_frames(a) -> tuple:
     return mask, opcode, frame, frame if a.raw else server_frame(opcode, payload)
 
 
-async def run_echo(a) -> dict:
-    """C connections x W identical small messages in flight; messages/s echoed."""
-    stats = Stats()
-    mask, opcode, frame, expect = echo_frames(a)
-    req = upgrade_request(a.host, a.port, a.path)
-    srcs = source_addresses(a.conns, a.src_addrs)
-    clients = await open_many(
-        a.conns,
-        lambda: EchoClient(req, stats, mask, frame, expect, a.window, a.raw),
-        a.host, a.port, srcs=srcs, stats=stats,
-    )
-    res = result_base(a, "echo")
-    res.update(conns=a.conns, window=a.window, size=a.size, opcode=opcode)
-    if len(clients) < a.conns:
-        res["value"] = 0
-        return finish(res, stats, False)
+async def measure_echo(a, clients, res: dict) -> tuple[int, int, float, float, bool]:
+    """Start the echo ``clients``, let them warm up, count what is echoed for
+    ``a.duration`` (or ``a.max_messages``) while metering the server's CPU
+    into ``res``, stop them and wait (bounded) for what is still in flight:
+    (received at start, at end, start time, end time, every message echoed)."""
     for c in clients:
         c.start()
     await asyncio.sleep(a.warmup)
@@ -1348,7 +1337,26 @@ async def run_echo(a) -> dict:
     for c in clients:
         c.running = False
     drained = await wait_until(lambda: all(c.received == c.sent or c.closed for c in clients), 5.0)
-    complete = drained and all(c.received == c.sent for c in clients)
+    return r0, r1, t0, t1, drained and all(c.received == c.sent for c in clients)
+
+
+async def run_echo(a) -> dict:
+    """C connections x W identical small messages in flight; messages/s echoed."""
+    stats = Stats()
+    mask, opcode, frame, expect = echo_frames(a)
+    req = upgrade_request(a.host, a.port, a.path)
+    srcs = source_addresses(a.conns, a.src_addrs)
+    clients = await open_many(
+        a.conns,
+        lambda: EchoClient(req, stats, mask, frame, expect, a.window, a.raw),
+        a.host, a.port, srcs=srcs, stats=stats,
+    )
+    res = result_base(a, "echo")
+    res.update(conns=a.conns, window=a.window, size=a.size, opcode=opcode)
+    if len(clients) < a.conns:
+        res["value"] = 0
+        return finish(res, stats, False)
+    r0, r1, t0, t1, complete = await measure_echo(a, clients, res)
     res.update(
         value=round((r1 - r0) / (t1 - t0)),
         unit="messages/s",
@@ -1389,25 +1397,7 @@ async def run_deflate_echo(a) -> dict:
     if len(clients) < a.conns:
         res["value"] = 0
         return finish(res, stats, False)
-    for c in clients:
-        c.start()
-    await asyncio.sleep(a.warmup)
-    cpu = CpuMeter(a.server_pid)
-    t0 = time.monotonic()
-    cpu.start()
-    r0 = sum(c.received for c in clients)
-    deadline = t0 + a.duration
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        if sum(c.received for c in clients) - r0 >= a.max_messages:
-            break
-    r1 = sum(c.received for c in clients)
-    t1 = time.monotonic()
-    res.update(cpu.stop())
-    for c in clients:
-        c.running = False
-    drained = await wait_until(lambda: all(c.received == c.sent or c.closed for c in clients), 5.0)
-    complete = drained and all(c.received == c.sent for c in clients)
+    r0, r1, t0, t1, complete = await measure_echo(a, clients, res)
     echoed = sum(c.received for c in clients)
     res.update(
         value=round((r1 - r0) / (t1 - t0)),
