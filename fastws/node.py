@@ -69,6 +69,7 @@ from .frames import PRIORITY_NORMAL, DeflateParams
 from .handshake import HttpRequest, Request, accept_response, negotiate_deflate
 from .health import Health
 from .limits import Admission, ClientLimits, jittered
+from .memory import HeapTrim
 from .metrics import Metrics
 from .origins import OriginPolicy, host_name, ops_host_set
 from .presence import Presence, presence_client
@@ -277,6 +278,7 @@ class Node:
         self.draining = False                 # a shutdown started (/health says 503)
         self.refuse_upgrades = False          # upgrades get 503 (while draining, unless handing off)
         self.health: Health | None = None     # /health, /livez and the checks registry
+        self.heap_trim: HeapTrim | None = None   # gives the C heap back after many connections closed
         self.metrics: Metrics | None = None   # /metrics, when config.metrics
         self.stats_page: StatsPage | None = None  # /stats, when config.stats
         self._paths: dict[str, str] = {}      # interned request paths (bounded), shared by connections
@@ -306,6 +308,9 @@ class Node:
             serve_client_js(self.routes)
         self.health = Health(self)
         self.health.start()
+        hub = self.hub
+        self.heap_trim = HeapTrim(self.loop, lambda: hub.open_connections)
+        self.heap_trim.start()
         if c.metrics:
             self.metrics = Metrics(self)
         if c.stats:
@@ -405,6 +410,8 @@ class Node:
         the app's ``on_shutdown`` hooks run first."""
         if run_hooks and self.app is not None and self.app.node is self:
             await self._run_hooks("on_shutdown", self.app.shutdown_hooks)
+        if self.heap_trim is not None:
+            self.heap_trim.stop()
         if self.regions is not None:
             regions, self.regions = self.regions, None
             await regions.close()

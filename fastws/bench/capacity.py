@@ -89,6 +89,7 @@ from fastws.bench.loadgen import (
     client_frame,
     upgrade_request,
 )
+from fastws.memory import INTERVAL as HEAP_TRIM_INTERVAL
 
 HOST = "127.0.0.1"
 PER_PROCESS = 15_000          # connections per server worker and per holder process
@@ -957,7 +958,9 @@ class Run:
             if sum(fd_count(p) for p in pids) <= base["server_fds_total"] + max(10, pre // 1000):
                 break
             time.sleep(0.5)
-        time.sleep(min(3.0, max(0.0, deadline - time.monotonic())))   # the kernel frees in the background
+        # the kernel frees in the background, and each worker gives its C heap
+        # back at its next check (fastws.memory.HeapTrim, every INTERVAL seconds)
+        time.sleep(min(HEAP_TRIM_INTERVAL + 2.0, max(0.0, deadline - time.monotonic())))
         after = self.snapshot()
         after["server_established_ss"] = established(self.port)
         after["released_after_s"] = round(self.now() - closed_at, 1)

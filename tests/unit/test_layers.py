@@ -51,7 +51,7 @@ LAYER_OF = {
     "fastws.app": 3, "fastws.node": 3, "fastws.rooms": 3, "fastws.delivery": 3, "fastws.resume": 3,
     "fastws.limits": 3, "fastws.broker": 3, "fastws.health": 3, "fastws.metrics": 3,
     "fastws.stats": 3, "fastws.publish_api": 3, "fastws.presence": 3, "fastws.roomproto": 3,
-    "fastws.regions": 3,
+    "fastws.regions": 3, "fastws.memory": 3,
     # 4: the fronts
     "fastws.server": 4, "fastws.supervisor": 4, "fastws.asgi": 4, "fastws.socketio": 4, "fastws.runner": 4,
     "fastws.cli": 4, "fastws": 4,
