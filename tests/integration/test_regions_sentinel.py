@@ -19,6 +19,24 @@ from brokerutil import OwnRedis, sentinel_group_start, sentinel_group_stop
 from regions_helpers import Client, NodeProc
 
 
+async def routed(sender: Client, user: str, region: str) -> None:
+    """Until the sender's node finds ``user`` in ``region``: a user's directory
+    entry is written just after its hello, and a message for a user found
+    nowhere is dropped (``sent`` says to which regions it went)."""
+    for i in range(100):
+        data = f"probe-{user}-{i}"
+        await sender.send(op="to", user=user, data=data)
+        sent = await sender.wait(lambda m: m.get("op") == "sent" and m.get("data") == data, timeout=30)  # noqa: B023
+        if sent["regions"] == [region]:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{user} not found in region {region}")
+
+
+def dms(c: Client) -> list[str]:
+    return [m["data"] for m in c.of("dm") if not m["data"].startswith("probe-")]
+
+
 def test_region_follows_a_sentinel_failover(tmp_path: Path) -> None:
     master, replica, sentinels = sentinel_group_start()
     b_redis = OwnRedis()
@@ -35,10 +53,12 @@ def test_region_follows_a_sentinel_failover(tmp_path: Path) -> None:
             alice = await Client.connect(a0, "alice")
             bob = await Client.connect(b0, "bob")
             try:
+                await routed(bob, "alice", "a")
                 await bob.send(op="to", user="alice", data="m1")
-                await alice.wait(lambda m: m == {"op": "dm", "from": "bob", "data": "m1"})
+                await alice.wait(lambda m: m == {"op": "dm", "from": "bob", "data": "m1"}, timeout=30)
+                await routed(alice, "bob", "b")
                 await alice.send(op="to", user="bob", data="r1")
-                await bob.wait(lambda m: m == {"op": "dm", "from": "alice", "data": "r1"})
+                await bob.wait(lambda m: m == {"op": "dm", "from": "alice", "data": "r1"}, timeout=30)
 
                 os.kill(master.proc.pid, signal.SIGKILL)
                 master.proc.wait(5)
@@ -48,19 +68,21 @@ def test_region_follows_a_sentinel_failover(tmp_path: Path) -> None:
                     await asyncio.sleep(0.2)
                 await asyncio.to_thread(a0.wait_health, 200, 30.0)       # its region check passes again
 
+                await routed(bob, "alice", "a")
                 await bob.send(op="to", user="alice", data="m2")
                 await alice.wait(lambda m: m == {"op": "dm", "from": "bob", "data": "m2"}, timeout=30)
+                await routed(alice, "bob", "b")
                 await alice.send(op="to", user="bob", data="r2")
                 await bob.wait(lambda m: m == {"op": "dm", "from": "alice", "data": "r2"}, timeout=30)
                 await asyncio.sleep(1.0)                                   # nothing arrives twice
-                assert [m["data"] for m in alice.of("dm")] == ["m1", "m2"]
-                assert [m["data"] for m in bob.of("dm")] == ["r1", "r2"]
+                assert dms(alice) == ["m1", "m2"]
+                assert dms(bob) == ["r1", "r2"]
                 assert a0.proc.poll() is None and b0.proc.poll() is None   # no node restarted
             finally:
                 await alice.close()
                 await bob.close()
 
-        asyncio.run(asyncio.wait_for(main(), 120))
+        asyncio.run(asyncio.wait_for(main(), 240))
     except BaseException:
         for n in nodes:
             print(n.log()[-3000:])
