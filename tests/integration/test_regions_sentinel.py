@@ -33,6 +33,13 @@ async def routed(sender: Client, user: str, region: str) -> None:
     raise AssertionError(f"{user} not found in region {region}")
 
 
+async def dm(sender: Client, to: Client, data: str) -> None:
+    """``sender`` writes ``to`` once its node finds ``to``'s region; ``to`` gets it."""
+    await routed(sender, to.user or "", to.region)
+    await sender.send(op="to", user=to.user, data=data)
+    await to.wait(lambda m: m == {"op": "dm", "from": sender.user, "data": data}, timeout=30)
+
+
 def dms(c: Client) -> list[str]:
     return [m["data"] for m in c.of("dm") if not m["data"].startswith("probe-")]
 
@@ -53,12 +60,8 @@ def test_region_follows_a_sentinel_failover(tmp_path: Path) -> None:
             alice = await Client.connect(a0, "alice")
             bob = await Client.connect(b0, "bob")
             try:
-                await routed(bob, "alice", "a")
-                await bob.send(op="to", user="alice", data="m1")
-                await alice.wait(lambda m: m == {"op": "dm", "from": "bob", "data": "m1"}, timeout=30)
-                await routed(alice, "bob", "b")
-                await alice.send(op="to", user="bob", data="r1")
-                await bob.wait(lambda m: m == {"op": "dm", "from": "alice", "data": "r1"}, timeout=30)
+                await dm(bob, alice, "m1")
+                await dm(alice, bob, "r1")
 
                 os.kill(master.proc.pid, signal.SIGKILL)
                 master.proc.wait(5)
@@ -68,12 +71,8 @@ def test_region_follows_a_sentinel_failover(tmp_path: Path) -> None:
                     await asyncio.sleep(0.2)
                 await asyncio.to_thread(a0.wait_health, 200, 30.0)       # its region check passes again
 
-                await routed(bob, "alice", "a")
-                await bob.send(op="to", user="alice", data="m2")
-                await alice.wait(lambda m: m == {"op": "dm", "from": "bob", "data": "m2"}, timeout=30)
-                await routed(alice, "bob", "b")
-                await alice.send(op="to", user="bob", data="r2")
-                await bob.wait(lambda m: m == {"op": "dm", "from": "alice", "data": "r2"}, timeout=30)
+                await dm(bob, alice, "m2")
+                await dm(alice, bob, "r2")
                 await asyncio.sleep(1.0)                                   # nothing arrives twice
                 assert dms(alice) == ["m1", "m2"]
                 assert dms(bob) == ["r1", "r2"]
