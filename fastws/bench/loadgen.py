@@ -442,8 +442,8 @@ class LargeClient(EchoClient):
         self.off = 0
 
     def start(self) -> None:
-        self.transport.write(self.frame)
-        self.sent = 1
+        self.transport.write(self.send_blocks[self.window])
+        self.sent = self.window
 
     def on_data(self, data: bytes) -> None:
         if self.parser is not None:
@@ -1467,7 +1467,7 @@ async def run_latency(a) -> dict:
 
 
 async def run_large(a) -> dict:
-    """One connection, one large binary message in flight: MB/s echoed."""
+    """One connection, ``--window`` large binary messages in flight (1 by default): MB/s echoed."""
     rng = random.Random(a.seed)
     stats = Stats()
     mask = mask_from(rng)
@@ -1477,7 +1477,7 @@ async def run_large(a) -> dict:
     req = upgrade_request(a.host, a.port, a.path)
     res = result_base(a, "large")
     clients = await open_many(
-        a.conns, lambda: LargeClient(req, stats, mask, frame, expect, 1, a.raw),
+        a.conns, lambda: LargeClient(req, stats, mask, frame, expect, a.window, a.raw),
         a.host, a.port, stats=stats,
     )
     if len(clients) < a.conns:

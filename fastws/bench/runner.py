@@ -420,6 +420,9 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
             specs.append(_fastws_spec())
         elif name == "raw":
             specs.append(ServerSpec("raw", "raw uvloop echo (ceiling)", _py("fastws.bench.peers.raw_uvloop"), raw=True))
+        elif name == "raw-whole":
+            specs.append(ServerSpec(name, "raw uvloop echo, whole frames (store-and-forward ceiling)",
+                                    _py("fastws.bench.peers.raw_whole"), raw=True))
         elif name == "websockets":
             specs.append(ServerSpec(name, "websockets (broadcast)", _py("fastws.bench.peers.websockets_relay")))
         elif name == "aiohttp":
@@ -462,8 +465,9 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
 
 
 ASGI_PEERS = ["uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi", "granian-asgi"]
-ALL_SERVERS = ["fastws", "raw", "websockets", "aiohttp", "picows", "uvicorn-websockets", "uvicorn-wsproto", "node-ws",
-               "socketify", *ASGI_PEERS, *CROSSNODE[1:], *SIO, SIO_CROSSNODE[1], *DEFLATE, *BASELINE]
+ALL_SERVERS = ["fastws", "raw", "raw-whole", "websockets", "aiohttp", "picows", "uvicorn-websockets",
+               "uvicorn-wsproto", "node-ws", "socketify", *ASGI_PEERS, *CROSSNODE[1:], *SIO, SIO_CROSSNODE[1],
+               *DEFLATE, *BASELINE]
 
 
 def free_port() -> int:
@@ -686,6 +690,12 @@ SCENARIOS = [
              ["--size", "65536", "--duration", "3"], ["--size", "65536", "--duration", "0.15", "--warmup", "0.05"]),
     Scenario("large-1m", "large", "Large-message echo, 1 MiB binary, 1 conn, 1 in flight",
              ["--size", "1048576", "--duration", "3"], ["--size", "1048576", "--duration", "0.15", "--warmup", "0.05"]),
+    Scenario("large-64k-w2", "large", "Large-message echo, 64 KiB binary, 1 conn, 2 in flight",
+             ["--size", "65536", "--window", "2", "--duration", "3"],
+             ["--size", "65536", "--window", "2", "--duration", "0.15", "--warmup", "0.05"]),
+    Scenario("large-1m-w2", "large", "Large-message echo, 1 MiB binary, 1 conn, 2 in flight",
+             ["--size", "1048576", "--window", "2", "--duration", "3"],
+             ["--size", "1048576", "--window", "2", "--duration", "0.15", "--warmup", "0.05"]),
     Scenario("asgi-echo", "echo", "ASGI (Starlette) echo, 64 conns x 16 in flight, 32 B text",
              ["--conns", "64", "--window", "16", "--size", "32", "--duration", "3"],
              ["--conns", "8", "--window", "4", "--size", "32", "--duration", "0.15", "--warmup", "0.05"],

@@ -73,10 +73,15 @@ def test_bench_quick(tmp_path):
                     assert r["subscribers_complete"] == r["subscribers"], r
                 elif r["scenario"] in ("memory", "handshake"):
                     assert r["opened"] == r["conns" if r["scenario"] == "memory" else "requested"], r
+                elif r["scenario"] == "large":
+                    assert r["messages"] > 0 and r["parser_fallbacks"] == 0, r
                 elif r["scenario"] == "sio-ackecho":
                     assert r["opened"] == r["conns"] and r["bad"] == 0 and r["drained"] and r["value"] > 0, r
                 elif r["scenario"] == "sio-memory":
                     assert r["opened"] == r["alive"] == r["conns"], r
+    # the store-and-forward ceiling echoes whole frames: byte for byte, one and two large messages in flight
+    for name in ("large-64k", "large-1m", "large-64k-w2", "large-1m-w2"):
+        assert {"fastws", "raw", "raw-whole"} <= set(results["scenarios"][name]["runs"]), name
     # ASGI scenarios: the same Starlette app (fastws.bench.peers.asgi_apps) on every ASGI server;
     # fastws broadcasts through fastws.asgi.rooms, the others through FastAPI's ConnectionManager.
     for name in ("asgi-echo", "asgi-broadcast", "asgi-memory"):
