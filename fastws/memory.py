@@ -4,8 +4,10 @@ A worker that held many connections keeps the memory they used after they
 close: the C heap (glibc's malloc) returns only the free pages at its top,
 so a few live allocations above a freed region keep all of it resident.
 :class:`HeapTrim` checks every :data:`INTERVAL` seconds how many
-connections the worker has; once at least :data:`MIN_FREED` of them are
-gone and at most half of the peak since the last trim is left, it calls
+connections the worker has (often enough to see the peak of a burst that
+lasts a few seconds, for the price of one ``len()``); once at least
+:data:`MIN_FREED` of them are gone and at most half of the peak since the
+last trim is left, it calls
 glibc's ``malloc_trim(0)`` in a thread (it can take a while on a large
 heap, and must not stall the event loop), which hands the free pages in
 the middle of the heap back too.  On a C library without ``malloc_trim``
@@ -24,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger("fastws.memory")
 
-INTERVAL = 10.0      # seconds between checks
+INTERVAL = 1.0       # seconds between checks
 MIN_FREED = 5000     # connections gone since the peak before a trim is worth it
 
 
