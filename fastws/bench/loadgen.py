@@ -19,6 +19,13 @@ it receives:
   checked byte for byte (echo: the message sent; fan-out: the tick its
   sequence number and send time make).
 
+* with ``--tls`` every connection is a TLS connection (``wss://``): the
+  client's ``SSLContext`` verifies nothing (the servers measured use a
+  self-signed certificate made for the run) and every scenario runs on it
+  unchanged (the handshake scenario then times a full TLS + WebSocket
+  handshake per connection). ``--procs N`` spreads echo and handshake
+  clients over N processes too (fan-out and memory already spread theirs).
+
 ``crossnode`` spreads the subscribers over two servers (``--port``,
 ``--port-b``) that share rooms through a broker, publishes on the first and
 counts a message as acknowledged once a subscriber on the second also got it.
@@ -33,6 +40,7 @@ One scenario per command, one JSON line on stdout::
     python -m fastws.bench.loadgen memory --port 9001 --conns 10000 --server-pid PID
     python -m fastws.bench.loadgen handshake --port 9001 --conns 5000
     python -m fastws.bench.loadgen large --port 9001 --size 65536
+    python -m fastws.bench.loadgen echo --port 9443 --tls --procs 2
 
 Every loop is bounded by a count and by a duration and stops by itself. All
 traffic goes to the loopback host given (127.0.0.1 by default); with many
@@ -58,6 +66,7 @@ import os
 import random
 import resource
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -73,6 +82,22 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 CONNS_PER_SOURCE = 20000  # below the 28k ephemeral ports of one (src, dst) pair
 
 now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: comparable across processes
+
+#: ``--tls``: the client context of every connection (None: plain TCP). Set
+#: once in ``main`` before any child process is forked, so children share it.
+TLS_CONTEXT: ssl.SSLContext | None = None
+#: the protocol version and cipher of the first TLS connection of this process
+TLS_INFO: dict = {}
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """A client context that accepts any certificate (the benchmark's servers
+    use a self-signed one made for the run; there is nothing to verify on a
+    loopback measurement) and otherwise keeps Python's defaults (TLS 1.2+)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 # --------------------------------------------------------------------- frames
@@ -1236,8 +1261,14 @@ def source_addresses(n_conns: int, explicit: int) -> list[str | None]:
 
 
 async def open_one(loop, factory, host, port, src):
+    tls = TLS_CONTEXT
     if src is None:
-        _, proto = await loop.create_connection(factory, host, port)
+        if tls is None:
+            _, proto = await loop.create_connection(factory, host, port)
+        else:
+            tr, proto = await loop.create_connection(factory, host, port, ssl=tls, server_hostname=host)
+            if not TLS_INFO:
+                note_tls(tr)
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -1248,9 +1279,22 @@ async def open_one(loop, factory, host, port, src):
         except BaseException:
             sock.close()
             raise
-        _, proto = await loop.create_connection(factory, sock=sock)
+        if tls is None:
+            _, proto = await loop.create_connection(factory, sock=sock)
+        else:
+            tr, proto = await loop.create_connection(factory, sock=sock, ssl=tls, server_hostname=host)
+            if not TLS_INFO:
+                note_tls(tr)
     await proto.opened
     return proto
+
+
+def note_tls(transport) -> None:
+    """Record the TLS version and cipher the server chose (first connection)."""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is not None:
+        cipher = obj.cipher()
+        TLS_INFO.update(version=obj.version(), cipher=cipher[0] if cipher else None)
 
 
 async def open_many(n, factory, host, port, *, concurrency=100, deadline_ns=None, srcs=(None,), stats=None):
@@ -1299,6 +1343,8 @@ def finish(res: dict, stats: Stats, extra_ok: bool = True) -> dict:
         res["first_errors"] = stats.first_errors
     res["lost_connections"] = stats.lost
     res["ok"] = bool(extra_ok and stats.errors == 0 and stats.lost == 0)
+    if TLS_CONTEXT is not None:
+        res["tls"] = {"enabled": True, **TLS_INFO}
     return res
 
 
@@ -1342,12 +1388,17 @@ async def measure_echo(a, clients, res: dict) -> tuple[int, int, float, float, b
     return r0, r1, t0, t1, drained and all(c.received == c.sent for c in clients)
 
 
-async def run_echo(a) -> dict:
-    """C connections x W identical small messages in flight; messages/s echoed."""
+async def run_echo(a, gate=None, srcs=None) -> dict:
+    """C connections x W identical small messages in flight; messages/s echoed.
+
+    ``gate`` (``run_split``'s child processes): awaited once every connection
+    is open, before the measurement starts; ``srcs``: this process's share of
+    the source addresses."""
     stats = Stats()
     mask, opcode, frame, expect = echo_frames(a)
     req = upgrade_request(a.host, a.port, a.path)
-    srcs = source_addresses(a.conns, a.src_addrs)
+    if srcs is None:
+        srcs = source_addresses(a.conns, a.src_addrs)
     clients = await open_many(
         a.conns,
         lambda: EchoClient(req, stats, mask, frame, expect, a.window, a.raw),
@@ -1357,7 +1408,10 @@ async def run_echo(a) -> dict:
     res.update(conns=a.conns, window=a.window, size=a.size, opcode=opcode)
     if len(clients) < a.conns:
         res["value"] = 0
+        await close_all(clients)
         return finish(res, stats, False)
+    if gate is not None:
+        await gate()
     r0, r1, t0, t1, complete = await measure_echo(a, clients, res)
     res.update(
         value=round((r1 - r0) / (t1 - t0)),
@@ -1518,12 +1572,17 @@ async def run_large(a) -> dict:
     return finish(res, stats, drained and msgs > 0 and all(c.received == c.sent for c in clients))
 
 
-async def run_handshake(a) -> dict:
-    """Open N connections (``--concurrency`` handshakes at a time): opened/s."""
+async def run_handshake(a, gate=None, srcs=None) -> dict:
+    """Open N connections (``--concurrency`` handshakes at a time): opened/s.
+
+    ``gate``, ``srcs``: as for ``run_echo`` (the gate opens the run)."""
     stats = Stats()
     mask = mask_from(random.Random(a.seed))
     req = upgrade_request(a.host, a.port, a.path)
-    srcs = source_addresses(a.conns, a.src_addrs)
+    if srcs is None:
+        srcs = source_addresses(a.conns, a.src_addrs)
+    if gate is not None:
+        await gate()
     deadline_ns = now_ns() + int(a.duration * 1e9)
     cpu = CpuMeter(a.server_pid)
     cpu.start()
@@ -1548,6 +1607,91 @@ async def run_handshake(a) -> dict:
     return finish(res, stats, len(clients) == a.conns)
 
 
+def _split_child(a, n, conn, srcs):
+    """Child process of ``run_split``: the echo or handshake scenario with
+    ``n`` of the connections; reports ("ready",) when its connections are
+    open (echo) or at once (handshake), waits for "go", then ("done", result)."""
+    sub = argparse.Namespace(**vars(a))
+    sub.conns = n
+
+    async def gate():
+        conn.send(("ready",))
+        await read_pipe(conn)  # "go"
+
+    fn = run_echo if a.scenario == "echo" else run_handshake
+    res = run_loop(fn(sub, gate=gate, srcs=srcs))
+    conn.send(("done", res))
+
+
+def run_split(a) -> dict:
+    """Echo or handshake spread over ``a.procs`` processes (``--procs N``, N >
+    1): each process opens its share of the connections, then all start
+    together; the rates add up. The server's CPU is the mean of what each
+    process metered over its own measurement window (the windows coincide);
+    the load generator's CPU is the sum over the processes."""
+    procs = min(a.procs, a.conns)
+    ctx = multiprocessing.get_context("fork")
+    srcs_all = source_addresses(a.conns, a.src_addrs)
+    pipes, children = [], []
+    for i, n in enumerate(spread(a.conns, procs)):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_split_child, args=(a, n, child, srcs_all[i::procs] or srcs_all), daemon=True)
+        p.start()
+        pipes.append(parent)
+        children.append(p)
+    results: list = [None] * procs
+    ready = []
+    deadline = time.monotonic() + a.duration + 120
+    for i, pipe in enumerate(pipes):
+        if pipe.poll(max(0.1, deadline - time.monotonic())):
+            msg = pipe.recv()
+            if msg[0] == "done":
+                results[i] = msg[1]
+            else:
+                ready.append(i)
+    for i in ready:
+        pipes[i].send("go")
+    for i in ready:
+        if pipes[i].poll(max(0.1, deadline - time.monotonic())):
+            results[i] = pipes[i].recv()[1]
+    for p in children:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    got = [r for r in results if r is not None]
+    res = result_base(a, a.scenario)
+    stats = Stats()
+    for r in got:
+        stats.errors += r.get("errors", 0)
+        stats.lost += r.get("lost_connections", 0)
+        for e in r.get("first_errors", []):
+            if len(stats.first_errors) < 5:
+                stats.first_errors.append(e)
+    if len(got) < procs:
+        stats.error(f"{procs - len(got)} of {procs} load generator processes did not report")
+    mean = lambda k: round(sum(r.get(k, 0) for r in got) / max(1, len(got)), 3)  # noqa: E731
+    total = lambda k: sum(r.get(k, 0) for r in got)  # noqa: E731
+    res.update(procs=procs, source_addresses=len(srcs_all), procs_values=[r.get("value") for r in got],
+               server_cpu=mean("server_cpu"), client_cpu=round(total("client_cpu"), 3))
+    if a.scenario == "echo":
+        res.update(conns=a.conns, window=a.window, size=a.size, opcode=got[0].get("opcode") if got else None,
+                   value=total("value"), unit="messages/s", seconds=max((r.get("seconds", 0) for r in got), default=0),
+                   messages=total("messages"), sent_total=total("sent_total"), echoed_total=total("echoed_total"),
+                   parser_fallbacks=total("parser_fallbacks"))
+        ok = len(got) == procs and all(r.get("ok") for r in got) and res["echoed_total"] == res["sent_total"]
+    else:
+        secs = max((r.get("seconds", 0) for r in got), default=0)
+        opened = total("opened")
+        res.update(value=round(opened / secs) if secs else 0, unit="connections/s", opened=opened,
+                   requested=a.conns, concurrency=a.concurrency, seconds=secs)
+        ok = len(got) == procs and all(r.get("ok") for r in got) and opened == a.conns
+    out = finish(res, stats, ok)
+    tls = next((r["tls"] for r in got if r.get("tls")), None)
+    if tls:
+        out["tls"] = tls
+    return out
+
+
 def _memory_child(a, n, conn, srcs):
     """Child process: hold n idle echo connections until told to check them."""
 
@@ -1563,7 +1707,7 @@ def _memory_child(a, n, conn, srcs):
             n, lambda: EchoClient(req, stats, mask, frame, expect, 1, a.raw),
             a.host, a.port, srcs=srcs, stats=stats,
         )
-        conn.send(("open", len(clients)))
+        conn.send(("open", len(clients), dict(TLS_INFO)))
         await read_pipe(conn)  # "check"
         for c in clients:
             c.running = False
@@ -1613,7 +1757,10 @@ def run_memory(a) -> dict:
     opened = 0
     for pipe in pipes:
         if pipe.poll(max(0.1, deadline - time.monotonic())):
-            opened += pipe.recv()[1]
+            msg = pipe.recv()
+            opened += msg[1]
+            if msg[2] and not TLS_INFO:
+                TLS_INFO.update(msg[2])
     t_open = time.monotonic() - t0
     time.sleep(a.settle)
     if a.settle > 0:
@@ -2054,6 +2201,9 @@ def parse_args(argv=None):
     p.add_argument("--deflate", action="store_true",
                    help="echo/fanout: offer permessage-deflate (fail if declined), send --size-byte JSON ticks "
                         "compressed, inflate and check every message received")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS (wss://), accepting any certificate (the server's is self-signed); "
+                        "handshake then times TLS + WebSocket handshakes")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args(argv)
     for k, v in DEFAULTS[a.scenario].items():
@@ -2082,9 +2232,14 @@ def raise_nofile() -> None:
 
 
 def main(argv=None) -> int:
+    global TLS_CONTEXT
     a = parse_args(argv)
     raise_nofile()
-    if a.scenario == "memory":
+    if a.tls:
+        TLS_CONTEXT = tls_client_context()  # before any fork: the children inherit it
+    if a.procs > 1 and a.scenario in ("echo", "handshake") and not a.deflate:
+        res = run_split(a)
+    elif a.scenario == "memory":
         res = run_memory(a)
     elif a.scenario == "fanout":
         res = run_fanout(a)
@@ -2095,6 +2250,8 @@ def main(argv=None) -> int:
         if a.deflate:
             fn = run_deflate_echo
         res = run_loop(fn(a))
+    if a.tls and "tls" not in res:
+        res["tls"] = {"enabled": True, **TLS_INFO}
     print(json.dumps(res), flush=True)
     return 0 if res.get("ok") else 1
 

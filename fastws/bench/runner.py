@@ -366,6 +366,73 @@ def _deflate_spec(name: str) -> ServerSpec:
                       skip=_missing(*needs), suite="deflate")
 
 
+TLS = ["raw-tls", "websockets-tls", "aiohttp-tls", "picows-tls", "uvicorn-websockets-tls", "node-ws-tls",
+       "socketify-tls"]
+#: the run's self-signed certificate (cert.pem, key.pem), made by :func:`run` when a tls-* scenario is chosen
+TLS_DIR: Path | None = None
+TLS_SKIP: str | None = None  # why no certificate could be made (every TLS server is then skipped)
+
+
+def make_cert(directory: Path) -> str | None:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 and localhost,
+    valid 2 days: ``directory/cert.pem`` and ``directory/key.pem`` (openssl's
+    command line; the key never leaves the temp directory). None, or why not."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        return "the openssl command is not installed (it makes the run's self-signed certificate)"
+    try:
+        r = subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"), "-days", "2",
+             "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=IP:{HOST},DNS:localhost"],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"openssl failed: {e}"
+    if r.returncode != 0:
+        return "openssl req failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def _tls_spec(name: str) -> ServerSpec:
+    """The relay serving TLS (``wss://``, the "tls" suite) with the run's
+    self-signed certificate: fastws --ssl-certfile/--ssl-keyfile and each
+    peer through its own TLS option (Python's ssl module on uvloop for the
+    asyncio servers, uWebSockets' and Node's OpenSSL layers for socketify and
+    Node), TLS 1.3 as negotiated with the load generator's defaults."""
+    cert = str(TLS_DIR / "cert.pem") if TLS_DIR else ""
+    key = str(TLS_DIR / "key.pem") if TLS_DIR else ""
+    files = ["--certfile", cert, "--keyfile", key]
+    skip = TLS_SKIP or (None if TLS_DIR else "no certificate (the run makes one when a tls-* scenario is chosen)")
+    if name == "fastws-tls":
+        base = _fastws_spec()
+        return ServerSpec("fastws", base.label + " --ssl-certfile/--ssl-keyfile",
+                          lambda port: [*base.argv(port), "--ssl-certfile", cert, "--ssl-keyfile", key],
+                          env=base.env, cwd=base.cwd, skip=skip or base.skip, key=name, suite="tls")
+    if name == "node-ws-tls":
+        nskip, env = _node_env()
+        js = str(PEERS_DIR / "ws_relay.js")
+        return ServerSpec(name, "Node ws on https.Server",
+                          lambda port: ["node", js, str(port), HOST, "plain", cert, key], env=env,
+                          skip=skip or nskip, suite="tls")
+    if name == "raw-tls":
+        return ServerSpec(name, "raw uvloop echo over TLS (ceiling of the uvloop servers)",
+                          _py("fastws.bench.peers.raw_uvloop", *files), raw=True, skip=skip, suite="tls")
+    peers = {
+        "websockets-tls": ("websockets (broadcast), ssl=", "websockets_relay", (), ("websockets",)),
+        "aiohttp-tls": ("aiohttp, ssl_context=", "aiohttp_relay", (), ("aiohttp",)),
+        "picows-tls": ("picows, ssl=", "picows_relay", (), ("picows",)),
+        "uvicorn-websockets-tls": ("uvicorn+starlette, websockets, --ssl-certfile", "starlette_relay",
+                                   ("--ws", "websockets"), ("uvicorn", "starlette", "websockets")),
+        "socketify-tls": ("socketify (uWebSockets), SSLApp", "socketify_relay", (), ("socketify",)),
+    }
+    label, module, extra, needs = peers[name]
+    miss = _missing(*needs)
+    if name == "socketify-tls" and miss:
+        miss = "socketify is not installed (pip install socketify)"
+    return ServerSpec(name, label, _py(f"fastws.bench.peers.{module}", *extra, *files), skip=skip or miss,
+                      suite="tls")
+
+
 #: ``--baseline DIR``: another fastws checkout (built in place) measured as
 #: a peer in the same run, for before/after comparisons of a change.
 BASELINE_DIR: str | None = None
@@ -455,6 +522,8 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
             specs.append(_sio_spec(name))
         elif name in ("fastws-deflate", *DEFLATE):
             specs.append(_deflate_spec(name))
+        elif name in ("fastws-tls", *TLS):
+            specs.append(_tls_spec(name))
         elif name in BASELINE:
             specs.append(_baseline_spec(name))
         else:
@@ -467,7 +536,7 @@ def server_specs(wanted: list[str]) -> list[ServerSpec]:
 ASGI_PEERS = ["uvicorn-websockets-asgi", "uvicorn-wsproto-asgi", "hypercorn-asgi", "granian-asgi"]
 ALL_SERVERS = ["fastws", "raw", "raw-whole", "websockets", "aiohttp", "picows", "uvicorn-websockets",
                "uvicorn-wsproto", "node-ws", "socketify", *ASGI_PEERS, *CROSSNODE[1:], *SIO, SIO_CROSSNODE[1],
-               *DEFLATE, *BASELINE]
+               *DEFLATE, *TLS, *BASELINE]
 
 
 def free_port() -> int:
@@ -776,7 +845,36 @@ SCENARIOS += [
              relay=True, suite="deflate", timeout=420),
 ]
 DEFLATE_SCENARIOS = ("deflate-echo", "deflate-fanout-1k", "deflate-fanout-10k")
+# TLS (wss://): the relay behind TLS on fastws (--ssl-certfile/--ssl-keyfile) and each peer that serves
+# TLS (the "tls" suite), one self-signed ECDSA P-256 certificate per run, TLS 1.3 as negotiated. The
+# load generator's clients are uvloop TLS transports (--tls): decrypting costs it more than the
+# server's encrypting a broadcast once per subscriber does, so its echo, handshake and subscriber
+# clients are spread over 2 processes (--procs 2); tls-handshake times a full TLS + WebSocket
+# handshake per connection, tls-memory counts what a TLS connection holds in the server.
+SCENARIOS += [
+    Scenario("tls-echo", "echo", "TLS echo (wss://), 64 conns x 16 in flight, 32 B text",
+             ["--tls", "--conns", "64", "--window", "16", "--size", "32", "--duration", "3", "--procs", "2"],
+             ["--tls", "--conns", "8", "--window", "4", "--size", "32", "--duration", "0.15", "--warmup", "0.05",
+              "--procs", "2"],
+             suite="tls"),
+    Scenario("tls-fanout-1k", "fanout", "TLS fan-out (wss://) to 1,000 subscribers, 64 B binary, 32 in flight",
+             ["--tls", "--subscribers", "1000", "--size", "64", "--duration", "3", "--window", "32", "--procs", "2"],
+             ["--tls", "--subscribers", "50", "--size", "64", "--duration", "0.15", "--procs", "2"],
+             relay=True, suite="tls", timeout=300),
+    Scenario("tls-fanout-10k", "fanout", "TLS fan-out (wss://) to 10,000 subscribers, 64 B binary, 32 in flight",
+             ["--tls", "--subscribers", "10000", "--size", "64", "--duration", "3", "--window", "32", "--procs", "2"],
+             ["--tls", "--subscribers", "200", "--size", "64", "--duration", "0.15", "--procs", "2"],
+             relay=True, suite="tls", timeout=420),
+    Scenario("tls-handshake", "handshake", "TLS + WebSocket handshake rate (wss://), 5,000 connections, 100 at a time",
+             ["--tls", "--conns", "5000", "--concurrency", "100", "--procs", "2"],
+             ["--tls", "--conns", "100", "--concurrency", "10", "--procs", "2"], suite="tls"),
+    Scenario("tls-memory", "memory", "Idle memory per TLS connection (wss://), K = 10,000 (VmRSS delta / K)",
+             ["--tls", "--conns", "10000"], ["--tls", "--conns", "200", "--settle", "0"],
+             higher_is_better=False, fresh=True, suite="tls", timeout=300),
+]
+TLS_SCENARIOS = ("tls-echo", "tls-fanout-1k", "tls-fanout-10k", "tls-handshake", "tls-memory")
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
+SUITES = list(dict.fromkeys(s.suite for s in SCENARIOS))  # ``--suite``: ws, asgi, crossnode, sio, ..., tls
 
 
 def run_loadgen(sc: Scenario, server: RunningServer, quick: bool, seed: int) -> dict:
@@ -940,7 +1038,7 @@ def markdown(results: dict) -> str:
                 med = lambda k: statistics.median(r[k] for r in good)  # noqa: E731, B023 (used in this iteration)
                 out.append(f"| {name} | {fmt(med('p50_us'))} | {fmt(med('p99_us'))} | {fmt(med('p999_us'))} |")
     for key in ("fanout-latency", "fanout-1k", "fanout-10k", "fanout-10k-w8", "sio-fanout-1k", "sio-fanout-10k",
-                "deflate-fanout-1k", "deflate-fanout-10k"):
+                "deflate-fanout-1k", "deflate-fanout-10k", "tls-fanout-1k", "tls-fanout-10k"):
         fo = results["scenarios"].get(key)
         if fo:
             how = "at a fixed rate" if key == "fanout-latency" else "while saturated (queueing included)"
@@ -991,6 +1089,26 @@ def markdown(results: dict) -> str:
                        f"{med(lambda r: r.get('client_cpu', 0) + sum(r.get('subscriber_procs_cpu', [])))} | "
                        f"{med(_compressed_percent)}% | "
                        f"{good[-1].get('deflate')} |")
+    for key in TLS_SCENARIOS[:4]:
+        tsc = results["scenarios"].get(key)
+        if not tsc:
+            continue
+        # as for deflate: the server's CPU per unit whoever is the bottleneck, the load generator's CPU
+        # (cores, all its processes) to tell when it is the limit
+        unit = "connection" if key == "tls-handshake" else "delivery" if "fanout" in key else "message"
+        out += ["", f"{key}: server CPU per {unit}, load generator CPU (median over repeats), TLS as negotiated:", "",
+                f"| server | server cores | server µs/{unit} | load generator cores | TLS |",
+                "|---|---:|---:|---:|---|"]
+        for name, runs in tsc["runs"].items():
+            good = [r for r in runs if r.get("ok") and r.get("value") and r.get("server_cpu") is not None]
+            if not good:
+                continue
+            med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731, B023 (used in this iteration)
+            tls = good[-1].get("tls") or {}
+            out.append(f"| {name} | {med(lambda r: r['server_cpu'])} | "
+                       f"{med(lambda r: r['server_cpu'] / r['value'] * 1e6)} | "
+                       f"{med(lambda r: r.get('client_cpu', 0) + sum(r.get('subscriber_procs_cpu', [])))} | "
+                       f"{tls.get('version')} {tls.get('cipher')} |")
     if results["skipped"]:
         out += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in results["skipped"].items()]
     return "\n".join(out) + "\n"
@@ -1039,7 +1157,7 @@ def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
 
 
 FASTWS_SETUPS = ("fastws", "fastws-asgi", "fastws-redis", "fastws-embedded", "fastws-sio", "fastws-sio-redis",
-                 "fastws-deflate")
+                 "fastws-deflate", "fastws-tls")
 
 
 def unavailable(specs: list[ServerSpec], asked: set[str], chosen: list) -> list[str]:
@@ -1063,7 +1181,7 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
     start here (see :func:`unavailable`; ``asked``: the peers named
     explicitly) makes it exit 2 at once with one line naming it and why."""
     names = ["fastws"] + [n for n in vs if n not in ("fastws", "fastws-asgi", "fastws-redis", "fastws-sio",
-                                                       "fastws-sio-redis", "fastws-deflate")]
+                                                       "fastws-sio-redis", "fastws-deflate", "fastws-tls")]
     suites = {s.suite for s in SCENARIOS if s.name in scenarios}
     if "asgi" in suites:
         names.insert(1, "fastws-asgi")  # the same engine serving the ASGI app (reported as "fastws")
@@ -1075,6 +1193,22 @@ def run(vs: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path
         names.insert(1, "fastws-sio-redis")  # ... on 2 nodes through Redis (reported as "fastws")
     if "deflate" in suites:
         names.insert(1, "fastws-deflate")  # the relay with --compression (reported as "fastws")
+    global TLS_DIR, TLS_SKIP
+    TLS_DIR, TLS_SKIP = None, None
+    if "tls" in suites:
+        names.insert(1, "fastws-tls")  # the relay serving wss:// (reported as "fastws")
+        TLS_DIR = Path(tempfile.mkdtemp(prefix="fastws-bench-tls-"))  # one self-signed certificate per run
+        TLS_SKIP = make_cert(TLS_DIR)
+    try:
+        return _run(names, scenarios, repeat, quick, out, seed, asked)
+    finally:
+        if TLS_DIR is not None:
+            shutil.rmtree(TLS_DIR, ignore_errors=True)
+            TLS_DIR = None
+
+
+def _run(names: list[str], scenarios: list[str], repeat: int, quick: bool, out: Path | None, seed: int,
+         asked: set[str] | None) -> int:
     specs = server_specs(names)
     skipped = {}
     for s in specs:
@@ -1190,6 +1324,9 @@ def _split(value: str | None, known: list[str], what: str) -> list[str]:
               help=f"comma-separated peers to compare with fastws: {', '.join(ALL_SERVERS[1:])}")
 @click.option("--scenario", "scenario", default="all", show_default=True,
               help=f"comma-separated scenarios: {', '.join(SCENARIO_NAMES)}")
+@click.option("--suite", "suite", default=None, type=click.Choice(SUITES),
+              help="only the scenarios of this suite (with --scenario: those of them in it), e.g. "
+                   "--suite tls: every tls-* scenario (wss://)")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--quick", is_flag=True, help="smoke run (< 1 min): tiny sizes, 1 repeat, asserts correctness only")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -1210,7 +1347,7 @@ def _split(value: str | None, known: list[str], what: str) -> list[str]:
 @click.option("--gateway", "gateway", is_flag=True,
               help="gateway mode instead: message -> backend -> reply round trips/s, p99 and CPU per event over "
                    "Redis Streams (--redis-url) and HTTP, against the same app in process and on python-socketio")
-def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, baseline, clients, gateway):
+def bench_command(vs, scenario, suite, repeat, quick, out, seed, list_, redis_url, baseline, clients, gateway):
     """Benchmark fastws against its peers with a neutral load generator."""
     global REDIS_URL, BASELINE_DIR
     REDIS_URL = redis_url
@@ -1233,7 +1370,12 @@ def bench_command(vs, scenario, repeat, quick, out, seed, list_, redis_url, base
     asked = set() if not vs or vs == "all" else set(peers)
     if not asked and not BASELINE_DIR:
         peers = [p for p in peers if p not in BASELINE]   # "all" means the baseline only when one is given
-    code = run(peers, _split(scenario, SCENARIO_NAMES, "scenario"), repeat, quick, out, seed, asked)
+    chosen = _split(scenario, SCENARIO_NAMES, "scenario")
+    if suite:
+        chosen = [n for n in chosen if next(s for s in SCENARIOS if s.name == n).suite == suite]
+        if not chosen:
+            raise click.BadParameter(f"no scenario of --scenario {scenario!r} is in suite {suite!r}")
+    code = run(peers, chosen, repeat, quick, out, seed, asked)
     sys.exit(code)
 
 

@@ -37,14 +37,14 @@ def test_example_relay_is_the_shipped_app():
     assert example is shipped
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_bench_quick(tmp_path):
     env = dict(os.environ)
     if NODE_MODULES.is_dir():
         env["NODE_PATH"] = os.pathsep.join(filter(None, [str(NODE_MODULES), env.get("NODE_PATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "fastws.bench", "--quick", "--out", str(tmp_path), "--redis-url", REDIS_URL],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
     )
     report = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, report
@@ -55,7 +55,7 @@ def test_bench_quick(tmp_path):
     skipped = results["skipped"]
     assert "fastws" not in skipped, skipped
     # every peer of the [bench] extra must run; socketify is optional (not in [bench])
-    assert set(skipped) <= {"socketify", "socketify-deflate", "socketify-dedicated-deflate"}, skipped
+    assert set(skipped) <= {"socketify", "socketify-deflate", "socketify-dedicated-deflate", "socketify-tls"}, skipped
 
     from fastws.bench.runner import SCENARIO_NAMES
 
@@ -143,6 +143,18 @@ def test_bench_quick(tmp_path):
                 assert r["received_compressed"] == got > 0, (name, server, r)
                 if server == "fastws":  # the default: no server context takeover
                     assert "server_no_context_takeover" in r["deflate"], (name, r)
+    # TLS (wss://): the relay behind TLS on fastws (--ssl-certfile) and on every peer that serves it, the
+    # raw uvloop TLS echo on the echo, handshake and memory scenarios; every connection went through TLS.
+    tls_peers = {"fastws", "websockets-tls", "aiohttp-tls", "picows-tls", "uvicorn-websockets-tls", "node-ws-tls",
+                 "socketify-tls"} - set(skipped)
+    for name in ("tls-echo", "tls-fanout-1k", "tls-fanout-10k", "tls-handshake", "tls-memory"):
+        sc = results["scenarios"][name]
+        want = tls_peers if "fanout" in name else tls_peers | {"raw-tls"}
+        assert set(sc["runs"]) == want, (name, set(sc["runs"]))
+        assert "--ssl-certfile" in sc["servers"]["fastws"]["label"], sc["servers"]["fastws"]
+        for server, rs in sc["runs"].items():
+            for r in rs:
+                assert r["tls"]["enabled"] and r["tls"]["version"].startswith("TLSv1."), (name, server, r)
     assert list(tmp_path.glob("quick-*.md")), report
     assert list(tmp_path.glob("quick-*-echo.png")), report
 

@@ -1,7 +1,8 @@
 """The relay app on ``aiohttp`` (``web.WebSocketResponse``).
 
 ``--compression``: ``compress=True`` (permessage-deflate with aiohttp's
-defaults: each connection compresses for itself)."""
+defaults: each connection compresses for itself). ``--certfile``/``--keyfile``:
+serve TLS (``wss://``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncio
 import uvloop
 from aiohttp import WSMsgType, web
 
-from fastws.bench.peers._common import MAX_SIZE, parse_args
+from fastws.bench.peers._common import MAX_SIZE, parse_args, server_ssl_context
 
 SUBSCRIBERS: set = set()
 COMPRESS = False
@@ -57,4 +58,5 @@ if __name__ == "__main__":
     a = parse_args(__doc__.splitlines()[0], compression=("deflate",))
     COMPRESS = a.compression is not None
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(make_app(), host=a.host, port=a.port, access_log=None, print=None, backlog=4096)
+    web.run_app(make_app(), host=a.host, port=a.port, access_log=None, print=None, backlog=4096,
+                ssl_context=server_ssl_context(a))

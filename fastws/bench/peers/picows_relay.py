@@ -1,11 +1,11 @@
-"""The relay app on ``picows`` (frame-level listener API)."""
+"""The relay app on ``picows`` (frame-level listener API); ``--certfile``/``--keyfile``: TLS."""
 
 from __future__ import annotations
 
 import uvloop
 from picows import WSListener, WSMsgType, WSUpgradeRequest, ws_create_server
 
-from fastws.bench.peers._common import MAX_SIZE, parse_args
+from fastws.bench.peers._common import MAX_SIZE, parse_args, server_ssl_context
 
 SUBSCRIBERS: set = set()
 
@@ -42,12 +42,12 @@ def listener_factory(request: WSUpgradeRequest):
     return Echo() if request.path == b"/echo" or request.path == "/echo" else Subscriber()
 
 
-async def main(host: str, port: int) -> None:
-    server = await ws_create_server(listener_factory, host, port, max_frame_size=MAX_SIZE, backlog=4096)
+async def main(host: str, port: int, ssl=None) -> None:
+    server = await ws_create_server(listener_factory, host, port, max_frame_size=MAX_SIZE, backlog=4096, ssl=ssl)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
     a = parse_args(__doc__.splitlines()[0])
-    uvloop.run(main(a.host, a.port))
+    uvloop.run(main(a.host, a.port, server_ssl_context(a)))

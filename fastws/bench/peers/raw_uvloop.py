@@ -5,7 +5,8 @@ Until the request head ends it buffers; then it answers a fixed 101 (with the
 and from then on writes every received chunk back unchanged, masked client
 frames included. The load generator knows (``--raw``) to expect its own
 frames back. Echo, latency, large-message, handshake and memory only: it
-does not relay.
+does not relay. With ``--certfile``/``--keyfile`` the same over TLS
+(uvloop's TLS transport): the ceiling of every uvloop-based server on wss://.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 
 import uvloop
 
-from fastws.bench.peers._common import parse_args
+from fastws.bench.peers._common import parse_args, server_ssl_context
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = base64.b64encode(hashlib.sha1(KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
@@ -48,13 +49,13 @@ class RawEcho(asyncio.Protocol):
         self.transport.write(RESPONSE + rest if rest else RESPONSE)
 
 
-async def main(host: str, port: int) -> None:
+async def main(host: str, port: int, ssl=None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(RawEcho, host, port, backlog=4096)
+    server = await loop.create_server(RawEcho, host, port, backlog=4096, ssl=ssl)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
     a = parse_args(__doc__.splitlines()[0])
-    uvloop.run(main(a.host, a.port))
+    uvloop.run(main(a.host, a.port, server_ssl_context(a)))

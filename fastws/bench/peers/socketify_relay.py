@@ -5,11 +5,12 @@ compressed. ``shared`` (CompressOptions.SHARED_COMPRESSOR and
 SHARED_DECOMPRESSOR): one compressor for the whole server, no context
 takeover, as fastws's default; ``dedicated`` (DEDICATED_COMPRESSOR and
 DEDICATED_DECOMPRESSOR): one compressor per connection with context takeover
-(smaller frames, more memory and CPU per connection)."""
+(smaller frames, more memory and CPU per connection). ``--certfile``/``--keyfile``:
+serve TLS (``wss://``, uWebSockets' own OpenSSL layer)."""
 
 from __future__ import annotations
 
-from socketify import App, AppListenOptions, CompressOptions
+from socketify import App, AppListenOptions, AppOptions, CompressOptions
 
 from fastws.bench.peers._common import MAX_SIZE, parse_args
 
@@ -23,8 +24,8 @@ COMPRESSION = {
 }
 
 
-def make_app(compression: str | None = None) -> App:
-    app = App()
+def make_app(compression: str | None = None, certfile: str | None = None, keyfile: str | None = None) -> App:
+    app = App(AppOptions(key_file_name=keyfile, cert_file_name=certfile)) if certfile else App()
     compress = compression is not None
 
     def echo_message(ws, message, opcode):
@@ -49,6 +50,6 @@ def make_app(compression: str | None = None) -> App:
 
 if __name__ == "__main__":
     a = parse_args(__doc__.splitlines()[0], compression=("shared", "dedicated"))
-    app = make_app(a.compression)
+    app = make_app(a.compression, a.certfile, a.keyfile)
     app.listen(AppListenOptions(port=a.port, host=a.host), lambda config: None)
     app.run()

@@ -1,7 +1,8 @@
 """The relay app on Starlette, served by uvicorn (``--ws websockets`` or ``wsproto``).
 
 ``--compression``: ``ws_per_message_deflate=True`` (permessage-deflate as the
-chosen --ws implementation does it under uvicorn)."""
+chosen --ws implementation does it under uvicorn). ``--certfile``/``--keyfile``:
+serve TLS (uvicorn's ``ssl_certfile``/``ssl_keyfile``)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ws", default="websockets", choices=["websockets", "wsproto", "websockets-sansio"])
     p.add_argument("--compression", action="store_true", help="negotiate permessage-deflate")
+    p.add_argument("--certfile", help="serve TLS (wss://) with this certificate (PEM)")
+    p.add_argument("--keyfile", help="the certificate's private key (PEM)")
     a = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -66,4 +69,5 @@ if __name__ == "__main__":
         app, host=a.host, port=a.port, ws=a.ws, loop="uvloop", http="auto",
         lifespan="off", log_level="warning", access_log=False, backlog=4096,
         ws_max_size=MAX_SIZE, ws_per_message_deflate=a.compression, ws_ping_interval=None,
+        ssl_certfile=a.certfile, ssl_keyfile=a.keyfile,
     )

@@ -2,14 +2,15 @@
 
 ``--compression``: permessage-deflate with websockets' defaults
 (``compression="deflate"``: context takeover, server_max_window_bits=12,
-memLevel 5; ``broadcast`` compresses for each connection)."""
+memLevel 5; ``broadcast`` compresses for each connection).
+``--certfile``/``--keyfile``: serve TLS (``wss://``)."""
 
 from __future__ import annotations
 
 import uvloop
 from websockets.asyncio.server import broadcast, serve
 
-from fastws.bench.peers._common import MAX_SIZE, parse_args
+from fastws.bench.peers._common import MAX_SIZE, parse_args, server_ssl_context
 
 SUBSCRIBERS: set = set()
 
@@ -27,14 +28,14 @@ async def handler(ws):
         SUBSCRIBERS.discard(ws)
 
 
-async def main(host: str, port: int, compression: str | None = None) -> None:
+async def main(host: str, port: int, compression: str | None = None, ssl=None) -> None:
     async with serve(
         handler, host, port, compression=compression, max_size=MAX_SIZE,
-        ping_interval=None, backlog=4096,
+        ping_interval=None, backlog=4096, ssl=ssl,
     ) as server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
     a = parse_args(__doc__.splitlines()[0], compression=("deflate",))
-    uvloop.run(main(a.host, a.port, a.compression))
+    uvloop.run(main(a.host, a.port, a.compression, server_ssl_context(a)))
