@@ -79,6 +79,10 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_sendmsg "sendmsg"(int fd, const msghdr* msg, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int c_ioctl "ioctl"(int fd, unsigned long request, ...)
+    unsigned long FIONREAD
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.math cimport ceil as math_ceil
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC

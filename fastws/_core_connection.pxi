@@ -723,12 +723,17 @@ cdef class Connection(Engine):
             return
         cdef long now = hub._tick_no
         if hub.idle_timeout > 0 and (now - self._msg_tick) * hub.tick >= hub.idle_timeout:
+            if self._input_waiting():
+                hub._schedule(self, hub.tick, kind)   # read what came first (see _input_waiting)
+                return
             hub.idle_timeouts += 1
             self.close(_IDLE_TIMEOUT.code, _IDLE_TIMEOUT.reason)
             return
         if kind == T_PONG:
             if self._rx_tick >= self._ping_tick:
                 self._schedule_heartbeat()   # alive: the pong (or data) came
+            elif self._input_waiting():
+                hub._schedule(self, hub.tick, T_PONG)
             else:
                 hub.ping_timeouts += 1
                 self.close(_PING_TIMEOUT.code, _PING_TIMEOUT.reason)
@@ -740,6 +745,34 @@ cdef class Connection(Engine):
             hub._schedule(self, hub.ping_timeout, T_PONG)
         else:
             self._schedule_heartbeat()
+
+    cdef bint _input_waiting(self):
+        """Bytes from the peer wait unread in the socket while reading is on.
+
+        The wheel's tick can run before the read of what arrived while the
+        loop was blocked (a long handler, a broadcast to a huge room): a
+        pong that came in time would then count as missing.  A deadline
+        that finds input waiting is checked again one tick later, after the
+        loop has read it.  Not while reading is paused: then the input
+        cannot be read, and the deadline holds."""
+        cdef int fd = self._fd
+        cdef int n = 0
+        transport = self.transport
+        if transport is None:
+            return False
+        try:
+            if not transport.is_reading():
+                return False
+            if fd < 0:
+                sock = transport.get_extra_info("socket")
+                if sock is None:
+                    return False
+                fd = sock.fileno()
+        except Exception:
+            return False
+        if fd < 0 or c_ioctl(fd, FIONREAD, &n) != 0:
+            return False
+        return n > 0
 
     cdef _schedule_heartbeat(self):
         cdef Hub hub = self._hub

@@ -30,8 +30,11 @@ may let the kernel read them into the message).
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
 import math
+import termios
 import time
 
 from . import _wsproto_engine as engine_mod
@@ -967,12 +970,17 @@ class Connection:
             return
         now = hub._tick_no
         if hub.idle_timeout > 0 and (now - self._msg_tick) * hub.tick >= hub.idle_timeout:
+            if self._input_waiting():
+                hub._schedule(self, hub.tick, kind)   # read what came first (see _input_waiting)
+                return
             hub.idle_timeouts += 1
             self.close(*IDLE_TIMEOUT)
             return
         if kind == T_PONG:
             if self._rx_tick >= self._ping_tick:
                 self._schedule_heartbeat()   # alive: the pong (or data) came
+            elif self._input_waiting():
+                hub._schedule(self, hub.tick, T_PONG)
             else:
                 hub.ping_timeouts += 1
                 self.close(*PING_TIMEOUT)
@@ -984,6 +992,30 @@ class Connection:
             hub._schedule(self, hub.ping_timeout, T_PONG)
         else:
             self._schedule_heartbeat()
+
+    def _input_waiting(self) -> bool:
+        """Bytes from the peer wait unread in the socket while reading is on.
+
+        The wheel's tick can run before the read of what arrived while the
+        loop was blocked (a long handler, a broadcast to a huge room): a
+        pong that came in time would then count as missing.  A deadline
+        that finds input waiting is checked again one tick later, after the
+        loop has read it.  Not while reading is paused: then the input
+        cannot be read, and the deadline holds."""
+        transport = self.transport
+        if transport is None:
+            return False
+        try:
+            if not transport.is_reading():
+                return False
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            waiting = array.array("i", [0])
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting, True)
+        except (OSError, ValueError, AttributeError):
+            return False
+        return waiting[0] > 0
 
     def _schedule_heartbeat(self):
         hub = self._hub

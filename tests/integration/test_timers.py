@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
+import threading
+import time
 
 import pytest
 import uvloop
@@ -38,12 +41,12 @@ def make_app():
     return app, closed
 
 
-async def start(engine, monkeypatch, **timers):
+async def start(engine, monkeypatch, app_factory=make_app, **timers):
     if engine == "wsproto":
         monkeypatch.setattr(core, "IMPLEMENTATION", "wsproto")
     else:
         assert core.IMPLEMENTATION == "cython"
-    app, closed = make_app()
+    app, closed = app_factory()
     cfg = Config(host="127.0.0.1", port=0, close_timeout=0.5)
     for k, v in timers.items():
         setattr(cfg, k, v)
@@ -171,6 +174,88 @@ def test_timer_wheel_holds_no_handle_per_connection(monkeypatch):
                 break
             await asyncio.sleep(0.05)
         assert server.node.hub.scheduled == 0
+        await server.shutdown()
+
+    uvloop.run(main())
+
+
+def make_stalling_app():
+    """The echo app, plus "stall": the handler blocks the event loop for a second."""
+    app, closed = make_app()
+
+    @app.on_message("/stall")
+    def stall(conn, data):
+        time.sleep(1.0)
+
+    return app, closed
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pong_that_came_while_the_loop_was_blocked_is_proof_of_life(engine, monkeypatch):
+    """A ping goes out; then a handler blocks the loop across the pong's deadline
+    and the client's pong arrives meanwhile.  When the loop runs again, the
+    wheel's tick comes before the read: the server must see that input is
+    waiting on the socket and read it before it judges the client, not close
+    a live client with 1011.  (The clients are blocking sockets in a thread,
+    so they act while the server's loop is blocked.)"""
+    def raw_upgrade(port, path):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        return s
+
+    def recv_frame(s):
+        def exactly(n):
+            buf = b""
+            while len(buf) < n:
+                chunk = s.recv(n - len(buf))
+                assert chunk, "connection closed"
+                buf += chunk
+            return buf
+        b0, b1 = exactly(2)
+        return b0 & 0x0F, exactly(b1 & 0x7F)
+
+    def clients(port, out):
+        a = raw_upgrade(port, "/")
+        b = raw_upgrade(port, "/stall")
+        op, payload = recv_frame(a)           # the server's ping: the wheel's tick N
+        t0 = time.monotonic()
+        assert op == 0x9
+        # the pong is due by tick N + 4 (0.8 s, ticks of 0.2 s): block the loop between
+        # ticks N + 3 and N + 4, for a second, and answer while it is blocked
+        time.sleep(max(0.0, t0 + 0.7 - time.monotonic()))
+        b.sendall(masked(0x2, b"x"))
+        time.sleep(0.05)
+        a.sendall(masked(0xA, payload))
+        time.sleep(1.2)                       # the stall is over; the server judged and read
+        a.sendall(masked(0x1, b"alive"))
+        while True:
+            op, payload = recv_frame(a)
+            if op == 0x9:                     # a later ping: answer it too
+                a.sendall(masked(0xA, payload))
+                continue
+            out.append((op, payload))
+            break
+        a.close()
+        b.close()
+
+    async def main():
+        server, closed = await start(engine, monkeypatch, make_stalling_app, ping_interval=0.8, ping_timeout=0.8,
+                                     close_timeout=5.0)
+        assert server.node.hub.tick == 0.2   # a quarter of the shortest timeout
+        out: list = []
+        t = threading.Thread(target=clients, args=(server.port, out), daemon=True)
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(None, t.run)
+        await asyncio.wait_for(done, 15)
+        assert out == [(0x1, b"alive")], out
+        assert server.node.hub.ping_timeouts == 0
+        assert closed == [] or all(code != 1011 for code, _ in closed), closed
         await server.shutdown()
 
     uvloop.run(main())
