@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -163,6 +164,7 @@ class _Regions:
     def __init__(self, work: Path, delay: float) -> None:
         self.work, self.delay = work, delay
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, int] = {}        # "redis-a", "node-b" ... -> pid
         self.redis = {r: _free_port() for r in "ab"}
         self.ports = {r: _free_port() for r in "ab"}
         self.proxies = {"a": _Delay(self.redis["b"], delay), "b": _Delay(self.redis["a"], delay)}
@@ -172,6 +174,7 @@ class _Regions:
             self.procs.append(subprocess.Popen(
                 ["redis-server", "--port", str(self.redis[r]), "--bind", HOST, "--save", "", "--appendonly", "no",
                  "--dir", str(self.work)], stdout=subprocess.DEVNULL))
+            self.named[f"redis-{r}"] = self.procs[-1].pid
         for p in self.proxies.values():
             await p.start()
         for r, other in (("a", "b"), ("b", "a")):
@@ -181,6 +184,7 @@ class _Regions:
                  "--port", str(self.ports[r]), "--broker", f"redis://{HOST}:{self.redis[r]}/0", "--region", r,
                  "--region-peers", f"{other}=redis://{HOST}:{self.proxies[r].port}/0", "--log-level", "warning"],
                 stdout=log, stderr=subprocess.STDOUT))
+            self.named[f"node-{r}"] = self.procs[-1].pid
         deadline = time.monotonic() + 30
         for r in "ab":
             while not await asyncio.to_thread(self._healthy, r):
@@ -211,6 +215,21 @@ class _Regions:
 
 
 # -- the measures ------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process used so far (Linux's /proc;
+    empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -247,6 +266,8 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         await sender
 
         # throughput: --messages of 64 bytes through the link a -> b
+        pids = {"bench": os.getpid(), **world.named}
+        cpu0 = _cpu_seconds(pids)
         t0 = time.perf_counter()
         await tx.send(json.dumps({"op": "flood", "n": args.messages, "size": 64}))
         for i in range(args.messages):
@@ -254,6 +275,8 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if int(str(data)[:10]) != i or len(data) != 64:
                 raise SystemExit(f"throughput: message {str(data)[:10]} arrived where {i} was due")
         took = time.perf_counter() - t0
+        cpu1 = _cpu_seconds(pids)
+        cpu_us = {name: round((cpu1[name] - cpu0[name]) * 1e6 / args.messages, 2) for name in cpu1 if name in cpu0}
         flooded = json.loads(await asyncio.wait_for(tx.recv(), 30))
         assert flooded["op"] == "flooded", flooded
 
@@ -276,7 +299,9 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "latency_ms": {"messages": len(lat), "rate_per_s": args.rate, "p50": round(statistics.median(lat), 2),
                        "p99": round(_pct(lat, 0.99), 2), "max": round(max(lat), 2)},
         "throughput": {"messages": args.messages, "size": 64, "seconds": round(took, 3),
-                       "per_second": round(args.messages / took)},
+                       "per_second": round(args.messages / took),
+                       # CPU (user + system) per message of each process during the phase
+                       "cpu_us_per_message": cpu_us},
         "lookups_per_second": rates,
     }
 
