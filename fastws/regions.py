@@ -40,57 +40,82 @@ Crossing a region boundary
 --------------------------
 A message for another region (a room publish goes to every other region; a
 message for a user to the regions holding the user) is first appended, in
-call order, to this region's *outbox* for that region, in its own Redis::
+call order, to this region's *outbox* for that region, in its own Redis,
+one entry per message::
 
     fastws:{prefix}:region:{region}:out:{peer}      stream
 
+A node's writer takes whatever its node queued meanwhile (up to
+:data:`WRITE_BATCH` writes) and appends it in one script per outbox; it
+sends the next batch once Redis answered the last, so a message handed over
+while the link is idle goes out at once, and only what accumulated during a
+round trip waits for the next one.
+
 One node of the region (whichever holds the lease
 ``fastws:{prefix}:region:{region}:lease:out:{peer}``; any other takes over
-when it stops) reads the outbox in order and appends each entry to the
-peer's inbound stream in the peer's Redis::
+when it stops) reads the outbox in order (up to :data:`BATCH` entries at a
+time, a blocking ``XREAD`` that answers as soon as there is one) and appends
+what it read as *one* entry to the peer's inbound stream in the peer's
+Redis::
 
     fastws:{prefix}:messages:{peer}                 stream
 
-one ``XADD`` per message and target region, whatever the number of nodes and
-members there.  Batches go out back to back on one connection (up to
-:data:`WINDOW` batches not answered yet), so a link with a long round trip
-is not idle while it waits for answers, and the peer gets them in order.
-The outbox entry's id is the message's *per-origin sequence* (it grows with
-every entry of that outbox).  Only once the peer's Redis has
-taken a batch are its entries deleted from the outbox, so a crash between
-the two sends them again: the hop is at-least-once.
+one ``XADD`` per batch and target region, whatever the number of messages,
+nodes and members there.  Batches go out back to back on one connection (up
+to :data:`WINDOW` batches not answered yet), so a link with a long round
+trip is not idle while it waits for answers, and the peer gets them in
+order.  The outbox entry's id is the message's *per-origin sequence* (it
+grows with every entry of that outbox); it travels with the message.  Only
+once the peer's Redis has taken a batch does it leave the outbox (one
+``XTRIM MINID`` past its last entry), so a crash between the two sends it
+again: the hop is at-least-once.
+
+The format (both ends are this module; ``record`` and ``pack_batch`` below):
+
+* a *record* (one message): ``!cBHHI`` kind (``r`` room, ``u`` user), hop
+  (1: already sent on once), the lengths of the namespace, the target (room
+  or user) and the payload; then the three (the payload is the broker's
+  ROOM payload: opcode, priority, body);
+* an outbox entry: the field ``m`` = one record;
+* an inbound entry: ``o`` = the origin region, ``b`` = the batch: per
+  message ``!QQI`` its sequence (the outbox id's milliseconds and sequence
+  number) and the record's length, then the record.
+
+The reader still takes the former format, one message per entry (outbox:
+``k n t p h``; inbound: ``o s k n t p h``), so entries queued by an older
+version are delivered after an upgrade.
 
 While a peer region cannot be reached, its outbox grows, bounded by
-``region_queue_max`` entries and ``region_queue_age`` seconds: the oldest
+``region_queue_max`` messages and ``region_queue_age`` seconds: the oldest
 entries past either bound are trimmed and counted
 (``fastws_region_dropped_total{peer,reason="length"|"age"}`` in
 ``/metrics``, ``dropped`` in ``/regions``; a warning is logged).  When the
-peer comes back, the outbox drains in order.  A peer whose inbound stream is
-longer than ``region_queue_max`` (its nodes are not consuming) is treated
-the same way: its messages wait in the outbox.
+peer comes back, the outbox drains in order.  A peer whose inbound stream
+holds more than ``max(WINDOW, region_queue_max / BATCH)`` batches (its nodes
+are not consuming) is treated the same way: its messages wait in the outbox.
 
 Receiving
 ---------
-The nodes of a region read their inbound stream with a consumer group:
-each entry is delivered once per region.  One node reads at a time, the
-holder of the lease ``fastws:{prefix}:region:{region}:lease:in``, under the
-group's one consumer name ``reader``; when it stops, another node takes the
-lease and first delivers what the former holder read but did not
-acknowledge (it is still pending for ``reader``), so the entries of one
-origin are handled in their order.  Reading and delivering are Lua scripts
-that first check the lease: a node that lost it reads and delivers nothing.
-For each batch the reader, in one script on the region's Redis, publishes
-each message on its room's channel of the region's broker (so every node of
-the region delivers it to its local members, as if it had been published
-there), records the batch's last sequence per origin
-(``fastws:{prefix}:region:{region}:applied``, a hash origin -> sequence),
-acknowledges and deletes the entries.  An entry whose sequence is not above
-the last applied from its origin is a copy sent again: it is acknowledged
-and counted (``fastws_region_inbound_total{outcome="duplicates"}``), not
-delivered.  So a member gets each message once, and per room the messages
-of one origin region in the order that region published them.
-Nothing received is forwarded again, except a user message for a user who
-is no longer in this region (see above).
+One node of a region reads its inbound stream at a time, the holder of the
+lease ``fastws:{prefix}:region:{region}:lease:in``.  It reads the oldest
+entries (up to :data:`READ_COUNT` batches; a delivered entry is deleted, so
+what is there is what is not delivered yet) with a blocking ``XREAD`` that
+answers as soon as an entry comes, and delivers them in one Lua script on
+the region's Redis that first checks the lease (a node that lost it
+delivers nothing): it publishes each message on its room's channel of the
+region's broker (so every node of the region delivers it to its local
+members, as if it had been published there), records the last sequence
+applied per origin (``fastws:{prefix}:region:{region}:applied``, a hash
+origin -> sequence) and deletes the entries.  A message whose sequence is
+not above the last applied from its origin is a copy sent again (a whole
+batch sent twice, or batches that overlap): it is counted
+(``fastws_region_inbound_total{outcome="duplicates"}``), not delivered.
+When the reader stops, another node takes the lease, reads the applied
+sequences and delivers what is left in the stream, from its oldest entry.
+So a member gets each message once, and per room the messages of one origin
+region in the order that region published them.  Nothing received is
+forwarded again, except a user message for a user who is no longer in this
+region (see above).
 
 Faults
 ------
@@ -102,19 +127,20 @@ Faults
   counted with ``reason="local"``) until the Redis is back.  The other regions keep
   serving their users and queue for this one.
 * This region's Redis restarted empty: the directory is rewritten by the
-  next refresh, the consumer group is created again.  Once this region's
-  Redis is back after an outage, the reader waits :data:`READ_SETTLE`
-  seconds before it delivers again, so that every node's broker has
-  subscribed again (the broker's pub/sub reaches only the nodes subscribed
-  at the time of a publish).
+  next refresh (and what the stream and the outboxes held is lost with it).
+  Once this region's Redis is back after an outage, the reader waits
+  :data:`READ_SETTLE` seconds before it delivers again, so that every node's
+  broker has subscribed again (the broker's pub/sub reaches only the nodes
+  subscribed at the time of a publish).
 * The reader's node stops: its lease expires after :data:`LEASE_TTL`
   seconds, another node of the region takes over (see Receiving).
 
 This module speaks to Redis with ``redis.asyncio`` (``pip install
-"fastws[redis]"``) for the directory, the leases and the reader, and with the
-broker's own RESP connection (:class:`fastws.broker.redis.RespConn`) for what
-is on the path of every message: the ordered appends to the outbox, the
-forwarder's reads and deletes, and the batches it moves to another region.
+"fastws[redis]"``) for the directory, the outbox bounds and the watch, and
+with the broker's own RESP connection (:class:`fastws.broker.redis.RespConn`)
+for what is on the path of every message: the ordered appends to the
+outbox, the forwarder's reads and trims, the batches it moves to another
+region, and the reader's reads and deliveries.
 A ``RespConn`` writes each command at once and matches the answers in order,
 so many batches can be in flight on one connection (``redis.asyncio`` would
 spread concurrent pipelines over its pool's connections, and their order with
