@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -115,7 +116,7 @@ class _Delay:
         self.target, self.delay, self.port = target, delay, _free_port()
         self.stats = work / f"proxy-{name}.json"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.late_ms: dict[str, float] = {}
+        self.late_ms: dict[str, dict[str, float]] = {}
 
     async def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "fastws.bench.regions", "--proxy",
@@ -129,6 +130,12 @@ class _Delay:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise SystemExit("the delay proxy did not start") from None
                 await asyncio.sleep(0.05)
+
+    def phase_done(self) -> None:
+        """The latency phase is over: its lateness apart from the rest's."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.05)
 
     def close(self) -> None:
         if self.proc is None:
@@ -144,7 +151,6 @@ class _Delay:
 
 def _proxy_main(spec: str) -> None:
     """The delay proxy's process (see :class:`_Delay`): ``port:target:delay:stats``."""
-    import signal
     import threading
 
     port, target, delay_s, stats = spec.split(":", 3)
@@ -191,13 +197,23 @@ def _proxy_main(spec: str) -> None:
             if not chunk:
                 return
 
-    def stop(*_: Any) -> None:
+    phases: dict[str, dict[str, float]] = {}
+
+    def summary() -> dict[str, float]:
         s = sorted(late) or [0.0]
-        Path(stats).write_text(json.dumps({
-            "chunks": len(late), "p50": round(s[len(s) // 2] * 1000, 3),
-            "p99": round(s[min(len(s) - 1, int(0.99 * len(s)))] * 1000, 3), "max": round(s[-1] * 1000, 3)}))
+        return {"chunks": len(late), "p50": round(s[len(s) // 2] * 1000, 3),
+                "p99": round(s[min(len(s) - 1, int(0.99 * len(s)))] * 1000, 3), "max": round(s[-1] * 1000, 3)}
+
+    def latency_done(*_: Any) -> None:     # SIGUSR1: what came so far was the latency phase
+        phases["latency"] = summary()
+        late.clear()
+
+    def stop(*_: Any) -> None:
+        phases["after"] = summary()
+        Path(stats).write_text(json.dumps(phases))
         os._exit(0)
 
+    signal.signal(signal.SIGUSR1, latency_done)
     signal.signal(signal.SIGTERM, stop)
     while True:
         conn, _ = server.accept()
@@ -404,6 +420,8 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sender = asyncio.create_task(send_timed())
         await asyncio.wait_for(done, 30 + args.latency_messages / args.rate)
         await sender
+        for p in world.proxies.values():
+            p.phase_done()
 
         # throughput: --messages of 64 bytes through the link a -> b
         pids = {"bench": os.getpid(), **world.named}
@@ -451,7 +469,8 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                        # CPU (user + system) per message of each process during the phase
                        "cpu_us_per_message": cpu_us},
         "lookups_per_second": rates,
-        # how late the delay proxies wrote a chunk, past the delay (all phases)
+        # how late the delay proxies wrote a chunk, past the delay: during the
+        # latency phase, and after it (the throughput phase saturates the cores)
         "proxy_late_ms": {r: p.late_ms for r, p in world.proxies.items()},
     }
 
