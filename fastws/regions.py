@@ -98,9 +98,10 @@ Receiving
 ---------
 One node of a region reads its inbound stream at a time, the holder of the
 lease ``fastws:{prefix}:region:{region}:lease:in``.  It reads the oldest
-entries (up to :data:`READ_COUNT` batches; a delivered entry is deleted, so
-what is there is what is not delivered yet) with a blocking ``XREAD`` that
-answers as soon as an entry comes, and delivers them in one Lua script on
+entries (up to :data:`READ_COUNT`; a delivered entry is deleted, so what is
+there is what is not delivered yet) with a blocking ``XREAD`` that answers
+as soon as an entry comes, and delivers them (in scripts of about
+:data:`APPLY_BYTES` each) with a Lua script on
 the region's Redis that first checks the lease (a node that lost it
 delivers nothing): it publishes each message on its room's channel of the
 region's broker (so every node of the region delivers it to its local
@@ -179,8 +180,11 @@ LEASE_TTL = 3.0
 #: messages moved per batch: outbox entries the forwarder reads and packs into
 #: one entry of the peer's inbound stream
 BATCH = 1024
-#: inbound entries (each up to BATCH messages) the reader delivers in one script
-READ_COUNT = 4
+#: inbound entries (each up to BATCH messages) the reader reads at a time
+READ_COUNT = 64
+#: bytes of entries the reader delivers in one script, about (a script holds
+#: its Redis while it runs: a backlog goes out in several)
+APPLY_BYTES = 256 * 1024
 #: writes taken from this node's queue per round trip to its Redis
 WRITE_BATCH = 4096
 #: batches sent to a peer region and not answered yet, at most
@@ -900,8 +904,18 @@ class Regions:
                 # are some, else as soon as one comes
                 got = await _answer(conn.send("XREAD", "COUNT", READ_COUNT, "BLOCK", int(LEASE_TTL * 1000 / 6),
                                               "STREAMS", key, "0-0"), LEASE_TTL + 5.0)
-                if got:
-                    await self._apply(conn, key, lease, got[0][1])
+                chunk: list[Any] = []
+                size = 0
+                for entry in got[0][1] if got else ():
+                    chunk.append(entry)
+                    size += sum(len(v) for v in entry[1] or ())
+                    if size >= APPLY_BYTES:
+                        await self._apply(conn, key, lease, chunk)
+                        chunk, size = [], 0
+                        if not self._reading:     # the lease went to another node
+                            break
+                if chunk and self._reading:
+                    await self._apply(conn, key, lease, chunk)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

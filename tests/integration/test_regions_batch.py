@@ -193,3 +193,36 @@ def test_many_messages_cross_in_few_entries_in_order(two_redis: tuple[RedisProc,
             await client_b.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_backlog_is_delivered_in_several_scripts_in_order(two_redis: tuple[RedisProc, RedisProc],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog of 150 one-message entries of the former format, then a
+    batch of 50, read while the reader delivers at most about 2 KB per
+    script: all 200 arrive once, in order."""
+    import fastws.regions
+
+    monkeypatch.setattr(fastws.regions, "APPLY_BYTES", 2000)
+    ra, rb = two_redis
+
+    async def main() -> None:
+        b = _regions("b", rb, "a", ra)
+        sub = _Sub(rb.url, channel_name("", ("", "r")))
+        await sub.start()
+        client = redis.asyncio.from_url(rb.url)
+        key = b.inbound_key("b")
+        for i in range(150):
+            await client.xadd(key, {b"o": b"a", b"s": f"2000-{i}".encode(), b"k": b"r", b"n": b"", b"t": b"r",
+                                    b"p": pack_room_message(b"%d" % i), b"h": b"0"})
+        await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("2001", *(b"%d" % i for i in range(150, 200))))})
+        await b.start()
+        try:
+            assert await sub.wait(200) == [b"%d" % i for i in range(200)]
+            assert b.counters["duplicates"] == 0 and await client.xlen(key) == 0
+        finally:
+            await b.close()
+            await sub.close()
+            await client.aclose()
+
+    asyncio.run(main())
