@@ -264,7 +264,9 @@ def parse_record(rec: bytes) -> tuple[bytes, int, bytes, bytes, bytes]:
     a = _REC.size
     b = a + nl
     c = b + tl
-    return kind, hop, rec[a:b], rec[b:c], rec[c:c + pl]
+    if c + pl != len(rec):
+        raise ValueError(f"a record of {len(rec)} bytes says {c + pl}")
+    return kind, hop, rec[a:b], rec[b:c], rec[c:]
 
 
 def _old_record(flat: list[Any]) -> bytes:
@@ -297,6 +299,8 @@ def unpack_batch(blob: bytes) -> list[tuple[tuple[int, int], bytes]]:
         pos += size
         out.append(((ms, n), blob[pos:pos + ln]))
         pos += ln
+    if pos != end:
+        raise ValueError(f"a batch of {end} bytes ends at {pos}")
     return out
 
 
@@ -935,11 +939,20 @@ class Regions:
         """Deliver ``entries`` to this region, exactly once each message (see
         the module docstring), in one script that runs only while this node
         still holds the reader's lease."""
-        decoded = []
+        decoded: list[tuple[Any, str, list[tuple[Any, ...]]]] = []
         users: set[bytes] = set()
+        malformed = 0
         for eid, flat in entries:
-            origin, msgs = inbound_messages(flat or [])
-            parsed = [(seq, *parse_record(rec)) for seq, rec in msgs]
+            try:
+                origin, msgs = inbound_messages(flat or [])
+                parsed = [(seq, *parse_record(rec)) for seq, rec in msgs]
+            except (struct.error, ValueError, IndexError) as exc:
+                # not this module's format: deleted and counted, never retried forever
+                malformed += 1
+                log.warning("fastws: region %s: dropped a malformed inbound entry %s (%s; counted as "
+                            "undeliverable)", self.region, _text(eid), exc)
+                decoded.append((eid, "", []))
+                continue
             users.update(m[4] for m in parsed if m[1] == b"u")
             decoded.append((eid, origin, parsed))
         # users: is each here, or where is it now?
@@ -949,7 +962,7 @@ class Regions:
             where[user] = (self.region in found, found)
         applied = dict(self._applied)
         ops: list[Any] = []
-        counts = {"received": 0, "duplicates": 0, "redirected": 0, "undeliverable": 0}
+        counts = {"received": 0, "duplicates": 0, "redirected": 0, "undeliverable": malformed}
         received: dict[str, int] = {}
         run_channel: bytes | None = None        # consecutive publishes to one channel: one op
         run: list[bytes] = []

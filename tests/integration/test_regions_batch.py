@@ -226,3 +226,30 @@ def test_a_backlog_is_delivered_in_several_scripts_in_order(two_redis: tuple[Red
             await client.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_entry_is_dropped_and_counted(two_redis: tuple[RedisProc, RedisProc]) -> None:
+    """An inbound entry that is no batch this module could have written (a
+    truncated one) is deleted and counted as undeliverable; what follows is
+    delivered."""
+    ra, rb = two_redis
+
+    async def main() -> None:
+        b = _regions("b", rb, "a", ra)
+        sub = _Sub(rb.url, channel_name("", ("", "r")))
+        await sub.start()
+        client = redis.asyncio.from_url(rb.url)
+        key = b.inbound_key("b")
+        await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("3000", b"x"))[:-3]})
+        await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("3001", b"1", b"2"))})
+        await b.start()
+        try:
+            assert await sub.wait(2) == [b"1", b"2"]
+            assert b.counters["undeliverable"] == 1 and await client.xlen(key) == 0
+        finally:
+            await b.close()
+            await sub.close()
+            await client.aclose()
+
+    asyncio.run(main())
