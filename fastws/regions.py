@@ -111,6 +111,8 @@ origin -> sequence) and deletes the entries.  A message whose sequence is
 not above the last applied from its origin is a copy sent again (a whole
 batch sent twice, or batches that overlap): it is counted
 (``fastws_region_inbound_total{outcome="duplicates"}``), not delivered.
+An entry that is no batch this module wrote (its lengths do not add up) is
+deleted, logged and counted as undeliverable.
 When the reader stops, another node takes the lease, reads the applied
 sequences and delivers what is left in the stream, from its oldest entry.
 So a member gets each message once, and per room the messages of one origin
