@@ -40,57 +40,85 @@ Crossing a region boundary
 --------------------------
 A message for another region (a room publish goes to every other region; a
 message for a user to the regions holding the user) is first appended, in
-call order, to this region's *outbox* for that region, in its own Redis::
+call order, to this region's *outbox* for that region, in its own Redis,
+one entry per message::
 
     fastws:{prefix}:region:{region}:out:{peer}      stream
 
+A node's writer takes whatever its node queued meanwhile (up to
+:data:`WRITE_BATCH` writes) and appends it in one script per outbox; it
+sends the next batch once Redis answered the last, so a message handed over
+while the link is idle goes out at once, and only what accumulated during a
+round trip waits for the next one.
+
 One node of the region (whichever holds the lease
 ``fastws:{prefix}:region:{region}:lease:out:{peer}``; any other takes over
-when it stops) reads the outbox in order and appends each entry to the
-peer's inbound stream in the peer's Redis::
+when it stops) reads the outbox in order (up to :data:`BATCH` entries at a
+time, a blocking ``XREAD`` that answers as soon as there is one) and appends
+what it read as *one* entry to the peer's inbound stream in the peer's
+Redis::
 
     fastws:{prefix}:messages:{peer}                 stream
 
-one ``XADD`` per message and target region, whatever the number of nodes and
-members there.  Batches go out back to back on one connection (up to
-:data:`WINDOW` batches not answered yet), so a link with a long round trip
-is not idle while it waits for answers, and the peer gets them in order.
-The outbox entry's id is the message's *per-origin sequence* (it grows with
-every entry of that outbox).  Only once the peer's Redis has
-taken a batch are its entries deleted from the outbox, so a crash between
-the two sends them again: the hop is at-least-once.
+one ``XADD`` per batch and target region, whatever the number of messages,
+nodes and members there.  Batches go out back to back on one connection (up
+to :data:`WINDOW` batches not answered yet), so a link with a long round
+trip is not idle while it waits for answers, and the peer gets them in
+order.  The outbox entry's id is the message's *per-origin sequence* (it
+grows with every entry of that outbox); it travels with the message.  Only
+once the peer's Redis has taken a batch does it leave the outbox (one
+``XTRIM MINID`` past its last entry), so a crash between the two sends it
+again: the hop is at-least-once.
+
+The format (both ends are this module; ``record`` and ``pack_batch`` below):
+
+* a *record* (one message): ``!cBHHI`` kind (``r`` room, ``u`` user), hop
+  (1: already sent on once), the lengths of the namespace, the target (room
+  or user) and the payload; then the three (the payload is the broker's
+  ROOM payload: opcode, priority, body);
+* an outbox entry: the field ``m`` = one record;
+* an inbound entry: ``o`` = the origin region, ``b`` = the batch: per
+  message ``!QQI`` its sequence (the outbox id's milliseconds and sequence
+  number) and the record's length, then the record.
+
+The reader still takes the former format, one message per entry (outbox:
+``k n t p h``; inbound: ``o s k n t p h``), so entries queued by an older
+version are delivered after an upgrade.
 
 While a peer region cannot be reached, its outbox grows, bounded by
-``region_queue_max`` entries and ``region_queue_age`` seconds: the oldest
+``region_queue_max`` messages and ``region_queue_age`` seconds: the oldest
 entries past either bound are trimmed and counted
 (``fastws_region_dropped_total{peer,reason="length"|"age"}`` in
 ``/metrics``, ``dropped`` in ``/regions``; a warning is logged).  When the
-peer comes back, the outbox drains in order.  A peer whose inbound stream is
-longer than ``region_queue_max`` (its nodes are not consuming) is treated
-the same way: its messages wait in the outbox.
+peer comes back, the outbox drains in order.  A peer whose inbound stream
+holds more than ``max(WINDOW, region_queue_max / BATCH)`` batches (its nodes
+are not consuming) is treated the same way: its messages wait in the outbox.
 
 Receiving
 ---------
-The nodes of a region read their inbound stream with a consumer group:
-each entry is delivered once per region.  One node reads at a time, the
-holder of the lease ``fastws:{prefix}:region:{region}:lease:in``, under the
-group's one consumer name ``reader``; when it stops, another node takes the
-lease and first delivers what the former holder read but did not
-acknowledge (it is still pending for ``reader``), so the entries of one
-origin are handled in their order.  Reading and delivering are Lua scripts
-that first check the lease: a node that lost it reads and delivers nothing.
-For each batch the reader, in one script on the region's Redis, publishes
-each message on its room's channel of the region's broker (so every node of
-the region delivers it to its local members, as if it had been published
-there), records the batch's last sequence per origin
-(``fastws:{prefix}:region:{region}:applied``, a hash origin -> sequence),
-acknowledges and deletes the entries.  An entry whose sequence is not above
-the last applied from its origin is a copy sent again: it is acknowledged
-and counted (``fastws_region_inbound_total{outcome="duplicates"}``), not
-delivered.  So a member gets each message once, and per room the messages
-of one origin region in the order that region published them.
-Nothing received is forwarded again, except a user message for a user who
-is no longer in this region (see above).
+One node of a region reads its inbound stream at a time, the holder of the
+lease ``fastws:{prefix}:region:{region}:lease:in``.  It reads the oldest
+entries (up to :data:`READ_COUNT`; a delivered entry is deleted, so what is
+there is what is not delivered yet) with a blocking ``XREAD`` that answers
+as soon as an entry comes, and delivers them (in scripts of about
+:data:`APPLY_BYTES` each) with a Lua script on
+the region's Redis that first checks the lease (a node that lost it
+delivers nothing): it publishes each message on its room's channel of the
+region's broker (so every node of the region delivers it to its local
+members, as if it had been published there), records the last sequence
+applied per origin (``fastws:{prefix}:region:{region}:applied``, a hash
+origin -> sequence) and deletes the entries.  A message whose sequence is
+not above the last applied from its origin is a copy sent again (a whole
+batch sent twice, or batches that overlap): it is counted
+(``fastws_region_inbound_total{outcome="duplicates"}``), not delivered.
+An entry that is no batch this module wrote (its lengths do not add up) is
+deleted, logged and counted as undeliverable.
+When the reader stops, another node takes the lease, reads the applied
+sequences and delivers what is left in the stream, from its oldest entry.
+So a member gets each message once, and per room the messages of one origin
+region in the order that region published them.  Nothing received is
+forwarded again, except a user message for a user who is no longer in this
+region (see above).
 
 Faults
 ------
@@ -102,19 +130,20 @@ Faults
   counted with ``reason="local"``) until the Redis is back.  The other regions keep
   serving their users and queue for this one.
 * This region's Redis restarted empty: the directory is rewritten by the
-  next refresh, the consumer group is created again.  Once this region's
-  Redis is back after an outage, the reader waits :data:`READ_SETTLE`
-  seconds before it delivers again, so that every node's broker has
-  subscribed again (the broker's pub/sub reaches only the nodes subscribed
-  at the time of a publish).
+  next refresh (and what the stream and the outboxes held is lost with it).
+  Once this region's Redis is back after an outage, the reader waits
+  :data:`READ_SETTLE` seconds before it delivers again, so that every node's
+  broker has subscribed again (the broker's pub/sub reaches only the nodes
+  subscribed at the time of a publish).
 * The reader's node stops: its lease expires after :data:`LEASE_TTL`
   seconds, another node of the region takes over (see Receiving).
 
 This module speaks to Redis with ``redis.asyncio`` (``pip install
-"fastws[redis]"``) for the directory, the leases and the reader, and with the
-broker's own RESP connection (:class:`fastws.broker.redis.RespConn`) for what
-is on the path of every message: the ordered appends to the outbox, the
-forwarder's reads and deletes, and the batches it moves to another region.
+"fastws[redis]"``) for the directory, the outbox bounds and the watch, and
+with the broker's own RESP connection (:class:`fastws.broker.redis.RespConn`)
+for what is on the path of every message: the ordered appends to the
+outbox, the forwarder's reads and trims, the batches it moves to another
+region, and the reader's reads and deliveries.
 A ``RespConn`` writes each command at once and matches the answers in order,
 so many batches can be in flight on one connection (``redis.asyncio`` would
 spread concurrent pipelines over its pool's connections, and their order with
@@ -126,6 +155,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -133,7 +163,7 @@ from typing import Any
 
 from .broker.redis import RespConn
 from .broker.sentinel import is_sentinel_url, open_url, parse_sentinel_url
-from .broker.wire import channel_name, pack_envelope, pack_room_message
+from .broker.wire import channel_name, id_after, pack_envelope, pack_room_message
 from .config import Config, mask_url, parse_region_peers
 from .frames import PRIORITY_NORMAL
 
@@ -149,8 +179,16 @@ CACHE_TTL = 2.0
 CACHE_TTL_PARTIAL = 0.5
 #: seconds a lease lives without a refresh (a stopped holder is replaced after it)
 LEASE_TTL = 3.0
-#: entries moved per batch (outbox -> peer, inbound -> local delivery)
-BATCH = 256
+#: messages moved per batch: outbox entries the forwarder reads and packs into
+#: one entry of the peer's inbound stream
+BATCH = 1024
+#: inbound entries (each up to BATCH messages) the reader reads at a time
+READ_COUNT = 64
+#: bytes of entries the reader delivers in one script, about (a script holds
+#: its Redis while it runs: a backlog goes out in several)
+APPLY_BYTES = 256 * 1024
+#: writes taken from this node's queue per round trip to its Redis
+WRITE_BATCH = 4096
 #: batches sent to a peer region and not answered yet, at most
 WINDOW = 64
 #: seconds to wait for one Redis command of a peer region
@@ -165,41 +203,37 @@ WATCH_INTERVAL = 1.0
 #: (its reconnect backoff is at most 5 s), so no member misses what follows
 READ_SETTLE = 6.0
 INSTALL_HINT = 'pip install "fastws[redis]"'
-GROUP = "fastws"
-#: the consumer name of the region's reader, whichever node it runs on: what
-#: one holder read and did not acknowledge is pending for the next one
-READER = "reader"
 
-#: the reader's step: hold (or take) the lease, then read what is pending,
-#: else what is new; {1, entries, last id in the stream} or nil (not the holder)
-_READ = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  redis.call('pexpire', KEYS[1], ARGV[2])
-elseif not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return false
-end
-local r = redis.call('xreadgroup', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'STREAMS', KEYS[2], '0')
-if r and r[1] and #r[1][2] > 0 then return {1, r[1][2], false} end
-r = redis.call('xreadgroup', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'STREAMS', KEYS[2], '>')
-if r and r[1] and #r[1][2] > 0 then return {1, r[1][2], false} end
-local last = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', 1)
-if #last > 0 then return {1, {}, last[1][1]} end
-return {1, {}, false}
+#: one message: kind (b"r" room, b"u" user), hop (1: sent on once already),
+#: lengths of the namespace, the target (room or user) and the payload; then
+#: the three
+_REC = struct.Struct("!cBHHI")
+#: one message in an inbound batch: its per-origin sequence (the outbox
+#: entry's id, ms and seq) and the length of its record; then the record
+_ITEM = struct.Struct("!QQI")
+
+#: the writer's append of messages to one outbox, one entry each (KEYS[1]
+#: the outbox, ARGV the records, in order)
+_APPEND = """
+for i = 1, #ARGV do redis.call('xadd', KEYS[1], '*', 'm', ARGV[i]) end
+return #ARGV
 """
 
-#: the reader's delivery of one batch, only while it holds the lease: P channel
-#: payload (publish), X outbox user payload (send on to the user's region), A
-#: origin seq (last applied), I id (acknowledge and delete)
+#: the reader's delivery of one batch, only while it holds the lease: Q channel
+#: n payload*n (publish each), X outbox record (send on to the user's region),
+#: A origin seq (last applied), I id (delete from the inbound stream)
 _APPLY = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 local ids = {}
-local i = 3
+local i = 2
 while i <= #ARGV do
   local op = ARGV[i]
-  if op == 'P' then
-    redis.call('publish', ARGV[i + 1], ARGV[i + 2]); i = i + 3
+  if op == 'Q' then
+    local ch, n = ARGV[i + 1], tonumber(ARGV[i + 2])
+    for j = i + 3, i + 2 + n do redis.call('publish', ch, ARGV[j]) end
+    i = i + 3 + n
   elseif op == 'X' then
-    redis.call('xadd', ARGV[i + 1], '*', 'k', 'u', 'n', '', 't', ARGV[i + 2], 'p', ARGV[i + 3], 'h', '1'); i = i + 4
+    redis.call('xadd', ARGV[i + 1], '*', 'm', ARGV[i + 2]); i = i + 3
   elseif op == 'A' then
     redis.call('hset', KEYS[2], ARGV[i + 1], ARGV[i + 2]); i = i + 3
   else
@@ -207,7 +241,6 @@ while i <= #ARGV do
   end
 end
 if #ids > 0 then
-  redis.call('xack', KEYS[3], ARGV[2], unpack(ids))
   redis.call('xdel', KEYS[3], unpack(ids))
 end
 return 1
@@ -220,6 +253,67 @@ end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
+
+
+def record(kind: bytes, hop: int, namespace: bytes, target: bytes, payload: bytes) -> bytes:
+    """One message as it is queued and sent (see the module docstring)."""
+    return _REC.pack(kind, hop, len(namespace), len(target), len(payload)) + namespace + target + payload
+
+
+def parse_record(rec: bytes) -> tuple[bytes, int, bytes, bytes, bytes]:
+    """``(kind, hop, namespace, target, payload)`` of a :func:`record`."""
+    kind, hop, nl, tl, pl = _REC.unpack_from(rec)
+    a = _REC.size
+    b = a + nl
+    c = b + tl
+    if c + pl != len(rec):
+        raise ValueError(f"a record of {len(rec)} bytes says {c + pl}")
+    return kind, hop, rec[a:b], rec[b:c], rec[c:]
+
+
+def _old_record(flat: list[Any]) -> bytes:
+    """The record of an entry in the former format, one message as fields
+    ``k n t p h`` (besides ``o s`` in an inbound entry)."""
+    f = dict(zip(flat[::2], flat[1::2], strict=False))
+    return record(b"u" if f.get(b"k") == b"u" else b"r", 1 if f.get(b"h") == b"1" else 0,
+                  f.get(b"n", b""), f.get(b"t", b""), f.get(b"p", b""))
+
+
+def pack_batch(entries: list[Any]) -> bytes:
+    """Outbox entries ``[(id, fields)]`` as the ``b`` field of one inbound entry."""
+    parts = []
+    pack = _ITEM.pack
+    for eid, flat in entries:
+        rec = flat[1] if len(flat) == 2 and flat[0] == b"m" else _old_record(flat)
+        ms, _, n = eid.partition(b"-")
+        parts.append(pack(int(ms), int(n or 0), len(rec)))
+        parts.append(rec)
+    return b"".join(parts)
+
+
+def unpack_batch(blob: bytes) -> list[tuple[tuple[int, int], bytes]]:
+    """``[((ms, seq), record)]`` of a :func:`pack_batch` field."""
+    out = []
+    pos, end, size = 0, len(blob), _ITEM.size
+    unpack = _ITEM.unpack_from
+    while pos < end:
+        ms, n, ln = unpack(blob, pos)
+        pos += size
+        out.append(((ms, n), blob[pos:pos + ln]))
+        pos += ln
+    if pos != end:
+        raise ValueError(f"a batch of {end} bytes ends at {pos}")
+    return out
+
+
+def inbound_messages(flat: list[Any]) -> tuple[str, list[tuple[tuple[int, int], bytes]]]:
+    """``(origin, [((ms, seq), record)])`` of one inbound entry, in either
+    format: ``o b`` (a batch) or ``o s k n t p h`` (one message, former)."""
+    f = dict(zip(flat[::2], flat[1::2], strict=False))
+    origin = _text(f.get(b"o", b""))
+    if b"b" in f:
+        return origin, unpack_batch(f[b"b"])
+    return origin, [(_seq(f.get(b"s", b"0-0")), _old_record(flat))]
 
 
 def _seq(eid: Any) -> tuple[int, int]:
@@ -319,6 +413,9 @@ class Regions:
         self.local_url = config.broker
         self.queue_max = config.region_queue_max
         self.queue_age = config.region_queue_age
+        #: entries (batches of up to BATCH messages) in a peer's inbound stream past
+        #: which it counts as not consuming (backlogged)
+        self.inbound_max = max(WINDOW, self.queue_max // BATCH)
         self.directory_ttl = config.region_directory_ttl
         self.publish_local = publish_local
         self.peers = {name: Peer(name, url) for name, url in parse_region_peers(config.region_peers).items()
@@ -342,6 +439,7 @@ class Regions:
         self._tasks: list[asyncio.Task[None]] = []
         self._scripts: dict[str, Any] = {}
         self._applied: dict[str, tuple[int, int]] = {}
+        self._channels: dict[tuple[bytes, bytes], bytes] = {}
         self._reading = False                   # this node holds the inbound lease
         self._closing = False
         self.counters = {"received": 0, "duplicates": 0, "redirected": 0, "undeliverable": 0,
@@ -372,7 +470,7 @@ class Regions:
         self.local = redis_client(self.local_url, 5.0)
         # EVALSHA, the script itself only when Redis does not know it (again)
         self._scripts = {name: self.local.register_script(text)
-                         for name, text in (("lease", _LEASE), ("read", _READ), ("apply", _APPLY))}
+                         for name, text in (("lease", _LEASE),)}
         for p in self.peers.values():
             p.client = redis_client(p.url, PEER_TIMEOUT)
         loop = asyncio.get_running_loop()
@@ -438,10 +536,9 @@ class Regions:
         """Hand a room publish to every other region (call order kept)."""
         if not self.peers or namespace == USER_NAMESPACE:
             return
-        fields = (b"k", b"r", b"n", namespace.encode(), b"t", room.encode(), b"p",
-                  pack_room_message(message, priority), b"h", b"0")
+        rec = record(b"r", 0, namespace.encode(), room.encode(), pack_room_message(message, priority))
         for name in self.peers:
-            self._push("xadd", name, fields)
+            self._push("xadd", name, rec)
 
     async def send_to_user(self, user: str, message: str | bytes, priority: int = PRIORITY_NORMAL) -> list[str]:
         """Send ``message`` to every connection of ``user`` in every region;
@@ -459,9 +556,9 @@ class Regions:
         targets = sorted(r for r in found if r != self.region)
         if not found:
             targets = sorted(unknown)
-        payload = pack_room_message(message, priority)
+        rec = record(b"u", 0, b"", user.encode(), pack_room_message(message, priority))
         for name in targets:
-            self._push("xadd", name, (b"k", b"u", b"n", b"", b"t", user.encode(), b"p", payload, b"h", b"0"))
+            self._push("xadd", name, rec)
             out.append(name)
         return out
 
@@ -515,22 +612,28 @@ class Regions:
             if not self._ops:
                 self._wake.clear()
                 await self._wake.wait()
-            batch = [self._ops[i] for i in range(min(len(self._ops), 1024))]
+            batch = [self._ops[i] for i in range(min(len(self._ops), WRITE_BATCH))]
             try:
                 conn = await self._local_conn("writer")
                 ttl_ms = int(self.directory_ttl * 1000)
                 expiry = int(time.time() * 1000) + ttl_ms
                 channel = self._key(self.region, "directory")
                 cmds: list[tuple[Any, ...]] = []
+                appends: dict[str, list[bytes]] = {}     # peer -> its records, in order
                 for op, a, b in batch:
                     if op == "xadd":
-                        cmds.append(("XADD", self.outbox_key(a), "*", *b))
+                        recs = appends.get(a)
+                        if recs is None:
+                            recs = appends[a] = []
+                        recs.append(b)
                     elif op == "bind":
                         key = self.user_key(self.region, a)
                         cmds += [("ZADD", key, expiry, self.node_id), ("PEXPIRE", key, ttl_ms),
                                  ("PUBLISH", channel, a)]
                     else:
                         cmds += [("ZREM", self.user_key(self.region, a), self.node_id), ("PUBLISH", channel, a)]
+                for peer, recs in appends.items():   # one script per outbox: one entry per message
+                    cmds.append(("EVAL", _APPEND, 1, self.outbox_key(peer), *recs))
                 await _answers(conn.pipeline(cmds), 5.0)
             except asyncio.CancelledError:
                 raise
@@ -642,7 +745,7 @@ class Regions:
                 if peer.up is False:
                     log.info("fastws: region %s: %s reachable again", self.region, peer.name)
                 peer.up, peer.problem = True, ""
-                peer.backlogged = int(n) > self.queue_max
+                peer.backlogged = int(n) > self.inbound_max
                 if peer.backlogged:              # its nodes do not consume: keep ours here
                     await asyncio.sleep(0.5)
                     continue
@@ -681,7 +784,7 @@ class Regions:
         Returns when the lease is lost or the peer is backlogged; raises
         :class:`_PeerDown` when the peer fails (what it did not answer is
         sent again from the outbox: the receiver drops the copies)."""
-        inflight: deque[tuple[list[Any], list[asyncio.Future[Any]]]] = deque()
+        inflight: deque[tuple[int, bytes, list[asyncio.Future[Any]]]] = deque()
         region = self.region.encode()
         local = await self._local_conn("out:" + peer.name)
         last: Any = "0-0"
@@ -691,7 +794,7 @@ class Regions:
             """Take the answered batches (waiting for the oldest if ``block``)
             out of the outbox, oldest first."""
             while inflight:
-                ids, futs = inflight[0]
+                count, last_id, futs = inflight[0]
                 if not block and not futs[-1].done():
                     return
                 block = False
@@ -705,9 +808,11 @@ class Regions:
                 if refused is not None:
                     raise _PeerDown(f"refused: {refused}")
                 inflight.popleft()
-                await _answer(local.send("XDEL", out, *ids), 5.0)
-                peer.forwarded += len(ids)
-                peer.backlogged = int(replies[-1]) > self.queue_max
+                # everything up to the batch's last entry went out (in order): one
+                # command takes it out of the outbox
+                await _answer(local.send("XTRIM", out, "MINID", id_after(_seq(last_id))), 5.0)
+                peer.forwarded += count
+                peer.backlogged = int(replies[-1]) > self.inbound_max
                 if peer.up is not True:          # it answers, whatever a ping said meanwhile
                     log.info("fastws: region %s: %s reachable again", self.region, peer.name)
                     peer.up, peer.problem = True, ""
@@ -730,18 +835,16 @@ class Regions:
                 entries = got[0][1] if got else []
                 if not entries:
                     continue
-                cmds: list[tuple[Any, ...]] = [("XADD", inbound, "*", b"o", region, b"s", eid, *flat)
-                                               for eid, flat in entries]
-                cmds.append(("XLEN", inbound))
+                # the whole batch as one entry of the peer's stream (see the module docstring)
+                cmds = [("XADD", inbound, "*", b"o", region, b"b", pack_batch(entries)), ("XLEN", inbound)]
                 try:
                     futs = conn.pipeline(cmds)
                 except ConnectionError as exc:
                     raise _PeerDown(str(exc)) from exc
-                ids = [eid for eid, _ in entries]
-                inflight.append((ids, futs))
-                last = ids[-1]
+                last = entries[-1][0]
+                inflight.append((len(entries), last, futs))
         finally:
-            for _ids, futs in inflight:         # nobody waits for these any more
+            for _c, _l, futs in inflight:         # nobody waits for these any more
                 for f in futs:
                     if f.done() and not f.cancelled():
                         f.exception()
@@ -777,97 +880,142 @@ class Regions:
     # -- inbound -> this region --------------------------------------------------------------
 
     async def _reader(self) -> None:
+        """While this node holds the reader's lease: read the oldest entries of
+        the inbound stream (what is delivered is deleted), or wait for one,
+        and deliver them (:meth:`_apply`)."""
         key = self.inbound_key(self.region)
         lease = self._key(self.region, "lease:in")
+        lease_at = 0.0
         while True:
             if self._outage and (not self.local_up or time.monotonic() - self._local_since < READ_SETTLE):
                 self._reading = False
                 await asyncio.sleep(0.2)
                 continue
             try:
-                got = await self._scripts["read"](keys=[lease, key],
-                                                  args=[self.node_id, int(LEASE_TTL * 1000), GROUP, READER, BATCH])
-                if not got:
-                    self._reading = False
-                    await asyncio.sleep(LEASE_TTL / 3)
-                    continue
+                conn = await self._local_conn("reader")
+                now = time.monotonic()
+                if not self._reading or now - lease_at > LEASE_TTL / 6:
+                    held = await _answer(conn.send("EVAL", _LEASE, 1, lease, self.node_id, int(LEASE_TTL * 1000)),
+                                         5.0)
+                    if not held:
+                        self._reading = False
+                        await asyncio.sleep(LEASE_TTL / 3)
+                        continue
+                    lease_at = now
                 if not self._reading:         # a new holder: what was applied, by whoever held it
-                    applied = await self.local.hgetall(self._key(self.region, "applied"))
-                    self._applied = {_text(k): _seq(v) for k, v in applied.items()}
+                    raw = await _answer(conn.send("HGETALL", self._key(self.region, "applied")), 5.0)
+                    self._applied = {_text(k): _seq(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
                     self._reading = True
-                entries = [(eid, dict(zip((flat or [])[::2], (flat or [])[1::2], strict=True)))
-                           for eid, flat in got[1]]
-                if entries:
-                    await self._apply(key, lease, entries)
-                else:                         # wait for an entry after the last one there
-                    await self.local.xread({key: _text(got[2]) if got[2] else "0-0"}, count=1,
-                                           block=int(LEASE_TTL * 1000 / 3))
+                # the oldest entries (the delivered ones are deleted), at once when there
+                # are some, else as soon as one comes
+                got = await _answer(conn.send("XREAD", "COUNT", READ_COUNT, "BLOCK", int(LEASE_TTL * 1000 / 6),
+                                              "STREAMS", key, "0-0"), LEASE_TTL + 5.0)
+                chunk: list[Any] = []
+                size = 0
+                for entry in got[0][1] if got else ():
+                    chunk.append(entry)
+                    size += sum(len(v) for v in entry[1] or ())
+                    if size >= APPLY_BYTES:
+                        await self._apply(conn, key, lease, chunk)
+                        chunk, size = [], 0
+                        if not self._reading:     # the lease went to another node
+                            break
+                if chunk and self._reading:
+                    await self._apply(conn, key, lease, chunk)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._reading = False
-                if "NOGROUP" in str(exc):     # a new stream (this region's Redis restarted empty)
-                    try:
-                        await self.local.xgroup_create(key, GROUP, id="0", mkstream=True)
-                        continue
-                    except Exception as again:
-                        if "BUSYGROUP" in str(again):
-                            continue
-                        exc = again
                 self._local_failed(exc)
                 await asyncio.sleep(0.5)
 
-    async def _apply(self, key: str, lease: str, entries: list[Any]) -> None:
-        """Deliver ``entries`` to this region, exactly once each (see the
-        module docstring), in one script that runs only while this node
+    def _channel(self, namespace: bytes, room: bytes) -> bytes:
+        ch = self._channels.get((namespace, room))
+        if ch is None:
+            if len(self._channels) > 10_000:
+                self._channels.clear()
+            ch = self._channels[(namespace, room)] = channel_name(self.prefix, (_text(namespace), _text(room)))
+        return ch
+
+    async def _apply(self, conn: RespConn, key: str, lease: str, entries: list[Any]) -> None:
+        """Deliver ``entries`` to this region, exactly once each message (see
+        the module docstring), in one script that runs only while this node
         still holds the reader's lease."""
-        decoded = []
-        for eid, fields in entries:
-            origin = _text(fields.get(b"o", b""))
-            seq = _seq(fields.get(b"s", b"0-0"))
-            decoded.append((eid, fields, origin, seq))
+        decoded: list[tuple[Any, str, list[tuple[Any, ...]]]] = []
+        users: set[bytes] = set()
+        malformed = 0
+        for eid, flat in entries:
+            try:
+                origin, msgs = inbound_messages(flat or [])
+                parsed = [(seq, *parse_record(rec)) for seq, rec in msgs]
+            except (struct.error, ValueError, IndexError) as exc:
+                # not this module's format: deleted and counted, never retried forever
+                malformed += 1
+                log.warning("fastws: region %s: dropped a malformed inbound entry %s (%s; counted as "
+                            "undeliverable)", self.region, _text(eid), exc)
+                decoded.append((eid, "", []))
+                continue
+            users.update(m[4] for m in parsed if m[1] == b"u")
+            decoded.append((eid, origin, parsed))
         # users: is each here, or where is it now?
-        where: dict[str, tuple[bool, frozenset[str]]] = {}
-        for _eid, fields, _o, _s in decoded:
-            if fields.get(b"k") == b"u":
-                user = _text(fields[b"t"])
-                if user not in where:
-                    found, _unknown = await self.locate(user, cached=False)
-                    where[user] = (self.region in found, found)
+        where: dict[bytes, tuple[bool, frozenset[str]]] = {}
+        for user in users:
+            found, _unknown = await self.locate(_text(user), cached=False)
+            where[user] = (self.region in found, found)
         applied = dict(self._applied)
         ops: list[Any] = []
-        counted: list[tuple[str, str]] = []
-        for eid, fields, origin, seq in decoded:
+        counts = {"received": 0, "duplicates": 0, "redirected": 0, "undeliverable": malformed}
+        received: dict[str, int] = {}
+        run_channel: bytes | None = None        # consecutive publishes to one channel: one op
+        run: list[bytes] = []
+
+        def flush() -> None:
+            if run:
+                ops.extend(("Q", run_channel, len(run)))
+                ops.extend(run)
+                run.clear()
+
+        for eid, origin, parsed in decoded:
             ops += ["I", eid]
-            if seq <= applied.get(origin, (0, 0)):
-                counted.append(("duplicates", origin))
-                continue
-            applied[origin] = seq
-            envelope_origin = ("region:" + origin).encode()[:255]
-            if fields.get(b"k") == b"u":
-                user = _text(fields[b"t"])
-                here, found = where[user]
-                if here:
-                    ops += ["P", channel_name(self.prefix, (USER_NAMESPACE, user)),
-                            pack_envelope(envelope_origin, fields[b"p"])]
-                    counted.append(("received", origin))
-                elif fields.get(b"h") == b"0" and found - {self.region}:
-                    for target in sorted(found - {self.region}):
-                        if target in self.peers:
-                            ops += ["X", self.outbox_key(target), fields[b"t"], fields[b"p"]]
-                    counted.append(("redirected", origin))
+            last = applied.get(origin, (0, 0))
+            head = pack_envelope(("region:" + origin).encode()[:255], b"")
+            n = 0
+            for seq, kind, hop, ns, target, payload in parsed:
+                if seq <= last:
+                    counts["duplicates"] += 1
+                    continue
+                last = seq
+                if kind == b"u":
+                    here, found = where[target]
+                    if here:
+                        channel = self._channel(USER_NAMESPACE.encode(), target)
+                    else:
+                        if not hop and found - {self.region}:
+                            for region in sorted(found - {self.region}):
+                                if region in self.peers:
+                                    ops += ["X", self.outbox_key(region), record(b"u", 1, b"", target, payload)]
+                            counts["redirected"] += 1
+                        else:
+                            counts["undeliverable"] += 1
+                        continue
                 else:
-                    counted.append(("undeliverable", origin))
-            else:
-                room = (_text(fields.get(b"n", b"")), _text(fields.get(b"t", b"")))
-                ops += ["P", channel_name(self.prefix, room), pack_envelope(envelope_origin, fields[b"p"])]
-                counted.append(("received", origin))
+                    channel = self._channel(ns, target)
+                if channel != run_channel:
+                    flush()
+                    run_channel = channel
+                run.append(head + payload)
+                n += 1
+            if last != (0, 0):
+                applied[origin] = last
+            if n:
+                received[origin] = received.get(origin, 0) + n
+        flush()
         for o, sq in applied.items():
             if self._applied.get(o) != sq:
                 ops += ["A", o, f"{sq[0]}-{sq[1]}"]
         try:
-            done = await self._scripts["apply"](keys=[lease, self._key(self.region, "applied"), key],
-                                                args=[self.node_id, GROUP, *ops])
+            done = await _answer(conn.send("EVAL", _APPLY, 3, lease, self._key(self.region, "applied"), key,
+                                           self.node_id, *ops), 10.0)
         except BaseException:
             # unknown whether it applied: read the truth again before the next batch
             self._reading = False
@@ -876,11 +1024,12 @@ class Regions:
             self._reading = False
             return
         self._applied = applied
-        for what, origin in counted:
-            self.counters[what] += 1
-            if what == "received":
-                self.received_from[origin] = self.received_from.get(origin, 0) + 1
-        if any(w == "undeliverable" for w, _ in counted):
+        counts["received"] = sum(received.values())
+        for what, n in counts.items():
+            self.counters[what] += n
+        for origin, n in received.items():
+            self.received_from[origin] = self.received_from.get(origin, 0) + n
+        if counts["undeliverable"]:
             log.info("fastws: region %s: a message for a user found in no region was dropped (counted)",
                      self.region)
 
