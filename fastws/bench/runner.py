@@ -1069,49 +1069,43 @@ def markdown(results: dict) -> str:
                 per_worker = ", ".join(f"{w}: {n:,}" for w, n in sorted(workers.items())) if workers else "-"
                 out.append(f"| {name} | {med(lambda r: r['p50_us'])} | {med(lambda r: r['p99_us'])} | {node(0)} | "
                            f"{node(1)} | {med(lambda r: r['deliveries_per_s'])} | {per_worker} |")
+    # permessage-deflate and TLS: the server's CPU per unit says what each server needs whoever is the
+    # bottleneck; the load generator's CPU (cores: all its processes) says when it is the limit
     for key in DEFLATE_SCENARIOS:
-        dsc = results["scenarios"].get(key)
-        if not dsc:
-            continue
-        # the server's CPU per message says what each server needs whoever is the bottleneck; the load
-        # generator's CPU (cores: its parent process + its subscriber processes) says when it is the limit
-        out += ["", f"{key}: server CPU per message, load generator CPU (median over repeats), permessage-deflate "
-                "as the server answered:", "",
-                "| server | server cores | server µs/message | load generator cores | compressed | negotiated |",
-                "|---|---:|---:|---:|---:|---|"]
-        for name, runs in dsc["runs"].items():
-            good = [r for r in runs if r.get("ok") and r.get("value") and r.get("server_cpu") is not None]
-            if not good:
-                continue
-            med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731, B023 (used in this iteration)
-            out.append(f"| {name} | {med(lambda r: r['server_cpu'])} | "
-                       f"{med(lambda r: r['server_cpu'] / r['value'] * 1e6)} | "
-                       f"{med(lambda r: r.get('client_cpu', 0) + sum(r.get('subscriber_procs_cpu', [])))} | "
-                       f"{med(_compressed_percent)}% | "
-                       f"{good[-1].get('deflate')} |")
+        if key in results["scenarios"]:
+            out += _cpu_table(results["scenarios"][key], fmt, "message",
+                              f"{key}: server CPU per message, load generator CPU (median over repeats), "
+                              "permessage-deflate as the server answered:",
+                              "| compressed | negotiated |", "---:|---|",
+                              lambda good, med: f"{med(_compressed_percent)}% | {good[-1].get('deflate')} |")
     for key in TLS_SCENARIOS[:4]:
-        tsc = results["scenarios"].get(key)
-        if not tsc:
-            continue
-        # as for deflate: the server's CPU per unit whoever is the bottleneck, the load generator's CPU
-        # (cores, all its processes) to tell when it is the limit
-        unit = "connection" if key == "tls-handshake" else "delivery" if "fanout" in key else "message"
-        out += ["", f"{key}: server CPU per {unit}, load generator CPU (median over repeats), TLS as negotiated:", "",
-                f"| server | server cores | server µs/{unit} | load generator cores | TLS |",
-                "|---|---:|---:|---:|---|"]
-        for name, runs in tsc["runs"].items():
-            good = [r for r in runs if r.get("ok") and r.get("value") and r.get("server_cpu") is not None]
-            if not good:
-                continue
-            med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731, B023 (used in this iteration)
-            tls = good[-1].get("tls") or {}
-            out.append(f"| {name} | {med(lambda r: r['server_cpu'])} | "
-                       f"{med(lambda r: r['server_cpu'] / r['value'] * 1e6)} | "
-                       f"{med(lambda r: r.get('client_cpu', 0) + sum(r.get('subscriber_procs_cpu', [])))} | "
-                       f"{tls.get('version')} {tls.get('cipher')} |")
+        if key in results["scenarios"]:
+            unit = "connection" if key == "tls-handshake" else "delivery" if "fanout" in key else "message"
+            out += _cpu_table(results["scenarios"][key], fmt, unit,
+                              f"{key}: server CPU per {unit}, load generator CPU (median over repeats), "
+                              "TLS as negotiated:", "| TLS |", "---|",
+                              lambda good, med: "{version} {cipher} |".format_map(
+                                  {"version": None, "cipher": None, **(good[-1].get("tls") or {})}))
     if results["skipped"]:
         out += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in results["skipped"].items()]
     return "\n".join(out) + "\n"
+
+
+def _cpu_table(scenario: dict, fmt, unit: str, title: str, extra_head: str, extra_rule: str, extra) -> list[str]:
+    """A markdown table of server cores, server µs per ``unit`` and load generator cores per server
+    (medians over its good runs), plus the columns ``extra(good_runs, med)`` gives."""
+    out = ["", title, "", f"| server | server cores | server µs/{unit} | load generator cores {extra_head}",
+           f"|---|---:|---:|---:|{extra_rule}"]
+    for name, runs in scenario["runs"].items():
+        good = [r for r in runs if r.get("ok") and r.get("value") and r.get("server_cpu") is not None]
+        if not good:
+            continue
+        med = lambda f: fmt(statistics.median(f(r) for r in good))  # noqa: E731, B023 (used in this iteration)
+        out.append(f"| {name} | {med(lambda r: r['server_cpu'])} | "
+                   f"{med(lambda r: r['server_cpu'] / r['value'] * 1e6)} | "
+                   f"{med(lambda r: r.get('client_cpu', 0) + sum(r.get('subscriber_procs_cpu', [])))} | "
+                   + extra(good, med))
+    return out
 
 
 def charts(results: dict, out_dir: Path, stem: str) -> list[Path]:
