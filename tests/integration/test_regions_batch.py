@@ -12,8 +12,9 @@ than messages and arrive in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -104,6 +105,23 @@ class _Sub:
         await self.client.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _region_b(ra: RedisProc, rb: RedisProc) -> AsyncIterator[tuple[Regions, _Sub, Any, str]]:
+    """Region b (not started: the test fills its inbound stream first), a
+    subscriber to its room ``r``, a client of its Redis and the inbound key;
+    all closed after the test."""
+    b = _regions("b", rb, "a", ra)
+    sub = _Sub(rb.url, channel_name("", ("", "r")))
+    await sub.start()
+    client = redis.asyncio.from_url(rb.url)
+    try:
+        yield b, sub, client, b.inbound_key("b")
+    finally:
+        await b.close()
+        await sub.close()
+        await client.aclose()
+
+
 def _entry(seq: str, *payloads: bytes, room: bytes = b"r") -> list[Any]:
     """An outbox entry per payload, ids ``seq``-0, ``seq``-1, ..."""
     return [(f"{seq}-{i}".encode(), [b"m", record(b"r", 0, b"", room, pack_room_message(p))])
@@ -119,29 +137,20 @@ def test_batches_dedup_per_message_and_keep_order(two_redis: tuple[RedisProc, Re
     ra, rb = two_redis
 
     async def main() -> None:
-        b = _regions("b", rb, "a", ra)
-        sub = _Sub(rb.url, channel_name("", ("", "r")))
-        await sub.start()
-        client = redis.asyncio.from_url(rb.url)
-        key = b.inbound_key("b")
-        first = _entry("1000", b"1", b"2", b"3")
-        await client.xadd(key, {b"o": b"a", b"b": pack_batch(first)})
-        await client.xadd(key, {b"o": b"a", b"b": pack_batch(first)})
-        await client.xadd(key, {b"o": b"a", b"b": pack_batch(first[2:] + _entry("1001", b"4", b"5"))})
-        await client.xadd(key, {b"o": b"a", b"s": b"1002-0", b"k": b"r", b"n": b"", b"t": b"r",
-                                b"p": pack_room_message(b"6"), b"h": b"0"})
-        await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("1002", b"6") + _entry("1003", b"7", b"8"))})
-        await b.start()
-        try:
+        async with _region_b(ra, rb) as (b, sub, client, key):
+            first = _entry("1000", b"1", b"2", b"3")
+            await client.xadd(key, {b"o": b"a", b"b": pack_batch(first)})
+            await client.xadd(key, {b"o": b"a", b"b": pack_batch(first)})
+            await client.xadd(key, {b"o": b"a", b"b": pack_batch(first[2:] + _entry("1001", b"4", b"5"))})
+            await client.xadd(key, {b"o": b"a", b"s": b"1002-0", b"k": b"r", b"n": b"", b"t": b"r",
+                                    b"p": pack_room_message(b"6"), b"h": b"0"})
+            await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("1002", b"6") + _entry("1003", b"7", b"8"))})
+            await b.start()
             got = await sub.wait(8)
             assert got == [b"%d" % i for i in range(1, 9)]
             assert b.counters["duplicates"] == 3 + 1 + 1 and b.counters["received"] == 8
             assert await client.xlen(key) == 0                       # delivered entries are deleted
             assert await client.hget(b._key("b", "applied"), "a") == b"1003-1"
-        finally:
-            await b.close()
-            await sub.close()
-            await client.aclose()
 
     asyncio.run(main())
 
@@ -207,23 +216,15 @@ def test_a_backlog_is_delivered_in_several_scripts_in_order(two_redis: tuple[Red
     ra, rb = two_redis
 
     async def main() -> None:
-        b = _regions("b", rb, "a", ra)
-        sub = _Sub(rb.url, channel_name("", ("", "r")))
-        await sub.start()
-        client = redis.asyncio.from_url(rb.url)
-        key = b.inbound_key("b")
-        for i in range(150):
-            await client.xadd(key, {b"o": b"a", b"s": f"2000-{i}".encode(), b"k": b"r", b"n": b"", b"t": b"r",
-                                    b"p": pack_room_message(b"%d" % i), b"h": b"0"})
-        await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("2001", *(b"%d" % i for i in range(150, 200))))})
-        await b.start()
-        try:
+        async with _region_b(ra, rb) as (b, sub, client, key):
+            for i in range(150):
+                await client.xadd(key, {b"o": b"a", b"s": f"2000-{i}".encode(), b"k": b"r", b"n": b"", b"t": b"r",
+                                        b"p": pack_room_message(b"%d" % i), b"h": b"0"})
+            batch = pack_batch(_entry("2001", *(b"%d" % i for i in range(150, 200))))
+            await client.xadd(key, {b"o": b"a", b"b": batch})
+            await b.start()
             assert await sub.wait(200) == [b"%d" % i for i in range(200)]
             assert b.counters["duplicates"] == 0 and await client.xlen(key) == 0
-        finally:
-            await b.close()
-            await sub.close()
-            await client.aclose()
 
     asyncio.run(main())
 
@@ -236,20 +237,11 @@ def test_a_malformed_entry_is_dropped_and_counted(two_redis: tuple[RedisProc, Re
     ra, rb = two_redis
 
     async def main() -> None:
-        b = _regions("b", rb, "a", ra)
-        sub = _Sub(rb.url, channel_name("", ("", "r")))
-        await sub.start()
-        client = redis.asyncio.from_url(rb.url)
-        key = b.inbound_key("b")
-        await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("3000", b"x"))[:-3]})
-        await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("3001", b"1", b"2"))})
-        await b.start()
-        try:
+        async with _region_b(ra, rb) as (b, sub, client, key):
+            await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("3000", b"x"))[:-3]})
+            await client.xadd(key, {b"o": b"a", b"b": pack_batch(_entry("3001", b"1", b"2"))})
+            await b.start()
             assert await sub.wait(2) == [b"1", b"2"]
             assert b.counters["undeliverable"] == 1 and await client.xlen(key) == 0
-        finally:
-            await b.close()
-            await sub.close()
-            await client.aclose()
 
     asyncio.run(main())
