@@ -144,7 +144,7 @@ with the broker's own RESP connection (:class:`fastws.broker.redis.RespConn`)
 for what is on the path of every message: the ordered appends to the
 outbox, the forwarder's reads and trims, the batches it moves to another
 region, and the reader's reads and deliveries.
-A ``RespConn`` writes each command at once and matches the answers in order,
+A ``RespConn`` writes the commands of a loop iteration together and matches the answers in order,
 so many batches can be in flight on one connection (``redis.asyncio`` would
 spread concurrent pipelines over its pool's connections, and their order with
 them), and it costs the node less CPU per message (see ``python -m

@@ -169,9 +169,14 @@ def encode_command(args) -> bytes:
 
 
 class RespConn(asyncio.Protocol):
-    """One Redis connection. ``send`` writes a command at once and returns a
-    future for its reply (replies are matched in order). In ``push_mode``
-    (a subscriber connection) every reply goes to ``on_push`` instead."""
+    """One Redis connection. ``send`` queues a command and returns a future
+    for its reply (replies are matched in order). In ``push_mode`` (a
+    subscriber connection) every reply goes to ``on_push`` instead.
+
+    Commands queued in one loop iteration go out in one write at its end
+    (``call_soon``): a burst of publishes costs one system call, not one
+    each, and a lone command waits for nothing but the callbacks already
+    due."""
 
     def __init__(self, on_push=None, on_lost=None) -> None:
         self.transport = None
@@ -182,6 +187,7 @@ class RespConn(asyncio.Protocol):
         self._pending: deque = deque()
         self._parser = _reader()
         self._loop = asyncio.get_event_loop()
+        self._out: list | None = None   # commands queued this iteration (None: no flush scheduled)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -214,12 +220,24 @@ class RespConn(asyncio.Protocol):
             cb, self.on_lost = self.on_lost, None
             cb(err)
 
+    def _write(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = [data]
+            self._loop.call_soon(self._flush_out)
+        else:
+            self._out.append(data)
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, None
+        if out and not self.closed and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def send(self, *args, reply: bool = True):
-        """Write one command; a future for its reply (None if ``reply`` is
+        """Queue one command; a future for its reply (None if ``reply`` is
         False: push-mode commands whose answers come as pushes)."""
         if self.closed:
             raise ConnectionError("connection to Redis is closed")
-        self.transport.write(encode_command(args))
+        self._write(encode_command(args))
         if not reply:
             return None
         fut = self._loop.create_future()
@@ -227,18 +245,18 @@ class RespConn(asyncio.Protocol):
         return fut
 
     def send_many(self, commands) -> None:
-        """Write several push-mode commands in one write."""
+        """Queue several push-mode commands."""
         if self.closed:
             raise ConnectionError("connection to Redis is closed")
-        self.transport.write(b"".join(encode_command(c) for c in commands))
+        self._write(b"".join(encode_command(c) for c in commands))
 
     def pipeline(self, commands) -> list:
-        """Write several commands in one write; a future for each reply, in order
+        """Queue several commands; a future for each reply, in order
         (a connection that is not in push mode)."""
         commands = list(commands)
         if self.closed:
             raise ConnectionError("connection to Redis is closed")
-        self.transport.write(b"".join(encode_command(c) for c in commands))
+        self._write(b"".join(encode_command(c) for c in commands))
         futs = [self._loop.create_future() for _ in commands]
         self._pending.extend(futs)
         return futs
