@@ -431,6 +431,7 @@ class Regions:
         self.users: set[str] = set()            # users with a connection on this node
         self._cache: dict[str, tuple[float, frozenset[str], frozenset[str]]] = {}
         self._ops: deque[tuple[str, str, Any]] = deque()   # ordered writes to the local Redis
+        self._ops_dropped = 0     # writes dropped from the front of _ops when it was full, ever
         self._conns: dict[str, RespConn] = {}   # this node's own links to its Redis, by use
         #: writes kept in memory while this region's Redis does not take them
         self.buffer_max = max(self.queue_max, BUFFER_MIN)
@@ -593,6 +594,7 @@ class Regions:
         ops = self._ops
         if len(ops) >= self.buffer_max:
             old = ops.popleft()
+            self._ops_dropped += 1
             peer = self.peers.get(old[1]) if old[0] == "xadd" else None
             if peer is not None:
                 peer.dropped["local"] += 1
@@ -613,6 +615,7 @@ class Regions:
                 self._wake.clear()
                 await self._wake.wait()
             batch = [self._ops[i] for i in range(min(len(self._ops), WRITE_BATCH))]
+            dropped = self._ops_dropped
             try:
                 conn = await self._local_conn("writer")
                 ttl_ms = int(self.directory_ttl * 1000)
@@ -644,7 +647,9 @@ class Regions:
                 continue
             delay = 0.05
             self._buffer_full_logged = False
-            for _ in batch:
+            # what is written leaves the queue; a full queue may have dropped the oldest of
+            # these meanwhile (they were written all the same), and then fewer are left
+            for _ in range(max(0, len(batch) - (self._ops_dropped - dropped))):
                 self._ops.popleft()
 
     async def _local_conn(self, name: str) -> RespConn:

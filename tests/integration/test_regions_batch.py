@@ -245,3 +245,41 @@ def test_a_malformed_entry_is_dropped_and_counted(two_redis: tuple[RedisProc, Re
             assert b.counters["undeliverable"] == 1 and await client.xlen(key) == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_full_write_queue_loses_nothing_it_did_not_drop(two_redis: tuple[RedisProc, RedisProc]) -> None:
+    """The writer takes the first 10 queued messages and sends them; while
+    it waits for Redis, 5 more come and the full queue (10) drops its 5
+    oldest, which are among those in flight.  When the write succeeds, the
+    writer takes out of the queue only what is still there of its batch:
+    the 5 newer messages are written next, and the outbox holds all 15 in
+    order (the 5 counted as dropped went out all the same)."""
+    ra, rb = two_redis
+
+    async def main() -> None:
+        a = _regions("a", ra, "b", rb)
+        a.buffer_max = 10
+        recs = [record(b"r", 0, b"", b"r", pack_room_message(b"%d" % i)) for i in range(15)]
+        for rec in recs[:10]:
+            a._push("xadd", "b", rec)
+        writer = asyncio.get_running_loop().create_task(a._writer())
+        await asyncio.sleep(0)                     # it took its batch and waits for its connection
+        for rec in recs[10:]:
+            a._push("xadd", "b", rec)
+        assert len(a._ops) == 10 and a.peers["b"].dropped["local"] == 5
+        client = redis.asyncio.from_url(ra.url)
+        try:
+            deadline = time.monotonic() + 10
+            while await client.xlen(a.outbox_key("b")) < 15 or a._ops:
+                assert time.monotonic() < deadline, (await client.xlen(a.outbox_key("b")), len(a._ops))
+                await asyncio.sleep(0.05)
+            entries = await client.xrange(a.outbox_key("b"))
+            assert [fields[b"m"] for _id, fields in entries] == recs
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await a.close()
+            await client.aclose()
+
+    asyncio.run(main())
