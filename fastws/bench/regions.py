@@ -429,11 +429,16 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         flood_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         count = 0
 
+        marks: dict[int, float] = {}              # arrival times of the 10th and 90th percentile message
+        tenth, ninetieth = args.messages // 10, args.messages * 9 // 10
+
         def counted(data: str) -> None:
             nonlocal count
             if int(data[:10]) != count or len(data) != 64:
                 raise SystemExit(f"throughput: message {data[:10]} arrived where {count} was due")
             count += 1
+            if count in (tenth, ninetieth):
+                marks[count] = time.perf_counter()
             if count == args.messages:
                 flood_done.set_result(None)
 
@@ -466,6 +471,10 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                        "p99": round(_pct(lat, 0.99), 2), "max": round(max(lat), 2)},
         "throughput": {"messages": args.messages, "size": 64, "seconds": round(took, 3),
                        "per_second": round(args.messages / took),
+                       # between the arrivals of the 10th and the 90th percentile message: the link's
+                       # rate once it is full, without the delay of filling and draining it
+                       "steady_per_second": (round((ninetieth - tenth) / (marks[ninetieth] - marks[tenth]))
+                                             if len(marks) == 2 and marks[ninetieth] > marks[tenth] else None),
                        # CPU (user + system) per message of each process during the phase
                        "cpu_us_per_message": cpu_us},
         "lookups_per_second": rates,
