@@ -259,3 +259,31 @@ def test_pong_that_came_while_the_loop_was_blocked_is_proof_of_life(engine, monk
         await server.shutdown()
 
     uvloop.run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dribbled_bytes_do_not_hold_off_the_idle_timeout(engine, monkeypatch):
+    """An attacker against the check above: a frame that does not complete
+    (one byte every 20 ms of 1,008) keeps input arriving around every tick.  Bytes are not
+    messages: each is read as it comes, so a deadline finds none waiting for
+    long, and the idle timeout still closes the connection (1000 "idle
+    timeout") within a few ticks of it."""
+    async def main():
+        server, closed = await start(engine, monkeypatch, ping_interval=0, idle_timeout=0.4)
+        r, w = await upgrade(server.port)
+        frame = bytes([0x82, 0xFE, 0x03, 0xE8]) + os.urandom(4) + b"x" * 1000   # 1,008 bytes: 20 s of dribbling
+
+        async def dribble():
+            for i in range(len(frame) - 1):
+                w.write(frame[i:i + 1])
+                await asyncio.sleep(0.02)
+
+        task = asyncio.get_running_loop().create_task(dribble())
+        op, payload = await asyncio.wait_for(read_frame(r), 5)
+        assert op == 0x8 and payload == struct.pack("!H", 1000) + b"idle timeout"
+        assert not task.done()                     # closed while the frame was still coming
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.shutdown()
+
+    uvloop.run(main())
