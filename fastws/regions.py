@@ -49,7 +49,12 @@ A node's writer takes whatever its node queued meanwhile (up to
 :data:`WRITE_BATCH` writes) and appends it in one script per outbox; it
 sends the next batch once Redis answered the last, so a message handed over
 while the link is idle goes out at once, and only what accumulated during a
-round trip waits for the next one.
+round trip waits for the next one.  Each message a node queues for a region
+gets the next *write number* of that node for that region, and the script
+appends only the messages numbered above the last it appended for the node
+(kept in ``fastws:{prefix}:region:{region}:wrote:{node}:{peer}`` for a day
+after the node's last append): a write whose answer was lost (a timeout) is
+sent again and appends nothing twice.
 
 One node of the region (whichever holds the lease
 ``fastws:{prefix}:region:{region}:lease:out:{peer}``; any other takes over
@@ -212,12 +217,29 @@ _REC = struct.Struct("!cBHHI")
 #: entry's id, ms and seq) and the length of its record; then the record
 _ITEM = struct.Struct("!QQI")
 
-#: the writer's append of messages to one outbox, one entry each (KEYS[1]
-#: the outbox, ARGV the records, in order)
+#: the writer's append of messages to one outbox, one entry each, at most
+#: once: KEYS[1] the outbox, KEYS[2] the last write number of this node to
+#: it; ARGV[1] the write number of the first record, ARGV[2] how long (ms)
+#: Redis keeps KEYS[2], then the records, in order, numbered from ARGV[1]
+#: on.  A record whose number is not above KEYS[2] was appended already (an
+#: append whose answer was lost, sent again): it is skipped.
 _APPEND = """
-for i = 1, #ARGV do redis.call('xadd', KEYS[1], '*', 'm', ARGV[i]) end
-return #ARGV
+local first = tonumber(ARGV[1])
+local last = tonumber(redis.call('get', KEYS[2]) or '0')
+local n = 0
+for i = 3, #ARGV do
+  if first + i - 3 > last then
+    redis.call('xadd', KEYS[1], '*', 'm', ARGV[i]); n = n + 1
+  end
+end
+local top = first + #ARGV - 3
+if top < last then top = last end
+redis.call('set', KEYS[2], top, 'PX', ARGV[2])
+return n
 """
+#: ms Redis keeps a node's last write number to an outbox after its last
+#: append (a retry comes within seconds; a day covers a long outage)
+WROTE_TTL_MS = 24 * 3600 * 1000
 
 #: the reader's delivery of one batch, only while it holds the lease: Q channel
 #: n payload*n (publish each), X outbox record (send on to the user's region),
@@ -432,6 +454,9 @@ class Regions:
         self._cache: dict[str, tuple[float, frozenset[str], frozenset[str]]] = {}
         self._ops: deque[tuple[str, str, Any]] = deque()   # ordered writes to the local Redis
         self._ops_dropped = 0     # writes dropped from the front of _ops when it was full, ever
+        #: per peer: the write number of the last message queued for it (its
+        #: messages in _ops are numbered one after another, oldest first)
+        self._numbered: dict[str, int] = {}
         self._conns: dict[str, RespConn] = {}   # this node's own links to its Redis, by use
         #: writes kept in memory while this region's Redis does not take them
         self.buffer_max = max(self.queue_max, BUFFER_MIN)
@@ -603,6 +628,9 @@ class Regions:
                     log.warning("fastws: region %s: %d writes wait for this region's Redis; dropping the "
                                 "oldest messages for other regions (counted as reason=local)", self.region,
                                 len(ops))
+        if op == "xadd":          # numbered, so that an append sent again is not appended twice
+            n = self._numbered[a] = self._numbered.get(a, 0) + 1
+            b = (n, b)
         ops.append((op, a, b))
         self._wake.set()
 
@@ -622,21 +650,23 @@ class Regions:
                 expiry = int(time.time() * 1000) + ttl_ms
                 channel = self._key(self.region, "directory")
                 cmds: list[tuple[Any, ...]] = []
-                appends: dict[str, list[bytes]] = {}     # peer -> its records, in order
+                appends: dict[str, list[Any]] = {}     # peer -> [number of the first, its records...]
                 for op, a, b in batch:
                     if op == "xadd":
                         recs = appends.get(a)
                         if recs is None:
-                            recs = appends[a] = []
-                        recs.append(b)
+                            recs = appends[a] = [b[0]]
+                        recs.append(b[1])
                     elif op == "bind":
                         key = self.user_key(self.region, a)
                         cmds += [("ZADD", key, expiry, self.node_id), ("PEXPIRE", key, ttl_ms),
                                  ("PUBLISH", channel, a)]
                     else:
                         cmds += [("ZREM", self.user_key(self.region, a), self.node_id), ("PUBLISH", channel, a)]
-                for peer, recs in appends.items():   # one script per outbox: one entry per message
-                    cmds.append(("EVAL", _APPEND, 1, self.outbox_key(peer), *recs))
+                for peer, (first, *recs) in appends.items():   # one script per outbox: one entry per message
+                    cmds.append(("EVAL", _APPEND, 2, self.outbox_key(peer),
+                                 self._key(self.region, f"wrote:{self.node_id}:{peer}"), first, WROTE_TTL_MS,
+                                 *recs))
                 await _answers(conn.pipeline(cmds), 5.0)
             except asyncio.CancelledError:
                 raise

@@ -283,3 +283,45 @@ def test_a_full_write_queue_loses_nothing_it_did_not_drop(two_redis: tuple[Redis
             await client.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_an_append_sent_again_after_a_timeout_is_not_appended_twice(two_redis: tuple[RedisProc, RedisProc]) -> None:
+    """Region a's Redis is paused (``CLIENT PAUSE``) for longer than the
+    writer waits for an answer: the writer's append is queued in Redis, the
+    writer gives up on it and sends it again on the same connection, and
+    once the pause ends Redis runs both.  The outbox holds each message
+    once, in order (without the write numbers, it held the batch twice),
+    and what was queued during the pause follows."""
+    ra, rb = two_redis
+
+    async def main() -> None:
+        a = _regions("a", ra, "b", rb)
+        recs = [record(b"r", 0, b"", b"r", pack_room_message(b"%d" % i)) for i in range(8)]
+        client = redis.asyncio.from_url(ra.url)
+        writer = asyncio.get_running_loop().create_task(a._writer())
+        try:
+            a._push("xadd", "b", recs[0])          # the writer's connection is open and used
+            deadline = time.monotonic() + 10
+            while await client.xlen(a.outbox_key("b")) < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await client.execute_command("CLIENT", "PAUSE", 7000, "ALL")
+            for rec in recs[1:5]:
+                a._push("xadd", "b", rec)          # sent, then not answered for 7 s: sent again
+            await asyncio.sleep(5.5)
+            for rec in recs[5:]:
+                a._push("xadd", "b", rec)
+            deadline = time.monotonic() + 20
+            while a._ops:
+                assert time.monotonic() < deadline, len(a._ops)
+                await asyncio.sleep(0.05)
+            entries = await client.xrange(a.outbox_key("b"))
+            assert [fields[b"m"] for _id, fields in entries] == recs
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await a.close()
+            await client.aclose()
+
+    asyncio.run(main())
