@@ -230,8 +230,9 @@ class Config:
                              "(eu=redis://10.1.0.5:6379/0,ap=rediss://...): each region's own Redis, "
                              "reached to hand it messages and to ask it where a user is. An entry "
                              "for this node's --region is skipped (every region can be given the "
-                             "same list). Needs --region and a redis:// or rediss:// broker, which is "
-                             "this region's Redis (empty: one region).", kind="list")
+                             "same list). Needs --region and a redis://, rediss://, redis+sentinel:// "
+                             "or redis+cluster:// broker, which is this region's Redis (empty: one "
+                             "region).", kind="list")
     region_queue_max: int = knob(100_000, "With --region-peers: messages queued for one unreachable "
                                  "region at most; the oldest past it are dropped and counted "
                                  "(fastws_region_dropped_total{reason=\"length\"}).", kind="int",
@@ -425,10 +426,11 @@ class Config:
                 raise ConfigError("region", self.region, "a region name (letters, digits, '.', '_', '-', "
                                   "at most 64) when region_peers is set")
             scheme = self.broker.split("://", 1)[0].lower() if "://" in self.broker else ""
-            if scheme not in ("redis", "rediss", "redis+sentinel", "rediss+sentinel"):
+            if scheme not in ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+                              "rediss+cluster"):
                 raise ConfigError("region_peers", mask_url(self.region_peers), "unset unless broker is a "
-                                  "redis://, rediss:// or redis+sentinel:// URL: it is this region's Redis, "
-                                  "whose pub/sub carries what other regions send")
+                                  "redis://, rediss://, redis+sentinel:// or redis+cluster:// URL: it is this "
+                                  "region's Redis, whose pub/sub carries what other regions send")
         if self.gateway_token is not None and self.gateway.split("://", 1)[0].lower() not in ("http", "https"):
             raise ConfigError("gateway_token", "********", "unset unless gateway is an http:// or https:// "
                               "URL: a Streams backend is reached through Redis")
@@ -655,8 +657,12 @@ def parse_region_peers(value: str) -> dict[str, str]:
         if u.scheme.lower() in ("redis+sentinel", "rediss+sentinel"):
             if not u.netloc.rpartition("@")[2] or not u.path.strip("/"):
                 raise ValueError(f"{name}: a redis+sentinel:// URL names its Sentinels and the service")
+        elif u.scheme.lower() in ("redis+cluster", "rediss+cluster"):
+            if not u.netloc.rpartition("@")[2] or u.path.strip("/"):
+                raise ValueError(f"{name}: a redis+cluster:// URL names its seed nodes (host:port, "
+                                 "comma-separated) and no database")
         elif u.scheme.lower() not in ("redis", "rediss") or not u.hostname:
-            raise ValueError(f"{name}: not a redis://, rediss:// or redis+sentinel:// URL")
+            raise ValueError(f"{name}: not a redis://, rediss://, redis+sentinel:// or redis+cluster:// URL")
         else:
             try:
                 _ = u.port

@@ -63,6 +63,7 @@ from typing import Any
 from . import core, publish_api
 from .broker import Broker, History, HistoryPage, create_broker, new_node_id
 from .broker.bridge import Bridge
+from .broker.wire import unpack_room
 from .config import Config, mask_url
 from .errors import CALLBACK_FAILED, RESTARTING, SHUTTING_DOWN, BrokerError, HandshakeError, ServerStartError
 from .frames import PRIORITY_NORMAL, DeflateParams
@@ -367,7 +368,7 @@ class Node:
 
     async def _start_regions(self) -> None:
         try:
-            regions = Regions(self.config, self.node_id, self._publish_in_region)
+            regions = Regions(self.config, self.node_id, self._publish_in_region, self._deliver_here)
             await regions.start()
         except ImportError as exc:
             raise ServerStartError(str(exc)) from None
@@ -381,6 +382,13 @@ class Node:
         assert self.regions is not None
         body = json.dumps(await self.regions.describe()).encode()
         return 200, body, "application/json", [("Cache-Control", "no-store")]
+
+    def _deliver_here(self, namespace: str, room: str, payload: bytes) -> None:
+        """Deliver a broker ROOM payload to this node's members of the room
+        only (on a Redis Cluster the region's reader sends what other regions
+        sent to every node of the region at once)."""
+        opcode, priority, body = unpack_room(payload)
+        self._running_rooms().publish_frame((namespace, room), opcode, body, priority)
 
     def _publish_in_region(self, namespace: str, room: str, message: str | bytes, priority: int) -> None:
         """Deliver to this region only (what another region sent, a user here)."""

@@ -1,10 +1,11 @@
 """Regions: users in several regions reach each other; each region runs alone.
 
 A *region* is a group of nodes sharing one Redis (their broker, ``redis://``,
-``rediss://``, or ``redis+sentinel://`` for a Redis that Sentinel fails over:
+``rediss://``, ``redis+sentinel://`` for a Redis that Sentinel fails over:
 every link of this module then asks the Sentinels for the master, again after
-each lost connection).  Every region has its own Redis: nothing on the message
-path is shared between regions.  A node is told its region (``region``) and
+each lost connection; or ``redis+cluster://``, see "On a Redis Cluster").
+Every region has its own Redis: nothing on the message path is shared
+between regions.  A node is told its region (``region``) and
 the other regions with the address of their Redis (``region_peers``).
 
 Users and the directory
@@ -143,6 +144,29 @@ Faults
 * The reader's node stops: its lease expires after :data:`LEASE_TTL`
   seconds, another node of the region takes over (see Receiving).
 
+On a Redis Cluster
+------------------
+A region whose Redis is a Redis Cluster (``redis+cluster://``, its nodes'
+broker too) keeps the keys of its link in one slot, that of ``{region}``::
+
+    fastws:{prefix}:region:{{region}}:out:{peer}, ...:lease:..., ...:applied, ...:wrote:...
+    fastws:{prefix}:messages:{{region}}
+
+so the scripts above (append, deliver) run whole on the master that owns
+that slot, and this module's connections for them go to that master (asked
+again, with ``CLUSTER SLOTS``, after each failure: a failover moves the
+slot to the promoted replica).  The directory's keys are not in that slot:
+each user's entry is on the master of its own slot.  The reader's script
+cannot publish to the room channels of the cluster broker (they are
+sharded, on other masters), so it publishes every message of the script,
+as a record with its room, on one channel of the link's master,
+``fastws:{prefix}:region:{{region}}:deliver``; every node of the region is
+subscribed there (classic pub/sub, on that master) and delivers each one to
+its own members (``deliver_here``).  A node that lost that subscription is a
+node whose link's master is gone: the reader cannot deliver either until the
+slot has a master again, and then waits :data:`READ_SETTLE` seconds, so
+every node has subscribed again before anything is delivered.
+
 This module speaks to Redis with ``redis.asyncio`` (``pip install
 "fastws[redis]"``) for the directory, the outbox bounds and the watch, and
 with the broker's own RESP connection (:class:`fastws.broker.redis.RespConn`)
@@ -166,6 +190,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .broker.cluster import is_cluster_url, open_owner, parse_cluster_url
 from .broker.redis import RespConn
 from .broker.sentinel import is_sentinel_url, open_url, parse_sentinel_url
 from .broker.wire import channel_name, id_after, pack_envelope, pack_room_message
@@ -359,6 +384,18 @@ def redis_client(url: str, timeout: float) -> Any:
         from redis.retry import Retry
     except ImportError:
         raise ImportError(f"regions need the redis package: {INSTALL_HINT}") from None
+    if is_cluster_url(url):
+        # every command sent to the master of its key's slot (redis-py's
+        # RedisCluster, which reads the slot map again after a failover)
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        seeds, o = parse_cluster_url(url)
+        tls: dict[str, Any] = {}
+        if o["ssl"] is not None:
+            tls = {"ssl": True, "ssl_cert_reqs": o["ssl"].verify_mode,
+                   "ssl_check_hostname": o["ssl"].check_hostname}
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds], username=o.get("username"),
+                            password=o.get("password"), socket_timeout=timeout, socket_connect_timeout=timeout,
+                            **tls)
     if is_sentinel_url(url):
         # the master its Sentinels name, asked again when a connection fails
         # (redis-py's Sentinel client): the region follows a failover
@@ -402,6 +439,7 @@ class Peer:
     def __init__(self, name: str, url: str) -> None:
         self.name = name
         self.url = url
+        self.cluster = is_cluster_url(url)   # its Redis is a Redis Cluster
         self.client: Any = None           # redis.asyncio client of its Redis
         self.up: bool | None = None       # last PING answered (None: not asked yet)
         self.problem = ""                 # why it is not up
@@ -428,11 +466,19 @@ class Regions:
     without forwarding to other regions."""
 
     def __init__(self, config: Config, node_id: str,
-                 publish_local: Callable[[str, str, Any, int], object]) -> None:
+                 publish_local: Callable[[str, str, Any, int], object],
+                 deliver_here: Callable[[str, str, bytes], object] | None = None) -> None:
         self.region = config.region
         self.node_id = node_id
         self.prefix = config.broker_prefix
         self.local_url = config.broker
+        #: this region's Redis is a Redis Cluster (see "On a Redis Cluster")
+        self.cluster = is_cluster_url(config.broker)
+        #: deliver_here(namespace, room, room payload): to this node's members
+        #: only (what the region's reader sends to every node on a cluster)
+        self.deliver_here = deliver_here
+        if self.cluster and deliver_here is None:
+            raise ValueError("regions on a Redis Cluster need deliver_here")
         self.queue_max = config.region_queue_max
         self.queue_age = config.region_queue_age
         #: entries (batches of up to BATCH messages) in a peer's inbound stream past
@@ -445,6 +491,8 @@ class Regions:
         for peer in self.peers.values():
             if is_sentinel_url(peer.url):
                 parse_sentinel_url(peer.url)    # checked whole at startup (BrokerURLError names the part)
+            elif peer.cluster:
+                parse_cluster_url(peer.url)
         self.local: Any = None                  # redis.asyncio client of this region's Redis
         self.local_up = False
         self.local_problem = "not started"
@@ -467,6 +515,7 @@ class Regions:
         self._applied: dict[str, tuple[int, int]] = {}
         self._channels: dict[tuple[bytes, bytes], bytes] = {}
         self._reading = False                   # this node holds the inbound lease
+        self._subscribed = False                # on a cluster: to the delivery channel
         self._closing = False
         self.counters = {"received": 0, "duplicates": 0, "redirected": 0, "undeliverable": 0,
                          "lookups_cached": 0, "lookups_asked": 0}
@@ -478,14 +527,30 @@ class Regions:
         base = f"fastws:{self.prefix}:" if self.prefix else "fastws:"
         return f"{base}region:{region}:{tail}"
 
+    def _on_cluster(self, region: str) -> bool:
+        if region == self.region:
+            return self.cluster
+        peer = self.peers.get(region)
+        return peer is not None and peer.cluster
+
+    def link_key(self, region: str, tail: str) -> str:
+        """A key of ``region``'s link (outboxes, leases, sequences): on a
+        Redis Cluster all of them in one slot, that of ``{region}``."""
+        if self._on_cluster(region):
+            base = f"fastws:{self.prefix}:" if self.prefix else "fastws:"
+            return f"{base}region:{{{region}}}:{tail}"
+        return self._key(region, tail)
+
     def user_key(self, region: str, user: str) -> str:
         return self._key(region, "user:" + user)
 
     def outbox_key(self, peer: str) -> str:
-        return self._key(self.region, "out:" + peer)
+        return self.link_key(self.region, "out:" + peer)
 
     def inbound_key(self, region: str) -> str:
         base = f"fastws:{self.prefix}:" if self.prefix else "fastws:"
+        if self._on_cluster(region):
+            return f"{base}messages:{{{region}}}"
         return f"{base}messages:{region}"
 
     # -- lifecycle -------------------------------------------------------------------
@@ -504,6 +569,8 @@ class Regions:
                        loop.create_task(self._watch()), loop.create_task(self._refresher()),
                        loop.create_task(self._invalidations())]
         self._tasks += [loop.create_task(self._forwarder(p)) for p in self.peers.values()]
+        if self.cluster:
+            self._tasks.append(loop.create_task(self._deliveries()))
         log.info("fastws: region %s, peers %s", self.region,
                  ", ".join(f"{p.name}={mask_url(p.url)}" for p in self.peers.values()) or "none")
 
@@ -650,6 +717,7 @@ class Regions:
                 expiry = int(time.time() * 1000) + ttl_ms
                 channel = self._key(self.region, "directory")
                 cmds: list[tuple[Any, ...]] = []
+                entries: list[tuple[Any, ...]] = []    # the directory's (on a cluster: its own slots)
                 appends: dict[str, list[Any]] = {}     # peer -> [number of the first, its records...]
                 for op, a, b in batch:
                     if op == "xadd":
@@ -659,19 +727,29 @@ class Regions:
                         recs.append(b[1])
                     elif op == "bind":
                         key = self.user_key(self.region, a)
-                        cmds += [("ZADD", key, expiry, self.node_id), ("PEXPIRE", key, ttl_ms),
-                                 ("PUBLISH", channel, a)]
+                        entries += [("ZADD", key, expiry, self.node_id), ("PEXPIRE", key, ttl_ms)]
+                        cmds.append(("PUBLISH", channel, a))
                     else:
-                        cmds += [("ZREM", self.user_key(self.region, a), self.node_id), ("PUBLISH", channel, a)]
+                        entries.append(("ZREM", self.user_key(self.region, a), self.node_id))
+                        cmds.append(("PUBLISH", channel, a))
+                if self.cluster and entries:
+                    # each user's entry on the master of its slot, before the news of it
+                    pipe = self.local.pipeline(transaction=False)
+                    for cmd in entries:
+                        pipe.execute_command(*cmd)
+                    await asyncio.wait_for(pipe.execute(), 5.0)
+                elif entries:
+                    cmds = entries + cmds
                 for peer, (first, *recs) in appends.items():   # one script per outbox: one entry per message
                     cmds.append(("EVAL", _APPEND, 2, self.outbox_key(peer),
-                                 self._key(self.region, f"wrote:{self.node_id}:{peer}"), first, WROTE_TTL_MS,
+                                 self.link_key(self.region, f"wrote:{self.node_id}:{peer}"), first, WROTE_TTL_MS,
                                  *recs))
                 await _answers(conn.pipeline(cmds), 5.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._local_failed(exc)
+                self._drop_local("writer")       # a new connection (on a cluster: to the slot's master now)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
@@ -688,8 +766,19 @@ class Regions:
         answers matched in order (see the module docstring)."""
         conn = self._conns.get(name)
         if conn is None or conn.closed:
-            conn = self._conns[name] = await open_url(self.local_url, 5.0)
+            if self.cluster:     # the master of the slot of this region's link keys
+                conn = await open_owner(self.local_url, self.link_key(self.region, ""), 5.0)
+            else:
+                conn = await open_url(self.local_url, 5.0)
+            self._conns[name] = conn
         return conn
+
+    def _drop_local(self, name: str) -> None:
+        """Close this node's connection ``name`` after a failure: the next use
+        opens a new one (on a cluster, to whichever master owns the slot then)."""
+        conn = self._conns.pop(name, None)
+        if conn is not None:
+            conn.close()
 
     def _local_failed(self, exc: BaseException) -> None:
         problem = mask_url(f"{type(exc).__name__}: {exc}")
@@ -746,7 +835,7 @@ class Regions:
     # -- leases ---------------------------------------------------------------------------
 
     async def _lease(self, name: str) -> bool:
-        got = await self._scripts["lease"](keys=[self._key(self.region, "lease:" + name)],
+        got = await self._scripts["lease"](keys=[self.link_key(self.region, "lease:" + name)],
                                            args=[self.node_id, int(LEASE_TTL * 1000)])
         return bool(got)
 
@@ -796,6 +885,7 @@ class Regions:
                 delay = min(delay * 2, 2.0)
             except Exception as exc:        # our own Redis
                 self._drop_conn(peer)
+                self._drop_local("out:" + peer.name)
                 peer.forwarding = False
                 self._local_failed(exc)
                 await asyncio.sleep(0.5)
@@ -803,7 +893,10 @@ class Regions:
     async def _peer_conn(self, peer: Peer) -> RespConn:
         conn = peer.conn
         if conn is None or conn.closed:
-            conn = peer.conn = await open_url(peer.url, PEER_TIMEOUT)
+            if peer.cluster:     # the master of the slot of its inbound stream
+                conn = peer.conn = await open_owner(peer.url, self.inbound_key(peer.name), PEER_TIMEOUT)
+            else:
+                conn = peer.conn = await open_url(peer.url, PEER_TIMEOUT)
         return conn
 
     @staticmethod
@@ -919,7 +1012,7 @@ class Regions:
         the inbound stream (what is delivered is deleted), or wait for one,
         and deliver them (:meth:`_apply`)."""
         key = self.inbound_key(self.region)
-        lease = self._key(self.region, "lease:in")
+        lease = self.link_key(self.region, "lease:in")
         lease_at = 0.0
         while True:
             if self._outage and (not self.local_up or time.monotonic() - self._local_since < READ_SETTLE):
@@ -938,7 +1031,7 @@ class Regions:
                         continue
                     lease_at = now
                 if not self._reading:         # a new holder: what was applied, by whoever held it
-                    raw = await _answer(conn.send("HGETALL", self._key(self.region, "applied")), 5.0)
+                    raw = await _answer(conn.send("HGETALL", self.link_key(self.region, "applied")), 5.0)
                     self._applied = {_text(k): _seq(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
                     self._reading = True
                 # the oldest entries (the delivered ones are deleted), at once when there
@@ -962,7 +1055,55 @@ class Regions:
             except Exception as exc:
                 self._reading = False
                 self._local_failed(exc)
+                self._drop_local("reader")
                 await asyncio.sleep(0.5)
+
+    async def _deliveries(self) -> None:
+        """On a Redis Cluster: what the region's reader delivers, from its
+        channel on the master of the link's slot, to this node's members."""
+        channel = self.link_key(self.region, "deliver")
+        loop = asyncio.get_running_loop()
+        while True:
+            lost: asyncio.Future[BaseException] = loop.create_future()
+            conn: RespConn | None = None
+            try:
+                conn = await open_owner(self.local_url, channel, 5.0, on_push=self._delivered)
+
+                def on_lost(exc: BaseException, lost: asyncio.Future[BaseException] = lost) -> None:
+                    if not lost.done():
+                        lost.set_result(exc)
+
+                conn.on_lost = on_lost
+                conn.push_mode = True
+                conn.send_many([("SUBSCRIBE", channel)])
+                self._subscribed = True
+                exc = await lost
+                raise exc
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.close()
+                raise
+            except Exception as exc:
+                self._subscribed = False
+                self._local_failed(exc)
+                await asyncio.sleep(0.2)
+
+    def _delivered(self, reply: Any) -> None:
+        """One push of the delivery channel: a message for members here."""
+        if not isinstance(reply, list) or len(reply) != 3 or reply[0] != b"message":
+            return
+        try:
+            _kind, _hop, ns, target, payload = parse_record(reply[2])
+        except (struct.error, ValueError) as exc:
+            log.warning("fastws: region %s: a malformed delivery (%s)", self.region, exc)
+            return
+        assert self.deliver_here is not None
+        try:
+            self.deliver_here(_text(ns), _text(target), payload)
+        except Exception as exc:      # not a room payload this node can deliver: counted, never fatal
+            self.counters["undeliverable"] += 1
+            log.warning("fastws: region %s: a delivery for %r could not be delivered here (%s)", self.region,
+                        _text(target), exc)
 
     def _channel(self, namespace: bytes, room: bytes) -> bytes:
         ch = self._channels.get((namespace, room))
@@ -1002,6 +1143,7 @@ class Regions:
         counts = {"received": 0, "duplicates": 0, "redirected": 0, "undeliverable": malformed}
         received: dict[str, int] = {}
         run_channel: bytes | None = None        # consecutive publishes to one channel: one op
+        deliver = self.link_key(self.region, "deliver").encode()
         run: list[bytes] = []
 
         def flush() -> None:
@@ -1023,7 +1165,8 @@ class Regions:
                 if kind == b"u":
                     here, found = where[target]
                     if here:
-                        channel = self._channel(USER_NAMESPACE.encode(), target)
+                        ns = USER_NAMESPACE.encode()
+                        channel = self._channel(ns, target)
                     else:
                         if not hop and found - {self.region}:
                             for region in sorted(found - {self.region}):
@@ -1035,10 +1178,16 @@ class Regions:
                         continue
                 else:
                     channel = self._channel(ns, target)
+                if self.cluster:
+                    # one channel for the whole region (see "On a Redis Cluster")
+                    channel = deliver
+                    body = record(b"r", 0, ns, target, payload)
+                else:
+                    body = head + payload
                 if channel != run_channel:
                     flush()
                     run_channel = channel
-                run.append(head + payload)
+                run.append(body)
                 n += 1
             if last != (0, 0):
                 applied[origin] = last
@@ -1049,7 +1198,7 @@ class Regions:
             if self._applied.get(o) != sq:
                 ops += ["A", o, f"{sq[0]}-{sq[1]}"]
         try:
-            done = await _answer(conn.send("EVAL", _APPLY, 3, lease, self._key(self.region, "applied"), key,
+            done = await _answer(conn.send("EVAL", _APPLY, 3, lease, self.link_key(self.region, "applied"), key,
                                            self.node_id, *ops), 10.0)
         except BaseException:
             # unknown whether it applied: read the truth again before the next batch
@@ -1079,11 +1228,16 @@ class Regions:
 
     async def look(self) -> None:
         try:
-            pipe = self.local.pipeline(transaction=False)
-            pipe.ping()
-            for p in self.peers.values():
-                pipe.xlen(self.outbox_key(p.name))
-            replies = await asyncio.wait_for(pipe.execute(), PEER_TIMEOUT)
+            if self.cluster:    # PING has no slot: the commands one by one, each to its master
+                replies = await asyncio.wait_for(asyncio.gather(
+                    self.local.ping(), *(self.local.xlen(self.outbox_key(p.name)) for p in self.peers.values())),
+                    PEER_TIMEOUT)
+            else:
+                pipe = self.local.pipeline(transaction=False)
+                pipe.ping()
+                for p in self.peers.values():
+                    pipe.xlen(self.outbox_key(p.name))
+                replies = await asyncio.wait_for(pipe.execute(), PEER_TIMEOUT)
             for p, n in zip(self.peers.values(), replies[1:], strict=True):
                 p.queued = int(n)
             if not self.local_up:

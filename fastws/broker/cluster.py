@@ -31,6 +31,7 @@ from .redis import (
     URL_OPTIONS,
     RedisBroker,
     ReplyError,
+    RespConn,
     is_auth_error,
     open_conn,
     parse_hosts,
@@ -432,3 +433,41 @@ class ClusterBroker(Broker):
         except (asyncio.TimeoutError, ConnectionError) as exc:
             return False, f"ping failed: {exc}"
         return True, self.state
+
+
+def is_cluster_url(url: str) -> bool:
+    """``redis+cluster://`` or ``rediss+cluster://``."""
+    return url.split("://", 1)[0].lower() in ("redis+cluster", "rediss+cluster")
+
+
+async def open_owner(url: str, key: str | bytes, timeout: float = 2.0, on_push=None) -> RespConn:
+    """A connection to the master of the Redis Cluster of ``url`` that owns
+    ``key``'s slot (as ``CLUSTER SLOTS`` of the first seed that answers has
+    it; a slot whose master failed is owned by the promoted replica once the
+    cluster has promoted it, and refused until then)."""
+    seeds, opts = parse_cluster_url(url)
+    slot = key_slot(key.encode() if isinstance(key, str) else key)
+    last: BaseException | None = None
+    for host, port in seeds:
+        try:
+            conn = await open_conn(host, port, timeout=timeout, **opts)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            last = exc
+            continue
+        try:
+            r = await asyncio.wait_for(conn.send(b"CLUSTER", b"SLOTS"), timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            last = exc
+            continue
+        finally:
+            conn.close()
+        if isinstance(r, ReplyError):
+            last = r
+            continue
+        for entry in r:
+            if entry[0] <= slot <= entry[1]:
+                master = entry[2]
+                owner = master[0].decode() if master[0] else host
+                return await open_conn(owner, int(master[1]), timeout=timeout, on_push=on_push, **opts)
+        last = ConnectionError(f"no master owns slot {slot} (yet)")
+    raise last or ConnectionError("no cluster node reachable")

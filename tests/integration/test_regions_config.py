@@ -41,6 +41,7 @@ def test_region_settings_from_toml_env_and_flags(tmp_path: Path) -> None:
     ({"region": "e/u", "region_peers": "us=redis://a:1"}, "region"),
     ({"region": "eu", "region_peers": "us=redis://a:1", "broker": "redis+streams://127.0.0.1:6379/0"},
      "region_peers"),
+    ({"region": "eu", "region_peers": "us=redis+cluster://a:1,b:2/0"}, "region_peers"),   # no database
     ({"region_queue_max": 5}, "region_queue_max"),
     ({"region": "eu", "region_peers": "us=redis://a:1", "region_queue_max": 0}, "region_queue_max"),
     ({"region": "eu", "region_peers": "us=redis://a:1", "region_directory_ttl": 1}, "region_directory_ttl"),
@@ -50,6 +51,16 @@ def test_bad_region_setting_names_its_key(values: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         Config(**values)
     assert err.value.key == key, err.value
+
+
+def test_a_region_on_a_redis_cluster_is_taken_with_its_seeds() -> None:
+    """A Redis Cluster URL names several seeds, comma-separated, as the pairs
+    are: a new pair still starts at ``name=``; this region's broker can be
+    one too."""
+    peers = "us=redis+cluster://10.2.0.5:7000,10.2.0.6:7000,ap=redis://10.3.0.5:6379/0"
+    c = Config(broker="redis+cluster://10.1.0.5:7000,10.1.0.6:7000", region="eu", region_peers=peers)
+    assert parse_region_peers(c.region_peers) == {"us": "redis+cluster://10.2.0.5:7000,10.2.0.6:7000",
+                                                  "ap": "redis://10.3.0.5:6379/0"}
 
 
 def test_serve_refuses_a_bad_region_setting_in_one_line() -> None:

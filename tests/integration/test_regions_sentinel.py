@@ -16,32 +16,7 @@ import time
 from pathlib import Path
 
 from brokerutil import OwnRedis, sentinel_group_start, sentinel_group_stop
-from regions_helpers import Client, NodeProc
-
-
-async def routed(sender: Client, user: str, region: str) -> None:
-    """Until the sender's node finds ``user`` in ``region``: a user's directory
-    entry is written just after its hello, and a message for a user found
-    nowhere is dropped (``sent`` says to which regions it went)."""
-    for i in range(100):
-        data = f"probe-{user}-{i}"
-        await sender.send(op="to", user=user, data=data)
-        sent = await sender.wait(lambda m: m.get("op") == "sent" and m.get("data") == data, timeout=30)  # noqa: B023
-        if sent["regions"] == [region]:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{user} not found in region {region}")
-
-
-async def dm(sender: Client, to: Client, data: str) -> None:
-    """``sender`` writes ``to`` once its node finds ``to``'s region; ``to`` gets it."""
-    await routed(sender, to.user or "", to.region)
-    await sender.send(op="to", user=to.user, data=data)
-    await to.wait(lambda m: m == {"op": "dm", "from": sender.user, "data": data}, timeout=30)
-
-
-def dms(c: Client) -> list[str]:
-    return [m["data"] for m in c.of("dm") if not m["data"].startswith("probe-")]
+from regions_helpers import Client, NodeProc, dm, dms
 
 
 def test_region_follows_a_sentinel_failover(tmp_path: Path) -> None:
