@@ -415,6 +415,11 @@ class Config:
                 raise ConfigError("presence", True, "unset unless broker is a Redis broker "
                                   "(redis://, rediss://, redis+streams://, redis+cluster://): "
                                   "presence is kept in Redis")
+        if ("{" in self.broker_prefix or "}" in self.broker_prefix) and \
+                self.broker.split("://", 1)[0].lower() in ("redis+cluster", "rediss+cluster"):
+            raise ConfigError("broker_prefix", self.broker_prefix, "no '{' or '}' with a redis+cluster:// "
+                              "broker: Redis Cluster hashes the part between braces, so they would put every "
+                              "room (and a region's keys) in one slot of the prefix's choosing")
         if self.region_peers:
             try:
                 parse_region_peers(self.region_peers)

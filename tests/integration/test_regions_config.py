@@ -42,6 +42,8 @@ def test_region_settings_from_toml_env_and_flags(tmp_path: Path) -> None:
     ({"region": "eu", "region_peers": "us=redis://a:1", "broker": "redis+streams://127.0.0.1:6379/0"},
      "region_peers"),
     ({"region": "eu", "region_peers": "us=redis+cluster://a:1,b:2/0"}, "region_peers"),   # no database
+    ({"region": "eu", "region_peers": "us=redis://a:1", "broker": "redis+cluster://127.0.0.1:7000",
+      "broker_prefix": "app{1}"}, "broker_prefix"),
     ({"region_queue_max": 5}, "region_queue_max"),
     ({"region": "eu", "region_peers": "us=redis://a:1", "region_queue_max": 0}, "region_queue_max"),
     ({"region": "eu", "region_peers": "us=redis://a:1", "region_directory_ttl": 1}, "region_directory_ttl"),
