@@ -705,6 +705,7 @@ class Regions:
 
     async def _writer(self) -> None:
         delay = 0.05
+        slow = 0                      # answers that timed out in a row
         while True:
             if not self._ops:
                 self._wake.clear()
@@ -749,11 +750,17 @@ class Regions:
                 raise
             except Exception as exc:
                 self._local_failed(exc)
-                self._drop_local("writer")       # a new connection (on a cluster: to the slot's master now)
+                slow = slow + 1 if isinstance(exc, asyncio.TimeoutError) else 0
+                if slow != 1:
+                    # refused (on a cluster: MOVED, READONLY) or no answer twice: a new
+                    # connection, to the slot's master now; one slow answer keeps the
+                    # connection, and the write numbers make the append sent again
+                    # behind it harmless
+                    self._drop_local("writer")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            delay = 0.05
+            delay, slow = 0.05, 0
             self._buffer_full_logged = False
             # what is written leaves the queue; a full queue may have dropped the oldest of
             # these meanwhile (they were written all the same), and then fewer are left
@@ -1055,7 +1062,7 @@ class Regions:
             except Exception as exc:
                 self._reading = False
                 self._local_failed(exc)
-                self._drop_local("reader")
+                self._drop_local("reader")     # a new connection (on a cluster: to the slot's master now)
                 await asyncio.sleep(0.5)
 
     async def _deliveries(self) -> None:

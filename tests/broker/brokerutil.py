@@ -391,3 +391,38 @@ def stop_cluster(procs: dict, workdir: str) -> None:
         except subprocess.TimeoutExpired:
             pr.kill()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def replicated_cluster_start():
+    """Three masters, each with a replica (node timeout 1 s), every replica
+    synced with its master (one that never did is not promoted): ``(ports,
+    {port: process}, workdir)`` for :func:`stop_cluster`."""
+    ports, procs, workdir = start_cluster(6, 1, 1000, "--repl-diskless-sync-delay", "0",
+                                          "--cluster-replica-validity-factor", "0")
+    try:
+        deadline = time.monotonic() + 30
+        for p in ports:
+            while cluster_role(p) != "master" and "master_link_status:up" not in redis_cli(p, "INFO", "replication"):
+                assert time.monotonic() < deadline, f"replica {p} did not sync"
+                time.sleep(0.1)
+    except BaseException:
+        stop_cluster(procs, workdir)
+        raise
+    return ports, procs, workdir
+
+
+def cluster_role(port: int) -> str:
+    return redis_cli(port, "ROLE").split("\n", 1)[0].strip()
+
+
+def slot_owner(port: int, slot: int) -> int | None:
+    """The port of the master that ``port``'s view of the cluster gives ``slot``."""
+    for line in redis_cli(port, "CLUSTER", "NODES").splitlines():
+        f = line.split()
+        if len(f) < 9 or "master" not in f[2] or "fail" in f[2]:
+            continue
+        for r in f[8:]:
+            lo, _, hi = r.partition("-")
+            if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                return int(f[1].split("@")[0].rsplit(":", 1)[1])
+    return None

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 from redis.crc import key_slot
 
-from brokerutil import new_prefix, publish_until_one_arrives, redis_cli, run, start_cluster, stop_cluster, wait_for
+from brokerutil import (
+    cluster_role,
+    new_prefix,
+    publish_until_one_arrives,
+    replicated_cluster_start,
+    run,
+    slot_owner,
+    stop_cluster,
+    wait_for,
+)
 from fastws.broker import channel_name, create_broker
 
 K = ("", "failover-room")
@@ -24,35 +32,11 @@ K = ("", "failover-room")
 
 @pytest.fixture
 def replicated_cluster():
-    ports, procs, workdir = start_cluster(6, 1, 1000, "--repl-diskless-sync-delay", "0",
-                                          "--cluster-replica-validity-factor", "0")
+    ports, procs, workdir = replicated_cluster_start()
     try:
-        # every replica has synced with its master (a replica that never did is not promoted)
-        deadline = time.monotonic() + 30
-        for p in ports:
-            while _role(p) != "master" and "master_link_status:up" not in redis_cli(p, "INFO", "replication"):
-                assert time.monotonic() < deadline, f"replica {p} did not sync"
-                time.sleep(0.1)
         yield ports, procs
     finally:
         stop_cluster(procs, workdir)
-
-
-def _role(port: int) -> str:
-    return redis_cli(port, "ROLE").split("\n", 1)[0].strip()
-
-
-def _owner(port: int, slot: int) -> int | None:
-    """The port of the master that ``port``'s view of the cluster gives ``slot``."""
-    for line in redis_cli(port, "CLUSTER", "NODES").splitlines():
-        f = line.split()
-        if len(f) < 9 or "master" not in f[2] or "fail" in f[2]:
-            continue
-        for r in f[8:]:
-            lo, _, hi = r.partition("-")
-            if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
-                return int(f[1].split("@")[0].rsplit(":", 1)[1])
-    return None
 
 
 def test_cluster_failover_keeps_subscription_without_restart(replicated_cluster):
@@ -72,16 +56,16 @@ def test_cluster_failover_keeps_subscription_without_restart(replicated_cluster)
             await a.publish(K, b"before")
             await wait_for(lambda: got == [b"before"], 5, "the message before the failover")
             slot = key_slot(channel_name(prefix, K))
-            victim = _owner(ports[0], slot)
-            assert victim in ports and _role(victim) == "master"
+            victim = slot_owner(ports[0], slot)
+            assert victim in ports and cluster_role(victim) == "master"
             os.kill(procs[victim].pid, signal.SIGKILL)
             procs[victim].wait(5)
             others = [p for p in ports if p != victim]
             # the cluster promotes the victim's replica
-            await wait_for(lambda: _owner(others[0], slot) not in (None, victim), 30,
+            await wait_for(lambda: slot_owner(others[0], slot) not in (None, victim), 30,
                            "a replica promoted for the slot")
-            new_owner = _owner(others[0], slot)
-            assert _role(new_owner) == "master"
+            new_owner = slot_owner(others[0], slot)
+            assert cluster_role(new_owner) == "master"
             await publish_until_one_arrives(a, K, got)
             after = [p for p in got if p.startswith(b"after")]
             assert len(set(after)) == len(after)

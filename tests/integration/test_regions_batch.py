@@ -247,6 +247,30 @@ def test_a_malformed_entry_is_dropped_and_counted(two_redis: tuple[RedisProc, Re
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def _writing(a: Regions, own: RedisProc) -> AsyncIterator[Any]:
+    """Region a's writer running (only it: no forwarder, no reader) and a
+    client of a's Redis; both stopped, and ``a`` closed, after the test."""
+    writer = asyncio.get_running_loop().create_task(a._writer())
+    client = redis.asyncio.from_url(own.url)
+    try:
+        yield client
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await a.close()
+        await client.aclose()
+
+
+async def _outbox(a: Regions, client: Any) -> list[bytes]:
+    """The records in a's outbox for b, oldest first, once a's queue is empty."""
+    deadline = time.monotonic() + 20
+    while a._ops:
+        assert time.monotonic() < deadline, len(a._ops)
+        await asyncio.sleep(0.05)
+    return [fields[b"m"] for _id, fields in await client.xrange(a.outbox_key("b"))]
+
+
 @pytest.mark.timeout(60)
 def test_a_full_write_queue_loses_nothing_it_did_not_drop(two_redis: tuple[RedisProc, RedisProc]) -> None:
     """The writer takes the first 10 queued messages and sends them; while
@@ -263,24 +287,12 @@ def test_a_full_write_queue_loses_nothing_it_did_not_drop(two_redis: tuple[Redis
         recs = [record(b"r", 0, b"", b"r", pack_room_message(b"%d" % i)) for i in range(15)]
         for rec in recs[:10]:
             a._push("xadd", "b", rec)
-        writer = asyncio.get_running_loop().create_task(a._writer())
-        await asyncio.sleep(0)                     # it took its batch and waits for its connection
-        for rec in recs[10:]:
-            a._push("xadd", "b", rec)
-        assert len(a._ops) == 10 and a.peers["b"].dropped["local"] == 5
-        client = redis.asyncio.from_url(ra.url)
-        try:
-            deadline = time.monotonic() + 10
-            while await client.xlen(a.outbox_key("b")) < 15 or a._ops:
-                assert time.monotonic() < deadline, (await client.xlen(a.outbox_key("b")), len(a._ops))
-                await asyncio.sleep(0.05)
-            entries = await client.xrange(a.outbox_key("b"))
-            assert [fields[b"m"] for _id, fields in entries] == recs
-        finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            await a.close()
-            await client.aclose()
+        async with _writing(a, ra) as client:
+            await asyncio.sleep(0)                 # it took its batch and waits for its connection
+            for rec in recs[10:]:
+                a._push("xadd", "b", rec)
+            assert len(a._ops) == 10 and a.peers["b"].dropped["local"] == 5
+            assert await _outbox(a, client) == recs
 
     asyncio.run(main())
 
@@ -298,9 +310,7 @@ def test_an_append_sent_again_after_a_timeout_is_not_appended_twice(two_redis: t
     async def main() -> None:
         a = _regions("a", ra, "b", rb)
         recs = [record(b"r", 0, b"", b"r", pack_room_message(b"%d" % i)) for i in range(8)]
-        client = redis.asyncio.from_url(ra.url)
-        writer = asyncio.get_running_loop().create_task(a._writer())
-        try:
+        async with _writing(a, ra) as client:
             a._push("xadd", "b", recs[0])          # the writer's connection is open and used
             deadline = time.monotonic() + 10
             while await client.xlen(a.outbox_key("b")) < 1:
@@ -312,16 +322,6 @@ def test_an_append_sent_again_after_a_timeout_is_not_appended_twice(two_redis: t
             await asyncio.sleep(5.5)
             for rec in recs[5:]:
                 a._push("xadd", "b", rec)
-            deadline = time.monotonic() + 20
-            while a._ops:
-                assert time.monotonic() < deadline, len(a._ops)
-                await asyncio.sleep(0.05)
-            entries = await client.xrange(a.outbox_key("b"))
-            assert [fields[b"m"] for _id, fields in entries] == recs
-        finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            await a.close()
-            await client.aclose()
+            assert await _outbox(a, client) == recs
 
     asyncio.run(main())

@@ -23,25 +23,8 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from brokerutil import OwnRedis, redis_cli, start_cluster, stop_cluster
+from brokerutil import OwnRedis, redis_cli, replicated_cluster_start, slot_owner, stop_cluster
 from regions_helpers import Client, NodeProc, dm, dms
-
-
-def _owner(port: int, slot: int) -> int | None:
-    """The port of the master that ``port``'s view of the cluster gives ``slot``."""
-    for line in redis_cli(port, "CLUSTER", "NODES").splitlines():
-        f = line.split()
-        if len(f) < 9 or "master" not in f[2] or "fail" in f[2]:
-            continue
-        for r in f[8:]:
-            lo, _, hi = r.partition("-")
-            if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
-                return int(f[1].split("@")[0].rsplit(":", 1)[1])
-    return None
-
-
-def _role(port: int) -> str:
-    return redis_cli(port, "ROLE").split("\n", 1)[0].strip()
 
 
 def _msgs(c: Client, room: str, pub: str) -> list[int]:
@@ -50,16 +33,10 @@ def _msgs(c: Client, room: str, pub: str) -> list[int]:
 
 @pytest.mark.timeout(300)
 def test_region_on_a_redis_cluster_follows_a_failover(tmp_path: Path) -> None:
-    ports, procs, workdir = start_cluster(6, 1, 1000, "--repl-diskless-sync-delay", "0",
-                                          "--cluster-replica-validity-factor", "0")
+    ports, procs, workdir = replicated_cluster_start()
     b_redis = OwnRedis()
     nodes: list[NodeProc] = []
     try:
-        deadline = time.monotonic() + 30
-        for p in ports:      # every replica synced (one that never did is not promoted)
-            while _role(p) != "master" and "master_link_status:up" not in redis_cli(p, "INFO", "replication"):
-                assert time.monotonic() < deadline, f"replica {p} did not sync"
-                time.sleep(0.1)
         a_url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
         ttl = ("--region-directory-ttl", "3")
         a0 = NodeProc("a", a_url, f"b={b_redis.url}", tmp_path, 0, *ttl)
@@ -69,7 +46,7 @@ def test_region_on_a_redis_cluster_follows_a_failover(tmp_path: Path) -> None:
         for n in nodes:
             n.wait_health()
         link_slot = key_slot(b"a")           # the slot of "{a}"
-        victim = _owner(ports[0], link_slot)
+        victim = slot_owner(ports[0], link_slot)
         assert victim is not None
 
         async def main() -> None:
@@ -100,7 +77,7 @@ def test_region_on_a_redis_cluster_follows_a_failover(tmp_path: Path) -> None:
                 for i in range(20, 30):
                     await bob.send(op="pub", room="room", data=f"b:{i}")
                 deadline = time.monotonic() + 60
-                while _owner(next(p for p in ports if p != victim), link_slot) in (None, victim):
+                while slot_owner(next(p for p in ports if p != victim), link_slot) in (None, victim):
                     assert time.monotonic() < deadline, "no replica was promoted"
                     await asyncio.sleep(0.2)
                 for n in (a0, a1):
