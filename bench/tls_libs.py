@@ -2,7 +2,7 @@
 
 ::
 
-    python bench/tls_libs.py [--conns 3000] [--out bench/results]
+    python bench/tls_libs.py [--conns 3000] [--out bench/results] [--boringssl DIR]
 
 Compiles ``bench/tls_libs/tls_session.c`` (C, no Python in the measured path)
 with ``gcc`` against OpenSSL (``libssl-dev``) and wolfSSL
@@ -13,7 +13,9 @@ after the handshake and one 512-byte record each way (OpenSSL with
 own would keep), and the server's CPU per handshake.  One self-signed P-256
 certificate (``openssl req``) for both; everything in a temporary directory;
 stops by itself.  Prints one JSON object, and writes it to
-``--out/tls-libs-<stamp>.json``.
+``--out/tls-libs-<stamp>.json``.  With ``--boringssl DIR`` (a BoringSSL that
+``bench/tls_libs/build_boringssl.py --out DIR`` built from grpcio's source
+archive), BoringSSL is measured as well, through the same OpenSSL code.
 """
 
 from __future__ import annotations
@@ -33,9 +35,16 @@ SOURCE = os.path.join(HERE, "tls_libs", "tls_session.c")
 LIBS = {"openssl": ([], ["-lssl", "-lcrypto"]), "wolfssl": (["-DUSE_WOLFSSL"], ["-lwolfssl"])}
 
 
-def build(lib: str, directory: str) -> str:
-    flags, links = LIBS[lib]
+def build(lib: str, directory: str, boringssl: str | None = None) -> str:
     exe = os.path.join(directory, f"tls_session_{lib}")
+    if lib == "boringssl":       # C++ inside: compiled as C, linked by g++
+        obj = exe + ".o"
+        subprocess.run(["gcc", "-O2", "-I", os.path.join(boringssl or "", "include"), "-c", SOURCE, "-o", obj],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run(["g++", "-o", exe, obj, os.path.join(boringssl or "", "lib", "libboringssl.a"), "-lpthread"],
+                       check=True, capture_output=True, timeout=120)
+        return exe
+    flags, links = LIBS[lib]
     subprocess.run(["gcc", "-O2", *flags, "-o", exe, SOURCE, *links], check=True, capture_output=True,
                    timeout=120)
     return exe
@@ -45,13 +54,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--conns", type=int, default=3000)
     ap.add_argument("--out", default=None, help="directory for tls-libs-<stamp>.json")
+    ap.add_argument("--boringssl", default=None, help="a BoringSSL built by bench/tls_libs/build_boringssl.py "
+                    "(its --out): measured too")
     a = ap.parse_args(argv)
     res = {"conns": a.conns, "machine": platform.processor() or platform.machine(), "libs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         cert, key = make_cert(tmp)
-        for lib in LIBS:
-            out = subprocess.run([build(lib, tmp), str(a.conns), cert, key], check=True, capture_output=True,
-                                 text=True, timeout=600)
+        for lib in [*LIBS, *(["boringssl"] if a.boringssl else [])]:
+            out = subprocess.run([build(lib, tmp, a.boringssl), str(a.conns), cert, key], check=True,
+                                 capture_output=True, text=True, timeout=600)
             res["libs"][lib] = json.loads(out.stdout)
     line = json.dumps(res)
     print(line)
